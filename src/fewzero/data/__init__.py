@@ -1,0 +1,1 @@
+"""Audio sources (rendered SOL, real TinySOL), cached features and episode sampling."""

@@ -1,0 +1,79 @@
+"""The one interface every audio source implements: a list of labelled clips on disk."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+# TinySOL's 14 instrument names ("Instrument (in full)"), the class names of every source.
+TINYSOL_INSTRUMENTS: tuple[str, ...] = (
+    "Accordion",
+    "Alto Saxophone",
+    "Bass Tuba",
+    "Bassoon",
+    "Cello",
+    "Clarinet in Bb",
+    "Contrabass",
+    "Flute",
+    "French Horn",
+    "Oboe",
+    "Trombone",
+    "Trumpet in C",
+    "Viola",
+    "Violin",
+)
+
+
+@dataclass(frozen=True)
+class Clip:
+    """One labelled recording of a single note.
+
+    Attributes:
+        path: absolute path of the audio file.
+        instrument: class name (TinySOL spelling, e.g. "Clarinet in Bb").
+        fold: cross-validation fold, 0-4 (TinySOL's official folds, or ours for rendered SOL).
+        pitch: MIDI note number, or -1 when unknown.
+        dynamics: "pp", "p", "mf", "ff", ... or "" when unknown.
+    """
+
+    path: Path
+    instrument: str
+    fold: int
+    pitch: int = -1
+    dynamics: str = ""
+
+
+class ClipSource(Protocol):
+    """An audio source: knows its clips and a fingerprint that changes whenever they change."""
+
+    name: str
+
+    def prepare(self) -> None:
+        """Make the clips available on disk (render, download or check), with progress shown."""
+
+    def clips(self) -> list[Clip]:
+        """All clips of the source, in a stable order. Call after `prepare()`."""
+
+    def fingerprint(self) -> str:
+        """A short hash of everything that determines the clips (config and file list)."""
+
+
+def config_hash(obj: object, length: int = 12) -> str:
+    """Stable short hash of a JSON-serialisable object (dict keys sorted)."""
+    blob = json.dumps(obj, sort_keys=True, default=str).encode()
+    return hashlib.sha1(blob).hexdigest()[:length]
+
+
+def check_instruments(requested: list[str] | tuple[str, ...], available: list[str] | tuple[str, ...],
+                      what: str = "instrument") -> None:
+    """Raise a ValueError naming every unknown class and the valid names."""
+    unknown = [name for name in requested if name not in available]
+    if unknown:
+        raise ValueError(
+            f"Unknown {what} name(s) {unknown}. Valid names are: {sorted(available)}. "
+            "Check the spelling in your dataset/split config (names are case-sensitive, "
+            "e.g. 'Clarinet in Bb', 'Trumpet in C')."
+        )

@@ -1,0 +1,157 @@
+"""LightningDataModule for episodic few-shot learning on class-disjoint instrument splits."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from fewzero.data.clips import ClipSource, check_instruments
+from fewzero.data.episodes import EpisodeDataset, EpisodeSampler
+from fewzero.data.features import FeatureTable, MelFeatures, load_or_compute
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EpisodeSettings:
+    """One episode protocol. `name` (e.g. "5way_1shot") prefixes its metric keys."""
+
+    n_way: int
+    n_shot: int
+    n_query: int
+    n_episodes: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.n_way}way_{self.n_shot}shot"
+
+
+def _settings(value: Mapping[str, Any]) -> EpisodeSettings:
+    return EpisodeSettings(**{k: int(v) for k, v in dict(value).items()})
+
+
+class ClipExcerpts(Dataset):
+    """Fixed excerpts (frames [offset, offset + length)) of selected clips, for embedding once.
+
+    Items: {"x": (n_mels, length), "label": class id, "index": clip index}.
+    """
+
+    def __init__(self, features: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor,
+                 offset: int, length: int):
+        self.features, self.labels, self.indices = features, labels, indices
+        self.offset, self.length = offset, length
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        index = int(self.indices[i])
+        x = self.features[index, :, self.offset : self.offset + self.length]
+        return {"x": x, "label": self.labels[index], "index": torch.tensor(index)}
+
+
+class FewShotDataModule(pl.LightningDataModule):
+    """Episodes over cached log-mel features, with train/val/test instrument lists disjoint.
+
+    Args:
+        source: a `ClipSource` (rendered SOL, TinySOL, ...).
+        features: log-mel settings; features are cached under `cache_dir`.
+        split: {"train": [...], "val": [...], "test": [...]} instrument names.
+        episodes: {"train": {n_way, n_shot, n_query, n_episodes (per epoch)},
+                   "val": {...}, "test": [{...}, ...]}.
+        excerpt_seconds: length of the excerpt the backbone sees. Training excerpts start at a
+            random (seeded) frame; validation and test excerpts start at `eval_offset_seconds`.
+        seed: training-episode seed. Validation and test episodes use `eval_seed`, which does not
+            change with the training seed, so every run is scored on identical episodes.
+    """
+
+    def __init__(self, source: ClipSource, features: MelFeatures, split: Mapping[str, Sequence[str]],
+                 episodes: Mapping[str, Any], cache_dir: str | Path, excerpt_seconds: float = 1.0,
+                 eval_offset_seconds: float = 0.0, seed: int = 0, eval_seed: int = 0,
+                 num_workers: int = 0, eval_batch_size: int = 256):
+        super().__init__()
+        self.source, self.features = source, features
+        self.split = {stage: list(split[stage]) for stage in ("train", "val", "test")}
+        self.train_settings = _settings(episodes["train"])
+        self.val_settings = _settings(episodes["val"])
+        self.test_settings = [_settings(s) for s in episodes["test"]]
+        self.cache_dir = Path(cache_dir)
+        self.excerpt_frames = features.frames(excerpt_seconds)
+        self.eval_offset = int(round(eval_offset_seconds * features.frames_per_second))
+        self.seed, self.eval_seed = seed, eval_seed
+        self.num_workers, self.eval_batch_size = num_workers, eval_batch_size
+        self.table: FeatureTable | None = None
+        self._check_split_disjoint()
+
+    def _check_split_disjoint(self) -> None:
+        stages = list(self.split)
+        for i, a in enumerate(stages):
+            for b in stages[i + 1 :]:
+                shared = sorted(set(self.split[a]) & set(self.split[b]))
+                if shared:
+                    raise ValueError(f"Instrument(s) {shared} are in both the {a} and {b} splits. "
+                                     "Few-shot splits must be class-disjoint: edit dataset.split.")
+
+    # ---- data preparation -------------------------------------------------------------
+    def prepare_data(self) -> None:
+        """Render/check the audio and build the feature cache (rank 0 only under DDP)."""
+        self.source.prepare()
+        load_or_compute(self.source, self.features, self.cache_dir)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.table is not None:
+            return
+        self.source.prepare()  # cheap when already prepared: a manifest or file check
+        self.table = load_or_compute(self.source, self.features, self.cache_dir)
+        self.class_names = sorted(set(self.table.instruments))
+        for names in self.split.values():
+            check_instruments(names, self.class_names, what=f"{self.source.name} instrument")
+        name_to_id = {name: i for i, name in enumerate(self.class_names)}
+        self.labels = torch.tensor([name_to_id[n] for n in self.table.instruments])
+        self.class_ids = {s: [name_to_id[n] for n in names] for s, names in self.split.items()}
+        # Fail now, with the fix, rather than at the first validation or test epoch.
+        self.sampler("train", self.train_settings, self.seed)
+        self.sampler("val", self.val_settings, self.eval_seed)
+        for settings in self.test_settings:
+            self.sampler("test", settings, self.eval_seed)
+
+    def sampler(self, stage: str, settings: EpisodeSettings, seed: int,
+                labels: torch.Tensor | None = None) -> EpisodeSampler:
+        """Episode sampler restricted to the classes of `stage`."""
+        return EpisodeSampler(self.labels if labels is None else labels, self.class_ids[stage],
+                              self.split[stage], settings.n_way, settings.n_shot,
+                              settings.n_query, seed, split=stage)
+
+    def stage_indices(self, stage: str) -> torch.Tensor:
+        """(n,) indices of every clip whose class belongs to `stage`."""
+        return torch.nonzero(torch.isin(self.labels, torch.tensor(self.class_ids[stage]))).flatten()
+
+    # ---- loaders ----------------------------------------------------------------------
+    def train_dataloader(self) -> DataLoader:
+        # Continue the episode stream where the last optimiser step left it, also after a resume.
+        first = self.trainer.global_step if self.trainer is not None else 0
+        dataset = EpisodeDataset(self.table.features, self.sampler("train", self.train_settings,
+                                                                   self.seed),
+                                 self.train_settings.n_episodes, self.excerpt_frames,
+                                 random_crop=True, first_episode=first)
+        return DataLoader(dataset, batch_size=None, shuffle=False, num_workers=self.num_workers,
+                          persistent_workers=False)
+
+    def _excerpts(self, stage: str) -> DataLoader:
+        dataset = ClipExcerpts(self.table.features, self.labels, self.stage_indices(stage),
+                               self.eval_offset, self.excerpt_frames)
+        return DataLoader(dataset, batch_size=self.eval_batch_size, shuffle=False,
+                          num_workers=self.num_workers)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._excerpts("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._excerpts("test")

@@ -1,0 +1,139 @@
+"""Seeded N-way K-shot episodes as index arithmetic on an in-memory feature tensor.
+
+Episode `i` is drawn with its own generator seeded with `seed + i`, so an episode is the
+same whichever worker, process or resume produces it, and the global RNGs are never touched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import Dataset
+
+
+def check_episode_feasible(class_counts: dict[str, int], n_way: int, n_shot: int, n_query: int,
+                           split: str) -> None:
+    """Raise a ValueError that names the fix when episodes cannot be drawn from these classes."""
+    if min(n_way, n_shot, n_query) < 1:
+        raise ValueError(f"{split} episodes need n_way, n_shot and n_query >= 1; got n_way={n_way}, "
+                         f"n_shot={n_shot}, n_query={n_query}.")
+    if n_way > len(class_counts):
+        raise ValueError(
+            f"n_way={n_way} is larger than the {len(class_counts)} {split} classes "
+            f"{sorted(class_counts)}. Lower n_way for the {split} split or add classes to it "
+            f"(dataset.split.{split})."
+        )
+    need = n_shot + n_query
+    short = {name: count for name, count in class_counts.items() if count < need}
+    if short:
+        raise ValueError(
+            f"{split} classes with fewer than n_shot + n_query = {n_shot} + {n_query} = {need} clips: "
+            f"{short}. Lower n_shot/n_query, or use more folds/clips for these classes "
+            f"(or remove them from dataset.split.{split})."
+        )
+
+
+@dataclass(frozen=True)
+class EpisodeIndices:
+    """Which clips make up one episode.
+
+    Attributes:
+        classes: (n_way,) positions in the sampler's class list.
+        support: (n_way, n_shot) clip indices; row k belongs to classes[k].
+        query: (n_way, n_query) clip indices.
+    """
+
+    classes: torch.Tensor
+    support: torch.Tensor
+    query: torch.Tensor
+
+
+class EpisodeSampler:
+    """Draws episode indices from a labelled clip set.
+
+    Args:
+        labels: (n_clips,) class id of every clip.
+        class_ids: the class ids this split may use (others are never drawn).
+        class_names: name of each id in `class_ids` (for error messages).
+    """
+
+    def __init__(self, labels: torch.Tensor, class_ids: Sequence[int], class_names: Sequence[str],
+                 n_way: int, n_shot: int, n_query: int, seed: int, split: str = "train"):
+        self.n_way, self.n_shot, self.n_query, self.seed = n_way, n_shot, n_query, seed
+        self.class_ids = torch.as_tensor(list(class_ids), dtype=torch.long)
+        members = [torch.nonzero(labels == c).flatten() for c in self.class_ids.tolist()]
+        counts = {name: len(m) for name, m in zip(class_names, members, strict=True)}
+        check_episode_feasible(counts, n_way, n_shot, n_query, split)
+        self.counts = torch.tensor([len(m) for m in members])
+        # (n_classes, max_count) clip indices, padded with -1: sampling becomes one argsort.
+        self.members = torch.full((len(members), int(self.counts.max())), -1, dtype=torch.long)
+        for row, m in enumerate(members):
+            self.members[row, : len(m)] = m
+
+    def episode(self, index: int) -> EpisodeIndices:
+        generator = torch.Generator().manual_seed(self.seed + index)
+        classes = torch.randperm(len(self.class_ids), generator=generator)[: self.n_way]
+        counts = self.counts[classes]
+        keys = torch.rand(self.n_way, self.members.shape[1], generator=generator)
+        keys[torch.arange(self.members.shape[1]) >= counts[:, None]] = 2.0  # padding sorts last
+        order = keys.argsort(dim=1)[:, : self.n_shot + self.n_query]
+        picked = self.members[classes[:, None], order]
+        return EpisodeIndices(classes, picked[:, : self.n_shot], picked[:, self.n_shot :])
+
+
+def crop_frames(features: torch.Tensor, index: torch.Tensor, starts: torch.Tensor,
+                length: int) -> torch.Tensor:
+    """Gather excerpts: features (n_clips, F, T), index (n,), starts (n,) -> (n, F, length)."""
+    frames = starts[:, None] + torch.arange(length)  # (n, length)
+    clips = features[index]
+    return clips.gather(2, frames[:, None, :].expand(-1, clips.shape[1], -1))
+
+
+class EpisodeDataset(Dataset):
+    """Map-style dataset whose item `i` is episode `first_episode + i`.
+
+    Each item is a dict:
+        support: (n_way * n_shot, F, excerpt_frames), class-major order.
+        support_labels: (n_way * n_shot,) episode-local labels 0..n_way-1.
+        query: (n_way * n_query, F, excerpt_frames).
+        query_labels: (n_way * n_query,).
+        classes: (n_way,) global class ids of the episode's classes.
+    Excerpts start at a random frame (seeded per episode) when `random_crop`, else at frame 0.
+    """
+
+    def __init__(self, features: torch.Tensor, sampler: EpisodeSampler, n_episodes: int,
+                 excerpt_frames: int, random_crop: bool = True, first_episode: int = 0):
+        if excerpt_frames > features.shape[-1]:
+            raise ValueError(f"Excerpt of {excerpt_frames} frames is longer than the cached clips "
+                             f"({features.shape[-1]} frames): lower excerpt_seconds or raise "
+                             "features.clip_seconds.")
+        self.features, self.sampler = features, sampler
+        self.n_episodes, self.excerpt_frames = n_episodes, excerpt_frames
+        self.random_crop, self.first_episode = random_crop, first_episode
+
+    def __len__(self) -> int:
+        return self.n_episodes
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        index = self.first_episode + i
+        ep = self.sampler.episode(index)
+        n_way, n_shot, n_query = ep.support.shape[0], ep.support.shape[1], ep.query.shape[1]
+        clip_index = torch.cat([ep.support.flatten(), ep.query.flatten()])
+        max_start = self.features.shape[-1] - self.excerpt_frames
+        if self.random_crop and max_start > 0:
+            # a second stream, so crop draws never shift which clips an episode picks
+            generator = torch.Generator().manual_seed(self.sampler.seed + index + 7_919_000_000)
+            starts = torch.randint(0, max_start + 1, (len(clip_index),), generator=generator)
+        else:
+            starts = torch.zeros(len(clip_index), dtype=torch.long)
+        x = crop_frames(self.features, clip_index, starts, self.excerpt_frames)
+        n_support = n_way * n_shot
+        return {
+            "support": x[:n_support],
+            "support_labels": torch.arange(n_way).repeat_interleave(n_shot),
+            "query": x[n_support:],
+            "query_labels": torch.arange(n_way).repeat_interleave(n_query),
+            "classes": self.sampler.class_ids[ep.classes],
+        }

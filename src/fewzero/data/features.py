@@ -1,0 +1,181 @@
+"""Log-mel features computed once per (source, feature config), cached on disk, kept in memory.
+
+Decoding and resampling happen here and nowhere else: episodes are later built by index
+arithmetic on the cached tensor (see `fewzero.data.episodes`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+import torchaudio
+
+from fewzero.data.clips import Clip, ClipSource, config_hash
+from fewzero.progress import progress_bar
+
+log = logging.getLogger(__name__)
+
+LOG_FLOOR = 1e-6  # added to mel power before the log: about -60 dB below a full-scale tone
+
+
+@dataclass(frozen=True)
+class MelFeatures:
+    """Log-mel spectrogram settings; `clip_seconds` of every clip (from its start) are cached.
+
+    The cache stores natural-log mel power, `log(mel + 1e-6)`; backbones that want linear power
+    (the tutorial's) take `exp` of it.
+    """
+
+    sample_rate: int = 16000
+    clip_seconds: float = 2.0
+    n_fft: int = 1024
+    hop_length: int = 256
+    n_mels: int = 64
+    f_min: float = 20.0
+    f_max: float | None = None
+
+    @property
+    def frames_per_second(self) -> float:
+        return self.sample_rate / self.hop_length
+
+    def frames(self, seconds: float) -> int:
+        """Number of STFT frames (centred) covering `seconds` of audio."""
+        return int(round(seconds * self.sample_rate)) // self.hop_length + 1
+
+    def transform(self) -> torchaudio.transforms.MelSpectrogram:
+        return torchaudio.transforms.MelSpectrogram(
+            sample_rate=self.sample_rate,
+            n_fft=self.n_fft,
+            hop_length=self.hop_length,
+            n_mels=self.n_mels,
+            f_min=self.f_min,
+            f_max=self.f_max,
+            power=2.0,
+        )
+
+
+@dataclass
+class FeatureTable:
+    """All clips of a source as one in-memory tensor plus their labels.
+
+    Attributes:
+        features: (n_clips, n_mels, n_frames) float32 log-mel.
+        instruments: class name of each clip, length n_clips.
+        folds: (n_clips,) int64.
+        pitches: (n_clips,) int64 MIDI pitch, -1 when unknown.
+        paths: audio path of each clip (as given by the source).
+        key: cache key (source fingerprint + feature config).
+    """
+
+    features: torch.Tensor
+    instruments: list[str]
+    folds: torch.Tensor
+    pitches: torch.Tensor
+    paths: list[str]
+    key: str
+
+    def __len__(self) -> int:
+        return self.features.shape[0]
+
+
+def read_audio(path: Path, sample_rate: int) -> torch.Tensor:
+    """Decode `path` to mono float32 at `sample_rate`. Returns (n_samples,).
+
+    Raises a RuntimeError naming the file when it cannot be decoded.
+    """
+    try:
+        audio, file_rate = sf.read(str(path), dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, OSError) as err:
+        raise RuntimeError(
+            f"Could not decode audio file {path}: {err}. The file is missing, truncated or not "
+            "audio. Replace it (or delete it: rendered SOL re-renders a folder whose manifest is "
+            "removed; TinySOL files can be re-downloaded from zenodo record 3685367)."
+        ) from err
+    if audio.shape[0] == 0:
+        raise RuntimeError(f"Audio file {path} is empty (0 samples). Replace or remove it.")
+    mono = torch.from_numpy(np.ascontiguousarray(audio.mean(axis=1)))
+    if file_rate != sample_rate:
+        mono = torchaudio.functional.resample(mono, file_rate, sample_rate)
+    return mono
+
+
+def _fit_length(audio: torch.Tensor, n_samples: int) -> torch.Tensor:
+    """Truncate or zero-pad (n,) audio to exactly n_samples."""
+    if audio.shape[0] >= n_samples:
+        return audio[:n_samples]
+    return torch.nn.functional.pad(audio, (0, n_samples - audio.shape[0]))
+
+
+def compute_features(clips: list[Clip], features: MelFeatures, batch_size: int = 64,
+                     description: str = "Computing log-mel features") -> torch.Tensor:
+    """Decode every clip once and return (n_clips, n_mels, n_frames) float32 log-mel.
+
+    Every undecodable file is collected, then one error names them all.
+    """
+    n_samples = int(round(features.clip_seconds * features.sample_rate))
+    mel = features.transform()
+    out: list[torch.Tensor] = []
+    batch: list[torch.Tensor] = []
+    failures: list[str] = []
+    with progress_bar() as progress:
+        task = progress.add_task(description, total=len(clips))
+        for clip in clips:
+            try:
+                batch.append(_fit_length(read_audio(clip.path, features.sample_rate), n_samples))
+            except RuntimeError as err:
+                failures.append(str(err))
+                batch.append(torch.zeros(n_samples))
+            if len(batch) == batch_size:
+                out.append(torch.log(mel(torch.stack(batch)) + LOG_FLOOR))
+                batch = []
+            progress.advance(task)
+        if batch:
+            out.append(torch.log(mel(torch.stack(batch)) + LOG_FLOOR))
+    if failures:
+        shown = "\n  ".join(failures[:10])
+        more = f"\n  ... and {len(failures) - 10} more" if len(failures) > 10 else ""
+        raise RuntimeError(f"{len(failures)} of {len(clips)} audio files failed to decode:\n  "
+                           f"{shown}{more}")
+    return torch.cat(out) if out else torch.empty(0, features.n_mels, features.frames(
+        features.clip_seconds))
+
+
+def load_or_compute(source: ClipSource, features: MelFeatures, cache_dir: str | Path) -> FeatureTable:
+    """Return the source's features from the on-disk cache, computing them on first use.
+
+    The cache key combines the source's fingerprint and the feature settings, so a changed
+    dataset or feature config gets a new file; an unchanged one is loaded, never recomputed.
+    """
+    key = config_hash({"source": source.name, "fingerprint": source.fingerprint(),
+                       "features": asdict(features), "version": 1})
+    path = Path(cache_dir) / f"{source.name}-{key}.pt"
+    if path.exists():
+        blob = torch.load(path, map_location="cpu", weights_only=False)
+        log.info("Loaded cached features %s (%d clips)", path, len(blob["instruments"]))
+    else:
+        clips = source.clips()
+        if not clips:
+            raise RuntimeError(f"Source '{source.name}' has no clips: nothing to compute.")
+        feats = compute_features(clips, features)
+        blob = {
+            "features": feats.half(),  # log-mel fits float16 comfortably; halves disk and load time
+            "instruments": [c.instrument for c in clips],
+            "folds": torch.tensor([c.fold for c in clips], dtype=torch.long),
+            "pitches": torch.tensor([c.pitch for c in clips], dtype=torch.long),
+            "paths": [str(c.path) for c in clips],
+            "config": asdict(features),
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        torch.save(blob, tmp)
+        os.replace(tmp, path)  # atomic: a killed run never leaves a half-written cache
+        log.info("Cached features of %d clips to %s", len(clips), path)
+    return FeatureTable(features=blob["features"].float(), instruments=list(blob["instruments"]),
+                        folds=blob["folds"], pitches=blob["pitches"], paths=list(blob["paths"]),
+                        key=key)

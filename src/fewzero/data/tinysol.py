@@ -1,0 +1,333 @@
+"""The real TinySOL dataset (Cella et al., zenodo record 3685367), loaded through `mirdata`.
+
+TinySOL holds 2913 single-note recordings of 14 instruments played "ordinario", with an
+official 5-fold split. This module exposes it as a `ClipSource`: class names are TinySOL's
+"Instrument (in full)", folds the official folds, pitch the MIDI number, dynamics as in the
+metadata.
+
+mirdata's layout under ``data_home``::
+
+    <data_home>/annotation/TinySOL_metadata.csv
+    <data_home>/audio/<Family>/<Instrument folder>/ordinario/<file>.wav
+
+mirdata 1.0 does not ship the TinySOL index (the list of files with their md5): it downloads it
+into its own package folder. Offline, pass the official index file as ``index_path``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import socket
+import tarfile
+import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from fewzero.data.clips import TINYSOL_INSTRUMENTS, Clip, check_instruments, config_hash
+
+log = logging.getLogger(__name__)
+
+ZENODO_RECORD = "3685367"
+ZENODO_URL = f"https://zenodo.org/records/{ZENODO_RECORD}"
+METADATA_RELPATH = Path("annotation") / "TinySOL_metadata.csv"
+# Seconds a download may wait on a silent socket before failing (only set when none is set).
+DOWNLOAD_SOCKET_TIMEOUT = 60.0
+
+
+class TinySOLDownloadError(RuntimeError):
+    """Downloading TinySOL (index, audio or metadata) through mirdata failed."""
+
+
+def _import_mirdata() -> tuple[ModuleType, ModuleType, ModuleType, ModuleType]:
+    """Import mirdata lazily, undoing the root-logger setup its import performs.
+
+    ``mirdata.download_utils`` calls ``logging.basicConfig(level=INFO)`` at import time, which
+    would make every library's INFO messages appear; the root logger is restored afterwards.
+
+    Returns:
+        The modules ``mirdata``, ``mirdata.core``, ``mirdata.download_utils`` and
+        ``mirdata.datasets.tinysol``.
+    """
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        import mirdata
+        from mirdata import core, download_utils
+        from mirdata.datasets import tinysol as mirdata_tinysol
+    finally:
+        for handler in list(root.handlers):
+            if handler not in handlers:
+                root.removeHandler(handler)
+        root.setLevel(level)
+    return mirdata, core, download_utils, mirdata_tinysol
+
+
+def _md5(path: Path) -> str:
+    """md5 hex digest of a (small) file."""
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+@contextmanager
+def _socket_timeout(seconds: float) -> Iterator[None]:
+    """Give sockets a default timeout while downloading, so a blocked network cannot hang."""
+    previous = socket.getdefaulttimeout()
+    if previous is None:
+        socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+class TinySOL:
+    """TinySOL as a clip source, through mirdata's ``tinysol`` loader.
+
+    Args:
+        data_home: folder holding (or receiving) the dataset in mirdata's layout.
+        index_path: the mirdata index file (``tinysol_index_6.0.json``, md5
+            dba7aab99081f66d6a46f2bcfc1a3296). None uses mirdata's own copy, which exists only
+            once mirdata has downloaded it (``download=True``).
+        download: let mirdata download what is missing (index, TinySOL.tar.gz, metadata).
+        allow_missing: use only the audio files present instead of failing when some are missing.
+
+    Call `prepare()` before `clips()` and `fingerprint()`.
+    """
+
+    name = "tinysol"
+
+    def __init__(self, data_home: str | Path, index_path: str | Path | None = None,
+                 download: bool = False, allow_missing: bool = False) -> None:
+        self.data_home = Path(data_home).expanduser().absolute()
+        self.index_path = None if index_path is None else Path(index_path).expanduser().absolute()
+        self.download = bool(download)
+        self.allow_missing = bool(allow_missing)
+        self._clips: list[Clip] | None = None
+        self._identity: dict[str, Any] | None = None
+        self._track_ids: list[str] = []
+        self.n_missing = 0
+
+    def __repr__(self) -> str:
+        return (f"TinySOL(data_home={str(self.data_home)!r}, index_path="
+                f"{None if self.index_path is None else str(self.index_path)!r}, "
+                f"download={self.download}, allow_missing={self.allow_missing})")
+
+    # ------------------------------------------------------------------ prepare
+
+    def prepare(self) -> None:
+        """Find the index, optionally download, and check which audio files exist.
+
+        Only existence is checked (md5 of every file would be slow); run mirdata's
+        ``validate()`` once by hand to verify the checksums.
+
+        Raises:
+            FileNotFoundError: the index, the metadata or (some of) the audio files are missing;
+                the message says where they must go and where to get them.
+            TinySOLDownloadError: ``download=True`` and the download failed.
+            ValueError: the index or the metadata is unreadable or inconsistent.
+        """
+        self._clips, self._identity, self._track_ids = None, None, []
+        mirdata, core, download_utils, mirdata_tinysol = _import_mirdata()
+        ds = mirdata.initialize("tinysol", data_home=str(self.data_home))
+        index_file = self._resolve_index(ds, mirdata_tinysol, download_utils)
+        ds.index_path = str(index_file)  # read lazily by mirdata, so set before any access
+
+        index_bytes = index_file.read_bytes()
+        try:
+            index = json.loads(index_bytes)
+            index_version = str(index.get("version", ds.version))
+            track_ids = list(ds.track_ids)
+            tracks = {tid: ds.track(tid) for tid in track_ids}
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"{index_file} is not a valid mirdata TinySOL index: {exc}") from exc
+        if not track_ids:
+            raise ValueError(f"The TinySOL index {index_file} lists no tracks.")
+        example = tracks[track_ids[0]].audio_path
+        metadata_file = self.data_home / METADATA_RELPATH
+
+        present = self._present(tracks)
+        if self.download and (len(present) < len(tracks) or not metadata_file.is_file()):
+            needed = []
+            if len(present) < len(tracks):
+                needed.append("audio")
+            if not metadata_file.is_file():
+                needed.append("annotations")
+            remotes = {key: mirdata_tinysol.REMOTES[key] for key in needed}
+            # An Index without url: only these remotes are fetched, the index is already here.
+            self._run_download(download_utils, remotes, core.Index(filename=index_file.name),
+                               cleanup=True)
+            present = self._present(tracks)
+
+        n_total = len(tracks)
+        self.n_missing = n_total - len(present)
+        if not present:
+            raise FileNotFoundError(
+                f"No TinySOL audio file found under {self.data_home} (0 of {n_total} tracks "
+                f"of the index {index_file.name}).\n" + self._advice(example)
+            )
+        if self.n_missing and not self.allow_missing:
+            raise FileNotFoundError(
+                f"{self.n_missing} of {n_total} TinySOL audio files are missing under "
+                f"{self.data_home} ({len(present)} present).\n" + self._advice(example)
+                + "\nOr set dataset.source.allow_missing=true to use only the files present."
+            )
+        if not metadata_file.is_file():
+            raise FileNotFoundError(
+                f"TinySOL metadata not found: expected {metadata_file}.\n" + self._advice(example)
+            )
+        self._check_metadata(metadata_file, index)
+
+        try:
+            clips = [self._clip(tid, tracks[tid]) for tid in sorted(present)]
+        except (IndexError, TypeError, ValueError) as exc:
+            raise ValueError(f"Cannot read the TinySOL metadata {metadata_file}: {exc}") from exc
+        try:
+            check_instruments(sorted({c.instrument for c in clips}), TINYSOL_INSTRUMENTS,
+                              what="TinySOL instrument")
+        except ValueError as exc:
+            raise ValueError(f"Unexpected instrument names in {metadata_file}: {exc}") from exc
+
+        if self.n_missing:
+            log.warning("TinySOL: %d of %d audio files missing under %s; using the %d present "
+                        "(allow_missing=true).", self.n_missing, n_total, self.data_home,
+                        len(clips))
+        log.info("TinySOL: %d clips from %s", len(clips), self.data_home)
+        self._identity = {
+            "index_md5": hashlib.md5(index_bytes).hexdigest(),
+            "index_version": index_version,
+            "metadata_md5": _md5(metadata_file),
+        }
+        self._track_ids = sorted(present)
+        self._clips = clips
+
+    def _resolve_index(self, ds: Any, mirdata_tinysol: ModuleType,
+                       download_utils: ModuleType) -> Path:
+        """The index file to use; downloads mirdata's own copy only when allowed."""
+        official = mirdata_tinysol.INDEXES[ds.version]
+        if self.index_path is not None:
+            if not self.index_path.is_file():
+                raise FileNotFoundError(
+                    f"TinySOL index file not found: {self.index_path} "
+                    "(dataset.source.index_path). The official mirdata index "
+                    f"{official.filename} (md5 {official.remote.checksum}) is at "
+                    f"{official.remote.url}"
+                )
+            checksum = _md5(self.index_path)
+            if checksum != official.remote.checksum:
+                log.warning("TinySOL index %s has md5 %s, not that of mirdata's official index "
+                            "%s (%s); using it anyway.", self.index_path, checksum,
+                            official.filename, official.remote.checksum)
+            return self.index_path
+
+        default = Path(ds.index_path)
+        if default.is_file():
+            return default
+        if not self.download:
+            raise FileNotFoundError(
+                f"mirdata's TinySOL index {official.filename} is not available locally "
+                f"(expected at {default}) and downloading is disabled.\n"
+                f"Pass dataset.source.index_path=/path/to/{official.filename} (the official "
+                f"index, md5 {official.remote.checksum}, from {official.remote.url}), "
+                "or set dataset.source.download=true where there is network access."
+            )
+        # downloader() with no remotes but a remote index fetches just the index.
+        self._run_download(download_utils, None, official, cleanup=False)
+        if not default.is_file():
+            raise TinySOLDownloadError(f"mirdata did not produce the TinySOL index at {default}.")
+        return default
+
+    def _run_download(self, download_utils: ModuleType, remotes: dict[str, Any] | None,
+                      index: Any, cleanup: bool) -> None:
+        """Call mirdata's downloader, turning network and archive errors into one clear error."""
+        if remotes is None:
+            what = "the index"
+        else:
+            what = " and ".join(remote.filename for remote in remotes.values())
+        log.info("TinySOL: downloading %s into %s", what, self.data_home)
+        try:
+            with _socket_timeout(DOWNLOAD_SOCKET_TIMEOUT):
+                download_utils.downloader(str(self.data_home), remotes=remotes, index=index,
+                                          cleanup=cleanup)
+        except (OSError, EOFError, tarfile.TarError, zipfile.BadZipFile) as exc:
+            raise TinySOLDownloadError(
+                f"Downloading TinySOL ({what}) through mirdata failed: "
+                f"{type(exc).__name__}: {exc}\n"
+                "Check the network access, or fetch the files by hand: TinySOL.tar.gz and "
+                f"TinySOL_metadata.csv from zenodo record {ZENODO_RECORD} ({ZENODO_URL}), "
+                "the index from "
+                "https://zenodo.org/records/13993273 (pass it as dataset.source.index_path), "
+                "then run with dataset.source.download=false.\n" + self._layout()
+            ) from exc
+
+    @staticmethod
+    def _present(tracks: dict[str, Any]) -> list[str]:
+        """Ids of the tracks whose audio file exists."""
+        return [tid for tid, track in tracks.items() if os.path.isfile(track.audio_path)]
+
+    def _layout(self) -> str:
+        """The expected on-disk layout, for error messages."""
+        return (
+            "Expected layout (mirdata):\n"
+            f"  {self.data_home}/audio/<Family>/<Instrument folder>/ordinario/<file>.wav\n"
+            f"  {self.data_home / METADATA_RELPATH}"
+        )
+
+    def _advice(self, example: str) -> str:
+        """Where the files must go and where to get them."""
+        return (
+            f"{self._layout()}\n"
+            f"  e.g. {example}\n"
+            f"Get TinySOL.tar.gz and TinySOL_metadata.csv from zenodo record {ZENODO_RECORD} "
+            f"({ZENODO_URL}); extract TinySOL.tar.gz into {self.data_home}/audio/ (it holds the "
+            f"<Family>/ folders) and put TinySOL_metadata.csv in {self.data_home}/annotation/.\n"
+            "Or set dataset.source.download=true to let mirdata download them where the network "
+            "allows."
+        )
+
+    @staticmethod
+    def _check_metadata(metadata_file: Path, index: dict[str, Any]) -> None:
+        """Warn when the metadata csv is not the one the index lists."""
+        entry = (index.get("metadata") or {}).get("TinySOL_metadata")
+        if entry and len(entry) > 1 and entry[1]:
+            checksum = _md5(metadata_file)
+            if checksum != entry[1]:
+                log.warning("TinySOL metadata %s has md5 %s, the index expects %s.",
+                            metadata_file, checksum, entry[1])
+
+    @staticmethod
+    def _clip(track_id: str, track: Any) -> Clip:
+        """One mirdata track as a Clip."""
+        instrument = track.instrument_full
+        if instrument is None:
+            raise ValueError(f"TinySOL track {track_id} has no row in the metadata csv "
+                             f"(index and metadata do not match).")
+        return Clip(path=Path(track.audio_path), instrument=str(instrument),
+                    fold=int(track.split), pitch=int(track.pitch_id),
+                    dynamics=str(track.dynamics or ""))
+
+    # ------------------------------------------------------------------ ClipSource
+
+    def clips(self) -> list[Clip]:
+        """The present tracks as clips, sorted by track id.
+
+        Raises:
+            RuntimeError: `prepare()` was not called.
+        """
+        if self._clips is None:
+            raise RuntimeError("TinySOL.clips() called before prepare().")
+        return list(self._clips)
+
+    def fingerprint(self) -> str:
+        """Hash of the index and metadata contents and the track ids used (not of data_home).
+
+        Raises:
+            RuntimeError: `prepare()` was not called.
+        """
+        if self._clips is None or self._identity is None:
+            raise RuntimeError("TinySOL.fingerprint() called before prepare().")
+        return config_hash({"source": self.name, **self._identity, "tracks": self._track_ids})

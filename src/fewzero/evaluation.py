@@ -1,0 +1,70 @@
+"""Few-shot evaluation on embeddings computed once: episodes become index arithmetic.
+
+Evaluating a backbone in eval mode per episode or once per clip gives identical prototypes
+(BatchNorm uses running statistics; GroupNorm is per sample), so each clip is embedded once
+and every episode reuses the embeddings.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from fewzero.data.episodes import EpisodeSampler
+from fewzero.models.protonet import Distance
+
+
+@dataclass
+class EpisodeResults:
+    """Per-episode accuracies of one protocol, plus an instrument confusion matrix.
+
+    Attributes:
+        accuracies: (n_episodes,) query accuracy of each episode.
+        confusion: (n_classes, n_classes) counts, rows = true class id, cols = predicted id,
+            over all queries of all episodes (ids as in the sampler's labels).
+    """
+
+    accuracies: torch.Tensor
+    confusion: torch.Tensor
+
+    @property
+    def mean(self) -> float:
+        return float(self.accuracies.mean())
+
+    @property
+    def ci95(self) -> float:
+        """Half-width of the normal-approximation 95% confidence interval of the mean."""
+        n = self.accuracies.numel()
+        if n < 2:
+            return float("nan")
+        return 1.96 * float(self.accuracies.std(unbiased=True)) / math.sqrt(n)
+
+
+@torch.no_grad()
+def evaluate_episodes(embeddings: torch.Tensor, sampler: EpisodeSampler, n_episodes: int,
+                      distance: Distance, n_classes: int) -> EpisodeResults:
+    """Run `n_episodes` prototypical episodes on precomputed embeddings.
+
+    Args:
+        embeddings: (n_clips, dim), indexed like the sampler's labels (rows of clips outside the
+            sampler's classes are never read).
+        sampler: draws the episodes (its seed fixes them).
+        distance: the trained distance (its learned scale does not change the argmax).
+        n_classes: size of the confusion matrix.
+    """
+    accuracies = torch.empty(n_episodes)
+    confusion = torch.zeros(n_classes, n_classes, dtype=torch.long)
+    for i in range(n_episodes):
+        ep = sampler.episode(i)
+        prototypes = embeddings[ep.support].mean(dim=1)  # (n_way, dim)
+        n_way, n_query = ep.query.shape
+        logits = distance(embeddings[ep.query.flatten()], prototypes)  # (n_way*n_query, n_way)
+        predicted = logits.argmax(dim=1).cpu()
+        truth = torch.arange(n_way).repeat_interleave(n_query)
+        accuracies[i] = (predicted == truth).float().mean()
+        class_ids = sampler.class_ids[ep.classes]
+        confusion.index_put_((class_ids[truth], class_ids[predicted]),
+                             torch.ones_like(truth), accumulate=True)
+    return EpisodeResults(accuracies, confusion)

@@ -1,0 +1,1 @@
+"""Audio backbones, the prototypical-network head and the Lightning modules around them."""

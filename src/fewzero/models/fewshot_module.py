@@ -1,0 +1,144 @@
+"""LightningModule around a PrototypicalNetwork: episodic training, embed-once evaluation."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import matplotlib.pyplot as plt
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torchmetrics import MaxMetric, MeanMetric
+
+from fewzero.evaluation import EpisodeResults, evaluate_episodes
+from fewzero.models.protonet import Distance, PrototypicalNetwork, class_prototypes
+from fewzero.plots import confusion_figure, episode_embedding_figure
+
+
+class FewShotModule(pl.LightningModule):
+    """Trains `net` on N-way K-shot episodes; validates and tests on seeded episodes.
+
+    Args:
+        backbone: audio encoder, (batch, n_mels, frames) -> (batch, dim).
+        distance: logits from query embeddings and prototypes.
+        loss: criterion on (n_query, n_way) logits and (n_query,) labels.
+        optimizer: partial optimizer (`_partial_: true`), called with the parameters.
+        scheduler: optional partial LR scheduler, stepped every optimiser step.
+        gain_augment_db: training-only random gain of +-this many dB per excerpt (0 disables).
+        plot_dir: where test figures are written as PNG (also sent to TensorBoard).
+        plot_episodes: how many test episodes the embedding figure shows.
+    """
+
+    def __init__(self, backbone: nn.Module, distance: Distance, loss: nn.Module,
+                 optimizer: Callable[..., Any],
+                 scheduler: Callable[..., Any] | None = None, gain_augment_db: float = 0.0,
+                 plot_dir: str | None = None, plot_episodes: int = 3):
+        super().__init__()
+        self.net, self.loss = PrototypicalNetwork(backbone, distance), loss
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.gain_augment = gain_augment_db * math.log(10) / 10  # dB -> natural-log power
+        self.plot_dir = Path(plot_dir) if plot_dir else None
+        self.plot_episodes = plot_episodes
+        self.train_acc = MeanMetric()
+        self.val_acc_best = MaxMetric()
+        self._embeddings: list[torch.Tensor] = []
+        self._indices: list[torch.Tensor] = []
+        self.test_results: dict[str, EpisodeResults] = {}
+
+    # ---- training ---------------------------------------------------------------------
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        support, query = batch["support"], batch["query"]
+        x = torch.cat([support, query])  # one backbone pass for the whole episode
+        if self.gain_augment > 0:
+            x = x + (torch.rand(x.shape[0], 1, 1, device=x.device) * 2 - 1) * self.gain_augment
+        embeddings = self.net.backbone(x)
+        n_way = batch["classes"].shape[0]
+        prototypes = class_prototypes(embeddings[: support.shape[0]], batch["support_labels"], n_way)
+        logits = self.net.distance(embeddings[support.shape[0] :], prototypes)
+        loss = self.loss(logits, batch["query_labels"])
+        self.train_acc((logits.argmax(dim=1) == batch["query_labels"]).float().mean())
+        self.log("train/loss", loss, prog_bar=True, batch_size=1)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True,
+                 batch_size=1)
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(params=self.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer=optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---- evaluation: embed every clip once, then run episodes on the embeddings -------
+    def _collect(self, batch: dict[str, torch.Tensor]) -> None:
+        self._embeddings.append(self.net.backbone(batch["x"]).detach())
+        self._indices.append(batch["index"])
+
+    def _all_embeddings(self) -> torch.Tensor:
+        """(n_clips_total, dim) on CPU; rows of clips outside the stage stay zero."""
+        embeddings, indices = torch.cat(self._embeddings), torch.cat(self._indices)
+        self._embeddings, self._indices = [], []
+        if self.trainer.world_size > 1:
+            embeddings = self.all_gather(embeddings).flatten(0, 1)
+            indices = self.all_gather(indices).flatten(0, 1)
+        n_clips = len(self.trainer.datamodule.labels)
+        full = torch.zeros(n_clips, embeddings.shape[1])
+        full[indices.cpu()] = embeddings.float().cpu()
+        return full
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._collect(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        embeddings = self._all_embeddings()
+        if self.trainer.sanity_checking:  # only a few batches were embedded
+            return
+        dm = self.trainer.datamodule
+        settings = dm.val_settings
+        results = evaluate_episodes(embeddings, dm.sampler("val", settings, dm.eval_seed),
+                                    settings.n_episodes, self.net.distance.cpu_copy(),
+                                    len(dm.class_names))
+        self.val_acc_best(results.mean)
+        self.log("val/acc", results.mean, prog_bar=True)
+        self.log("val/acc_ci95", results.ci95)
+        self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True)
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._collect(batch)
+
+    def on_test_epoch_end(self) -> None:
+        embeddings = self._all_embeddings()
+        dm = self.trainer.datamodule
+        distance = self.net.distance.cpu_copy()
+        for settings in dm.test_settings:
+            sampler = dm.sampler("test", settings, dm.eval_seed)
+            results = evaluate_episodes(embeddings, sampler, settings.n_episodes, distance,
+                                        len(dm.class_names))
+            self.test_results[settings.name] = results
+            self.log(f"test/{settings.name}_acc", results.mean)
+            self.log(f"test/{settings.name}_ci95", results.ci95)
+            if self.trainer.is_global_zero:
+                title = f"{settings.name}, {settings.n_episodes} test episodes"
+                self._save_figure(confusion_figure(results.confusion, dm.class_names, title),
+                                  f"test/confusion_{settings.name}")
+        if self.trainer.is_global_zero and self.plot_episodes > 0:
+            settings = max(dm.test_settings, key=lambda s: s.n_shot)
+            sampler = dm.sampler("test", settings, dm.eval_seed)
+            figure = episode_embedding_figure(embeddings, sampler, dm.class_names,
+                                              list(range(self.plot_episodes)),
+                                              f"Test episodes ({settings.name}), PCA of embeddings")
+            self._save_figure(figure, f"test/embeddings_{settings.name}")
+
+    def _save_figure(self, figure: plt.Figure, tag: str) -> None:
+        """Write `figure` as PNG under plot_dir and to every TensorBoard logger."""
+        if self.plot_dir is not None:
+            self.plot_dir.mkdir(parents=True, exist_ok=True)
+            figure.savefig(self.plot_dir / f"{tag.replace('/', '_')}.png", dpi=120)
+        for logger in self.loggers:
+            experiment = getattr(logger, "experiment", None)
+            if hasattr(experiment, "add_figure"):
+                experiment.add_figure(tag, figure, global_step=self.global_step, close=False)
+        plt.close(figure)

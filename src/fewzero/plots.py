@@ -1,0 +1,82 @@
+"""Figures users would rather look at than numbers: episode embeddings, confusion matrices."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: never needs a display
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from fewzero.data.episodes import EpisodeSampler  # noqa: E402
+
+
+def _pca_2d(points: torch.Tensor) -> torch.Tensor:
+    """(n, dim) -> (n, 2) projection on the first two principal components."""
+    centred = points - points.mean(dim=0, keepdim=True)
+    _, _, v = torch.linalg.svd(centred, full_matrices=False)
+    return centred @ v[:2].T
+
+
+def episode_embedding_figure(embeddings: torch.Tensor, sampler: EpisodeSampler,
+                             class_names: Sequence[str], episode_ids: Sequence[int],
+                             title: str) -> Figure:
+    """One panel per episode: support (o), query (x) and prototypes (*) in 2-D PCA space.
+
+    Args:
+        embeddings: (n_clips, dim) embeddings indexed like the sampler's labels.
+        class_names: name of every class id.
+    """
+    fig, axes = plt.subplots(1, len(episode_ids), figsize=(5 * len(episode_ids), 4.6),
+                             squeeze=False)
+    for ax, episode_id in zip(axes[0], episode_ids, strict=True):
+        ep = sampler.episode(episode_id)
+        n_way, n_shot = ep.support.shape
+        support = embeddings[ep.support.flatten()]
+        query = embeddings[ep.query.flatten()]
+        prototypes = support.view(n_way, n_shot, -1).mean(dim=1)
+        xy = _pca_2d(torch.cat([support, query, prototypes]).float())
+        s_xy, q_xy, p_xy = xy.split([support.shape[0], query.shape[0], n_way])
+        colors = plt.get_cmap("tab10")
+        for k in range(n_way):
+            name = class_names[int(sampler.class_ids[ep.classes[k]])]
+            c = colors(k % 10)
+            ax.scatter(*s_xy[k * n_shot : (k + 1) * n_shot].T, color=c, marker="o", s=28,
+                       label=name)
+            n_query = ep.query.shape[1]
+            ax.scatter(*q_xy[k * n_query : (k + 1) * n_query].T, color=c, marker="x", s=22,
+                       alpha=0.7)
+            ax.scatter(*p_xy[k], color=c, marker="*", s=260, edgecolors="black")
+        ax.set_title(f"episode {episode_id}: o support, x query, * prototype", fontsize=9)
+        ax.legend(fontsize=7, loc="best")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def confusion_figure(confusion: torch.Tensor, class_names: Sequence[str], title: str) -> Figure:
+    """Row-normalised confusion matrix of the classes that occur (rows: true, cols: predicted)."""
+    present = torch.nonzero(confusion.sum(dim=1) > 0).flatten()
+    matrix = confusion[present][:, present].float()
+    matrix = matrix / matrix.sum(dim=1, keepdim=True).clamp_min(1)
+    names = [class_names[int(i)] for i in present]
+    fig, ax = plt.subplots(figsize=(1.1 * len(names) + 2.5, 1.0 * len(names) + 2))
+    image = ax.imshow(matrix.numpy(), vmin=0, vmax=1, cmap="Blues")
+    for r in range(len(names)):
+        for c in range(len(names)):
+            value = float(matrix[r, c])
+            ax.text(c, r, f"{value:.2f}", ha="center", va="center", fontsize=8,
+                    color="white" if value > 0.6 else "black")
+    ax.set_xticks(range(len(names)), names, rotation=40, ha="right")
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,31 @@
+"""The one-screen summary printed at the end of a run: results and where everything is."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def print_summary(output_dir: Path, report: dict[str, Any]) -> None:
+    """Print test accuracies (mean +- 95% CI), the best validation score and the run's paths."""
+    console = Console()
+    table = Table(title=f"fewzero results ({report.get('dataset', '')})")
+    table.add_column("protocol")
+    table.add_column("accuracy", justify="right")
+    table.add_column("95% CI", justify="right")
+    table.add_column("episodes", justify="right")
+    for name, result in report.get("test_episodes", {}).items():
+        table.add_row(name, f"{result['mean_acc']:.4f}", f"+-{result['ci95']:.4f}",
+                      str(result["n_episodes"]))
+    console.print(table)
+    best = report.get("metrics", {}).get("val/acc_best")
+    if best is not None:
+        console.print(f"best validation accuracy: {best:.4f}")
+    console.print(f"run directory : {output_dir}")
+    console.print(f"metrics       : {output_dir / 'metrics.json'}")
+    console.print(f"plots         : {output_dir / 'plots'}")
+    console.print(f"checkpoint    : {report.get('checkpoint') or '-'}")
+    console.print(f"tensorboard   : tensorboard --logdir {output_dir.parent.parent}")

@@ -1,0 +1,128 @@
+"""Train and test an experiment: `python -m fewzero.train [overrides]`.
+
+`train(cfg)` does the work and is what tests call; `main()` is the thin Hydra entry point that
+returns the optimised metric to sweepers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from fewzero.summary import print_summary
+
+log = logging.getLogger(__name__)
+
+
+def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
+    """`last` means <output_dir>/checkpoints/last.ckpt; anything else must be an existing file."""
+    if ckpt_path is None:
+        return None
+    path = output_dir / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"Checkpoint {path} does not exist. Pass ckpt_path=/path/to/run/checkpoints/last.ckpt, "
+            "or ckpt_path=last together with hydra.run.dir=<the run directory to resume>."
+        )
+    return str(path)
+
+
+def _flat_hparams(cfg: DictConfig) -> dict[str, Any]:
+    """Config flattened to `a/b/c: value` scalars for TensorBoard's HPARAMS tab."""
+    flat: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}/")
+        elif isinstance(node, bool | int | float | str) or node is None:
+            flat[prefix[:-1]] = "null" if node is None else node
+        else:
+            flat[prefix[:-1]] = str(node)
+
+    container = OmegaConf.to_container(cfg, resolve=True)
+    for group in ("dataset", "model", "trainer", "loss", "side_info"):
+        walk(container.get(group, {}), f"{group}/")
+    flat["seed"] = cfg.get("seed")
+    flat["dataset/source/instruments"] = f"{len(cfg.dataset.source.get('instruments', []) or [])} entries"
+    return flat
+
+
+def _metric(value: Any) -> float:
+    return float(value.item() if isinstance(value, torch.Tensor) else value)
+
+
+def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
+    """Fit (optionally resuming), test the best checkpoint, write metrics.json and hparams.
+
+    Returns:
+        (metrics, objects): final metrics by key (`val/acc_best`, `test/5way_5shot_acc`, ...)
+        and the built cfg, datamodule, model, trainer.
+    """
+    output_dir = Path(cfg.paths.output_dir)
+    if cfg.get("seed") is not None:
+        pl.seed_everything(cfg.seed, workers=True)
+
+    log.info("Building datamodule <%s>", cfg.dataset._target_)
+    datamodule = hydra.utils.instantiate(cfg.dataset)
+    log.info("Building model <%s>", cfg.model._target_)
+    model = hydra.utils.instantiate(cfg.model)
+    callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+
+    metrics: dict[str, float] = {}
+    if cfg.get("train", True):
+        trainer.fit(model, datamodule=datamodule,
+                    ckpt_path=resolve_ckpt_path(cfg.get("ckpt_path"), output_dir))
+        metrics.update({k: _metric(v) for k, v in trainer.callback_metrics.items()
+                        if k.startswith(("train/", "val/"))})
+    if cfg.get("test", True):
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        if not cfg.get("train", True):
+            best = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir) or ""
+        if not best:
+            log.warning("No best checkpoint found: testing the current weights.")
+        trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
+        metrics.update({k: _metric(v) for k, v in trainer.callback_metrics.items()
+                        if k.startswith("test/")})
+        metrics["test/checkpoint"] = best  # type: ignore[assignment]
+
+    if trainer.is_global_zero:
+        report = {
+            "metrics": {k: v for k, v in metrics.items() if not isinstance(v, str)},
+            "test_episodes": {
+                name: {"mean_acc": r.mean, "ci95": r.ci95, "n_episodes": r.accuracies.numel()}
+                for name, r in getattr(model, "test_results", {}).items()
+            },
+            "checkpoint": metrics.get("test/checkpoint"),
+            "dataset": cfg.dataset.source._target_.rsplit(".", 1)[-1],
+        }
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "metrics.json").write_text(json.dumps(report, indent=2))
+        numeric = {k: v for k, v in metrics.items()
+                   if isinstance(v, float) and math.isfinite(v) and not k.startswith("train/")}
+        for pl_logger in trainer.loggers:
+            pl_logger.log_hyperparams(_flat_hparams(cfg), metrics=numeric)
+            pl_logger.save()
+        print_summary(output_dir, report)
+    return metrics, {"cfg": cfg, "datamodule": datamodule, "model": model, "trainer": trainer}
+
+
+@hydra.main(version_base="1.3", config_path="../../configs", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    metrics, _ = train(cfg)
+    value = metrics.get(cfg.get("optimized_metric") or "")
+    return float(value) if value is not None else None
+
+
+if __name__ == "__main__":
+    main()
