@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# One-time (and idempotent) set-up: system packages for rendering, then the project's
+# virtualenv in .venv with `pip install -e .[dev]`. Safe to run again: finished steps are skipped.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON="${PYTHON:-python3}"
+APT_PACKAGES=(fluidsynth musescore-general-soundfont fluid-soundfont-gm)
+
+say() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
+
+# ---- 1. system packages: FluidSynth and the two General-MIDI SoundFonts -----------------
+missing=()
+if command -v dpkg-query >/dev/null 2>&1; then
+    for pkg in "${APT_PACKAGES[@]}"; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")
+    done
+fi
+"$PYTHON" -m venv --help >/dev/null 2>&1 && "$PYTHON" -c "import ensurepip" 2>/dev/null \
+    || missing+=(python3-venv)
+if ((${#missing[@]})); then
+    if command -v apt-get >/dev/null 2>&1; then
+        SUDO=""
+        [[ $(id -u) -ne 0 ]] && command -v sudo >/dev/null 2>&1 && SUDO="sudo -n"
+        if [[ $(id -u) -eq 0 || -n "$SUDO" ]]; then
+            say "installing Debian packages: ${missing[*]}"
+            $SUDO apt-get update -qq
+            DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+        else
+            say "WARNING: cannot install ${missing[*]} (not root, no passwordless sudo)."
+            say "  Ask an administrator for: apt-get install ${missing[*]}"
+            say "  Without them the default dataset (rendered SOL) cannot be rendered; tests that"
+            say "  need a SoundFont are skipped. Real TinySOL (dataset=tinysol) still works."
+        fi
+    else
+        say "WARNING: no apt-get here (macOS or another distribution). Install by hand:"
+        say "  macOS: brew install fluid-synth, then download MuseScore_General.sf3 and"
+        say "  FluidR3_GM.sf2 and pass dataset.source.soundfonts=[/path/a.sf3,/path/b.sf2]"
+    fi
+fi
+
+# ---- 2. Python: .venv with the project and its pinned dependencies ----------------------
+"$PYTHON" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' || {
+    say "ERROR: Python >= 3.11 is required ($("$PYTHON" --version 2>&1) found). Set PYTHON=python3.11."
+    exit 1
+}
+[[ -x .venv/bin/python ]] || { say "creating .venv"; "$PYTHON" -m venv .venv; }
+stamp=".venv/.fewzero-installed"
+want="$(sha1sum pyproject.toml | cut -d' ' -f1)"
+if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$want" ]]; then
+    say "installing fewzero and its dependencies into .venv (first time: a few minutes)"
+    .venv/bin/python -m pip install -q --upgrade pip
+    .venv/bin/python -m pip install -q -e '.[dev]'
+    echo "$want" > "$stamp"
+fi
+say "ready: .venv/bin/python -m fewzero.train   |   .venv/bin/python -m pytest"

@@ -1,0 +1,51 @@
+"""Shared test helpers: compose the real Hydra configs on tiny generated data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, open_dict
+
+from fewzero.data.clips import TINYSOL_INSTRUMENTS
+
+CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def compose_train_cfg(tmp_path: Path, overrides: list[str] | None = None,
+                      clips_per_class: int = 12) -> DictConfig:
+    """The real `train.yaml`, on synthetic tones in `tmp_path`, small enough for a CPU test."""
+    names = ",".join(f"'{n}'" for n in TINYSOL_INSTRUMENTS)
+    base = [
+        "dataset/source=tones",
+        f"dataset.source.instruments=[{names}]",
+        f"dataset.source.clips_per_class={clips_per_class}",
+        f"paths.root_dir={tmp_path}",
+        f"paths.output_dir={tmp_path / 'run'}",
+        "trainer.accelerator=cpu",
+        "trainer.max_steps=4",
+        "trainer.log_every_n_steps=1",
+        "+trainer.enable_progress_bar=false",
+        "~callbacks.progress_bar",
+        "dataset.episodes.train.n_episodes=2",
+        "dataset.episodes.train.n_query=2",
+        "dataset.episodes.val.n_episodes=4",
+        "dataset.episodes.val.n_query=5",
+        "dataset.episodes.test=[{n_way: 5, n_shot: 1, n_query: 5, n_episodes: 6},"
+        "{n_way: 5, n_shot: 5, n_query: 5, n_episodes: 6}]",
+        "model.plot_episodes=1",
+    ]
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=base + (overrides or []))
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / "run")
+    return cfg
+
+
+@pytest.fixture(autouse=True)
+def _few_threads():
+    torch.set_num_threads(2)
+    yield

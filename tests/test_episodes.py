@@ -1,0 +1,90 @@
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from fewzero.data.episodes import EpisodeDataset, EpisodeSampler, check_episode_feasible
+
+
+def _labels(counts):
+    return torch.cat([torch.full((n,), c) for c, n in enumerate(counts)])
+
+
+def test_sampler_raises_when_n_way_exceeds_classes():
+    with pytest.raises(ValueError, match=r"n_way=4 is larger than the 3 val classes.*Lower n_way"):
+        EpisodeSampler(_labels([10, 10, 10]), [0, 1, 2], ["a", "b", "c"], 4, 1, 1, 0, split="val")
+
+
+def test_sampler_raises_when_class_has_too_few_items():
+    with pytest.raises(ValueError, match=r"fewer than n_shot \+ n_query.*'b': 3"):
+        EpisodeSampler(_labels([10, 3, 10]), [0, 1, 2], ["a", "b", "c"], 2, 2, 2, 0)
+
+
+def test_feasibility_rejects_non_positive_sizes():
+    with pytest.raises(ValueError, match="n_query=0"):
+        check_episode_feasible({"a": 5, "b": 5}, 2, 1, 0, "train")
+
+
+def test_same_seed_and_index_give_the_same_episode_and_others_differ():
+    labels = _labels([9, 8, 7, 12, 10])
+    a = EpisodeSampler(labels, range(5), list("abcde"), 3, 2, 3, seed=11)
+    b = EpisodeSampler(labels, range(5), list("abcde"), 3, 2, 3, seed=11)
+    for i in (0, 5, 99):
+        ea, eb = a.episode(i), b.episode(i)
+        assert torch.equal(ea.support, eb.support) and torch.equal(ea.query, eb.query)
+    assert not torch.equal(a.episode(0).query, a.episode(1).query)
+    c = EpisodeSampler(labels, range(5), list("abcde"), 3, 2, 3, seed=12)
+    assert not torch.equal(a.episode(0).query, c.episode(0).query)
+
+
+def test_episode_uses_only_allowed_classes_and_never_repeats_a_clip():
+    labels = _labels([6, 6, 6, 6, 6, 6])
+    sampler = EpisodeSampler(labels, [1, 3, 4], ["b", "d", "e"], 3, 2, 4, seed=0)
+    for i in range(50):
+        ep = sampler.episode(i)
+        clips = torch.cat([ep.support, ep.query], dim=1)  # (n_way, n_shot + n_query)
+        assert clips.flatten().unique().numel() == clips.numel()
+        for row, cls in zip(clips, sampler.class_ids[ep.classes], strict=True):
+            assert set(labels[row].tolist()) == {int(cls)}
+        assert set(sampler.class_ids[ep.classes].tolist()) <= {1, 3, 4}
+
+
+def test_episode_dataset_shapes_labels_and_seeded_crops():
+    labels = _labels([8, 8, 8])
+    feats = torch.randn(24, 5, 30)
+    sampler = EpisodeSampler(labels, [0, 1, 2], list("abc"), 3, 2, 3, seed=3)
+    ds = EpisodeDataset(feats, sampler, n_episodes=4, excerpt_frames=10, random_crop=True)
+    item = ds[1]
+    assert item["support"].shape == (6, 5, 10) and item["query"].shape == (9, 5, 10)
+    assert item["support_labels"].tolist() == [0, 0, 1, 1, 2, 2]
+    assert torch.equal(ds[1]["query"], item["query"])  # crops are seeded too
+    # every excerpt is a contiguous window of its clip
+    ep = sampler.episode(1)
+    first = feats[ep.support[0, 0]]
+    windows = first.unfold(1, 10, 1).permute(1, 0, 2)  # (n_windows, F, 10)
+    assert any(torch.equal(w, item["support"][0]) for w in windows)
+
+
+def test_resumed_stream_continues_with_the_same_episodes():
+    labels = _labels([8, 8, 8])
+    feats = torch.randn(24, 4, 12)
+    sampler = EpisodeSampler(labels, [0, 1, 2], list("abc"), 3, 1, 2, seed=0)
+    whole = EpisodeDataset(feats, sampler, 6, 8)
+    resumed = EpisodeDataset(feats, sampler, 3, 8, first_episode=3)
+    for i in range(3):
+        assert torch.equal(whole[3 + i]["query"], resumed[i]["query"])
+
+
+def test_workers_produce_the_same_episodes_as_the_main_process():
+    labels = _labels([8, 8, 8, 8])
+    feats = torch.randn(32, 4, 12)
+    sampler = EpisodeSampler(labels, range(4), list("abcd"), 3, 2, 2, seed=5)
+    ds = EpisodeDataset(feats, sampler, 6, 8)
+    main = [b["query"] for b in DataLoader(ds, batch_size=None, num_workers=0)]
+    workers = [b["query"] for b in DataLoader(ds, batch_size=None, num_workers=2)]
+    assert all(torch.equal(a, b) for a, b in zip(main, workers, strict=True))
+
+
+def test_excerpt_longer_than_cached_clip_is_rejected():
+    sampler = EpisodeSampler(_labels([4, 4]), [0, 1], ["a", "b"], 2, 1, 1, 0)
+    with pytest.raises(ValueError, match="clip_seconds"):
+        EpisodeDataset(torch.zeros(8, 3, 10), sampler, 1, excerpt_frames=11)

@@ -1,0 +1,89 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from fewzero.data import features as features_module
+from fewzero.data.clips import Clip, config_hash
+from fewzero.data.features import MelFeatures, load_or_compute, read_audio
+
+
+class ListSource:
+    """A minimal ClipSource over files a test wrote."""
+
+    name = "list"
+
+    def __init__(self, clips: list[Clip], tag: str = "a"):
+        self._clips, self.tag = clips, tag
+
+    def prepare(self) -> None:
+        pass
+
+    def clips(self) -> list[Clip]:
+        return self._clips
+
+    def fingerprint(self) -> str:
+        return config_hash([self.tag, [str(c.path) for c in self._clips]])
+
+
+def _write_tone(path: Path, freq: float, sr: int = 16000, seconds: float = 0.6) -> Path:
+    t = np.arange(int(sr * seconds)) / sr
+    sf.write(path, (0.3 * np.sin(2 * np.pi * freq * t)).astype(np.float32), sr)
+    return path
+
+
+@pytest.fixture
+def source(tmp_path):
+    clips = [Clip(_write_tone(tmp_path / f"{i}.wav", 200 + 100 * i), f"c{i % 2}", i % 5)
+             for i in range(4)]
+    return ListSource(clips)
+
+
+def test_features_are_cached_and_reused_without_recomputing(tmp_path, source, monkeypatch):
+    feats = MelFeatures(clip_seconds=0.5, n_mels=32)
+    first = load_or_compute(source, feats, tmp_path / "cache")
+    assert first.features.shape == (4, 32, feats.frames(0.5))
+    assert first.instruments == ["c0", "c1", "c0", "c1"]
+
+    def fail(*args, **kwargs):
+        raise AssertionError("features were recomputed")
+
+    monkeypatch.setattr(features_module, "compute_features", fail)
+    second = load_or_compute(source, feats, tmp_path / "cache")
+    assert second.key == first.key
+    assert torch.allclose(second.features, first.features, atol=2e-2)  # float16 on disk
+
+
+def test_changed_feature_config_or_source_invalidates_the_cache(tmp_path, source):
+    base = load_or_compute(source, MelFeatures(clip_seconds=0.5, n_mels=32), tmp_path)
+    other_feats = load_or_compute(source, MelFeatures(clip_seconds=0.5, n_mels=40), tmp_path)
+    other_source = load_or_compute(ListSource(source.clips(), tag="b"),
+                                   MelFeatures(clip_seconds=0.5, n_mels=32), tmp_path)
+    assert len({base.key, other_feats.key, other_source.key}) == 3
+    assert other_feats.features.shape[1] == 40
+    assert len(list(tmp_path.glob("list-*.pt"))) == 3
+
+
+def test_louder_band_shows_in_the_right_mel_bins(tmp_path):
+    low = _write_tone(tmp_path / "low.wav", 150)
+    high = _write_tone(tmp_path / "high.wav", 3000)
+    table = load_or_compute(ListSource([Clip(low, "a", 0), Clip(high, "b", 0)]),
+                            MelFeatures(clip_seconds=0.5, n_mels=32), tmp_path)
+    peak_bins = table.features.mean(dim=2).argmax(dim=1)
+    assert peak_bins[0] < peak_bins[1]
+
+
+def test_audio_at_another_rate_is_resampled(tmp_path):
+    path = _write_tone(tmp_path / "44k.wav", 440, sr=44100, seconds=1.0)
+    assert read_audio(path, 16000).shape[0] == 16000
+
+
+def test_corrupt_audio_names_the_file_and_the_fix(tmp_path, source):
+    bad = tmp_path / "broken.wav"
+    bad.write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunk")
+    broken = ListSource(source.clips() + [Clip(bad, "c0", 0)], tag="broken")
+    with pytest.raises(RuntimeError, match=r"(?s)1 of 5 audio files failed.*broken\.wav.*Replace it"):
+        load_or_compute(broken, MelFeatures(clip_seconds=0.5), tmp_path)
+    assert not list(tmp_path.glob("list-*.pt"))  # nothing half-written

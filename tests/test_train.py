@@ -1,0 +1,115 @@
+"""End-to-end: the real configs, composed and run on synthetic tones."""
+
+import json
+from pathlib import Path
+
+import hydra
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import open_dict
+
+from conftest import CONFIG_DIR, compose_train_cfg
+from fewzero.train import train
+
+EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes_and_runs_a_fast_dev_run_step(tmp_path, experiment):
+    cfg = compose_train_cfg(tmp_path, [f"experiment={experiment}", "dataset/source=tones",
+                                       "+trainer.fast_dev_run=true"])
+    metrics, objects = train(cfg)
+    assert objects["trainer"].global_step == 1
+    assert 0.0 <= metrics["test/5way_5shot_acc"] <= 1.0
+
+
+@pytest.mark.parametrize("backbone", ["timbre_cnn", "music_fsl_cnn"])
+def test_training_writes_metrics_plots_checkpoints_and_hparams(tmp_path, backbone):
+    cfg = compose_train_cfg(tmp_path, [f"model/backbone={backbone}"])
+    metrics, objects = train(cfg)
+    run = Path(cfg.paths.output_dir)
+    report = json.loads((run / "metrics.json").read_text())
+    for name in ("5way_1shot", "5way_5shot"):
+        result = report["test_episodes"][name]
+        assert result["n_episodes"] == 6 and 0.0 <= result["mean_acc"] <= 1.0
+        assert result["ci95"] >= 0.0
+        assert report["metrics"][f"test/{name}_acc"] == pytest.approx(result["mean_acc"])
+    assert "val/acc_best" in metrics
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    assert Path(report["checkpoint"]).is_file()
+    pngs = {p.name for p in (run / "plots").glob("*.png")}
+    assert {"test_embeddings_5way_5shot.png", "test_confusion_5way_1shot.png"} <= pngs
+    events = list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and any(b"hparams" in e.read_bytes() for e in events)
+
+
+def test_resume_from_last_checkpoint_continues_the_step_count(tmp_path):
+    first = compose_train_cfg(tmp_path, ["trainer.max_steps=4", "test=false"])
+    train(first)
+    last = Path(first.paths.output_dir) / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=False)["global_step"] == 4
+    resumed = compose_train_cfg(tmp_path, ["trainer.max_steps=6", "test=false",
+                                           "ckpt_path=last"])
+    _, objects = train(resumed)
+    assert objects["trainer"].global_step == 6
+
+
+def test_missing_checkpoint_says_how_to_resume(tmp_path):
+    cfg = compose_train_cfg(tmp_path, [f"ckpt_path={tmp_path / 'nope.ckpt'}"])
+    with pytest.raises(FileNotFoundError, match="hydra.run.dir"):
+        train(cfg)
+
+
+def test_training_episodes_never_contain_validation_or_test_classes(tmp_path):
+    cfg = compose_train_cfg(tmp_path, ["dataset.episodes.train.n_episodes=40"])
+    dm = hydra.utils.instantiate(cfg.dataset)
+    dm.prepare_data()
+    dm.setup("fit")
+    train_ids = set(dm.class_ids["train"])
+    for episode in dm.train_dataloader():
+        assert set(episode["classes"].tolist()) <= train_ids
+    for stage in ("val", "test"):
+        labels = {int(b["label"]) for b in dm._excerpts(stage).dataset}
+        assert labels == set(dm.class_ids[stage])
+    assert not set(dm.class_ids["val"]) & set(dm.class_ids["test"])
+
+
+def test_unknown_instrument_name_is_a_clear_error(tmp_path):
+    cfg = compose_train_cfg(tmp_path, ["dataset.split.test=[Bassoon,Kazoo]"])
+    dm = hydra.utils.instantiate(cfg.dataset)
+    dm.prepare_data()
+    with pytest.raises(ValueError, match=r"Unknown tones instrument name\(s\) \['Kazoo'\]"):
+        dm.setup("fit")
+
+
+def test_overlapping_splits_are_rejected(tmp_path):
+    cfg = compose_train_cfg(tmp_path, ["dataset.split.val=[Oboe,Viola]"])
+    with pytest.raises(Exception, match="both the val and test splits"):
+        hydra.utils.instantiate(cfg.dataset)
+
+
+def test_n_way_larger_than_the_split_names_the_fix(tmp_path):
+    cfg = compose_train_cfg(tmp_path, ["dataset.episodes.val.n_way=4"])
+    dm = hydra.utils.instantiate(cfg.dataset)
+    dm.prepare_data()
+    with pytest.raises(ValueError, match="n_way=4 is larger than the 3 val classes"):
+        dm.setup("fit")
+
+
+@pytest.mark.parametrize("trainer", ["cpu", "gpu", "ddp"])
+def test_trainer_configs_compose(trainer):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=[f"trainer={trainer}"])
+    assert cfg.trainer._target_ == "pytorch_lightning.Trainer"
+    assert cfg.trainer.accelerator == {"cpu": "cpu", "gpu": "gpu", "ddp": "auto"}[trainer]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_training_runs_on_gpu(tmp_path):
+    cfg = compose_train_cfg(tmp_path, ["trainer=gpu"])
+    with open_dict(cfg):
+        cfg.trainer.accelerator = "gpu"
+    metrics, _ = train(cfg)
+    assert 0.0 <= metrics["test/5way_5shot_acc"] <= 1.0
