@@ -6,10 +6,10 @@ from pathlib import Path
 import hydra
 import pytest
 import torch
+from conftest import CONFIG_DIR, compose_train_cfg
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
-from conftest import CONFIG_DIR, compose_train_cfg
 from fewzero.train import train
 
 EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))

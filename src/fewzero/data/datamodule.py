@@ -83,6 +83,7 @@ class FewShotDataModule(pl.LightningDataModule):
         self.val_settings = _settings(episodes["val"])
         self.test_settings = [_settings(s) for s in episodes["test"]]
         self.cache_dir = Path(cache_dir)
+        self.excerpt_seconds = excerpt_seconds
         self.excerpt_frames = features.frames(excerpt_seconds)
         self.eval_offset = int(round(eval_offset_seconds * features.frames_per_second))
         self.seed, self.eval_seed = seed, eval_seed

@@ -93,16 +93,17 @@ class TimbreCNN(nn.Module):
     """
 
     def __init__(self, n_mels: int = 64, channels: tuple[int, ...] = (32, 64, 128, 128),
-                 embedding_dim: int = 256, dropout: float = 0.1):
+                 embedding_dim: int = 256, dropout: float = 0.1, keep_frequency: bool = True):
         super().__init__()
         self.n_mels, self.embedding_dim = n_mels, embedding_dim
+        self.keep_frequency = keep_frequency
         self.input_norm = nn.BatchNorm1d(n_mels)
         blocks, in_channels = [], 1
         for i, out_channels in enumerate(channels):
             blocks.append(ConvBNBlock(in_channels, out_channels, pool=i < len(channels) - 1))
             in_channels = out_channels
         self.blocks = nn.Sequential(*blocks)
-        freq_bins = n_mels // 2 ** (len(channels) - 1)
+        freq_bins = n_mels // 2 ** (len(channels) - 1) if keep_frequency else 1
         self.head = nn.Sequential(
             nn.Dropout(dropout),
             nn.Linear(2 * in_channels * freq_bins, embedding_dim),
@@ -111,5 +112,7 @@ class TimbreCNN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_input(x, self.n_mels)
         x = self.blocks(self.input_norm(x).unsqueeze(1))  # (batch, C, F', T')
+        if not self.keep_frequency:
+            x = x.flatten(2)[:, :, None, :]  # (batch, C, 1, F' * T'): pool over both axes
         pooled = torch.cat([x.mean(dim=-1), x.amax(dim=-1)], dim=1)  # (batch, 2C, F')
         return self.head(pooled.flatten(1))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,19 +26,19 @@ class FewShotModule(pl.LightningModule):
         loss: criterion on (n_query, n_way) logits and (n_query,) labels.
         optimizer: partial optimizer (`_partial_: true`), called with the parameters.
         scheduler: optional partial LR scheduler, stepped every optimiser step.
-        gain_augment_db: training-only random gain of +-this many dB per excerpt (0 disables).
+        augment: optional training-only augmentation of the episode's log-mel excerpts.
         plot_dir: where test figures are written as PNG (also sent to TensorBoard).
         plot_episodes: how many test episodes the embedding figure shows.
     """
 
     def __init__(self, backbone: nn.Module, distance: Distance, loss: nn.Module,
                  optimizer: Callable[..., Any],
-                 scheduler: Callable[..., Any] | None = None, gain_augment_db: float = 0.0,
+                 scheduler: Callable[..., Any] | None = None, augment: nn.Module | None = None,
                  plot_dir: str | None = None, plot_episodes: int = 3):
         super().__init__()
         self.net, self.loss = PrototypicalNetwork(backbone, distance), loss
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
-        self.gain_augment = gain_augment_db * math.log(10) / 10  # dB -> natural-log power
+        self.augment = augment if augment is not None else nn.Identity()
         self.plot_dir = Path(plot_dir) if plot_dir else None
         self.plot_episodes = plot_episodes
         self.train_acc = MeanMetric()
@@ -51,9 +50,7 @@ class FewShotModule(pl.LightningModule):
     # ---- training ---------------------------------------------------------------------
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         support, query = batch["support"], batch["query"]
-        x = torch.cat([support, query])  # one backbone pass for the whole episode
-        if self.gain_augment > 0:
-            x = x + (torch.rand(x.shape[0], 1, 1, device=x.device) * 2 - 1) * self.gain_augment
+        x = self.augment(torch.cat([support, query]))  # one backbone pass for the whole episode
         embeddings = self.net.backbone(x)
         n_way = batch["classes"].shape[0]
         prototypes = class_prototypes(embeddings[: support.shape[0]], batch["support_labels"], n_way)

@@ -1,0 +1,305 @@
+"""Tests of rendered SOL (FluidSynth renders of tiny instrument tables, offline).
+
+Rendering tests are skipped when libfluidsynth or the Debian GM SoundFonts are missing.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from fewzero.data import sol
+from fewzero.data.sol import RenderedSOL, pitch_name
+
+SOUNDFONTS = [Path("/usr/share/sounds/sf3/MuseScore_General.sf3"),
+              Path("/usr/share/sounds/sf2/FluidR3_GM.sf2")]
+# A 2-instrument slice of the default table, cut to 3 pitches each.
+TABLE = [{"name": "Flute", "program": 73, "low": 69, "high": 71, "instances": 1},
+         {"name": "Violin", "program": 40, "low": 60, "high": 62, "instances": 2}]
+TINY = {"clip_seconds": 0.5, "note_seconds": 0.3, "n_folds": 3, "num_workers": 1,
+        "dynamics": {"pp": [20, 45], "ff": [100, 127]}}
+
+
+def _fluidsynth_missing() -> str:
+    """Why rendering cannot run here ("" when it can)."""
+    missing = [str(path) for path in SOUNDFONTS if not path.is_file()]
+    if missing:
+        return f"SoundFont(s) {missing} not installed (bash scripts/setup.sh)"
+    try:
+        import fluidsynth  # noqa: F401
+    except (ImportError, OSError) as exc:
+        return f"libfluidsynth/pyfluidsynth not loadable: {exc}"
+    return ""
+
+
+needs_fluidsynth = pytest.mark.skipif(bool(_fluidsynth_missing()), reason=_fluidsynth_missing())
+
+
+def _source(root: Path, instruments: list[dict] | None = None, **overrides) -> RenderedSOL:
+    """A RenderedSOL over the tiny table with the installed SoundFonts."""
+    kwargs = {**TINY, **overrides}
+    return RenderedSOL(root, TABLE if instruments is None else instruments,
+                       [str(path) for path in SOUNDFONTS], **kwargs)
+
+
+def _rows(source: RenderedSOL) -> list[dict[str, str]]:
+    with open(source.dataset_dir / "metadata.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory: pytest.TempPathFactory) -> RenderedSOL:
+    """The tiny table rendered once (in-process) for the whole module."""
+    source = _source(tmp_path_factory.mktemp("sol"))
+    source.prepare()
+    return source
+
+
+@needs_fluidsynth
+def test_metadata_matches_table(rendered: RenderedSOL) -> None:
+    rows = _rows(rendered)
+    assert list(rows[0]) == list(sol.METADATA_COLUMNS)
+    assert Counter(row["instrument"] for row in rows) == {"Flute": 6, "Violin": 12}
+    expected = {("Flute", p, d, 1) for p in (69, 70, 71) for d in ("pp", "ff")}
+    expected |= {("Violin", p, d, i) for p in (60, 61, 62) for d in ("pp", "ff") for i in (1, 2)}
+    got = {(r["instrument"], int(r["pitch"]), r["dynamics"], int(r["path"][-5])) for r in rows}
+    assert got == expected
+    assert "audio/Flute/Fl-A4-pp-1.wav" in {row["path"] for row in rows}
+    assert "audio/Violin/Vn-C#4-ff-2.wav" in {row["path"] for row in rows}
+    for name, per_fold in (("Flute", 2), ("Violin", 4)):
+        folds = Counter(int(r["fold"]) for r in rows if r["instrument"] == name)
+        assert folds == {0: per_fold, 1: per_fold, 2: per_fold}
+    for row in rows:
+        low, high = TINY["dynamics"][row["dynamics"]]
+        assert low <= int(row["velocity"]) <= high
+        assert abs(float(row["detune_cents"])) <= 15.0
+        assert row["soundfont"] in {path.name for path in SOUNDFONTS}
+    assert len({row["soundfont"] for row in rows}) == 2, "both SoundFonts should be drawn"
+
+
+@needs_fluidsynth
+def test_clips_are_absolute_and_in_metadata_order(rendered: RenderedSOL) -> None:
+    clips, rows = rendered.clips(), _rows(rendered)
+    assert [c.path for c in clips] == [(rendered.dataset_dir / r["path"]).resolve() for r in rows]
+    assert all(c.path.is_absolute() and c.path.is_file() for c in clips)
+    assert [(c.instrument, c.pitch, c.dynamics, c.fold) for c in clips] == [
+        (r["instrument"], int(r["pitch"]), r["dynamics"], int(r["fold"])) for r in rows]
+    on_disk = sorted(rendered.dataset_dir.glob("audio/*/*.wav"))
+    assert on_disk == sorted(c.path for c in clips)
+
+
+@needs_fluidsynth
+def test_audio_is_16bit_mono_right_length_and_audible(rendered: RenderedSOL) -> None:
+    for clip in rendered.clips():
+        info = sf.info(str(clip.path))
+        assert (info.samplerate, info.channels, info.subtype) == (16000, 1, "PCM_16")
+        assert info.frames == 8000  # clip_seconds 0.5
+        audio, _ = sf.read(str(clip.path), dtype="float32")
+        peak = float(np.max(np.abs(audio)))
+        assert 10 ** (-50 / 20) < peak < 1.0, f"{clip.path.name}: peak {peak}"
+
+
+@needs_fluidsynth
+def test_no_two_clips_identical_and_md5_recorded(rendered: RenderedSOL) -> None:
+    rows = _rows(rendered)
+    md5s = [hashlib.md5((rendered.dataset_dir / r["path"]).read_bytes()).hexdigest()
+            for r in rows]
+    assert md5s == [row["md5"] for row in rows]
+    assert len(set(md5s)) == len(md5s)
+
+
+@needs_fluidsynth
+def test_flute_sounds_at_its_pitch(rendered: RenderedSOL) -> None:
+    """The synth runs at the file's sample rate and applies the detune (FFT peak check)."""
+    for row in (r for r in _rows(rendered) if r["instrument"] == "Flute"):
+        audio, rate = sf.read(str(rendered.dataset_dir / row["path"]))
+        segment = audio[1600:1600 + 4096] * np.hanning(4096)
+        spectrum = np.abs(np.fft.rfft(segment, 65536))
+        peak_hz = np.fft.rfftfreq(65536, 1 / rate)[np.argmax(spectrum)]
+        f0 = 440 * 2 ** ((int(row["pitch"]) - 69 + float(row["detune_cents"]) / 100) / 12)
+        harmonic = max(1, round(peak_hz / f0))
+        assert abs(1200 * np.log2(peak_hz / (harmonic * f0))) < 35, row["path"]
+
+
+@needs_fluidsynth
+def test_manifest_records_config_and_counts(rendered: RenderedSOL) -> None:
+    manifest = json.loads((rendered.dataset_dir / "manifest.json").read_text())
+    assert manifest["fingerprint"] == rendered.fingerprint() == rendered.dataset_dir.name
+    assert manifest["config"] == json.loads(json.dumps(rendered.config()))
+    assert manifest["counts"] == {"Flute": 6, "Violin": 12}
+    assert manifest["n_clips"] == 18 and manifest["n_dropped"] == 0
+    assert manifest["fluidsynth"]["libfluidsynth"].count(".") == 2
+    assert manifest["seconds"] > 0
+
+
+@needs_fluidsynth
+def test_second_prepare_reuses_without_rendering(rendered: RenderedSOL,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    files = sorted(rendered.dataset_dir.rglob("*"))
+    mtimes = [path.stat().st_mtime_ns for path in files]
+
+    def fail(*args: object) -> None:
+        raise AssertionError("prepare() rendered again")
+
+    monkeypatch.setattr(sol, "_render_all", fail)
+    again = _source(rendered.root, num_workers=4)  # num_workers is not part of the config
+    assert again.fingerprint() == rendered.fingerprint()
+    again.prepare()
+    assert sorted(rendered.dataset_dir.rglob("*")) == files
+    assert [path.stat().st_mtime_ns for path in files] == mtimes
+
+
+@needs_fluidsynth
+def test_changed_config_renders_into_new_folder(rendered: RenderedSOL) -> None:
+    changed = _source(rendered.root, seed=1)
+    assert changed.fingerprint() != rendered.fingerprint()
+    changed.prepare()
+    assert changed.dataset_dir != rendered.dataset_dir
+    assert (changed.dataset_dir / "manifest.json").is_file()
+    assert (rendered.dataset_dir / "manifest.json").is_file()
+    old = {row["md5"] for row in _rows(rendered)}
+    assert old.isdisjoint(row["md5"] for row in _rows(changed))
+
+
+@needs_fluidsynth
+def test_incomplete_render_is_redone_identically(tmp_path: Path) -> None:
+    source = _source(tmp_path, instruments=TABLE[:1])
+    with pytest.raises(RuntimeError, match=r"call prepare\(\)"):
+        source.clips()
+    source.prepare()
+    first = _rows(source)
+    (source.dataset_dir / "manifest.json").unlink()  # as if the render had been killed
+    with pytest.raises(RuntimeError, match=r"call prepare\(\)"):
+        source.clips()
+    source.prepare()
+    assert _rows(source) == first
+    Path(source.clips()[0].path).unlink()  # a missing file also makes the folder incomplete
+    with pytest.raises(RuntimeError, match="incomplete"):
+        source.clips()
+
+
+@needs_fluidsynth
+def test_worker_processes_render_the_same_files(rendered: RenderedSOL, tmp_path: Path) -> None:
+    parallel = _source(tmp_path, num_workers=2)
+    parallel.prepare()
+    assert [row["md5"] for row in _rows(parallel)] == [row["md5"] for row in _rows(rendered)]
+
+
+@needs_fluidsynth
+def test_no_state_leaks_between_notes(rendered: RenderedSOL) -> None:
+    """A note renders bit-identically on a fresh synth and after other (stereo) notes."""
+    spec = rendered._spec()
+    first = sol._Synth(spec)
+    fresh = first.play(0, 73, 70, 80, 300, 4800, 8000)
+    first.close()
+    synth = sol._Synth(spec)
+    for soundfont, program, pitch in ((1, 40, 62), (1, 73, 69), (0, 40, 61)):
+        synth.play(soundfont, program, pitch, 127, -500, 4800, 8000)
+        assert np.array_equal(synth.play(0, 73, 70, 80, 300, 4800, 8000), fresh)
+    synth.close()
+
+
+@needs_fluidsynth
+def test_silent_notes_are_dropped_and_counted(tmp_path: Path,
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    # GM accordion sample zones end at MIDI 108 in both SoundFonts: 109 renders pure silence.
+    table = [{"name": "Accordion (high)", "program": 21, "low": 108, "high": 109}]
+    source = _source(tmp_path, instruments=table, n_folds=2)
+    with caplog.at_level(logging.INFO, logger="fewzero.data.sol"):
+        source.prepare()
+    rows = _rows(source)
+    assert [(r["path"], r["pitch"]) for r in rows] == [
+        ("audio/Accordion_high/Accordion_high-C8-pp-1.wav", "108"),
+        ("audio/Accordion_high/Accordion_high-C8-ff-1.wav", "108")]
+    assert sorted(int(r["fold"]) for r in rows) == [0, 1]
+    assert not list(source.dataset_dir.glob("audio/*/*C#8*"))
+    manifest = json.loads((source.dataset_dir / "manifest.json").read_text())
+    assert manifest["dropped"] == {"Accordion (high)": 2} and manifest["n_dropped"] == 2
+    assert "dropped 2 silent notes (Accordion (high): 2)" in caplog.messages
+
+
+def test_is_silent_uses_the_peak_in_dbfs() -> None:
+    tone = np.sin(np.linspace(0, 200, 1000)).astype(np.float32)
+    assert sol._is_silent(np.zeros(1000, dtype=np.float32), -60.0)
+    assert sol._is_silent(tone * 10 ** (-70 / 20), -60.0)
+    assert not sol._is_silent(tone * 10 ** (-50 / 20), -60.0)
+    assert sol._is_silent(tone * 10 ** (-50 / 20), -40.0)
+
+
+def test_assign_folds_is_balanced_per_class_and_seeded() -> None:
+    labels = ["a"] * 7 + ["b"] * 10
+    folds = sol.assign_folds(labels, 5, seed=3)
+    assert Counter(f for f, name in zip(folds, labels, strict=True) if name == "a") == {
+        0: 2, 1: 2, 2: 1, 3: 1, 4: 1}
+    assert Counter(f for f, name in zip(folds, labels, strict=True) if name == "b") == {
+        k: 2 for k in range(5)}
+    assert folds == sol.assign_folds(labels, 5, seed=3)
+    assert folds != sol.assign_folds(labels, 5, seed=4)
+
+
+def test_pitch_names_follow_tinysol() -> None:
+    assert [pitch_name(p) for p in (21, 60, 61, 70, 108)] == ["A0", "C4", "C#4", "A#4", "C8"]
+
+
+def test_missing_soundfont_names_path_and_fix(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere" / "GM.sf2"
+    with pytest.raises(FileNotFoundError) as info:
+        RenderedSOL(tmp_path, TABLE, [str(missing)])
+    assert str(missing) in str(info.value)
+    assert "bash scripts/setup.sh" in str(info.value)
+    assert "dataset.source.soundfonts" in str(info.value)
+
+
+@pytest.mark.parametrize(("entry", "match"), [
+    ({"name": "Oboe", "program": 68, "low": 58}, r"instruments\[1\].*missing keys \['high'\]"),
+    ({"name": "Oboe", "program": 68, "low": 93, "high": 58}, r"instruments\[1\].*low <= high"),
+    ({"name": "Oboe", "program": 128, "low": 58, "high": 93}, r"instruments\[1\].*program"),
+    ({"name": "Oboe", "program": "oboe", "low": 58, "high": 93}, r"instruments\[1\].*integers"),
+    ({"name": "Oboe", "program": 68, "low": 58, "high": 93, "instance": 2},
+     r"instruments\[1\].*unknown keys \['instance'\]"),
+    ({"name": "Flute", "program": 68, "low": 58, "high": 93}, r"unique.*\['Flute', 'Flute'\]"),
+])
+def test_bad_table_entry_raises_value_error(tmp_path: Path, entry: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        RenderedSOL(tmp_path, [TABLE[0], entry], [str(SOUNDFONTS[0])])
+
+
+@pytest.mark.skipif(not SOUNDFONTS[0].is_file(), reason="MuseScore_General.sf3 not installed")
+@pytest.mark.parametrize("overrides", [
+    {"sample_rate": 4000}, {"note_seconds": 3.0}, {"dynamics": {"pp": [50, 20]}},
+    {"variation": {"detune": 10}}, {"n_folds": 0},
+])
+def test_bad_settings_raise_value_error(tmp_path: Path, overrides: dict) -> None:
+    with pytest.raises(ValueError):
+        RenderedSOL(tmp_path, TABLE, [str(SOUNDFONTS[0])], **overrides)
+
+
+@pytest.mark.skipif(not SOUNDFONTS[0].is_file(), reason="MuseScore_General.sf3 not installed")
+def test_omegaconf_config_gives_the_same_fingerprint(tmp_path: Path) -> None:
+    omegaconf = pytest.importorskip("omegaconf")
+    cfg = omegaconf.OmegaConf.create({"instruments": TABLE, "soundfonts": [str(SOUNDFONTS[0])],
+                                      "dynamics": {"pp": [20, 45]},
+                                      "variation": {"noise_snr_db": [40, 50]}})
+    plain = RenderedSOL(tmp_path, TABLE, [str(SOUNDFONTS[0])], dynamics={"pp": [20, 45]},
+                        variation={"noise_snr_db": [40, 50]})
+    hydra = RenderedSOL(tmp_path, cfg.instruments, cfg.soundfonts, dynamics=cfg.dynamics,
+                        variation=cfg.variation)
+    assert hydra.fingerprint() == plain.fingerprint()
+    assert plain.fingerprint() != RenderedSOL(tmp_path, TABLE, [str(SOUNDFONTS[0])],
+                                              dynamics={"pp": [20, 46]}).fingerprint()
+
+
+def test_missing_libfluidsynth_gives_install_advice(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "fluidsynth", None)  # makes `import fluidsynth` fail
+    with pytest.raises(ImportError, match="apt-get install fluidsynth") as info:
+        sol._import_fluidsynth()
+    assert "brew install fluid-synth" in str(info.value)
