@@ -113,3 +113,24 @@ def test_training_runs_on_gpu(tmp_path):
         cfg.trainer.accelerator = "gpu"
     metrics, _ = train(cfg)
     assert 0.0 <= metrics["test/5way_5shot_acc"] <= 1.0
+
+
+def test_deterministic_runs_with_the_same_seed_give_identical_results(tmp_path):
+    results = []
+    for name in ("a", "b"):
+        cfg = compose_train_cfg(tmp_path / name, ["trainer.deterministic=true", "seed=3"])
+        metrics, objects = train(cfg)
+        weights = next(objects["model"].net.backbone.parameters()).detach().clone()
+        results.append((metrics["test/5way_5shot_acc"], metrics["val/acc_best"], weights))
+    assert results[0][0] == results[1][0] and results[0][1] == results[1][1]
+    assert torch.equal(results[0][2], results[1][2])
+
+
+def test_run_suffix_is_path_safe_and_short():
+    from fewzero.train import MAX_RUN_SUFFIX, run_suffix
+
+    assert run_suffix("") == ""
+    assert run_suffix("model/backbone=music_fsl_cnn,seed=1") == "_model.backbone=music_fsl_cnn,seed=1"
+    long = run_suffix("x=" + "a" * 300)
+    assert len(long) == MAX_RUN_SUFFIX + 1 and "/" not in long
+    assert run_suffix("x=" + "a" * 300) != run_suffix("x=" + "a" * 299 + "b")

@@ -6,6 +6,7 @@ returns the optimised metric to sweepers.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -20,6 +21,23 @@ from omegaconf import DictConfig, OmegaConf
 from fewzero.summary import print_summary
 
 log = logging.getLogger(__name__)
+MAX_RUN_SUFFIX = 120
+
+
+def run_suffix(override_dirname: str) -> str:
+    """`_<overrides>` for run directory names: '/' and spaces made path-safe, long ones shortened.
+
+    Empty when there are no overrides, so the directory is just the timestamp.
+    """
+    if not override_dirname:
+        return ""
+    name = override_dirname.replace("\\", "").replace("/", ".").replace(" ", "")
+    if len(name) > MAX_RUN_SUFFIX:
+        name = f"{name[: MAX_RUN_SUFFIX - 9]}~{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+    return f"_{name}"
+
+
+OmegaConf.register_new_resolver("run_suffix", run_suffix, replace=True)
 
 
 def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:

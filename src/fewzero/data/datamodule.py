@@ -67,14 +67,16 @@ class FewShotDataModule(pl.LightningDataModule):
         episodes: {"train": {n_way, n_shot, n_query, n_episodes (per epoch)},
                    "val": {...}, "test": [{...}, ...]}.
         excerpt_seconds: length of the excerpt the backbone sees. Training excerpts start at a
-            random (seeded) frame; validation and test excerpts start at `eval_offset_seconds`.
+            random (seeded) time in [0, train_max_offset_seconds] (null: anywhere in the cached
+            clip); validation and test excerpts start at `eval_offset_seconds`.
         seed: training-episode seed. Validation and test episodes use `eval_seed`, which does not
             change with the training seed, so every run is scored on identical episodes.
     """
 
     def __init__(self, source: ClipSource, features: MelFeatures, split: Mapping[str, Sequence[str]],
                  episodes: Mapping[str, Any], cache_dir: str | Path, excerpt_seconds: float = 1.0,
-                 eval_offset_seconds: float = 0.0, seed: int = 0, eval_seed: int = 0,
+                 eval_offset_seconds: float = 0.0, train_max_offset_seconds: float | None = None,
+                 seed: int = 0, eval_seed: int = 0,
                  num_workers: int = 0, eval_batch_size: int = 256):
         super().__init__()
         self.source, self.features = source, features
@@ -86,6 +88,8 @@ class FewShotDataModule(pl.LightningDataModule):
         self.excerpt_seconds = excerpt_seconds
         self.excerpt_frames = features.frames(excerpt_seconds)
         self.eval_offset = int(round(eval_offset_seconds * features.frames_per_second))
+        self.train_max_start = (None if train_max_offset_seconds is None
+                                else int(round(train_max_offset_seconds * features.frames_per_second)))
         self.seed, self.eval_seed = seed, eval_seed
         self.num_workers, self.eval_batch_size = num_workers, eval_batch_size
         self.table: FeatureTable | None = None
@@ -141,7 +145,8 @@ class FewShotDataModule(pl.LightningDataModule):
         dataset = EpisodeDataset(self.table.features, self.sampler("train", self.train_settings,
                                                                    self.seed),
                                  self.train_settings.n_episodes, self.excerpt_frames,
-                                 random_crop=True, first_episode=first)
+                                 random_crop=True, first_episode=first,
+                                 max_start=self.train_max_start)
         return DataLoader(dataset, batch_size=None, shuffle=False, num_workers=self.num_workers,
                           persistent_workers=False)
 

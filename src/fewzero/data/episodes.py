@@ -100,11 +100,13 @@ class EpisodeDataset(Dataset):
         query: (n_way * n_query, F, excerpt_frames).
         query_labels: (n_way * n_query,).
         classes: (n_way,) global class ids of the episode's classes.
-    Excerpts start at a random frame (seeded per episode) when `random_crop`, else at frame 0.
+    Excerpts start at a random frame (seeded per episode) in [0, max_start] when `random_crop`
+    (max_start None: anywhere in the clip), else at frame 0.
     """
 
     def __init__(self, features: torch.Tensor, sampler: EpisodeSampler, n_episodes: int,
-                 excerpt_frames: int, random_crop: bool = True, first_episode: int = 0):
+                 excerpt_frames: int, random_crop: bool = True, first_episode: int = 0,
+                 max_start: int | None = None):
         if excerpt_frames > features.shape[-1]:
             raise ValueError(f"Excerpt of {excerpt_frames} frames is longer than the cached clips "
                              f"({features.shape[-1]} frames): lower excerpt_seconds or raise "
@@ -112,6 +114,9 @@ class EpisodeDataset(Dataset):
         self.features, self.sampler = features, sampler
         self.n_episodes, self.excerpt_frames = n_episodes, excerpt_frames
         self.random_crop, self.first_episode = random_crop, first_episode
+        self.max_start = features.shape[-1] - excerpt_frames
+        if max_start is not None:
+            self.max_start = min(self.max_start, max_start)
 
     def __len__(self) -> int:
         return self.n_episodes
@@ -121,11 +126,10 @@ class EpisodeDataset(Dataset):
         ep = self.sampler.episode(index)
         n_way, n_shot, n_query = ep.support.shape[0], ep.support.shape[1], ep.query.shape[1]
         clip_index = torch.cat([ep.support.flatten(), ep.query.flatten()])
-        max_start = self.features.shape[-1] - self.excerpt_frames
-        if self.random_crop and max_start > 0:
+        if self.random_crop and self.max_start > 0:
             # a second stream, so crop draws never shift which clips an episode picks
             generator = torch.Generator().manual_seed(self.sampler.seed + index + 7_919_000_000)
-            starts = torch.randint(0, max_start + 1, (len(clip_index),), generator=generator)
+            starts = torch.randint(0, self.max_start + 1, (len(clip_index),), generator=generator)
         else:
             starts = torch.zeros(len(clip_index), dtype=torch.long)
         x = crop_frames(self.features, clip_index, starts, self.excerpt_frames)

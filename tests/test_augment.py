@@ -1,0 +1,41 @@
+import torch
+
+from fewzero.models.augment import LogMelAugment
+from fewzero.models.backbones import MusicFslCNN, TimbreCNN
+
+
+def test_augment_is_identity_in_eval_mode():
+    x = torch.randn(4, 16, 20)
+    aug = LogMelAugment(gain_db=6, max_shift_bins=3, freq_mask_bins=4, time_mask_frames=5).eval()
+    assert torch.equal(aug(x), x)
+
+
+def test_shift_moves_a_peak_by_at_most_the_shift():
+    torch.manual_seed(0)
+    x = torch.full((64, 16, 5), -10.0)
+    x[:, 8, :] = 0.0  # one bright mel bin
+    out = LogMelAugment(max_shift_bins=3).train()(x)
+    peaks = out.mean(dim=2).argmax(dim=1)
+    assert peaks.min() >= 5 and peaks.max() <= 11 and len(peaks.unique()) > 1
+
+
+def test_masks_fill_with_the_excerpt_minimum_and_gain_is_bounded():
+    torch.manual_seed(1)
+    x = torch.randn(32, 16, 20)
+    masked = LogMelAugment(freq_mask_bins=4, time_mask_frames=5).train()(x)
+    changed = masked != x
+    assert changed.any()
+    assert torch.all(masked[changed] == x.amin(dim=(1, 2), keepdim=True).expand_as(x)[changed])
+    gained = LogMelAugment(gain_db=10).train()(x) - x
+    offsets = gained.flatten(1)
+    assert torch.allclose(offsets, offsets[:, :1].expand_as(offsets))  # one offset per excerpt
+    assert offsets.abs().max() <= 10 * torch.log(torch.tensor(10.0)) / 10 + 1e-5
+
+
+def test_backbones_map_log_mel_to_their_embedding_size():
+    x = torch.randn(3, 64, 81)
+    assert TimbreCNN(n_mels=64, embedding_dim=32).eval()(x).shape == (3, 32)
+    tutorial = MusicFslCNN(n_mels=64).eval()
+    assert tutorial(x).shape == (3, 512)
+    # the tutorial's network has exactly this many parameters (music_fsl.backbone.Backbone)
+    assert sum(p.numel() for p in tutorial.parameters()) == 521_408
