@@ -1,0 +1,68 @@
+"""Re-evaluate a checkpoint with other test settings, without training.
+
+    python -m fewzero.eval ckpt_path=outputs/train/runs/<run>/checkpoints/<file>.ckpt \
+        'dataset.episodes.test=[{n_way: 5, n_shot: 5, n_query: 15, n_episodes: 5000}]'
+
+The model is rebuilt from the run's saved config (`<run>/.hydra/config.yaml`), the overrides
+(`key=value`, values in YAML) are applied on top, and the same metrics.json, figures and
+TensorBoard logs as in training are written to a new directory under outputs/eval/runs/.
+"""
+
+from __future__ import annotations
+
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from fewzero.train import run_suffix, train
+
+USAGE = "usage: python -m fewzero.eval ckpt_path=<file.ckpt> [run_config=<config.yaml>] [key=value ...]"
+
+
+def load_run_config(ckpt_path: Path, run_config: Path | None = None) -> DictConfig:
+    """The config a checkpoint was trained with: `<run>/.hydra/config.yaml` by default."""
+    path = run_config or ckpt_path.resolve().parent.parent / ".hydra" / "config.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"No saved run config at {path}. fewzero.eval rebuilds the model from the config of "
+            "the run that wrote the checkpoint (<run>/.hydra/config.yaml); pass "
+            "run_config=/path/to/config.yaml if the checkpoint was moved."
+        )
+    return OmegaConf.load(path)
+
+
+def evaluate(ckpt_path: str | Path, overrides: list[str], output_dir: str | Path,
+             run_config: str | Path | None = None) -> tuple[dict[str, float], dict[str, Any]]:
+    """Test `ckpt_path` with the run's config plus `overrides`; results go to `output_dir`."""
+    ckpt = Path(ckpt_path)
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"Checkpoint {ckpt} does not exist.")
+    cfg = load_run_config(ckpt, Path(run_config) if run_config else None)
+    cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
+    with open_dict(cfg):
+        cfg.train, cfg.test, cfg.ckpt_path = False, True, str(ckpt.resolve())
+        cfg.paths.output_dir = str(output_dir)
+    Path(output_dir, ".hydra").mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, Path(output_dir, ".hydra", "config.yaml"))
+    return train(cfg)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    if not args or any(a in ("-h", "--help") for a in args) or any("=" not in a for a in args):
+        print(USAGE + "\n\n" + __doc__)
+        raise SystemExit(0 if args and "=" in " ".join(args) else 2)
+    options = dict(a.split("=", 1) for a in args if a.startswith(("ckpt_path=", "run_config=")))
+    overrides = [a for a in args if not a.startswith(("ckpt_path=", "run_config="))]
+    if "ckpt_path" not in options:
+        raise SystemExit(USAGE)
+    stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S_%f")
+    output_dir = Path("outputs", "eval", "runs", stamp + run_suffix(",".join(sorted(overrides))))
+    evaluate(options["ckpt_path"], overrides, output_dir, options.get("run_config"))
+
+
+if __name__ == "__main__":
+    main()

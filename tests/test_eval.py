@@ -1,0 +1,42 @@
+import json
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from conftest import compose_train_cfg
+from fewzero.eval import evaluate, main
+from fewzero.train import train
+
+
+def test_checkpoint_is_re_evaluated_with_other_episode_settings(tmp_path):
+    cfg = compose_train_cfg(tmp_path, ["test=false"])
+    run = Path(cfg.paths.output_dir)
+    (run / ".hydra").mkdir(parents=True)
+    OmegaConf.save(cfg, run / ".hydra" / "config.yaml")  # what Hydra writes for a real run
+    train(cfg)
+    ckpt = run / "checkpoints" / "last.ckpt"
+    out = tmp_path / "eval"
+    metrics, objects = evaluate(
+        ckpt, ["dataset.episodes.test=[{n_way: 3, n_shot: 2, n_query: 4, n_episodes: 7}]"], out)
+    assert objects["trainer"].global_step == 0  # no training happened
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["test_episodes"]["3way_2shot"]["n_episodes"] == 7
+    assert 0.0 <= metrics["test/3way_2shot_acc"] <= 1.0
+    assert (out / "plots" / "test_embeddings_3way_2shot.png").is_file()
+    assert report["checkpoint"] == str(ckpt.resolve())
+
+
+def test_missing_run_config_says_what_to_pass(tmp_path):
+    ckpt = tmp_path / "run" / "checkpoints" / "x.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="run_config="):
+        evaluate(ckpt, [], tmp_path / "out")
+
+
+def test_cli_without_arguments_prints_usage(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([])
+    assert exit_info.value.code == 2
+    assert "ckpt_path=" in capsys.readouterr().out
