@@ -1,0 +1,130 @@
+"""Aggregate the runs of a multirun (or any folder of runs) into one table.
+
+    python -m fewzero.report outputs/train/multiruns/<time> [--metric test/5way_5shot_acc]
+                             [--group-ignore seed] [--out DIR]
+
+Every run directory holding `metrics.json` (and Hydra's `.hydra/overrides.yaml`) is one row;
+runs whose overrides differ only in ignored keys (default: `seed`) form one configuration,
+reported as mean +- std over its runs. Writes report.md, report.csv and report.png (the chosen
+metric per configuration with std error bars), sorted best first. Runs without metrics.json
+(failed or unfinished jobs) are listed by name, so a crashed job never hides silently.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+
+@dataclass
+class Configuration:
+    """Runs that share every override but the ignored ones."""
+
+    name: str
+    runs: list[Path] = field(default_factory=list)
+    metrics: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+
+    def mean(self, key: str) -> float:
+        values = self.metrics.get(key, [])
+        return statistics.fmean(values) if values else math.nan
+
+    def std(self, key: str) -> float:
+        values = self.metrics.get(key, [])
+        return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _overrides(run: Path) -> list[str]:
+    path = run / ".hydra" / "overrides.yaml"
+    return [str(o) for o in OmegaConf.load(path)] if path.is_file() else []
+
+
+def collect(root: Path, ignore: tuple[str, ...] = ("seed",)) -> tuple[list[Configuration], list[Path]]:
+    """Group every run under `root` into configurations; also return runs with no metrics."""
+    groups: dict[str, Configuration] = {}
+    failed: list[Path] = []
+    for hydra_dir in sorted(root.rglob(".hydra")):
+        run = hydra_dir.parent
+        metrics_file = run / "metrics.json"
+        if not metrics_file.is_file():
+            failed.append(run)
+            continue
+        kept = [o for o in _overrides(run) if o.split("=", 1)[0].lstrip("+~") not in ignore]
+        name = ",".join(sorted(kept)) or "(defaults)"
+        group = groups.setdefault(name, Configuration(name))
+        group.runs.append(run)
+        for key, value in json.loads(metrics_file.read_text()).get("metrics", {}).items():
+            if isinstance(value, int | float) and math.isfinite(value):
+                group.metrics[key].append(float(value))
+    return list(groups.values()), failed
+
+
+def write_report(configs: list[Configuration], failed: list[Path], metric: str,
+                 out: Path) -> str:
+    """Write report.md/.csv/.png into `out`; return the Markdown."""
+    configs = sorted(configs, key=lambda c: -c.mean(metric) if math.isfinite(c.mean(metric))
+                     else math.inf)
+    keys = sorted({k for c in configs for k in c.metrics if k.startswith(("test/", "val/"))
+                   and not k.endswith("_ci95")})
+    keys = [metric] + [k for k in keys if k != metric]
+    header = ["configuration", "runs", *keys]
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    rows = []
+    for c in configs:
+        cells = [f"{c.mean(k):.4f} ± {c.std(k):.4f}" if c.metrics.get(k) else "-" for k in keys]
+        lines.append("| " + " | ".join([c.name, str(len(c.runs)), *cells]) + " |")
+        rows.append([c.name, len(c.runs)] + [x for k in keys for x in (c.mean(k), c.std(k))])
+    if failed:
+        lines += ["", f"{len(failed)} run(s) without metrics.json (failed or unfinished):"]
+        lines += [f"- {run}" for run in failed]
+    markdown = "\n".join(lines) + "\n"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.md").write_text(markdown)
+    with (out / "report.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["configuration", "runs"] + [f"{k}_{s}" for k in keys for s in ("mean", "std")])
+        writer.writerows(rows)
+    shown = [c for c in configs if c.metrics.get(metric)]
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(shown) + 1.5))
+    ax.barh(range(len(shown)), [c.mean(metric) for c in shown],
+            xerr=[c.std(metric) for c in shown], color="tab:blue", alpha=0.8, capsize=3)
+    ax.set_yticks(range(len(shown)), [c.name[:60] for c in shown], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"{metric} (mean ± std over runs)")
+    fig.tight_layout()
+    fig.savefig(out / "report.png", dpi=120)
+    plt.close(fig)
+    return markdown
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("root", type=Path, help="a multirun directory (or any folder of runs)")
+    parser.add_argument("--metric", default="test/5way_5shot_acc", help="sort key")
+    parser.add_argument("--group-ignore", nargs="*", default=["seed"],
+                        help="override keys that do not make a new configuration")
+    parser.add_argument("--out", type=Path, default=None, help="default: <root>")
+    args = parser.parse_args(argv)
+    if not args.root.is_dir():
+        parser.error(f"{args.root} is not a directory")
+    configs, failed = collect(args.root, tuple(args.group_ignore))
+    if not configs and not failed:
+        parser.error(f"no runs (folders with .hydra/) under {args.root}")
+    print(write_report(configs, failed, args.metric, args.out or args.root))
+    print(f"written: {(args.out or args.root) / 'report.md'}, report.csv, report.png")
+
+
+if __name__ == "__main__":
+    main()
