@@ -2,9 +2,9 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import compose_train_cfg
 from omegaconf import OmegaConf
 
-from conftest import compose_train_cfg
 from fewzero.eval import evaluate, main
 from fewzero.train import train
 
