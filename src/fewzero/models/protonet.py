@@ -37,7 +37,9 @@ class Distance(nn.Module):
         if kind not in ("sq_euclidean", "cosine"):
             raise ValueError(f"distance must be 'sq_euclidean' or 'cosine'; got {kind!r}")
         self.kind = kind
-        self.log_scale = nn.Parameter(torch.tensor(float(scale)).log(), requires_grad=learn_scale)
+        # the scale only exists for cosine; a trainable unused parameter would break DDP
+        self.log_scale = nn.Parameter(torch.tensor(float(scale)).log(),
+                                      requires_grad=learn_scale and kind == "cosine")
 
     def cpu_copy(self) -> Distance:
         """A detached CPU copy, for evaluation on embeddings gathered to the CPU."""
