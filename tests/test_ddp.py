@@ -15,7 +15,7 @@ def test_two_process_cpu_ddp_trains_and_tests(tmp_path):
     run = tmp_path / "run"
     command = [
         sys.executable, "-m", "fewzero.train", "dataset/source=tones", f"dataset.source.instruments=[{names}]",
-        "dataset.source.clips_per_class=12", "debug=fast", f"paths.root_dir={tmp_path}",
+        "debug=fast", f"paths.root_dir={tmp_path}",
         "dataset.episodes.val.n_query=5", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
         "~callbacks.progress_bar", f"hydra.run.dir={run}",
     ]
