@@ -5,11 +5,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON="${PYTHON:-python3}"
-APT_PACKAGES=(fluidsynth musescore-general-soundfont fluid-soundfont-gm)
+# FluidSynth + SoundFonts (rendered SOL); instrument drawings and an SVG renderer (image ZSL)
+APT_PACKAGES=(fluidsynth musescore-general-soundfont fluid-soundfont-gm
+              openclipart-svg tuxpaint-stamps-default librsvg2-bin)
 
 say() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
 
-# ---- 1. system packages: FluidSynth and the two General-MIDI SoundFonts -----------------
+# ---- 1. system packages: FluidSynth, the two General-MIDI SoundFonts, image side info -----
 missing=()
 if command -v dpkg-query >/dev/null 2>&1; then
     for pkg in "${APT_PACKAGES[@]}"; do
@@ -31,6 +33,7 @@ if ((${#missing[@]})); then
             say "  Ask an administrator for: apt-get install ${missing[*]}"
             say "  Without them the default dataset (rendered SOL) cannot be rendered; tests that"
             say "  need a SoundFont are skipped. Real TinySOL (dataset=tinysol) still works."
+            say "  Without the image packages experiment=zsl_image_audio needs side_info.root=<images>."
         fi
     else
         say "WARNING: no apt-get here (macOS or another distribution). Install by hand:"

@@ -17,8 +17,13 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 def compose_train_cfg(tmp_path: Path, overrides: list[str] | None = None,
                       clips_per_class: int = 12) -> DictConfig:
-    """The real `train.yaml`, on synthetic tones in `tmp_path`, small enough for a CPU test."""
+    """The real `train.yaml`, on synthetic tones in `tmp_path`, small enough for a CPU test.
+
+    Zero-shot experiments (`experiment=zsl_*` in `overrides`) get ZSL_OVERRIDES instead of the
+    few-shot episode settings.
+    """
     names = ",".join(f"'{n}'" for n in TINYSOL_INSTRUMENTS)
+    zero_shot = any(o.startswith("experiment=zsl") for o in overrides or [])
     base = [
         "dataset/source=tones",
         f"dataset.source.instruments=[{names}]",
@@ -30,19 +35,33 @@ def compose_train_cfg(tmp_path: Path, overrides: list[str] | None = None,
         "trainer.log_every_n_steps=1",
         "+trainer.enable_progress_bar=false",
         "~callbacks.progress_bar",
-        "dataset.episodes.train.n_episodes=2",
-        "dataset.episodes.train.n_query=2",
-        "dataset.episodes.val.n_episodes=4",
-        "dataset.episodes.val.n_query=5",
-        "dataset.episodes.test=[{n_way: 5, n_shot: 1, n_query: 5, n_episodes: 6},"
-        "{n_way: 5, n_shot: 5, n_query: 5, n_episodes: 6}]",
-        "model.plot_episodes=1",
-    ]
+    ] + (ZSL_OVERRIDES if zero_shot else FSL_OVERRIDES)
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose("train", overrides=base + (overrides or []))
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path / "run")
     return cfg
+
+
+FSL_OVERRIDES = [
+    "dataset.episodes.train.n_episodes=2",
+    "dataset.episodes.train.n_query=2",
+    "dataset.episodes.val.n_episodes=4",
+    "dataset.episodes.val.n_query=5",
+    "dataset.episodes.test=[{n_way: 5, n_shot: 1, n_query: 5, n_episodes: 6},"
+    "{n_way: 5, n_shot: 5, n_query: 5, n_episodes: 6}]",
+    "model.plot_episodes=1",
+]
+ZSL_OVERRIDES = ["dataset.batch_size=8", "dataset.steps_per_epoch=2", "dataset.eval_batch_size=32"]
+
+
+def skip_without_side_info_files(cfg: DictConfig) -> None:
+    """Skip when the config's side information lists files (images from Debian packages) that
+    this machine does not have."""
+    files = [f for fs in (cfg.side_info.get("files") or {}).values() for f in fs]
+    missing = [f for f in files if not Path(f).is_file()]
+    if missing:
+        pytest.skip(f"side-information files absent ({missing[0]}, ...): run scripts/setup.sh")
 
 
 @pytest.fixture(autouse=True)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -80,3 +82,46 @@ def confusion_figure(confusion: torch.Tensor, class_names: Sequence[str], title:
     fig.colorbar(image, ax=ax, fraction=0.046)
     fig.tight_layout()
     return fig
+
+
+def zsl_embedding_figure(audio: torch.Tensor, labels: torch.Tensor, class_points: torch.Tensor,
+                         class_names: Sequence[str], unseen_ids: Sequence[int], title: str) -> Figure:
+    """Audio embeddings (dots) and class vectors (stars) in the shared space, 2-D PCA.
+
+    Args:
+        audio: (n, d) audio embeddings in the shared space.
+        labels: (n,) class ids of the audio.
+        class_points: (n_classes, d) class vectors mapped into the same space.
+        unseen_ids: ids drawn with a black-edged star and "(unseen)" in the legend.
+    """
+    xy = _pca_2d(torch.cat([audio, class_points]).float())
+    audio_xy, class_xy = xy.split([audio.shape[0], class_points.shape[0]])
+    colors = plt.get_cmap("tab20")
+    fig, ax = plt.subplots(figsize=(8.5, 6.5))
+    for c, name in enumerate(class_names):
+        color, unseen = colors(c % 20), c in set(unseen_ids)
+        points = audio_xy[labels == c]
+        if len(points):
+            ax.scatter(*points.T, color=color, s=8, alpha=0.45)
+        ax.scatter(*class_xy[c], color=color, marker="*", s=320, linewidths=1.6 if unseen else 0.5,
+                   edgecolors="black" if unseen else "white",
+                   label=f"{name} (unseen)" if unseen else name)
+    ax.set_title(f"{title}\n. audio, * class vector (black edge: unseen)", fontsize=10)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    ax.set_xticks([])
+    ax.set_yticks([])
+    fig.tight_layout()
+    return fig
+
+
+def save_figure(figure: Figure, tag: str, plot_dir: Path | None, loggers: Sequence[Any],
+                step: int) -> None:
+    """Write `figure` as `<plot_dir>/<tag with / -> _>.png` and to every TensorBoard logger."""
+    if plot_dir is not None:
+        plot_dir.mkdir(parents=True, exist_ok=True)
+        figure.savefig(plot_dir / f"{tag.replace('/', '_')}.png", dpi=120)
+    for logger in loggers:
+        experiment = getattr(logger, "experiment", None)
+        if hasattr(experiment, "add_figure"):
+            experiment.add_figure(tag, figure, global_step=step, close=False)
+    plt.close(figure)

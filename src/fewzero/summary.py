@@ -20,7 +20,22 @@ def print_summary(output_dir: Path, report: dict[str, Any]) -> None:
     for name, result in report.get("test_episodes", {}).items():
         table.add_row(name, f"{result['mean_acc']:.4f}", f"+-{result['ci95']:.4f}",
                       str(result["n_episodes"]))
-    console.print(table)
+    if table.row_count:
+        console.print(table)
+    zero_shot = report.get("zero_shot")
+    if zero_shot:
+        zsl = Table(title="zero-shot (per-class mean top-1)")
+        zsl.add_column("setting")
+        zsl.add_column("candidates")
+        zsl.add_column("result", justify="right")
+        zsl.add_row("ZSL", "unseen", f"top-1 {zero_shot['zsl_top1']:.4f}, "
+                    f"top-3 {zero_shot['zsl_top3']:.4f}")
+        zsl.add_row("seen", "seen", f"top-1 {zero_shot['seen_top1']:.4f}")
+        for name, prefix in (("GZSL", "gzsl"), ("GZSL calibrated", "gzsl_cs")):
+            zsl.add_row(name, "all", "u {:.4f}, s {:.4f}, H {:.4f}".format(
+                *(zero_shot[f"{prefix}_{k}"] for k in "ush")))
+        zsl.add_row("", "", f"penalty {zero_shot['calibration_gamma']:.4f} (from validation)")
+        console.print(zsl)
     best = report.get("metrics", {}).get("val/acc_best")
     if best is not None:
         console.print(f"best validation accuracy: {best:.4f}")

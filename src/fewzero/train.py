@@ -124,6 +124,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             "checkpoint": metrics.get("test/checkpoint"),
             "dataset": cfg.dataset.source._target_.rsplit(".", 1)[-1],
         }
+        if hasattr(model, "test_report"):  # e.g. zero-shot: {"zero_shot": {...}}
+            report.update(model.test_report())
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "metrics.json").write_text(json.dumps(report, indent=2))
         numeric = {k: v for k, v in metrics.items()

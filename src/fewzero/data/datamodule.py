@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from fewzero.data.clips import ClipSource, check_instruments
 from fewzero.data.episodes import EpisodeDataset, EpisodeSampler
-from fewzero.data.features import FeatureTable, MelFeatures, load_or_compute
+from fewzero.data.features import FeatureTable, MelFeatures, prepare_and_load
 
 log = logging.getLogger(__name__)
 
@@ -107,14 +107,12 @@ class FewShotDataModule(pl.LightningDataModule):
     # ---- data preparation -------------------------------------------------------------
     def prepare_data(self) -> None:
         """Render/check the audio and build the feature cache (rank 0 only under DDP)."""
-        self.source.prepare()
-        load_or_compute(self.source, self.features, self.cache_dir)
+        prepare_and_load(self.source, self.features, self.cache_dir)
 
     def setup(self, stage: str | None = None) -> None:
         if self.table is not None:
             return
-        self.source.prepare()  # cheap when already prepared: a manifest or file check
-        self.table = load_or_compute(self.source, self.features, self.cache_dir)
+        self.table = prepare_and_load(self.source, self.features, self.cache_dir)
         self.class_names = sorted(set(self.table.instruments))
         for names in self.split.values():
             check_instruments(names, self.class_names, what=f"{self.source.name} instrument")

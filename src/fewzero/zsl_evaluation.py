@@ -1,0 +1,163 @@
+"""Zero-shot and generalized zero-shot metrics on class scores (higher score = more likely).
+
+Every accuracy is per-class averaged (the mean over classes of each class's accuracy), so big
+classes do not dominate. GZSL follows Xian et al. (2018): u and s are per-class top-1 on unseen
+and seen test samples with all classes as candidates, H = 2us / (u + s); calibrated stacking
+(Chao et al., 2016) subtracts a penalty gamma from seen-class scores, gamma chosen on validation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+
+def per_class_accuracy(correct: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean over the classes present in `labels` of their accuracy.
+
+    Args:
+        correct: (..., n) bool, one row per setting (e.g. per penalty value).
+        labels: (n,) class ids.
+    Returns:
+        (...) float; nan when `labels` is empty.
+    """
+    if labels.numel() == 0:
+        return torch.full(correct.shape[:-1], float("nan"))
+    classes, inverse = labels.unique(return_inverse=True)
+    sums = torch.zeros(*correct.shape[:-1], len(classes)).index_add_(-1, inverse, correct.float())
+    counts = torch.bincount(inverse, minlength=len(classes)).float()
+    return (sums / counts).mean(dim=-1)
+
+
+def predict(scores: torch.Tensor, candidates: Sequence[int], k: int = 1) -> torch.Tensor:
+    """Top-k class ids among `candidates`: scores (n, n_classes) -> (n, k), best first."""
+    ids = torch.as_tensor(list(candidates), dtype=torch.long)
+    top = scores[:, ids].topk(min(k, len(ids)), dim=1).indices
+    return ids[top]
+
+
+def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, candidates: Sequence[int],
+                  k: int = 1) -> float:
+    """Per-class mean top-k accuracy of samples `labels` (n,) among `candidates`."""
+    hits = (predict(scores, candidates, k) == labels[:, None]).any(dim=1)
+    return float(per_class_accuracy(hits, labels))
+
+
+def harmonic_mean(u: float, s: float) -> float:
+    """H = 2us / (u + s), 0 when both are 0."""
+    return 0.0 if u + s == 0 else 2 * u * s / (u + s)
+
+
+@dataclass(frozen=True)
+class GzslScore:
+    """u, s (per-class top-1 on unseen / seen samples, all candidates), H, and the penalty."""
+
+    u: float
+    s: float
+    h: float
+    gamma: float = 0.0
+
+
+def _stacking_margins(scores: torch.Tensor, seen: Sequence[int], unseen: Sequence[int]
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Best seen id, best unseen id and margin (best seen score - best unseen score), each (n,)."""
+    seen_ids = torch.as_tensor(list(seen), dtype=torch.long)
+    unseen_ids = torch.as_tensor(list(unseen), dtype=torch.long)
+    best_seen, seen_arg = scores[:, seen_ids].max(dim=1)
+    best_unseen, unseen_arg = scores[:, unseen_ids].max(dim=1)
+    return seen_ids[seen_arg], unseen_ids[unseen_arg], best_seen - best_unseen
+
+
+def _gzsl_for(gammas: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor,
+              seen: Sequence[int], unseen: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """u and s for every penalty in `gammas` (G,): returns two (G,) tensors."""
+    seen_pred, unseen_pred, margin = _stacking_margins(scores, seen, unseen)
+    choose_unseen = gammas[:, None] > margin[None, :]  # (G, n)
+    predicted = torch.where(choose_unseen, unseen_pred[None, :], seen_pred[None, :])
+    correct = predicted == labels[None, :]
+    is_unseen = torch.isin(labels, torch.as_tensor(list(unseen), dtype=torch.long))
+    u = per_class_accuracy(correct[:, is_unseen], labels[is_unseen])
+    s = per_class_accuracy(correct[:, ~is_unseen], labels[~is_unseen])
+    return u, s
+
+
+def gzsl_score(scores: torch.Tensor, labels: torch.Tensor, seen: Sequence[int],
+               unseen: Sequence[int], gamma: float = 0.0) -> GzslScore:
+    """GZSL u, s, H with all of seen + unseen as candidates and seen scores lowered by gamma.
+
+    Args:
+        scores: (n, n_classes) for samples of seen and unseen classes.
+        labels: (n,) true class ids, each in seen or unseen.
+    """
+    u, s = _gzsl_for(torch.tensor([float(gamma)]), scores, labels, seen, unseen)
+    u, s = float(u[0]), float(s[0])
+    return GzslScore(u, s, harmonic_mean(u, s), float(gamma))
+
+
+def calibrate_stacking(scores: torch.Tensor, labels: torch.Tensor, seen: Sequence[int],
+                       unseen: Sequence[int]) -> GzslScore:
+    """The seen-class penalty gamma that maximises H on these (validation) samples.
+
+    H only changes where gamma crosses a sample's margin (best seen - best unseen score), so
+    the search is exact: every midpoint between sorted margins, both ends and 0; ties go to the
+    smallest |gamma|.
+    """
+    _, _, margin = _stacking_margins(scores, seen, unseen)
+    points = margin.sort().values
+    gammas = torch.cat([torch.zeros(1), (points[1:] + points[:-1]) / 2,
+                        points[:1] - 1e-3, points[-1:] + 1e-3])
+    gammas = gammas[gammas.abs().argsort()]
+    u, s = _gzsl_for(gammas, scores, labels, seen, unseen)
+    h = torch.where(u + s > 0, 2 * u * s / (u + s).clamp_min(1e-12), torch.zeros_like(u))
+    best = int(h.nan_to_num(-1.0).argmax())  # argmax returns the first maximum: smallest |gamma|
+    return GzslScore(float(u[best]), float(s[best]), float(h[best]), float(gammas[best]))
+
+
+def confusion_matrix(predicted: torch.Tensor, labels: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """(n_classes, n_classes) counts, rows = true id, columns = predicted id."""
+    matrix = torch.zeros(n_classes, n_classes, dtype=torch.long)
+    return matrix.index_put_((labels, predicted), torch.ones_like(labels), accumulate=True)
+
+
+@dataclass
+class ZslResults:
+    """Everything the test stage reports; metric names as logged (`test/<name>`)."""
+
+    metrics: dict[str, float] = field(default_factory=dict)
+    confusions: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def evaluate_zsl(scores: torch.Tensor, labels: torch.Tensor, seen: Sequence[int],
+                 unseen: Sequence[int], gamma: float, n_classes: int) -> ZslResults:
+    """ZSL, seen and GZSL metrics (with and without the calibrated penalty `gamma`).
+
+    Args:
+        scores: (n, n_classes) of test samples of seen (test fold) and unseen classes.
+        labels: (n,) class ids.
+        gamma: seen-class penalty chosen on validation data.
+    Returns metrics zsl_top1, zsl_top3 (unseen samples, unseen candidates), seen_top1 (seen
+    samples, seen candidates), gzsl_u/s/h, gzsl_cs_u/s/h and calibration_gamma, plus confusion
+    matrices "zsl" and "gzsl_cs".
+    """
+    is_unseen = torch.isin(labels, torch.as_tensor(list(unseen), dtype=torch.long))
+    u_scores, u_labels = scores[is_unseen], labels[is_unseen]
+    s_scores, s_labels = scores[~is_unseen], labels[~is_unseen]
+    plain = gzsl_score(scores, labels, seen, unseen, 0.0)
+    calibrated = gzsl_score(scores, labels, seen, unseen, gamma)
+    metrics = {
+        "zsl_top1": topk_accuracy(u_scores, u_labels, unseen, 1),
+        "zsl_top3": topk_accuracy(u_scores, u_labels, unseen, 3),
+        "seen_top1": topk_accuracy(s_scores, s_labels, seen, 1),
+        "gzsl_u": plain.u, "gzsl_s": plain.s, "gzsl_h": plain.h,
+        "gzsl_cs_u": calibrated.u, "gzsl_cs_s": calibrated.s, "gzsl_cs_h": calibrated.h,
+        "calibration_gamma": float(gamma),
+    }
+    penalised = scores.clone()
+    penalised[:, list(seen)] -= gamma
+    confusions = {
+        "zsl": confusion_matrix(predict(u_scores, unseen)[:, 0], u_labels, n_classes),
+        "gzsl_cs": confusion_matrix(predict(penalised, [*seen, *unseen])[:, 0], labels, n_classes),
+    }
+    return ZslResults(metrics, confusions)

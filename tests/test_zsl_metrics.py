@@ -1,0 +1,128 @@
+"""ZSL/GZSL metrics, losses and heads against hand-computed cases."""
+
+import numpy as np
+import pytest
+import torch
+from torch.nn import functional as F
+
+from fewzero.models.zsl_heads import BilinearHead, ConseHead, DeviseHead, EszslHead, SiameseHead
+from fewzero.models.zsl_losses import InfoNCELoss, RankingLoss, TripletLoss
+from fewzero.zsl_evaluation import (
+    calibrate_stacking,
+    evaluate_zsl,
+    gzsl_score,
+    harmonic_mean,
+    per_class_accuracy,
+    topk_accuracy,
+)
+
+SEEN, UNSEEN = [0, 1], [2, 3]
+# Seen-minus-unseen margins of the four samples: 0.4, 0.1, 0.2, 0.05.
+SCORES = torch.tensor([[0.9, 0.1, 0.5, 0.0],    # seen class 0
+                       [0.2, 0.8, 0.7, 0.0],    # seen class 1
+                       [0.6, 0.0, 0.4, 0.1],    # unseen class 2
+                       [0.0, 0.3, 0.0, 0.25]])  # unseen class 3
+LABELS = torch.tensor([0, 1, 2, 3])
+
+
+def test_accuracy_is_averaged_per_class_not_per_sample():
+    correct = torch.tensor([True, True, False, False])
+    labels = torch.tensor([0, 0, 0, 1])
+    assert float(per_class_accuracy(correct, labels)) == pytest.approx((2 / 3 + 0) / 2)
+
+
+def test_topk_only_considers_the_candidate_classes():
+    scores = torch.tensor([[9.0, 0, 1, 0], [0, 9, 5, 1]])
+    labels = torch.tensor([2, 3])
+    assert topk_accuracy(scores, labels, [2, 3], k=1) == pytest.approx(0.5)
+    assert topk_accuracy(scores, labels, [2, 3], k=2) == pytest.approx(1.0)
+    assert topk_accuracy(scores, labels, [0, 1, 2, 3], k=1) == pytest.approx(0.0)
+
+
+def test_harmonic_mean():
+    assert harmonic_mean(0.5, 1.0) == pytest.approx(2 / 3)
+    assert harmonic_mean(0.0, 0.0) == 0.0
+
+
+def test_gzsl_without_penalty_predicts_seen_for_everything_here():
+    score = gzsl_score(SCORES, LABELS, SEEN, UNSEEN)
+    assert (score.u, score.s, score.h) == (0.0, 1.0, 0.0)
+
+
+def test_gzsl_with_a_penalty_between_margins():
+    score = gzsl_score(SCORES, LABELS, SEEN, UNSEEN, gamma=0.15)
+    # 0.15 flips the samples with margins 0.1 (seen 1 -> wrong) and 0.05 (unseen 3 -> right)
+    assert (score.u, score.s, score.h) == pytest.approx((0.5, 0.5, 0.5))
+
+
+def test_calibration_finds_the_best_h_and_prefers_the_smallest_penalty():
+    best = calibrate_stacking(SCORES, LABELS, SEEN, UNSEEN)
+    # H = 2/3 on (0.05, 0.1) and on (0.2, 0.4); the midpoint closest to 0 wins
+    assert best.gamma == pytest.approx(0.075)
+    assert (best.u, best.s, best.h) == pytest.approx((0.5, 1.0, 2 / 3))
+    grid = [gzsl_score(SCORES, LABELS, SEEN, UNSEEN, g).h for g in np.linspace(-1, 1, 201)]
+    assert best.h == pytest.approx(max(grid))
+
+
+def test_evaluate_zsl_reports_every_setting_with_the_given_penalty():
+    results = evaluate_zsl(SCORES, LABELS, SEEN, UNSEEN, gamma=0.075, n_classes=4)
+    m = results.metrics
+    assert m["zsl_top1"] == 1.0 and m["zsl_top3"] == 1.0 and m["seen_top1"] == 1.0
+    assert (m["gzsl_u"], m["gzsl_s"], m["gzsl_h"]) == (0.0, 1.0, 0.0)
+    assert (m["gzsl_cs_u"], m["gzsl_cs_s"]) == pytest.approx((0.5, 1.0))
+    assert m["calibration_gamma"] == 0.075
+    assert results.confusions["zsl"].diagonal().tolist() == [0, 0, 1, 1]
+    assert results.confusions["gzsl_cs"][2].tolist() == [1, 0, 0, 0]  # unseen 2 still goes to 0
+
+
+def test_triplet_loss_uses_the_one_other_class_as_negative():
+    loss = TripletLoss(margin=0.5)(torch.tensor([[0.9, 0.6]]), torch.tensor([0]))
+    assert float(loss) == pytest.approx(0.2)
+
+
+def test_ranking_loss_sums_hinges_over_all_negatives():
+    loss = RankingLoss(margin=0.1)(torch.tensor([[0.5, 0.45, 0.2]]), torch.tensor([0]))
+    assert float(loss) == pytest.approx(0.05)
+
+
+def test_infonce_is_cross_entropy_of_temperature_scaled_scores():
+    scores, targets = torch.randn(5, 4), torch.tensor([0, 1, 2, 3, 0])
+    expected = F.cross_entropy(scores / 0.2, targets)
+    torch.testing.assert_close(InfoNCELoss(0.2)(scores, targets), expected)
+    with pytest.raises(ValueError, match="targets"):
+        InfoNCELoss()(scores, targets[:3])
+
+
+@pytest.mark.parametrize("head", [SiameseHead(8, 3, embed_dim=4), DeviseHead(8, 3),
+                                  BilinearHead(8, 3), EszslHead(8, 3), ConseHead(8, 3)])
+def test_heads_score_every_class_and_check_sizes(head):
+    scores = head(torch.randn(5, 8), torch.randn(6, 3))
+    assert scores.shape == (5, 6)
+    assert head.embed_audio(torch.randn(5, 8)).shape[0] == 5
+    with pytest.raises(ValueError, match="side_info.dim"):
+        head(torch.randn(5, 8), torch.randn(6, 4))
+
+
+def test_eszsl_closed_form_fits_a_separable_problem():
+    torch.manual_seed(0)
+    side = torch.eye(3)
+    labels = torch.arange(3).repeat(20)
+    audio = F.one_hot(labels, 8).float() + 0.05 * torch.randn(60, 8)
+    head = EszslHead(8, 3, gamma=0.1, lam=0.1)
+    head.fit(audio, labels, side)
+    assert (head(audio, side).argmax(dim=1) == labels).all()
+
+
+def test_conse_places_a_clip_among_the_training_classes_it_resembles():
+    head = ConseHead(3, 3, top_t=2, temperature=0.1)
+    with torch.no_grad():
+        head.projection.weight.copy_(torch.eye(3))
+    head.set_anchors(torch.eye(3)[:2])  # training classes along x and y
+    audio = torch.tensor([[1.0, 0.9, 0.0]])
+    candidates = F.normalize(torch.tensor([[1.0, 1.0, 0.0], [0.6, 0.0, 0.8]]), dim=1)
+    head.train()
+    torch.testing.assert_close(head.embed_audio(audio), F.normalize(audio, dim=1))
+    head.eval()
+    mixed = head.embed_audio(audio)
+    assert mixed[0, 2] == 0 and 0 < mixed[0, 1] < mixed[0, 0]  # convex mix of the two anchors
+    assert head(audio, candidates).argmax() == 0

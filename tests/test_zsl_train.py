@@ -1,0 +1,135 @@
+"""Zero-shot datamodule and end-to-end runs on synthetic tones: splits, leakage, reports."""
+
+import json
+from pathlib import Path
+
+import hydra
+import pytest
+import torch
+from conftest import compose_train_cfg
+
+from fewzero.train import train
+
+WORD = ["experiment=zsl_attribute_audio"]  # word-audio split; attribute table needs no package
+
+
+def _datamodule(tmp_path, overrides=()):
+    cfg = compose_train_cfg(tmp_path, WORD + list(overrides))
+    dm = hydra.utils.instantiate(cfg.dataset)
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
+def _batches_clips(loader):
+    labels, indices = [], []
+    for batch in loader:
+        labels.append(batch["label"])
+        indices.append(batch["index"])
+    return torch.cat(labels), torch.cat(indices)
+
+
+def test_no_unseen_or_test_fold_clip_reaches_a_training_or_validation_batch(tmp_path):
+    dm = _datamodule(tmp_path, ["dataset.steps_per_epoch=30", "dataset.batch_size=16"])
+    unseen, train_ids = set(dm.ids(dm.unseen)), set(dm.ids(dm.train_classes))
+    pseudo = set(dm.ids(dm.pseudo_unseen))
+    labels, indices = _batches_clips(dm.train_dataloader())
+    folds = dm.table.folds[indices]
+    assert set(labels.tolist()) == train_ids  # balanced sampling reaches every training class
+    assert not set(folds.tolist()) & {dm.val_fold, dm.test_fold}
+    labels, indices = _batches_clips(dm.val_dataloader())
+    assert not set(labels.tolist()) & unseen
+    assert dm.test_fold not in set(dm.table.folds[indices].tolist())
+    assert set(labels.tolist()) == train_ids | pseudo
+    assert set(dm.table.folds[indices][torch.isin(labels, torch.tensor(list(train_ids)))].tolist()) \
+        == {dm.val_fold}
+
+
+def test_test_batches_hold_every_unseen_clip_and_only_the_seen_test_fold(tmp_path):
+    dm = _datamodule(tmp_path)
+    labels, indices = _batches_clips(dm.test_dataloader())
+    is_unseen = torch.isin(labels, torch.tensor(dm.ids(dm.unseen)))
+    every_unseen = torch.isin(dm.labels, torch.tensor(dm.ids(dm.unseen))).sum()
+    assert int(is_unseen.sum()) == int(every_unseen)
+    assert set(dm.table.folds[indices[~is_unseen]].tolist()) == {dm.test_fold}
+    assert set(labels[~is_unseen].tolist()) == set(dm.ids(dm.seen))
+
+
+def test_assert_clean_rejects_an_unseen_clip(tmp_path):
+    dm = _datamodule(tmp_path)
+    dm.assert_clean(dm.indices["train"])
+    with pytest.raises(AssertionError, match="1 unseen-class"):
+        dm.assert_clean(dm.indices["test_unseen"][:1])
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("dataset.split.unseen=[Bassoon,Violin]", "both seen and unseen"),
+    ("dataset.split.pseudo_unseen=[Bassoon]", "must be seen classes"),
+])
+def test_inconsistent_splits_are_rejected(tmp_path, override, message):
+    cfg = compose_train_cfg(tmp_path, WORD + [override])
+    with pytest.raises(Exception, match=message):
+        hydra.utils.instantiate(cfg.dataset)
+
+
+def test_unknown_instrument_in_the_split_is_a_clear_error(tmp_path):
+    cfg = compose_train_cfg(tmp_path, WORD + ["dataset.split.unseen=[Kazoo]"])
+    dm = hydra.utils.instantiate(cfg.dataset)
+    dm.prepare_data()
+    with pytest.raises(ValueError, match=r"Unknown tones instrument name\(s\) \['Kazoo'\]"):
+        dm.setup("fit")
+
+
+def test_zsl_run_reports_metrics_plots_and_the_validation_chosen_penalty(tmp_path):
+    cfg = compose_train_cfg(tmp_path, WORD)
+    metrics, objects = train(cfg)
+    run = Path(cfg.paths.output_dir)
+    report = json.loads((run / "metrics.json").read_text())["zero_shot"]
+    for key in ("zsl_top1", "zsl_top3", "seen_top1", "gzsl_u", "gzsl_s", "gzsl_h", "gzsl_cs_u",
+                "gzsl_cs_s", "gzsl_cs_h"):
+        assert 0.0 <= report[key] <= 1.0
+        assert metrics[f"test/{key}"] == pytest.approx(report[key])
+    assert report["zsl_top1"] <= report["zsl_top3"]
+    best = torch.load(report_checkpoint(run, metrics), weights_only=False)
+    assert report["calibration_gamma"] == pytest.approx(float(best["state_dict"]["calibration_gamma"]))
+    assert "val/acc_best" in metrics and "val/gzsl_cs_h" in metrics
+    pngs = {p.name for p in (run / "plots").glob("*.png")}
+    assert {"test_confusion_zsl.png", "test_confusion_gzsl_cs.png", "test_embeddings.png"} <= pngs
+
+
+def report_checkpoint(run: Path, metrics: dict) -> str:
+    path = metrics["test/checkpoint"]
+    assert path and Path(path).parent == run / "checkpoints"
+    return path
+
+
+def test_eszsl_fits_in_closed_form_on_a_frozen_encoder(tmp_path):
+    cfg = compose_train_cfg(tmp_path, WORD + ["model=eszsl"])
+    metrics, objects = train(cfg)
+    model = objects["model"]
+    assert objects["trainer"].global_step == 4
+    assert float(model.head.weight.abs().sum()) > 0
+    assert not any(p.requires_grad for p in model.backbone.parameters())
+    assert 0.0 <= metrics["test/zsl_top1"] <= 1.0
+
+
+def test_encoder_starts_from_a_few_shot_checkpoint(tmp_path):
+    fsl = compose_train_cfg(tmp_path / "fsl", ["trainer.max_steps=1", "test=false"])
+    train(fsl)
+    ckpt = Path(fsl.paths.output_dir) / "checkpoints" / "last.ckpt"
+    cfg = compose_train_cfg(tmp_path / "zsl", WORD + [f"model.init_checkpoint={ckpt}",
+                                                      f"dataset.features.n_mels={fsl.dataset.features.n_mels}"])
+    model = hydra.utils.instantiate(cfg.model)
+    saved = torch.load(ckpt, weights_only=False)["state_dict"]
+    torch.testing.assert_close(model.backbone.head[1].weight, saved["net.backbone.head.1.weight"])
+
+
+def test_image_side_info_can_be_sampled_per_training_step(tmp_path):
+    cfg = compose_train_cfg(tmp_path, ["experiment=zsl_image_audio", "side_info.sample_per_step=true",
+                                       "+trainer.fast_dev_run=true"])
+    from conftest import skip_without_side_info_files
+
+    skip_without_side_info_files(cfg)
+    _, objects = train(cfg)
+    model = objects["model"]
+    assert model.side_info.sample_per_step and model.vectors.members[2].shape[0] >= 2
