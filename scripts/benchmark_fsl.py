@@ -133,9 +133,11 @@ def main() -> None:
     for backbone, r in rows.items():
         lines += [
             f"| {backbone}: training steps/s | {r['train_steps_per_s']:.2f} |",
-            f"| {backbone}: evaluation s/episode (embedding included) | {r['eval_s_per_episode']:.5f} |",
-            f"| {backbone}: 5-way 1-shot accuracy | {r['5way_1shot_acc']:.4f} +- {r['5way_1shot_ci95']:.4f} |",
-            f"| {backbone}: 5-way 5-shot accuracy | {r['5way_5shot_acc']:.4f} +- {r['5way_5shot_ci95']:.4f} |",
+            f"| {backbone}: evaluation s/episode (embedding included) | "
+            f"{r['eval_s_per_episode']:.5f} |",
+            *(f"| {backbone}: {name.replace('_', ' ')} accuracy | "
+              f"{r[f'{name}_acc']:.4f} +- {r[f'{name}_ci95']:.4f} |"
+              for name in ("5way_1shot", "5way_5shot")),
         ]
     if len(rows) == 2:
         (a, ra), (b, rb) = rows.items()

@@ -14,7 +14,8 @@ def test_two_process_cpu_ddp_trains_and_tests(tmp_path):
     names = ",".join(TINYSOL_INSTRUMENTS)
     run = tmp_path / "run"
     command = [
-        sys.executable, "-m", "fewzero.train", "dataset/source=tones", f"dataset.source.instruments=[{names}]",
+        sys.executable, "-m", "fewzero.train", "dataset/source=tones",
+        f"dataset.source.instruments=[{names}]",
         "debug=fast", f"paths.root_dir={tmp_path}",
         "dataset.episodes.val.n_query=5", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
         "~callbacks.progress_bar", f"hydra.run.dir={run}",
