@@ -20,24 +20,14 @@ from pathlib import Path
 import hydra
 import librosa
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import open_dict
 from torch.utils.data import DataLoader
 
 from fewzero.callbacks import StageTimer
 from fewzero.data.episodes import EpisodeDataset
-from fewzero.train import train
+from fewzero.train import compose_train_config, train
 
 ROOT = Path(__file__).resolve().parents[1]
 BACKBONES = ("timbre_cnn", "music_fsl_cnn")
-
-
-def compose_cfg(overrides: list[str], output_dir: Path):
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        cfg = compose("train", overrides=overrides)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(output_dir)
-    return cfg
 
 
 def cached_episodes_per_second(datamodule, n_episodes: int) -> float:
@@ -92,7 +82,7 @@ def main() -> None:
     base = [f"trainer.max_steps={args.max_steps}", f"seed={args.seed}", "task_name=benchmark",
             *args.overrides]
 
-    cfg = compose_cfg(base, out / "data")
+    cfg = compose_train_config(base, out / "data")
     datamodule = hydra.utils.instantiate(cfg.dataset)
     datamodule.prepare_data()
     datamodule.setup("fit")
@@ -101,7 +91,7 @@ def main() -> None:
 
     rows = {}
     for backbone in args.backbones:
-        run_cfg = compose_cfg([*base, f"model/backbone={backbone}"], out / backbone)
+        run_cfg = compose_train_config([*base, f"model/backbone={backbone}"], out / backbone)
         metrics, objects = train(run_cfg)
         timer = next(c for c in objects["trainer"].callbacks if isinstance(c, StageTimer))
         test_episodes = sum(s.n_episodes for s in objects["datamodule"].test_settings)

@@ -21,10 +21,8 @@ from datetime import datetime
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import open_dict
 
-from fewzero.train import train
+from fewzero.train import compose_train_config, train
 
 ROOT = Path(__file__).resolve().parents[1]
 # name -> (row label, overrides). "tutorial" = siamese network + triplet loss, as the tutorial.
@@ -46,19 +44,11 @@ COLUMNS = {"seen": "seen_top1", "unseen": "zsl_top1", "u": "gzsl_cs_u", "s": "gz
            "H": "gzsl_cs_h", "H (no cal.)": "gzsl_h"}
 
 
-def compose_cfg(overrides: list[str], output_dir: Path):
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        cfg = compose("train", overrides=overrides)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(output_dir)
-    return cfg
-
-
 def run_once(overrides: list[str], run_dir: Path) -> dict[str, float]:
     """Train + test one recipe and seed (reusing a finished run's metrics.json)."""
     done = run_dir / "metrics.json"
     if not done.exists():
-        train(compose_cfg(overrides, run_dir))
+        train(compose_train_config(overrides, run_dir))
     return json.loads(done.read_text())["zero_shot"]
 
 

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
 from fewzero.data.clips import TINYSOL_INSTRUMENTS
+from fewzero.train import compose_train_config
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -36,10 +36,7 @@ def compose_train_cfg(tmp_path: Path, overrides: list[str] | None = None,
         "+trainer.enable_progress_bar=false",
         "~callbacks.progress_bar",
     ] + (ZSL_OVERRIDES if zero_shot else FSL_OVERRIDES)
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=base + (overrides or []))
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(tmp_path / "run")
+    cfg = compose_train_config(base + (overrides or []), tmp_path / "run")
     return cfg
 
 

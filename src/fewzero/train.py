@@ -40,6 +40,24 @@ def run_suffix(override_dirname: str) -> str:
 OmegaConf.register_new_resolver("run_suffix", run_suffix, replace=True)
 
 
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+
+def compose_train_config(overrides: list[str], output_dir: str | Path) -> DictConfig:
+    """Compose `configs/train.yaml` with overrides outside a Hydra run (scripts, notebooks).
+
+    `paths.output_dir` (normally Hydra's run directory) is set to `output_dir`.
+    """
+    from hydra import compose, initialize_config_dir
+    from omegaconf import open_dict
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+    return cfg
+
+
 def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
     """`last` means <output_dir>/checkpoints/last.ckpt; anything else must be an existing file."""
     if ckpt_path is None:
