@@ -42,6 +42,7 @@ def test_training_writes_metrics_plots_checkpoints_and_hparams(tmp_path, backbon
     assert Path(report["checkpoint"]).is_file()
     pngs = {p.name for p in (run / "plots").glob("*.png")}
     assert {"test_embeddings_5way_5shot.png", "test_confusion_5way_1shot.png"} <= pngs
+    assert (run / "tensorboard" / "projector_config.pbtxt").is_file()  # PROJECTOR tab
     events = list((run / "tensorboard").glob("events.out.tfevents.*"))
     assert events and any(b"hparams" in e.read_bytes() for e in events)
 
@@ -50,7 +51,9 @@ def test_resume_from_last_checkpoint_continues_the_step_count(tmp_path):
     first = compose_train_cfg(tmp_path, ["trainer.max_steps=4", "test=false"])
     train(first)
     last = Path(first.paths.output_dir) / "checkpoints" / "last.ckpt"
-    assert torch.load(last, weights_only=False)["global_step"] == 4
+    saved = torch.load(last, weights_only=False)
+    assert saved["global_step"] == 4
+    assert "val_acc_best.max_value" in saved["state_dict"] and "rng_state" in saved
     resumed = compose_train_cfg(tmp_path, ["trainer.max_steps=6", "test=false",
                                            "ckpt_path=last"])
     _, objects = train(resumed)

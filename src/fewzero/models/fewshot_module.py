@@ -43,9 +43,23 @@ class FewShotModule(pl.LightningModule):
         self.plot_episodes = plot_episodes
         self.train_acc = MeanMetric()
         self.val_acc_best = MaxMetric()
+        self.val_acc_best.persistent(True)  # a resumed run keeps its best-so-far
         self._embeddings: list[torch.Tensor] = []
         self._indices: list[torch.Tensor] = []
         self.test_results: dict[str, EpisodeResults] = {}
+
+    # ---- checkpoints: the global RNG too, so a resumed run draws what it would have ----
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["rng_state"] = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            checkpoint["rng_state"]["cuda"] = torch.cuda.get_rng_state_all()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("rng_state")
+        if state is not None:
+            torch.set_rng_state(state["torch"])
+            if "cuda" in state and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(state["cuda"])
 
     # ---- training ---------------------------------------------------------------------
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -128,6 +142,18 @@ class FewShotModule(pl.LightningModule):
                                               list(range(self.plot_episodes)),
                                               f"Test episodes ({settings.name}), PCA of embeddings")
             self._save_figure(figure, f"test/embeddings_{settings.name}")
+        if self.trainer.is_global_zero:
+            self._add_projector_embeddings(embeddings, dm)
+
+    def _add_projector_embeddings(self, embeddings: torch.Tensor, dm: Any) -> None:
+        """Test-clip embeddings with their instrument names for TensorBoard's PROJECTOR tab."""
+        index = dm.stage_indices("test")
+        names = [dm.class_names[int(label)] for label in dm.labels[index]]
+        for logger in self.loggers:
+            experiment = getattr(logger, "experiment", None)
+            if hasattr(experiment, "add_embedding"):
+                experiment.add_embedding(embeddings[index], metadata=names, tag="test_embeddings",
+                                         global_step=self.global_step)
 
     def _save_figure(self, figure: plt.Figure, tag: str) -> None:
         """Write `figure` as PNG under plot_dir and to every TensorBoard logger."""
