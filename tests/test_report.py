@@ -32,3 +32,25 @@ def test_runs_are_grouped_over_seeds_sorted_and_failures_listed(tmp_path, capsys
     assert (tmp_path / "report.csv").read_text().count("\n") == 3
     assert (tmp_path / "report.png").stat().st_size > 0
     assert "written:" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_failing_multirun_job_is_reported_and_the_others_finish(tmp_path):
+    import subprocess
+    import sys
+
+    from fewzero.data.clips import TINYSOL_INSTRUMENTS
+
+    sweep = tmp_path / "sweep"
+    command = [
+        sys.executable, "-m", "fewzero.train", "-m", "dataset/source=tones",
+        f"dataset.source.instruments=[{','.join(TINYSOL_INSTRUMENTS)}]", "debug=fast",
+        f"paths.root_dir={tmp_path}", "dataset.episodes.val.n_query=5", "~callbacks.progress_bar",
+        "dataset.episodes.val.n_way=3,9",  # 9 > the 3 validation classes: the second job fails
+        f"hydra.sweep.dir={sweep}",
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    configs, failed = collect(sweep)
+    assert len(configs) == 1 and len(failed) == 1
+    assert "n_way=9 is larger than the 3 val classes" in (failed[0] / "failed.txt").read_text()

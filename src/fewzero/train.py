@@ -10,12 +10,15 @@ import hashlib
 import json
 import logging
 import math
+import traceback
 from pathlib import Path
 from typing import Any
 
 import hydra
 import pytorch_lightning as pl
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from fewzero.summary import print_summary
@@ -157,7 +160,17 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 
 @hydra.main(version_base="1.3", config_path="../../configs", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    metrics, _ = train(cfg)
+    try:
+        metrics, _ = train(cfg)
+    except Exception:
+        if HydraConfig.get().mode != RunMode.MULTIRUN:
+            raise
+        # One failed job must not end a sweep: record it and let the launcher go on.
+        failure = Path(cfg.paths.output_dir) / "failed.txt"
+        failure.parent.mkdir(parents=True, exist_ok=True)
+        failure.write_text(traceback.format_exc())
+        log.exception("This job failed (traceback in %s); the multirun continues.", failure)
+        return None
     value = metrics.get(cfg.get("optimized_metric") or "")
     return float(value) if value is not None else None
 
