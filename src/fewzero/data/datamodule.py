@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from fewzero.data.clips import ClipSource, check_instruments
 from fewzero.data.episodes import EpisodeDataset, EpisodeSampler
-from fewzero.data.features import FeatureTable, MelFeatures, prepare_and_load
+from fewzero.data.features import FeatureTable, MelFeatures, prepare_and_load, prepare_cache
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +87,9 @@ class FewShotDataModule(pl.LightningDataModule):
         self.cache_dir = Path(cache_dir)
         self.excerpt_seconds = excerpt_seconds
         self.excerpt_frames = features.frames(excerpt_seconds)
-        self.eval_offset = int(round(eval_offset_seconds * features.frames_per_second))
+        self.eval_offset = features.start_frame(eval_offset_seconds)
         self.train_max_start = (None if train_max_offset_seconds is None
-                                else int(round(train_max_offset_seconds * features.frames_per_second)))
+                                else features.start_frame(train_max_offset_seconds))
         self.seed, self.eval_seed = seed, eval_seed
         self.num_workers, self.eval_batch_size = num_workers, eval_batch_size
         self.table: FeatureTable | None = None
@@ -107,7 +107,7 @@ class FewShotDataModule(pl.LightningDataModule):
     # ---- data preparation -------------------------------------------------------------
     def prepare_data(self) -> None:
         """Render/check the audio and build the feature cache (rank 0 only under DDP)."""
-        prepare_and_load(self.source, self.features, self.cache_dir)
+        prepare_cache(self.source, self.features, self.cache_dir)
 
     def setup(self, stage: str | None = None) -> None:
         if self.table is not None:

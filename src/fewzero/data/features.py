@@ -44,6 +44,10 @@ class MelFeatures:
     def frames_per_second(self) -> float:
         return self.sample_rate / self.hop_length
 
+    def start_frame(self, seconds: float) -> int:
+        """Index of the frame nearest to `seconds` from the start of a clip."""
+        return int(round(seconds * self.frames_per_second))
+
     def frames(self, seconds: float) -> int:
         """Number of STFT frames (centred) covering `seconds` of audio."""
         return int(round(seconds * self.sample_rate)) // self.hop_length + 1
@@ -146,43 +150,59 @@ def compute_features(clips: list[Clip], features: MelFeatures, batch_size: int =
         features.clip_seconds))
 
 
-def load_or_compute(source: ClipSource, features: MelFeatures, cache_dir: str | Path) -> FeatureTable:
-    """Return the source's features from the on-disk cache, computing them on first use.
+def ensure_cached(source: ClipSource, features: MelFeatures, cache_dir: str | Path) -> tuple[Path, str]:
+    """Compute and write the source's features unless the cache already holds them.
 
     The cache key combines the source's fingerprint and the feature settings, so a changed
-    dataset or feature config gets a new file; an unchanged one is loaded, never recomputed.
+    dataset or feature config gets a new file; an unchanged one is never recomputed.
+
+    Returns:
+        (path of the cache file, cache key).
     """
     key = config_hash({"source": source.name, "fingerprint": source.fingerprint(),
                        "features": asdict(features), "version": 1})
     path = Path(cache_dir) / f"{source.name}-{key}.pt"
     if path.exists():
-        blob = torch.load(path, map_location="cpu", weights_only=False)
-        log.info("Loaded cached features %s (%d clips)", path, len(blob["instruments"]))
-    else:
-        clips = source.clips()
-        if not clips:
-            raise RuntimeError(f"Source '{source.name}' has no clips: nothing to compute.")
-        feats = compute_features(clips, features)
-        blob = {
-            "features": feats.half(),  # log-mel fits float16 comfortably; halves disk and load time
-            "instruments": [c.instrument for c in clips],
-            "folds": torch.tensor([c.fold for c in clips], dtype=torch.long),
-            "pitches": torch.tensor([c.pitch for c in clips], dtype=torch.long),
-            "paths": [str(c.path) for c in clips],
-            "config": asdict(features),
-        }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save(blob, tmp)
-        os.replace(tmp, path)  # atomic: a killed run never leaves a half-written cache
-        log.info("Cached features of %d clips to %s", len(clips), path)
+        return path, key
+    clips = source.clips()
+    if not clips:
+        raise RuntimeError(f"Source '{source.name}' has no clips: nothing to compute.")
+    feats = compute_features(clips, features)
+    blob = {
+        "features": feats.half(),  # log-mel fits float16 comfortably; halves disk and load time
+        "instruments": [c.instrument for c in clips],
+        "folds": torch.tensor([c.fold for c in clips], dtype=torch.long),
+        "pitches": torch.tensor([c.pitch for c in clips], dtype=torch.long),
+        "paths": [str(c.path) for c in clips],
+        "config": asdict(features),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save(blob, tmp)
+    os.replace(tmp, path)  # atomic: a killed run never leaves a half-written cache
+    log.info("Cached features of %d clips to %s", len(clips), path)
+    return path, key
+
+
+def load_or_compute(source: ClipSource, features: MelFeatures, cache_dir: str | Path) -> FeatureTable:
+    """Return the source's features from the on-disk cache, computing them on first use."""
+    path, key = ensure_cached(source, features, cache_dir)
+    blob = torch.load(path, map_location="cpu", weights_only=False)
+    log.info("Loaded cached features %s (%d clips)", path, len(blob["instruments"]))
     return FeatureTable(features=blob["features"].float(), instruments=list(blob["instruments"]),
                         folds=blob["folds"], pitches=blob["pitches"], paths=list(blob["paths"]),
                         key=key)
 
 
+def prepare_cache(source: ClipSource, features: MelFeatures, cache_dir: str | Path) -> None:
+    """Make the source's clips available and their features cached, without loading them:
+    what every datamodule's `prepare_data` does (rank 0 only under DDP)."""
+    source.prepare()
+    ensure_cached(source, features, cache_dir)
+
+
 def prepare_and_load(source: ClipSource, features: MelFeatures, cache_dir: str | Path) -> FeatureTable:
     """Make the source's clips available (render, download or check; cheap when done) and return
-    their cached features: what every datamodule's `prepare_data` and `setup` do."""
+    their cached features: what every datamodule's `setup` does."""
     source.prepare()
     return load_or_compute(source, features, cache_dir)

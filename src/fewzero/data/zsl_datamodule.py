@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from fewzero.data.clips import ClipSource, check_instruments
 from fewzero.data.datamodule import ClipExcerpts
 from fewzero.data.episodes import crop_frames
-from fewzero.data.features import FeatureTable, MelFeatures, prepare_and_load
+from fewzero.data.features import FeatureTable, MelFeatures, prepare_and_load, prepare_cache
 
 log = logging.getLogger(__name__)
 
@@ -93,9 +93,9 @@ class ZeroShotDataModule(pl.LightningDataModule):
         self.class_names = self.seen + self.unseen
         self.cache_dir = Path(cache_dir)
         self.excerpt_frames = features.frames(excerpt_seconds)
-        self.eval_offset = int(round(eval_offset_seconds * features.frames_per_second))
+        self.eval_offset = features.start_frame(eval_offset_seconds)
         self.train_max_start = (None if train_max_offset_seconds is None
-                                else int(round(train_max_offset_seconds * features.frames_per_second)))
+                                else features.start_frame(train_max_offset_seconds))
         self.val_fold, self.test_fold = val_fold, test_fold
         self.batch_size, self.steps_per_epoch = batch_size, steps_per_epoch
         self.seed, self.num_workers, self.eval_batch_size = seed, num_workers, eval_batch_size
@@ -122,7 +122,7 @@ class ZeroShotDataModule(pl.LightningDataModule):
 
     # ---- data preparation -------------------------------------------------------------
     def prepare_data(self) -> None:
-        prepare_and_load(self.source, self.features, self.cache_dir)
+        prepare_cache(self.source, self.features, self.cache_dir)
 
     def setup(self, stage: str | None = None) -> None:
         if self.table is not None:
