@@ -455,26 +455,9 @@ def assign_folds(instruments: Sequence[str], n_folds: int, seed: int) -> list[in
 class RenderedSOL:
     """TinySOL-shaped single notes rendered with FluidSynth from General-MIDI SoundFonts.
 
-    Implements the `ClipSource` protocol. The default table (about 2900 notes, like TinySOL's
-    2913), as given in the Hydra config::
-
-        instruments:
-          - {name: Accordion,      program: 21, low: 28, high: 109, instances: 3}
-          - {name: Alto Saxophone, program: 65, low: 49, high: 81,  instances: 1}
-          - {name: Bass Tuba,      program: 58, low: 30, high: 65,  instances: 1}
-          - {name: Bassoon,        program: 70, low: 34, high: 75,  instances: 1}
-          - {name: Cello,          program: 42, low: 36, high: 84,  instances: 2}
-          - {name: Clarinet in Bb, program: 71, low: 50, high: 91,  instances: 1}
-          - {name: Contrabass,     program: 43, low: 28, high: 72,  instances: 2}
-          - {name: Flute,          program: 73, low: 59, high: 98,  instances: 1}
-          - {name: French Horn,    program: 60, low: 31, high: 77,  instances: 1}
-          - {name: Oboe,           program: 68, low: 58, high: 93,  instances: 1}
-          - {name: Trombone,       program: 57, low: 34, high: 72,  instances: 1}
-          - {name: Trumpet in C,   program: 56, low: 54, high: 86,  instances: 1}
-          - {name: Viola,          program: 41, low: 48, high: 96,  instances: 2}
-          - {name: Violin,         program: 40, low: 55, high: 100, instances: 2}
-        soundfonts: [/usr/share/sounds/sf3/MuseScore_General.sf3,
-                     /usr/share/sounds/sf2/FluidR3_GM.sf2]
+    Implements the `ClipSource` protocol. The default table (14 TinySOL instruments, about 2900
+    notes, like TinySOL's 2913) and SoundFonts are in `configs/dataset/source/sol.yaml`; each
+    entry reads `{name: Bass Tuba, program: 58, low: 30, high: 65, instances: 1}`.
 
     Args:
         root: folder holding one sub-folder per rendered config (named by its fingerprint).
