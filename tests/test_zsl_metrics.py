@@ -8,6 +8,7 @@ from torch.nn import functional as F
 from fewzero.models.zsl_heads import BilinearHead, ConseHead, DeviseHead, EszslHead, SiameseHead
 from fewzero.models.zsl_losses import InfoNCELoss, RankingLoss, TripletLoss
 from fewzero.zsl_evaluation import (
+    _gzsl_for,
     calibrate_stacking,
     evaluate_zsl,
     gzsl_score,
@@ -126,3 +127,17 @@ def test_conse_places_a_clip_among_the_training_classes_it_resembles():
     mixed = head.embed_audio(audio)
     assert mixed[0, 2] == 0 and 0 < mixed[0, 1] < mixed[0, 0]  # convex mix of the two anchors
     assert head(audio, candidates).argmax() == 0
+
+
+def test_penalty_search_matches_scoring_every_penalty_on_every_sample():
+    g = torch.Generator().manual_seed(0)
+    scores, labels = torch.randn(400, 12, generator=g), torch.randint(0, 12, (400,), generator=g)
+    scores[torch.arange(400), labels] += 1.0
+    seen, unseen = list(range(8)), list(range(8, 12))
+    gammas = torch.linspace(-3, 3, 61)
+    is_unseen = labels >= 8
+    for gamma, u, s in zip(gammas, *_gzsl_for(gammas, scores, labels, seen, unseen), strict=True):
+        penalised = scores - gamma * (torch.arange(12) < 8)
+        correct = penalised.argmax(dim=1) == labels  # one penalty, every sample, all candidates
+        assert float(u) == pytest.approx(float(per_class_accuracy(correct[is_unseen], labels[is_unseen])))
+        assert float(s) == pytest.approx(float(per_class_accuracy(correct[~is_unseen], labels[~is_unseen])))
