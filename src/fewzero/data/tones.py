@@ -6,6 +6,7 @@ loudness and noise, so few-shot episodes on them are learnable but not trivial.
 
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -55,7 +56,7 @@ class SyntheticTones:
             for row_name, _, pitch, path in self._rows():
                 if row_name != name:
                     continue
-                rng = np.random.default_rng([self.seed, c, pitch, hash(path.name) % 10_000])
+                rng = np.random.default_rng([self.seed, c, pitch, zlib.crc32(path.name.encode())])
                 f0 = 440.0 * 2 ** ((pitch - 69) / 12)
                 tone = sum(a * np.sin(2 * np.pi * f0 * (k + 1) * t + rng.uniform(0, 6.28))
                            for k, a in enumerate(profile) if f0 * (k + 1) < self.sample_rate / 2)
