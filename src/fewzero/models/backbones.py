@@ -1,4 +1,5 @@
-"""Audio encoders: (batch, n_mels, n_frames) log-mel -> (batch, embedding_dim) embeddings.
+"""Audio encoders: (batch, n_mels, n_frames) log-mel -> (batch, embedding_dim) embeddings
+(and `IdentityEncoder` for precomputed feature vectors).
 
 Every backbone reads the cached natural-log mel power (`fewzero.data.features`) and exposes
 `embedding_dim`, so heads are sized by interpolation in the configs, never by poking.
@@ -118,3 +119,22 @@ class TimbreCNN(nn.Module):
             x = x.flatten(2)[:, :, None, :]  # (batch, C, 1, F' * T'): pool over both axes
         pooled = torch.cat([x.mean(dim=-1), x.amax(dim=-1)], dim=1)  # (batch, 2C, F')
         return self.head(pooled.flatten(1))
+
+
+class IdentityEncoder(nn.Module):
+    """Precomputed features used as they are (xlsa17's ResNet-101 vectors): the heads then learn
+    the whole mapping. No parameters.
+
+    Shapes: (batch, embedding_dim) -> (batch, embedding_dim).
+    """
+
+    def __init__(self, embedding_dim: int = 2048):
+        super().__init__()
+        self.embedding_dim = embedding_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 2 or x.shape[1] != self.embedding_dim:
+            raise ValueError(f"Expected features of shape (batch, {self.embedding_dim}); got "
+                             f"{tuple(x.shape)}. Check model.backbone.embedding_dim against "
+                             "dataset.feature_dim.")
+        return x

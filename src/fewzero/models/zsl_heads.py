@@ -138,6 +138,61 @@ class EszslHead(CompatibilityHead):
         return side
 
 
+def solve_symmetric_sylvester(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """W with a W + W b = c for symmetric positive semi-definite a (k, k) and b (d, d), c (k, d).
+
+    With a = U diag(p) U^T and b = V diag(q) V^T: W = U [(U^T c V) / (p_i + q_j)] V^T (the
+    Bartels-Stewart solution, in eigenvectors since both matrices are symmetric). Where
+    p_i + q_j vanishes (both singular, e.g. fewer samples than dimensions) the component is set
+    to 0: the minimum-norm solution.
+    """
+    p, u = torch.linalg.eigh(a)
+    q, v = torch.linalg.eigh(b)
+    denominator = p[:, None] + q[None, :]
+    solvable = denominator > 1e-10 * denominator.abs().max()
+    ratio = torch.where(solvable, (u.T @ c @ v) / denominator.where(solvable, 1.0), 0.0)
+    return u @ ratio @ v.T
+
+
+class SaeHead(CompatibilityHead):
+    """Semantic autoencoder (Kodirov, Xiang & Gong, CVPR 2017), fitted in closed form on frozen
+    embeddings. The encoder W (side_dim, audio_dim) maps a sample to its class vector and its
+    transpose maps back:
+
+        min_W ||X - W^T S||^2 + lam ||W X - S||^2
+        =>  S S^T W + W (lam X X^T) = (1 + lam) S X^T   (a Sylvester equation)
+
+    with X (audio_dim, n) L2-normalised embeddings and S (side_dim, n) each sample's class vector.
+    `direction="f2s"` scores cos(W x, s) in the side space; "s2f" scores cos(x, W^T s) in the
+    embedding space (the paper reports both).
+    """
+
+    closed_form = True
+
+    def __init__(self, audio_dim: int, side_dim: int, lam: float = 0.2, direction: str = "f2s"):
+        super().__init__(audio_dim, side_dim)
+        if direction not in ("f2s", "s2f"):
+            raise ValueError(f"direction must be 'f2s' (features to side space) or 's2f'; got {direction!r}")
+        self.lam, self.direction = lam, direction
+        self.register_buffer("weight", torch.zeros(side_dim, audio_dim))
+
+    @torch.no_grad()
+    def fit(self, audio: torch.Tensor, labels: torch.Tensor, side: torch.Tensor) -> None:
+        """audio (n, audio_dim), labels (n,) in 0..n_classes-1, side (n_classes, side_dim)."""
+        _check_dims(audio, side, self.audio_dim, self.side_dim)
+        x = F.normalize(audio.double(), dim=-1).T  # (audio_dim, n)
+        s = side.double()[labels].T  # (side_dim, n)
+        weight = solve_symmetric_sylvester(s @ s.T, self.lam * x @ x.T, (1 + self.lam) * s @ x.T)
+        self.weight.copy_(weight.to(self.weight.dtype))
+
+    def embed_audio(self, audio: torch.Tensor) -> torch.Tensor:
+        audio = F.normalize(audio, dim=-1)
+        return F.normalize(audio @ self.weight.T, dim=-1) if self.direction == "f2s" else audio
+
+    def embed_classes(self, side: torch.Tensor) -> torch.Tensor:
+        return F.normalize(side if self.direction == "f2s" else side @ self.weight, dim=-1)
+
+
 class ConseHead(DeviseHead):
     """DeViSE training with ConSE inference (Norouzi et al., 2014).
 

@@ -34,18 +34,35 @@ class TripletLoss(nn.Module):
 
 
 class RankingLoss(nn.Module):
-    """DeViSE's hinge rank loss: sum over every negative class of max(0, margin - s_pos + s_neg),
-    averaged over the batch.
+    """Hinge rank loss over the negative classes, h_c = max(0, margin - s_pos + s_c), reduced per
+    sample by `reduction`:
+
+    - "sum": DeViSE's (Frome et al., 2013), every negative class;
+    - "max": SJE's structured hinge (Akata et al., 2015), the most violating class only;
+    - "warp": ALE's rank weighting (Akata et al., 2016), the sum times H_r / r, where r is the
+      number of violating classes and H_r = 1 + 1/2 + ... + 1/r;
+
+    then averaged over the batch.
     """
 
-    def __init__(self, margin: float = 0.1):
+    def __init__(self, margin: float = 0.1, reduction: str = "sum"):
         super().__init__()
-        self.margin = margin
+        if reduction not in ("sum", "max", "warp"):
+            raise ValueError(f"reduction must be 'sum' (DeViSE), 'max' (SJE) or 'warp' (ALE); got "
+                             f"{reduction!r}")
+        self.margin, self.reduction = margin, reduction
 
     def forward(self, scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         hinge = F.relu(self.margin - _positive(scores, targets) + scores)
         hinge = hinge.scatter(1, targets[:, None], 0.0)  # the positive is not its own negative
-        return hinge.sum(dim=1).mean()
+        if self.reduction == "max":
+            return hinge.amax(dim=1).mean()
+        total = hinge.sum(dim=1)
+        if self.reduction == "warp":
+            rank = (hinge > 0).sum(dim=1).to(scores.dtype)
+            harmonic = torch.special.digamma(rank + 1) + 0.5772156649015329  # H_r
+            total = total * torch.where(rank > 0, harmonic / rank.clamp_min(1), 0.0)
+        return total.mean()
 
 
 class InfoNCELoss(nn.Module):
