@@ -61,21 +61,30 @@ def episode_embedding_figure(embeddings: torch.Tensor, sampler: EpisodeSampler,
     return fig
 
 
+MAX_NAMED_CLASSES = 30  # beyond this, figures drop per-class text (xlsa17 has up to 717 classes)
+
+
 def confusion_figure(confusion: torch.Tensor, class_names: Sequence[str], title: str) -> Figure:
-    """Row-normalised confusion matrix of the classes that occur (rows: true, cols: predicted)."""
+    """Row-normalised confusion matrix of the classes that occur (rows: true, cols: predicted).
+
+    Up to MAX_NAMED_CLASSES classes every cell is annotated and named; beyond, a fixed-size
+    heat map only."""
     present = torch.nonzero(confusion.sum(dim=1) > 0).flatten()
     matrix = confusion[present][:, present].float()
     matrix = matrix / matrix.sum(dim=1, keepdim=True).clamp_min(1)
     names = [class_names[int(i)] for i in present]
-    fig, ax = plt.subplots(figsize=(1.1 * len(names) + 2.5, 1.0 * len(names) + 2))
+    named = len(names) <= MAX_NAMED_CLASSES
+    size = (1.1 * len(names) + 2.5, 1.0 * len(names) + 2) if named else (12, 10.5)
+    fig, ax = plt.subplots(figsize=size)
     image = ax.imshow(matrix.numpy(), vmin=0, vmax=1, cmap="Blues")
-    for r in range(len(names)):
-        for c in range(len(names)):
-            value = float(matrix[r, c])
-            ax.text(c, r, f"{value:.2f}", ha="center", va="center", fontsize=8,
-                    color="white" if value > 0.6 else "black")
-    ax.set_xticks(range(len(names)), names, rotation=40, ha="right")
-    ax.set_yticks(range(len(names)), names)
+    if named:
+        for r in range(len(names)):
+            for c in range(len(names)):
+                value = float(matrix[r, c])
+                ax.text(c, r, f"{value:.2f}", ha="center", va="center", fontsize=8,
+                        color="white" if value > 0.6 else "black")
+        ax.set_xticks(range(len(names)), names, rotation=40, ha="right")
+        ax.set_yticks(range(len(names)), names)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title)
@@ -107,7 +116,8 @@ def zsl_embedding_figure(audio: torch.Tensor, labels: torch.Tensor, class_points
                    edgecolors="black" if unseen else "white",
                    label=f"{name} (unseen)" if unseen else name)
     ax.set_title(f"{title}\n. audio, * class vector (black edge: unseen)", fontsize=10)
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    if len(class_names) <= MAX_NAMED_CLASSES:
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     ax.set_xticks([])
     ax.set_yticks([])
     fig.tight_layout()

@@ -75,6 +75,7 @@ class ZeroShotModule(pl.LightningModule):
         self.train_acc, self.val_acc_best = MeanMetric(), MaxMetric()
         self._collected: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._closed_form_data: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._closed_form_fitted_on = 0  # batches the closed-form head was last fitted on
         self.vectors: ClassVectors | None = None
         self.results: ZslResults | None = None
 
@@ -118,9 +119,14 @@ class ZeroShotModule(pl.LightningModule):
         return loss
 
     def _fit_closed_form(self) -> None:
-        if self.head.closed_form and self._closed_form_data:
+        """Fit a closed-form head on every training batch embedded so far (once per new data)."""
+        if self.head.closed_form and len(self._closed_form_data) > self._closed_form_fitted_on:
             audio, targets = (torch.cat(t) for t in zip(*self._closed_form_data, strict=True))
             self.head.fit(audio, targets, self.side_matrix[self.ids["train"]])
+            self._closed_form_fitted_on = len(self._closed_form_data)
+
+    def on_train_end(self) -> None:
+        self._fit_closed_form()  # runs without validation too (e.g. a refit on all training data)
 
     def configure_optimizers(self) -> Any:
         params = [p for p in self.parameters() if p.requires_grad]

@@ -1,0 +1,38 @@
+"""Class attributes of an xlsa17 dataset (`att` of att_splits.mat) as side information."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fewzero.data.xlsa17 import load_splits
+from fewzero.side_info.base import SideInformation
+
+
+class Xlsa17Attributes(SideInformation):
+    """One attribute vector per class, read from `<root>/<name>/att_splits.mat`.
+
+    Args:
+        root, name: as `dataset.root` / `dataset.name` (the configs interpolate them).
+        attribute_key: `att` (L2-normalised per class, what the paper uses) or `original_att`.
+        dims: attribute count per dataset name, so configs can size models before any file is read
+            (`dim: ${side_info.dims.${dataset.name}}`).
+        dim: the size of this dataset's vectors (checked against the file).
+    """
+
+    kind = "xlsa17_attributes"
+
+    def __init__(self, root: str | Path, name: str, attribute_key: str = "att",
+                 dims: Mapping[str, int] | None = None, dim: int = 0, **kwargs: Any):
+        super().__init__(dim, **kwargs)
+        self.root, self.name, self.attribute_key = Path(root), name, attribute_key
+
+    def cache_config(self) -> dict[str, Any]:
+        return {"root": str(self.root.resolve()), "name": self.name, "key": self.attribute_key}
+
+    def compute(self, class_names: Sequence[str]) -> list[torch.Tensor]:
+        splits = load_splits(self.root, self.name, None, attribute_key=self.attribute_key)
+        return [splits.attributes[i][None] for i in splits.ids(list(class_names))]

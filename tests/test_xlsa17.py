@@ -1,0 +1,313 @@
+"""xlsa17 benchmarks: real AWA2/CUB splits and attributes with generated features, SAE, runs.
+
+The real att_splits.mat files come from ../shared/data/xlsa17 (tests skip without them); no
+res101.mat is available, so features are generated: a fixed random linear map of each image's
+class attributes plus noise, i.e. features that carry the class structure the splits describe.
+"""
+
+import json
+from pathlib import Path
+
+import hydra
+import numpy as np
+import pytest
+import scipy.io
+import scipy.linalg
+import torch
+from conftest import SHARED_DATA
+
+from fewzero.data.xlsa17 import XLSA17_URL, Xlsa17DataModule, load_features, load_splits
+from fewzero.plots import confusion_figure
+from fewzero.report import collect
+from fewzero.side_info.xlsa17 import Xlsa17Attributes
+from fewzero.train import compose_train_config, train
+
+XLSA17 = SHARED_DATA / "xlsa17"
+PAPER_SIZES = {"AWA2": (23527, 5882, 7913), "CUB": (7057, 1764, 2967)}
+CLASS_FILES = ("trainvalclasses.txt", "testclasses.txt", "trainclasses1.txt", "valclasses1.txt")
+
+
+def _cells(strings: list[str]) -> np.ndarray:
+    """A MATLAB cell column of strings, as in allclasses_names / image_files."""
+    cells = np.empty((len(strings), 1), dtype=object)
+    for i, s in enumerate(strings):
+        cells[i, 0] = np.array([s])
+    return cells
+
+
+def _features(attributes: np.ndarray, labels: np.ndarray, dim: int, noise: float,
+              rng: np.random.Generator) -> np.ndarray:
+    """(dim, n_images) column-major features: a random linear map of each image's class attributes
+    (attributes (n_attributes, n_classes), labels 1-based) plus Gaussian noise."""
+    mapping = rng.normal(size=(dim, attributes.shape[0]))
+    return mapping @ attributes[:, labels - 1] + noise * rng.normal(size=(dim, len(labels)))
+
+
+def write_res101(folder: Path, features: np.ndarray, labels: np.ndarray) -> None:
+    scipy.io.savemat(folder / "res101.mat", {
+        "features": features, "labels": labels[:, None].astype(np.float64),
+        "image_files": _cells([f"img{i:05d}.jpg" for i in range(1, len(labels) + 1)])})
+
+
+def real_split_with_generated_features(root: Path, name: str, dim: int = 32, noise: float = 0.05,
+                                       seed: int = 0) -> dict:
+    """`root/name/` with the real att_splits.mat and class lists (linked) and a generated res101.mat.
+
+    Labels agree with the splits: each test_unseen_loc image gets a testclasses.txt class and each
+    trainval/test_seen image a trainvalclasses.txt class (consecutive images share a class, as
+    in the real files). Returns the written arrays (labels 1-based, features (dim, n)).
+    """
+    source = XLSA17 / name
+    if not (source / "att_splits.mat").is_file():
+        pytest.skip(f"{source}/att_splits.mat absent (../shared/data/xlsa17)")
+    folder = root / name
+    folder.mkdir(parents=True)
+    for file in ("att_splits.mat", *CLASS_FILES):
+        (folder / file).symlink_to(source / file)
+    mat = scipy.io.loadmat(str(source / "att_splits.mat"))
+    names = [str(c[0][0]) for c in mat["allclasses_names"]]
+    locs = {k: mat[k].ravel().astype(np.int64) for k in ("trainval_loc", "test_seen_loc", "test_unseen_loc")}
+    labels = np.zeros(max(int(v.max()) for v in locs.values()), dtype=np.int64)
+    seen_images = np.union1d(locs["trainval_loc"], locs["test_seen_loc"])
+    for images, class_file in ((seen_images, "trainvalclasses.txt"),
+                               (np.sort(locs["test_unseen_loc"]), "testclasses.txt")):
+        classes = [names.index(n) + 1 for n in (source / class_file).read_text().split()]
+        for c, chunk in zip(classes, np.array_split(images, len(classes)), strict=True):
+            labels[chunk - 1] = c
+    assert (labels > 0).all()
+    features = _features(mat["att"], labels, dim, noise, np.random.default_rng(seed))
+    write_res101(folder, features, labels)
+    return {"labels": labels, "features": features, "locs": locs, "names": names}
+
+
+def write_toy(root: Path, name: str = "TOY", n_classes: int = 12, n_unseen: int = 3, n_val: int = 3,
+              per_class: int = 30, n_attributes: int = 6, dim: int = 16, noise: float = 0.02,
+              seed: int = 0) -> Path:
+    """A small xlsa17-format dataset: shuffled image order, 1-based uint16 locs, and train_loc /
+    val_loc that are the test_seen images (as the overlapping copies of att_splits.mat)."""
+    rng = np.random.default_rng(seed)
+    folder = root / name
+    folder.mkdir(parents=True)
+    attributes = rng.normal(size=(n_attributes, n_classes))
+    attributes /= np.linalg.norm(attributes, axis=0)
+    names = [f"class{c:02d}" for c in range(n_classes)]
+    labels = rng.permutation(np.repeat(np.arange(1, n_classes + 1), per_class))
+    images = np.arange(1, len(labels) + 1)
+    unseen = labels > n_classes - n_unseen
+    test_seen = np.sort(rng.choice(images[~unseen], size=int(0.2 * (~unseen).sum()), replace=False))
+    trainval = np.setdiff1d(images[~unseen], test_seen)
+    scipy.io.savemat(folder / "att_splits.mat", {
+        "att": attributes, "original_att": 10 * attributes, "allclasses_names": _cells(names),
+        "trainval_loc": trainval[:, None].astype(np.uint16),
+        "test_seen_loc": test_seen[:, None].astype(np.uint16),
+        "test_unseen_loc": images[unseen][:, None].astype(np.uint16),
+        "train_loc": test_seen[:, None].astype(np.uint16), "val_loc": test_seen[:, None].astype(np.uint16)})
+    write_res101(folder, _features(attributes, labels, dim, noise, rng), labels)
+    seen = names[: n_classes - n_unseen]
+    for file, classes in (("trainclasses1.txt", seen[:-n_val]), ("valclasses1.txt", seen[-n_val:]),
+                          ("trainvalclasses.txt", seen), ("testclasses.txt", names[-n_unseen:])):
+        (folder / file).write_text("\n".join(classes) + "\n")
+    return folder
+
+
+def _datamodule(root: Path, name: str, dim: int, **kwargs) -> Xlsa17DataModule:
+    dm = Xlsa17DataModule(root, name, feature_dim=dim, **kwargs)
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
+TOY = ("dataset.name=TOY", "dataset.feature_dim=16", "side_info.dim=6")
+NO_LOGGER = ["~logger", "~callbacks.learning_rate_monitor"]
+
+
+def _toy_cfg(root: Path, overrides: list[str], dataset: tuple[str, ...] = TOY):
+    """The real train.yaml on an xlsa17-format dataset under `root`, quiet and on the CPU."""
+    base = [f"dataset.root={root}", *dataset, f"paths.root_dir={root}", "trainer.accelerator=cpu",
+            "trainer.log_every_n_steps=1", "+trainer.enable_progress_bar=false", "~callbacks.progress_bar"]
+    return compose_train_config(base + overrides, root / "run")
+
+
+# ---- the real splits --------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["AWA2", "CUB"])
+def test_real_splits_have_the_papers_sizes_and_no_test_image_reaches_training(tmp_path, name):
+    generated = real_split_with_generated_features(tmp_path, name)
+    dm = _datamodule(tmp_path, name, 32)
+    trainval, test_seen, test_unseen = PAPER_SIZES[name]
+    assert (len(dm.splits.trainval), len(dm.indices["test_seen"]), len(dm.indices["test_unseen"])) \
+        == (trainval, test_seen, test_unseen)
+    fit_roles = [set(dm.indices[r].tolist()) for r in ("train", "val_seen", "val_unseen")]
+    test = set(dm.indices["test_seen"].tolist()) | set(dm.indices["test_unseen"].tolist())
+    assert len(test) == test_seen + test_unseen
+    assert sum(len(r) for r in fit_roles) == trainval  # train, val seen, val unseen: disjoint
+    assert set.union(*fit_roles) == set(dm.splits.trainval.tolist())
+    assert not set.union(*fit_roles) & test  # no test location in training or validation
+    folder = XLSA17 / name
+    assert set(dm.seen) == set(folder.joinpath("trainvalclasses.txt").read_text().split())
+    assert set(dm.unseen) == set(folder.joinpath("testclasses.txt").read_text().split())
+    assert set(dm.pseudo_unseen) == set(folder.joinpath("valclasses1.txt").read_text().split())
+    assert set(dm.train_classes) == set(folder.joinpath("trainclasses1.txt").read_text().split())
+    assert {dm.class_names[i] for i in dm.labels[dm.indices["val_unseen"]].tolist()} == set(dm.pseudo_unseen)
+    # 1-based locs and column-major features: image loc k is row k - 1, labels shift by one
+    k = int(generated["locs"]["test_unseen_loc"][0])
+    torch.testing.assert_close(dm.features[k - 1], torch.from_numpy(generated["features"][:, k - 1]).float())
+    assert int(dm.labels[k - 1]) == generated["labels"][k - 1] - 1
+    assert int(dm.indices["test_unseen"][0]) == k - 1
+
+
+def test_real_awa2_attributes_are_served_by_class_name_with_the_configured_dim(tmp_path):
+    real_split_with_generated_features(tmp_path, "AWA2")
+    cfg = compose_train_config(["experiment=xlsa17_eszsl", f"dataset.root={tmp_path}"], tmp_path / "run")
+    assert cfg.side_info.dim == 85
+    source = hydra.utils.instantiate(cfg.side_info)
+    vectors = source.vectors(["sheep", "antelope"]).mean
+    att = scipy.io.loadmat(str(XLSA17 / "AWA2" / "att_splits.mat"))["att"]
+    torch.testing.assert_close(vectors[1], torch.from_numpy(att[:, 0]).float())  # antelope: class 1
+    assert vectors.shape == (2, 85)
+    with pytest.raises(ValueError, match="zebra-ish"):
+        source.vectors(["zebra-ish"])
+
+
+@pytest.mark.slow
+def test_sae_on_the_real_awa2_split_recognises_unseen_classes_of_generated_features(tmp_path):
+    real_split_with_generated_features(tmp_path, "AWA2", dim=64, noise=0.05)
+    cfg = _toy_cfg(tmp_path, ["experiment=xlsa17_sae", "dataset.batch_size=1024"],
+                   dataset=("dataset.name=AWA2", "dataset.feature_dim=64"))
+    metrics, objects = train(cfg)
+    # features are a linear map of the 85 attributes: a known case, not the paper's setting
+    assert metrics["test/zsl_top1"] > 0.99 and metrics["test/seen_top1"] > 0.99
+    assert 0.5 < metrics["test/gzsl_cs_h"] <= 1.0
+    assert objects["datamodule"].indices["train"].numel() == 23527  # the refit trained on trainval
+
+
+# ---- loader and datamodule on a small dataset of our own --------------------------------
+def test_train_loc_and_val_loc_are_never_used(tmp_path):
+    folder = write_toy(tmp_path)
+    dm = _datamodule(tmp_path, "TOY", 16)
+    train_loc = scipy.io.loadmat(str(folder / "att_splits.mat"))["train_loc"].ravel().astype(int) - 1
+    for role in ("train", "val_seen", "val_unseen"):
+        assert not set(dm.indices[role].tolist()) & set(train_loc.tolist())
+    assert set(dm.indices["test_seen"].tolist()) == set(train_loc.tolist())
+
+
+def test_batches_carry_features_labels_and_indices_and_never_a_test_image(tmp_path):
+    write_toy(tmp_path)
+    dm = _datamodule(tmp_path, "TOY", 16, batch_size=7)
+    seen = []
+    for loader in (dm.train_dataloader(), dm.val_dataloader()):
+        for batch in loader:
+            assert batch["x"].shape[1:] == (16,) and batch["x"].dtype == torch.float32
+            torch.testing.assert_close(batch["x"], dm.features[batch["index"]])
+            assert torch.equal(batch["label"], dm.labels[batch["index"]])
+            dm.assert_clean(batch["index"])
+            seen += batch["index"].tolist()
+    assert sorted(seen) == sorted(dm.splits.trainval.tolist())  # every trainval image once
+    test = torch.cat([b["index"] for b in dm.test_dataloader()])
+    assert torch.equal(test, torch.cat([dm.splits.test_seen, dm.splits.test_unseen]))
+    with pytest.raises(AssertionError, match="1 test-location"):
+        dm.assert_clean(dm.splits.test_seen[:1])
+
+
+def test_validation_holds_out_part_of_each_training_class_and_all_validation_classes(tmp_path):
+    write_toy(tmp_path)
+    dm = _datamodule(tmp_path, "TOY", 16, val_seen_fraction=0.25)
+    train_ids = set(dm.ids(dm.train_classes))
+    assert set(dm.labels[dm.indices["val_seen"]].tolist()) == train_ids
+    assert set(dm.labels[dm.indices["train"]].tolist()) == train_ids
+    assert set(dm.labels[dm.indices["val_unseen"]].tolist()) == set(dm.ids(dm.pseudo_unseen))
+    final = dm.for_trainval()
+    assert torch.equal(final.indices["train"], dm.splits.trainval)
+    assert final.indices["val_seen"].numel() == final.indices["val_unseen"].numel() == 0
+    assert final.train_classes == dm.seen
+
+
+def test_missing_files_name_the_archive_and_the_expected_paths(tmp_path):
+    with pytest.raises(FileNotFoundError) as error:
+        Xlsa17DataModule(tmp_path, "AWA2").prepare_data()
+    message = str(error.value)
+    assert XLSA17_URL in message and str(tmp_path / "AWA2" / "res101.mat") in message
+    assert str(tmp_path / "AWA2" / "att_splits.mat") in message
+    with pytest.raises(FileNotFoundError, match="att_splits.mat"):
+        load_splits(tmp_path, "CUB")
+
+
+def test_features_that_do_not_match_the_splits_are_rejected(tmp_path):
+    folder = write_toy(tmp_path)
+    features, labels = load_features(tmp_path, "TOY")
+    write_res101(folder, features[:100].numpy().T.astype(np.float64), labels[:100].numpy() + 1)
+    with pytest.raises(ValueError, match="do not belong together"):
+        _datamodule(tmp_path, "TOY", 16)
+    write_toy(tmp_path / "other")
+    with pytest.raises(ValueError, match="dataset.feature_dim=16"):
+        _datamodule(tmp_path / "other", "TOY", 2048)
+
+
+def test_validation_classes_must_be_trainval_classes(tmp_path):
+    folder = write_toy(tmp_path)
+    (folder / "valclasses1.txt").write_text("class06\nclass07\nclass11\n")  # class11 is a test class
+    with pytest.raises(ValueError, match="valclasses1.txt are not the classes of trainval_loc"):
+        _datamodule(tmp_path, "TOY", 16)
+
+
+def test_confusion_figures_of_hundreds_of_classes_stay_small():
+    confusion = torch.eye(200, dtype=torch.long) * 3
+    figure = confusion_figure(confusion, [f"c{i}" for i in range(200)], "200 classes")
+    assert max(figure.get_size_inches()) <= 12
+
+
+# ---- end to end: train(cfg) with the real configs -----------------------------------------
+
+
+@pytest.mark.parametrize("model", ["eszsl", "sae"])
+def test_closed_form_models_select_on_validation_refit_on_trainval_and_test(tmp_path, model):
+    write_toy(tmp_path)
+    metrics, objects = train(_toy_cfg(tmp_path, [f"experiment=xlsa17_{model}"]))
+    run = Path(objects["cfg"].paths.output_dir)
+    report = json.loads((run / "metrics.json").read_text())
+    refit = report["refit_on_trainval"]
+    assert report["checkpoint"] == refit["checkpoint"] == str(run / "checkpoints" / "refit_trainval.ckpt")
+    selected = torch.load(refit["selected_checkpoint"], weights_only=False)["state_dict"]
+    final = torch.load(refit["checkpoint"], weights_only=False)["state_dict"]
+    assert float(final["calibration_gamma"]) == float(selected["calibration_gamma"])
+    assert not torch.equal(final["head.weight"], selected["head.weight"])  # refitted on more data
+    assert report["dataset"] == "xlsa17 TOY" and refit["epochs"] == 1
+    assert objects["datamodule"].train_on == "trainval"
+    assert report["zero_shot"]["n_test_clips"] == {"test_seen": 54, "test_unseen": 90}
+    assert metrics["test/zsl_top1"] == 1.0  # features are a linear map of the attributes
+    for key in ("val/zsl_top1", "val/seen_top1", "val/gzsl_cs_h", "test/gzsl_cs_h", "test/gzsl_h"):
+        assert 0.0 <= metrics[key] <= 1.0
+
+
+def test_a_gradient_model_refits_for_the_selected_number_of_epochs(tmp_path):
+    write_toy(tmp_path)
+    metrics, objects = train(_toy_cfg(tmp_path, ["experiment=xlsa17_devise", "trainer.max_epochs=3",
+                                                 "dataset.batch_size=32", "model.optimizer.lr=0.01"]))
+    report = json.loads(Path(objects["cfg"].paths.output_dir, "metrics.json").read_text())
+    selected = torch.load(report["refit_on_trainval"]["selected_checkpoint"], weights_only=False)
+    epochs = selected["epoch"] + 1
+    assert report["refit_on_trainval"]["epochs"] == epochs
+    assert objects["trainer"].current_epoch == epochs  # the refit trainer ran exactly that long
+    assert report["refit_on_trainval"]["steps"] == epochs * 7  # 216 trainval images / 32
+    assert "test/zsl_top1" in metrics and "val/acc_best" in metrics
+
+
+def test_runs_aggregate_with_the_report_tool(tmp_path):
+    write_toy(tmp_path)
+    for model in ("eszsl", "sae"):
+        cfg = _toy_cfg(tmp_path, [f"experiment=xlsa17_{model}", *NO_LOGGER])
+        cfg.paths.output_dir = str(tmp_path / "sweep" / model)
+        train(cfg)
+        hydra_dir = tmp_path / "sweep" / model / ".hydra"
+        hydra_dir.mkdir()
+        (hydra_dir / "overrides.yaml").write_text(f"- experiment=xlsa17_{model}\n")
+    configs, failed = collect(tmp_path / "sweep")
+    assert not failed
+    assert sorted(c.name for c in configs) == ["experiment=xlsa17_eszsl", "experiment=xlsa17_sae"]
+    assert all(c.mean("test/zsl_top1") == 1.0 for c in configs)
+
+
+def test_attributes_of_a_toy_dataset_come_from_att(tmp_path):
+    write_toy(tmp_path)
+    source = Xlsa17Attributes(tmp_path, "TOY", dim=6)
+    att = scipy.io.loadmat(str(tmp_path / "TOY" / "att_splits.mat"))["att"]
+    torch.testing.assert_close(source.vectors(["class03"]).mean[0], torch.from_numpy(att[:, 3]).float())
