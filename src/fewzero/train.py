@@ -1,0 +1,226 @@
+"""Train and test an experiment: `python -m fewzero.train [overrides]`.
+
+`train(cfg)` does the work and is what tests call; `main()` is the thin Hydra entry point that
+returns the optimised metric to sweepers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import traceback
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pytorch_lightning as pl
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from fewzero.summary import print_summary
+
+log = logging.getLogger(__name__)
+MAX_RUN_SUFFIX = 120
+
+
+def run_suffix(override_dirname: str) -> str:
+    """`_<overrides>` for run directory names: '/' and spaces made path-safe, long ones shortened.
+
+    Empty when there are no overrides, so the directory is just the timestamp.
+    """
+    if not override_dirname:
+        return ""
+    name = override_dirname.replace("\\", "").replace("/", ".").replace(" ", "")
+    if len(name) > MAX_RUN_SUFFIX:
+        name = f"{name[: MAX_RUN_SUFFIX - 9]}~{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+    return f"_{name}"
+
+
+OmegaConf.register_new_resolver("run_suffix", run_suffix, replace=True)
+
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+
+def compose_train_config(overrides: list[str], output_dir: str | Path) -> DictConfig:
+    """Compose `configs/train.yaml` with overrides outside a Hydra run (scripts, notebooks).
+
+    `paths.output_dir` (normally Hydra's run directory) is set to `output_dir`.
+    """
+    from hydra import compose, initialize_config_dir
+    from omegaconf import open_dict
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+    return cfg
+
+
+def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
+    """`last` means <output_dir>/checkpoints/last.ckpt; anything else must be an existing file."""
+    if ckpt_path is None:
+        return None
+    path = output_dir / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"Checkpoint {path} does not exist. Pass ckpt_path=/path/to/run/checkpoints/last.ckpt, "
+            "or ckpt_path=last together with hydra.run.dir=<the run directory to resume>."
+        )
+    return str(path)
+
+
+def _flat_hparams(cfg: DictConfig) -> dict[str, Any]:
+    """Config flattened to `a/b/c: value` scalars for TensorBoard's HPARAMS tab."""
+    flat: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}/")
+        elif isinstance(node, bool | int | float | str) or node is None:
+            flat[prefix[:-1]] = "null" if node is None else node
+        else:
+            flat[prefix[:-1]] = str(node)
+
+    container = OmegaConf.to_container(cfg, resolve=True)
+    for group in ("dataset", "model", "trainer", "loss", "side_info"):
+        walk(container.get(group, {}), f"{group}/")
+    flat["seed"] = cfg.get("seed")
+    if "source" in cfg.dataset:
+        flat["dataset/source/instruments"] = f"{len(cfg.dataset.source.get('instruments', []) or [])} entries"
+    return flat
+
+
+def _dataset_name(cfg: DictConfig, datamodule: Any) -> str:
+    """The audio source's class name, or the datamodule's own name (e.g. "xlsa17 AWA2")."""
+    if "source" in cfg.dataset:
+        return cfg.dataset.source._target_.rsplit(".", 1)[-1]
+    return getattr(datamodule, "dataset_name", cfg.dataset._target_.rsplit(".", 1)[-1])
+
+
+def _metric(value: Any) -> float:
+    return float(value.item() if isinstance(value, torch.Tensor) else value)
+
+
+def refit_on_trainval(cfg: DictConfig, datamodule: Any, trainer: pl.Trainer, output_dir: Path
+                      ) -> tuple[Any, pl.LightningModule, pl.Trainer, dict[str, Any]]:
+    """Retrain from scratch on all training data (training + validation classes) for as many
+    epochs as the validation-selected checkpoint had, keeping its calibration penalty: the last
+    step of Xian et al.'s protocol, for datamodules with `refit_on_trainval` and `for_trainval()`.
+
+    Returns (datamodule, model, trainer, info); the refitted model is saved as
+    `<output_dir>/checkpoints/refit_trainval.ckpt` (info["checkpoint"]) and is what gets tested.
+    """
+    selected_path = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    if not selected_path:
+        raise RuntimeError("Refitting on trainval needs the validation-selected checkpoint; none was "
+                           "saved (is callbacks.model_checkpoint enabled?).")
+    selected = torch.load(selected_path, map_location="cpu", weights_only=False)
+    epochs = int(selected["epoch"]) + 1
+    final_dm = datamodule.for_trainval()
+    if cfg.get("seed") is not None:
+        pl.seed_everything(cfg.seed, workers=True)
+    model = hydra.utils.instantiate(cfg.model)
+    model.calibration_gamma.copy_(selected["state_dict"]["calibration_gamma"])
+    refit = hydra.utils.instantiate(cfg.trainer, callbacks=[], logger=False, enable_checkpointing=False,
+                                    max_epochs=epochs, max_steps=-1, limit_val_batches=0,
+                                    num_sanity_val_steps=0)
+    log.info("Refitting on all training data for %d epoch(s) (selected: %s)", epochs, selected_path)
+    refit.fit(model, datamodule=final_dm)
+    path = output_dir / "checkpoints" / "refit_trainval.ckpt"
+    refit.save_checkpoint(path)
+    refit.loggers = trainer.loggers  # test metrics and figures go where the first fit's went
+    info = {"checkpoint": str(path), "selected_checkpoint": selected_path, "epochs": epochs,
+            "steps": refit.global_step}
+    return final_dm, model, refit, info
+
+
+def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
+    """Fit (optionally resuming), test the best checkpoint, write metrics.json and hparams.
+
+    Returns:
+        (metrics, objects): final metrics by key (`val/acc_best`, `test/5way_5shot_acc`, ...)
+        and the built cfg, datamodule, model, trainer.
+    """
+    output_dir = Path(cfg.paths.output_dir)
+    if cfg.get("seed") is not None:
+        pl.seed_everything(cfg.seed, workers=True)
+
+    log.info("Building datamodule <%s>", cfg.dataset._target_)
+    datamodule = hydra.utils.instantiate(cfg.dataset)
+    log.info("Building model <%s>", cfg.model._target_)
+    model = hydra.utils.instantiate(cfg.model)
+    callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+
+    metrics: dict[str, float] = {}
+    refit: dict[str, Any] = {}
+    if cfg.get("train", True):
+        trainer.fit(model, datamodule=datamodule,
+                    ckpt_path=resolve_ckpt_path(cfg.get("ckpt_path"), output_dir))
+        metrics.update({k: _metric(v) for k, v in trainer.callback_metrics.items()
+                        if k.startswith(("train/", "val/"))})
+        if getattr(datamodule, "refit_on_trainval", False):
+            datamodule, model, trainer, refit = refit_on_trainval(cfg, datamodule, trainer, output_dir)
+    if cfg.get("test", True):
+        best = refit.get("checkpoint") or (
+            trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else "")
+        if not cfg.get("train", True):
+            best = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir) or ""
+        if not best:
+            log.warning("No best checkpoint found: testing the current weights.")
+        trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
+        metrics.update({k: _metric(v) for k, v in trainer.callback_metrics.items()
+                        if k.startswith("test/")})
+        metrics["test/checkpoint"] = best  # type: ignore[assignment]
+
+    if trainer.is_global_zero:
+        report = {
+            "metrics": {k: v for k, v in metrics.items() if not isinstance(v, str)},
+            "test_episodes": {
+                name: {"mean_acc": r.mean, "ci95": r.ci95, "n_episodes": r.accuracies.numel()}
+                for name, r in getattr(model, "test_results", {}).items()
+            },
+            "checkpoint": metrics.get("test/checkpoint"),
+            "dataset": _dataset_name(cfg, datamodule),
+        }
+        if refit:
+            report["refit_on_trainval"] = refit
+        if hasattr(model, "test_report"):  # e.g. zero-shot: {"zero_shot": {...}}
+            report.update(model.test_report())
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "metrics.json").write_text(json.dumps(report, indent=2))
+        numeric = {k: v for k, v in metrics.items()
+                   if isinstance(v, float) and math.isfinite(v) and not k.startswith("train/")}
+        for pl_logger in trainer.loggers:
+            pl_logger.log_hyperparams(_flat_hparams(cfg), metrics=numeric)
+            pl_logger.save()
+        print_summary(output_dir, report)
+    return metrics, {"cfg": cfg, "datamodule": datamodule, "model": model, "trainer": trainer}
+
+
+@hydra.main(version_base="1.3", config_path="../../configs", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    try:
+        metrics, _ = train(cfg)
+    except Exception:
+        if HydraConfig.get().mode != RunMode.MULTIRUN:
+            raise
+        # One failed job must not end a sweep: record it and let the launcher go on.
+        failure = Path(cfg.paths.output_dir) / "failed.txt"
+        failure.parent.mkdir(parents=True, exist_ok=True)
+        failure.write_text(traceback.format_exc())
+        log.exception("This job failed (traceback in %s); the multirun continues.", failure)
+        return None
+    value = metrics.get(cfg.get("optimized_metric") or "")
+    return float(value) if value is not None else None
+
+
+if __name__ == "__main__":
+    main()
