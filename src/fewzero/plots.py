@@ -106,13 +106,14 @@ def zsl_embedding_figure(audio: torch.Tensor, labels: torch.Tensor, class_points
     xy = _pca_2d(torch.cat([audio, class_points]).float())
     audio_xy, class_xy = xy.split([audio.shape[0], class_points.shape[0]])
     colors = plt.get_cmap("tab20")
+    star = 320 if len(class_names) <= MAX_NAMED_CLASSES else 60
     fig, ax = plt.subplots(figsize=(8.5, 6.5))
     for c, name in enumerate(class_names):
         color, unseen = colors(c % 20), c in set(unseen_ids)
         points = audio_xy[labels == c]
         if len(points):
             ax.scatter(*points.T, color=color, s=8, alpha=0.45)
-        ax.scatter(*class_xy[c], color=color, marker="*", s=320, linewidths=1.6 if unseen else 0.5,
+        ax.scatter(*class_xy[c], color=color, marker="*", s=star, linewidths=1.6 if unseen else 0.5,
                    edgecolors="black" if unseen else "white",
                    label=f"{name} (unseen)" if unseen else name)
     ax.set_title(f"{title}\n. audio, * class vector (black edge: unseen)", fontsize=10)
