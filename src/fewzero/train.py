@@ -22,6 +22,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from fewzero.summary import print_summary
+from fewzero.sweeps import register_resolvers
 
 log = logging.getLogger(__name__)
 MAX_RUN_SUFFIX = 120
@@ -41,6 +42,7 @@ def run_suffix(override_dirname: str) -> str:
 
 
 OmegaConf.register_new_resolver("run_suffix", run_suffix, replace=True)
+register_resolvers()  # ${optuna_storage:...}, ${optuna_seed:...} (hparams_search=optuna)
 
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
@@ -205,8 +207,22 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     return metrics, {"cfg": cfg, "datamodule": datamodule, "model": model, "trainer": trainer}
 
 
+def optimized_metric(cfg: DictConfig) -> str | None:
+    """The metric `main()` returns to sweepers (`optimized_metric`, e.g. `val/acc_best`).
+
+    Raises ValueError unless it is a validation metric (`val/...`): a sweep that optimised a
+    test metric would select hyperparameters on the test classes.
+    """
+    name = cfg.get("optimized_metric")
+    if name and not str(name).startswith("val/"):
+        raise ValueError(f"optimized_metric={name}: sweeps may only optimise a validation metric "
+                         "(val/acc_best, val/acc, ...); test metrics are for the final report only.")
+    return name
+
+
 @hydra.main(version_base="1.3", config_path="../../configs", config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    objective = optimized_metric(cfg)
     try:
         metrics, _ = train(cfg)
     except Exception:
@@ -218,8 +234,13 @@ def main(cfg: DictConfig) -> float | None:
         failure.write_text(traceback.format_exc())
         log.exception("This job failed (traceback in %s); the multirun continues.", failure)
         return None
-    value = metrics.get(cfg.get("optimized_metric") or "")
-    return float(value) if value is not None else None
+    if objective is None:
+        return None
+    if objective not in metrics:
+        log.warning("optimized_metric=%s was not logged (validation metrics: %s); returning None.",
+                    objective, sorted(k for k in metrics if k.startswith("val/")))
+        return None
+    return float(metrics[objective])
 
 
 if __name__ == "__main__":

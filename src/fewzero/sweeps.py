@@ -1,0 +1,47 @@
+"""Config resolvers for Optuna sweeps (`hparams_search=optuna`), registered by `fewzero.train`.
+
+- `${optuna_storage:<file>}`: the study's sqlite URL, its folder created (sqlite will not).
+- `${optuna_seed:<seed>,<storage>,<study>}`: the sampler seed plus the number of trials the
+  stored study already has, so a second invocation, which resumes the study, does not replay
+  the random start-up trials of the first (a sampler restarted with the same seed would).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+log = logging.getLogger(__name__)
+
+
+def optuna_storage(path: str) -> str:
+    """`sqlite:////absolute/path.db` for `path` (relative to the working directory)."""
+    file = Path(path).resolve()
+    file.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{file}"
+
+
+def stored_trials(storage: str, study_name: str) -> int:
+    """Number of trials of `study_name` in `storage` (0 when the study or the file is new)."""
+    if storage.startswith("sqlite:///") and not Path(storage.removeprefix("sqlite:///")).is_file():
+        return 0
+    import optuna
+
+    try:
+        summaries = optuna.study.get_all_study_summaries(storage=storage)
+    except Exception as error:  # an unreadable file: let the sweeper report it
+        log.warning("Could not read Optuna storage %s: %s", storage, error)
+        return 0
+    return next((s.n_trials for s in summaries if s.study_name == study_name), 0)
+
+
+def optuna_seed(seed: int, storage: str, study_name: str) -> int:
+    """Sampler seed for this invocation: `seed` + trials already stored."""
+    return int(seed) + stored_trials(storage, study_name)
+
+
+def register_resolvers() -> None:
+    OmegaConf.register_new_resolver("optuna_storage", optuna_storage, replace=True)
+    OmegaConf.register_new_resolver("optuna_seed", optuna_seed, replace=True)

@@ -1,0 +1,94 @@
+"""Experiment workflow: Optuna sweeps, the joblib launcher and SLURM through submitit."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import CONFIG_DIR
+from hydra import compose, initialize_config_dir
+from hydra.core.plugins import Plugins
+from hydra.plugins.launcher import Launcher
+from hydra.plugins.sweeper import Sweeper
+from omegaconf import OmegaConf
+
+from fewzero.data.clips import TINYSOL_INSTRUMENTS
+from fewzero.sweeps import optuna_seed
+from fewzero.train import optimized_metric
+
+
+def _compose(overrides: list[str]):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose("train", overrides=overrides, return_hydra_config=True)
+
+
+def test_sweeps_may_only_optimise_a_validation_metric():
+    assert optimized_metric(_compose([])) == "val/acc_best"
+    assert optimized_metric(_compose(["experiment=zsl_word_audio"])) == "val/acc_best"
+    with pytest.raises(ValueError, match="only optimise a validation metric"):
+        optimized_metric(_compose(["optimized_metric=test/5way_5shot_acc"]))
+
+
+def test_optuna_search_is_a_seeded_tpe_maximising_validation_with_a_study_under_outputs(tmp_path):
+    cfg = _compose(["hparams_search=optuna", f"paths.root_dir={tmp_path}"])
+    sweeper = cfg.hydra.sweeper
+    assert sweeper._target_.endswith("OptunaSweeper") and cfg.hydra.mode.name == "MULTIRUN"
+    assert sweeper.direction == "maximize" and cfg.optimized_metric.startswith("val/")
+    assert sweeper.sampler._target_ == "optuna.samplers.TPESampler"
+    study = (tmp_path / "outputs" / "optuna" / "fsl_protonet.db").resolve()
+    assert sweeper.storage == f"sqlite:///{study}"  # fixed path: the next invocation resumes
+    assert sweeper.sampler.seed == 1234  # + stored trials: none yet
+    assert optuna_seed(1234, sweeper.storage, "other") == 1234
+    for key in sweeper.params:
+        assert OmegaConf.select(cfg, key) is not None, f"search parameter {key} is not in the config"
+
+
+def test_launcher_plugins_are_installed_and_the_slurm_config_follows_the_trainer():
+    launchers = {p.__name__ for p in Plugins.instance().discover(Launcher)}
+    assert {"JoblibLauncher", "SlurmLauncher", "LocalLauncher"} <= launchers
+    assert "OptunaSweeper" in {p.__name__ for p in Plugins.instance().discover(Sweeper)}
+    cfg = _compose(["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4"])
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert launcher.gpus_per_node == 4 and launcher.tasks_per_node == 4
+    assert launcher.timeout_min > 0 and launcher.cpus_per_task > 0 and launcher.mem_gb > 0
+    assert launcher.submitit_folder.startswith(cfg.hydra.sweep.dir)
+    joblib = _compose(["hydra/launcher=joblib"]).hydra.launcher
+    assert joblib._target_.endswith("JoblibLauncher")
+
+
+def _tiny(tmp_path: Path) -> list[str]:
+    names = ",".join(TINYSOL_INSTRUMENTS)
+    return ["dataset/source=tones", f"dataset.source.instruments=[{names}]", "debug=fast",
+            f"paths.root_dir={tmp_path}", "dataset.episodes.val.n_query=5", "test=false",
+            "~callbacks.progress_bar", "+trainer.enable_progress_bar=false"]
+
+
+@pytest.mark.slow
+def test_optuna_sweep_on_two_joblib_workers_stores_its_study_and_a_second_run_resumes_it(tmp_path):
+    import optuna
+
+    sweep = tmp_path / "sweep"
+    first = [sys.executable, "-m", "fewzero.train", "hparams_search=optuna", *_tiny(tmp_path),
+             "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=2", "hydra/launcher=joblib",
+             "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={sweep}"]
+    done = subprocess.run(first, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    storage = f"sqlite:///{tmp_path / 'outputs' / 'optuna' / 'fsl_protonet.db'}"
+    trials = optuna.load_study(study_name="fsl_protonet", storage=storage).trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]
+    # the objective is each trial's best validation accuracy (no test ran at all)
+    reports = [json.loads(p.read_text())["metrics"] for p in sweep.glob("*/metrics.json")]
+    assert sorted(t.value for t in trials) == sorted(r["val/acc_best"] for r in reports)
+    assert not any(k.startswith("test/") for r in reports for k in r)
+
+    second = [a for a in first if not a.startswith(("hydra.sweeper.n_", "hydra/launcher", "hydra.launcher",
+                                                    "hydra.sweep.dir"))]
+    done = subprocess.run(second + ["hydra.sweeper.n_trials=1", f"hydra.sweep.dir={tmp_path / 'more'}"],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    trials = optuna.load_study(study_name="fsl_protonet", storage=storage).trials
+    assert len(trials) == 3 and trials[2].state.name == "COMPLETE"
+    # a resumed study is not a replay: the sampler's seed moved on by the stored trials
+    assert trials[2].params not in (trials[0].params, trials[1].params)
