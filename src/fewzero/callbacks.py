@@ -1,11 +1,15 @@
-"""Callbacks of our own (Lightning's cover checkpoints, LR and progress)."""
+"""Callbacks of our own: stage timing, per-step seeding and the resume checkpoint (last.ckpt)."""
 
 from __future__ import annotations
 
 import time
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 
 class StageTimer(pl.Callback):
@@ -58,3 +62,68 @@ class StageTimer(pl.Callback):
     def _log(trainer: pl.Trainer, metrics: dict[str, float]) -> None:
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
+
+
+def step_seed(seed: int, step: int, rank: int = 0) -> int:
+    """Seed of the global RNG for optimiser step `step` on process `rank`: a hash of the three,
+    so neighbouring steps, seeds and ranks get unrelated streams."""
+    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0])
+
+
+class StepSeed(pl.Callback):
+    """Reseeds torch's global RNG (CPU and CUDA) before every training step with
+    `step_seed(seed, global_step, rank)`, so dropout and augmentation draws depend only on the
+    step, never on how the run got there.
+
+    This is what makes a run resumed from any checkpoint (`ckpt_path=last`) repeat the
+    uninterrupted run exactly: restoring the RNG state saved in the checkpoint is not enough,
+    because between a save and the next step Lightning draws from the global RNG a different
+    number of times in a fresh process (the sanity-check validation, data-loader iterator seeds).
+    """
+
+    def __init__(self, seed: int | None) -> None:
+        self.seed = seed
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                             batch: Any, batch_idx: int) -> None:
+        if self.seed is not None:
+            torch.manual_seed(step_seed(self.seed, trainer.global_step, trainer.global_rank))
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """`<dirpath>/last.ckpt` for resuming (`ckpt_path=last`), written every `every_n_train_steps`
+    optimiser steps and at the end of every epoch, after its validation.
+
+    Lightning's ModelCheckpoint does one or the other; with `every_n_train_steps` alone, a save
+    that falls on an epoch's last batch comes before that epoch's validation, which the resumed
+    run then skips (its score never counts towards `val/acc_best` or the best checkpoint). So
+    that batch is left to the epoch-end save. Writes are atomic (temporary file, then moved).
+    """
+
+    def __init__(self, dirpath: str, every_n_train_steps: int = 0, filename: str = "last"):
+        super().__init__(dirpath=dirpath, filename=filename, monitor=None, save_top_k=1,
+                         enable_version_counter=False,
+                         every_n_train_steps=every_n_train_steps or None)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        # A resumed run starts at its checkpoint's step: do not write that step again (Lightning
+        # replays the end of an epoch that was checkpointed there).
+        self._last_global_step_saved = trainer.global_step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           outputs: Any, batch: Any, batch_idx: int) -> None:
+        if batch_idx + 1 < trainer.num_training_batches:
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._should_skip_saving_checkpoint(trainer):
+            self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                     exception: BaseException) -> None:
+        # SIGTERM (a cluster's preemption or time limit): Lightning stops after the current
+        # batch; save it, so nothing is lost. Single-process only: DDP ranks may already be gone.
+        if (isinstance(exception, SIGTERMException) and trainer.world_size == 1
+                and not self._should_skip_saving_checkpoint(trainer)):
+            self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))

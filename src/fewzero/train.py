@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import math
+import signal
 import traceback
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from fewzero.summary import print_summary
 from fewzero.sweeps import register_resolvers
@@ -64,10 +66,14 @@ def compose_train_config(overrides: list[str], output_dir: str | Path) -> DictCo
 
 
 def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
-    """`last` means <output_dir>/checkpoints/last.ckpt; anything else must be an existing file."""
+    """`last` means <output_dir>/checkpoints/last.ckpt; `auto` the same when it exists, else
+    None (start afresh: for jobs a cluster may requeue); anything else must be an existing file."""
     if ckpt_path is None:
         return None
-    path = output_dir / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
+    last = output_dir / "checkpoints" / "last.ckpt"
+    if ckpt_path == "auto":
+        return str(last) if last.is_file() else None
+    path = last if ckpt_path == "last" else Path(ckpt_path)
     if not path.is_file():
         raise FileNotFoundError(
             f"Checkpoint {path} does not exist. Pass ckpt_path=/path/to/run/checkpoints/last.ckpt, "
@@ -225,6 +231,11 @@ def main(cfg: DictConfig) -> float | None:
     objective = optimized_metric(cfg)
     try:
         metrics, _ = train(cfg)
+    except SIGTERMException:
+        # Lightning stopped after the current batch; callbacks.last_checkpoint saved it.
+        log.warning("Stopped by SIGTERM. Resume with the same overrides plus: ckpt_path=last "
+                    "hydra.run.dir=%s", cfg.paths.output_dir)
+        raise SystemExit(128 + signal.SIGTERM) from None
     except Exception:
         if HydraConfig.get().mode != RunMode.MULTIRUN:
             raise

@@ -57,6 +57,20 @@ class ClipExcerpts(Dataset):
         return {"x": x, "label": self.labels[index], "index": torch.tensor(index)}
 
 
+class StepResumedLoader(DataLoader):
+    """The training loader, which resumes exactly from a mid-epoch checkpoint by construction:
+    `train_dataloader()` starts the seeded episode stream at `trainer.global_step`, which the
+    checkpoint has restored by then. `state_dict`/`load_state_dict` tell Lightning so (else it
+    warns that the loader is not resumable); the state is only that first episode, for reading.
+    """
+
+    def state_dict(self) -> dict[str, int]:
+        return {"first_episode": self.dataset.first_episode}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        pass  # the position comes from the restored global step
+
+
 class FewShotDataModule(pl.LightningDataModule):
     """Episodes over cached log-mel features, with train/val/test instrument lists disjoint.
 
@@ -145,8 +159,8 @@ class FewShotDataModule(pl.LightningDataModule):
                                  self.train_settings.n_episodes, self.excerpt_frames,
                                  random_crop=True, first_episode=first,
                                  max_start=self.train_max_start)
-        return DataLoader(dataset, batch_size=None, shuffle=False, num_workers=self.num_workers,
-                          persistent_workers=False)
+        return StepResumedLoader(dataset, batch_size=None, shuffle=False,
+                                 num_workers=self.num_workers, persistent_workers=False)
 
     def _excerpts(self, stage: str) -> DataLoader:
         dataset = ClipExcerpts(self.table.features, self.labels, self.stage_indices(stage),

@@ -42,6 +42,7 @@ class FewShotModule(pl.LightningModule):
         self.plot_dir = Path(plot_dir) if plot_dir else None
         self.plot_episodes = plot_episodes
         self.train_acc = MeanMetric()
+        self.train_acc.persistent(True)  # a run resumed mid-epoch keeps the epoch's accuracy so far
         self.val_acc_best = MaxMetric()
         self.val_acc_best.persistent(True)  # a resumed run keeps its best-so-far
         self._embeddings: list[torch.Tensor] = []
@@ -55,6 +56,10 @@ class FewShotModule(pl.LightningModule):
             checkpoint["rng_state"]["cuda"] = torch.cuda.get_rng_state_all()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # checkpoints from before the metric states were saved load with fresh ones
+        for key, value in self.state_dict().items():
+            if key.startswith(("train_acc.", "val_acc_best.")):
+                checkpoint["state_dict"].setdefault(key, value)
         state = checkpoint.get("rng_state")
         if state is not None:
             torch.set_rng_state(state["torch"])
@@ -62,6 +67,10 @@ class FewShotModule(pl.LightningModule):
                 torch.cuda.set_rng_state_all(state["cuda"])
 
     # ---- training ---------------------------------------------------------------------
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if batch_idx == 0:  # a new epoch; not after a mid-epoch resume (batch_idx continues)
+            self.train_acc.reset()
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         support, query = batch["support"], batch["query"]
         x = self.augment(torch.cat([support, query]))  # one backbone pass for the whole episode

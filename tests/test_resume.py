@@ -1,0 +1,151 @@
+"""Faults: a run stopped (SIGTERM) or killed (SIGKILL) mid-training and resumed with
+`ckpt_path=last` ends with exactly the metrics of an uninterrupted run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from conftest import FSL_OVERRIDES, compose_train_cfg
+from omegaconf import open_dict
+
+from fewzero.callbacks import LastCheckpoint
+from fewzero.data.clips import TINYSOL_INSTRUMENTS
+from fewzero.train import train
+
+# 3 epochs of 4 steps; last.ckpt every 3 steps and after each epoch's validation
+SHORT_EPOCHS = ["trainer.deterministic=true", "seed=5", "trainer.max_steps=12",
+                "dataset.episodes.train.n_episodes=4", "callbacks.last_checkpoint.every_n_train_steps=3",
+                "model.plot_episodes=0"]
+
+
+def _report(run: Path) -> dict:
+    report = json.loads((run / "metrics.json").read_text())
+    return {"metrics": report["metrics"], "test_episodes": report["test_episodes"]}
+
+
+class _Sigterm(pl.Callback):
+    """Sends this process a real SIGTERM before optimiser step `at_step` + 1."""
+
+    def __init__(self, at_step: int):
+        self.at_step = at_step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.at_step:
+            os.kill(os.getpid(), signal.SIGTERM)  # Lightning's handler takes it
+
+
+class _Saves(LastCheckpoint):
+    """LastCheckpoint that records (global step, validations run so far) at every write."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.saves: list[tuple[int, int]] = []
+
+    def _save_checkpoint(self, trainer, filepath):
+        self.saves.append((trainer.global_step, trainer.fit_loop.epoch_loop.val_loop.batch_progress
+                           .total.completed))
+        super()._save_checkpoint(trainer, filepath)
+
+
+def test_last_checkpoint_every_n_steps_and_after_each_epochs_validation(tmp_path):
+    cfg = compose_train_cfg(tmp_path, ["trainer.max_steps=7", "dataset.episodes.train.n_episodes=3",
+                                       "test=false"])
+    with open_dict(cfg):
+        cfg.callbacks.last_checkpoint._target_ = "test_resume._Saves"
+        cfg.callbacks.last_checkpoint.every_n_train_steps = 2
+    _, objects = train(cfg)
+    saves = next(c for c in objects["trainer"].callbacks if isinstance(c, _Saves)).saves
+    # 2, 4: every 2 steps; 3, 6: epoch ends (6, a multiple of 2 too, is written after the
+    # epoch's validation, not before it); 7: the end of training
+    assert [step for step, _ in saves] == [2, 3, 4, 6, 7]
+    validations = dict(saves)
+    assert validations[6] > validations[4]  # epoch 2's validation is in the step-6 checkpoint
+    assert objects["trainer"].global_step == 7
+
+
+@pytest.mark.slow
+def test_sigterm_mid_epoch_saves_that_step_and_the_resumed_run_matches(tmp_path):
+    short = SHORT_EPOCHS + ["trainer.max_steps=8"]  # 2 epochs
+    full = compose_train_cfg(tmp_path / "full", short)
+    train(full)
+    stopped = compose_train_cfg(tmp_path / "stopped", short)
+    with open_dict(stopped):
+        stopped.callbacks.sigterm = {"_target_": "test_resume._Sigterm", "at_step": 4}
+    with pytest.raises(SystemExit):  # Lightning's SIGTERMException
+        train(stopped)
+    run = Path(stopped.paths.output_dir)
+    # step 5 is no multiple of 3 nor an epoch end: written because of the SIGTERM
+    assert _step(run / "checkpoints" / "last.ckpt") == 5
+    resumed = compose_train_cfg(tmp_path / "stopped", short + ["ckpt_path=last"])
+    train(resumed)
+    assert _report(run) == _report(Path(full.paths.output_dir))
+
+
+def _command(root: Path, run: Path) -> list[str]:
+    names = ",".join(TINYSOL_INSTRUMENTS)
+    return [sys.executable, "-m", "fewzero.train", "dataset/source=tones",
+            f"dataset.source.instruments=[{names}]", "dataset.source.clips_per_class=12",
+            f"paths.root_dir={root}", f"hydra.run.dir={run}", "+trainer.enable_progress_bar=false",
+            "~callbacks.progress_bar", *FSL_OVERRIDES, *SHORT_EPOCHS]
+
+
+def _wait_for_new(path: Path, process: subprocess.Popen, old: tuple | None, timeout: float = 300):
+    """Wait until `path` is (re)written, i.e. its (inode, mtime) differs from `old`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        if path.exists():
+            stat = path.stat()
+            if (stat.st_ino, stat.st_mtime_ns) != old:
+                return
+        time.sleep(0.01)
+    raise AssertionError(f"{path} was not written before the run ended (rc {process.poll()})")
+
+
+def _step(path: Path) -> int:
+    return torch.load(path, map_location="cpu", weights_only=False)["global_step"]
+
+
+@pytest.mark.slow
+def test_run_stopped_by_sigterm_then_killed_resumes_to_the_uninterrupted_metrics(tmp_path):
+    subprocess.run(_command(tmp_path, tmp_path / "full"), check=True, capture_output=True, timeout=600)
+    run = tmp_path / "interrupted"
+    last = run / "checkpoints" / "last.ckpt"
+    log = (tmp_path / "interrupted.log").open("w")
+
+    # SIGTERM as soon as a checkpoint exists: Lightning finishes the batch, last.ckpt gets it
+    first = subprocess.Popen(_command(tmp_path, run), stdout=log, stderr=log)
+    _wait_for_new(last, first, None)
+    first.send_signal(signal.SIGTERM)
+    assert first.wait(timeout=300) == 128 + signal.SIGTERM
+    stopped_at = _step(last)
+    assert 0 < stopped_at < 12
+
+    # resume, then SIGKILL (no clean-up at all) once the resumed run has written a checkpoint
+    stat = last.stat()
+    second = subprocess.Popen(_command(tmp_path, run) + ["ckpt_path=last"], stdout=log, stderr=log)
+    _wait_for_new(last, second, (stat.st_ino, stat.st_mtime_ns))
+    second.kill()
+    assert second.wait(timeout=60) == -signal.SIGKILL
+    killed_at = _step(last)
+    assert stopped_at < killed_at < 12
+
+    subprocess.run(_command(tmp_path, run) + ["ckpt_path=last"], check=True, capture_output=True,
+                   timeout=600)
+    assert _report(run) == _report(tmp_path / "full")
+
+
+def test_ckpt_path_auto_resumes_when_there_is_a_last_checkpoint_and_starts_afresh_otherwise(tmp_path):
+    from fewzero.train import resolve_ckpt_path
+
+    assert resolve_ckpt_path("auto", tmp_path) is None
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    last.parent.mkdir()
+    last.write_bytes(b"")
+    assert resolve_ckpt_path("auto", tmp_path) == str(last) == resolve_ckpt_path("last", tmp_path)
