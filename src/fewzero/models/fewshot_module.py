@@ -122,9 +122,11 @@ class FewShotModule(pl.LightningModule):
                                     settings.n_episodes, self.net.distance.cpu_copy(),
                                     len(dm.class_names))
         self.val_acc_best(results.mean)
-        self.log("val/acc", results.mean, prog_bar=True)
-        self.log("val/acc_ci95", results.ci95)
-        self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True)
+        # Every rank scores the same gathered embeddings, so these are equal across ranks;
+        # sync_dist makes DDP agree on them explicitly (and Lightning expects it for epoch values).
+        self.log("val/acc", results.mean, prog_bar=True, sync_dist=True)
+        self.log("val/acc_ci95", results.ci95, sync_dist=True)
+        self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True, sync_dist=True)
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._collect(batch)
@@ -138,8 +140,8 @@ class FewShotModule(pl.LightningModule):
             results = evaluate_episodes(embeddings, sampler, settings.n_episodes, distance,
                                         len(dm.class_names))
             self.test_results[settings.name] = results
-            self.log(f"test/{settings.name}_acc", results.mean)
-            self.log(f"test/{settings.name}_ci95", results.ci95)
+            self.log(f"test/{settings.name}_acc", results.mean, sync_dist=True)
+            self.log(f"test/{settings.name}_ci95", results.ci95, sync_dist=True)
             if self.trainer.is_global_zero:
                 title = f"{settings.name}, {settings.n_episodes} test episodes"
                 self._save_figure(confusion_figure(results.confusion, dm.class_names, title),

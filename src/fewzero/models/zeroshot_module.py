@@ -178,7 +178,7 @@ class ZeroShotModule(pl.LightningModule):
             metrics["val/acc"] = metrics.get("val/zsl_top1", metrics.get("val/seen_top1", 0.0))
         self.val_acc_best(metrics["val/acc"])
         metrics["val/acc_best"] = float(self.val_acc_best.compute())
-        self.log_dict(metrics, prog_bar=False)
+        self.log_dict(metrics, prog_bar=False, sync_dist=True)  # equal on every rank (gathered scores)
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._collect(batch)
@@ -189,7 +189,7 @@ class ZeroShotModule(pl.LightningModule):
         gamma = float(self.calibration_gamma)
         self.results = evaluate_zsl(scores, labels, self.ids["seen"], self.ids["unseen"],
                                          gamma, len(dm.class_names))
-        self.log_dict({f"test/{k}": v for k, v in self.results.metrics.items()})
+        self.log_dict({f"test/{k}": v for k, v in self.results.metrics.items()}, sync_dist=True)
         if self.trainer.is_global_zero:
             self._test_figures(audio, labels)
 
