@@ -12,7 +12,9 @@ from omegaconf import open_dict
 
 from fewzero.train import train
 
-EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
+# Audio experiments; the xlsa17_* ones run on precomputed features (tests/test_xlsa17.py).
+EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml")
+                     if not p.stem.startswith("xlsa17"))
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)

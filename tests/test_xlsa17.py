@@ -14,7 +14,7 @@ import pytest
 import scipy.io
 import scipy.linalg
 import torch
-from conftest import SHARED_DATA
+from conftest import CONFIG_DIR, SHARED_DATA
 
 from fewzero.data.xlsa17 import XLSA17_URL, Xlsa17DataModule, load_features, load_splits
 from fewzero.plots import confusion_figure
@@ -276,6 +276,20 @@ def test_closed_form_models_select_on_validation_refit_on_trainval_and_test(tmp_
     assert metrics["test/zsl_top1"] == 1.0  # features are a linear map of the attributes
     for key in ("val/zsl_top1", "val/seen_top1", "val/gzsl_cs_h", "test/gzsl_cs_h", "test/gzsl_h"):
         assert 0.0 <= metrics[key] <= 1.0
+
+
+XLSA17_EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("xlsa17_*.yaml")
+                            if p.stem != "xlsa17_common")
+
+
+@pytest.mark.parametrize("experiment", XLSA17_EXPERIMENTS)
+def test_every_xlsa17_experiment_trains_selects_refits_and_tests_for_one_epoch(tmp_path, experiment):
+    write_toy(tmp_path)
+    metrics, objects = train(_toy_cfg(tmp_path, [f"experiment={experiment}", "trainer.max_epochs=1",
+                                                 *NO_LOGGER]))
+    report = json.loads(Path(objects["cfg"].paths.output_dir, "metrics.json").read_text())
+    assert report["refit_on_trainval"]["epochs"] == 1
+    assert 0.0 <= metrics["test/zsl_top1"] <= 1.0 and 0.0 <= metrics["test/gzsl_cs_h"] <= 1.0
 
 
 def test_a_gradient_model_refits_for_the_selected_number_of_epochs(tmp_path):
