@@ -117,34 +117,56 @@ def _metric(value: Any) -> float:
 
 def refit_on_trainval(cfg: DictConfig, datamodule: Any, trainer: pl.Trainer, output_dir: Path
                       ) -> tuple[Any, pl.LightningModule, pl.Trainer, dict[str, Any]]:
-    """Retrain from scratch on all training data (training + validation classes) for as many
-    epochs as the validation-selected checkpoint had, keeping its calibration penalty: the last
+    """Retrain from scratch on all training data (training + validation classes) for as long as
+    the validation-selected checkpoint had trained, keeping its calibration penalty: the last
     step of Xian et al.'s protocol, for datamodules with `refit_on_trainval` and `for_trainval()`.
+
+    The length is counted in the datamodule's `refit_length` unit: "epochs" (default; an epoch is
+    every training item once, so more data means more steps, as in the paper) or "steps" (epochs
+    of a fixed number of batches: the refit takes as many optimiser steps). The trainer and model
+    configs are unchanged, so a learning-rate schedule follows the same course as in the run that
+    chose the checkpoint.
 
     Returns (datamodule, model, trainer, info); the refitted model is saved as
     `<output_dir>/checkpoints/refit_trainval.ckpt` (info["checkpoint"]) and is what gets tested.
+    A `fast_dev_run` saves no checkpoint: its current weights stand in for the selected ones.
     """
     selected_path = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-    if not selected_path:
+    if selected_path:
+        selected = torch.load(selected_path, map_location="cpu", weights_only=False)
+        epochs, steps = int(selected["epoch"]) + 1, int(selected["global_step"])
+        gamma = selected["state_dict"]["calibration_gamma"]
+    elif trainer.fast_dev_run:
+        epochs, steps = max(1, trainer.current_epoch), trainer.global_step
+        gamma = trainer.lightning_module.calibration_gamma.detach().cpu()
+    else:
         raise RuntimeError("Refitting on trainval needs the validation-selected checkpoint; none was "
                            "saved (is callbacks.model_checkpoint enabled?).")
-    selected = torch.load(selected_path, map_location="cpu", weights_only=False)
-    epochs = int(selected["epoch"]) + 1
+    unit = getattr(datamodule, "refit_length", "epochs")
+    if unit not in ("epochs", "steps"):
+        raise ValueError(f"{type(datamodule).__name__}.refit_length must be 'epochs' or 'steps'; "
+                         f"got {unit!r}")
+    length = {"max_epochs": epochs, "max_steps": -1} if unit == "epochs" else {
+        "max_epochs": -1, "max_steps": steps}
+    if trainer.fast_dev_run:  # its batch limits, except the one validation batch it would force
+        length = {"fast_dev_run": False, "max_epochs": -1, "max_steps": steps,
+                  "limit_train_batches": trainer.limit_train_batches,
+                  "limit_test_batches": trainer.limit_test_batches}
     final_dm = datamodule.for_trainval()
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True)
     model = hydra.utils.instantiate(cfg.model)
-    model.calibration_gamma.copy_(selected["state_dict"]["calibration_gamma"])
+    model.calibration_gamma.copy_(gamma)
     refit = hydra.utils.instantiate(cfg.trainer, callbacks=[], logger=False, enable_checkpointing=False,
-                                    max_epochs=epochs, max_steps=-1, limit_val_batches=0,
-                                    num_sanity_val_steps=0)
-    log.info("Refitting on all training data for %d epoch(s) (selected: %s)", epochs, selected_path)
+                                    limit_val_batches=0, num_sanity_val_steps=0, **length)
+    log.info("Refitting on all training data for %d %s (selected: %s)",
+             epochs if unit == "epochs" else steps, unit, selected_path)
     refit.fit(model, datamodule=final_dm)
     path = output_dir / "checkpoints" / "refit_trainval.ckpt"
     refit.save_checkpoint(path)
     refit.loggers = trainer.loggers  # test metrics and figures go where the first fit's went
-    info = {"checkpoint": str(path), "selected_checkpoint": selected_path, "epochs": epochs,
-            "steps": refit.global_step}
+    info = {"checkpoint": str(path), "selected_checkpoint": selected_path, "unit": unit,
+            "epochs": epochs, "selected_steps": steps, "steps": refit.global_step}
     return final_dm, model, refit, info
 
 

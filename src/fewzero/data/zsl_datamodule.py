@@ -11,12 +11,17 @@ Clip roles (folds as in the source; defaults val_fold=3, test_fold=4):
 | test unseen | unseen                               | every fold                |
 
 Model selection and GZSL calibration see only the two validation roles, built from seen-class
-data; no unseen clip and no test-fold clip ever reaches a training or validation batch (checked
-in `setup` and again on every batch by `assert_clean`).
+data. `train_on="trainval"` (`for_trainval()`, the final fit of Xian et al.'s protocol, see
+`fewzero.train.refit_on_trainval`) trains on every seen class, pseudo-unseen included, on every
+fold but the test fold, and has no validation roles. No unseen clip and no test-fold clip ever
+reaches a training or validation batch (checked in `setup` and again on every batch by
+`assert_clean`); in the validation phase no pseudo-unseen or validation-fold clip reaches
+training either (checked in `setup`).
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -77,15 +82,26 @@ class ZeroShotDataModule(pl.LightningDataModule):
         batch_size, steps_per_epoch: training batches per epoch (validation runs after each).
         excerpt_seconds, eval_offset_seconds, train_max_offset_seconds: as `FewShotDataModule`.
         seed: training stream seed (evaluation sets are fixed, whole clips).
+        train_on: "train" (validation phase: seen minus pseudo-unseen classes, minus the val fold)
+            or "trainval" (every seen class on every fold but the test fold; no validation).
+        refit_on_trainval: after validation, retrain from scratch in the "trainval" setting for
+            the selected number of steps, keeping the calibration penalty, and test that model
+            (Xian et al.'s protocol; done by `fewzero.train`).
     Class ids index `class_names` = seen + unseen, in the split's order.
     """
+
+    refit_length = "steps"  # epochs are steps_per_epoch batches: a refit copies the step count
 
     def __init__(self, source: ClipSource, features: MelFeatures, split: Mapping[str, Sequence[str]],
                  cache_dir: str | Path, excerpt_seconds: float = 1.0, eval_offset_seconds: float = 0.0,
                  train_max_offset_seconds: float | None = None, val_fold: int | None = 3,
                  test_fold: int = 4, batch_size: int = 64, steps_per_epoch: int = 100, seed: int = 0,
-                 num_workers: int = 0, eval_batch_size: int = 256):
+                 num_workers: int = 0, eval_batch_size: int = 256, train_on: str = "train",
+                 refit_on_trainval: bool = True):
         super().__init__()
+        if train_on not in ("train", "trainval"):
+            raise ValueError(f"dataset.train_on must be 'train' or 'trainval'; got {train_on!r}")
+        self.train_on, self.refit_on_trainval = train_on, refit_on_trainval
         self.source, self.features = source, features
         self.seen, self.unseen = list(split["seen"]), list(split["unseen"])
         self.pseudo_unseen = list(split.get("pseudo_unseen") or [])
@@ -118,7 +134,20 @@ class ZeroShotDataModule(pl.LightningDataModule):
 
     @property
     def train_classes(self) -> list[str]:
+        """The classes training scores against: all seen ones in the "trainval" refit."""
+        if self.train_on == "trainval":
+            return list(self.seen)
         return [n for n in self.seen if n not in self.pseudo_unseen]
+
+    def for_trainval(self) -> ZeroShotDataModule:
+        """The same data (cached features shared) with every seen class on every fold but the
+        test fold as training data, and no validation roles."""
+        final = copy.copy(self)
+        final.train_on, final.refit_on_trainval = "trainval", False
+        if self.table is not None:
+            final.indices = final._role_indices()
+            final.assert_clean(final.indices["train"], training=True)
+        return final
 
     # ---- data preparation -------------------------------------------------------------
     def prepare_data(self) -> None:
@@ -134,6 +163,7 @@ class ZeroShotDataModule(pl.LightningDataModule):
         self.labels = torch.tensor([name_to_id.get(n, -1) for n in self.table.instruments])
         self.indices = self._role_indices()
         self.assert_clean(torch.cat([self.indices[r] for r in ("train", "val_seen", "val_unseen")]))
+        self.assert_clean(self.indices["train"], training=True)
         room = self.table.features.shape[-1] - self.excerpt_frames
         if room < 0:
             raise ValueError(f"Excerpts of {self.excerpt_frames} frames are longer than the cached "
@@ -153,6 +183,11 @@ class ZeroShotDataModule(pl.LightningDataModule):
             return torch.nonzero(in_classes & fold_mask).flatten()
 
         test_fold = folds == self.test_fold
+        if self.train_on == "trainval":
+            empty = torch.zeros(0, dtype=torch.long)
+            return {"train": where(self.seen, ~test_fold), "val_seen": empty, "val_unseen": empty,
+                    "test_seen": where(self.seen, test_fold),
+                    "test_unseen": where(self.unseen, torch.ones_like(test_fold))}
         val_fold = (folds == self.val_fold) if self.val_fold is not None else torch.zeros_like(test_fold)
         return {
             "train": where(self.train_classes, ~test_fold & ~val_fold),
@@ -162,15 +197,28 @@ class ZeroShotDataModule(pl.LightningDataModule):
             "test_unseen": where(self.unseen, torch.ones_like(test_fold)),
         }
 
-    def assert_clean(self, clip_indices: torch.Tensor) -> None:
-        """Raise when any clip is unseen-class or test-fold (call on train/val clip indices)."""
+    def assert_clean(self, clip_indices: torch.Tensor, training: bool = False) -> None:
+        """Raise when any clip is unseen-class or test-fold (call on train/val clip indices).
+
+        training=True (training clips): in the validation phase ("train"), also raise on
+        pseudo-unseen-class and validation-fold clips, which model selection must not have
+        trained on.
+        """
         clip_indices = clip_indices.cpu()
         labels = self.labels[clip_indices]
+        folds = self.table.folds[clip_indices]
         unseen = torch.isin(labels, torch.tensor(self.ids(self.unseen), dtype=torch.long))
-        test_fold = self.table.folds[clip_indices] == self.test_fold
+        test_fold = folds == self.test_fold
         if bool(unseen.any()) or bool(test_fold.any()) or bool((labels < 0).any()):
             raise AssertionError(f"Leak: {int(unseen.sum())} unseen-class and {int(test_fold.sum())} "
                                  "test-fold clips in training or validation data.")
+        if training and self.train_on == "train":
+            pseudo = torch.isin(labels, torch.tensor(self.ids(self.pseudo_unseen), dtype=torch.long))
+            val_fold = folds == self.val_fold if self.val_fold is not None else torch.zeros_like(pseudo)
+            if bool(pseudo.any()) or bool(val_fold.any()):
+                raise AssertionError(f"Leak: {int(pseudo.sum())} pseudo-unseen-class and "
+                                     f"{int(val_fold.sum())} validation-fold clips in training data "
+                                     "of the validation phase.")
 
     # ---- loaders ----------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:

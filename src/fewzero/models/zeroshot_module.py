@@ -1,8 +1,9 @@
 """LightningModule for zero-shot learning: audio encoder + compatibility head + side information.
 
-Training scores each excerpt against the training (seen) classes' vectors. Validation embeds the
-held-out seen fold and the pseudo-unseen classes (both carved from seen data) and chooses the
-calibrated-stacking penalty there; testing embeds the seen test fold and every unseen clip once
+Training scores each excerpt against the vectors of the datamodule's `train_classes` (seen minus
+pseudo-unseen in the validation phase, every seen class in a refit on trainval). Validation
+embeds the held-out seen fold and the pseudo-unseen classes (both carved from seen data) and
+chooses the calibrated-stacking penalty there; testing embeds the seen test fold and every unseen clip once
 and reports ZSL, seen and GZSL metrics (see `fewzero.zsl_evaluation`).
 """
 

@@ -1,0 +1,138 @@
+"""Audio zero-shot refit on trainval (Xian et al.'s last step): after validation selects the
+training length and the calibration penalty, retrain on every seen class (pseudo-unseen
+included) on every fold but the test fold, and test that model."""
+
+import json
+from pathlib import Path
+
+import hydra
+import pytest
+import torch
+from conftest import compose_train_cfg
+
+from fewzero.data.zsl_datamodule import ZeroShotDataModule
+from fewzero.models.zsl_heads import EszslHead
+from fewzero.train import train
+
+WORD = ["experiment=zsl_attribute_audio"]  # word-audio split; attribute table needs no package
+QUICK = ["~logger", "~callbacks.learning_rate_monitor", "model.plot_dir=null"]  # no figures
+# val/acc_best never decreases, so mode=min keeps the first epoch's checkpoint: the selected
+# length (one epoch = 2 steps) is then shorter than trainer.max_steps (4); batches of 16 draws,
+# so that two of them reach a pseudo-unseen class
+SELECT_FIRST_EPOCH = ["trainer.max_steps=4", "dataset.batch_size=16",
+                      "callbacks.model_checkpoint.monitor=val/acc_best",
+                      "callbacks.model_checkpoint.mode=min", *QUICK]
+
+
+def _datamodule(tmp_path, overrides=()):
+    dm = hydra.utils.instantiate(compose_train_cfg(tmp_path, WORD + list(overrides)).dataset)
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
+def _record_batch_checks(monkeypatch) -> list[tuple[str, torch.Tensor]]:
+    """(train_on, clip indices) of every batch check (the module's per-batch `assert_clean`)
+    and `setup`'s check of all training and validation clips."""
+    calls: list[tuple[str, torch.Tensor]] = []
+    original = ZeroShotDataModule.assert_clean
+
+    def recording(self, clip_indices, training=False):
+        if not training:
+            calls.append((self.train_on, clip_indices.clone()))
+        return original(self, clip_indices, training)
+
+    monkeypatch.setattr(ZeroShotDataModule, "assert_clean", recording)
+    return calls
+
+
+def test_for_trainval_trains_on_every_seen_class_and_fold_but_never_unseen_or_test_fold(tmp_path):
+    dm = _datamodule(tmp_path, ["dataset.steps_per_epoch=40", "dataset.batch_size=16"])
+    final = dm.for_trainval()
+    assert final.train_on == "trainval" and not final.refit_on_trainval
+    assert dm.train_on == "train" and dm.train_classes == [n for n in dm.seen if n not in dm.pseudo_unseen]
+    assert final.train_classes == dm.seen
+    seen = torch.isin(dm.labels, torch.tensor(dm.ids(dm.seen)))
+    expected = torch.nonzero(seen & (dm.table.folds != dm.test_fold)).flatten()
+    assert torch.equal(final.indices["train"], expected)
+    assert final.indices["val_seen"].numel() == final.indices["val_unseen"].numel() == 0
+    for role in ("test_seen", "test_unseen"):
+        assert torch.equal(final.indices[role], dm.indices[role])
+    labels = torch.cat([b["label"] for b in final.train_dataloader()])
+    indices = torch.cat([b["index"] for b in final.train_dataloader()])
+    assert set(labels.tolist()) == set(dm.ids(dm.seen))  # pseudo-unseen classes train now
+    folds = set(dm.table.folds[indices].tolist())
+    assert dm.val_fold in folds and dm.test_fold not in folds
+    final.assert_clean(indices, training=True)
+    with pytest.raises(AssertionError, match="unseen-class"):
+        final.assert_clean(dm.indices["test_unseen"][:1], training=True)
+    with pytest.raises(AssertionError, match="test-fold"):
+        final.assert_clean(dm.indices["test_seen"][:1], training=True)
+
+
+def test_validation_phase_training_data_rejects_pseudo_unseen_and_validation_fold_clips(tmp_path):
+    dm = _datamodule(tmp_path)
+    dm.assert_clean(dm.indices["val_unseen"])  # fine for validation batches
+    with pytest.raises(AssertionError, match="1 pseudo-unseen-class and 0 validation-fold"):
+        dm.assert_clean(dm.indices["val_unseen"][:1], training=True)
+    with pytest.raises(AssertionError, match="0 pseudo-unseen-class and 1 validation-fold"):
+        dm.assert_clean(dm.indices["val_seen"][:1], training=True)
+    with pytest.raises(Exception, match="train_on must be 'train' or 'trainval'"):
+        hydra.utils.instantiate(compose_train_cfg(tmp_path, WORD + ["dataset.train_on=all"]).dataset)
+
+
+def test_refit_trains_on_pseudo_unseen_classes_for_the_selected_steps_and_keeps_the_penalty(
+        tmp_path, monkeypatch):
+    calls = _record_batch_checks(monkeypatch)
+    metrics, objects = train(compose_train_cfg(tmp_path, WORD + SELECT_FIRST_EPOCH))
+    run = Path(objects["cfg"].paths.output_dir)
+    report = json.loads((run / "metrics.json").read_text())
+    refit = report["refit_on_trainval"]
+    assert report["checkpoint"] == refit["checkpoint"] == str(run / "checkpoints" / "refit_trainval.ckpt")
+    selected = torch.load(refit["selected_checkpoint"], weights_only=False)
+    final = torch.load(refit["checkpoint"], weights_only=False)
+    assert selected["global_step"] == 2  # the first epoch, not max_steps
+    assert refit["unit"] == "steps" and refit["selected_steps"] == refit["steps"] == 2
+    assert objects["trainer"].global_step == 2 and final["global_step"] == 2
+    assert float(final["state_dict"]["calibration_gamma"]) == float(
+        selected["state_dict"]["calibration_gamma"]) == report["zero_shot"]["calibration_gamma"]
+    dm, model = objects["datamodule"], objects["model"]
+    assert dm.train_on == "trainval" and model.ids["train"] == dm.ids(dm.seen)
+
+    refit_clips = torch.cat([i for phase, i in calls if phase == "trainval"])
+    assert len(refit_clips) == 2 * dm.batch_size  # two refit batches, each checked
+    labels, folds = dm.labels[refit_clips], dm.table.folds[refit_clips]
+    assert set(labels.tolist()) & set(dm.ids(dm.pseudo_unseen))
+    assert not set(labels.tolist()) & set(dm.ids(dm.unseen))
+    assert dm.test_fold not in set(folds.tolist())
+    first_phase = torch.cat([i for phase, i in calls if phase == "train"])
+    assert not set(dm.table.folds[first_phase].tolist()) & {dm.test_fold}
+    assert metrics["test/checkpoint"] == refit["checkpoint"] and "val/acc_best" in metrics
+
+
+def test_closed_form_head_refits_on_every_seen_class(tmp_path, monkeypatch):
+    fits: list[tuple[int, set[int]]] = []
+    original = EszslHead.fit
+
+    def recording(self, audio, labels, side):
+        fits.append((side.shape[0], set(labels.tolist())))
+        return original(self, audio, labels, side)
+
+    monkeypatch.setattr(EszslHead, "fit", recording)
+    metrics, objects = train(compose_train_cfg(tmp_path, WORD + ["model=eszsl", *SELECT_FIRST_EPOCH]))
+    dm = objects["datamodule"]
+    n_train, n_seen = len(dm.seen) - len(dm.pseudo_unseen), len(dm.seen)
+    assert fits[0][0] == n_train  # validation phase: pseudo-unseen held out
+    assert fits[-1][0] == n_seen  # refit: scored against every seen class's vector
+    pseudo_targets = {dm.seen.index(n) for n in dm.pseudo_unseen}
+    assert fits[-1][1] <= set(range(n_seen)) and fits[-1][1] & pseudo_targets
+    assert objects["trainer"].global_step == 2
+    assert 0.0 <= metrics["test/zsl_top1"] <= 1.0
+
+
+def test_refit_can_be_switched_off(tmp_path):
+    metrics, objects = train(compose_train_cfg(tmp_path, WORD + ["dataset.refit_on_trainval=false",
+                                                                  "trainer.max_steps=2", *QUICK]))
+    report = json.loads(Path(objects["cfg"].paths.output_dir, "metrics.json").read_text())
+    assert "refit_on_trainval" not in report
+    assert objects["datamodule"].train_on == "train" and Path(report["checkpoint"]).name.startswith("step")
