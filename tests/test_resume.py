@@ -149,3 +149,31 @@ def test_ckpt_path_auto_resumes_when_there_is_a_last_checkpoint_and_starts_afres
     last.parent.mkdir()
     last.write_bytes(b"")
     assert resolve_ckpt_path("auto", tmp_path) == str(last) == resolve_ckpt_path("last", tmp_path)
+
+
+ZSL_SHORT = ["trainer.deterministic=true", "seed=5", "trainer.max_steps=8", "dataset.steps_per_epoch=4",
+             "callbacks.last_checkpoint.every_n_train_steps=3"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["devise", "eszsl"])
+def test_zero_shot_run_stopped_mid_epoch_resumes_to_the_uninterrupted_metrics(tmp_path, model):
+    short = ["experiment=zsl_attribute_audio", f"model={model}", *ZSL_SHORT]
+    full = compose_train_cfg(tmp_path / "full", short)
+    train(full)
+    stopped = compose_train_cfg(tmp_path / "stopped", short)
+    with open_dict(stopped):
+        stopped.callbacks.sigterm = {"_target_": "test_resume._Sigterm", "at_step": 4}
+    with pytest.raises(SystemExit):
+        train(stopped)
+    run = Path(stopped.paths.output_dir)
+    assert _step(run / "checkpoints" / "last.ckpt") == 5  # mid-epoch (epochs of 4 steps)
+    train(compose_train_cfg(tmp_path / "stopped", short + ["ckpt_path=last"]))
+
+    def zero_shot_report(path: Path) -> dict:
+        report = json.loads((path / "metrics.json").read_text())
+        return {"metrics": report["metrics"], "zero_shot": report["zero_shot"]}
+
+    resumed, uninterrupted = zero_shot_report(run), zero_shot_report(Path(full.paths.output_dir))
+    assert resumed == uninterrupted
+    assert "val/acc_best" in resumed["metrics"] and "test/gzsl_cs_h" in resumed["metrics"]

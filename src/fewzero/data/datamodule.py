@@ -58,14 +58,16 @@ class ClipExcerpts(Dataset):
 
 
 class StepResumedLoader(DataLoader):
-    """The training loader, which resumes exactly from a mid-epoch checkpoint by construction:
-    `train_dataloader()` starts the seeded episode stream at `trainer.global_step`, which the
-    checkpoint has restored by then. `state_dict`/`load_state_dict` tell Lightning so (else it
-    warns that the loader is not resumable); the state is only that first episode, for reading.
+    """A training loader that resumes exactly from a mid-epoch checkpoint by construction: the
+    datamodule's `train_dataloader()` starts its seeded stream at `trainer.global_step`, which
+    the checkpoint has restored by then. `state_dict`/`load_state_dict` tell Lightning so (else
+    it warns that the loader is not resumable); the state is only where the stream started
+    (the dataset's `first_episode` or `first_item`), for reading.
     """
 
     def state_dict(self) -> dict[str, int]:
-        return {"first_episode": self.dataset.first_episode}
+        first = getattr(self.dataset, "first_episode", getattr(self.dataset, "first_item", 0))
+        return {"first": int(first)}
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
         pass  # the position comes from the restored global step

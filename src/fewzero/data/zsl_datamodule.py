@@ -31,7 +31,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from fewzero.data.clips import ClipSource, check_instruments
-from fewzero.data.datamodule import ClipExcerpts
+from fewzero.data.datamodule import ClipExcerpts, StepResumedLoader
 from fewzero.data.episodes import crop_frames
 from fewzero.data.features import FeatureTable, MelFeatures, prepare_and_load, prepare_cache
 
@@ -226,8 +226,8 @@ class ZeroShotDataModule(pl.LightningDataModule):
         dataset = BalancedExcerpts(self.table.features, self.labels, self.indices["train"],
                                    self.steps_per_epoch * self.batch_size, self.excerpt_frames,
                                    self.train_max_start, self.seed, first_item=first)
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=False,
-                          num_workers=self.num_workers)
+        return StepResumedLoader(dataset, batch_size=self.batch_size, shuffle=False,
+                                 num_workers=self.num_workers)
 
     def excerpts(self, roles: Sequence[str]) -> DataLoader:
         """Fixed excerpts of every clip of `roles` (whole evaluation sets, embedded once)."""

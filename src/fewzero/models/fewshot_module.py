@@ -7,17 +7,16 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib.pyplot as plt
-import pytorch_lightning as pl
 import torch
 from torch import nn
-from torchmetrics import MaxMetric, MeanMetric
 
 from fewzero.evaluation import EpisodeResults, evaluate_episodes
 from fewzero.models.protonet import Distance, PrototypicalNetwork, class_prototypes
+from fewzero.models.resumable import ResumableModule
 from fewzero.plots import confusion_figure, episode_embedding_figure, save_figure
 
 
-class FewShotModule(pl.LightningModule):
+class FewShotModule(ResumableModule):
     """Trains `net` on N-way K-shot episodes; validates and tests on seeded episodes.
 
     Args:
@@ -41,36 +40,11 @@ class FewShotModule(pl.LightningModule):
         self.augment = augment if augment is not None else nn.Identity()
         self.plot_dir = Path(plot_dir) if plot_dir else None
         self.plot_episodes = plot_episodes
-        self.train_acc = MeanMetric()
-        self.train_acc.persistent(True)  # a run resumed mid-epoch keeps the epoch's accuracy so far
-        self.val_acc_best = MaxMetric()
-        self.val_acc_best.persistent(True)  # a resumed run keeps its best-so-far
         self._embeddings: list[torch.Tensor] = []
         self._indices: list[torch.Tensor] = []
         self.test_results: dict[str, EpisodeResults] = {}
 
-    # ---- checkpoints: the global RNG too, so a resumed run draws what it would have ----
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["rng_state"] = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            checkpoint["rng_state"]["cuda"] = torch.cuda.get_rng_state_all()
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # checkpoints from before the metric states were saved load with fresh ones
-        for key, value in self.state_dict().items():
-            if key.startswith(("train_acc.", "val_acc_best.")):
-                checkpoint["state_dict"].setdefault(key, value)
-        state = checkpoint.get("rng_state")
-        if state is not None:
-            torch.set_rng_state(state["torch"])
-            if "cuda" in state and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(state["cuda"])
-
     # ---- training ---------------------------------------------------------------------
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        if batch_idx == 0:  # a new epoch; not after a mid-epoch resume (batch_idx continues)
-            self.train_acc.reset()
-
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         support, query = batch["support"], batch["query"]
         x = self.augment(torch.cat([support, query]))  # one backbone pass for the whole episode

@@ -14,11 +14,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 from torch import nn
-from torchmetrics import MaxMetric, MeanMetric
 
+from fewzero.models.resumable import ResumableModule
 from fewzero.models.zsl_heads import CompatibilityHead
 from fewzero.plots import confusion_figure, save_figure, zsl_embedding_figure
 from fewzero.side_info.base import ClassVectors, SideInformation
@@ -40,7 +39,7 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
     raise ValueError(f"{path} has no backbone weights (keys net.backbone.* or backbone.*).")
 
 
-class ZeroShotModule(pl.LightningModule):
+class ZeroShotModule(ResumableModule):
     """Audio encoder + compatibility head trained on seen classes, evaluated on unseen ones.
 
     Args:
@@ -73,7 +72,6 @@ class ZeroShotModule(pl.LightningModule):
             self.backbone.requires_grad_(False)
         self.plot_dir = Path(plot_dir) if plot_dir else None
         self.register_buffer("calibration_gamma", torch.zeros(()))  # saved with each checkpoint
-        self.train_acc, self.val_acc_best = MeanMetric(), MaxMetric()
         self._collected: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._closed_form_data: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._closed_form_fitted_on = 0  # batches the closed-form head was last fitted on
@@ -93,6 +91,23 @@ class ZeroShotModule(pl.LightningModule):
         if hasattr(self.head, "set_anchors"):  # heads that score relative to the training classes
             self.head.set_anchors(self.side_matrix[self.ids["train"]])
 
+    # ---- checkpoints: a closed-form head is refitted on every batch embedded so far ----
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        if self._closed_form_data:
+            audio, targets = zip(*self._closed_form_data, strict=True)
+            checkpoint["closed_form_data"] = {"audio": torch.cat(audio).cpu(),
+                                              "targets": torch.cat(targets).cpu(),
+                                              "batch_sizes": [len(t) for t in targets]}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        data = checkpoint.get("closed_form_data")
+        if data is not None:  # batch by batch, as collected; the head's fit is in the state dict
+            self._closed_form_data = list(zip(data["audio"].split(data["batch_sizes"]),
+                                              data["targets"].split(data["batch_sizes"]), strict=True))
+            self._closed_form_fitted_on = len(self._closed_form_data)
+
     def train_side(self) -> torch.Tensor:
         """(n_train_classes, side_dim): the class means, or one drawn member per class."""
         side = (self.vectors.draw().to(self.device) if self.side_info.sample_per_step
@@ -100,9 +115,14 @@ class ZeroShotModule(pl.LightningModule):
         return side[self.ids["train"]]
 
     # ---- training ---------------------------------------------------------------------
-    def on_train_epoch_start(self) -> None:
+    def train(self, mode: bool = True) -> ZeroShotModule:
+        """A frozen encoder stays in eval mode (BatchNorm statistics stay as loaded) whenever
+        Lightning switches the module to training: at every epoch start, after every
+        validation, and when a run resumes mid-epoch (no epoch start then)."""
+        super().train(mode)
         if self.frozen:
-            self.backbone.eval()  # BatchNorm statistics stay as loaded
+            self.backbone.eval()
+        return self
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         self.trainer.datamodule.assert_clean(batch["index"])

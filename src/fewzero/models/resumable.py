@@ -1,0 +1,48 @@
+"""What a LightningModule must carry in its checkpoints so that a killed run, resumed with
+`ckpt_path=last`, ends exactly where the uninterrupted run would have."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torchmetrics import MaxMetric, MeanMetric
+
+
+class ResumableModule(pl.LightningModule):
+    """Base of the few-shot and zero-shot modules.
+
+    - `train_acc` (the epoch's running training accuracy) and `val_acc_best` (best validation
+      score so far) are saved in every checkpoint, so a run resumed mid-epoch or after several
+      validations reports the same values as an uninterrupted one.
+    - The global RNG state is saved and restored too (the `StepSeed` callback reseeds it per
+      step as well; this covers runs without that callback).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.train_acc = MeanMetric()
+        self.train_acc.persistent(True)
+        self.val_acc_best = MaxMetric()
+        self.val_acc_best.persistent(True)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["rng_state"] = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            checkpoint["rng_state"]["cuda"] = torch.cuda.get_rng_state_all()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # checkpoints from before the metric states were saved load with fresh ones
+        for key, value in self.state_dict().items():
+            if key.startswith(("train_acc.", "val_acc_best.")):
+                checkpoint["state_dict"].setdefault(key, value)
+        state = checkpoint.get("rng_state")
+        if state is not None:
+            torch.set_rng_state(state["torch"])
+            if "cuda" in state and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(state["cuda"])
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if batch_idx == 0:  # a new epoch; not after a mid-epoch resume (batch_idx continues)
+            self.train_acc.reset()
