@@ -51,18 +51,22 @@ RECIPES: dict[str, tuple[str, list[str]]] = {
     "word_bilinear": ("word-audio (GloVe 50-d), bilinear + cross-entropy",
                       ["experiment=zsl_word_audio", "model=bilinear", "loss=cross_entropy"]),
 }
+SELECTED_COLUMNS = {"seen (no refit)": "selected_seen_top1", "unseen (no refit)": "selected_zsl_top1",
+                    "H (no refit)": "selected_gzsl_cs_h"}
 DEFAULT_RECIPES = ["word_tutorial", "word_ours", "image_tutorial", "image_ours", "text_ours",
                    "attribute_ours"]
 COLUMNS = {"val H": "val_gzsl_cs_h_best", "seen": "seen_top1", "unseen": "zsl_top1", "u": "gzsl_cs_u",
            "s": "gzsl_cs_s", "H": "gzsl_cs_h", "H (no cal.)": "gzsl_h"}
 
 
-def run_once(overrides: list[str], run_dir: Path) -> dict[str, float]:
+def run_once(overrides: list[str], run_dir: Path, also_selected: bool = False) -> dict[str, float]:
     """Train + test one recipe and seed (reusing a finished run's metrics.json).
 
     Returns the test metrics ("zero_shot" of metrics.json) plus `val_gzsl_cs_h_best` (the
     validation score of the selected checkpoint), `val_zsl_top1_last` (pseudo-unseen top-1 at
     the last validation), `refit_steps` and `seconds` (wall time of train + refit + test).
+    also_selected: after a refit, also test the validation-selected checkpoint itself (in
+    `<run_dir>/selected/`, no training) and add its metrics as `selected_<name>`.
     """
     done, timing = run_dir / "metrics.json", run_dir / "benchmark_seconds.txt"
     if not done.exists():
@@ -75,7 +79,19 @@ def run_once(overrides: list[str], run_dir: Path) -> dict[str, float]:
             "val_gzsl_cs_h_best": metrics.get("val/acc_best", float("nan")),
             "val_zsl_top1_last": metrics.get("val/zsl_top1", float("nan")),
             "refit_steps": refit.get("steps", 0),
-            "seconds": float(timing.read_text()) if timing.exists() else float("nan")}
+            "seconds": float(timing.read_text()) if timing.exists() else float("nan"),
+            **(score_selected(overrides, run_dir, refit["selected_checkpoint"])
+               if also_selected and refit else {})}
+
+
+def score_selected(overrides: list[str], run_dir: Path, checkpoint: str) -> dict[str, float]:
+    """Test metrics of the validation-selected checkpoint (no refit), keyed `selected_<name>`."""
+    done = run_dir / "selected" / "metrics.json"
+    if not done.exists():
+        train(compose_train_config([*overrides, "train=false", f"ckpt_path={checkpoint}",
+                                    "dataset.refit_on_trainval=false"], run_dir / "selected"))
+    report = json.loads(done.read_text())["zero_shot"]
+    return {f"selected_{k}": v for k, v in report.items() if isinstance(v, float)}
 
 
 def mean_std(values: list[float]) -> str:
@@ -91,6 +107,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--recipes", nargs="+", default=DEFAULT_RECIPES, choices=list(RECIPES))
     parser.add_argument("--out", type=Path, default=None, help="output folder (resumes runs)")
+    parser.add_argument("--also-selected", action="store_true",
+                        help="also test each validation-selected checkpoint without the refit")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (1 is much faster on a CPU shared with another job)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run")
@@ -106,9 +124,10 @@ def main() -> None:
     results: dict[str, list[dict[str, float]]] = {}
     for name in args.recipes:
         _, overrides = RECIPES[name]
-        results[name] = [run_once([*overrides, *base, f"seed={seed}"], out / name / f"seed{seed}")
-                         for seed in args.seeds]
+        results[name] = [run_once([*overrides, *base, f"seed={seed}"], out / name / f"seed{seed}",
+                                  args.also_selected) for seed in args.seeds]
 
+    columns = COLUMNS | (SELECTED_COLUMNS if args.also_selected else {})
     device = (torch.cuda.get_device_name(0) if "gpu" in " ".join(args.overrides)
               else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
     lines = [
@@ -124,13 +143,15 @@ def main() -> None:
         + (f"Tested model: refit on every seen class for the selected number of steps "
            f"(mean {statistics.mean(r['refit_steps'] for rs in results.values() for r in rs):.0f})."
            if any(r["refit_steps"] for rs in results.values() for r in rs)
-           else "Tested model: the validation-selected checkpoint (no refit)."),
+           else "Tested model: the validation-selected checkpoint (no refit).")
+        + (" Columns marked (no refit): the validation-selected checkpoint itself, tested on the "
+           "same clips." if args.also_selected else ""),
         "",
-        "| recipe | " + " | ".join(COLUMNS) + " |",
-        "| --- |" + " --- |" * len(COLUMNS),
+        "| recipe | " + " | ".join(columns) + " |",
+        "| --- |" + " --- |" * len(columns),
     ]
     for name, runs in results.items():
-        cells = [mean_std([r[key] for r in runs]) for key in COLUMNS.values()]
+        cells = [mean_std([r.get(key, float("nan")) for r in runs]) for key in columns.values()]
         lines.append(f"| {RECIPES[name][0]} | " + " | ".join(cells) + " |")
     seconds = [r["seconds"] for rs in results.values() for r in rs]
     lines += ["", f"Wall time per run (train + refit + test): mean {statistics.mean(seconds):.0f} s, "
