@@ -6,6 +6,7 @@ from pathlib import Path
 import hydra
 import pytest
 import torch
+from omegaconf import OmegaConf
 from conftest import compose_train_cfg
 
 from fewzero.train import train
@@ -123,6 +124,26 @@ def test_encoder_starts_from_a_few_shot_checkpoint(tmp_path):
     model = hydra.utils.instantiate(cfg.model)
     saved = torch.load(ckpt, weights_only=False)["state_dict"]
     torch.testing.assert_close(model.backbone.head[1].weight, saved["net.backbone.head.1.weight"])
+
+
+def test_encoder_init_that_heard_an_unseen_class_is_refused(tmp_path):
+    fsl = compose_train_cfg(tmp_path / "fsl", ["trainer.max_steps=1", "test=false"])
+    train(fsl)
+    run = Path(fsl.paths.output_dir)
+    ckpt = run / "checkpoints" / "last.ckpt"
+    (run / ".hydra").mkdir()
+    OmegaConf.save(fsl, run / ".hydra" / "config.yaml")  # what a Hydra run writes next to it
+
+    def zsl_run() -> None:
+        train(compose_train_cfg(tmp_path / "zsl", WORD + [
+            f"model.init_checkpoint={ckpt}", f"dataset.features.n_mels={fsl.dataset.features.n_mels}",
+            "+trainer.fast_dev_run=true"]))
+
+    zsl_run()  # the few-shot split never used the word-audio split's unseen instruments
+    fsl.dataset.split.val = [*fsl.dataset.split.val, "Viola"]
+    OmegaConf.save(fsl, run / ".hydra" / "config.yaml")
+    with pytest.raises(ValueError, match=r"trained or selected on \['Viola'\]"):
+        zsl_run()
 
 
 def test_image_side_info_can_be_sampled_per_training_step(tmp_path):

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
 from fewzero.models.resumable import ResumableModule
@@ -37,6 +38,38 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
             log.info("Initialised the audio encoder from %s (%s*)", path, prefix)
             return
     raise ValueError(f"{path} has no backbone weights (keys net.backbone.* or backbone.*).")
+
+
+def classes_behind_checkpoint(path: str | Path) -> list[str] | None:
+    """Classes whose clips trained or selected a fewzero checkpoint, read from the run's saved
+    config (`<run>/.hydra/config.yaml`): a few-shot run's train and validation instruments, a
+    zero-shot run's seen classes. None when that config is not next to the checkpoint."""
+    config = Path(path).resolve().parent.parent / ".hydra" / "config.yaml"
+    if not config.is_file():
+        return None
+    split = OmegaConf.load(config).get("dataset", {}).get("split") or {}
+    if "seen" in split:
+        return list(split["seen"])
+    return [*split.get("train", []), *split.get("val", [])]
+
+
+def check_init_checkpoint(path: str | Path, unseen: list[str]) -> None:
+    """Refuse an encoder initialisation that has heard this split's unseen classes (the
+    few-shot default trains on none of the word-audio split's unseen instruments, but it does
+    train on Cello and French Horn, unseen in the image-audio split)."""
+    heard = classes_behind_checkpoint(path)
+    if heard is None:
+        log.warning("model.init_checkpoint=%s: no .hydra/config.yaml in its run directory, so "
+                    "fewzero cannot check that its training never used the unseen classes %s.",
+                    path, unseen)
+        return
+    overlap = sorted(set(heard) & set(unseen))
+    if overlap:
+        raise ValueError(
+            f"model.init_checkpoint={path} was trained or selected on {overlap}, which are unseen "
+            "classes of this zero-shot split: their clips would reach the model before the test. "
+            "Start from a checkpoint whose run excluded them (for a few-shot run, from "
+            "dataset.split.train and dataset.split.val), or choose another split.")
 
 
 class ZeroShotModule(ResumableModule):
@@ -65,6 +98,7 @@ class ZeroShotModule(ResumableModule):
         self.backbone, self.head, self.loss, self.side_info = backbone, head, loss, side_info
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.augment = augment if augment is not None else nn.Identity()
+        self.init_checkpoint = init_checkpoint
         if init_checkpoint:
             load_backbone_weights(self.backbone, init_checkpoint)
         self.frozen = freeze_backbone or head.closed_form
@@ -81,6 +115,8 @@ class ZeroShotModule(ResumableModule):
     # ---- class side information -------------------------------------------------------
     def setup(self, stage: str) -> None:
         dm = self.trainer.datamodule
+        if self.init_checkpoint:
+            check_init_checkpoint(self.init_checkpoint, list(dm.unseen))
         self.vectors = self.side_info.vectors(dm.class_names)
         self.ids = {"seen": dm.ids(dm.seen), "unseen": dm.ids(dm.unseen),
                     "train": dm.ids(dm.train_classes), "pseudo_unseen": dm.ids(dm.pseudo_unseen)}
