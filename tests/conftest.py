@@ -15,16 +15,11 @@ CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-def compose_train_cfg(tmp_path: Path, overrides: list[str] | None = None,
-                      clips_per_class: int = 12) -> DictConfig:
-    """The real `train.yaml`, on synthetic tones in `tmp_path`, small enough for a CPU test.
-
-    Zero-shot experiments (`experiment=zsl_*` in `overrides`) get ZSL_OVERRIDES instead of the
-    few-shot episode settings.
-    """
+def tone_overrides(tmp_path: Path, zero_shot: bool = False, clips_per_class: int = 12) -> list[str]:
+    """Overrides that put `train.yaml` on synthetic tones in `tmp_path`, small enough for a CPU
+    test: ZSL_OVERRIDES for zero-shot experiments, FSL_OVERRIDES otherwise."""
     names = ",".join(f"'{n}'" for n in TINYSOL_INSTRUMENTS)
-    zero_shot = any(o.startswith("experiment=zsl") for o in overrides or [])
-    base = [
+    return [
         "dataset/source=tones",
         f"dataset.source.instruments=[{names}]",
         f"dataset.source.clips_per_class={clips_per_class}",
@@ -36,8 +31,18 @@ def compose_train_cfg(tmp_path: Path, overrides: list[str] | None = None,
         "+trainer.enable_progress_bar=false",
         "~callbacks.progress_bar",
     ] + (ZSL_OVERRIDES if zero_shot else FSL_OVERRIDES)
-    cfg = compose_train_config(base + (overrides or []), tmp_path / "run")
-    return cfg
+
+
+def compose_train_cfg(tmp_path: Path, overrides: list[str] | None = None,
+                      clips_per_class: int = 12) -> DictConfig:
+    """The real `train.yaml`, on synthetic tones in `tmp_path` (see `tone_overrides`).
+
+    Zero-shot experiments (`experiment=zsl_*` in `overrides`) get ZSL_OVERRIDES instead of the
+    few-shot episode settings.
+    """
+    zero_shot = any(o.startswith("experiment=zsl") for o in overrides or [])
+    base = tone_overrides(tmp_path, zero_shot, clips_per_class)
+    return compose_train_config(base + (overrides or []), tmp_path / "run")
 
 
 FSL_OVERRIDES = [

@@ -1,5 +1,6 @@
 """Zero-shot datamodule and end-to-end runs on synthetic tones: splits, leakage, reports."""
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -7,7 +8,7 @@ import hydra
 import pytest
 import torch
 from omegaconf import OmegaConf
-from conftest import compose_train_cfg
+from conftest import compose_train_cfg, tone_overrides
 
 from fewzero.train import train
 
@@ -144,6 +145,23 @@ def test_encoder_init_that_heard_an_unseen_class_is_refused(tmp_path):
     OmegaConf.save(fsl, run / ".hydra" / "config.yaml")
     with pytest.raises(ValueError, match=r"trained or selected on \['Viola'\]"):
         zsl_run()
+
+
+def test_transfer_ceiling_script_scores_every_unseen_class(tmp_path):
+    script = Path(__file__).resolve().parents[1] / "scripts" / "zsl_transfer_ceiling.py"
+    spec = importlib.util.spec_from_file_location("zsl_transfer_ceiling", script)
+    ceiling_script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ceiling_script)
+    fsl = compose_train_cfg(tmp_path / "fsl", ["trainer.max_steps=1", "test=false"])
+    train(fsl)
+    ckpt = Path(fsl.paths.output_dir) / "checkpoints" / "last.ckpt"
+    rows, lines = ceiling_script.ceiling(ckpt, "zsl_attribute_audio", [
+        *tone_overrides(tmp_path / "zsl", zero_shot=True),
+        f"dataset.features.n_mels={fsl.dataset.features.n_mels}"])
+    assert [line.split(" | ")[1] for line in lines] == list(fsl.dataset.split.test)  # = unseen
+    seen_top1, *unseen_top1 = (float(cell) for cell in rows[0].strip(" |").split(" | ")[1:])
+    assert 0.0 <= seen_top1 <= 1.0 and len(unseen_top1) == 2
+    assert all(0.0 <= a <= 1.0 for a in unseen_top1)
 
 
 def test_image_side_info_can_be_sampled_per_training_step(tmp_path):
