@@ -40,3 +40,22 @@ def test_cli_without_arguments_prints_usage(capsys):
         main([])
     assert exit_info.value.code == 2
     assert "ckpt_path=" in capsys.readouterr().out
+
+
+def test_zero_shot_checkpoint_is_re_evaluated_on_other_candidate_sets(tmp_path):
+    cfg = compose_train_cfg(tmp_path, ["experiment=zsl_attribute_audio", "test=false"])
+    run = Path(cfg.paths.output_dir)
+    (run / ".hydra").mkdir(parents=True)
+    OmegaConf.save(cfg, run / ".hydra" / "config.yaml")
+    train(cfg)
+    ckpt = run / "checkpoints" / "last.ckpt"
+    fewer_unseen = ["Bassoon", "Viola"]
+    metrics, objects = evaluate(ckpt, [f"dataset.split.unseen=[{','.join(fewer_unseen)}]"],
+                                tmp_path / "eval")
+    assert objects["trainer"].global_step == 0  # no training (and no refit) happened
+    assert objects["datamodule"].unseen == fewer_unseen
+    confusions = objects["model"].results.confusions
+    assert {tuple(c.shape) for c in confusions.values()} >= {(9 + len(fewer_unseen),) * 2}
+    for key in ("test/zsl_top1", "test/seen_top1", "test/gzsl_cs_h"):
+        assert 0.0 <= metrics[key] <= 1.0
+    assert (tmp_path / "eval" / "metrics.json").is_file()
