@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 from torch import nn
 
 from fewzero.models.resumable import ResumableModule
@@ -44,10 +43,13 @@ def classes_behind_checkpoint(path: str | Path) -> list[str] | None:
     """Classes whose clips trained or selected a fewzero checkpoint, read from the run's saved
     config (`<run>/.hydra/config.yaml`): a few-shot run's train and validation instruments, a
     zero-shot run's seen classes. None when that config is not next to the checkpoint."""
-    config = Path(path).resolve().parent.parent / ".hydra" / "config.yaml"
-    if not config.is_file():
+    from fewzero.eval import load_run_config  # here: fewzero.eval imports the training entry point
+
+    try:
+        config = load_run_config(Path(path))
+    except FileNotFoundError:
         return None
-    split = OmegaConf.load(config).get("dataset", {}).get("split") or {}
+    split = config.get("dataset", {}).get("split") or {}
     if "seen" in split:
         return list(split["seen"])
     return [*split.get("train", []), *split.get("val", [])]
