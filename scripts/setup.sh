@@ -51,9 +51,24 @@ fi
 stamp=".venv/.fewzero-installed"
 want="$(sha1sum pyproject.toml | cut -d' ' -f1)"
 if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$want" ]]; then
+    # The CUDA builds of torch/torchvision/torchaudio are most of it: .venv ends at about 6.1 GB
+    # and the install peaked at 8.0 GB more disk than before it (measured on Debian 12).
+    need_mb=6500; want_mb=9000
+    for dir in . "${TMPDIR:-/tmp}"; do
+        free_mb=$(df -Pm "$dir" | awk 'NR==2 {print $4}')
+        if ((free_mb < need_mb)); then
+            say "ERROR: only ${free_mb} MB free on the disk holding $(cd "$dir" && pwd);"
+            say "  installing the torch CUDA stack into .venv needs about ${want_mb} MB while it runs"
+            say "  and 6.1 GB after. Free some space (or point TMPDIR at a larger disk) and run again."
+            exit 1
+        elif ((free_mb < want_mb)); then
+            say "WARNING: ${free_mb} MB free on the disk holding $(cd "$dir" && pwd); the install"
+            say "  peaks at about ${want_mb} MB and may fail with 'No space left on device'."
+        fi
+    done
     say "installing fewzero and its dependencies into .venv (first time: a few minutes)"
-    .venv/bin/python -m pip install -q --upgrade pip
-    .venv/bin/python -m pip install -q -e '.[dev]'
+    .venv/bin/python -m pip install -q --no-cache-dir --upgrade pip
+    .venv/bin/python -m pip install -q --no-cache-dir -e '.[dev]'
     echo "$want" > "$stamp"
 fi
 say "ready: .venv/bin/python -m fewzero.train   |   .venv/bin/python -m pytest"
