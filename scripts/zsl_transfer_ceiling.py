@@ -101,9 +101,9 @@ def main() -> None:
     torch.manual_seed(0)
     rows, lines = [], []
     for experiment in args.experiments:
-        r, l = ceiling(args.checkpoint, experiment, args.overrides)
-        rows += r
-        lines += l
+        experiment_rows, experiment_lines = ceiling(args.checkpoint, experiment, args.overrides)
+        rows += experiment_rows
+        lines += experiment_lines
     print("| experiment | seen top-1 (logistic regression) | unseen top-1, ConSE T=1 | "
           "unseen top-1, ConSE T=all |\n| --- | --- | --- | --- |")
     print("\n".join(rows))

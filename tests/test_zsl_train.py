@@ -7,8 +7,8 @@ from pathlib import Path
 import hydra
 import pytest
 import torch
-from omegaconf import OmegaConf
 from conftest import compose_train_cfg, tone_overrides
+from omegaconf import OmegaConf
 
 from fewzero.train import train
 
