@@ -32,7 +32,7 @@ BACKBONES = ("timbre_cnn", "music_fsl_cnn")
 
 def cached_episodes_per_second(datamodule, n_episodes: int) -> float:
     """Iterate the training DataLoader exactly as training does (random crops included)."""
-    dataset = EpisodeDataset(datamodule.table.features,
+    dataset = EpisodeDataset(datamodule.train_features,
                              datamodule.sampler("train", datamodule.train_settings, 0),
                              n_episodes, datamodule.excerpt_frames)
     loader = DataLoader(dataset, batch_size=None, num_workers=datamodule.num_workers)

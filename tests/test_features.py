@@ -87,3 +87,25 @@ def test_corrupt_audio_names_the_file_and_the_fix(tmp_path, source):
     with pytest.raises(RuntimeError, match=r"(?s)1 of 5 audio files failed.*broken\.wav.*Replace it"):
         load_or_compute(broken, MelFeatures(clip_seconds=0.5), tmp_path)
     assert not list(tmp_path.glob("list-*.pt"))  # nothing half-written
+
+
+def _harmonic_log_mel(features: MelFeatures, f0: float) -> torch.Tensor:
+    """(1, n_mels, frames) log-mel of one second of a 5-harmonic tone at f0."""
+    t = torch.arange(features.sample_rate) / features.sample_rate
+    wave = sum(torch.sin(2 * torch.pi * f0 * k * t) / k for k in range(1, 6))
+    return torch.log(features.transform()(wave) + 1e-6)[None]
+
+
+def test_frequency_scaling_moves_a_tone_like_transposing_it():
+    features = MelFeatures(n_mels=64, hop_length=200)
+    low, high = _harmonic_log_mel(features, 300.0), _harmonic_log_mel(features, 450.0)
+    scaled = features.scale_frequency(low, 1.5)
+    spectrum = lambda x: x.mean(dim=2).flatten()  # noqa: E731
+    similarity = lambda a, b: torch.corrcoef(torch.stack([spectrum(a), spectrum(b)]))[0, 1]  # noqa: E731
+    assert similarity(scaled, high) > 0.9 > similarity(low, high) + 0.3
+    assert torch.equal(features.scale_frequency(low, 1.0), low)
+    # scaling down reads from above the top filter for the top bins: they get the clip minimum
+    down = features.scale_frequency(low, 0.5)
+    assert torch.all(down[0, -5:] == low.amin())
+    with pytest.raises(ValueError, match="positive"):
+        features.scale_frequency(low, 0.0)

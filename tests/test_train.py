@@ -141,3 +141,27 @@ def test_run_suffix_is_path_safe_and_short():
     long = run_suffix("x=" + "a" * 300)
     assert len(long) == MAX_RUN_SUFFIX + 1 and "/" not in long
     assert run_suffix("x=" + "a" * 300) != run_suffix("x=" + "a" * 299 + "b")
+
+
+def test_frequency_scaled_training_classes_stay_in_training(tmp_path):
+    cfg = compose_train_cfg(tmp_path, ["dataset.episodes.train.n_episodes=20",
+                                       "dataset.train_frequency_scales=[0.75,1.3333]"])
+    dm = hydra.utils.instantiate(cfg.dataset)
+    dm.prepare_data()
+    dm.setup("fit")
+    real = dm.class_ids["train"]
+    assert len(dm.train_class_ids) == 3 * len(real)
+    assert dm.train_class_names[len(real)] == f"{cfg.dataset.split.train[0]} x0.75"
+    assert min(dm.train_class_ids[len(real):]) == len(dm.class_names)  # new ids, after the real
+    assert len(dm.train_features) == len(dm.table.features) + 2 * len(dm.stage_indices("train"))
+    drawn = {int(c) for episode in dm.train_dataloader() for c in episode["classes"]}
+    assert drawn <= set(dm.train_class_ids) and drawn - set(real)
+    for stage in ("val", "test"):  # evaluation sees the real clips of its own classes only
+        labels = {int(b["label"]) for b in dm._excerpts(stage).dataset}
+        assert labels == set(dm.class_ids[stage])
+
+
+def test_frequency_scale_of_one_is_rejected(tmp_path):
+    cfg = compose_train_cfg(tmp_path, ["dataset.train_frequency_scales=[1.0]"])
+    with pytest.raises(Exception, match="train_frequency_scales must be positive and not 1.0"):
+        hydra.utils.instantiate(cfg.dataset)

@@ -87,13 +87,19 @@ class FewShotDataModule(pl.LightningDataModule):
             clip); validation and test excerpts start at `eval_offset_seconds`.
         seed: training-episode seed. Validation and test episodes use `eval_seed`, which does not
             change with the training seed, so every run is scored on identical episodes.
+        train_frequency_scales: extra training classes: every training instrument again with its
+            log-mel scaled in frequency by each factor (`MelFeatures.scale_frequency`: pitch and
+            formants together, a smaller or larger instrument of the same kind), each a class of
+            its own, as Snell et al. added rotated Omniglot characters as new classes. Empty:
+            none. Validation and test never see them.
     """
 
     def __init__(self, source: ClipSource, features: MelFeatures, split: Mapping[str, Sequence[str]],
                  episodes: Mapping[str, Any], cache_dir: str | Path, excerpt_seconds: float = 1.0,
                  eval_offset_seconds: float = 0.0, train_max_offset_seconds: float | None = None,
                  seed: int = 0, eval_seed: int = 0,
-                 num_workers: int = 0, eval_batch_size: int = 256):
+                 num_workers: int = 0, eval_batch_size: int = 256,
+                 train_frequency_scales: Sequence[float] = ()):
         super().__init__()
         self.source, self.features = source, features
         self.split = {stage: list(split[stage]) for stage in ("train", "val", "test")}
@@ -108,6 +114,10 @@ class FewShotDataModule(pl.LightningDataModule):
                                 else features.start_frame(train_max_offset_seconds))
         self.seed, self.eval_seed = seed, eval_seed
         self.num_workers, self.eval_batch_size = num_workers, eval_batch_size
+        self.train_frequency_scales = [float(f) for f in train_frequency_scales]
+        if any(f <= 0 or f == 1.0 for f in self.train_frequency_scales):
+            raise ValueError(f"dataset.train_frequency_scales must be positive and not 1.0 (the "
+                             f"instruments themselves); got {self.train_frequency_scales}.")
         self.table: FeatureTable | None = None
         self._check_split_disjoint()
 
@@ -135,17 +145,43 @@ class FewShotDataModule(pl.LightningDataModule):
         name_to_id = {name: i for i, name in enumerate(self.class_names)}
         self.labels = torch.tensor([name_to_id[n] for n in self.table.instruments])
         self.class_ids = {s: [name_to_id[n] for n in names] for s, names in self.split.items()}
+        self._build_training_pool()
         # Fail now, with the fix, rather than at the first validation or test epoch.
         self.sampler("train", self.train_settings, self.seed)
         self.sampler("val", self.val_settings, self.eval_seed)
         for settings in self.test_settings:
             self.sampler("test", settings, self.eval_seed)
 
-    def sampler(self, stage: str, settings: EpisodeSettings, seed: int,
-                labels: torch.Tensor | None = None) -> EpisodeSampler:
-        """Episode sampler restricted to the classes of `stage`."""
-        return EpisodeSampler(self.labels if labels is None else labels, self.class_ids[stage],
-                              self.split[stage], settings.n_way, settings.n_shot,
+    def _build_training_pool(self) -> None:
+        """Clips and classes training episodes draw from: the training instruments, plus one
+        frequency-scaled copy of their clips per `train_frequency_scales` factor, labelled
+        with new class ids after the real ones (`train_class_names` names them all)."""
+        self.train_features, self.train_labels = self.table.features, self.labels
+        self.train_class_ids, self.train_class_names = self.class_ids["train"], self.split["train"]
+        if not self.train_frequency_scales:
+            return
+        clips = self.stage_indices("train")
+        features, labels = [self.table.features], [self.labels]
+        ids, names = list(self.train_class_ids), list(self.train_class_names)
+        next_id = len(self.class_names)
+        for factor in self.train_frequency_scales:
+            features.append(self.features.scale_frequency(self.table.features[clips], factor))
+            new_ids = {c: next_id + k for k, c in enumerate(self.class_ids["train"])}
+            labels.append(torch.tensor([new_ids[int(c)] for c in self.labels[clips]]))
+            ids += list(new_ids.values())
+            names += [f"{n} x{factor:g}" for n in self.split["train"]]
+            next_id += len(new_ids)
+        self.train_features, self.train_labels = torch.cat(features), torch.cat(labels)
+        self.train_class_ids, self.train_class_names = ids, names
+        log.info("Training on %d classes: %s", len(names), ", ".join(names))
+
+    def sampler(self, stage: str, settings: EpisodeSettings, seed: int) -> EpisodeSampler:
+        """Episode sampler restricted to the classes of `stage` (for "train", the training pool)."""
+        if stage == "train":
+            labels, ids, names = self.train_labels, self.train_class_ids, self.train_class_names
+        else:
+            labels, ids, names = self.labels, self.class_ids[stage], self.split[stage]
+        return EpisodeSampler(labels, ids, names, settings.n_way, settings.n_shot,
                               settings.n_query, seed, split=stage)
 
     def stage_indices(self, stage: str) -> torch.Tensor:
@@ -156,7 +192,7 @@ class FewShotDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         # Continue the episode stream where the last optimiser step left it, also after a resume.
         first = self.trainer.global_step if self.trainer is not None else 0
-        dataset = EpisodeDataset(self.table.features, self.sampler("train", self.train_settings,
+        dataset = EpisodeDataset(self.train_features, self.sampler("train", self.train_settings,
                                                                    self.seed),
                                  self.train_settings.n_episodes, self.excerpt_frames,
                                  random_crop=True, first_episode=first,

@@ -24,6 +24,14 @@ log = logging.getLogger(__name__)
 LOG_FLOOR = 1e-6  # added to mel power before the log: about -60 dB below a full-scale tone
 
 
+def _hz_to_mel(hz: torch.Tensor) -> torch.Tensor:
+    return 2595.0 * torch.log10(1.0 + hz / 700.0)  # HTK
+
+
+def _mel_to_hz(mel: torch.Tensor) -> torch.Tensor:
+    return 700.0 * (10.0 ** (mel / 2595.0) - 1.0)
+
+
 @dataclass(frozen=True)
 class MelFeatures:
     """Log-mel spectrogram settings; `clip_seconds` of every clip (from its start) are cached.
@@ -51,6 +59,35 @@ class MelFeatures:
     def frames(self, seconds: float) -> int:
         """Number of STFT frames (centred) covering `seconds` of audio."""
         return int(round(seconds * self.sample_rate)) // self.hop_length + 1
+
+    def mel_centres_hz(self) -> torch.Tensor:
+        """(n_mels,) peak frequency of each mel filter (HTK scale, MelSpectrogram's default)."""
+        f_max = self.f_max if self.f_max is not None else self.sample_rate / 2
+        low, high = _hz_to_mel(torch.tensor([self.f_min, f_max], dtype=torch.float64))
+        return _mel_to_hz(torch.linspace(float(low), float(high), self.n_mels + 2, dtype=torch.float64)[1:-1])
+
+    def scale_frequency(self, log_mel: torch.Tensor, factor: float) -> torch.Tensor:
+        """Log-mel of the same sounds with every frequency multiplied by `factor`: pitch and
+        formants move together, as when audio is resampled (a smaller instrument for factor > 1,
+        a larger one for factor < 1); the duration does not change. Bins whose source frequency
+        lies outside the filterbank get the clip's minimum.
+
+        Shapes: (n_clips, n_mels, frames) -> (n_clips, n_mels, frames).
+        """
+        if factor <= 0:
+            raise ValueError(f"Frequency scale factors must be positive; got {factor}.")
+        centres = _hz_to_mel(self.mel_centres_hz())
+        step = centres[1] - centres[0]
+        # fractional bin each output bin reads from
+        source = (_hz_to_mel(self.mel_centres_hz() / factor) - centres[0]) / step
+        inside = ((source > -1e-6) & (source < self.n_mels - 1 + 1e-6)).to(log_mel.device)
+        source = source.clamp(0, self.n_mels - 1)
+        below = source.floor().long()
+        above = (below + 1).clamp(max=self.n_mels - 1)
+        weight = (source - below).to(log_mel)[None, :, None]
+        scaled = log_mel[:, below] * (1 - weight) + log_mel[:, above] * weight
+        floor = log_mel.amin(dim=(1, 2), keepdim=True)
+        return torch.where(inside[None, :, None], scaled, floor)
 
     def transform(self) -> torchaudio.transforms.MelSpectrogram:
         return torchaudio.transforms.MelSpectrogram(
