@@ -76,10 +76,10 @@ class MelFeatures:
         """
         if factor <= 0:
             raise ValueError(f"Frequency scale factors must be positive; got {factor}.")
-        centres = _hz_to_mel(self.mel_centres_hz())
-        step = centres[1] - centres[0]
+        centres_hz = self.mel_centres_hz()
+        centres_mel = _hz_to_mel(centres_hz)  # evenly spaced
         # fractional bin each output bin reads from
-        source = (_hz_to_mel(self.mel_centres_hz() / factor) - centres[0]) / step
+        source = (_hz_to_mel(centres_hz / factor) - centres_mel[0]) / (centres_mel[1] - centres_mel[0])
         inside = ((source > -1e-6) & (source < self.n_mels - 1 + 1e-6)).to(log_mel.device)
         source = source.clamp(0, self.n_mels - 1)
         below = source.floor().long()
