@@ -165,3 +165,15 @@ def test_frequency_scale_of_one_is_rejected(tmp_path):
     cfg = compose_train_cfg(tmp_path, ["dataset.train_frequency_scales=[1.0]"])
     with pytest.raises(Exception, match="train_frequency_scales must be positive and not 1.0"):
         hydra.utils.instantiate(cfg.dataset)
+
+
+@pytest.mark.parametrize("flush", [True, False])
+def test_flush_denormal_option_decides_whether_denormal_floats_survive(tmp_path, flush):
+    if not torch.set_flush_denormal(False):
+        pytest.skip("this CPU cannot flush denormal floats")
+    try:
+        train(compose_train_cfg(tmp_path, [f"flush_denormal={flush}", "train=false", "test=false"]))
+        denormal = torch.tensor([1e-39]) * 1.0  # below float32's smallest normal, 1.18e-38
+        assert (denormal.item() == 0.0) == flush
+    finally:
+        torch.set_flush_denormal(False)
