@@ -177,3 +177,18 @@ def test_flush_denormal_option_decides_whether_denormal_floats_survive(tmp_path,
         assert (denormal.item() == 0.0) == flush
     finally:
         torch.set_flush_denormal(False)
+
+
+def test_class_cross_validation_folds_partition_the_non_test_instruments():
+    splits = []
+    for name in ("fsl_tutorial", "fsl_cv1", "fsl_cv2"):
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            splits.append(compose("train", overrides=[f"dataset/split={name}"]).dataset.split)
+    tests = {tuple(s.test) for s in splits}
+    assert len(tests) == 1
+    non_test = set(splits[0].train) | set(splits[0].val)
+    assert len(non_test) == 9 and not non_test & set(splits[0].test)
+    vals = [set(s.val) for s in splits]
+    assert set().union(*vals) == non_test and sum(len(v) for v in vals) == 9  # disjoint, covering
+    for split, val in zip(splits, vals, strict=True):
+        assert set(split.train) == non_test - val
