@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from fewzero.models.augment import LogMelAugment
@@ -39,3 +40,14 @@ def test_backbones_map_log_mel_to_their_embedding_size():
     assert tutorial(x).shape == (3, 512)
     # the tutorial's network has exactly this many parameters (music_fsl.backbone.Backbone)
     assert sum(p.numel() for p in tutorial.parameters()) == 521_408
+
+
+@pytest.mark.parametrize("n_mels", [64, 128])
+def test_music_fsl_cnn_config_declares_the_size_it_outputs(n_mels):
+    from fewzero.train import compose_train_config
+
+    cfg = compose_train_config(["model/backbone=music_fsl_cnn", f"dataset.features.n_mels={n_mels}"],
+                               "unused")
+    backbone = MusicFslCNN(n_mels=n_mels, embedding_dim=cfg.model.backbone.embedding_dim).eval()
+    assert backbone(torch.randn(2, n_mels, 81)).shape == (2, cfg.model.backbone.embedding_dim)
+    assert cfg.model.backbone.embedding_dim == 512 * n_mels // 64

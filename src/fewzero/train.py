@@ -23,6 +23,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from fewzero.models.backbones import MusicFslCNN
 from fewzero.summary import print_summary
 from fewzero.sweeps import register_resolvers
 
@@ -44,6 +45,7 @@ def run_suffix(override_dirname: str) -> str:
 
 
 OmegaConf.register_new_resolver("run_suffix", run_suffix, replace=True)
+OmegaConf.register_new_resolver("music_fsl_dim", MusicFslCNN.output_dim, replace=True)
 register_resolvers()  # ${optuna_storage:...}, ${optuna_seed:...} (hparams_search=optuna)
 
 

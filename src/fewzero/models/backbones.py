@@ -35,19 +35,27 @@ class MusicFslCNN(nn.Module):
     """Re-implementation of the ISMIR 2022 tutorial backbone (`music_fsl.backbone.Backbone`).
 
     Five conv blocks (32, 64, 128, 256, 512 channels; GroupNorm with 8, 16, 32, 64, 128 groups;
-    3x3 kernels and 2x2 pooling, then a 1x1 conv with 4x4 pooling), mean over time -> 512-d.
+    3x3 kernels and 2x2 pooling, then a 1x1 conv with 4x4 pooling), mean over time, flattened:
+    512-d for the tutorial's 64 mel bins, 512 * (n_mels // 64) in general (`output_dim`).
     Like the tutorial it reads linear mel *power* (no log compression): `input_scale="power"`
     undoes the cache's log. Needs at least 64 mel bins and 64 frames (4 pools of 2, one of 4).
 
-    Shapes: (batch, n_mels, frames) -> (batch, 512).
+    Shapes: (batch, n_mels, frames) -> (batch, output_dim(n_mels)).
     """
 
-    embedding_dim = 512
+    @staticmethod
+    def output_dim(n_mels: int) -> int:
+        """Embedding size for `n_mels` bins: 512 channels times the frequency bins the pools leave."""
+        return 512 * (int(n_mels) // 16 // 4)
 
-    def __init__(self, n_mels: int = 64, input_scale: str = "power", embedding_dim: int = 512):
+    def __init__(self, n_mels: int = 64, input_scale: str = "power", embedding_dim: int | None = None):
         super().__init__()
-        if embedding_dim != self.embedding_dim:
-            raise ValueError(f"music_fsl_cnn embeddings are 512-d; got embedding_dim={embedding_dim}")
+        if n_mels < 64:
+            raise ValueError(f"music_fsl_cnn needs at least 64 mel bins; got n_mels={n_mels}")
+        self.embedding_dim = self.output_dim(n_mels)
+        if embedding_dim is not None and embedding_dim != self.embedding_dim:
+            raise ValueError(f"music_fsl_cnn embeddings are {self.embedding_dim}-d for {n_mels} mel "
+                             f"bins; got embedding_dim={embedding_dim}")
         if input_scale not in ("power", "log"):
             raise ValueError(f"input_scale must be 'power' (tutorial) or 'log'; got {input_scale!r}")
         self.n_mels, self.input_scale = n_mels, input_scale
