@@ -2,6 +2,8 @@
 
 Prints one Markdown table and writes it (plus JSON) to outputs/benchmarks/. Both backbones are
 trained with the same budget and seed and tested on identical episodes (dataset.eval_seed).
+When the model whitens embeddings (the default, `model.whitening`), the same best checkpoint is
+tested a second time with whitening off, so the table shows what the whitening adds.
 
     .venv/bin/python scripts/benchmark_fsl.py                     # defaults: 1500 steps each
     .venv/bin/python scripts/benchmark_fsl.py --max-steps 300 trainer=gpu   # any Hydra override
@@ -20,10 +22,12 @@ from pathlib import Path
 import hydra
 import librosa
 import torch
+from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
 from fewzero.callbacks import StageTimer
 from fewzero.data.episodes import EpisodeDataset
+from fewzero.eval import evaluate
 from fewzero.train import compose_train_config, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,6 +70,18 @@ def tutorial_episodes_per_second(datamodule, n_episodes: int) -> float:
     return n_episodes / (time.perf_counter() - start)
 
 
+def unwhitened_results(run_cfg, metrics: dict, run_dir: Path) -> dict[str, float]:
+    """Test accuracies of the run's tested checkpoint with `model.whitening=null`, same episodes
+    (last.ckpt when the run was too short to validate and tested its final weights)."""
+    config_path = run_dir / "run_config.yaml"
+    OmegaConf.save(run_cfg, config_path)
+    ckpt = metrics["test/checkpoint"] or run_dir / "checkpoints" / "last.ckpt"
+    _, objects = evaluate(ckpt, ["model.whitening=null"],
+                          run_dir.with_name(run_dir.name + "_unwhitened"), run_config=config_path)
+    return {**{f"{name}_acc": r.mean for name, r in objects["model"].test_results.items()},
+            **{f"{name}_ci95": r.ci95 for name, r in objects["model"].test_results.items()}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -105,6 +121,8 @@ def main() -> None:
             **{f"{name}_acc": r.mean for name, r in results.items()},
             **{f"{name}_ci95": r.ci95 for name, r in results.items()},
         }
+        if run_cfg.model.get("whitening") is not None:
+            rows[backbone]["unwhitened"] = unwhitened_results(run_cfg, metrics, out / backbone)
 
     device = (torch.cuda.get_device_name(0) if "gpu" in " ".join(args.overrides)
               else f"CPU ({platform.processor() or platform.machine()}, "
@@ -130,6 +148,10 @@ def main() -> None:
             *(f"| {backbone}: {name.replace('_', ' ')} accuracy | "
               f"{r[f'{name}_acc']:.4f} +- {r[f'{name}_ci95']:.4f} |"
               for name in ("5way_1shot", "5way_5shot")),
+            *(f"| {backbone}, same checkpoint without whitening: {name.replace('_', ' ')} "
+              f"accuracy | {r['unwhitened'][f'{name}_acc']:.4f} +- "
+              f"{r['unwhitened'][f'{name}_ci95']:.4f} |"
+              for name in ("5way_1shot", "5way_5shot") if "unwhitened" in r),
         ]
     if len(rows) == 2:
         (a, ra), (b, rb) = rows.items()

@@ -50,4 +50,4 @@ def test_music_fsl_cnn_config_declares_the_size_it_outputs(n_mels):
                                "unused")
     backbone = MusicFslCNN(n_mels=n_mels, embedding_dim=cfg.model.backbone.embedding_dim).eval()
     assert backbone(torch.randn(2, n_mels, 81)).shape == (2, cfg.model.backbone.embedding_dim)
-    assert cfg.model.backbone.embedding_dim == 512 * n_mels // 64
+    assert cfg.model.whitening.dim == 512 * n_mels // 64

@@ -59,3 +59,20 @@ def test_zero_shot_checkpoint_is_re_evaluated_on_other_candidate_sets(tmp_path):
     for key in ("test/zsl_top1", "test/seen_top1", "test/gzsl_cs_h"):
         assert 0.0 <= metrics[key] <= 1.0
     assert (tmp_path / "eval" / "metrics.json").is_file()
+
+
+def test_checkpoint_is_re_evaluated_with_whitening_switched_off_and_on(tmp_path):
+    cfg = compose_train_cfg(tmp_path, ["test=false"])
+    run = Path(cfg.paths.output_dir)
+    (run / ".hydra").mkdir(parents=True)
+    OmegaConf.save(cfg, run / ".hydra" / "config.yaml")
+    train(cfg)
+    ckpt = run / "checkpoints" / "last.ckpt"
+    # the whitening matrix is refitted, not saved: the checkpoint loads strictly either way
+    metrics_on, objects_on = evaluate(ckpt, [], tmp_path / "on")
+    metrics_off, objects_off = evaluate(ckpt, ["model.whitening=null"], tmp_path / "off")
+    assert objects_off["model"].net.whitening is None
+    assert objects_on["model"].net.whitening is not None
+    for name in ("5way_1shot", "5way_5shot"):
+        assert 0.0 <= metrics_off[f"test/{name}_acc"] <= 1.0
+    assert any(metrics_on[k] != metrics_off[k] for k in metrics_on if k.endswith("_acc"))

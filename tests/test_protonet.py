@@ -4,7 +4,12 @@ from torch import nn
 
 from fewzero.data.episodes import EpisodeSampler
 from fewzero.evaluation import EpisodeResults, evaluate_episodes
-from fewzero.models.protonet import Distance, PrototypicalNetwork, class_prototypes
+from fewzero.models.protonet import (
+    Distance,
+    PrototypicalNetwork,
+    WithinClassWhitening,
+    class_prototypes,
+)
 
 
 def test_prototypes_match_a_naive_loop_for_unsorted_unbalanced_support():
@@ -73,3 +78,49 @@ def test_embed_once_evaluation_equals_per_episode_forward():
             acc = (pred == torch.arange(3).repeat_interleave(3)).float().mean()
             assert results.accuracies[i] == pytest.approx(float(acc))
     assert results.confusion.sum() == 20 * 9
+
+
+def _nuisance_data(class_axis: int, seed: int, n_per_class: int = 200):
+    """Two classes 1 apart along `class_axis`; axis 1 carries a shared nuisance of std 20, as
+    pitch spreads every instrument's embeddings the same way. The same rotation for every call.
+    Returns (2 * n_per_class, 3) points and their labels (class-major)."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(2).repeat_interleave(n_per_class)
+    x = torch.randn(2 * n_per_class, 3, generator=g) * 0.2
+    x[:, 1] += 20 * torch.randn(2 * n_per_class, generator=g)
+    x[:, class_axis] += labels.float()
+    rotation = torch.linalg.qr(torch.randn(3, 3, generator=torch.Generator().manual_seed(7)))[0]
+    return x @ rotation, labels
+
+
+def test_whitening_makes_the_within_class_covariance_the_identity():
+    x, labels = _nuisance_data(class_axis=0, seed=0)
+    whitening = WithinClassWhitening(dim=3, shrinkage=1e-9)
+    assert torch.equal(whitening(x), x)  # identity until fitted
+    whitening.fit(x, labels)
+    z = whitening(x)
+    centred = torch.cat([z[labels == c] - z[labels == c].mean(0) for c in (0, 1)])
+    covariance = centred.T @ centred / (len(z) - 2)
+    assert torch.allclose(covariance, torch.eye(3), atol=1e-3)
+
+
+def test_whitening_fitted_on_training_classes_helps_new_classes_with_the_same_nuisance():
+    train_x, train_labels = _nuisance_data(class_axis=0, seed=0)
+    test_x, test_labels = _nuisance_data(class_axis=2, seed=1)  # new classes, other axis
+    whitening = WithinClassWhitening(dim=3, shrinkage=0.01)
+    whitening.fit(train_x, train_labels + 5)  # class ids do not matter
+    prototypes = torch.stack([test_x[test_labels == c][:5].mean(0) for c in (0, 1)])  # 5-shot
+
+    def accuracy(transform):
+        logits = Distance()(transform(test_x), transform(prototypes))
+        return float((logits.argmax(1) == test_labels).float().mean())
+
+    assert accuracy(lambda z: z) < 0.75 < 0.95 < accuracy(whitening)
+
+
+def test_whitening_rejects_a_single_class_and_a_wrong_size():
+    whitening = WithinClassWhitening(dim=3)
+    with pytest.raises(ValueError, match="at least two training classes"):
+        whitening.fit(torch.randn(10, 3), torch.zeros(10, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"Expected \(n, 3\)"):
+        whitening.fit(torch.randn(10, 4), torch.arange(10) % 2)

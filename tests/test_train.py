@@ -192,3 +192,26 @@ def test_class_cross_validation_folds_partition_the_non_test_instruments():
     assert set().union(*vals) == non_test and sum(len(v) for v in vals) == 9  # disjoint, covering
     for split, val in zip(splits, vals, strict=True):
         assert set(split.train) == non_test - val
+
+
+def test_whitening_is_fitted_on_training_instruments_only(tmp_path):
+    cfg = compose_train_cfg(tmp_path, ["dataset.episodes.train.n_episodes=2"])
+    metrics, objects = train(cfg)
+    dm, net = objects["datamodule"], objects["model"].net
+    x, labels = dm.reference_excerpts()
+    assert set(labels.tolist()) == set(dm.class_ids["train"])
+    assert x.shape == (len(dm.stage_indices("train")), cfg.dataset.features.n_mels, dm.excerpt_frames)
+    assert not torch.allclose(net.whitening.matrix, torch.eye(net.whitening.matrix.shape[0]))
+    # refitting on the same clips with the tested weights reproduces the matrix used in testing
+    fitted = net.whitening.matrix.clone()
+    objects["model"].eval()
+    with torch.no_grad():
+        net.whitening.fit(net.backbone(x), labels)
+    assert torch.allclose(net.whitening.matrix, fitted, atol=1e-5)
+
+
+def test_whitening_can_be_switched_off(tmp_path):
+    cfg = compose_train_cfg(tmp_path, ["model.whitening=null"])
+    metrics, objects = train(cfg)
+    assert objects["model"].net.whitening is None
+    assert 0.0 <= metrics["test/5way_5shot_acc"] <= 1.0

@@ -11,7 +11,12 @@ import torch
 from torch import nn
 
 from fewzero.evaluation import EpisodeResults, evaluate_episodes
-from fewzero.models.protonet import Distance, PrototypicalNetwork, class_prototypes
+from fewzero.models.protonet import (
+    Distance,
+    PrototypicalNetwork,
+    WithinClassWhitening,
+    class_prototypes,
+)
 from fewzero.models.resumable import ResumableModule
 from fewzero.plots import confusion_figure, episode_embedding_figure, save_figure
 
@@ -26,6 +31,9 @@ class FewShotModule(ResumableModule):
         optimizer: partial optimizer (`_partial_: true`), called with the parameters.
         scheduler: optional partial LR scheduler, stepped every optimiser step.
         augment: optional training-only augmentation of the episode's log-mel excerpts.
+        whitening: optional within-class whitening of embeddings for validation and test,
+            refitted before every evaluation on the training instruments' clips
+            (`datamodule.reference_excerpts()`), never on validation or test clips.
         plot_dir: where test figures are written as PNG (also sent to TensorBoard).
         plot_episodes: how many test episodes the embedding figure shows.
     """
@@ -33,9 +41,10 @@ class FewShotModule(ResumableModule):
     def __init__(self, backbone: nn.Module, distance: Distance, loss: nn.Module,
                  optimizer: Callable[..., Any],
                  scheduler: Callable[..., Any] | None = None, augment: nn.Module | None = None,
+                 whitening: WithinClassWhitening | None = None,
                  plot_dir: str | None = None, plot_episodes: int = 3):
         super().__init__()
-        self.net, self.loss = PrototypicalNetwork(backbone, distance), loss
+        self.net, self.loss = PrototypicalNetwork(backbone, distance, whitening), loss
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.augment = augment if augment is not None else nn.Identity()
         self.plot_dir = Path(plot_dir) if plot_dir else None
@@ -72,7 +81,8 @@ class FewShotModule(ResumableModule):
         self._indices.append(batch["index"])
 
     def _all_embeddings(self) -> torch.Tensor:
-        """(n_clips_total, dim) on CPU; rows of clips outside the stage stay zero."""
+        """(n_clips_total, dim) on CPU, whitened when the network whitens; rows of clips outside
+        the stage stay zero."""
         embeddings, indices = torch.cat(self._embeddings), torch.cat(self._indices)
         self._embeddings, self._indices = [], []
         if self.trainer.world_size > 1:
@@ -81,7 +91,20 @@ class FewShotModule(ResumableModule):
         n_clips = len(self.trainer.datamodule.labels)
         full = torch.zeros(n_clips, embeddings.shape[1])
         full[indices.cpu()] = embeddings.float().cpu()
+        if self.net.whitening is not None and not self.trainer.sanity_checking:
+            self._fit_whitening()
+            full = self.net.whitening(full)
         return full
+
+    @torch.no_grad()
+    def _fit_whitening(self) -> None:
+        """Refit the whitening on the training instruments' clips with the current backbone
+        (in eval mode, as evaluation runs). Every DDP rank embeds the same clips and agrees."""
+        x, labels = self.trainer.datamodule.reference_excerpts()
+        batch = self.trainer.datamodule.eval_batch_size
+        reference = torch.cat([self.net.backbone(x[i : i + batch].to(self.device)).float().cpu()
+                               for i in range(0, len(x), batch)])
+        self.net.whitening.fit(reference, labels)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._collect(batch)

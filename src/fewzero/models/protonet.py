@@ -55,23 +55,79 @@ class Distance(nn.Module):
         return self.log_scale.exp() * sims
 
 
+class WithinClassWhitening(nn.Module):
+    """Within-class covariance normalisation of embeddings (WCCN; Hatch et al., 2006, as in
+    speaker recognition with unseen speakers), fitted on the *training* classes' clips.
+
+    Embeddings of one instrument spread along directions that every instrument shares (pitch,
+    dynamics, recording); whitening the pooled within-class covariance shrinks those directions
+    before prototypes and distances are computed. The covariance is shrunk towards a multiple of
+    the identity: `matrix = V diag(1 / sqrt(e + shrinkage * mean(e)))`, with (e, V) the
+    eigen-decomposition of the within-class covariance; shrinkage -> inf approaches the identity
+    (up to scale). Until `fit` is called the transform is the identity. The matrix is not part
+    of the state dict (it is refitted before every evaluation), so checkpoints load with
+    whitening on or off.
+
+    Shapes: fit((n, dim), (n,)); forward (batch, dim) -> (batch, dim).
+    """
+
+    def __init__(self, dim: int, shrinkage: float = 1.0):
+        super().__init__()
+        if shrinkage <= 0:
+            raise ValueError(f"whitening shrinkage must be positive; got {shrinkage}")
+        self.shrinkage = shrinkage
+        self.register_buffer("matrix", torch.eye(dim), persistent=False)
+
+    @torch.no_grad()
+    def fit(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
+        """Estimate the transform from (n, dim) embeddings of labelled clips (training classes)."""
+        if embeddings.ndim != 2 or embeddings.shape[1] != self.matrix.shape[0]:
+            raise ValueError(f"Expected (n, {self.matrix.shape[0]}) embeddings; got "
+                             f"{tuple(embeddings.shape)}")
+        x = embeddings.double()
+        classes, label_index = torch.unique(labels, return_inverse=True)
+        if len(classes) < 2 or len(classes) == len(labels):
+            raise ValueError("Whitening needs several clips of at least two training classes; got "
+                             f"{len(labels)} clips of {len(classes)} classes.")
+        sums = x.new_zeros(len(classes), x.shape[1]).index_add_(0, label_index, x)
+        means = sums / torch.bincount(label_index)[:, None]
+        centred = x - means[label_index]
+        covariance = centred.T @ centred / (len(x) - len(classes))
+        eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
+        eigenvalues = eigenvalues.clamp(min=0)
+        scale = (eigenvalues + self.shrinkage * eigenvalues.mean()).rsqrt()
+        self.matrix.copy_((eigenvectors * scale).to(self.matrix))
+
+    def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
+        return embeddings @ self.matrix.to(embeddings)
+
+
 class PrototypicalNetwork(nn.Module):
-    """Backbone + prototypes + distance. Use in two steps (easyfsl style):
+    """Backbone (+ optional whitening) + prototypes + distance. Use in two steps (easyfsl style):
 
         net.process_support_set(support_x, support_y)   # (n_support, F, T), (n_support,)
         logits = net(query_x)                           # (n_query, F, T) -> (n_query, n_way)
+
+    `whitening` (a fitted `WithinClassWhitening`) is applied to every embedding at evaluation;
+    episodic training optimises the backbone's own embeddings.
     """
 
-    def __init__(self, backbone: nn.Module, distance: Distance):
+    def __init__(self, backbone: nn.Module, distance: Distance,
+                 whitening: WithinClassWhitening | None = None):
         super().__init__()
-        self.backbone, self.distance = backbone, distance
+        self.backbone, self.distance, self.whitening = backbone, distance, whitening
         self.prototypes: torch.Tensor | None = None
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """(batch, F, T) -> (batch, dim) embeddings as evaluation compares them."""
+        z = self.backbone(x)
+        return self.whitening(z) if self.whitening is not None else z
 
     def process_support_set(self, support: torch.Tensor, labels: torch.Tensor) -> None:
         n_way = int(labels.max()) + 1
-        self.prototypes = class_prototypes(self.backbone(support), labels, n_way)
+        self.prototypes = class_prototypes(self.embed(support), labels, n_way)
 
     def forward(self, query: torch.Tensor) -> torch.Tensor:
         if self.prototypes is None:
             raise RuntimeError("Call process_support_set(support, labels) before forward(query).")
-        return self.distance(self.backbone(query), self.prototypes)
+        return self.distance(self.embed(query), self.prototypes)
