@@ -198,7 +198,8 @@ def test_whitening_is_fitted_on_training_instruments_only(tmp_path):
     cfg = compose_train_cfg(tmp_path, ["dataset.episodes.train.n_episodes=2"])
     metrics, objects = train(cfg)
     dm, net = objects["datamodule"], objects["model"].net
-    x, labels = dm.reference_excerpts()
+    batches = list(dm.reference_dataloader())
+    x, labels = torch.cat([b["x"] for b in batches]), torch.cat([b["label"] for b in batches])
     assert set(labels.tolist()) == set(dm.class_ids["train"])
     assert x.shape == (len(dm.stage_indices("train")), cfg.dataset.features.n_mels, dm.excerpt_frames)
     assert not torch.allclose(net.whitening.matrix, torch.eye(net.whitening.matrix.shape[0]))

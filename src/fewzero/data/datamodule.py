@@ -184,15 +184,6 @@ class FewShotDataModule(pl.LightningDataModule):
         return EpisodeSampler(labels, ids, names, settings.n_way, settings.n_shot,
                               settings.n_query, seed, split=stage)
 
-    def reference_excerpts(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Evaluation excerpts of every training-instrument clip (the real instruments, not
-        frequency-scaled copies) and their class ids: (n, n_mels, excerpt_frames), (n,). What
-        evaluation-time statistics such as embedding whitening are fitted on, so that they never
-        see a validation or test clip."""
-        index = self.stage_indices("train")
-        x = self.table.features[index, :, self.eval_offset : self.eval_offset + self.excerpt_frames]
-        return x, self.labels[index]
-
     def stage_indices(self, stage: str) -> torch.Tensor:
         """(n,) indices of every clip whose class belongs to `stage`."""
         return torch.nonzero(torch.isin(self.labels, torch.tensor(self.class_ids[stage]))).flatten()
@@ -214,6 +205,12 @@ class FewShotDataModule(pl.LightningDataModule):
                                self.eval_offset, self.excerpt_frames)
         return DataLoader(dataset, batch_size=self.eval_batch_size, shuffle=False,
                           num_workers=self.num_workers)
+
+    def reference_dataloader(self) -> DataLoader:
+        """Evaluation excerpts of every training-instrument clip (the real instruments, not
+        frequency-scaled copies), batched like validation: what evaluation-time statistics such
+        as embedding whitening are fitted on, so that they never see a validation or test clip."""
+        return self._excerpts("train")
 
     def val_dataloader(self) -> DataLoader:
         return self._excerpts("val")

@@ -33,7 +33,7 @@ class FewShotModule(ResumableModule):
         augment: optional training-only augmentation of the episode's log-mel excerpts.
         whitening: optional within-class whitening of embeddings for validation and test,
             refitted before every evaluation on the training instruments' clips
-            (`datamodule.reference_excerpts()`), never on validation or test clips.
+            (`datamodule.reference_dataloader()`), never on validation or test clips.
         plot_dir: where test figures are written as PNG (also sent to TensorBoard).
         plot_episodes: how many test episodes the embedding figure shows.
     """
@@ -100,11 +100,10 @@ class FewShotModule(ResumableModule):
     def _fit_whitening(self) -> None:
         """Refit the whitening on the training instruments' clips with the current backbone
         (in eval mode, as evaluation runs). Every DDP rank embeds the same clips and agrees."""
-        x, labels = self.trainer.datamodule.reference_excerpts()
-        batch = self.trainer.datamodule.eval_batch_size
-        reference = torch.cat([self.net.backbone(x[i : i + batch].to(self.device)).float().cpu()
-                               for i in range(0, len(x), batch)])
-        self.net.whitening.fit(reference, labels)
+        batches = list(self.trainer.datamodule.reference_dataloader())
+        reference = torch.cat([self.net.backbone(b["x"].to(self.device)).float().cpu()
+                               for b in batches])
+        self.net.whitening.fit(reference, torch.cat([b["label"] for b in batches]))
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._collect(batch)
