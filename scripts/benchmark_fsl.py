@@ -70,6 +70,12 @@ def tutorial_episodes_per_second(datamodule, n_episodes: int) -> float:
     return n_episodes / (time.perf_counter() - start)
 
 
+def accuracy_fields(results: dict) -> dict[str, float]:
+    """{"<setting>_acc": mean, "<setting>_ci95": ci95} for each test setting's EpisodeResults."""
+    return {**{f"{name}_acc": r.mean for name, r in results.items()},
+            **{f"{name}_ci95": r.ci95 for name, r in results.items()}}
+
+
 def unwhitened_results(run_cfg, metrics: dict, run_dir: Path) -> dict[str, float]:
     """Test accuracies of the run's tested checkpoint with `model.whitening=null`, same episodes
     (last.ckpt when the run was too short to validate and tested its final weights)."""
@@ -78,8 +84,7 @@ def unwhitened_results(run_cfg, metrics: dict, run_dir: Path) -> dict[str, float
     ckpt = metrics["test/checkpoint"] or run_dir / "checkpoints" / "last.ckpt"
     _, objects = evaluate(ckpt, ["model.whitening=null"],
                           run_dir.with_name(run_dir.name + "_unwhitened"), run_config=config_path)
-    return {**{f"{name}_acc": r.mean for name, r in objects["model"].test_results.items()},
-            **{f"{name}_ci95": r.ci95 for name, r in objects["model"].test_results.items()}}
+    return accuracy_fields(objects["model"].test_results)
 
 
 def main() -> None:
@@ -118,8 +123,7 @@ def main() -> None:
             "train_steps_per_s": timer.results["train_steps"] / timer.results["train_seconds"],
             "eval_s_per_episode": timer.results["test_seconds"] / test_episodes,
             "val_acc_best": metrics.get("val/acc_best"),
-            **{f"{name}_acc": r.mean for name, r in results.items()},
-            **{f"{name}_ci95": r.ci95 for name, r in results.items()},
+            **accuracy_fields(results),
         }
         if run_cfg.model.get("whitening") is not None:
             rows[backbone]["unwhitened"] = unwhitened_results(run_cfg, metrics, out / backbone)
