@@ -118,6 +118,18 @@ def test_whitening_fitted_on_training_classes_helps_new_classes_with_the_same_nu
     assert accuracy(lambda z: z) < 0.75 < 0.95 < accuracy(whitening)
 
 
+def test_whitening_with_length_norm_gives_unit_vectors_in_the_same_directions():
+    x, labels = _nuisance_data(class_axis=0, seed=0)
+    plain = WithinClassWhitening(dim=3, shrinkage=0.5)
+    normed = WithinClassWhitening(dim=3, shrinkage=0.5, length_norm=True)
+    plain.fit(x, labels)
+    normed.fit(x, labels)
+    z, z_plain = normed(x), plain(x)
+    assert torch.allclose(z.norm(dim=1), torch.ones(len(x)), atol=1e-5)
+    assert torch.allclose(z * z_plain.norm(dim=1, keepdim=True), z_plain, atol=1e-4)
+    assert torch.equal(normed(torch.zeros(2, 3)), torch.zeros(2, 3))  # unused rows stay zero
+
+
 def test_whitening_rejects_a_single_class_and_a_wrong_size():
     whitening = WithinClassWhitening(dim=3)
     with pytest.raises(ValueError, match="at least two training classes"):

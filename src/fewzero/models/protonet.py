@@ -64,18 +64,20 @@ class WithinClassWhitening(nn.Module):
     before prototypes and distances are computed. The covariance is shrunk towards a multiple of
     the identity: `matrix = V diag(1 / sqrt(e + shrinkage * mean(e)))`, with (e, V) the
     eigen-decomposition of the within-class covariance; shrinkage -> inf approaches the identity
-    (up to scale). Until `fit` is called the transform is the identity. The matrix is not part
-    of the state dict (it is refitted before every evaluation), so checkpoints load with
-    whitening on or off.
+    (up to scale). `length_norm` then scales every whitened embedding to unit length (as
+    speaker recognition does after WCCN; Garcia-Romero & Espy-Wilson, 2011), so loud or
+    atypical clips do not dominate a prototype. Until `fit` is called the matrix is the identity.
+    The matrix is not part of the state dict (it is refitted before every evaluation), so
+    checkpoints load with whitening on or off.
 
     Shapes: fit((n, dim), (n,)); forward (batch, dim) -> (batch, dim).
     """
 
-    def __init__(self, dim: int, shrinkage: float = 1.0):
+    def __init__(self, dim: int, shrinkage: float = 1.0, length_norm: bool = False):
         super().__init__()
         if shrinkage <= 0:
             raise ValueError(f"whitening shrinkage must be positive; got {shrinkage}")
-        self.shrinkage = shrinkage
+        self.shrinkage, self.length_norm = shrinkage, length_norm
         self.register_buffer("matrix", torch.eye(dim), persistent=False)
 
     @torch.no_grad()
@@ -99,7 +101,8 @@ class WithinClassWhitening(nn.Module):
         self.matrix.copy_((eigenvectors * scale).to(self.matrix))
 
     def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
-        return embeddings @ self.matrix.to(embeddings)
+        whitened = embeddings @ self.matrix.to(embeddings)
+        return nn.functional.normalize(whitened, dim=-1) if self.length_norm else whitened
 
 
 class PrototypicalNetwork(nn.Module):
