@@ -65,8 +65,9 @@ class WithinClassWhitening(nn.Module):
     the identity: `matrix = V diag(1 / sqrt(e + shrinkage * mean(e)))`, with (e, V) the
     eigen-decomposition of the within-class covariance; shrinkage -> inf approaches the identity
     (up to scale). `length_norm` then scales every whitened embedding to unit length (as
-    speaker recognition does after WCCN; Garcia-Romero & Espy-Wilson, 2011), so loud or
-    atypical clips do not dominate a prototype. Until `fit` is called the matrix is the identity.
+    speaker recognition does after WCCN; Garcia-Romero & Espy-Wilson, 2011), so every clip
+    weighs the same in a prototype and only directions are compared. Until `fit` is called the
+    matrix is the identity.
     The matrix is not part of the state dict (it is refitted before every evaluation), so
     checkpoints load with whitening on or off.
 
