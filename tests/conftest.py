@@ -53,6 +53,7 @@ FSL_OVERRIDES = [
     "dataset.episodes.test=[{n_way: 5, n_shot: 1, n_query: 5, n_episodes: 6},"
     "{n_way: 5, n_shot: 5, n_query: 5, n_episodes: 6}]",
     "model.plot_episodes=1",
+    "model.selection_episodes=20",
 ]
 ZSL_OVERRIDES = ["dataset.batch_size=8", "dataset.steps_per_epoch=2", "dataset.eval_batch_size=32"]
 

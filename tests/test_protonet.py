@@ -130,6 +130,18 @@ def test_whitening_with_length_norm_gives_unit_vectors_in_the_same_directions():
     assert torch.equal(normed(torch.zeros(2, 3)), torch.zeros(2, 3))  # unused rows stay zero
 
 
+def test_changing_the_shrinkage_after_fit_equals_fitting_with_it():
+    x, labels = _nuisance_data(class_axis=0, seed=0)
+    refitted, changed = WithinClassWhitening(dim=3, shrinkage=4.0), WithinClassWhitening(dim=3)
+    refitted.fit(x, labels)
+    changed.fit(x, labels)
+    assert not torch.allclose(changed.matrix, refitted.matrix)
+    changed.shrinkage = 4.0
+    assert torch.allclose(changed.matrix, refitted.matrix)
+    with pytest.raises(ValueError, match="must be positive"):
+        changed.shrinkage = 0.0
+
+
 def test_whitening_rejects_a_single_class_and_a_wrong_size():
     whitening = WithinClassWhitening(dim=3)
     with pytest.raises(ValueError, match="at least two training classes"):

@@ -10,6 +10,8 @@ from conftest import CONFIG_DIR, compose_train_cfg, skip_without_side_info_files
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
+from fewzero.data.datamodule import EpisodeSettings
+from fewzero.evaluation import evaluate_episodes
 from fewzero.train import train
 
 # Audio experiments; the xlsa17_* ones run on precomputed features (tests/test_xlsa17.py).
@@ -209,6 +211,39 @@ def test_whitening_is_fitted_on_training_instruments_only(tmp_path):
     with torch.no_grad():
         net.whitening.fit(net.backbone(x), labels)
     assert torch.allclose(net.whitening.matrix, fitted, atol=1e-5)
+
+
+def test_test_shrinkage_is_chosen_per_shot_count_on_validation_episodes(tmp_path):
+    candidates = [0.0625, 1.0, 16.0]
+    cfg = compose_train_cfg(tmp_path, [f"model.test_shrinkages={candidates}"])
+    metrics, objects = train(cfg)
+    dm, module = objects["datamodule"], objects["model"]
+    net, distance = module.net, module.net.distance.cpu_copy()
+    assert net.whitening.shrinkage == cfg.model.whitening.shrinkage  # restored after the test
+    module.eval()
+    with torch.no_grad():  # what the test saw: the whitening refitted on the training clips
+        reference = list(dm.reference_dataloader())
+        net.whitening.fit(net.backbone(torch.cat([b["x"] for b in reference])),
+                          torch.cat([b["label"] for b in reference]))
+        embeddings = torch.zeros(len(dm.labels), net.whitening.matrix.shape[0])
+        for batch in [*dm.val_dataloader(), *dm.test_dataloader()]:
+            embeddings[batch["index"]] = net.backbone(batch["x"])
+    for settings in dm.test_settings:
+        probe = EpisodeSettings(min(settings.n_way, len(dm.split["val"])), settings.n_shot,
+                                dm.val_settings.n_query, 20)
+
+        def accuracy(stage, episodes, shrinkage):
+            net.whitening.shrinkage = shrinkage
+            sampler = dm.sampler(stage, episodes, dm.eval_seed)
+            return evaluate_episodes(net.whitening(embeddings), sampler, episodes.n_episodes,
+                                     distance, len(dm.class_names)).mean
+
+        on_val = [accuracy("val", probe, s) for s in candidates]
+        assert len(set(on_val)) > 1  # the candidates differ, so the choice means something
+        chosen = metrics[f"test/{settings.name}_whitening_shrinkage"]
+        assert chosen == candidates[on_val.index(max(on_val))]
+        assert metrics[f"test/{settings.name}_acc"] == pytest.approx(
+            accuracy("test", settings, chosen), abs=1e-6)
 
 
 def test_whitening_can_be_switched_off(tmp_path):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +10,7 @@ import matplotlib.pyplot as plt
 import torch
 from torch import nn
 
+from fewzero.data.datamodule import EpisodeSettings
 from fewzero.evaluation import EpisodeResults, evaluate_episodes
 from fewzero.models.protonet import (
     Distance,
@@ -34,6 +35,11 @@ class FewShotModule(ResumableModule):
         whitening: optional within-class whitening of embeddings for validation and test,
             refitted before every evaluation on the training instruments' clips
             (`datamodule.reference_dataloader()`), never on validation or test clips.
+        test_shrinkages: optional candidate values of the whitening shrinkage for the test.
+            Each test setting uses the candidate that scores best on `selection_episodes`
+            validation episodes with the test's shot count (the best value falls as shots grow;
+            docs/benchmarks.md). Validation during training keeps `whitening.shrinkage`.
+        selection_episodes: validation episodes per candidate and shot count.
         plot_dir: where test figures are written as PNG (also sent to TensorBoard).
         plot_episodes: how many test episodes the embedding figure shows.
     """
@@ -42,16 +48,22 @@ class FewShotModule(ResumableModule):
                  optimizer: Callable[..., Any],
                  scheduler: Callable[..., Any] | None = None, augment: nn.Module | None = None,
                  whitening: WithinClassWhitening | None = None,
+                 test_shrinkages: Sequence[float] | None = None, selection_episodes: int = 500,
                  plot_dir: str | None = None, plot_episodes: int = 3):
         super().__init__()
         self.net, self.loss = PrototypicalNetwork(backbone, distance, whitening), loss
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.augment = augment if augment is not None else nn.Identity()
+        self.test_shrinkages = [float(s) for s in test_shrinkages or []]
+        if any(s <= 0 for s in self.test_shrinkages):
+            raise ValueError(f"test_shrinkages must be positive; got {self.test_shrinkages}")
+        self.selection_episodes = selection_episodes
         self.plot_dir = Path(plot_dir) if plot_dir else None
         self.plot_episodes = plot_episodes
         self._embeddings: list[torch.Tensor] = []
         self._indices: list[torch.Tensor] = []
         self.test_results: dict[str, EpisodeResults] = {}
+        self._val_embeddings: torch.Tensor | None = None  # cached while the test selects
 
     # ---- training ---------------------------------------------------------------------
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -81,8 +93,8 @@ class FewShotModule(ResumableModule):
         self._indices.append(batch["index"])
 
     def _all_embeddings(self) -> torch.Tensor:
-        """(n_clips_total, dim) on CPU, whitened when the network whitens; rows of clips outside
-        the stage stay zero."""
+        """(n_clips_total, dim) backbone embeddings of the collected clips on CPU (not whitened);
+        rows of clips outside the stage stay zero."""
         embeddings, indices = torch.cat(self._embeddings), torch.cat(self._indices)
         self._embeddings, self._indices = [], []
         if self.trainer.world_size > 1:
@@ -91,9 +103,6 @@ class FewShotModule(ResumableModule):
         n_clips = len(self.trainer.datamodule.labels)
         full = torch.zeros(n_clips, embeddings.shape[1])
         full[indices.cpu()] = embeddings.float().cpu()
-        if self.net.whitening is not None and not self.trainer.sanity_checking:
-            self._fit_whitening()
-            full = self.net.whitening(full)
         return full
 
     @torch.no_grad()
@@ -105,6 +114,29 @@ class FewShotModule(ResumableModule):
                                for b in batches])
         self.net.whitening.fit(reference, torch.cat([b["label"] for b in batches]))
 
+    @torch.no_grad()
+    def _select_shrinkage(self, settings: EpisodeSettings) -> float:
+        """The candidate shrinkage with the best mean accuracy on validation episodes with the
+        shot count of `settings` (n_way capped at the number of validation instruments); ties go
+        to the earlier candidate. The whitening must be fitted."""
+        dm = self.trainer.datamodule
+        if self._val_embeddings is None:  # every rank embeds every validation clip
+            batches = list(dm.val_dataloader())
+            embeddings = torch.cat([self.net.backbone(b["x"].to(self.device)).float().cpu()
+                                    for b in batches])
+            self._val_embeddings = torch.zeros(len(dm.labels), embeddings.shape[1])
+            self._val_embeddings[torch.cat([b["index"] for b in batches])] = embeddings
+        probe = EpisodeSettings(min(settings.n_way, len(dm.split["val"])), settings.n_shot,
+                                dm.val_settings.n_query, self.selection_episodes)
+        sampler, distance = dm.sampler("val", probe, dm.eval_seed), self.net.distance.cpu_copy()
+        scores = {}
+        for shrinkage in self.test_shrinkages:
+            self.net.whitening.shrinkage = shrinkage
+            scores[shrinkage] = evaluate_episodes(self.net.whitening(self._val_embeddings), sampler,
+                                                  probe.n_episodes, distance,
+                                                  len(dm.class_names)).mean
+        return max(scores, key=scores.__getitem__)
+
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._collect(batch)
 
@@ -112,6 +144,9 @@ class FewShotModule(ResumableModule):
         embeddings = self._all_embeddings()
         if self.trainer.sanity_checking:  # only a few batches were embedded
             return
+        if self.net.whitening is not None:
+            self._fit_whitening()
+            embeddings = self.net.whitening(embeddings)
         dm = self.trainer.datamodule
         settings = dm.val_settings
         results = evaluate_episodes(embeddings, dm.sampler("val", settings, dm.eval_seed),
@@ -128,10 +163,19 @@ class FewShotModule(ResumableModule):
         self._collect(batch)
 
     def on_test_epoch_end(self) -> None:
-        embeddings = self._all_embeddings()
+        raw = self._all_embeddings()
         dm = self.trainer.datamodule
         distance = self.net.distance.cpu_copy()
+        whitening = self.net.whitening
+        if whitening is not None:
+            self._fit_whitening()
+            default_shrinkage, self._val_embeddings = whitening.shrinkage, None
+        by_setting = {}
         for settings in dm.test_settings:
+            if whitening is not None and self.test_shrinkages:
+                whitening.shrinkage = self._select_shrinkage(settings)
+                self.log(f"test/{settings.name}_whitening_shrinkage", whitening.shrinkage)
+            embeddings = by_setting[settings.name] = whitening(raw) if whitening is not None else raw
             sampler = dm.sampler("test", settings, dm.eval_seed)
             results = evaluate_episodes(embeddings, sampler, settings.n_episodes, distance,
                                         len(dm.class_names))
@@ -142,8 +186,12 @@ class FewShotModule(ResumableModule):
                 title = f"{settings.name}, {settings.n_episodes} test episodes"
                 self._save_figure(confusion_figure(results.confusion, dm.class_names, title),
                                   f"test/confusion_{settings.name}")
+        if whitening is not None:
+            whitening.shrinkage, self._val_embeddings = default_shrinkage, None
+        # pictures show the embeddings of the setting with the most shots, as it scored them
+        settings = max(dm.test_settings, key=lambda s: s.n_shot)
+        embeddings = by_setting[settings.name]
         if self.trainer.is_global_zero and self.plot_episodes > 0:
-            settings = max(dm.test_settings, key=lambda s: s.n_shot)
             sampler = dm.sampler("test", settings, dm.eval_seed)
             figure = episode_embedding_figure(embeddings, sampler, dm.class_names,
                                               list(range(self.plot_episodes)),

@@ -64,10 +64,11 @@ class WithinClassWhitening(nn.Module):
     before prototypes and distances are computed. The covariance is shrunk towards a multiple of
     the identity: `matrix = V diag(1 / sqrt(e + shrinkage * mean(e)))`, with (e, V) the
     eigen-decomposition of the within-class covariance; shrinkage -> inf approaches the identity
-    (up to scale). `length_norm` then scales every whitened embedding to unit length (as
-    speaker recognition does after WCCN; Garcia-Romero & Espy-Wilson, 2011), so every clip
-    weighs the same in a prototype and only directions are compared. Until `fit` is called the
-    matrix is the identity.
+    (up to scale). `shrinkage` can be changed after `fit` (the decomposition is kept), which is
+    how evaluation tries several values. `length_norm` then scales every whitened embedding to
+    unit length (as speaker recognition does after WCCN; Garcia-Romero & Espy-Wilson, 2011), so
+    every clip weighs the same in a prototype and only directions are compared. Until `fit` is
+    called the matrix is the identity.
     The matrix is not part of the state dict (it is refitted before every evaluation), so
     checkpoints load with whitening on or off.
 
@@ -76,10 +77,24 @@ class WithinClassWhitening(nn.Module):
 
     def __init__(self, dim: int, shrinkage: float = 1.0, length_norm: bool = False):
         super().__init__()
-        if shrinkage <= 0:
-            raise ValueError(f"whitening shrinkage must be positive; got {shrinkage}")
-        self.shrinkage, self.length_norm = shrinkage, length_norm
+        self.length_norm = length_norm
         self.register_buffer("matrix", torch.eye(dim), persistent=False)
+        self._eigen: tuple[torch.Tensor, torch.Tensor] | None = None  # (e, V) once fitted
+        self.shrinkage = shrinkage
+
+    @property
+    def shrinkage(self) -> float:
+        return self._shrinkage
+
+    @shrinkage.setter
+    def shrinkage(self, value: float) -> None:
+        if value <= 0:
+            raise ValueError(f"whitening shrinkage must be positive; got {value}")
+        self._shrinkage = float(value)
+        if self._eigen is not None:
+            eigenvalues, eigenvectors = self._eigen
+            scale = (eigenvalues + self._shrinkage * eigenvalues.mean()).rsqrt()
+            self.matrix.copy_((eigenvectors * scale).to(self.matrix))
 
     @torch.no_grad()
     def fit(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
@@ -97,9 +112,8 @@ class WithinClassWhitening(nn.Module):
         centred = x - means[label_index]
         covariance = centred.T @ centred / (len(x) - len(classes))
         eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
-        eigenvalues = eigenvalues.clamp(min=0)
-        scale = (eigenvalues + self.shrinkage * eigenvalues.mean()).rsqrt()
-        self.matrix.copy_((eigenvectors * scale).to(self.matrix))
+        self._eigen = (eigenvalues.clamp(min=0), eigenvectors)
+        self.shrinkage = self._shrinkage  # computes the matrix
 
     def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
         whitened = embeddings @ self.matrix.to(embeddings)
