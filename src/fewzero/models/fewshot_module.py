@@ -174,7 +174,8 @@ class FewShotModule(ResumableModule):
         for settings in dm.test_settings:
             if whitening is not None and self.test_shrinkages:
                 whitening.shrinkage = self._select_shrinkage(settings)
-                self.log(f"test/{settings.name}_whitening_shrinkage", whitening.shrinkage)
+                self.log(f"test/{settings.name}_whitening_shrinkage", whitening.shrinkage,
+                         sync_dist=True)
             embeddings = by_setting[settings.name] = whitening(raw) if whitening is not None else raw
             sampler = dm.sampler("test", settings, dm.eval_seed)
             results = evaluate_episodes(embeddings, sampler, settings.n_episodes, distance,
