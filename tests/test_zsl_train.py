@@ -147,11 +147,17 @@ def test_encoder_init_that_heard_an_unseen_class_is_refused(tmp_path):
         zsl_run()
 
 
-def test_transfer_ceiling_script_scores_every_unseen_class(tmp_path):
+def _load_ceiling_script():
+    """scripts/zsl_transfer_ceiling.py as a module (scripts are not a package)."""
     script = Path(__file__).resolve().parents[1] / "scripts" / "zsl_transfer_ceiling.py"
     spec = importlib.util.spec_from_file_location("zsl_transfer_ceiling", script)
-    ceiling_script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ceiling_script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_transfer_ceiling_script_scores_every_unseen_class(tmp_path):
+    ceiling_script = _load_ceiling_script()
     fsl = compose_train_cfg(tmp_path / "fsl", ["trainer.max_steps=1", "test=false"])
     train(fsl)
     ckpt = Path(fsl.paths.output_dir) / "checkpoints" / "last.ckpt"
@@ -165,10 +171,7 @@ def test_transfer_ceiling_script_scores_every_unseen_class(tmp_path):
 
 
 def test_direct_attribute_prediction_recognises_unseen_attribute_combinations():
-    script = Path(__file__).resolve().parents[1] / "scripts" / "zsl_transfer_ceiling.py"
-    spec = importlib.util.spec_from_file_location("zsl_transfer_ceiling", script)
-    ceiling_script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ceiling_script)
+    ceiling_script = _load_ceiling_script()
     # 8 classes = every combination of 3 binary attributes; 4 seen, 4 unseen combinations
     attributes = torch.tensor([[(c >> b) & 1 for b in range(3)] for c in range(8)]).float()
     seen, unseen = [0, 3, 5, 6], [1, 2, 4, 7]

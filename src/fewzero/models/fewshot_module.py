@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +63,6 @@ class FewShotModule(ResumableModule):
         self._embeddings: list[torch.Tensor] = []
         self._indices: list[torch.Tensor] = []
         self.test_results: dict[str, EpisodeResults] = {}
-        self._val_embeddings: torch.Tensor | None = None  # cached while the test selects
 
     # ---- training ---------------------------------------------------------------------
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -106,33 +105,41 @@ class FewShotModule(ResumableModule):
         return full
 
     @torch.no_grad()
+    def _embed_loader(self, loader: Iterable[dict[str, torch.Tensor]]
+                      ) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
+        """(n, dim) CPU backbone embeddings of every batch of `loader`, and the batches. Outside
+        Lightning's loops, so every DDP rank embeds the same clips."""
+        batches = list(loader)
+        return torch.cat([self.net.backbone(b["x"].to(self.device)).float().cpu()
+                          for b in batches]), batches
+
     def _fit_whitening(self) -> None:
         """Refit the whitening on the training instruments' clips with the current backbone
-        (in eval mode, as evaluation runs). Every DDP rank embeds the same clips and agrees."""
-        batches = list(self.trainer.datamodule.reference_dataloader())
-        reference = torch.cat([self.net.backbone(b["x"].to(self.device)).float().cpu()
-                               for b in batches])
+        (in eval mode, as evaluation runs)."""
+        reference, batches = self._embed_loader(self.trainer.datamodule.reference_dataloader())
         self.net.whitening.fit(reference, torch.cat([b["label"] for b in batches]))
 
-    @torch.no_grad()
-    def _select_shrinkage(self, settings: EpisodeSettings) -> float:
+    def _val_embeddings(self) -> torch.Tensor:
+        """(n_clips_total, dim) backbone embeddings of the validation clips; other rows zero."""
+        dm = self.trainer.datamodule
+        embeddings, batches = self._embed_loader(dm.val_dataloader())
+        full = torch.zeros(len(dm.labels), embeddings.shape[1])
+        full[torch.cat([b["index"] for b in batches])] = embeddings
+        return full
+
+    def _select_shrinkage(self, settings: EpisodeSettings, val_embeddings: torch.Tensor) -> float:
         """The candidate shrinkage with the best mean accuracy on validation episodes with the
         shot count of `settings` (n_way capped at the number of validation instruments); ties go
-        to the earlier candidate. The whitening must be fitted."""
+        to the earlier candidate. The whitening must be fitted; `val_embeddings` are not
+        whitened (see `_val_embeddings`)."""
         dm = self.trainer.datamodule
-        if self._val_embeddings is None:  # every rank embeds every validation clip
-            batches = list(dm.val_dataloader())
-            embeddings = torch.cat([self.net.backbone(b["x"].to(self.device)).float().cpu()
-                                    for b in batches])
-            self._val_embeddings = torch.zeros(len(dm.labels), embeddings.shape[1])
-            self._val_embeddings[torch.cat([b["index"] for b in batches])] = embeddings
         probe = EpisodeSettings(min(settings.n_way, len(dm.split["val"])), settings.n_shot,
                                 dm.val_settings.n_query, self.selection_episodes)
         sampler, distance = dm.sampler("val", probe, dm.eval_seed), self.net.distance.cpu_copy()
         scores = {}
         for shrinkage in self.test_shrinkages:
             self.net.whitening.shrinkage = shrinkage
-            scores[shrinkage] = evaluate_episodes(self.net.whitening(self._val_embeddings), sampler,
+            scores[shrinkage] = evaluate_episodes(self.net.whitening(val_embeddings), sampler,
                                                   probe.n_episodes, distance,
                                                   len(dm.class_names)).mean
         return max(scores, key=scores.__getitem__)
@@ -167,13 +174,15 @@ class FewShotModule(ResumableModule):
         dm = self.trainer.datamodule
         distance = self.net.distance.cpu_copy()
         whitening = self.net.whitening
+        selects = whitening is not None and bool(self.test_shrinkages)
         if whitening is not None:
             self._fit_whitening()
-            default_shrinkage, self._val_embeddings = whitening.shrinkage, None
+            default_shrinkage = whitening.shrinkage
+        val_embeddings = self._val_embeddings() if selects else None
         by_setting = {}
         for settings in dm.test_settings:
-            if whitening is not None and self.test_shrinkages:
-                whitening.shrinkage = self._select_shrinkage(settings)
+            if selects:
+                whitening.shrinkage = self._select_shrinkage(settings, val_embeddings)
                 self.log(f"test/{settings.name}_whitening_shrinkage", whitening.shrinkage,
                          sync_dist=True)
             embeddings = by_setting[settings.name] = whitening(raw) if whitening is not None else raw
@@ -188,7 +197,7 @@ class FewShotModule(ResumableModule):
                 self._save_figure(confusion_figure(results.confusion, dm.class_names, title),
                                   f"test/confusion_{settings.name}")
         if whitening is not None:
-            whitening.shrinkage, self._val_embeddings = default_shrinkage, None
+            whitening.shrinkage = default_shrinkage
         # pictures show the embeddings of the setting with the most shots, as it scored them
         settings = max(dm.test_settings, key=lambda s: s.n_shot)
         embeddings = by_setting[settings.name]
