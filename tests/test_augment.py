@@ -42,6 +42,30 @@ def test_backbones_map_log_mel_to_their_embedding_size():
     assert sum(p.numel() for p in tutorial.parameters()) == 521_408
 
 
+def test_timbre_cnn_layout_and_pool_order_do_not_change_its_function():
+    """TimbreCNN runs channels-last and pools before the ReLU for speed; its outputs and
+    gradients must equal the plain conv -> BN -> ReLU -> pool network with the same weights."""
+    torch.manual_seed(0)
+    net = TimbreCNN(n_mels=32, channels=(8, 16, 16), embedding_dim=12, dropout=0.0).train()
+    assert all(block.conv.weight.is_contiguous(memory_format=torch.channels_last)
+               for block in net.blocks)
+
+    def plain_forward(x):
+        h = net.input_norm(x).unsqueeze(1).contiguous()
+        for block in net.blocks:
+            h = torch.nn.functional.conv2d(h, block.conv.weight.contiguous(), padding=1)
+            h = block.pool(torch.relu(block.norm(h)))
+        return net.head(torch.cat([h.mean(dim=-1), h.amax(dim=-1)], dim=1).flatten(1))
+
+    x = torch.randn(6, 32, 40)
+    fast, plain = net(x), plain_forward(x)
+    assert torch.allclose(fast, plain, atol=1e-5)
+    weight = net.blocks[1].conv.weight
+    (grad_fast,) = torch.autograd.grad(fast.square().sum(), weight)
+    (grad_plain,) = torch.autograd.grad(plain.square().sum(), weight)
+    assert grad_fast.abs().sum() > 0 and torch.allclose(grad_fast, grad_plain, atol=1e-4)
+
+
 @pytest.mark.parametrize("n_mels", [64, 128])
 def test_music_fsl_cnn_config_declares_the_size_it_outputs(n_mels):
     from fewzero.train import compose_train_config
