@@ -61,15 +61,22 @@ def test_confidence_interval_matches_hand_computation():
     assert r.ci95 == pytest.approx(0.187661, abs=1e-5)
 
 
-def test_embed_once_evaluation_equals_per_episode_forward():
+@pytest.mark.parametrize("support_weight", [None, 0.0, 0.5])  # None: no whitening
+def test_embed_once_evaluation_equals_per_episode_forward(support_weight):
     torch.manual_seed(2)
     labels = torch.arange(4).repeat_interleave(6)
     clips = torch.randn(24, 3, 5) + labels[:, None, None] * 0.5
     backbone = nn.Sequential(Flatten(), nn.Linear(15, 8), nn.BatchNorm1d(8)).eval()
     sampler = EpisodeSampler(labels, range(4), list("abcd"), 3, 2, 3, seed=4)
-    net = PrototypicalNetwork(backbone, Distance())
+    whitening = None
+    if support_weight is not None:
+        whitening = WithinClassWhitening(8, shrinkage=0.1, length_norm=True,
+                                         support_weight=support_weight)
+        with torch.no_grad():
+            whitening.fit(backbone(torch.randn(40, 3, 5)), torch.arange(40) % 4)
+    net = PrototypicalNetwork(backbone, Distance(), whitening)
     with torch.no_grad():
-        results = evaluate_episodes(backbone(clips), sampler, 20, net.distance, 4)
+        results = evaluate_episodes(backbone(clips), sampler, 20, net.distance, 4, whitening)
         for i in range(20):
             ep = sampler.episode(i)
             net.process_support_set(clips[ep.support.flatten()],
@@ -148,3 +155,51 @@ def test_whitening_rejects_a_single_class_and_a_wrong_size():
         whitening.fit(torch.randn(10, 3), torch.zeros(10, dtype=torch.long))
     with pytest.raises(ValueError, match=r"Expected \(n, 3\)"):
         whitening.fit(torch.randn(10, 4), torch.arange(10) % 2)
+
+
+def _new_nuisance_classes(seed: int, n_per_class: int = 100):
+    """Two new classes 1 apart along axis 2 that spread (std 5) along axis 0, a direction in
+    which the training classes of `_nuisance_data(class_axis=0)` hardly vary; same rotation.
+    Returns (2 * n_per_class, 3) points and labels (class-major)."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(2).repeat_interleave(n_per_class)
+    x = torch.randn(2 * n_per_class, 3, generator=g) * 0.2
+    x[:, 0] += 5 * torch.randn(2 * n_per_class, generator=g)
+    x[:, 2] += labels.float()
+    rotation = torch.linalg.qr(torch.randn(3, 3, generator=torch.Generator().manual_seed(7)))[0]
+    return x @ rotation, labels
+
+
+def test_support_adapted_whitening_learns_a_new_nuisance_from_the_support_set():
+    train_x, train_labels = _nuisance_data(class_axis=0, seed=0)
+    test_x, test_labels = _new_nuisance_classes(seed=1)
+    whitening = WithinClassWhitening(dim=3, shrinkage=0.01)
+    whitening.fit(train_x, train_labels)
+    sampler = EpisodeSampler(test_labels, [0, 1], ["a", "b"], n_way=2, n_shot=5, n_query=20,
+                             seed=0, split="test")
+
+    def accuracy(weight):
+        whitening.support_weight = weight
+        return evaluate_episodes(test_x, sampler, 50, Distance(), 2, whitening).mean
+
+    assert accuracy(0.0) < 0.6 < 0.9 < accuracy(0.5)
+    assert whitening.adapts(5) and not whitening.adapts(1)
+    with pytest.raises(ValueError, match="support_weight must be in"):
+        whitening.support_weight = 1.5
+
+
+def test_support_adapted_whitening_with_no_weight_or_one_shot_is_the_fitted_one():
+    x, labels = _nuisance_data(class_axis=0, seed=0)
+    whitening = WithinClassWhitening(dim=3, shrinkage=0.5)
+    whitening.fit(x, labels)
+    support, support_labels = x[[0, 1, 200, 201]], torch.tensor([0, 0, 1, 1])
+    assert whitening.episode_matrix(support, support_labels) is whitening.matrix  # weight 0
+    whitening.support_weight = 0.3
+    assert whitening.episode_matrix(x[[0, 200]], torch.tensor([0, 1])) is whitening.matrix
+    # a vanishing weight: the Cholesky route equals the fitted matrix up to a rotation, so every
+    # inner product (hence length and distance) is the same
+    whitening.support_weight = 1e-9
+    adapted = whitening(x[:50], whitening.episode_matrix(support, support_labels))
+    fitted = whitening(x[:50])
+    assert torch.allclose(adapted @ adapted.T, fitted @ fitted.T, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(adapted, fitted, atol=1e-3)

@@ -213,13 +213,16 @@ def test_whitening_is_fitted_on_training_instruments_only(tmp_path):
     assert torch.allclose(net.whitening.matrix, fitted, atol=1e-5)
 
 
-def test_test_shrinkage_is_chosen_per_shot_count_on_validation_episodes(tmp_path):
-    candidates = [0.0625, 1.0, 16.0]
-    cfg = compose_train_cfg(tmp_path, [f"model.test_shrinkages={candidates}"])
+def test_test_whitening_is_chosen_per_shot_count_on_validation_episodes(tmp_path):
+    shrinkages, weights = [0.0625, 1.0, 16.0], [0.0, 0.5]
+    cfg = compose_train_cfg(tmp_path, [f"model.test_shrinkages={shrinkages}",
+                                       f"model.test_support_weights={weights}"])
     metrics, objects = train(cfg)
     dm, module = objects["datamodule"], objects["model"]
     net, distance = module.net, module.net.distance.cpu_copy()
-    assert net.whitening.shrinkage == cfg.model.whitening.shrinkage  # restored after the test
+    # restored after the test
+    assert net.whitening.shrinkage == cfg.model.whitening.shrinkage
+    assert net.whitening.support_weight == cfg.model.whitening.support_weight == 0.0
     module.eval()
     with torch.no_grad():  # what the test saw: the whitening refitted on the training clips
         reference = list(dm.reference_dataloader())
@@ -232,18 +235,21 @@ def test_test_shrinkage_is_chosen_per_shot_count_on_validation_episodes(tmp_path
         probe = EpisodeSettings(min(settings.n_way, len(dm.split["val"])), settings.n_shot,
                                 dm.val_settings.n_query, 20)
 
-        def accuracy(stage, episodes, shrinkage):
-            net.whitening.shrinkage = shrinkage
+        def accuracy(stage, episodes, shrinkage, weight):
+            net.whitening.shrinkage, net.whitening.support_weight = shrinkage, weight
             sampler = dm.sampler(stage, episodes, dm.eval_seed)
-            return evaluate_episodes(net.whitening(embeddings), sampler, episodes.n_episodes,
-                                     distance, len(dm.class_names)).mean
+            return evaluate_episodes(embeddings, sampler, episodes.n_episodes, distance,
+                                     len(dm.class_names), net.whitening).mean
 
-        on_val = [accuracy("val", probe, s) for s in candidates]
+        tried = weights[:1] if settings.n_shot == 1 else weights
+        pairs = [(s, w) for w in tried for s in shrinkages]
+        on_val = [accuracy("val", probe, s, w) for s, w in pairs]
         assert len(set(on_val)) > 1  # the candidates differ, so the choice means something
-        chosen = metrics[f"test/{settings.name}_whitening_shrinkage"]
-        assert chosen == candidates[on_val.index(max(on_val))]
+        chosen = (metrics[f"test/{settings.name}_whitening_shrinkage"],
+                  metrics[f"test/{settings.name}_whitening_support_weight"])
+        assert chosen == pairs[on_val.index(max(on_val))]
         assert metrics[f"test/{settings.name}_acc"] == pytest.approx(
-            accuracy("test", settings, chosen), abs=1e-6)
+            accuracy("test", settings, *chosen), abs=1e-6)
 
 
 def test_whitening_can_be_switched_off(tmp_path):

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from fewzero.data.episodes import EpisodeSampler
-from fewzero.models.protonet import Distance
+from fewzero.models.protonet import Distance, WithinClassWhitening
 
 
 @dataclass
@@ -44,23 +44,36 @@ class EpisodeResults:
 
 @torch.no_grad()
 def evaluate_episodes(embeddings: torch.Tensor, sampler: EpisodeSampler, n_episodes: int,
-                      distance: Distance, n_classes: int) -> EpisodeResults:
+                      distance: Distance, n_classes: int,
+                      whitening: WithinClassWhitening | None = None) -> EpisodeResults:
     """Run `n_episodes` prototypical episodes on precomputed embeddings.
 
     Args:
         embeddings: (n_clips, dim), indexed like the sampler's labels (rows of clips outside the
-            sampler's classes are never read).
+            sampler's classes are never read); un-whitened when `whitening` is given.
         sampler: draws the episodes (its seed fixes them).
         distance: the trained distance (its learned scale does not change the argmax).
         n_classes: size of the confusion matrix.
+        whitening: a fitted whitening applied to every episode, adapted to each episode's
+            support set when it `adapts` at the sampler's shot count.
     """
+    per_episode = whitening is not None and whitening.adapts(sampler.n_shot)
+    if whitening is not None and not per_episode:
+        embeddings = whitening(embeddings)
     accuracies = torch.empty(n_episodes)
     confusion = torch.zeros(n_classes, n_classes, dtype=torch.long)
     for i in range(n_episodes):
         ep = sampler.episode(i)
-        prototypes = embeddings[ep.support].mean(dim=1)  # (n_way, dim)
         n_way, n_query = ep.query.shape
-        logits = distance(embeddings[ep.query.flatten()], prototypes)  # (n_way*n_query, n_way)
+        support, queries = embeddings[ep.support], embeddings[ep.query.flatten()]
+        if per_episode:
+            support = support.flatten(0, 1)  # (n_way * n_shot, dim), class-major
+            matrix = whitening.episode_matrix(
+                support, torch.arange(n_way).repeat_interleave(ep.support.shape[1]))
+            support = whitening(support, matrix).unflatten(0, ep.support.shape)
+            queries = whitening(queries, matrix)
+        prototypes = support.mean(dim=1)  # (n_way, dim)
+        logits = distance(queries, prototypes)  # (n_way*n_query, n_way)
         predicted = logits.argmax(dim=1).cpu()
         truth = torch.arange(n_way).repeat_interleave(n_query)
         accuracies[i] = (predicted == truth).float().mean()

@@ -39,7 +39,11 @@ class FewShotModule(ResumableModule):
             Each test setting uses the candidate that scores best on `selection_episodes`
             validation episodes with the test's shot count (the best value falls as shots grow;
             docs/benchmarks.md). Validation during training keeps `whitening.shrinkage`.
-        selection_episodes: validation episodes per candidate and shot count.
+        test_support_weights: optional candidate values of `whitening.support_weight` (how much
+            each test episode's support set adapts the whitening), chosen jointly with the
+            shrinkage in the same way; validation during training keeps
+            `whitening.support_weight`. A list left empty keeps the whitening's own value.
+        selection_episodes: validation episodes per candidate pair and shot count.
         plot_dir: where test figures are written as PNG (also sent to TensorBoard).
         plot_episodes: how many test episodes the embedding figure shows.
     """
@@ -48,7 +52,8 @@ class FewShotModule(ResumableModule):
                  optimizer: Callable[..., Any],
                  scheduler: Callable[..., Any] | None = None, augment: nn.Module | None = None,
                  whitening: WithinClassWhitening | None = None,
-                 test_shrinkages: Sequence[float] | None = None, selection_episodes: int = 500,
+                 test_shrinkages: Sequence[float] | None = None,
+                 test_support_weights: Sequence[float] | None = None, selection_episodes: int = 500,
                  plot_dir: str | None = None, plot_episodes: int = 3):
         super().__init__()
         self.net, self.loss = PrototypicalNetwork(backbone, distance, whitening), loss
@@ -57,6 +62,10 @@ class FewShotModule(ResumableModule):
         self.test_shrinkages = [float(s) for s in test_shrinkages or []]
         if any(s <= 0 for s in self.test_shrinkages):
             raise ValueError(f"test_shrinkages must be positive; got {self.test_shrinkages}")
+        self.test_support_weights = [float(w) for w in test_support_weights or []]
+        if any(not 0 <= w <= 1 for w in self.test_support_weights):
+            raise ValueError("test_support_weights must lie in [0, 1]; got "
+                             f"{self.test_support_weights}")
         self.selection_episodes = selection_episodes
         self.plot_dir = Path(plot_dir) if plot_dir else None
         self.plot_episodes = plot_episodes
@@ -127,21 +136,26 @@ class FewShotModule(ResumableModule):
         full[torch.cat([b["index"] for b in batches])] = embeddings
         return full
 
-    def _select_shrinkage(self, settings: EpisodeSettings, val_embeddings: torch.Tensor) -> float:
-        """The candidate shrinkage with the best mean accuracy on validation episodes with the
-        shot count of `settings` (n_way capped at the number of validation instruments); ties go
-        to the earlier candidate. The whitening must be fitted; `val_embeddings` are not
-        whitened (see `_val_embeddings`)."""
-        dm = self.trainer.datamodule
+    def _select_whitening(self, settings: EpisodeSettings, val_embeddings: torch.Tensor
+                          ) -> tuple[float, float]:
+        """The (shrinkage, support_weight) candidate pair with the best mean accuracy on
+        validation episodes with the shot count of `settings` (n_way capped at the number of
+        validation instruments); ties go to the earlier pair, support weights varying slowest.
+        One-shot supports only try the first support weight (the others give the same scores).
+        The whitening must be fitted; `val_embeddings` are not whitened (`_val_embeddings`)."""
+        dm, whitening = self.trainer.datamodule, self.net.whitening
         probe = EpisodeSettings(min(settings.n_way, len(dm.split["val"])), settings.n_shot,
                                 dm.val_settings.n_query, self.selection_episodes)
         sampler, distance = dm.sampler("val", probe, dm.eval_seed), self.net.distance.cpu_copy()
+        weights = self.test_support_weights or [whitening.support_weight]
+        shrinkages = self.test_shrinkages or [whitening.shrinkage]
         scores = {}
-        for shrinkage in self.test_shrinkages:
-            self.net.whitening.shrinkage = shrinkage
-            scores[shrinkage] = evaluate_episodes(self.net.whitening(val_embeddings), sampler,
-                                                  probe.n_episodes, distance,
-                                                  len(dm.class_names)).mean
+        for weight in weights[:1] if settings.n_shot == 1 else weights:
+            for shrinkage in shrinkages:
+                whitening.shrinkage, whitening.support_weight = shrinkage, weight
+                scores[shrinkage, weight] = evaluate_episodes(
+                    val_embeddings, sampler, probe.n_episodes, distance, len(dm.class_names),
+                    whitening).mean
         return max(scores, key=scores.__getitem__)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
@@ -153,12 +167,11 @@ class FewShotModule(ResumableModule):
             return
         if self.net.whitening is not None:
             self._fit_whitening()
-            embeddings = self.net.whitening(embeddings)
         dm = self.trainer.datamodule
         settings = dm.val_settings
         results = evaluate_episodes(embeddings, dm.sampler("val", settings, dm.eval_seed),
                                     settings.n_episodes, self.net.distance.cpu_copy(),
-                                    len(dm.class_names))
+                                    len(dm.class_names), self.net.whitening)
         self.val_acc_best(results.mean)
         # Every rank scores the same gathered embeddings, so these are equal across ranks;
         # sync_dist makes DDP agree on them explicitly (and Lightning expects it for epoch values).
@@ -174,21 +187,24 @@ class FewShotModule(ResumableModule):
         dm = self.trainer.datamodule
         distance = self.net.distance.cpu_copy()
         whitening = self.net.whitening
-        selects = whitening is not None and bool(self.test_shrinkages)
+        selects = whitening is not None and bool(self.test_shrinkages or self.test_support_weights)
         if whitening is not None:
             self._fit_whitening()
-            default_shrinkage = whitening.shrinkage
+            defaults = whitening.shrinkage, whitening.support_weight
         val_embeddings = self._val_embeddings() if selects else None
-        by_setting = {}
+        by_setting = {}  # for the pictures: whitened with the training classes' matrix
         for settings in dm.test_settings:
             if selects:
-                whitening.shrinkage = self._select_shrinkage(settings, val_embeddings)
+                whitening.shrinkage, whitening.support_weight = self._select_whitening(
+                    settings, val_embeddings)
                 self.log(f"test/{settings.name}_whitening_shrinkage", whitening.shrinkage,
                          sync_dist=True)
-            embeddings = by_setting[settings.name] = whitening(raw) if whitening is not None else raw
+                self.log(f"test/{settings.name}_whitening_support_weight",
+                         whitening.support_weight, sync_dist=True)
+            by_setting[settings.name] = whitening(raw) if whitening is not None else raw
             sampler = dm.sampler("test", settings, dm.eval_seed)
-            results = evaluate_episodes(embeddings, sampler, settings.n_episodes, distance,
-                                        len(dm.class_names))
+            results = evaluate_episodes(raw, sampler, settings.n_episodes, distance,
+                                        len(dm.class_names), whitening)
             self.test_results[settings.name] = results
             self.log(f"test/{settings.name}_acc", results.mean, sync_dist=True)
             self.log(f"test/{settings.name}_ci95", results.ci95, sync_dist=True)
@@ -197,8 +213,9 @@ class FewShotModule(ResumableModule):
                 self._save_figure(confusion_figure(results.confusion, dm.class_names, title),
                                   f"test/confusion_{settings.name}")
         if whitening is not None:
-            whitening.shrinkage = default_shrinkage
-        # pictures show the embeddings of the setting with the most shots, as it scored them
+            whitening.shrinkage, whitening.support_weight = defaults
+        # pictures show the embeddings of the setting with the most shots, whitened as it scored
+        # them apart from the per-episode support adaptation (one picture, one transform)
         settings = max(dm.test_settings, key=lambda s: s.n_shot)
         embeddings = by_setting[settings.name]
         if self.trainer.is_global_zero and self.plot_episodes > 0:
