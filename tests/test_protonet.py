@@ -188,18 +188,41 @@ def test_support_adapted_whitening_learns_a_new_nuisance_from_the_support_set():
         whitening.support_weight = 1.5
 
 
-def test_support_adapted_whitening_with_no_weight_or_one_shot_is_the_fitted_one():
+def test_support_adapted_whitening_matches_the_mixed_covariance_it_stands_for():
     x, labels = _nuisance_data(class_axis=0, seed=0)
-    whitening = WithinClassWhitening(dim=3, shrinkage=0.5)
+    x, labels = x.double(), labels
+    whitening = WithinClassWhitening(dim=3, shrinkage=0.5, support_weight=0.3)
     whitening.fit(x, labels)
-    support, support_labels = x[[0, 1, 200, 201]], torch.tensor([0, 0, 1, 1])
-    assert whitening.episode_matrix(support, support_labels) is whitening.matrix  # weight 0
+    support, support_labels = _new_nuisance_classes(seed=3, n_per_class=4)
+    support = support.double()
+    basis = whitening.adaptation_basis().double()
+    adapted = whitening.adapt(support @ basis, support_labels)(x[:50] @ basis)
+    # naive: whiten with ((1 - w) C + w k S + ridge I)^-1, written out
+    residuals = torch.cat([x[labels == c] - x[labels == c].mean(0) for c in (0, 1)])
+    train = residuals.T @ residuals / (len(x) - 2)
+    spread = torch.cat([support[support_labels == c] - support[support_labels == c].mean(0)
+                        for c in (0, 1)])
+    scatter = spread.T @ spread
+    mixed = (0.7 * train + 0.3 * scatter * train.trace() / scatter.trace()
+             + 0.5 * train.trace() / 3 * torch.eye(3, dtype=x.dtype))
+    expected = x[:50] @ torch.linalg.inv(mixed) @ x[:50].T
+    assert torch.allclose(adapted @ adapted.T, expected, rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(adapted, whitening(x[:50]), atol=1e-2)  # it did adapt
+
+
+def test_support_adapted_whitening_only_adapts_with_weight_and_several_shots():
+    x, labels = _nuisance_data(class_axis=0, seed=0)
+    whitening = WithinClassWhitening(dim=3, shrinkage=0.5, length_norm=True)
+    assert not whitening.adapts(5)  # not fitted
+    whitening.fit(x, labels)
+    assert not whitening.adapts(5)  # weight 0
+    assert torch.equal(whitening.adaptation_basis(), whitening.matrix)
     whitening.support_weight = 0.3
-    assert whitening.episode_matrix(x[[0, 200]], torch.tensor([0, 1])) is whitening.matrix
-    # a vanishing weight: the Cholesky route equals the fitted matrix up to a rotation, so every
-    # inner product (hence length and distance) is the same
+    assert whitening.adapts(2) and not whitening.adapts(1)
+    # a vanishing weight leaves the fitted whitening
     whitening.support_weight = 1e-9
-    adapted = whitening(x[:50], whitening.episode_matrix(support, support_labels))
-    fitted = whitening(x[:50])
-    assert torch.allclose(adapted @ adapted.T, fitted @ fitted.T, rtol=1e-4, atol=1e-4)
-    assert not torch.allclose(adapted, fitted, atol=1e-3)
+    basis = whitening.adaptation_basis()
+    support, support_labels = x[[0, 1, 200, 201]], torch.tensor([0, 0, 1, 1])
+    adapted = whitening.adapt(support @ basis, support_labels)(x[:50] @ basis)
+    assert torch.allclose(adapted, whitening(x[:50]), atol=1e-5)
+    assert torch.allclose(adapted.norm(dim=1), torch.ones(50), atol=1e-5)

@@ -58,8 +58,9 @@ def evaluate_episodes(embeddings: torch.Tensor, sampler: EpisodeSampler, n_episo
             support set when it `adapts` at the sampler's shot count.
     """
     per_episode = whitening is not None and whitening.adapts(sampler.n_shot)
-    if whitening is not None and not per_episode:
-        embeddings = whitening(embeddings)
+    if whitening is not None:
+        embeddings = (embeddings @ whitening.adaptation_basis() if per_episode
+                      else whitening(embeddings))
     accuracies = torch.empty(n_episodes)
     confusion = torch.zeros(n_classes, n_classes, dtype=torch.long)
     for i in range(n_episodes):
@@ -67,11 +68,9 @@ def evaluate_episodes(embeddings: torch.Tensor, sampler: EpisodeSampler, n_episo
         n_way, n_query = ep.query.shape
         support, queries = embeddings[ep.support], embeddings[ep.query.flatten()]
         if per_episode:
-            support = support.flatten(0, 1)  # (n_way * n_shot, dim), class-major
-            matrix = whitening.episode_matrix(
-                support, torch.arange(n_way).repeat_interleave(ep.support.shape[1]))
-            support = whitening(support, matrix).unflatten(0, ep.support.shape)
-            queries = whitening(queries, matrix)
+            adapted = whitening.adapt(support.flatten(0, 1),  # (n_way * n_shot, dim), class-major
+                                      torch.arange(n_way).repeat_interleave(ep.support.shape[1]))
+            support, queries = adapted(support), adapted(queries)
         prototypes = support.mean(dim=1)  # (n_way, dim)
         logits = distance(queries, prototypes)  # (n_way*n_query, n_way)
         predicted = logits.argmax(dim=1).cpu()

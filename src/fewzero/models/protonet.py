@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -55,13 +57,11 @@ class Distance(nn.Module):
         return self.log_scale.exp() * sims
 
 
-def _within_class_scatter(x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Pooled within-class scatter of (n, dim) `x` around each class mean, and its degrees of
-    freedom (n minus the number of classes). Shapes: (n, dim), (n,) -> (dim, dim), int."""
+def _within_class_residuals(x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Every row of `x` minus the mean of its class. Shapes: (n, dim), (n,) -> (n, dim)."""
     classes, label_index = torch.unique(labels, return_inverse=True)
     sums = x.new_zeros(len(classes), x.shape[1]).index_add_(0, label_index, x)
-    centred = x - (sums / torch.bincount(label_index)[:, None].to(x))[label_index]
-    return centred.T @ centred, len(x) - len(classes)
+    return x - (sums / torch.bincount(label_index)[:, None].to(x))[label_index]
 
 
 class WithinClassWhitening(nn.Module):
@@ -79,15 +79,15 @@ class WithinClassWhitening(nn.Module):
     every clip weighs the same in a prototype and only directions are compared. Until `fit` is
     called the matrix is the identity.
 
-    `support_weight` > 0 adapts the whitening to each episode (`episode_matrix`): the support
-    set's own within-class covariance (new instruments vary in their own ways), rescaled to the
-    training covariance's trace, is mixed in with that weight. It needs labelled support clips
+    `support_weight` > 0 adapts the whitening to each episode (`adapt`): the support set's own
+    within-class covariance (new instruments vary in their own ways), rescaled to the training
+    covariance's trace, is mixed in with that weight. It needs labelled support clips
     only, never queries, and changes nothing for one-shot supports (no within-class spread).
     The matrix is not part of the state dict (it is refitted before every evaluation), so
     checkpoints load with whitening on or off.
 
-    Shapes: fit((n, dim), (n,)); episode_matrix((n_support, dim), (n_support,)) -> (dim, dim);
-    forward (batch, dim) [, (dim, dim)] -> (batch, dim).
+    Shapes: fit((n, dim), (n,)); forward (batch, dim) -> (batch, dim); adapt((n_support, dim),
+    (n_support,)) -> a map (batch, dim) -> (batch, dim) (inputs in `adaptation_basis` coordinates).
     """
 
     def __init__(self, dim: int, shrinkage: float = 1.0, length_norm: bool = False,
@@ -96,7 +96,6 @@ class WithinClassWhitening(nn.Module):
         self.length_norm = length_norm
         self.register_buffer("matrix", torch.eye(dim), persistent=False)
         self._eigen: tuple[torch.Tensor, torch.Tensor] | None = None  # (e, V) once fitted
-        self._covariance: torch.Tensor | None = None  # (dim, dim) float64 once fitted
         self.shrinkage = shrinkage
         self.support_weight = support_weight
 
@@ -111,8 +110,7 @@ class WithinClassWhitening(nn.Module):
         self._shrinkage = float(value)
         if self._eigen is not None:
             eigenvalues, eigenvectors = self._eigen
-            scale = (eigenvalues + self._ridge()).rsqrt()
-            self.matrix.copy_((eigenvectors * scale).to(self.matrix))
+            self.matrix.copy_((eigenvectors * (eigenvalues + self._ridge()).rsqrt()).to(self.matrix))
 
     @property
     def support_weight(self) -> float:
@@ -138,39 +136,65 @@ class WithinClassWhitening(nn.Module):
         if n_classes < 2 or n_classes == len(labels):
             raise ValueError("Whitening needs several clips of at least two training classes; got "
                              f"{len(labels)} clips of {n_classes} classes.")
-        scatter, dof = _within_class_scatter(embeddings.double(), labels)
-        self._covariance = scatter / dof
-        eigenvalues, eigenvectors = torch.linalg.eigh(self._covariance)
+        residuals = _within_class_residuals(embeddings.double(), labels)
+        eigenvalues, eigenvectors = torch.linalg.eigh(residuals.T @ residuals
+                                                      / (len(labels) - n_classes))
         self._eigen = (eigenvalues.clamp(min=0), eigenvectors)
         self.shrinkage = self._shrinkage  # computes the matrix
 
     def adapts(self, n_shot: int) -> bool:
-        """Whether `episode_matrix` differs from `matrix` for supports of `n_shot` clips per class."""
-        return self._support_weight > 0 and n_shot > 1 and self._covariance is not None
+        """Whether `adapt` changes anything for supports with up to `n_shot` clips per class."""
+        return self._support_weight > 0 and n_shot > 1 and self._eigen is not None
+
+    def _basis_scales(self) -> torch.Tensor:
+        """(dim,) eigenvalues of (1 - w) C_train + ridge I, in the eigenbasis of C_train."""
+        return (1 - self._support_weight) * self._eigen[0] + self._ridge()
+
+    def adaptation_basis(self) -> torch.Tensor:
+        """(dim, dim) whitening of (1 - w) C_train + ridge I, the training part of the
+        support-adapted covariance (`matrix` when w = 0). `adapt` works on embeddings already
+        multiplied by it, so evaluation multiplies every clip once, not once per episode."""
+        eigenvalues, eigenvectors = self._eigen
+        return (eigenvectors * self._basis_scales().rsqrt()).to(self.matrix)
 
     @torch.no_grad()
-    def episode_matrix(self, support: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """(dim, dim) whitening for one episode from its (n_support, dim) un-whitened support
-        embeddings and (n_support,) labels: `matrix` when nothing adapts, otherwise L^-T with
-        L L^T = (1 - w) C_train + w C_support + ridge I. That is `matrix` up to a rotation
-        when w = 0, which leaves lengths and distances unchanged."""
-        scatter, dof = _within_class_scatter(support.double(), labels)
-        if not self._support_weight > 0 or self._covariance is None or dof == 0:
-            return self.matrix
-        train, dim = self._covariance, self._covariance.shape[0]
-        support_covariance = scatter * (train.trace() / scatter.trace().clamp(min=1e-30))
-        eye = torch.eye(dim, dtype=train.dtype, device=train.device)
-        mixed = ((1 - self._support_weight) * train + self._support_weight * support_covariance
-                 + self._ridge() * eye)
-        inverse_factor = torch.linalg.solve_triangular(torch.linalg.cholesky(mixed), eye,
-                                                       upper=False)
-        return inverse_factor.T.to(self.matrix)
+    def adapt(self, support: torch.Tensor, labels: torch.Tensor
+              ) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The support-adapted whitening of one episode, as a map of (batch, dim) embeddings in
+        `adaptation_basis` coordinates to (batch, dim) whitened (and length-normalised)
+        embeddings, built from the episode's (n_support, dim) support embeddings in the same
+        coordinates and their (n_support,) labels (queries never enter).
 
-    def forward(self, embeddings: torch.Tensor, matrix: torch.Tensor | None = None) -> torch.Tensor:
-        """Whiten with `matrix` (default: the training classes' one)."""
-        matrix = self.matrix if matrix is None else matrix
-        whitened = embeddings @ matrix.to(embeddings)
+        The support's within-class scatter S is rescaled to C_train's trace and added with
+        weight w: the inner products of the result are those of ((1 - w) C_train + ridge I +
+        w k S)^-1, k = trace(C_train) / trace(S). In basis coordinates that is a low-rank update
+        of the identity, so the map is x + ((x Q) (f - 1)) Q^T with Q and singular values s of
+        the centred support and f = (1 + w k s^2)^-1/2: O(dim * n_support) per clip."""
+        residuals = _within_class_residuals(support.double(), labels)
+        # trace of the scatter in the embeddings' own coordinates (the basis scaled eigen-axis j
+        # by scales[j] ** -1/2)
+        raw_trace = (residuals.square() * self._basis_scales()).sum().clamp(min=1e-30)
+        weight = self._support_weight * self._eigen[0].sum() / raw_trace
+        # right singular vectors of the (n_support, dim) residuals from their small Gram matrix;
+        # near-zero ones (at least one per class) carry no spread and are dropped
+        gram_values, gram_vectors = torch.linalg.eigh(residuals @ residuals.T)
+        keep = gram_values > gram_values.max().clamp(min=1e-300) * 1e-10
+        squared_singular = gram_values[keep]
+        directions = (gram_vectors[:, keep].T @ residuals) / squared_singular.sqrt()[:, None]
+        factor_minus_one = (1 + weight * squared_singular).rsqrt() - 1  # (rank,)
+        directions, factor_minus_one = directions.to(support.dtype), factor_minus_one.to(support.dtype)
+
+        def whiten(x: torch.Tensor) -> torch.Tensor:
+            return self._normalise(x + ((x @ directions.T) * factor_minus_one) @ directions)
+
+        return whiten
+
+    def _normalise(self, whitened: torch.Tensor) -> torch.Tensor:
         return nn.functional.normalize(whitened, dim=-1) if self.length_norm else whitened
+
+    def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """Whiten (batch, dim) embeddings with the training classes' `matrix`."""
+        return self._normalise(embeddings @ self.matrix.to(embeddings))
 
 
 class PrototypicalNetwork(nn.Module):
@@ -189,20 +213,26 @@ class PrototypicalNetwork(nn.Module):
         super().__init__()
         self.backbone, self.distance, self.whitening = backbone, distance, whitening
         self.prototypes: torch.Tensor | None = None
-        self.episode_matrix: torch.Tensor | None = None  # the whitening of the current support
+        # the support-adapted whitening of the current episode, if any: (batch, dim) -> (batch, dim)
+        self._adapted: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def _whitened(self, z: torch.Tensor) -> torch.Tensor:
+        whiten = self._adapted if self._adapted is not None else self.whitening
+        return whiten(z) if whiten is not None else z
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """(batch, F, T) -> (batch, dim) embeddings as evaluation compares them."""
-        z = self.backbone(x)
-        return self.whitening(z, self.episode_matrix) if self.whitening is not None else z
+        return self._whitened(self.backbone(x))
 
     def process_support_set(self, support: torch.Tensor, labels: torch.Tensor) -> None:
         n_way = int(labels.max()) + 1
         z = self.backbone(support)
-        if self.whitening is not None:
-            self.episode_matrix = self.whitening.episode_matrix(z, labels)
-            z = self.whitening(z, self.episode_matrix)
-        self.prototypes = class_prototypes(z, labels, n_way)
+        self._adapted = None
+        if self.whitening is not None and self.whitening.adapts(int(torch.bincount(labels).max())):
+            basis = self.whitening.adaptation_basis()
+            adapt = self.whitening.adapt(z @ basis, labels)
+            self._adapted = lambda embeddings: adapt(embeddings @ basis)
+        self.prototypes = class_prototypes(self._whitened(z), labels, n_way)
 
     def forward(self, query: torch.Tensor) -> torch.Tensor:
         if self.prototypes is None:
