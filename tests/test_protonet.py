@@ -214,6 +214,8 @@ def test_support_adapted_whitening_only_adapts_with_weight_and_several_shots():
     x, labels = _nuisance_data(class_axis=0, seed=0)
     whitening = WithinClassWhitening(dim=3, shrinkage=0.5, length_norm=True)
     assert not whitening.adapts(5)  # not fitted
+    with pytest.raises(RuntimeError, match="Fit the whitening"):
+        whitening.adaptation_basis()
     whitening.fit(x, labels)
     assert not whitening.adapts(5)  # weight 0
     assert torch.equal(whitening.adaptation_basis(), whitening.matrix)

@@ -146,6 +146,11 @@ class WithinClassWhitening(nn.Module):
         """Whether `adapt` changes anything for supports with up to `n_shot` clips per class."""
         return self._support_weight > 0 and n_shot > 1 and self._eigen is not None
 
+    def _fitted_eigen(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._eigen is None:
+            raise RuntimeError("Fit the whitening (fit(embeddings, labels)) before adapting it.")
+        return self._eigen
+
     def _basis_scales(self) -> torch.Tensor:
         """(dim,) eigenvalues of (1 - w) C_train + ridge I, in the eigenbasis of C_train."""
         return (1 - self._support_weight) * self._eigen[0] + self._ridge()
@@ -154,7 +159,7 @@ class WithinClassWhitening(nn.Module):
         """(dim, dim) whitening of (1 - w) C_train + ridge I, the training part of the
         support-adapted covariance (`matrix` when w = 0). `adapt` works on embeddings already
         multiplied by it, so evaluation multiplies every clip once, not once per episode."""
-        eigenvalues, eigenvectors = self._eigen
+        eigenvalues, eigenvectors = self._fitted_eigen()
         return (eigenvectors * self._basis_scales().rsqrt()).to(self.matrix)
 
     @torch.no_grad()
@@ -170,11 +175,12 @@ class WithinClassWhitening(nn.Module):
         w k S)^-1, k = trace(C_train) / trace(S). In basis coordinates that is a low-rank update
         of the identity, so the map is x + ((x Q) (f - 1)) Q^T with Q and singular values s of
         the centred support and f = (1 + w k s^2)^-1/2: O(dim * n_support) per clip."""
+        eigenvalues, _ = self._fitted_eigen()
         residuals = _within_class_residuals(support.double(), labels)
         # trace of the scatter in the embeddings' own coordinates (the basis scaled eigen-axis j
         # by scales[j] ** -1/2)
         raw_trace = (residuals.square() * self._basis_scales()).sum().clamp(min=1e-30)
-        weight = self._support_weight * self._eigen[0].sum() / raw_trace
+        weight = self._support_weight * eigenvalues.sum() / raw_trace
         # right singular vectors of the (n_support, dim) residuals from their small Gram matrix;
         # near-zero ones (at least one per class) carry no spread and are dropped
         gram_values, gram_vectors = torch.linalg.eigh(residuals @ residuals.T)
