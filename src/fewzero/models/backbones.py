@@ -28,7 +28,7 @@ class ConvGroupNormBlock(nn.Module):
         self.pool = nn.MaxPool2d(pool)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.pool(self.norm(self.conv(x))))
+        return self.pool(torch.relu(self.norm(self.conv(x))))
 
 
 class MusicFslCNN(nn.Module):
@@ -92,7 +92,7 @@ class ConvBNBlock(nn.Module):
         self.pool = nn.MaxPool2d(2) if pool else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool(torch.relu(self.norm(self.conv(x))))
+        return torch.relu(self.pool(self.norm(self.conv(x))))
 
 
 class TimbreCNN(nn.Module):
