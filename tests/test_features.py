@@ -109,3 +109,38 @@ def test_frequency_scaling_moves_a_tone_like_transposing_it():
     assert torch.all(down[0, -5:] == low.amin())
     with pytest.raises(ValueError, match="positive"):
         features.scale_frequency(low, 0.0)
+
+
+def _prepare_tones_in_child(root: str, done) -> None:
+    """Child process of the lock test: prepares the same tones the parent is preparing."""
+    from fewzero.data.tones import SyntheticTones
+
+    table = features_module.prepare_and_load(SyntheticTones(f"{root}/tones", ["a", "b"], 5),
+                                             MelFeatures(clip_seconds=0.5, n_mels=32), f"{root}/cache")
+    done.put(float(table.features.sum()))
+
+
+def test_a_second_process_waits_while_another_prepares_the_same_source(tmp_path):
+    """Parallel sweep jobs share one data directory: the second must not rewrite the clips
+    the first is decoding, it waits for them and then reuses them."""
+    import multiprocessing
+
+    from fewzero.data.tones import SyntheticTones
+
+    source = SyntheticTones(tmp_path / "tones", ["a", "b"], 5)
+    feats = MelFeatures(clip_seconds=0.5, n_mels=32)
+    context = multiprocessing.get_context("spawn")
+    done = context.Queue()
+    child = context.Process(target=_prepare_tones_in_child, args=(str(tmp_path), done))
+    with features_module.preparing(source, tmp_path / "cache"):
+        child.start()
+        child.join(timeout=8)  # long enough to import fewzero and reach the lock
+        assert child.is_alive(), "the child did not wait for the lock"
+        assert not source.folder.exists(), "the child wrote clips while the parent held the lock"
+        source.prepare()
+        features_module.ensure_cached(source, feats, tmp_path / "cache")
+    child.join(timeout=120)
+    assert child.exitcode == 0
+    ours = load_or_compute(source, feats, tmp_path / "cache")
+    assert done.get(timeout=5) == float(ours.features.sum())
+    assert len(list((tmp_path / "cache").glob("tones-*.pt"))) == 1

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -15,6 +17,7 @@ import numpy as np
 import soundfile as sf
 import torch
 import torchaudio
+from filelock import FileLock, Timeout
 
 from fewzero.data.clips import Clip, ClipSource, config_hash
 from fewzero.progress import progress_bar
@@ -231,15 +234,39 @@ def load_or_compute(source: ClipSource, features: MelFeatures, cache_dir: str | 
                         key=key)
 
 
+@contextmanager
+def preparing(source: ClipSource, cache_dir: str | Path) -> Iterator[None]:
+    """Hold the source's preparation lock (a file next to its feature cache).
+
+    Parallel jobs of a sweep (the joblib launcher, SLURM arrays on a shared disk) prepare the
+    same source at the same moment; without the lock one of them rewrites or deletes clips
+    another is decoding. With it the first renders and caches while the others wait, then find
+    everything done.
+    """
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    lock = FileLock(Path(cache_dir) / f"{source.name}.prepare.lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.info("Another process is preparing source '%s' (lock %s); waiting for it",
+                 source.name, lock.lock_file)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def prepare_cache(source: ClipSource, features: MelFeatures, cache_dir: str | Path) -> None:
     """Make the source's clips available and their features cached, without loading them:
     what every datamodule's `prepare_data` does (rank 0 only under DDP)."""
-    source.prepare()
-    ensure_cached(source, features, cache_dir)
+    with preparing(source, cache_dir):
+        source.prepare()
+        ensure_cached(source, features, cache_dir)
 
 
 def prepare_and_load(source: ClipSource, features: MelFeatures, cache_dir: str | Path) -> FeatureTable:
     """Make the source's clips available (render, download or check; cheap when done) and return
     their cached features: what every datamodule's `setup` does."""
-    source.prepare()
+    prepare_cache(source, features, cache_dir)
     return load_or_compute(source, features, cache_dir)
