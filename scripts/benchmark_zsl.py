@@ -45,6 +45,8 @@ RECIPES: dict[str, tuple[str, list[str]]] = {
                   ["experiment=zsl_text_audio"]),
     "attribute_ours": ("attribute-audio (attribute table), ours: DeViSE + InfoNCE",
                        ["experiment=zsl_attribute_audio"]),
+    "attribute_pitch": ("attribute-audio (attribute table), ours + pitch-range prior",
+                        ["experiment=zsl_attribute_audio", "model/pitch_prior=range"]),
     # other word-audio recipes of ours, candidates for "ours" (choose by the val columns only)
     "word_devise": ("word-audio (GloVe 50-d), DeViSE + InfoNCE (no ConSE)",
                     ["experiment=zsl_word_audio", "model=devise"]),

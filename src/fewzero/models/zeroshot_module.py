@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fewzero.models.pitch_prior import PitchRangePrior
 from fewzero.models.resumable import ResumableModule
 from fewzero.models.zsl_heads import CompatibilityHead
 from fewzero.plots import confusion_figure, save_figure, zsl_embedding_figure
@@ -89,13 +90,16 @@ class ZeroShotModule(ResumableModule):
             encoder from.
         freeze_backbone: keep the encoder fixed (eval mode); closed-form heads always do.
         plot_dir: where test figures are written as PNG (also sent to TensorBoard).
+        pitch_prior: optional `PitchRangePrior`: a pitch head trained alongside (on the seen
+            training clips' pitches) whose range log-likelihood is added to every evaluation
+            score, validation included.
     """
 
     def __init__(self, backbone: nn.Module, head: CompatibilityHead, loss: nn.Module,
                  side_info: SideInformation, optimizer: Callable[..., Any],
                  scheduler: Callable[..., Any] | None = None, augment: nn.Module | None = None,
                  init_checkpoint: str | None = None, freeze_backbone: bool = False,
-                 plot_dir: str | None = None):
+                 plot_dir: str | None = None, pitch_prior: PitchRangePrior | None = None):
         super().__init__()
         self.backbone, self.head, self.loss, self.side_info = backbone, head, loss, side_info
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
@@ -107,6 +111,11 @@ class ZeroShotModule(ResumableModule):
         if self.frozen:
             self.backbone.requires_grad_(False)
         self.plot_dir = Path(plot_dir) if plot_dir else None
+        self.pitch_prior = pitch_prior
+        if pitch_prior is not None and head.closed_form:
+            raise ValueError("model.pitch_prior needs a trained head (siamese, devise, bilinear, "
+                             "conse): a closed-form head on a frozen encoder has no training loss "
+                             "to add the pitch head's to. Set model.pitch_prior=null.")
         self.register_buffer("calibration_gamma", torch.zeros(()))  # saved with each checkpoint
         self._collected: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._closed_form_data: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -126,6 +135,9 @@ class ZeroShotModule(ResumableModule):
         to_train[self.ids["train"]] = torch.arange(len(self.ids["train"]))
         self.register_buffer("to_train", to_train, persistent=False)
         self.register_buffer("side_matrix", self.vectors.mean, persistent=False)
+        if self.pitch_prior is not None:
+            self.register_buffer("range_likelihoods",
+                                 self.pitch_prior.range_likelihoods(dm.class_names), persistent=False)
         if hasattr(self.head, "set_anchors"):  # heads that score relative to the training classes
             self.head.set_anchors(self.side_matrix[self.ids["train"]])
 
@@ -172,6 +184,11 @@ class ZeroShotModule(ResumableModule):
             return None
         scores = self.head(audio, self.train_side())
         loss = self.loss(scores, targets)
+        if self.pitch_prior is not None:
+            pitches = self.trainer.datamodule.table.pitches[batch["index"].cpu()].to(self.device)
+            pitch_loss = self.pitch_prior.loss(audio, pitches)
+            self.log("train/pitch_loss", pitch_loss)
+            loss = loss + pitch_loss
         self.train_acc((scores.argmax(dim=1) == targets).float().mean())
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
@@ -208,6 +225,8 @@ class ZeroShotModule(ResumableModule):
         if self.trainer.world_size > 1:
             audio, labels = self.all_gather(audio).flatten(0, 1), self.all_gather(labels).flatten(0, 1)
         scores = self.head(audio, self.side_matrix)
+        if self.pitch_prior is not None:
+            scores = self.pitch_prior.adjust(scores, audio, self.range_likelihoods)
         return audio.float().cpu(), scores.float().cpu(), labels.cpu()
 
     def on_validation_epoch_start(self) -> None:
