@@ -10,7 +10,10 @@ per unseen class (its acoustic neighbour among the seen classes against its side
 neighbour). For the attribute table it also tries direct attribute prediction (DAP; Lampert et
 al., 2009), which does not go through the seen classes: one logistic regression per attribute
 column, and an unseen clip goes to the unseen class whose attributes are the most probable.
-Unseen clips are only ever scored; nothing is fitted or chosen on them.
+It also scores the pitch-range prior of `model/pitch_prior=range` (`fewzero.models.pitch_prior`)
+on the same encoder: a pitch probe (logistic regression on the seen training clips' metadata
+pitches), the classes' documented ranges alone, and ConSE T=all plus the range log-likelihood
+(weight 0.1, the default). Unseen clips are only ever scored; nothing is fitted or chosen on them.
 
     .venv/bin/python scripts/zsl_transfer_ceiling.py outputs/<fsl run>/checkpoints/last.ckpt
     .venv/bin/python scripts/zsl_transfer_ceiling.py CKPT --experiments zsl_word_audio
@@ -25,6 +28,7 @@ from pathlib import Path
 import hydra
 import torch
 
+from fewzero.models.pitch_prior import PitchRangePrior
 from fewzero.models.zeroshot_module import check_init_checkpoint
 from fewzero.side_info.attributes import AttributeTable, encode_attribute_table
 from fewzero.train import compose_train_config
@@ -77,6 +81,31 @@ def dap_log_likelihood(audio: torch.Tensor, labels: torch.Tensor, train: torch.T
     return scores
 
 
+def pitch_range_cells(audio: torch.Tensor, pitches: torch.Tensor, labels: torch.Tensor,
+                      train: torch.Tensor, test_unseen: torch.Tensor, unseen: list[int],
+                      table: dict, class_names: list[str], conse_scores: torch.Tensor) -> list[str]:
+    """The pitch-range prior on a frozen encoder: [share of unseen clips whose pitch the probe
+    gets exactly, unseen top-1 from the ranges alone, unseen top-1 of ConSE + the prior].
+
+    Args:
+        audio: (n_clips, d) standardised embeddings; pitches, labels: (n_clips,).
+        train: seen training clip indices (the probe's only data); test_unseen: unseen clips.
+        conse_scores: (n_clips, n_classes) ConSE T=all cosine scores.
+    """
+    prior = PitchRangePrior(audio.shape[1], table)
+    known = train[(pitches[train] >= prior.low_pitch) & (pitches[train] <= prior.high_pitch)]
+    probe = fit_logistic(audio[known], pitches[known] - prior.low_pitch, prior.pitch_head.out_features)
+    prior.pitch_head = probe
+    ranges = prior.range_likelihoods(class_names)
+    with torch.no_grad():
+        exact = (probe(audio[test_unseen]).argmax(dim=1) + prior.low_pitch == pitches[test_unseen])
+        range_only = prior.log_likelihood(audio, ranges)
+        combined = prior.adjust(conse_scores, audio, ranges)
+    y = labels[test_unseen]
+    return [f"{exact.float().mean():.3f}", f"{topk_accuracy(range_only[test_unseen], y, unseen):.3f}",
+            f"{topk_accuracy(combined[test_unseen], y, unseen):.3f}"]
+
+
 def ceiling(checkpoint: Path, experiment: str, overrides: list[str]) -> tuple[list[str], list[str]]:
     """One experiment's row and per-unseen-class lines (Markdown)."""
     cfg = compose_train_config([f"experiment={experiment}", "dataset.refit_on_trainval=false",
@@ -103,16 +132,19 @@ def ceiling(checkpoint: Path, experiment: str, overrides: list[str]) -> tuple[li
     seen_top1 = topk_accuracy(seen_scores[test_seen], dm.labels[test_seen], seen)
     top1_vector = side[seen][probs.argmax(dim=1)]            # ConSE with T = 1
     mixed_vector = probs @ side[seen]                         # ConSE with T = every seen class
-    dap = "n/a"
+    dap, pitch_cells = "n/a", ["n/a"] * 3
     if isinstance(model.side_info, AttributeTable):
         table = model.side_info
         binary, _ = encode_attribute_table(table.table, table.categorical, ())
         scores = dap_log_likelihood(audio, dm.labels, train, seen,
                                     torch.stack([binary[name] for name in dm.class_names]))
         dap = f"{topk_accuracy(scores[test_unseen], dm.labels[test_unseen], unseen):.3f}"
+        pitch_cells = pitch_range_cells(audio, dm.table.pitches, dm.labels, train, test_unseen,
+                                        unseen, table.table, dm.class_names, mixed_vector @ side.T)
     rows = [f"| {experiment} | {seen_top1:.3f} | "
             + " | ".join(f"{topk_accuracy(v[test_unseen] @ side.T, dm.labels[test_unseen], unseen):.3f}"
-                         for v in (top1_vector, mixed_vector)) + f" | {dap} |"]
+                         for v in (top1_vector, mixed_vector)) + f" | {dap} | " + " | ".join(pitch_cells)
+            + " |"]
     lines = []
     nearest_seen = (side[unseen] @ side[seen].T).argmax(dim=1)
     for i, c in enumerate(unseen):
@@ -139,7 +171,9 @@ def main() -> None:
         rows += experiment_rows
         lines += experiment_lines
     print("| experiment | seen top-1 (logistic regression) | unseen top-1, ConSE T=1 | "
-          "unseen top-1, ConSE T=all | unseen top-1, DAP |\n| --- | --- | --- | --- | --- |")
+          "unseen top-1, ConSE T=all | unseen top-1, DAP | unseen pitch exact (probe) | "
+          "unseen top-1, ranges alone | unseen top-1, ConSE T=all + pitch-range prior |\n"
+          "| --- | --- | --- | --- | --- | --- | --- | --- |")
     print("\n".join(rows))
     print("\n| experiment | unseen class | sounds most like (share of its clips) | "
           "nearest seen class by side information |\n| --- | --- | --- | --- |")
