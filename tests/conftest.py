@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -69,5 +70,8 @@ def skip_without_side_info_files(cfg: DictConfig) -> None:
 
 @pytest.fixture(autouse=True)
 def _few_threads():
-    torch.set_num_threads(2)
+    """Two torch threads per test, or each pytest-xdist worker's share of the cores (not
+    more threads than cores: oversubscribed BLAS threads only wait for each other)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // workers)))
     yield
