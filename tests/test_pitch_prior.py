@@ -104,14 +104,22 @@ def test_zsl_run_with_the_pitch_prior_trains_its_head_and_adds_it_to_every_score
     batch = next(iter(dm.test_dataloader()))
     with torch.no_grad():
         audio = model.backbone(batch["x"])
-        model._collected = [(audio, batch["label"])]
-        _, scores, _ = model._scores()
+        model._collected = [(audio, batch["label"], batch["index"])]
+        _, scores, _, _ = model._scores()
         plain = model.head(audio, model.side_matrix)
         ranges = model.pitch_prior.range_likelihoods(dm.class_names)
         expected = plain + 0.1 * model.pitch_prior.log_likelihood(audio, ranges)
     assert torch.allclose(scores, expected, atol=1e-5)
     assert not torch.allclose(scores, plain, atol=1e-3)
     assert 0.0 <= metrics["test/zsl_top1"] <= 1.0
+    # the pitch head's own test figure: exact pitches of the unseen clips, recomputed here
+    unseen_clips = dm.indices["test_unseen"]
+    with torch.no_grad():
+        names = model.pitch_prior(model.backbone(
+            dm.table.features[unseen_clips][:, :, dm.eval_offset:dm.eval_offset + dm.excerpt_frames]))
+    exact = (names.argmax(dim=1) + model.pitch_prior.low_pitch == dm.table.pitches[unseen_clips]).float()
+    assert metrics["test/pitch_exact_unseen"] == pytest.approx(float(exact.mean()), abs=1e-6)
+    assert 0.0 <= metrics["test/pitch_exact_seen"] <= 1.0
     # fewzero.eval rebuilds the prior, loads its pitch head and scores other candidates with it
     _, evaluated = evaluate(Path(metrics["test/checkpoint"]), ["dataset.split.unseen=[Bassoon,Viola]"],
                             tmp_path / "eval")

@@ -117,7 +117,7 @@ class ZeroShotModule(ResumableModule):
                              "conse): a closed-form head on a frozen encoder has no training loss "
                              "to add the pitch head's to. Set model.pitch_prior=null.")
         self.register_buffer("calibration_gamma", torch.zeros(()))  # saved with each checkpoint
-        self._collected: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._collected: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self._closed_form_data: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._closed_form_fitted_on = 0  # batches the closed-form head was last fitted on
         self.vectors: ClassVectors | None = None
@@ -216,18 +216,19 @@ class ZeroShotModule(ResumableModule):
 
     # ---- evaluation: embed every clip once --------------------------------------------
     def _collect(self, batch: dict[str, torch.Tensor]) -> None:
-        self._collected.append((self.backbone(batch["x"]).detach(), batch["label"]))
+        self._collected.append((self.backbone(batch["x"]).detach(), batch["label"], batch["index"]))
 
-    def _scores(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Gathered (audio (n, audio_dim), scores (n, n_classes), labels (n,)) on the CPU."""
-        audio, labels = (torch.cat(t) for t in zip(*self._collected, strict=True))
+    def _scores(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Gathered (audio (n, audio_dim), scores (n, n_classes), labels (n,), clip indices (n,))
+        on the CPU."""
+        audio, labels, indices = (torch.cat(t) for t in zip(*self._collected, strict=True))
         self._collected = []
         if self.trainer.world_size > 1:
-            audio, labels = self.all_gather(audio).flatten(0, 1), self.all_gather(labels).flatten(0, 1)
+            audio, labels, indices = (self.all_gather(t).flatten(0, 1) for t in (audio, labels, indices))
         scores = self.head(audio, self.side_matrix)
         if self.pitch_prior is not None:
             scores = self.pitch_prior.adjust(scores, audio, self.range_likelihoods)
-        return audio.float().cpu(), scores.float().cpu(), labels.cpu()
+        return audio.float().cpu(), scores.float().cpu(), labels.cpu(), indices.cpu()
 
     def on_validation_epoch_start(self) -> None:
         self._fit_closed_form()
@@ -237,7 +238,7 @@ class ZeroShotModule(ResumableModule):
         self._collect(batch)
 
     def on_validation_epoch_end(self) -> None:
-        _, scores, labels = self._scores()
+        _, scores, labels, _ = self._scores()
         if self.trainer.sanity_checking:
             return
         train, pseudo = self.ids["train"], self.ids["pseudo_unseen"]
@@ -262,14 +263,33 @@ class ZeroShotModule(ResumableModule):
         self._collect(batch)
 
     def on_test_epoch_end(self) -> None:
-        audio, scores, labels = self._scores()
+        audio, scores, labels, indices = self._scores()
         dm = self.trainer.datamodule
         gamma = float(self.calibration_gamma)
         self.results = evaluate_zsl(scores, labels, self.ids["seen"], self.ids["unseen"],
                                          gamma, len(dm.class_names))
+        if self.pitch_prior is not None:
+            self.results.metrics.update(self._pitch_accuracy(audio, labels, dm.table.pitches[indices]))
         self.log_dict({f"test/{k}": v for k, v in self.results.metrics.items()}, sync_dist=True)
         if self.trainer.is_global_zero:
             self._test_figures(audio, labels)
+
+    def _pitch_accuracy(self, audio: torch.Tensor, labels: torch.Tensor, pitches: torch.Tensor
+                        ) -> dict[str, float]:
+        """Share of test clips whose pitch the prior's head names exactly, seen and unseen
+        (clips of unknown pitch left out): how well the pitch head transfers. A test figure only.
+
+        Args: audio (n, audio_dim), labels (n,), pitches (n,) metadata MIDI numbers (-1 unknown).
+        """
+        with torch.no_grad():
+            logits = self.pitch_prior(audio.to(self.device))
+        predicted = logits.argmax(dim=1).cpu() + self.pitch_prior.low_pitch
+        metrics = {}
+        for setting in ("seen", "unseen"):
+            clips = torch.isin(labels, torch.tensor(self.ids[setting], dtype=torch.long)) & (pitches >= 0)
+            if clips.any():
+                metrics[f"pitch_exact_{setting}"] = float((predicted[clips] == pitches[clips]).float().mean())
+        return metrics
 
     def _test_figures(self, audio: torch.Tensor, labels: torch.Tensor) -> None:
         names, metrics = self.trainer.datamodule.class_names, self.results.metrics
