@@ -226,7 +226,11 @@ def ensure_cached(source: ClipSource, features: MelFeatures, cache_dir: str | Pa
 
 def load_or_compute(source: ClipSource, features: MelFeatures, cache_dir: str | Path) -> FeatureTable:
     """Return the source's features from the on-disk cache, computing them on first use."""
-    path, key = ensure_cached(source, features, cache_dir)
+    return _load_table(*ensure_cached(source, features, cache_dir))
+
+
+def _load_table(path: Path, key: str) -> FeatureTable:
+    """The FeatureTable stored in the cache file `path` (written by `ensure_cached`)."""
     blob = torch.load(path, map_location="cpu", weights_only=False)
     log.info("Loaded cached features %s (%d clips)", path, len(blob["instruments"]))
     return FeatureTable(features=blob["features"].float(), instruments=list(blob["instruments"]),
@@ -257,16 +261,19 @@ def preparing(source: ClipSource, cache_dir: str | Path) -> Iterator[None]:
         lock.release()
 
 
-def prepare_cache(source: ClipSource, features: MelFeatures, cache_dir: str | Path) -> None:
+def prepare_cache(source: ClipSource, features: MelFeatures, cache_dir: str | Path) -> tuple[Path, str]:
     """Make the source's clips available and their features cached, without loading them:
-    what every datamodule's `prepare_data` does (rank 0 only under DDP)."""
+    what every datamodule's `prepare_data` does (rank 0 only under DDP).
+
+    Returns:
+        (path of the cache file, cache key), as `ensure_cached`.
+    """
     with preparing(source, cache_dir):
         source.prepare()
-        ensure_cached(source, features, cache_dir)
+        return ensure_cached(source, features, cache_dir)
 
 
 def prepare_and_load(source: ClipSource, features: MelFeatures, cache_dir: str | Path) -> FeatureTable:
     """Make the source's clips available (render, download or check; cheap when done) and return
     their cached features: what every datamodule's `setup` does."""
-    prepare_cache(source, features, cache_dir)
-    return load_or_compute(source, features, cache_dir)
+    return _load_table(*prepare_cache(source, features, cache_dir))
