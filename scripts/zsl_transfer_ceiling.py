@@ -98,7 +98,7 @@ def pitch_range_cells(audio: torch.Tensor, pitches: torch.Tensor, labels: torch.
     prior.pitch_head = probe
     ranges = prior.range_likelihoods(class_names)
     with torch.no_grad():
-        exact = (probe(audio[test_unseen]).argmax(dim=1) + prior.low_pitch == pitches[test_unseen])
+        exact = prior.predicted_pitches(audio[test_unseen]) == pitches[test_unseen]
         range_only = prior.log_likelihood(audio, ranges)
         combined = prior.adjust(conse_scores, audio, ranges)
     y = labels[test_unseen]

@@ -46,6 +46,7 @@ def test_log_likelihood_of_a_certain_pitch_is_the_log_range_density():
         prior.pitch_head.weight.zero_()
         prior.pitch_head.bias.fill_(-50.0)
         prior.pitch_head.bias[5] = 50.0
+    assert torch.equal(prior.predicted_pitches(torch.randn(4, 2)), torch.full((4,), 35))
     ranges = prior.range_likelihoods(["low", "high", "wide"])
     loglik = prior.log_likelihood(torch.randn(4, 2), ranges)
     expected = torch.tensor([math.log(1.01 / 10.2), math.log(0.01 / 10.2), math.log(1 / 20)])

@@ -64,6 +64,10 @@ class PitchRangePrior(nn.Module):
         """(batch, audio_dim) -> (batch, n_pitches) pitch logits (low_pitch .. high_pitch)."""
         return self.pitch_head(audio.detach() if self.detach else audio)
 
+    def predicted_pitches(self, audio: torch.Tensor) -> torch.Tensor:
+        """(batch, audio_dim) -> (batch,) the most probable MIDI pitch of every clip."""
+        return self(audio).argmax(dim=1) + self.low_pitch
+
     def loss(self, audio: torch.Tensor, pitches: torch.Tensor) -> torch.Tensor:
         """Weighted cross-entropy of the pitch head. pitches: (batch,) MIDI numbers, -1 unknown."""
         targets = pitches - self.low_pitch

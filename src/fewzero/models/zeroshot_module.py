@@ -282,8 +282,7 @@ class ZeroShotModule(ResumableModule):
         Args: audio (n, audio_dim), labels (n,), pitches (n,) metadata MIDI numbers (-1 unknown).
         """
         with torch.no_grad():
-            logits = self.pitch_prior(audio.to(self.device))
-        predicted = logits.argmax(dim=1).cpu() + self.pitch_prior.low_pitch
+            predicted = self.pitch_prior.predicted_pitches(audio.to(self.device)).cpu()
         metrics = {}
         for setting in ("seen", "unseen"):
             clips = torch.isin(labels, torch.tensor(self.ids[setting], dtype=torch.long)) & (pitches >= 0)
