@@ -13,10 +13,14 @@ column, and an unseen clip goes to the unseen class whose attributes are the mos
 It also scores the pitch-range prior of `model/pitch_prior=range` (`fewzero.models.pitch_prior`)
 on the same encoder: a pitch probe (logistic regression on the seen training clips' metadata
 pitches), the classes' documented ranges alone, and ConSE T=all plus the range log-likelihood
-(weight 0.1, the default). Unseen clips are only ever scored; nothing is fitted or chosen on them.
+(weight 0.1, the default). With `--remove-pitch K` every number is computed on embeddings from
+which the K leading directions of a linear pitch probe (fitted on the seen training clips) have
+been projected out: does the seen class an unseen instrument sounds like change once register
+is taken away? Unseen clips are only ever scored; nothing is fitted or chosen on them.
 
     .venv/bin/python scripts/zsl_transfer_ceiling.py outputs/<fsl run>/checkpoints/last.ckpt
     .venv/bin/python scripts/zsl_transfer_ceiling.py CKPT --experiments zsl_word_audio
+    .venv/bin/python scripts/zsl_transfer_ceiling.py CKPT --remove-pitch 8
 """
 
 from __future__ import annotations
@@ -81,6 +85,29 @@ def dap_log_likelihood(audio: torch.Tensor, labels: torch.Tensor, train: torch.T
     return scores
 
 
+def fit_pitch_probe(audio: torch.Tensor, pitches: torch.Tensor, train: torch.Tensor,
+                    prior: PitchRangePrior) -> torch.nn.Linear:
+    """A logistic regression over the prior's pitch classes, fitted on the seen training clips
+    whose metadata pitch lies in its span. audio: (n_clips, d); pitches: (n_clips,) MIDI."""
+    known = train[(pitches[train] >= prior.low_pitch) & (pitches[train] <= prior.high_pitch)]
+    return fit_logistic(audio[known], pitches[known] - prior.low_pitch, prior.pitch_head.out_features)
+
+
+def remove_pitch_directions(audio: torch.Tensor, pitches: torch.Tensor, train: torch.Tensor,
+                            k: int) -> torch.Tensor:
+    """Project the k leading directions of a linear pitch probe out of the embeddings.
+
+    Args:
+        audio: (n_clips, d) standardised embeddings; pitches: (n_clips,) MIDI metadata pitches.
+        train: seen training clip indices, the probe's only data.
+    Returns:
+        (n_clips, d) embeddings orthogonal to the probe's k strongest (centred) weight directions.
+    """
+    weights = fit_pitch_probe(audio, pitches, train, PitchRangePrior(audio.shape[1], {})).weight.detach()
+    directions = torch.linalg.svd(weights - weights.mean(0), full_matrices=False).Vh[:k]  # (k, d)
+    return audio - (audio @ directions.T) @ directions
+
+
 def pitch_range_cells(audio: torch.Tensor, pitches: torch.Tensor, labels: torch.Tensor,
                       train: torch.Tensor, test_unseen: torch.Tensor, unseen: list[int],
                       table: dict, class_names: list[str], conse_scores: torch.Tensor) -> list[str]:
@@ -93,9 +120,7 @@ def pitch_range_cells(audio: torch.Tensor, pitches: torch.Tensor, labels: torch.
         conse_scores: (n_clips, n_classes) ConSE T=all cosine scores.
     """
     prior = PitchRangePrior(audio.shape[1], table)
-    known = train[(pitches[train] >= prior.low_pitch) & (pitches[train] <= prior.high_pitch)]
-    probe = fit_logistic(audio[known], pitches[known] - prior.low_pitch, prior.pitch_head.out_features)
-    prior.pitch_head = probe
+    prior.pitch_head = fit_pitch_probe(audio, pitches, train, prior)
     ranges = prior.range_likelihoods(class_names)
     with torch.no_grad():
         exact = prior.predicted_pitches(audio[test_unseen]) == pitches[test_unseen]
@@ -106,7 +131,8 @@ def pitch_range_cells(audio: torch.Tensor, pitches: torch.Tensor, labels: torch.
             f"{topk_accuracy(combined[test_unseen], y, unseen):.3f}"]
 
 
-def ceiling(checkpoint: Path, experiment: str, overrides: list[str]) -> tuple[list[str], list[str]]:
+def ceiling(checkpoint: Path, experiment: str, overrides: list[str], remove_pitch: int = 0
+            ) -> tuple[list[str], list[str]]:
     """One experiment's row and per-unseen-class lines (Markdown)."""
     cfg = compose_train_config([f"experiment={experiment}", "dataset.refit_on_trainval=false",
                                 "dataset.train_on=trainval", *overrides], "outputs/ceiling")
@@ -120,6 +146,8 @@ def ceiling(checkpoint: Path, experiment: str, overrides: list[str]) -> tuple[li
     train, test_seen, test_unseen = (dm.indices[r] for r in ("train", "test_seen", "test_unseen"))
     mean, std = audio[train].mean(0), audio[train].std(0) + 1e-6
     audio = (audio - mean) / std  # standardised on training clips only
+    if remove_pitch:
+        audio = remove_pitch_directions(audio, dm.table.pitches, train, remove_pitch)
     to_seen = {c: i for i, c in enumerate(seen)}
     y_train = torch.tensor([to_seen[int(c)] for c in dm.labels[train]])
     classifier = fit_logistic(audio[train], y_train, len(seen))
@@ -162,12 +190,15 @@ def main() -> None:
     parser.add_argument("checkpoint", type=Path, help="fewzero checkpoint whose encoder is used")
     parser.add_argument("--experiments", nargs="+",
                         default=["zsl_word_audio", "zsl_text_audio", "zsl_attribute_audio"])
+    parser.add_argument("--remove-pitch", type=int, default=0, metavar="K",
+                        help="project the K leading pitch-probe directions out of the embeddings")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every experiment")
     args = parser.parse_args()
     torch.manual_seed(0)
     rows, lines = [], []
     for experiment in args.experiments:
-        experiment_rows, experiment_lines = ceiling(args.checkpoint, experiment, args.overrides)
+        experiment_rows, experiment_lines = ceiling(args.checkpoint, experiment, args.overrides,
+                                                      args.remove_pitch)
         rows += experiment_rows
         lines += experiment_lines
     print("| experiment | seen top-1 (logistic regression) | unseen top-1, ConSE T=1 | "

@@ -186,6 +186,26 @@ def test_direct_attribute_prediction_recognises_unseen_attribute_combinations():
     assert (predicted == labels[test]).float().mean() > 0.8  # chance 0.25
 
 
+def test_removing_pitch_directions_keeps_the_class_and_drops_the_pitch():
+    ceiling_script = _load_ceiling_script()
+    generator = torch.Generator().manual_seed(0)
+    pitches = torch.randint(40, 81, (600,), generator=generator)
+    labels = torch.arange(3).repeat(200)
+    audio = torch.randn(600, 4, generator=generator) * 0.3
+    audio[:, 0] += (pitches - 60) / 10.0                         # register only
+    audio[:, 1:] += 2 * torch.nn.functional.one_hot(labels, 3)  # the class only
+    train = torch.arange(400)
+    kept = ceiling_script.remove_pitch_directions(audio, pitches, train, k=1)
+
+    def pitch_correlation(x):  # largest |corr| of a column with the pitch
+        return torch.corrcoef(torch.cat([x.T, pitches[None].float()]))[-1, :-1].abs().max()
+
+    assert pitch_correlation(audio) > 0.9 and pitch_correlation(kept) < 0.2
+    means = torch.stack([kept[train][labels[train] == c].mean(0) for c in range(3)])
+    nearest_mean = torch.cdist(kept[400:], means).argmin(dim=1)
+    assert (nearest_mean == labels[400:]).float().mean() > 0.95
+
+
 def test_image_side_info_can_be_sampled_per_training_step(tmp_path):
     cfg = compose_train_cfg(tmp_path, ["experiment=zsl_image_audio", "side_info.sample_per_step=true",
                                        "+trainer.fast_dev_run=true"])
