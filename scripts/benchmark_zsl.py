@@ -47,6 +47,12 @@ RECIPES: dict[str, tuple[str, list[str]]] = {
                        ["experiment=zsl_attribute_audio"]),
     "attribute_pitch": ("attribute-audio (attribute table), ours + pitch-range prior",
                         ["experiment=zsl_attribute_audio", "model/pitch_prior=range"]),
+    "attribute_formant": ("attribute-audio (attribute table), ours + pitch-range and formant prior",
+                          ["experiment=zsl_attribute_audio", "model/pitch_prior=range_formant"]),
+    "attribute_formant_val": ("attribute-audio (attribute table), ours + pitch-range and formant prior, "
+                              "weight chosen on validation",
+                              ["experiment=zsl_attribute_audio", "model/pitch_prior=range_formant",
+                               "model.pitch_prior.weight_candidates=[0.0,0.025,0.05,0.1,0.2,0.4,0.8,1.6]"]),
     # other word-audio recipes of ours, candidates for "ours" (choose by the val columns only)
     "word_devise": ("word-audio (GloVe 50-d), DeViSE + InfoNCE (no ConSE)",
                     ["experiment=zsl_word_audio", "model=devise"]),

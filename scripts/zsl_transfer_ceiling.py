@@ -13,10 +13,13 @@ column, and an unseen clip goes to the unseen class whose attributes are the mos
 It also scores the pitch-range prior of `model/pitch_prior=range` (`fewzero.models.pitch_prior`)
 on the same encoder: a pitch probe (logistic regression on the seen training clips' metadata
 pitches), the classes' documented ranges alone, and ConSE T=all plus the range log-likelihood
-(weight 0.1, the default). With `--remove-pitch K` every number is computed on embeddings from
-which the K leading directions of a linear pitch probe (fitted on the seen training clips) have
-been projected out: does the seen class an unseen instrument sounds like change once register
-is taken away? Unseen clips are only ever scored; nothing is fitted or chosen on them.
+(weight 0.1, the default), and the same two with the formant likelihood of
+`model/pitch_prior=range_formant` (each clip's spectral peak against each class's documented main
+formant, its scale fitted on the seen training clips). With `--remove-pitch K` every number
+is computed on embeddings from which the K leading directions of a linear pitch probe (fitted
+on the seen training clips) have been projected out: does the seen class an unseen instrument
+sounds like change once register is taken away? Unseen clips are only ever scored; nothing is
+fitted or chosen on them.
 
     .venv/bin/python scripts/zsl_transfer_ceiling.py outputs/<fsl run>/checkpoints/last.ckpt
     .venv/bin/python scripts/zsl_transfer_ceiling.py CKPT --experiments zsl_word_audio
@@ -32,7 +35,7 @@ from pathlib import Path
 import hydra
 import torch
 
-from fewzero.models.pitch_prior import PitchRangePrior
+from fewzero.models.pitch_prior import FormantLikelihood, PitchRangePrior
 from fewzero.models.zeroshot_module import check_init_checkpoint
 from fewzero.side_info.attributes import AttributeTable, encode_attribute_table
 from fewzero.train import compose_train_config
@@ -110,25 +113,32 @@ def remove_pitch_directions(audio: torch.Tensor, pitches: torch.Tensor, train: t
 
 def pitch_range_cells(audio: torch.Tensor, pitches: torch.Tensor, labels: torch.Tensor,
                       train: torch.Tensor, test_unseen: torch.Tensor, unseen: list[int],
-                      table: dict, class_names: list[str], conse_scores: torch.Tensor) -> list[str]:
+                      table: dict, class_names: list[str], conse_scores: torch.Tensor,
+                      formants: FormantLikelihood, peaks: torch.Tensor) -> list[str]:
     """The pitch-range prior on a frozen encoder: [share of unseen clips whose pitch the probe
-    gets exactly, unseen top-1 from the ranges alone, unseen top-1 of ConSE + the prior].
+    gets exactly, unseen top-1 from the ranges alone, unseen top-1 of ConSE + the prior, the same
+    two with the formant likelihood].
 
     Args:
         audio: (n_clips, d) standardised embeddings; pitches, labels: (n_clips,).
-        train: seen training clip indices (the probe's only data); test_unseen: unseen clips.
+        train: seen training clip indices (the probe's and the formant scale's only data);
+            test_unseen: unseen clips.
         conse_scores: (n_clips, n_classes) ConSE T=all cosine scores.
+        formants: an unfitted formant likelihood; peaks: (n_clips,) spectral peaks in Hz.
     """
-    prior = PitchRangePrior(audio.shape[1], table)
+    prior = PitchRangePrior(audio.shape[1], table, formants=formants)
     prior.pitch_head = fit_pitch_probe(audio, pitches, train, prior)
+    formants.fit_scale(peaks[train], pitches[train], [class_names[int(c)] for c in labels[train]])
     ranges = prior.range_likelihoods(class_names)
+    densities = prior.formant_log_densities(peaks, class_names)
     with torch.no_grad():
         exact = prior.predicted_pitches(audio[test_unseen]) == pitches[test_unseen]
-        range_only = prior.log_likelihood(audio, ranges)
-        combined = prior.adjust(conse_scores, audio, ranges)
+        scored = [prior.log_likelihood(audio, ranges), prior.adjust(conse_scores, audio, ranges),
+                  prior.log_likelihood(audio, ranges, densities),
+                  prior.adjust(conse_scores, audio, ranges, densities)]
     y = labels[test_unseen]
-    return [f"{exact.float().mean():.3f}", f"{topk_accuracy(range_only[test_unseen], y, unseen):.3f}",
-            f"{topk_accuracy(combined[test_unseen], y, unseen):.3f}"]
+    return [f"{exact.float().mean():.3f}",
+            *(f"{topk_accuracy(scores[test_unseen], y, unseen):.3f}" for scores in scored)]
 
 
 def ceiling(checkpoint: Path, experiment: str, overrides: list[str], remove_pitch: int = 0
@@ -160,15 +170,19 @@ def ceiling(checkpoint: Path, experiment: str, overrides: list[str], remove_pitc
     seen_top1 = topk_accuracy(seen_scores[test_seen], dm.labels[test_seen], seen)
     top1_vector = side[seen][probs.argmax(dim=1)]            # ConSE with T = 1
     mixed_vector = probs @ side[seen]                         # ConSE with T = every seen class
-    dap, pitch_cells = "n/a", ["n/a"] * 3
+    dap, pitch_cells = "n/a", ["n/a"] * 5
     if isinstance(model.side_info, AttributeTable):
         table = model.side_info
         binary, _ = encode_attribute_table(table.table, table.categorical, ())
         scores = dap_log_likelihood(audio, dm.labels, train, seen,
                                     torch.stack([binary[name] for name in dm.class_names]))
         dap = f"{topk_accuracy(scores[test_unseen], dm.labels[test_unseen], unseen):.3f}"
+        formants = FormantLikelihood(table.table, dm.features)
+        window = slice(dm.eval_offset, dm.eval_offset + dm.excerpt_frames)
+        peaks = formants.spectral_peaks(dm.table.features[:, :, window])
         pitch_cells = pitch_range_cells(audio, dm.table.pitches, dm.labels, train, test_unseen,
-                                        unseen, table.table, dm.class_names, mixed_vector @ side.T)
+                                        unseen, table.table, dm.class_names, mixed_vector @ side.T,
+                                        formants, peaks)
     rows = [f"| {experiment} | {seen_top1:.3f} | "
             + " | ".join(f"{topk_accuracy(v[test_unseen] @ side.T, dm.labels[test_unseen], unseen):.3f}"
                          for v in (top1_vector, mixed_vector)) + f" | {dap} | " + " | ".join(pitch_cells)
@@ -203,8 +217,9 @@ def main() -> None:
         lines += experiment_lines
     print("| experiment | seen top-1 (logistic regression) | unseen top-1, ConSE T=1 | "
           "unseen top-1, ConSE T=all | unseen top-1, DAP | unseen pitch exact (probe) | "
-          "unseen top-1, ranges alone | unseen top-1, ConSE T=all + pitch-range prior |\n"
-          "| --- | --- | --- | --- | --- | --- | --- | --- |")
+          "unseen top-1, ranges alone | unseen top-1, ConSE T=all + pitch-range prior | "
+          "unseen top-1, ranges + formants alone | unseen top-1, ConSE T=all + range and formant "
+          "prior |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     print("\n".join(rows))
     print("\n| experiment | unseen class | sounds most like (share of its clips) | "
           "nearest seen class by side information |\n| --- | --- | --- | --- |")

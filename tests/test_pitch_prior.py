@@ -1,5 +1,6 @@
 """The pitch-range prior: range likelihoods, its training loss, and its place in a zero-shot run."""
 
+import json
 import math
 from pathlib import Path
 
@@ -8,9 +9,11 @@ import torch
 from conftest import compose_train_cfg
 from omegaconf import OmegaConf
 
+from fewzero.data.features import MelFeatures
 from fewzero.eval import evaluate
-from fewzero.models.pitch_prior import PitchRangePrior
+from fewzero.models.pitch_prior import FormantLikelihood, PitchRangePrior, midi_to_hz
 from fewzero.train import train
+from fewzero.zsl_evaluation import calibrate_stacking
 
 TABLE = {"low": {"range_low": 30, "range_high": 39}, "high": {"range_low": 40, "range_high": 49},
          "wide": {"range_low": 30, "range_high": 49}, "nameless": {"family": "brass"}}
@@ -88,12 +91,18 @@ def _logged_scalars(run: Path, tag: str) -> list[float]:
     return values
 
 
-def test_zsl_run_with_the_pitch_prior_trains_its_head_and_adds_it_to_every_score(tmp_path):
-    cfg = compose_train_cfg(tmp_path, ["experiment=zsl_attribute_audio", "model/pitch_prior=range",
+def _train_saving_config(tmp_path: Path, pitch_prior: str) -> tuple:
+    """A zero-shot tones run (no refit) with `model/pitch_prior=<pitch_prior>`, its config saved
+    where `fewzero.eval` looks. Returns (cfg, metrics, objects)."""
+    cfg = compose_train_cfg(tmp_path, ["experiment=zsl_attribute_audio", f"model/pitch_prior={pitch_prior}",
                                        "dataset.refit_on_trainval=false"])
     (Path(cfg.paths.output_dir) / ".hydra").mkdir(parents=True)
     OmegaConf.save(cfg, Path(cfg.paths.output_dir) / ".hydra" / "config.yaml")
-    metrics, objects = train(cfg)
+    return cfg, *train(cfg)
+
+
+def test_zsl_run_with_the_pitch_prior_trains_its_head_and_adds_it_to_every_score(tmp_path):
+    cfg, metrics, objects = _train_saving_config(tmp_path, "range")
     model, dm = objects["model"], objects["datamodule"]
     assert isinstance(model.pitch_prior, PitchRangePrior)
     pitch_losses = _logged_scalars(Path(cfg.paths.output_dir), "train/pitch_loss")
@@ -105,7 +114,7 @@ def test_zsl_run_with_the_pitch_prior_trains_its_head_and_adds_it_to_every_score
     batch = next(iter(dm.test_dataloader()))
     with torch.no_grad():
         audio = model.backbone(batch["x"])
-        model._collected = [(audio, batch["label"], batch["index"])]
+        model._collected = [(audio, batch["label"], batch["index"], torch.zeros(len(audio)))]
         _, scores, _, _ = model._scores()
         plain = model.head(audio, model.side_matrix)
         ranges = model.pitch_prior.range_likelihoods(dm.class_names)
@@ -137,3 +146,177 @@ def test_the_pitch_prior_needs_ranges_and_a_trained_head(tmp_path):
                                        "model/pitch_prior=range"])
     with pytest.raises(Exception, match="needs a trained head"):
         train(cfg)
+
+
+# ---- the formant likelihood --------------------------------------------------------------
+BANDS = {"narrow": {"formant_low": 440, "formant_high": 440},
+         "low": {"formant_low": 230, "formant_high": 230},
+         "band": {"formant_low": 220, "formant_high": 350}, "undocumented": {"family": "reeds"}}
+MEL = MelFeatures(sample_rate=16000, n_fft=1024, hop_length=200, n_mels=128)
+
+
+def test_formant_density_is_centred_on_the_harmonic_nearest_the_band():
+    formants = FormantLikelihood(BANDS, MEL, scale=0.5)  # 2 * scale = 1: the log normaliser is 0
+    # MIDI 57 = 220 Hz: its 2nd harmonic lies on the 440 Hz band (an interval of width 0)
+    dens = formants.log_density(torch.tensor([440.0, 880.0, 220.0]), torch.tensor([57]), ["narrow"])
+    assert dens.shape == (3, 1, 1)
+    assert torch.allclose(dens[:, 0, 0], torch.tensor([0.0, -2 * math.log(2), -2 * math.log(2)],
+                                                      dtype=torch.float64), atol=1e-6)
+    # MIDI 69 = 440 Hz, above the 230 Hz band: the fundamental is expected, anywhere from the band
+    # up to it is flat; below the band the tail falls off
+    width = math.log(440 / 230)
+    dens = formants.log_density(torch.tensor([440.0, 300.0, 200.0]), torch.tensor([69]), ["low"])[:, 0, 0]
+    expected = torch.tensor([0.0, 0.0, -2 * math.log(230 / 200)], dtype=torch.float64) - math.log(1 + width)
+    assert torch.allclose(dens, expected, atol=1e-6)
+    # MIDI 45 = 110 Hz: harmonics 220 and 330 lie in the 220-350 band; flat over the band
+    dens = formants.log_density(torch.tensor([300.0, 500.0]), torch.tensor([45]), ["band"])[:, 0, 0]
+    width = math.log(350 / 220)
+    assert torch.allclose(dens, torch.tensor([0.0, -2 * math.log(500 / 350)], dtype=torch.float64)
+                          - math.log(1 + width), atol=1e-6)
+
+
+def test_a_class_without_a_formant_gets_the_mean_density_of_the_documented_ones():
+    formants = FormantLikelihood(BANDS, MEL, scale=0.3)
+    peaks, pitches = torch.tensor([150.0, 440.0, 1200.0]), torch.tensor([40, 57, 70])
+    dens = formants.log_density(peaks, pitches, ["narrow", "low", "band", "undocumented"])
+    assert dens.shape == (3, 3, 4)
+    mean = dens[..., :3].exp().mean(dim=-1).log()
+    assert torch.allclose(dens[..., 3], mean)
+    assert not torch.allclose(dens[..., 0], dens[..., 1])
+
+
+def test_spectral_peak_is_the_centre_of_the_loudest_mel_band():
+    log_mel = torch.full((2, 128, 5), -10.0)
+    log_mel[0, 17] = 0.0
+    log_mel[1, 90, :2] = 1.0  # loud in two frames only: still the highest mean power
+    log_mel[1, 40] = -1.0
+    centres = MEL.mel_centres_hz().float()
+    assert torch.equal(FormantLikelihood(BANDS, MEL).spectral_peaks(log_mel), centres[[17, 90]])
+    with pytest.raises(ValueError, match=r"\(batch, 128, frames\)"):
+        FormantLikelihood(BANDS, MEL).spectral_peaks(torch.zeros(2, 64, 5))
+
+
+def test_fitted_scale_is_the_maximum_likelihood_on_documented_clips_of_known_pitch():
+    generator = torch.Generator().manual_seed(0)
+    true_scale, n = 0.3, 4000
+    noise = torch.distributions.Laplace(0.0, true_scale).sample((n,))
+    peaks = 440.0 * noise.exp()  # MIDI 57: the 440 Hz band sits on its 2nd harmonic
+    # clips the fit must ignore: an undocumented class and an unknown pitch, with wild peaks
+    wild = 4000.0 * torch.rand(20, generator=generator) + 50
+    formants = FormantLikelihood(BANDS, MEL)
+    scale = formants.fit_scale(torch.cat([peaks, wild]), torch.cat([torch.full((n,), 57),
+                                                                   torch.tensor([57] * 10 + [-1] * 10)]),
+                               ["narrow"] * n + ["undocumented"] * 10 + ["narrow"] * 10)
+    assert scale == pytest.approx(float(noise.abs().mean()), rel=0.07)  # the grid's resolution
+    assert scale == pytest.approx(true_scale, rel=0.1)
+    assert float(formants.scale) == scale
+    fixed = FormantLikelihood(BANDS, MEL, scale=0.2)
+    assert fixed.fit_scale(peaks, torch.full((n,), 57), ["narrow"] * n) == pytest.approx(0.2)
+
+
+def test_formant_likelihood_errors_name_the_fix():
+    with pytest.raises(ValueError, match="'bad' needs 0 < formant_low <= formant_high"):
+        FormantLikelihood({"bad": {"formant_low": 500, "formant_high": 300}}, MEL)
+    with pytest.raises(ValueError, match="none was found"):
+        FormantLikelihood({"a": {"family": "brass"}}, MEL)
+    with pytest.raises(RuntimeError, match="not fitted yet"):
+        FormantLikelihood(BANDS, MEL).log_density(torch.tensor([300.0]), torch.tensor([50]), ["low"])
+    with pytest.raises(ValueError, match="No training clip"):
+        FormantLikelihood(BANDS, MEL).fit_scale(torch.tensor([300.0]), torch.tensor([50]), ["undocumented"])
+
+
+def test_joint_log_likelihood_of_a_certain_pitch_adds_range_and_formant_densities():
+    table = {name: {**TABLE.get(name, TABLE["wide"]), **row} for name, row in BANDS.items()}
+    formants = FormantLikelihood(table, MEL, scale=0.4)
+    prior = PitchRangePrior(audio_dim=2, table=table, low_pitch=30, high_pitch=49, formants=formants)
+    with torch.no_grad():  # the head is sure of pitch 35 (index 5) for any input
+        prior.pitch_head.weight.zero_()
+        prior.pitch_head.bias.fill_(-50.0)
+        prior.pitch_head.bias[5] = 50.0
+    names = ["narrow", "low", "undocumented"]
+    peaks = torch.tensor([180.0, 440.0])
+    ranges = prior.range_likelihoods(names)
+    densities = prior.formant_log_densities(peaks, names)
+    assert densities.shape == (2, 20, 3)
+    loglik = prior.log_likelihood(torch.randn(2, 2), ranges, densities)
+    at_35 = formants.log_density(peaks, torch.tensor([35]), names)[:, 0]
+    assert torch.allclose(loglik.double(), ranges[:, 5].double().log()[None] + at_35, atol=1e-4)
+    assert midi_to_hz(torch.tensor([69, 57])).tolist() == pytest.approx([440.0, 220.0])
+
+
+def test_zsl_run_with_the_formant_prior_fits_its_scale_on_training_clips_only(tmp_path):
+    _, metrics, objects = _train_saving_config(tmp_path, "range_formant")
+    model, dm = objects["model"], objects["datamodule"]
+    formants = model.pitch_prior.formants
+    assert isinstance(formants, FormantLikelihood) and 0 < float(formants.scale) < 4
+    # the scale is what a fit on the training role's clips alone gives
+    train_clips = dm.indices["train"]
+    assert not torch.isin(dm.labels[train_clips], torch.tensor(dm.ids(dm.unseen))).any()
+    window = slice(dm.eval_offset, dm.eval_offset + dm.excerpt_frames)
+    refit = FormantLikelihood(model.side_info.table, dm.features)
+    peaks = refit.spectral_peaks(dm.table.features[train_clips, :, window])
+    assert refit.fit_scale(peaks, dm.table.pitches[train_clips],
+                           [dm.table.instruments[i] for i in train_clips.tolist()]) == float(formants.scale)
+    # test scores: head + 0.1 * log sum_p p(p | clip) p(p | class) p(peak | p, class)
+    model.eval()
+    batch = next(iter(dm.test_dataloader()))
+    with torch.no_grad():
+        model._collect(batch)
+        audio = model.backbone(batch["x"])
+        _, scores, _, _ = model._scores()
+        ranges = model.pitch_prior.range_likelihoods(dm.class_names)
+        densities = formants.log_density(formants.spectral_peaks(batch["x"]),
+                                         torch.arange(21, 109), dm.class_names)
+        joint = (model.pitch_prior(audio).log_softmax(dim=1)[:, :, None].double()
+                 + ranges.T.double().log()[None] + densities).logsumexp(dim=1)
+        expected = model.head(audio, model.side_matrix) + 0.1 * joint.float()
+        range_only = model.pitch_prior.adjust(model.head(audio, model.side_matrix), audio, ranges)
+    assert torch.allclose(scores, expected, atol=1e-4)
+    assert not torch.allclose(scores, range_only, atol=1e-3)
+    assert 0.0 <= metrics["test/zsl_top1"] <= 1.0
+    # fewzero.eval rebuilds the prior and fits the same scale again
+    _, evaluated = evaluate(Path(metrics["test/checkpoint"]), [], tmp_path / "eval")
+    assert float(evaluated["model"].pitch_prior.formants.scale) == float(formants.scale)
+
+
+def test_prior_weight_is_chosen_on_validation_with_the_penalty_and_kept_by_the_refit(tmp_path):
+    candidates = [0.0, 0.5, 5.0]
+    overrides = ["experiment=zsl_attribute_audio", "model/pitch_prior=range_formant",
+                 f"model.pitch_prior.weight_candidates={candidates}"]
+    metrics, objects = train(compose_train_cfg(tmp_path / "selected", [*overrides,
+                                                                      "dataset.refit_on_trainval=false"]))
+    model, dm = objects["model"], objects["datamodule"]  # the best checkpoint's state after testing
+    # recompute the validation choice from the validation clips' scores
+    model.eval()
+    with torch.no_grad():
+        for batch in dm.val_dataloader():
+            model._collect(batch)
+        _, head, prior, labels, _ = model._gathered_scores()
+    train_ids, pseudo = model.ids["train"], model.ids["pseudo_unseen"]
+    scored = [calibrate_stacking(head + w * prior, labels, train_ids, pseudo) for w in candidates]
+    best = max(range(len(candidates)), key=lambda i: scored[i].h)
+    assert float(model.pitch_prior.weight) == candidates[best] == metrics["test/prior_weight"]
+    assert float(model.calibration_gamma) == pytest.approx(scored[best].gamma)
+    assert not torch.allclose(head, head + 5.0 * prior)  # the candidates really score differently
+
+    # with the refit, the tested model keeps the selected checkpoint's weight and penalty
+    metrics, objects = train(compose_train_cfg(tmp_path / "refit", overrides))
+    report = json.loads((Path(objects["cfg"].paths.output_dir) / "metrics.json").read_text())
+    selected = torch.load(report["refit_on_trainval"]["selected_checkpoint"], weights_only=False)
+    final = torch.load(report["refit_on_trainval"]["checkpoint"], weights_only=False)
+    for key in ("pitch_prior.weight", "calibration_gamma"):
+        assert float(final["state_dict"][key]) == float(selected["state_dict"][key])
+    assert report["zero_shot"]["prior_weight"] == float(selected["state_dict"]["pitch_prior.weight"])
+    assert float(selected["state_dict"]["pitch_prior.weight"]) in candidates
+
+
+def test_a_checkpoint_from_before_the_weight_buffer_loads_with_the_configured_weight(tmp_path):
+    cfg, metrics, _ = _train_saving_config(tmp_path, "range")
+    checkpoint = torch.load(metrics["test/checkpoint"], weights_only=False)
+    del checkpoint["state_dict"]["pitch_prior.weight"]
+    old = tmp_path / "old.ckpt"
+    torch.save(checkpoint, old)
+    eval_metrics, evaluated = evaluate(old, [], tmp_path / "eval",
+                                       run_config=Path(cfg.paths.output_dir) / ".hydra" / "config.yaml")
+    assert float(evaluated["model"].pitch_prior.weight) == pytest.approx(0.1)
+    assert eval_metrics["test/zsl_top1"] == pytest.approx(metrics["test/zsl_top1"])

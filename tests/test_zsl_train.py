@@ -166,8 +166,9 @@ def test_transfer_ceiling_script_scores_every_unseen_class(tmp_path):
         f"dataset.features.n_mels={fsl.dataset.features.n_mels}"])
     assert [line.split(" | ")[1] for line in lines] == list(fsl.dataset.split.test)  # = unseen
     seen_top1, *unseen_top1 = (float(cell) for cell in rows[0].strip(" |").split(" | ")[1:])
-    # ConSE T=1, T=all, DAP, the probe's exact pitches, ranges alone, ConSE + pitch-range prior
-    assert 0.0 <= seen_top1 <= 1.0 and len(unseen_top1) == 6
+    # ConSE T=1, T=all, DAP, the probe's exact pitches, ranges alone, ConSE + pitch-range prior,
+    # ranges + formants alone, ConSE + range and formant prior
+    assert 0.0 <= seen_top1 <= 1.0 and len(unseen_top1) == 8
     assert all(0.0 <= a <= 1.0 for a in unseen_top1)
 
 

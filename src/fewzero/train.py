@@ -122,6 +122,8 @@ def refit_on_trainval(cfg: DictConfig, datamodule: Any, trainer: pl.Trainer, out
     """Retrain from scratch on all training data (training + validation classes) for as long as
     the validation-selected checkpoint had trained, keeping its calibration penalty: the last
     step of Xian et al.'s protocol, for datamodules with `refit_on_trainval` and `for_trainval()`.
+    Everything validation chose besides the weights (the model's `calibration_state`: the
+    penalty, and the pitch prior's weight where validation chooses it) is kept the same way.
 
     The length is counted in the datamodule's `refit_length` unit: "epochs" (default; an epoch is
     every training item once, so more data means more steps, as in the paper) or "steps" (epochs
@@ -137,10 +139,10 @@ def refit_on_trainval(cfg: DictConfig, datamodule: Any, trainer: pl.Trainer, out
     if selected_path:
         selected = torch.load(selected_path, map_location="cpu", weights_only=False)
         epochs, steps = int(selected["epoch"]) + 1, int(selected["global_step"])
-        gamma = selected["state_dict"]["calibration_gamma"]
+        chosen = selected["state_dict"]
     elif trainer.fast_dev_run:
         epochs, steps = max(1, trainer.current_epoch), trainer.global_step
-        gamma = trainer.lightning_module.calibration_gamma.detach().cpu()
+        chosen = trainer.lightning_module.state_dict()
     else:
         raise RuntimeError("Refitting on trainval needs the validation-selected checkpoint; none was "
                            "saved (is callbacks.model_checkpoint enabled?).")
@@ -158,7 +160,7 @@ def refit_on_trainval(cfg: DictConfig, datamodule: Any, trainer: pl.Trainer, out
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True)
     model = hydra.utils.instantiate(cfg.model)
-    model.calibration_gamma.copy_(gamma)
+    model.keep_calibration(chosen)
     refit = hydra.utils.instantiate(cfg.trainer, callbacks=[], logger=False, enable_checkpointing=False,
                                     limit_val_batches=0, num_sanity_val_steps=0, **length)
     log.info("Refitting on all training data for %d %s (selected: %s)",

@@ -8,10 +8,16 @@ clip under that class: uniform over its range, a small floor outside it. The mod
 scores get `weight * log p(clip's pitch | class)` added at evaluation: with `weight` = the
 InfoNCE temperature this is the Bayes combination of the trained softmax posterior and the range
 likelihood (the two taken as independent evidence); no test data sets it.
+
+With `formants` (a `FormantLikelihood`) the same sum over pitches also weighs where the clip's
+spectrum peaks against each class's documented main formant: a resonance of the instrument's
+body that stays at one frequency whatever note is played, so it too is a property that a
+measurement of the audio can check on an instrument no training clip came from.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -20,6 +26,134 @@ import torch.nn.functional as F
 from torch import nn
 
 from fewzero.data.clips import check_instruments
+from fewzero.data.features import MelFeatures
+
+
+def midi_to_hz(pitches: torch.Tensor) -> torch.Tensor:
+    """MIDI note numbers -> fundamental frequency in Hz (A4 = 69 = 440 Hz), any shape."""
+    return 440.0 * 2.0 ** ((pitches.double() - 69) / 12)
+
+
+class FormantLikelihood(nn.Module):
+    """p(spectral peak | pitch, class) from each class's documented main-formant band.
+
+    The observation is the frequency of the loudest mel band of a clip's time-averaged power
+    spectrum (`spectral_peaks`). A note of fundamental f0 has energy only at harmonics k * f0, so
+    under class c (main formant band [lo, hi] Hz) the peak is expected at the harmonic nearest
+    the band (the fundamental when the band lies below f0). In log frequency the density is flat
+    over the band stretched to reach that harmonic, with Laplace tails of `scale` on either side:
+
+        log g = -d / scale - log(2 * scale + width),   d = distance of log(peak) to that interval
+
+    Classes whose table row has no formant (`formant_low` / `formant_high`) get the mean of the
+    densities of every documented band in the table: their formant is taken to be any of those.
+
+    Args:
+        table: class name -> row; rows with `formant_low` and `formant_high` (Hz) are documented.
+        features: the log-mel settings of the clips, to name each mel band's frequency.
+        scale: Laplace scale in natural-log frequency; None: fitted by maximum likelihood on the
+            training clips (`fit_scale`, called by the zero-shot module in `setup`).
+        max_harmonic: highest harmonic considered when looking for the one nearest a band.
+    """
+
+    def __init__(self, table: Mapping[str, Mapping[str, Any]], features: MelFeatures,
+                 scale: float | None = None, max_harmonic: int = 64):
+        super().__init__()
+        self.bands: dict[str, tuple[float, float]] = {}
+        for name, row in dict(table).items():
+            if "formant_low" not in row and "formant_high" not in row:
+                continue
+            low, high = float(row.get("formant_low", -1)), float(row.get("formant_high", -1))
+            if not 0 < low <= high:
+                raise ValueError(f"Class {name!r} needs 0 < formant_low <= formant_high (Hz) in the "
+                                 f"table; got formant_low={row.get('formant_low')}, "
+                                 f"formant_high={row.get('formant_high')}.")
+            self.bands[name] = (low, high)
+        if not self.bands:
+            raise ValueError("pitch_prior.formants needs main-formant bands in the table (formant_low "
+                             "and formant_high in Hz, as side_info=attributes has): none was found.")
+        if scale is not None and scale <= 0:
+            raise ValueError(f"pitch_prior.formants.scale must be positive or null; got {scale}.")
+        self.fixed_scale = scale is not None
+        self.max_harmonic = max_harmonic
+        self.register_buffer("scale", torch.tensor(float(scale) if scale is not None else float("nan")))
+        self.register_buffer("mel_centres_hz", features.mel_centres_hz().float(), persistent=False)
+
+    def spectral_peaks(self, log_mel: torch.Tensor) -> torch.Tensor:
+        """(batch, n_mels, frames) natural-log mel power -> (batch,) frequency (Hz) of the mel band
+        with the most power averaged over the frames."""
+        if log_mel.ndim != 3 or log_mel.shape[1] != len(self.mel_centres_hz):
+            raise ValueError(f"Expected log-mel excerpts (batch, {len(self.mel_centres_hz)}, frames) "
+                             f"for the formant likelihood; got {tuple(log_mel.shape)}.")
+        return self.mel_centres_hz[log_mel.exp().mean(dim=2).argmax(dim=1)]
+
+    def _band_distance(self, log_peaks: torch.Tensor, log_f0: torch.Tensor, band: tuple[float, float]
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """For one band: log_peaks (n,), log_f0 (n_pitches,) -> (distance of each log peak to the
+        interval expected at each pitch (n, n_pitches), that interval's width (n_pitches,))."""
+        low, high = math.log(band[0]), math.log(band[1])
+        harmonics = log_f0[:, None] + torch.arange(1, self.max_harmonic + 1, dtype=log_f0.dtype,
+                                                   device=log_f0.device).log()  # (n_pitches, K)
+        outside = (low - harmonics).clamp_min(0) + (harmonics - high).clamp_min(0)
+        nearest = harmonics.gather(1, outside.argmin(dim=1, keepdim=True))[:, 0]  # (n_pitches,)
+        start, end = nearest.clamp(max=low), nearest.clamp(min=high)
+        distance = ((start[None] - log_peaks[:, None]).clamp_min(0)
+                    + (log_peaks[:, None] - end[None]).clamp_min(0))
+        return distance, end - start
+
+    @staticmethod
+    def _laplace(distance: torch.Tensor, width: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """Log density of the flat-topped Laplace: distance (...), width broadcastable."""
+        return -distance / scale - torch.log(2 * scale + width)
+
+    def log_density(self, peaks: torch.Tensor, pitches: torch.Tensor, class_names: Sequence[str],
+                    scale: torch.Tensor | None = None) -> torch.Tensor:
+        """log p(peak | pitch, class).
+
+        Args:
+            peaks: (n,) spectral peaks in Hz; pitches: (n_pitches,) MIDI numbers.
+            class_names: the classes to score.
+            scale: Laplace scale (default: the fitted or configured one).
+        Returns:
+            (n, n_pitches, n_classes), float64.
+        """
+        scale = self.scale.double() if scale is None else scale.double()
+        if bool(torch.isnan(scale)):
+            raise RuntimeError("The formant likelihood's scale is not fitted yet: call fit_scale on "
+                               "training clips or set model.pitch_prior.formants.scale.")
+        log_peaks, log_f0 = peaks.double().log(), midi_to_hz(pitches).log()
+        documented = {name: self._laplace(*self._band_distance(log_peaks, log_f0, band), scale)
+                      for name, band in self.bands.items()}
+        unknown = torch.stack(list(documented.values())).logsumexp(dim=0) - math.log(len(documented))
+        return torch.stack([documented.get(name, unknown) for name in class_names], dim=-1)
+
+    @torch.no_grad()
+    def fit_scale(self, peaks: torch.Tensor, pitches: torch.Tensor, classes: Sequence[str]) -> float:
+        """Maximum-likelihood Laplace scale on training clips of documented classes and known pitch.
+
+        Args: peaks (n,) Hz, pitches (n,) metadata MIDI numbers (-1 unknown), classes: n names.
+        Keeps a scale given in the config. Returns the scale used.
+        """
+        if self.fixed_scale:
+            return float(self.scale)
+        keep = [i for i, (name, pitch) in enumerate(zip(classes, pitches.tolist(), strict=True))
+                if name in self.bands and pitch >= 0]
+        if not keep:
+            raise ValueError("No training clip of a class with a documented formant and a known pitch: "
+                             "the formant likelihood's scale cannot be fitted. Set "
+                             "model.pitch_prior.formants.scale.")
+        distances, widths = [], []
+        for name in sorted({classes[i] for i in keep}):
+            clips = torch.tensor([i for i in keep if classes[i] == name])
+            own, column = pitches[clips].unique(return_inverse=True)  # each clip at its own pitch
+            distance, width = self._band_distance(peaks[clips].double().log(), midi_to_hz(own).log(),
+                                                  self.bands[name])
+            distances.append(distance.gather(1, column[:, None])[:, 0])
+            widths.append(width[column])
+        candidates = torch.logspace(-2.5, 0.5, 121, dtype=torch.float64)[:, None]
+        totals = self._laplace(torch.cat(distances)[None], torch.cat(widths)[None], candidates).sum(dim=1)
+        self.scale.fill_(float(candidates[totals.argmax()]))
+        return float(self.scale)
 
 
 class PitchRangePrior(nn.Module):
@@ -32,22 +166,34 @@ class PitchRangePrior(nn.Module):
         low_pitch, high_pitch: MIDI span of the pitch head's classes; training pitches outside
             it, and unknown ones (-1), are ignored.
         loss_weight: weight of the pitch cross-entropy added to the training loss.
-        weight: scale of the log-likelihood added to the head's scores at evaluation.
+        weight: scale of the log-likelihood added to the head's scores at evaluation (a buffer,
+            saved with each checkpoint).
+        weight_candidates: optional weights to choose from on validation data: the zero-shot
+            module keeps the one whose calibrated H on the validation classes is highest (with
+            the calibration penalty chosen at the same time); None keeps `weight`.
         floor: likelihood mass a class gives to a pitch outside its range (relative to one
             in-range pitch), so a slightly out-of-range or mis-estimated note is not ruled out.
         detach: train the pitch head on a detached embedding (a probe; the encoder learns only
             from the zero-shot loss).
+        formants: optional `FormantLikelihood`: the clip's spectral peak is then weighed against
+            each class's main formant at every pitch of the sum (see `log_likelihood`).
     """
 
     def __init__(self, audio_dim: int, table: Mapping[str, Mapping[str, Any]] | None, low_pitch: int = 21,
                  high_pitch: int = 108, loss_weight: float = 1.0, weight: float = 0.1,
-                 floor: float = 0.01, detach: bool = False):
+                 floor: float = 0.01, detach: bool = False, formants: FormantLikelihood | None = None,
+                 weight_candidates: Sequence[float] | None = None):
         super().__init__()
         if not low_pitch < high_pitch:
             raise ValueError(f"pitch_prior.low_pitch ({low_pitch}) must be below high_pitch ({high_pitch}).")
-        if weight < 0 or loss_weight < 0 or not 0 < floor < 1:
-            raise ValueError("pitch_prior needs weight >= 0, loss_weight >= 0 and 0 < floor < 1; got "
-                             f"weight={weight}, loss_weight={loss_weight}, floor={floor}.")
+        candidates = list(weight_candidates) if weight_candidates is not None else None
+        if weight < 0 or loss_weight < 0 or not 0 < floor < 1 or min(candidates or [0]) < 0:
+            raise ValueError("pitch_prior needs weight >= 0 (weight_candidates too), loss_weight >= 0 "
+                             "and 0 < floor < 1; got "
+                             f"weight={weight}, loss_weight={loss_weight}, floor={floor}, "
+                             f"weight_candidates={candidates}.")
+        if candidates is not None and not candidates:
+            raise ValueError("pitch_prior.weight_candidates is empty: give weights or null.")
         if table is None:
             raise ValueError("model.pitch_prior needs each class's playing range: use "
                              "side_info=attributes (its table has range_low/range_high) or set "
@@ -57,8 +203,16 @@ class PitchRangePrior(nn.Module):
                        for name, row in dict(table).items()
                        if "range_low" in row and "range_high" in row}
         self.low_pitch, self.high_pitch = int(low_pitch), int(high_pitch)
-        self.loss_weight, self.weight, self.floor, self.detach = loss_weight, weight, floor, detach
+        self.loss_weight, self.floor, self.detach = loss_weight, floor, detach
+        self.weight_candidates = candidates
+        self.register_buffer("weight", torch.tensor(float(weight)))
         self.pitch_head = nn.Linear(audio_dim, self.high_pitch - self.low_pitch + 1)
+        self.formants = formants
+
+    @property
+    def pitches(self) -> torch.Tensor:
+        """(n_pitches,) the MIDI numbers of the pitch head's classes, low_pitch .. high_pitch."""
+        return torch.arange(self.low_pitch, self.high_pitch + 1)
 
     def forward(self, audio: torch.Tensor) -> torch.Tensor:
         """(batch, audio_dim) -> (batch, n_pitches) pitch logits (low_pitch .. high_pitch)."""
@@ -82,7 +236,7 @@ class PitchRangePrior(nn.Module):
         Raises a ValueError naming the classes that have no range in the table.
         """
         check_instruments(class_names, list(self.ranges), what="pitch_prior.table class with a range")
-        pitches = torch.arange(self.low_pitch, self.high_pitch + 1)
+        pitches = self.pitches
         inside = torch.stack([(pitches >= self.ranges[n][0]) & (pitches <= self.ranges[n][1])
                               for n in class_names]).float()
         if bool((inside.sum(dim=1) == 0).any()):
@@ -92,17 +246,32 @@ class PitchRangePrior(nn.Module):
         likelihood = inside + self.floor
         return likelihood / likelihood.sum(dim=1, keepdim=True)
 
-    def log_likelihood(self, audio: torch.Tensor, ranges: torch.Tensor) -> torch.Tensor:
-        """log p(clip | class) through its pitch: log sum_p p(p | clip) p(p | class).
+    def formant_log_densities(self, peaks: torch.Tensor, class_names: Sequence[str]) -> torch.Tensor:
+        """(n,) spectral peaks (Hz, from `formants.spectral_peaks`) -> (n, n_pitches, n_classes)
+        log p(peak | pitch, class) over the pitch head's span."""
+        if self.formants is None:
+            raise ValueError("This pitch prior has no formant likelihood (model.pitch_prior.formants).")
+        return self.formants.log_density(peaks, self.pitches.to(peaks.device), class_names)
+
+    def log_likelihood(self, audio: torch.Tensor, ranges: torch.Tensor,
+                       formant_densities: torch.Tensor | None = None) -> torch.Tensor:
+        """log p(clip | class) through its pitch: log sum_p p(p | clip) p(p | class), and with
+        formant densities log sum_p p(p | clip) p(p | class) p(peak | p, class).
 
         Args:
             audio: (batch, audio_dim) embeddings; ranges: (n_classes, n_pitches) from
-                `range_likelihoods`.
+                `range_likelihoods`; formant_densities: (batch, n_pitches, n_classes) from
+                `formant_log_densities`, or None.
         Returns:
             (batch, n_classes).
         """
-        return (self(audio).softmax(dim=1) @ ranges.T).clamp_min(1e-12).log()
+        if formant_densities is None:
+            return (self(audio).softmax(dim=1) @ ranges.T).clamp_min(1e-12).log()
+        joint = (self(audio).log_softmax(dim=1)[:, :, None].double() + ranges.T.double().log()[None]
+                 + formant_densities)
+        return joint.logsumexp(dim=1).to(audio.dtype)
 
-    def adjust(self, scores: torch.Tensor, audio: torch.Tensor, ranges: torch.Tensor) -> torch.Tensor:
-        """(batch, n_classes) head scores + weight * range log-likelihood."""
-        return scores + self.weight * self.log_likelihood(audio, ranges)
+    def adjust(self, scores: torch.Tensor, audio: torch.Tensor, ranges: torch.Tensor,
+               formant_densities: torch.Tensor | None = None) -> torch.Tensor:
+        """(batch, n_classes) head scores + weight * the log-likelihood of `log_likelihood`."""
+        return scores + self.weight * self.log_likelihood(audio, ranges, formant_densities)

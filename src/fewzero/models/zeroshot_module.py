@@ -91,8 +91,9 @@ class ZeroShotModule(ResumableModule):
         freeze_backbone: keep the encoder fixed (eval mode); closed-form heads always do.
         plot_dir: where test figures are written as PNG (also sent to TensorBoard).
         pitch_prior: optional `PitchRangePrior`: a pitch head trained alongside (on the seen
-            training clips' pitches) whose range log-likelihood is added to every evaluation
-            score, validation included.
+            training clips' pitches) whose range log-likelihood (with its formant likelihood,
+            when it has one: scale fitted on the training clips in `setup`) is added to every
+            evaluation score, validation included.
     """
 
     def __init__(self, backbone: nn.Module, head: CompatibilityHead, loss: nn.Module,
@@ -117,7 +118,7 @@ class ZeroShotModule(ResumableModule):
                              "conse): a closed-form head on a frozen encoder has no training loss "
                              "to add the pitch head's to. Set model.pitch_prior=null.")
         self.register_buffer("calibration_gamma", torch.zeros(()))  # saved with each checkpoint
-        self._collected: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._collected: list[tuple[torch.Tensor, ...]] = []
         self._closed_form_data: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._closed_form_fitted_on = 0  # batches the closed-form head was last fitted on
         self.vectors: ClassVectors | None = None
@@ -135,11 +136,45 @@ class ZeroShotModule(ResumableModule):
         to_train[self.ids["train"]] = torch.arange(len(self.ids["train"]))
         self.register_buffer("to_train", to_train, persistent=False)
         self.register_buffer("side_matrix", self.vectors.mean, persistent=False)
+        self.class_names = list(dm.class_names)
         if self.pitch_prior is not None:
             self.register_buffer("range_likelihoods",
                                  self.pitch_prior.range_likelihoods(dm.class_names), persistent=False)
+            if self.pitch_prior.formants is not None:
+                self._fit_formant_scale(dm)
         if hasattr(self.head, "set_anchors"):  # heads that score relative to the training classes
             self.head.set_anchors(self.side_matrix[self.ids["train"]])
+
+    def _fit_formant_scale(self, dm: Any) -> None:
+        """Fit the formant likelihood's scale on the training clips' evaluation excerpts and
+        metadata pitches (the datamodule's training role: never an unseen or test-fold clip)."""
+        train = dm.indices["train"]
+        dm.assert_clean(train, training=True)
+        window = slice(dm.eval_offset, dm.eval_offset + dm.excerpt_frames)
+        formants = self.pitch_prior.formants
+        peaks = torch.cat([formants.spectral_peaks(dm.table.features[chunk, :, window])
+                           for chunk in train.split(512)])
+        scale = formants.fit_scale(peaks, dm.table.pitches[train],
+                                   [dm.table.instruments[i] for i in train.tolist()])
+        log.info("Formant likelihood: Laplace scale %.3f (natural-log frequency) on %d training clips",
+                 scale, len(train))
+
+    def calibration_state(self) -> dict[str, torch.Tensor]:
+        """What validation chose besides the weights, by state-dict key: the calibration penalty
+        and, with a pitch prior, its weight (chosen when it has `weight_candidates`)."""
+        state = {"calibration_gamma": self.calibration_gamma}
+        if self.pitch_prior is not None:
+            state["pitch_prior.weight"] = self.pitch_prior.weight
+        return state
+
+    def keep_calibration(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Copy `calibration_state` from another model's state dict (the refit keeps what the
+        validation-selected checkpoint chose). Raises a KeyError naming a missing entry."""
+        for key, buffer in self.calibration_state().items():
+            if key not in state_dict:
+                raise KeyError(f"The selected checkpoint has no {key!r}: it was trained with another "
+                               "model config than the refit's.")
+            buffer.copy_(state_dict[key])
 
     # ---- checkpoints: a closed-form head is refitted on every batch embedded so far ----
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -152,6 +187,8 @@ class ZeroShotModule(ResumableModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
+        if self.pitch_prior is not None:  # checkpoints from before the weight was a buffer
+            checkpoint["state_dict"].setdefault("pitch_prior.weight", self.pitch_prior.weight.clone())
         data = checkpoint.get("closed_form_data")
         if data is not None:  # batch by batch, as collected; the head's fit is in the state dict
             self._closed_form_data = list(zip(data["audio"].split(data["batch_sizes"]),
@@ -215,20 +252,41 @@ class ZeroShotModule(ResumableModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ---- evaluation: embed every clip once --------------------------------------------
+    @property
+    def _uses_formants(self) -> bool:
+        return self.pitch_prior is not None and self.pitch_prior.formants is not None
+
     def _collect(self, batch: dict[str, torch.Tensor]) -> None:
-        self._collected.append((self.backbone(batch["x"]).detach(), batch["label"], batch["index"]))
+        """Embed an evaluation batch; with a formant likelihood, also its clips' spectral peaks."""
+        x = batch["x"]
+        peaks = self.pitch_prior.formants.spectral_peaks(x) if self._uses_formants else x.new_zeros(len(x))
+        self._collected.append((self.backbone(x).detach(), batch["label"], batch["index"], peaks))
+
+    def _gathered_scores(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor,
+                                        torch.Tensor]:
+        """Gathered (audio (n, audio_dim), head scores (n, n_classes), the pitch prior's
+        log-likelihood (n, n_classes) or None, labels (n,), clip indices (n,)) on the CPU."""
+        audio, labels, indices, peaks = (torch.cat(t) for t in zip(*self._collected, strict=True))
+        self._collected = []
+        if self.trainer.world_size > 1:
+            audio, labels, indices, peaks = (self.all_gather(t).flatten(0, 1)
+                                             for t in (audio, labels, indices, peaks))
+        scores = self.head(audio, self.side_matrix)
+        prior = None
+        if self.pitch_prior is not None:
+            formant_densities = (self.pitch_prior.formant_log_densities(peaks, self.class_names)
+                                 if self._uses_formants else None)
+            prior = self.pitch_prior.log_likelihood(audio, self.range_likelihoods, formant_densities)
+            prior = prior.float().cpu()
+        return audio.float().cpu(), scores.float().cpu(), prior, labels.cpu(), indices.cpu()
 
     def _scores(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Gathered (audio (n, audio_dim), scores (n, n_classes), labels (n,), clip indices (n,))
-        on the CPU."""
-        audio, labels, indices = (torch.cat(t) for t in zip(*self._collected, strict=True))
-        self._collected = []
-        if self.trainer.world_size > 1:
-            audio, labels, indices = (self.all_gather(t).flatten(0, 1) for t in (audio, labels, indices))
-        scores = self.head(audio, self.side_matrix)
-        if self.pitch_prior is not None:
-            scores = self.pitch_prior.adjust(scores, audio, self.range_likelihoods)
-        return audio.float().cpu(), scores.float().cpu(), labels.cpu(), indices.cpu()
+        on the CPU; scores = head scores + the pitch prior's weight * its log-likelihood."""
+        audio, scores, prior, labels, indices = self._gathered_scores()
+        if prior is not None:
+            scores = scores + float(self.pitch_prior.weight) * prior
+        return audio, scores, labels, indices
 
     def on_validation_epoch_start(self) -> None:
         self._fit_closed_form()
@@ -238,18 +296,33 @@ class ZeroShotModule(ResumableModule):
         self._collect(batch)
 
     def on_validation_epoch_end(self) -> None:
-        _, scores, labels, _ = self._scores()
+        _, head_scores, prior, labels, _ = self._gathered_scores()
         if self.trainer.sanity_checking:
             return
         train, pseudo = self.ids["train"], self.ids["pseudo_unseen"]
         is_pseudo = torch.isin(labels, torch.tensor(pseudo, dtype=torch.long))
+        both_sides = bool(is_pseudo.any() and (~is_pseudo).any())
         metrics = {}
+        weights = [float(self.pitch_prior.weight)] if prior is not None else [0.0]
+        if prior is not None and self.pitch_prior.weight_candidates and both_sides:
+            weights = self.pitch_prior.weight_candidates
+
+        def combined(weight: float) -> torch.Tensor:
+            return head_scores if prior is None else head_scores + weight * prior
+
+        weight, calibrated = weights[0], None
+        if both_sides:  # the prior's weight (when it has candidates) and the penalty, chosen together
+            weight, calibrated = max(((w, calibrate_stacking(combined(w), labels, train, pseudo))
+                                      for w in weights), key=lambda pair: pair[1].h)
+        if prior is not None:
+            self.pitch_prior.weight.fill_(weight)
+            metrics["val/prior_weight"] = weight
+        scores = combined(weight)
         if (~is_pseudo).any():
             metrics["val/seen_top1"] = topk_accuracy(scores[~is_pseudo], labels[~is_pseudo], train)
         if is_pseudo.any():
             metrics["val/zsl_top1"] = topk_accuracy(scores[is_pseudo], labels[is_pseudo], pseudo)
-        if is_pseudo.any() and (~is_pseudo).any():
-            calibrated = calibrate_stacking(scores, labels, train, pseudo)
+        if both_sides:
             self.calibration_gamma.fill_(calibrated.gamma)
             metrics.update({"val/gzsl_cs_h": calibrated.h, "val/calibration_gamma": calibrated.gamma})
             metrics["val/acc"] = calibrated.h
@@ -269,6 +342,7 @@ class ZeroShotModule(ResumableModule):
         self.results = evaluate_zsl(scores, labels, self.ids["seen"], self.ids["unseen"],
                                          gamma, len(dm.class_names))
         if self.pitch_prior is not None:
+            self.results.metrics["prior_weight"] = float(self.pitch_prior.weight)
             self.results.metrics.update(self._pitch_accuracy(audio, labels, dm.table.pitches[indices]))
         self.log_dict({f"test/{k}": v for k, v in self.results.metrics.items()}, sync_dist=True)
         if self.trainer.is_global_zero:
