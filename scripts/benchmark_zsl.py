@@ -43,15 +43,14 @@ RECIPES: dict[str, tuple[str, list[str]]] = {
                    ["experiment=zsl_image_audio"]),
     "text_ours": ("text-audio (MiniLM descriptions), ours: DeViSE + InfoNCE + ConSE",
                   ["experiment=zsl_text_audio"]),
-    "attribute_ours": ("attribute-audio (attribute table), ours: DeViSE + InfoNCE",
-                       ["experiment=zsl_attribute_audio"]),
-    "attribute_pitch": ("attribute-audio (attribute table), ours + pitch-range prior",
+    "attribute_ours": ("attribute-audio (attribute table), ours: DeViSE + InfoNCE + pitch-range and "
+                       "formant prior", ["experiment=zsl_attribute_audio"]),
+    "attribute_plain": ("attribute-audio (attribute table), DeViSE + InfoNCE, no prior",
+                        ["experiment=zsl_attribute_audio", "model.pitch_prior=null"]),
+    "attribute_pitch": ("attribute-audio (attribute table), DeViSE + InfoNCE + pitch-range prior",
                         ["experiment=zsl_attribute_audio", "model/pitch_prior=range"]),
-    "attribute_formant": ("attribute-audio (attribute table), ours + pitch-range and formant prior",
-                          ["experiment=zsl_attribute_audio", "model/pitch_prior=range_formant"]),
-    "attribute_formant_val": ("attribute-audio (attribute table), ours + pitch-range and formant prior, "
-                              "weight chosen on validation",
-                              ["experiment=zsl_attribute_audio", "model/pitch_prior=range_formant",
+    "attribute_formant_val": ("attribute-audio (attribute table), ours, prior weight chosen on validation",
+                              ["experiment=zsl_attribute_audio",
                                "model.pitch_prior.weight_candidates=[0.0,0.025,0.05,0.1,0.2,0.4,0.8,1.6]"]),
     # other word-audio recipes of ours, candidates for "ours" (choose by the val columns only)
     "word_devise": ("word-audio (GloVe 50-d), DeViSE + InfoNCE (no ConSE)",

@@ -106,7 +106,7 @@ def report_checkpoint(run: Path, metrics: dict) -> str:
 
 
 def test_eszsl_fits_in_closed_form_on_a_frozen_encoder(tmp_path):
-    cfg = compose_train_cfg(tmp_path, WORD + ["model=eszsl"])
+    cfg = compose_train_cfg(tmp_path, WORD + ["model=eszsl", "model.pitch_prior=null"])
     metrics, objects = train(cfg)
     model = objects["model"]
     refit = json.loads(Path(cfg.paths.output_dir, "metrics.json").read_text())["refit_on_trainval"]
