@@ -44,14 +44,16 @@ RECIPES: dict[str, tuple[str, list[str]]] = {
     "text_ours": ("text-audio (MiniLM descriptions), ours: DeViSE + InfoNCE + ConSE",
                   ["experiment=zsl_text_audio"]),
     "attribute_ours": ("attribute-audio (attribute table), ours: DeViSE + InfoNCE + pitch-range and "
-                       "formant prior", ["experiment=zsl_attribute_audio"]),
+                       "formant prior, weight per setting chosen on validation",
+                       ["experiment=zsl_attribute_audio"]),
+    "attribute_fixed": ("attribute-audio (attribute table), DeViSE + InfoNCE + pitch-range and formant "
+                        "prior, weight 0.1", ["experiment=zsl_attribute_audio",
+                                              "model.pitch_prior.weight_candidates=null"]),
+    "attribute_pitch": ("attribute-audio (attribute table), DeViSE + InfoNCE + pitch-range prior, "
+                        "weight 0.1", ["experiment=zsl_attribute_audio", "model/pitch_prior=range",
+                                       "model.pitch_prior.weight_candidates=null"]),
     "attribute_plain": ("attribute-audio (attribute table), DeViSE + InfoNCE, no prior",
                         ["experiment=zsl_attribute_audio", "model.pitch_prior=null"]),
-    "attribute_pitch": ("attribute-audio (attribute table), DeViSE + InfoNCE + pitch-range prior",
-                        ["experiment=zsl_attribute_audio", "model/pitch_prior=range"]),
-    "attribute_formant_val": ("attribute-audio (attribute table), ours, prior weight chosen on validation",
-                              ["experiment=zsl_attribute_audio",
-                               "model.pitch_prior.weight_candidates=[0.0,0.025,0.05,0.1,0.2,0.4,0.8,1.6]"]),
     # other word-audio recipes of ours, candidates for "ours" (choose by the val columns only)
     "word_devise": ("word-audio (GloVe 50-d), DeViSE + InfoNCE (no ConSE)",
                     ["experiment=zsl_word_audio", "model=devise"]),

@@ -13,7 +13,7 @@ from fewzero.data.features import MelFeatures
 from fewzero.eval import evaluate
 from fewzero.models.pitch_prior import FormantLikelihood, PitchRangePrior, midi_to_hz
 from fewzero.train import train
-from fewzero.zsl_evaluation import calibrate_stacking
+from fewzero.zsl_evaluation import calibrate_stacking, topk_accuracy
 
 TABLE = {"low": {"range_low": 30, "range_high": 39}, "high": {"range_low": 40, "range_high": 49},
          "wide": {"range_low": 30, "range_high": 49}, "nameless": {"family": "brass"}}
@@ -92,9 +92,10 @@ def _logged_scalars(run: Path, tag: str) -> list[float]:
 
 
 def _train_saving_config(tmp_path: Path, pitch_prior: str) -> tuple:
-    """A zero-shot tones run (no refit) with `model/pitch_prior=<pitch_prior>`, its config saved
-    where `fewzero.eval` looks. Returns (cfg, metrics, objects)."""
+    """A zero-shot tones run (no refit) with `model/pitch_prior=<pitch_prior>` at the fixed weight
+    0.1, its config saved where `fewzero.eval` looks. Returns (cfg, metrics, objects)."""
     cfg = compose_train_cfg(tmp_path, ["experiment=zsl_attribute_audio", f"model/pitch_prior={pitch_prior}",
+                                       "model.pitch_prior.weight_candidates=null",
                                        "dataset.refit_on_trainval=false"])
     (Path(cfg.paths.output_dir) / ".hydra").mkdir(parents=True)
     OmegaConf.save(cfg, Path(cfg.paths.output_dir) / ".hydra" / "config.yaml")
@@ -119,8 +120,9 @@ def test_zsl_run_with_the_pitch_prior_trains_its_head_and_adds_it_to_every_score
         plain = model.head(audio, model.side_matrix)
         ranges = model.pitch_prior.range_likelihoods(dm.class_names)
         expected = plain + 0.1 * model.pitch_prior.log_likelihood(audio, ranges)
-    assert torch.allclose(scores, expected, atol=1e-5)
-    assert not torch.allclose(scores, plain, atol=1e-3)
+    assert scores.keys() == {"zsl", "seen", "gzsl"}  # one weight, 0.1, in every setting
+    assert all(torch.allclose(setting, expected, atol=1e-5) for setting in scores.values())
+    assert not torch.allclose(scores["zsl"], plain, atol=1e-3)
     assert 0.0 <= metrics["test/zsl_top1"] <= 1.0
     # the pitch head's own test figure: exact pitches of the unseen clips, recomputed here
     unseen_clips = dm.indices["test_unseen"]
@@ -271,52 +273,70 @@ def test_zsl_run_with_the_formant_prior_fits_its_scale_on_training_clips_only(tm
                  + ranges.T.double().log()[None] + densities).logsumexp(dim=1)
         expected = model.head(audio, model.side_matrix) + 0.1 * joint.float()
         range_only = model.pitch_prior.adjust(model.head(audio, model.side_matrix), audio, ranges)
-    assert torch.allclose(scores, expected, atol=1e-4)
-    assert not torch.allclose(scores, range_only, atol=1e-3)
+    assert all(torch.allclose(setting, expected, atol=1e-4) for setting in scores.values())
+    assert not torch.allclose(scores["zsl"], range_only, atol=1e-3)
     assert 0.0 <= metrics["test/zsl_top1"] <= 1.0
     # fewzero.eval rebuilds the prior and fits the same scale again
     _, evaluated = evaluate(Path(metrics["test/checkpoint"]), [], tmp_path / "eval")
     assert float(evaluated["model"].pitch_prior.formants.scale) == float(formants.scale)
 
 
-def test_prior_weight_is_chosen_on_validation_with_the_penalty_and_kept_by_the_refit(tmp_path):
+def test_prior_weight_of_each_setting_is_chosen_on_validation_and_kept_by_the_refit(tmp_path):
     candidates = [0.0, 0.5, 5.0]
-    overrides = ["experiment=zsl_attribute_audio", "model/pitch_prior=range_formant",
-                 f"model.pitch_prior.weight_candidates={candidates}"]
+    overrides = ["experiment=zsl_attribute_audio", f"model.pitch_prior.weight_candidates={candidates}"]
     metrics, objects = train(compose_train_cfg(tmp_path / "selected", [*overrides,
                                                                       "dataset.refit_on_trainval=false"]))
     model, dm = objects["model"], objects["datamodule"]  # the best checkpoint's state after testing
-    # recompute the validation choice from the validation clips' scores
     model.eval()
-    with torch.no_grad():
-        for batch in dm.val_dataloader():
-            model._collect(batch)
-        _, head, prior, labels, _ = model._gathered_scores()
-    train_ids, pseudo = model.ids["train"], model.ids["pseudo_unseen"]
-    scored = [calibrate_stacking(head + w * prior, labels, train_ids, pseudo) for w in candidates]
-    best = max(range(len(candidates)), key=lambda i: scored[i].h)
-    assert float(model.pitch_prior.weight) == candidates[best] == metrics["test/prior_weight"]
-    assert float(model.calibration_gamma) == pytest.approx(scored[best].gamma)
-    assert not torch.allclose(head, head + 5.0 * prior)  # the candidates really score differently
 
-    # with the refit, the tested model keeps the selected checkpoint's weight and penalty
+    def head_and_prior(loader):
+        with torch.no_grad():
+            for batch in loader:
+                model._collect(batch)
+            _, head, prior, labels, _ = model._gathered_scores()
+        return head, prior, labels
+
+    # each setting's choice, recomputed from the validation clips' scores: first best wins
+    head, prior, labels = head_and_prior(dm.val_dataloader())
+    train_ids, pseudo = model.ids["train"], model.ids["pseudo_unseen"]
+    is_pseudo = torch.isin(labels, torch.tensor(pseudo))
+    zsl = [topk_accuracy((head + w * prior)[is_pseudo], labels[is_pseudo], pseudo) for w in candidates]
+    seen = [topk_accuracy((head + w * prior)[~is_pseudo], labels[~is_pseudo], train_ids) for w in candidates]
+    gzsl = [calibrate_stacking(head + w * prior, labels, train_ids, pseudo) for w in candidates]
+    expected = {"zsl": candidates[zsl.index(max(zsl))], "seen": candidates[seen.index(max(seen))],
+                "gzsl": candidates[max(range(3), key=lambda i: gzsl[i].h)]}
+    for setting, weight in expected.items():
+        assert model.pitch_prior.weight_for(setting) == weight == metrics[f"test/prior_weight_{setting}"]
+    assert float(model.calibration_gamma) == pytest.approx(gzsl[candidates.index(expected["gzsl"])].gamma)
+    assert not torch.allclose(head, head + 5.0 * prior)  # the candidates really score differently
+    # the test's ZSL and seen figures use their own setting's weight
+    head, prior, labels = head_and_prior(dm.test_dataloader())
+    unseen_ids = model.ids["unseen"]
+    is_unseen = torch.isin(labels, torch.tensor(unseen_ids))
+    assert metrics["test/zsl_top1"] == pytest.approx(topk_accuracy(
+        (head + expected["zsl"] * prior)[is_unseen], labels[is_unseen], unseen_ids))
+    assert metrics["test/seen_top1"] == pytest.approx(topk_accuracy(
+        (head + expected["seen"] * prior)[~is_unseen], labels[~is_unseen], model.ids["seen"]))
+
+    # with the refit, the tested model keeps the selected checkpoint's weights and penalty
     metrics, objects = train(compose_train_cfg(tmp_path / "refit", overrides))
     report = json.loads((Path(objects["cfg"].paths.output_dir) / "metrics.json").read_text())
     selected = torch.load(report["refit_on_trainval"]["selected_checkpoint"], weights_only=False)
     final = torch.load(report["refit_on_trainval"]["checkpoint"], weights_only=False)
-    for key in ("pitch_prior.weight", "calibration_gamma"):
-        assert float(final["state_dict"][key]) == float(selected["state_dict"][key])
-    assert report["zero_shot"]["prior_weight"] == float(selected["state_dict"]["pitch_prior.weight"])
-    assert float(selected["state_dict"]["pitch_prior.weight"]) in candidates
+    for key in ("pitch_prior.weights", "calibration_gamma"):
+        assert torch.equal(final["state_dict"][key], selected["state_dict"][key])
+    chosen = selected["state_dict"]["pitch_prior.weights"].tolist()
+    assert [report["zero_shot"][f"prior_weight_{s}"] for s in ("zsl", "seen", "gzsl")] == chosen
+    assert set(chosen) <= set(candidates)
 
 
 def test_a_checkpoint_from_before_the_weight_buffer_loads_with_the_configured_weight(tmp_path):
     cfg, metrics, _ = _train_saving_config(tmp_path, "range")
     checkpoint = torch.load(metrics["test/checkpoint"], weights_only=False)
-    del checkpoint["state_dict"]["pitch_prior.weight"]
+    del checkpoint["state_dict"]["pitch_prior.weights"]
     old = tmp_path / "old.ckpt"
     torch.save(checkpoint, old)
     eval_metrics, evaluated = evaluate(old, [], tmp_path / "eval",
                                        run_config=Path(cfg.paths.output_dir) / ".hydra" / "config.yaml")
-    assert float(evaluated["model"].pitch_prior.weight) == pytest.approx(0.1)
+    assert evaluated["model"].pitch_prior.weights.tolist() == pytest.approx([0.1] * 3)
     assert eval_metrics["test/zsl_top1"] == pytest.approx(metrics["test/zsl_top1"])

@@ -76,6 +76,18 @@ def test_evaluate_zsl_reports_every_setting_with_the_given_penalty():
     assert results.confusions["gzsl_cs"][2].tolist() == [1, 0, 0, 0]  # unseen 2 still goes to 0
 
 
+def test_evaluate_zsl_scores_zsl_and_seen_with_their_own_scores_when_given():
+    swapped = SCORES[:, [1, 0, 3, 2]]  # every sample's best seen and best unseen class change
+    results = evaluate_zsl(SCORES, LABELS, SEEN, UNSEEN, gamma=0.075, n_classes=4,
+                           setting_scores={"zsl": swapped, "seen": swapped})
+    m = results.metrics
+    assert m["zsl_top1"] == 0.0 and m["seen_top1"] == 0.0  # from the swapped scores
+    assert (m["gzsl_cs_u"], m["gzsl_cs_s"]) == pytest.approx((0.5, 1.0))  # GZSL: the main scores
+    assert results.confusions["zsl"][2].tolist() == [0, 0, 0, 1]
+    only_zsl = evaluate_zsl(SCORES, LABELS, SEEN, UNSEEN, 0.075, 4, setting_scores={"zsl": swapped})
+    assert only_zsl.metrics["zsl_top1"] == 0.0 and only_zsl.metrics["seen_top1"] == 1.0
+
+
 def test_triplet_loss_uses_the_one_other_class_as_negative():
     loss = TripletLoss(margin=0.5)(torch.tensor([[0.9, 0.6]]), torch.tensor([0]))
     assert float(loss) == pytest.approx(0.2)

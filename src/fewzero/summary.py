@@ -35,6 +35,9 @@ def print_summary(output_dir: Path, report: dict[str, Any]) -> None:
             zsl.add_row(name, "all", "u {:.4f}, s {:.4f}, H {:.4f}".format(
                 *(zero_shot[f"{prefix}_{k}"] for k in "ush")))
         zsl.add_row("", "", f"penalty {zero_shot['calibration_gamma']:.4f} (from validation)")
+        if "prior_weight_zsl" in zero_shot:
+            zsl.add_row("", "", "prior weight: " + ", ".join(
+                f"{s} {zero_shot[f'prior_weight_{s}']:.3g}" for s in ("zsl", "seen", "gzsl")))
         console.print(zsl)
     best = report.get("metrics", {}).get("val/acc_best")
     if best is not None:

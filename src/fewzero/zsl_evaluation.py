@@ -8,7 +8,7 @@ and seen test samples with all classes as candidates, H = 2us / (u + s); calibra
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -148,20 +148,25 @@ class ZslResults:
 
 
 def evaluate_zsl(scores: torch.Tensor, labels: torch.Tensor, seen: Sequence[int],
-                 unseen: Sequence[int], gamma: float, n_classes: int) -> ZslResults:
+                 unseen: Sequence[int], gamma: float, n_classes: int,
+                 setting_scores: Mapping[str, torch.Tensor] | None = None) -> ZslResults:
     """ZSL, seen and GZSL metrics (with and without the calibrated penalty `gamma`).
 
     Args:
         scores: (n, n_classes) of test samples of seen (test fold) and unseen classes.
         labels: (n,) class ids.
         gamma: seen-class penalty chosen on validation data.
+        setting_scores: optional scores of the same shape for the "zsl" (unseen candidates) and
+            "seen" (seen candidates) settings, where a model scores them differently (a prior
+            weighted per setting); `scores` serves the settings not given and GZSL.
     Returns metrics zsl_top1, zsl_top3 (unseen samples, unseen candidates), seen_top1 (seen
     samples, seen candidates), gzsl_u/s/h, gzsl_cs_u/s/h and calibration_gamma, plus confusion
     matrices "zsl" and "gzsl_cs".
     """
+    setting_scores = setting_scores or {}
     is_unseen = torch.isin(labels, torch.as_tensor(list(unseen), dtype=torch.long))
-    u_scores, u_labels = scores[is_unseen], labels[is_unseen]
-    s_scores, s_labels = scores[~is_unseen], labels[~is_unseen]
+    u_scores, u_labels = setting_scores.get("zsl", scores)[is_unseen], labels[is_unseen]
+    s_scores, s_labels = setting_scores.get("seen", scores)[~is_unseen], labels[~is_unseen]
     plain = gzsl_score(scores, labels, seen, unseen, 0.0)
     calibrated = gzsl_score(scores, labels, seen, unseen, gamma)
     metrics = {

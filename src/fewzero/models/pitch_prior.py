@@ -156,6 +156,9 @@ class FormantLikelihood(nn.Module):
         return float(self.scale)
 
 
+SETTINGS = ("zsl", "seen", "gzsl")  # evaluation settings, each with its own weight of the prior
+
+
 class PitchRangePrior(nn.Module):
     """Pitch head on the audio embedding + per-class playing ranges.
 
@@ -166,11 +169,11 @@ class PitchRangePrior(nn.Module):
         low_pitch, high_pitch: MIDI span of the pitch head's classes; training pitches outside
             it, and unknown ones (-1), are ignored.
         loss_weight: weight of the pitch cross-entropy added to the training loss.
-        weight: scale of the log-likelihood added to the head's scores at evaluation (a buffer,
-            saved with each checkpoint).
-        weight_candidates: optional weights to choose from on validation data: the zero-shot
-            module keeps the one whose calibrated H on the validation classes is highest (with
-            the calibration penalty chosen at the same time); None keeps `weight`.
+        weight: scale of the log-likelihood added to the head's scores at evaluation, in every
+            setting unless validation chooses otherwise (`weights`, a buffer saved with each
+            checkpoint, holds the weight of each of `SETTINGS`).
+        weight_candidates: optional weights to choose from on validation data, for each setting
+            by its own validation score (see `ZeroShotModule`); None keeps `weight` everywhere.
         floor: likelihood mass a class gives to a pitch outside its range (relative to one
             in-range pitch), so a slightly out-of-range or mis-estimated note is not ruled out.
         detach: train the pitch head on a detached embedding (a probe; the encoder learns only
@@ -204,10 +207,14 @@ class PitchRangePrior(nn.Module):
                        if "range_low" in row and "range_high" in row}
         self.low_pitch, self.high_pitch = int(low_pitch), int(high_pitch)
         self.loss_weight, self.floor, self.detach = loss_weight, floor, detach
-        self.weight_candidates = candidates
-        self.register_buffer("weight", torch.tensor(float(weight)))
+        self.weight, self.weight_candidates = float(weight), candidates
+        self.register_buffer("weights", torch.full((len(SETTINGS),), float(weight)))
         self.pitch_head = nn.Linear(audio_dim, self.high_pitch - self.low_pitch + 1)
         self.formants = formants
+
+    def weight_for(self, setting: str) -> float:
+        """The weight of the prior in one of `SETTINGS` ("zsl", "seen", "gzsl")."""
+        return float(self.weights[SETTINGS.index(setting)])
 
     @property
     def pitches(self) -> torch.Tensor:
@@ -273,5 +280,5 @@ class PitchRangePrior(nn.Module):
 
     def adjust(self, scores: torch.Tensor, audio: torch.Tensor, ranges: torch.Tensor,
                formant_densities: torch.Tensor | None = None) -> torch.Tensor:
-        """(batch, n_classes) head scores + weight * the log-likelihood of `log_likelihood`."""
+        """(batch, n_classes) head scores + the configured weight * `log_likelihood`."""
         return scores + self.weight * self.log_likelihood(audio, ranges, formant_densities)

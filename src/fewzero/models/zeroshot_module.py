@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fewzero.models.pitch_prior import PitchRangePrior
+from fewzero.models.pitch_prior import SETTINGS, PitchRangePrior
 from fewzero.models.resumable import ResumableModule
 from fewzero.models.zsl_heads import CompatibilityHead
 from fewzero.plots import confusion_figure, save_figure, zsl_embedding_figure
@@ -93,7 +93,10 @@ class ZeroShotModule(ResumableModule):
         pitch_prior: optional `PitchRangePrior`: a pitch head trained alongside (on the seen
             training clips' pitches) whose range log-likelihood (with its formant likelihood,
             when it has one: scale fitted on the training clips in `setup`) is added to every
-            evaluation score, validation included.
+            evaluation score, validation included. With `weight_candidates`, each evaluation
+            setting's weight is chosen at every validation by that setting's own score: ZSL by
+            top-1 on the pseudo-unseen classes, seen by top-1 on the held-out fold, GZSL with
+            the calibration penalty by calibrated H.
     """
 
     def __init__(self, backbone: nn.Module, head: CompatibilityHead, loss: nn.Module,
@@ -162,10 +165,10 @@ class ZeroShotModule(ResumableModule):
 
     def calibration_state(self) -> dict[str, torch.Tensor]:
         """What validation chose besides the weights, by state-dict key: the calibration penalty
-        and, with a pitch prior, its weight (chosen when it has `weight_candidates`)."""
+        and, with a pitch prior, its weight per setting (chosen when it has `weight_candidates`)."""
         state = {"calibration_gamma": self.calibration_gamma}
         if self.pitch_prior is not None:
-            state["pitch_prior.weight"] = self.pitch_prior.weight
+            state["pitch_prior.weights"] = self.pitch_prior.weights
         return state
 
     def keep_calibration(self, state_dict: dict[str, torch.Tensor]) -> None:
@@ -188,8 +191,8 @@ class ZeroShotModule(ResumableModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
-        if self.pitch_prior is not None:  # checkpoints from before the weight was a buffer
-            checkpoint["state_dict"].setdefault("pitch_prior.weight", self.pitch_prior.weight.clone())
+        if self.pitch_prior is not None:  # checkpoints from before the weights were a buffer
+            checkpoint["state_dict"].setdefault("pitch_prior.weights", self.pitch_prior.weights.clone())
         data = checkpoint.get("closed_form_data")
         if data is not None:  # batch by batch, as collected; the head's fit is in the state dict
             self._closed_form_data = list(zip(data["audio"].split(data["batch_sizes"]),
@@ -281,12 +284,13 @@ class ZeroShotModule(ResumableModule):
             prior = prior.float().cpu()
         return audio.float().cpu(), scores.float().cpu(), prior, labels.cpu(), indices.cpu()
 
-    def _scores(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Gathered (audio (n, audio_dim), scores (n, n_classes), labels (n,), clip indices (n,))
-        on the CPU; scores = head scores + the pitch prior's weight * its log-likelihood."""
-        audio, scores, prior, labels, indices = self._gathered_scores()
-        if prior is not None:
-            scores = scores + float(self.pitch_prior.weight) * prior
+    def _scores(self) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+        """Gathered (audio (n, audio_dim), {setting: scores (n, n_classes)} for every setting of
+        `SETTINGS`, labels (n,), clip indices (n,)) on the CPU; a setting's scores are the head's
+        plus that setting's weight of the pitch prior times its log-likelihood."""
+        audio, head_scores, prior, labels, indices = self._gathered_scores()
+        scores = {setting: head_scores if prior is None else
+                  head_scores + self.pitch_prior.weight_for(setting) * prior for setting in SETTINGS}
         return audio, scores, labels, indices
 
     def on_validation_epoch_start(self) -> None:
@@ -304,26 +308,32 @@ class ZeroShotModule(ResumableModule):
         is_pseudo = torch.isin(labels, torch.tensor(pseudo, dtype=torch.long))
         both_sides = bool(is_pseudo.any() and (~is_pseudo).any())
         metrics = {}
-        weights = [float(self.pitch_prior.weight)] if prior is not None else [0.0]
-        if prior is not None and self.pitch_prior.weight_candidates and both_sides:
-            weights = self.pitch_prior.weight_candidates
 
         def combined(weight: float) -> torch.Tensor:
             return head_scores if prior is None else head_scores + weight * prior
 
-        weight, calibrated = weights[0], None
-        if both_sides:  # the prior's weight (when it has candidates) and the penalty, chosen together
-            weight, calibrated = max(((w, calibrate_stacking(combined(w), labels, train, pseudo))
-                                      for w in weights), key=lambda pair: pair[1].h)
+        def seen_top1(weight: float) -> float:
+            return topk_accuracy(combined(weight)[~is_pseudo], labels[~is_pseudo], train)
+
+        def zsl_top1(weight: float) -> float:
+            return topk_accuracy(combined(weight)[is_pseudo], labels[is_pseudo], pseudo)
+
+        chosen = {s: self.pitch_prior.weight_for(s) if prior is not None else 0.0 for s in SETTINGS}
+        candidates = self.pitch_prior.weight_candidates if prior is not None else None
+        if candidates and both_sides:  # each setting's weight by its own score; first best wins
+            chosen = {"zsl": max(candidates, key=zsl_top1), "seen": max(candidates, key=seen_top1),
+                      "gzsl": max(candidates, key=lambda w: calibrate_stacking(
+                          combined(w), labels, train, pseudo).h)}
         if prior is not None:
-            self.pitch_prior.weight.fill_(weight)
-            metrics["val/prior_weight"] = weight
-        scores = combined(weight)
+            for i, setting in enumerate(SETTINGS):
+                self.pitch_prior.weights[i] = chosen[setting]
+                metrics[f"val/prior_weight_{setting}"] = chosen[setting]
         if (~is_pseudo).any():
-            metrics["val/seen_top1"] = topk_accuracy(scores[~is_pseudo], labels[~is_pseudo], train)
+            metrics["val/seen_top1"] = seen_top1(chosen["seen"])
         if is_pseudo.any():
-            metrics["val/zsl_top1"] = topk_accuracy(scores[is_pseudo], labels[is_pseudo], pseudo)
+            metrics["val/zsl_top1"] = zsl_top1(chosen["zsl"])
         if both_sides:
+            calibrated = calibrate_stacking(combined(chosen["gzsl"]), labels, train, pseudo)
             self.calibration_gamma.fill_(calibrated.gamma)
             metrics.update({"val/gzsl_cs_h": calibrated.h, "val/calibration_gamma": calibrated.gamma})
             metrics["val/acc"] = calibrated.h
@@ -340,10 +350,11 @@ class ZeroShotModule(ResumableModule):
         audio, scores, labels, indices = self._scores()
         dm = self.trainer.datamodule
         gamma = float(self.calibration_gamma)
-        self.results = evaluate_zsl(scores, labels, self.ids["seen"], self.ids["unseen"],
-                                         gamma, len(dm.class_names))
+        self.results = evaluate_zsl(scores["gzsl"], labels, self.ids["seen"], self.ids["unseen"],
+                                    gamma, len(dm.class_names), setting_scores=scores)
         if self.pitch_prior is not None:
-            self.results.metrics["prior_weight"] = float(self.pitch_prior.weight)
+            self.results.metrics.update({f"prior_weight_{s}": self.pitch_prior.weight_for(s)
+                                         for s in SETTINGS})
             self.results.metrics.update(self._pitch_accuracy(audio, labels, dm.table.pitches[indices]))
         self.log_dict({f"test/{k}": v for k, v in self.results.metrics.items()}, sync_dist=True)
         if self.trainer.is_global_zero:
