@@ -296,15 +296,20 @@ def test_prior_weight_of_each_setting_is_chosen_on_validation_and_kept_by_the_re
             _, head, prior, labels, _ = model._gathered_scores()
         return head, prior, labels
 
-    # each setting's choice, recomputed from the validation clips' scores: first best wins
+    # each setting's choice, recomputed from the validation clips' scores: the best, and among
+    # equally good weights the one nearest the configured 0.1
     head, prior, labels = head_and_prior(dm.val_dataloader())
     train_ids, pseudo = model.ids["train"], model.ids["pseudo_unseen"]
     is_pseudo = torch.isin(labels, torch.tensor(pseudo))
     zsl = [topk_accuracy((head + w * prior)[is_pseudo], labels[is_pseudo], pseudo) for w in candidates]
     seen = [topk_accuracy((head + w * prior)[~is_pseudo], labels[~is_pseudo], train_ids) for w in candidates]
     gzsl = [calibrate_stacking(head + w * prior, labels, train_ids, pseudo) for w in candidates]
-    expected = {"zsl": candidates[zsl.index(max(zsl))], "seen": candidates[seen.index(max(seen))],
-                "gzsl": candidates[max(range(3), key=lambda i: gzsl[i].h)]}
+
+    def best(values: list[float]) -> float:
+        return min((w for w, v in zip(candidates, values, strict=True) if v == max(values)),
+                   key=lambda w: abs(w - 0.1))
+
+    expected = {"zsl": best(zsl), "seen": best(seen), "gzsl": best([g.h for g in gzsl])}
     for setting, weight in expected.items():
         assert model.pitch_prior.weight_for(setting) == weight == metrics[f"test/prior_weight_{setting}"]
     assert float(model.calibration_gamma) == pytest.approx(gzsl[candidates.index(expected["gzsl"])].gamma)
@@ -328,6 +333,17 @@ def test_prior_weight_of_each_setting_is_chosen_on_validation_and_kept_by_the_re
     chosen = selected["state_dict"]["pitch_prior.weights"].tolist()
     assert [report["zero_shot"][f"prior_weight_{s}"] for s in ("zsl", "seen", "gzsl")] == chosen
     assert set(chosen) <= set(candidates)
+
+
+def test_choosing_a_weight_keeps_the_configured_one_where_validation_cannot_tell():
+    prior = _prior(weight=0.1, weight_candidates=[0.0, 0.05, 0.2, 0.4])
+    assert prior.choose_weight(lambda w: {0.0: 0.5, 0.05: 0.6, 0.2: 0.7, 0.4: 0.6}[w]) == 0.2
+    assert prior.choose_weight(lambda w: 1.0) == 0.05  # all tie: nearest 0.1, then the smaller
+    assert prior.choose_weight(lambda w: float(w >= 0.2)) == 0.2
+    with pytest.raises(ValueError, match="weight_candidates is not set"):
+        _prior().choose_weight(lambda w: 1.0)
+    with pytest.raises(ValueError, match="weight_candidates is empty"):
+        _prior(weight_candidates=[])
 
 
 def test_a_checkpoint_from_before_the_weight_buffer_loads_with_the_configured_weight(tmp_path):

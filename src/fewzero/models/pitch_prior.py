@@ -18,7 +18,7 @@ measurement of the audio can check on an instrument no training clip came from.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -173,7 +173,8 @@ class PitchRangePrior(nn.Module):
             setting unless validation chooses otherwise (`weights`, a buffer saved with each
             checkpoint, holds the weight of each of `SETTINGS`).
         weight_candidates: optional weights to choose from on validation data, for each setting
-            by its own validation score (see `ZeroShotModule`); None keeps `weight` everywhere.
+            by its own validation score (`choose_weight`, called by `ZeroShotModule`); None keeps
+            `weight` everywhere.
         floor: likelihood mass a class gives to a pitch outside its range (relative to one
             in-range pitch), so a slightly out-of-range or mis-estimated note is not ruled out.
         detach: train the pitch head on a detached embedding (a probe; the encoder learns only
@@ -211,6 +212,17 @@ class PitchRangePrior(nn.Module):
         self.register_buffer("weights", torch.full((len(SETTINGS),), float(weight)))
         self.pitch_head = nn.Linear(audio_dim, self.high_pitch - self.low_pitch + 1)
         self.formants = formants
+
+    def choose_weight(self, score: Callable[[float], float]) -> float:
+        """The candidate weight with the highest validation `score`; among equally good ones the
+        closest to the configured `weight` (then the smaller): where validation cannot tell the
+        candidates apart (one pseudo-unseen class makes ZSL top-1 1.0 for all), the a-priori
+        weight stays."""
+        if not self.weight_candidates:
+            raise ValueError("pitch_prior.weight_candidates is not set: nothing to choose from.")
+        scores = {w: score(w) for w in self.weight_candidates}
+        best = max(scores.values())
+        return min((w for w, v in scores.items() if v == best), key=lambda w: (abs(w - self.weight), w))
 
     def weight_for(self, setting: str) -> float:
         """The weight of the prior in one of `SETTINGS` ("zsl", "seen", "gzsl")."""

@@ -156,7 +156,8 @@ class ZeroShotModule(ResumableModule):
         dm.assert_clean(train, training=True)
         window = slice(dm.eval_offset, dm.eval_offset + dm.excerpt_frames)
         formants = self.pitch_prior.formants
-        peaks = torch.cat([formants.spectral_peaks(dm.table.features[chunk, :, window])
+        device = formants.mel_centres_hz.device
+        peaks = torch.cat([formants.spectral_peaks(dm.table.features[chunk, :, window].to(device)).cpu()
                            for chunk in train.split(512)])
         scale = formants.fit_scale(peaks, dm.table.pitches[train],
                                    [dm.table.instruments[i] for i in train.tolist()])
@@ -320,10 +321,10 @@ class ZeroShotModule(ResumableModule):
 
         chosen = {s: self.pitch_prior.weight_for(s) if prior is not None else 0.0 for s in SETTINGS}
         candidates = self.pitch_prior.weight_candidates if prior is not None else None
-        if candidates and both_sides:  # each setting's weight by its own score; first best wins
-            chosen = {"zsl": max(candidates, key=zsl_top1), "seen": max(candidates, key=seen_top1),
-                      "gzsl": max(candidates, key=lambda w: calibrate_stacking(
-                          combined(w), labels, train, pseudo).h)}
+        if candidates and both_sides:  # each setting's weight by its own validation score
+            choose = self.pitch_prior.choose_weight
+            chosen = {"zsl": choose(zsl_top1), "seen": choose(seen_top1),
+                      "gzsl": choose(lambda w: calibrate_stacking(combined(w), labels, train, pseudo).h)}
         if prior is not None:
             for i, setting in enumerate(SETTINGS):
                 self.pitch_prior.weights[i] = chosen[setting]
