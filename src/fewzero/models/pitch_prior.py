@@ -7,7 +7,9 @@ posterior. Each class's documented playing range (the attribute table's `range_l
 clip under that class: uniform over its range, a small floor outside it. The model's class
 scores get `weight * log p(clip's pitch | class)` added at evaluation: with `weight` = the
 InfoNCE temperature this is the Bayes combination of the trained softmax posterior and the range
-likelihood (the two taken as independent evidence); no test data sets it.
+likelihood (the two taken as independent evidence); no test data sets it. With
+`weight_candidates`, validation data choose each evaluation setting's weight instead
+(`choose_weight`).
 
 With `formants` (a `FormantLikelihood`) the same sum over pitches also weighs where the clip's
 spectrum peaks against each class's documented main formant: a resonance of the instrument's
