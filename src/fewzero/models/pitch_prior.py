@@ -108,18 +108,17 @@ class FormantLikelihood(nn.Module):
         """Log density of the flat-topped Laplace: distance (...), width broadcastable."""
         return -distance / scale - torch.log(2 * scale + width)
 
-    def log_density(self, peaks: torch.Tensor, pitches: torch.Tensor, class_names: Sequence[str],
-                    scale: torch.Tensor | None = None) -> torch.Tensor:
-        """log p(peak | pitch, class).
+    def log_density(self, peaks: torch.Tensor, pitches: torch.Tensor, class_names: Sequence[str]
+                    ) -> torch.Tensor:
+        """log p(peak | pitch, class) at the fitted or configured scale.
 
         Args:
             peaks: (n,) spectral peaks in Hz; pitches: (n_pitches,) MIDI numbers.
             class_names: the classes to score.
-            scale: Laplace scale (default: the fitted or configured one).
         Returns:
             (n, n_pitches, n_classes), float64.
         """
-        scale = self.scale.double() if scale is None else scale.double()
+        scale = self.scale.double()
         if bool(torch.isnan(scale)):
             raise RuntimeError("The formant likelihood's scale is not fitted yet: call fit_scale on "
                                "training clips or set model.pitch_prior.formants.scale.")
