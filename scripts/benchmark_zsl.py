@@ -44,14 +44,19 @@ RECIPES: dict[str, tuple[str, list[str]]] = {
     "text_ours": ("text-audio (MiniLM descriptions), ours: DeViSE + InfoNCE + ConSE",
                   ["experiment=zsl_text_audio"]),
     "attribute_ours": ("attribute-audio (attribute table), ours: DeViSE + InfoNCE + pitch-range and "
-                       "formant prior, weight per setting chosen on validation",
-                       ["experiment=zsl_attribute_audio"]),
+                       "formant prior, weight per setting chosen on validation, ZSL's by class "
+                       "cross-validation", ["experiment=zsl_attribute_audio"]),
+    "attribute_onefold": ("attribute-audio (attribute table), DeViSE + InfoNCE + pitch-range and "
+                          "formant prior, weight per setting chosen on one validation fold",
+                          ["experiment=zsl_attribute_audio", "model.pitch_prior.class_cv=false"]),
     "attribute_fixed": ("attribute-audio (attribute table), DeViSE + InfoNCE + pitch-range and formant "
                         "prior, weight 0.1", ["experiment=zsl_attribute_audio",
-                                              "model.pitch_prior.weight_candidates=null"]),
+                                              "model.pitch_prior.weight_candidates=null",
+                                              "model.pitch_prior.class_cv=false"]),
     "attribute_pitch": ("attribute-audio (attribute table), DeViSE + InfoNCE + pitch-range prior, "
                         "weight 0.1", ["experiment=zsl_attribute_audio", "model/pitch_prior=range",
-                                       "model.pitch_prior.weight_candidates=null"]),
+                                       "model.pitch_prior.weight_candidates=null",
+                                       "model.pitch_prior.class_cv=false"]),
     "attribute_plain": ("attribute-audio (attribute table), DeViSE + InfoNCE, no prior",
                         ["experiment=zsl_attribute_audio", "model.pitch_prior=null"]),
     # other word-audio recipes of ours, candidates for "ours" (choose by the val columns only)

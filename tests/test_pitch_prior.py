@@ -96,7 +96,7 @@ def _train_saving_config(tmp_path: Path, pitch_prior: str) -> tuple:
     0.1, its config saved where `fewzero.eval` looks. Returns (cfg, metrics, objects)."""
     cfg = compose_train_cfg(tmp_path, ["experiment=zsl_attribute_audio", f"model/pitch_prior={pitch_prior}",
                                        "model.pitch_prior.weight_candidates=null",
-                                       "dataset.refit_on_trainval=false"])
+                                       "model.pitch_prior.class_cv=false", "dataset.refit_on_trainval=false"])
     (Path(cfg.paths.output_dir) / ".hydra").mkdir(parents=True)
     OmegaConf.save(cfg, Path(cfg.paths.output_dir) / ".hydra" / "config.yaml")
     return cfg, *train(cfg)
@@ -283,7 +283,8 @@ def test_zsl_run_with_the_formant_prior_fits_its_scale_on_training_clips_only(tm
 
 def test_prior_weight_of_each_setting_is_chosen_on_validation_and_kept_by_the_refit(tmp_path):
     candidates = [0.0, 0.5, 5.0]
-    overrides = ["experiment=zsl_attribute_audio", f"model.pitch_prior.weight_candidates={candidates}"]
+    overrides = ["experiment=zsl_attribute_audio", f"model.pitch_prior.weight_candidates={candidates}",
+                 "model.pitch_prior.class_cv=false"]  # one validation fold chooses (class CV: test_zsl_refit)
     metrics, objects = train(compose_train_cfg(tmp_path / "selected", [*overrides,
                                                                       "dataset.refit_on_trainval=false"]))
     model, dm = objects["model"], objects["datamodule"]  # the best checkpoint's state after testing
@@ -337,11 +338,21 @@ def test_prior_weight_of_each_setting_is_chosen_on_validation_and_kept_by_the_re
 
 def test_choosing_a_weight_keeps_the_configured_one_where_validation_cannot_tell():
     prior = _prior(weight=0.1, weight_candidates=[0.0, 0.05, 0.2, 0.4])
-    assert prior.choose_weight(lambda w: {0.0: 0.5, 0.05: 0.6, 0.2: 0.7, 0.4: 0.6}[w]) == 0.2
-    assert prior.choose_weight(lambda w: 1.0) == 0.05  # all tie: nearest 0.1, then the smaller
-    assert prior.choose_weight(lambda w: float(w >= 0.2)) == 0.2
+    assert prior.choose_weight("zsl", lambda w: {0.0: 0.5, 0.05: 0.6, 0.2: 0.7, 0.4: 0.6}[w]) == 0.2
+    assert prior.choose_weight("seen", lambda w: 1.0) == 0.05  # all tie: nearest 0.1, then the smaller
+    assert prior.choose_weight("gzsl", lambda w: float(w >= 0.2)) == 0.2
+    assert prior.validation_scores.tolist() == [[0.5, 0.6, 0.7, 0.6], [1.0] * 4, [0.0, 0.0, 1.0, 1.0]]
+    assert prior.validation_scores.dtype == torch.float64  # ties are exact
+    assert prior.choose_from_scores(torch.tensor([0.9, 0.2, 0.9, 0.95])) == 0.4
+    assert prior.choose_from_scores(torch.tensor([0.2, 0.9, 0.9, 0.9])) == 0.05
+    with pytest.raises(ValueError, match="one score per weight candidate"):
+        prior.choose_from_scores(torch.tensor([0.9, 0.2]))
+    with pytest.raises(ValueError, match="NaN"):
+        prior.choose_from_scores(torch.tensor([0.9, float("nan"), 0.1, 0.2]))
+    with pytest.raises(ValueError, match="class_cv chooses among weight_candidates"):
+        _prior(class_cv=True)
     with pytest.raises(ValueError, match="weight_candidates is not set"):
-        _prior().choose_weight(lambda w: 1.0)
+        _prior().choose_weight("zsl", lambda w: 1.0)
     with pytest.raises(ValueError, match="weight_candidates is empty"):
         _prior(weight_candidates=[])
 

@@ -133,7 +133,82 @@ def test_closed_form_head_refits_on_every_seen_class(tmp_path, monkeypatch):
 
 def test_refit_can_be_switched_off(tmp_path):
     metrics, objects = train(compose_train_cfg(tmp_path, WORD + ["dataset.refit_on_trainval=false",
+                                                                  "model.pitch_prior.class_cv=false",
                                                                   "trainer.max_steps=2", *QUICK]))
     report = json.loads(Path(objects["cfg"].paths.output_dir, "metrics.json").read_text())
     assert "refit_on_trainval" not in report
     assert objects["datamodule"].train_on == "train" and Path(report["checkpoint"]).name.startswith("step")
+
+
+def test_class_cv_folds_hold_out_other_seen_classes_and_nothing_else_changes(tmp_path):
+    dm = _datamodule(tmp_path)
+    assert dm.class_cv_folds == [["Oboe", "Trombone"], ["Cello", "Clarinet in Bb", "French Horn"],
+                                 ["Accordion", "Contrabass", "Flute"]]
+    fold = dm.for_pseudo_unseen(dm.class_cv_folds[1])
+    assert dm.pseudo_unseen == ["Oboe", "Trombone"]  # the original is untouched
+    assert fold.train_classes == [n for n in dm.seen if n not in ("Cello", "Clarinet in Bb", "French Horn")]
+    held_out = torch.isin(dm.labels, torch.tensor(dm.ids(["Cello", "Clarinet in Bb", "French Horn"])))
+    expected = torch.nonzero(held_out & (dm.table.folds != dm.test_fold)).flatten()
+    assert torch.equal(fold.indices["val_unseen"], expected)
+    assert not torch.isin(fold.indices["train"], torch.nonzero(held_out).flatten()).any()
+    assert set(dm.labels[fold.indices["train"]].tolist()) == set(dm.ids(fold.train_classes))
+    for role in ("test_seen", "test_unseen"):
+        assert torch.equal(fold.indices[role], dm.indices[role])
+    with pytest.raises(AssertionError, match="pseudo-unseen-class"):
+        fold.assert_clean(expected[:1], training=True)
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("dataset.split.pseudo_unseen_folds=[[Bassoon]]", r"pseudo_unseen_folds\[0\] \['Bassoon'\] must be seen"),
+    ("dataset.split.pseudo_unseen_folds=[[]]", "has an empty fold"),
+    ("dataset.split.pseudo_unseen=[]", "besides dataset.split.pseudo_unseen"),
+])
+def test_bad_class_cv_folds_are_rejected(tmp_path, override, message):
+    with pytest.raises(Exception, match=message):
+        hydra.utils.instantiate(compose_train_cfg(tmp_path, WORD + [override]).dataset)
+
+
+def test_class_cv_needs_the_refit_that_uses_its_choice(tmp_path):
+    cfg = compose_train_cfg(tmp_path, WORD + ["model.pitch_prior.class_cv=true",
+                                              "dataset.refit_on_trainval=false"])
+    with pytest.raises(ValueError, match="set dataset.refit_on_trainval=true or class_cv=false"):
+        train(cfg)
+
+
+def test_class_cv_chooses_the_zsl_weight_by_the_mean_over_folds_and_the_refit_keeps_it(tmp_path):
+    candidates = [0.0, 0.5, 5.0]
+    cfg = compose_train_cfg(tmp_path, WORD + [*SELECT_FIRST_EPOCH, "model.pitch_prior.class_cv=true",
+                                              f"model.pitch_prior.weight_candidates={candidates}"])
+    metrics, objects = train(cfg)
+    run = Path(objects["cfg"].paths.output_dir)
+    report = json.loads((run / "metrics.json").read_text())
+    cv = report["class_cv"]
+    selected = torch.load(report["refit_on_trainval"]["selected_checkpoint"], weights_only=False)
+    final = torch.load(report["refit_on_trainval"]["checkpoint"], weights_only=False)
+    assert cv["folds"] == objects["datamodule"].class_cv_folds and len(cv["folds"]) == 3
+    assert cv["steps"] == selected["global_step"] == 2
+    # fold 0 is the selected checkpoint's own validation; the others were trained and saved
+    assert cv["fold_scores"][0] == selected["state_dict"]["pitch_prior.validation_scores"][0].tolist()
+    for k in (1, 2):
+        saved = torch.load(run / "checkpoints" / f"class_cv_fold{k}.pt", weights_only=False)
+        assert saved["pseudo_unseen"] == cv["folds"][k] and saved["steps"] == 2
+        assert saved["scores"].tolist() == cv["fold_scores"][k]
+        assert all(0.0 <= s <= 1.0 for s in cv["fold_scores"][k])
+    mean = torch.tensor(cv["fold_scores"]).mean(dim=0)
+    assert cv["mean_scores"] == pytest.approx(mean.tolist())
+    best = min((w for w, v in zip(candidates, mean.tolist(), strict=True) if v == pytest.approx(max(mean))),
+               key=lambda w: abs(w - 0.1))
+    weights = final["state_dict"]["pitch_prior.weights"].tolist()
+    assert weights[0] == best == metrics["test/prior_weight_zsl"] == cv["chosen"]["pitch_prior.weights"][0]
+    assert weights[1:] == selected["state_dict"]["pitch_prior.weights"][1:].tolist()  # seen, GZSL
+    assert float(final["state_dict"]["calibration_gamma"]) == float(selected["state_dict"]["calibration_gamma"])
+
+    # a resumed run reuses the saved folds: doctored scores that favour the largest weight win
+    for k in (1, 2):
+        path = run / "checkpoints" / f"class_cv_fold{k}.pt"
+        saved = torch.load(path, weights_only=False)
+        torch.save({**saved, "scores": torch.tensor([0.0, 0.0, 1.0])}, path)
+    metrics, objects = train(cfg)
+    report = json.loads((run / "metrics.json").read_text())
+    assert report["class_cv"]["fold_scores"][1:] == [[0.0, 0.0, 1.0]] * 2
+    assert metrics["test/prior_weight_zsl"] == 5.0

@@ -117,13 +117,83 @@ def _metric(value: Any) -> float:
     return float(value.item() if isinstance(value, torch.Tensor) else value)
 
 
-def refit_on_trainval(cfg: DictConfig, datamodule: Any, trainer: pl.Trainer, output_dir: Path
+def _selected_checkpoint(trainer: pl.Trainer) -> tuple[str, int, int, dict[str, torch.Tensor]]:
+    """(path, epochs, steps, state dict) of the validation-selected checkpoint. A `fast_dev_run`
+    saves none: its current weights stand in for the selected ones (path "")."""
+    selected_path = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    if selected_path:
+        selected = torch.load(selected_path, map_location="cpu", weights_only=False)
+        return selected_path, int(selected["epoch"]) + 1, int(selected["global_step"]), selected["state_dict"]
+    if trainer.fast_dev_run:
+        return "", max(1, trainer.current_epoch), trainer.global_step, trainer.lightning_module.state_dict()
+    raise RuntimeError("Refitting on trainval needs the validation-selected checkpoint; none was "
+                       "saved (is callbacks.model_checkpoint enabled?).")
+
+
+def class_cross_validation(cfg: DictConfig, datamodule: Any, trainer: pl.Trainer, output_dir: Path
+                           ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Choose what the model cross-validates over classes (`model.class_cv`: the pitch prior's
+    ZSL weight) on every pseudo-unseen fold of the split (`datamodule.class_cv_folds`).
+
+    Fold 0 is the validation the selected checkpoint already had. For each further fold a model
+    is trained from scratch like the validation-phase one (same configs and seed, that fold's
+    pseudo-unseen classes held out) for as many steps as the selected checkpoint had, then
+    validated once. The choice is the candidate with the best score averaged over the folds
+    (`model.class_cv_choice`). Each fold's result is saved as `checkpoints/class_cv_fold<k>.pt`
+    and reused when the run is resumed. A `fast_dev_run` skips the extra folds.
+
+    Returns (`calibration_state` entries for the refit to keep instead of the selected
+    checkpoint's, a report for metrics.json).
+    """
+    _, _, steps, chosen = _selected_checkpoint(trainer)
+    module = trainer.lightning_module
+    folds = datamodule.class_cv_folds
+    if len(folds) == 1:
+        log.warning("Class cross-validation: dataset.split has no pseudo_unseen_folds, so fold 0 "
+                    "(pseudo_unseen %s) alone chooses.", folds[0])
+    if trainer.fast_dev_run:
+        log.info("fast_dev_run: class cross-validation uses fold 0 only.")
+        folds = folds[:1]
+    fold_scores = [module.class_cv_scores(chosen)]
+    for k, names in enumerate(folds[1:], start=1):
+        path = output_dir / "checkpoints" / f"class_cv_fold{k}.pt"
+        saved = torch.load(path, weights_only=False) if path.exists() else None
+        if saved is not None and saved["pseudo_unseen"] == names and saved["steps"] == steps:
+            log.info("Class cross-validation fold %d (pseudo-unseen %s): reusing %s", k, names, path)
+            fold_scores.append(saved["scores"])
+            continue
+        log.info("Class cross-validation fold %d of %d: pseudo-unseen %s, %d steps", k, len(folds) - 1,
+                 names, steps)
+        if cfg.get("seed") is not None:
+            pl.seed_everything(cfg.seed, workers=True)
+        fold_dm = datamodule.for_pseudo_unseen(names)
+        model = hydra.utils.instantiate(cfg.model)
+        quiet = {"callbacks": [], "logger": False, "enable_checkpointing": False}
+        fit = hydra.utils.instantiate(cfg.trainer, **quiet, limit_val_batches=0, num_sanity_val_steps=0,
+                                      max_epochs=-1, max_steps=steps)
+        fit.fit(model, datamodule=fold_dm)
+        hydra.utils.instantiate(cfg.trainer, **quiet).validate(model, datamodule=fold_dm, verbose=False)
+        scores = model.class_cv_scores(model.state_dict()).cpu()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"pseudo_unseen": names, "steps": steps, "scores": scores}, path)
+        fold_scores.append(scores)
+    state = module.class_cv_choice(chosen, torch.stack(fold_scores))
+    report = {"folds": folds, "steps": steps, "fold_scores": [s.tolist() for s in fold_scores],
+              "mean_scores": torch.stack(fold_scores).mean(dim=0).tolist(),
+              "chosen": {k: v.tolist() for k, v in state.items()}}
+    log.info("Class cross-validation over %d folds chose %s", len(folds), report["chosen"])
+    return state, report
+
+
+def refit_on_trainval(cfg: DictConfig, datamodule: Any, trainer: pl.Trainer, output_dir: Path,
+                      chosen_elsewhere: dict[str, torch.Tensor] | None = None
                       ) -> tuple[Any, pl.LightningModule, pl.Trainer, dict[str, Any]]:
     """Retrain from scratch on all training data (training + validation classes) for as long as
     the validation-selected checkpoint had trained, keeping its calibration penalty: the last
     step of Xian et al.'s protocol, for datamodules with `refit_on_trainval` and `for_trainval()`.
     Everything validation chose besides the weights (the model's `calibration_state`: the
-    penalty, and the pitch prior's weight where validation chooses it) is kept the same way.
+    penalty, and the pitch prior's weight where validation chooses it) is kept the same way,
+    except entries of `chosen_elsewhere` (class cross-validation's choice), which replace them.
 
     The length is counted in the datamodule's `refit_length` unit: "epochs" (default; an epoch is
     every training item once, so more data means more steps, as in the paper) or "steps" (epochs
@@ -135,17 +205,7 @@ def refit_on_trainval(cfg: DictConfig, datamodule: Any, trainer: pl.Trainer, out
     `<output_dir>/checkpoints/refit_trainval.ckpt` (info["checkpoint"]) and is what gets tested.
     A `fast_dev_run` saves no checkpoint: its current weights stand in for the selected ones.
     """
-    selected_path = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-    if selected_path:
-        selected = torch.load(selected_path, map_location="cpu", weights_only=False)
-        epochs, steps = int(selected["epoch"]) + 1, int(selected["global_step"])
-        chosen = selected["state_dict"]
-    elif trainer.fast_dev_run:
-        epochs, steps = max(1, trainer.current_epoch), trainer.global_step
-        chosen = trainer.lightning_module.state_dict()
-    else:
-        raise RuntimeError("Refitting on trainval needs the validation-selected checkpoint; none was "
-                           "saved (is callbacks.model_checkpoint enabled?).")
+    selected_path, epochs, steps, chosen = _selected_checkpoint(trainer)
     unit = getattr(datamodule, "refit_length", "epochs")
     if unit not in ("epochs", "steps"):
         raise ValueError(f"{type(datamodule).__name__}.refit_length must be 'epochs' or 'steps'; "
@@ -160,7 +220,7 @@ def refit_on_trainval(cfg: DictConfig, datamodule: Any, trainer: pl.Trainer, out
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True)
     model = hydra.utils.instantiate(cfg.model)
-    model.keep_calibration(chosen)
+    model.keep_calibration({**chosen, **(chosen_elsewhere or {})})
     refit = hydra.utils.instantiate(cfg.trainer, callbacks=[], logger=False, enable_checkpointing=False,
                                     limit_val_batches=0, num_sanity_val_steps=0, **length)
     log.info("Refitting on all training data for %d %s (selected: %s)",
@@ -199,13 +259,22 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 
     metrics: dict[str, float] = {}
     refit: dict[str, Any] = {}
+    class_cv: dict[str, Any] = {}
+    refits = getattr(datamodule, "refit_on_trainval", False)
+    if getattr(model, "class_cv", False) and cfg.get("train", True) and not refits:
+        raise ValueError("Class cross-validation (model.pitch_prior.class_cv=true) hands its choice to "
+                         "the refit on trainval: set dataset.refit_on_trainval=true or class_cv=false.")
     if cfg.get("train", True):
         trainer.fit(model, datamodule=datamodule,
                     ckpt_path=resolve_ckpt_path(cfg.get("ckpt_path"), output_dir))
         metrics.update({k: _metric(v) for k, v in trainer.callback_metrics.items()
                         if k.startswith(("train/", "val/"))})
-        if getattr(datamodule, "refit_on_trainval", False):
-            datamodule, model, trainer, refit = refit_on_trainval(cfg, datamodule, trainer, output_dir)
+        if refits:
+            chosen_by_cv = None
+            if getattr(model, "class_cv", False):
+                chosen_by_cv, class_cv = class_cross_validation(cfg, datamodule, trainer, output_dir)
+            datamodule, model, trainer, refit = refit_on_trainval(cfg, datamodule, trainer, output_dir,
+                                                                  chosen_by_cv)
     if cfg.get("test", True):
         best = refit.get("checkpoint") or (
             trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else "")
@@ -230,6 +299,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         }
         if refit:
             report["refit_on_trainval"] = refit
+        if class_cv:
+            report["class_cv"] = class_cv
         if hasattr(model, "test_report"):  # e.g. zero-shot: {"zero_shot": {...}}
             report.update(model.test_report())
         output_dir.mkdir(parents=True, exist_ok=True)

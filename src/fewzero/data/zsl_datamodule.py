@@ -76,7 +76,9 @@ class ZeroShotDataModule(pl.LightningDataModule):
         source: a `ClipSource` (rendered SOL, TinySOL, tones).
         features: log-mel settings (cached under `cache_dir`, shared with the few-shot datasets).
         split: {"seen": [...], "unseen": [...], "pseudo_unseen": [...]} instrument names;
-            pseudo_unseen is a subset of seen held out of training for validation.
+            pseudo_unseen is a subset of seen held out of training for validation. Optional
+            "pseudo_unseen_folds": [[...], ...], more such subsets for class cross-validation
+            (`class_cv_folds`; the split's pseudo_unseen is fold 0).
         val_fold / test_fold: folds of seen classes held out for validation / test (val_fold
             null: no held-out seen clips; calibration then has no seen side and is skipped).
         batch_size, steps_per_epoch: training batches per epoch (validation runs after each).
@@ -105,6 +107,7 @@ class ZeroShotDataModule(pl.LightningDataModule):
         self.source, self.features = source, features
         self.seen, self.unseen = list(split["seen"]), list(split["unseen"])
         self.pseudo_unseen = list(split.get("pseudo_unseen") or [])
+        self.pseudo_unseen_folds = [list(fold) for fold in split.get("pseudo_unseen_folds") or []]
         self._check_split()
         self.class_names = self.seen + self.unseen
         self.cache_dir = Path(cache_dir)
@@ -121,12 +124,21 @@ class ZeroShotDataModule(pl.LightningDataModule):
         shared = sorted(set(self.seen) & set(self.unseen))
         if shared:
             raise ValueError(f"Instrument(s) {shared} are both seen and unseen: edit dataset.split.")
-        outside = sorted(set(self.pseudo_unseen) - set(self.seen))
-        if outside:
-            raise ValueError(f"dataset.split.pseudo_unseen {outside} must be seen classes (they are "
-                             "held out of training for validation).")
-        if not set(self.seen) - set(self.pseudo_unseen):
-            raise ValueError("Every seen class is pseudo-unseen: nothing is left to train on.")
+        for key, pseudo in [("pseudo_unseen", self.pseudo_unseen)] + [
+                (f"pseudo_unseen_folds[{k}]", fold) for k, fold in enumerate(self.pseudo_unseen_folds)]:
+            outside = sorted(set(pseudo) - set(self.seen))
+            if outside:
+                raise ValueError(f"dataset.split.{key} {outside} must be seen classes (they are "
+                                 "held out of training for validation).")
+            if not set(self.seen) - set(pseudo):
+                raise ValueError(f"Every seen class is in dataset.split.{key}: nothing is left to "
+                                 "train on.")
+        if self.pseudo_unseen_folds and not self.pseudo_unseen:
+            raise ValueError("dataset.split.pseudo_unseen_folds are extra folds of class "
+                             "cross-validation besides dataset.split.pseudo_unseen (fold 0): set it too.")
+        if any(not fold for fold in self.pseudo_unseen_folds):
+            raise ValueError("dataset.split.pseudo_unseen_folds has an empty fold: every fold needs "
+                             "at least one pseudo-unseen class.")
 
     # ---- ids ---------------------------------------------------------------------------
     def ids(self, names: Sequence[str]) -> list[int]:
@@ -138,6 +150,24 @@ class ZeroShotDataModule(pl.LightningDataModule):
         if self.train_on == "trainval":
             return list(self.seen)
         return [n for n in self.seen if n not in self.pseudo_unseen]
+
+    @property
+    def class_cv_folds(self) -> list[list[str]]:
+        """The pseudo-unseen class sets of class cross-validation: the split's pseudo_unseen
+        (fold 0), then its pseudo_unseen_folds."""
+        return [list(self.pseudo_unseen)] + [list(fold) for fold in self.pseudo_unseen_folds]
+
+    def for_pseudo_unseen(self, names: Sequence[str]) -> ZeroShotDataModule:
+        """The same data (cached features shared) in the validation phase with `names` as the
+        pseudo-unseen classes (one fold of class cross-validation)."""
+        fold = copy.copy(self)
+        fold.pseudo_unseen, fold.pseudo_unseen_folds = list(names), []
+        fold.train_on = "train"
+        fold._check_split()
+        if self.table is not None:
+            fold.indices = fold._role_indices()
+            fold.assert_clean(fold.indices["train"], training=True)
+        return fold
 
     def for_trainval(self) -> ZeroShotDataModule:
         """The same data (cached features shared) with every seen class on every fold but the

@@ -175,7 +175,12 @@ class PitchRangePrior(nn.Module):
             checkpoint, holds the weight of each of `SETTINGS`).
         weight_candidates: optional weights to choose from on validation data, for each setting
             by its own validation score (`choose_weight`, called by `ZeroShotModule`); None keeps
-            `weight` everywhere.
+            `weight` everywhere. Each candidate's last validation score is kept in the buffer
+            `validation_scores` (len(SETTINGS), n_candidates), saved with each checkpoint.
+        class_cv: choose the ZSL weight by class cross-validation: `fewzero.train` trains one
+            more model for every extra set of pseudo-unseen classes of the split
+            (`dataset.split.pseudo_unseen_folds`) and takes the candidate with the best mean
+            pseudo-unseen top-1 over all folds (`choose_from_scores`). Needs `weight_candidates`.
         floor: likelihood mass a class gives to a pitch outside its range (relative to one
             in-range pitch), so a slightly out-of-range or mis-estimated note is not ruled out.
         detach: train the pitch head on a detached embedding (a probe; the encoder learns only
@@ -187,7 +192,7 @@ class PitchRangePrior(nn.Module):
     def __init__(self, audio_dim: int, table: Mapping[str, Mapping[str, Any]] | None, low_pitch: int = 21,
                  high_pitch: int = 108, loss_weight: float = 1.0, weight: float = 0.1,
                  floor: float = 0.01, detach: bool = False, formants: FormantLikelihood | None = None,
-                 weight_candidates: Sequence[float] | None = None):
+                 weight_candidates: Sequence[float] | None = None, class_cv: bool = False):
         super().__init__()
         if not low_pitch < high_pitch:
             raise ValueError(f"pitch_prior.low_pitch ({low_pitch}) must be below high_pitch ({high_pitch}).")
@@ -199,6 +204,9 @@ class PitchRangePrior(nn.Module):
                              f"weight_candidates={candidates}.")
         if candidates is not None and not candidates:
             raise ValueError("pitch_prior.weight_candidates is empty: give weights or null.")
+        if class_cv and candidates is None:
+            raise ValueError("pitch_prior.class_cv chooses among weight_candidates: give them "
+                             "(e.g. [0.0,0.1,0.4,1.6]) or set class_cv=false.")
         if table is None:
             raise ValueError("model.pitch_prior needs each class's playing range: use "
                              "side_info=attributes (its table has range_low/range_high) or set "
@@ -209,21 +217,35 @@ class PitchRangePrior(nn.Module):
                        if "range_low" in row and "range_high" in row}
         self.low_pitch, self.high_pitch = int(low_pitch), int(high_pitch)
         self.loss_weight, self.floor, self.detach = loss_weight, floor, detach
-        self.weight, self.weight_candidates = float(weight), candidates
+        self.weight, self.weight_candidates, self.class_cv = float(weight), candidates, bool(class_cv)
         self.register_buffer("weights", torch.full((len(SETTINGS),), float(weight)))
+        self.register_buffer("validation_scores", torch.full((len(SETTINGS), len(candidates or [])),
+                                                             float("nan"), dtype=torch.float64))
         self.pitch_head = nn.Linear(audio_dim, self.high_pitch - self.low_pitch + 1)
         self.formants = formants
 
-    def choose_weight(self, score: Callable[[float], float]) -> float:
-        """The candidate weight with the highest validation `score`; among equally good ones the
-        closest to the configured `weight` (then the smaller): where validation cannot tell the
-        candidates apart (one pseudo-unseen class makes ZSL top-1 1.0 for all), the a-priori
-        weight stays."""
+    def choose_weight(self, setting: str, score: Callable[[float], float]) -> float:
+        """The candidate weight with the highest validation `score` for one of `SETTINGS`
+        (every candidate's score is kept in `validation_scores`); ties as `choose_from_scores`."""
         if not self.weight_candidates:
             raise ValueError("pitch_prior.weight_candidates is not set: nothing to choose from.")
-        scores = {w: score(w) for w in self.weight_candidates}
-        best = max(scores.values())
-        return min((w for w, v in scores.items() if v == best), key=lambda w: (abs(w - self.weight), w))
+        scores = torch.tensor([score(w) for w in self.weight_candidates], dtype=torch.float64)
+        self.validation_scores[SETTINGS.index(setting)] = scores
+        return self.choose_from_scores(scores)
+
+    def choose_from_scores(self, scores: torch.Tensor) -> float:
+        """The candidate weight with the highest score, (n_candidates,) in `weight_candidates`'
+        order; among equally good ones the closest to the configured `weight` (then the
+        smaller): where validation cannot tell the candidates apart (one pseudo-unseen class
+        makes ZSL top-1 1.0 for all), the a-priori weight stays."""
+        if not self.weight_candidates or scores.shape != (len(self.weight_candidates),):
+            raise ValueError(f"Need one score per weight candidate ({self.weight_candidates}); got "
+                             f"shape {tuple(scores.shape)}.")
+        if bool(scores.isnan().any()):
+            raise ValueError(f"Validation scores of the prior's weights contain NaN: {scores.tolist()}")
+        best = float(scores.max())
+        tied = [w for w, v in zip(self.weight_candidates, scores.tolist(), strict=True) if v == best]
+        return min(tied, key=lambda w: (abs(w - self.weight), w))
 
     def weight_for(self, setting: str) -> float:
         """The weight of the prior in one of `SETTINGS` ("zsl", "seen", "gzsl")."""

@@ -181,6 +181,31 @@ class ZeroShotModule(ResumableModule):
                                "model config than the refit's.")
             buffer.copy_(state_dict[key])
 
+    # ---- class cross-validation of the prior's ZSL weight (run by `fewzero.train`) -----
+    @property
+    def class_cv(self) -> bool:
+        """Whether `fewzero.train` should choose the ZSL weight by class cross-validation."""
+        return self.pitch_prior is not None and self.pitch_prior.class_cv
+
+    def class_cv_scores(self, state_dict: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(n_candidates,) the ZSL validation score (pseudo-unseen top-1) of every candidate
+        weight, from a validated model's state dict. Raises a ValueError where validation could
+        not score them (no pseudo-unseen or no held-out seen clips)."""
+        scores = state_dict["pitch_prior.validation_scores"][SETTINGS.index("zsl")].double()
+        if scores.numel() == 0 or bool(scores.isnan().any()):
+            raise ValueError("Validation scored no weight of the pitch prior: class cross-validation "
+                             "needs pseudo-unseen and held-out seen clips in every fold (check "
+                             "dataset.split.pseudo_unseen_folds and dataset.val_fold).")
+        return scores
+
+    def class_cv_choice(self, state_dict: dict[str, torch.Tensor], fold_scores: torch.Tensor
+                        ) -> dict[str, torch.Tensor]:
+        """`calibration_state` entries to replace in `state_dict`'s: the ZSL weight becomes the
+        candidate with the best mean score over the folds, fold_scores (n_folds, n_candidates)."""
+        weights = state_dict["pitch_prior.weights"].clone()
+        weights[SETTINGS.index("zsl")] = self.pitch_prior.choose_from_scores(fold_scores.mean(dim=0))
+        return {"pitch_prior.weights": weights}
+
     # ---- checkpoints: a closed-form head is refitted on every batch embedded so far ----
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
@@ -193,7 +218,9 @@ class ZeroShotModule(ResumableModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
         if self.pitch_prior is not None:  # checkpoints from before the weights were a buffer
-            checkpoint["state_dict"].setdefault("pitch_prior.weights", self.pitch_prior.weights.clone())
+            for key in ("weights", "validation_scores"):
+                checkpoint["state_dict"].setdefault(f"pitch_prior.{key}",
+                                                    getattr(self.pitch_prior, key).clone())
         data = checkpoint.get("closed_form_data")
         if data is not None:  # batch by batch, as collected; the head's fit is in the state dict
             self._closed_form_data = list(zip(data["audio"].split(data["batch_sizes"]),
@@ -323,8 +350,9 @@ class ZeroShotModule(ResumableModule):
         candidates = self.pitch_prior.weight_candidates if prior is not None else None
         if candidates and both_sides:  # each setting's weight by its own validation score
             choose = self.pitch_prior.choose_weight
-            chosen = {"zsl": choose(zsl_top1), "seen": choose(seen_top1),
-                      "gzsl": choose(lambda w: calibrate_stacking(combined(w), labels, train, pseudo).h)}
+            chosen = {"zsl": choose("zsl", zsl_top1), "seen": choose("seen", seen_top1),
+                      "gzsl": choose("gzsl", lambda w: calibrate_stacking(combined(w), labels, train,
+                                                                          pseudo).h)}
         if prior is not None:
             for i, setting in enumerate(SETTINGS):
                 self.pitch_prior.weights[i] = chosen[setting]
