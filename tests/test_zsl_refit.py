@@ -178,7 +178,8 @@ def test_class_cv_needs_the_refit_that_uses_its_choice(tmp_path):
 def test_class_cv_chooses_the_zsl_weight_by_the_mean_over_folds_and_the_refit_keeps_it(tmp_path):
     candidates = [0.0, 0.5, 5.0]
     cfg = compose_train_cfg(tmp_path, WORD + [*SELECT_FIRST_EPOCH, "model.pitch_prior.class_cv=true",
-                                              f"model.pitch_prior.weight_candidates={candidates}"])
+                                              f"model.pitch_prior.weight_candidates={candidates}",
+                                              "model.plot_dir=${paths.output_dir}/plots"])
     metrics, objects = train(cfg)
     run = Path(objects["cfg"].paths.output_dir)
     report = json.loads((run / "metrics.json").read_text())
@@ -200,6 +201,8 @@ def test_class_cv_chooses_the_zsl_weight_by_the_mean_over_folds_and_the_refit_ke
                key=lambda w: abs(w - 0.1))
     weights = final["state_dict"]["pitch_prior.weights"].tolist()
     assert weights[0] == best == metrics["test/prior_weight_zsl"] == cv["chosen"]["pitch_prior.weights"][0]
+    assert cv["zsl_weight"] == best and cv["candidates"] == candidates
+    assert (run / "plots" / "val_class_cv_prior_weight.png").stat().st_size > 0
     assert weights[1:] == selected["state_dict"]["pitch_prior.weights"][1:].tolist()  # seen, GZSL
     assert float(final["state_dict"]["calibration_gamma"]) == float(selected["state_dict"]["calibration_gamma"])
 

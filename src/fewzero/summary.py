@@ -38,6 +38,11 @@ def print_summary(output_dir: Path, report: dict[str, Any]) -> None:
         if "prior_weight_zsl" in zero_shot:
             zsl.add_row("", "", "prior weight: " + ", ".join(
                 f"{s} {zero_shot[f'prior_weight_{s}']:.3g}" for s in ("zsl", "seen", "gzsl")))
+        cv = report.get("class_cv")
+        if cv:
+            best = max(cv["mean_scores"])
+            zsl.add_row("", "", f"ZSL weight {cv['zsl_weight']:g} by class cross-validation over "
+                        f"{len(cv['folds'])} pseudo-unseen folds (mean top-1 {best:.4f})")
         console.print(zsl)
     best = report.get("metrics", {}).get("val/acc_best")
     if best is not None:

@@ -177,11 +177,15 @@ def class_cross_validation(cfg: DictConfig, datamodule: Any, trainer: pl.Trainer
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"pseudo_unseen": names, "steps": steps, "scores": scores}, path)
         fold_scores.append(scores)
-    state = module.class_cv_choice(chosen, torch.stack(fold_scores))
-    report = {"folds": folds, "steps": steps, "fold_scores": [s.tolist() for s in fold_scores],
-              "mean_scores": torch.stack(fold_scores).mean(dim=0).tolist(),
+    weight, state = module.class_cv_choice(chosen, torch.stack(fold_scores))
+    report = {"folds": folds, "steps": steps, "candidates": module.pitch_prior.weight_candidates,
+              "fold_scores": [s.tolist() for s in fold_scores],
+              "mean_scores": torch.stack(fold_scores).mean(dim=0).tolist(), "zsl_weight": weight,
               "chosen": {k: v.tolist() for k, v in state.items()}}
-    log.info("Class cross-validation over %d folds chose %s", len(folds), report["chosen"])
+    module.plot_class_cv(torch.stack(fold_scores), folds, weight, trainer.loggers, steps)
+    log.info("Class cross-validation over %d folds: mean pseudo-unseen top-1 %s for weights %s; "
+             "ZSL weight %g", len(folds), [round(v, 3) for v in report["mean_scores"]],
+             report["candidates"], report["zsl_weight"])
     return state, report
 
 

@@ -20,7 +20,7 @@ from torch import nn
 from fewzero.models.pitch_prior import SETTINGS, PitchRangePrior
 from fewzero.models.resumable import ResumableModule
 from fewzero.models.zsl_heads import CompatibilityHead
-from fewzero.plots import confusion_figure, save_figure, zsl_embedding_figure
+from fewzero.plots import confusion_figure, save_figure, weight_choice_figure, zsl_embedding_figure
 from fewzero.side_info.base import ClassVectors, SideInformation
 from fewzero.zsl_evaluation import ZslResults, calibrate_stacking, evaluate_zsl, topk_accuracy
 
@@ -199,12 +199,22 @@ class ZeroShotModule(ResumableModule):
         return scores
 
     def class_cv_choice(self, state_dict: dict[str, torch.Tensor], fold_scores: torch.Tensor
-                        ) -> dict[str, torch.Tensor]:
-        """`calibration_state` entries to replace in `state_dict`'s: the ZSL weight becomes the
-        candidate with the best mean score over the folds, fold_scores (n_folds, n_candidates)."""
+                        ) -> tuple[float, dict[str, torch.Tensor]]:
+        """(the ZSL weight: the candidate with the best mean score over the folds, fold_scores
+        (n_folds, n_candidates); the `calibration_state` entries to replace in `state_dict`'s)."""
+        weight = self.pitch_prior.choose_from_scores(fold_scores.mean(dim=0))
         weights = state_dict["pitch_prior.weights"].clone()
-        weights[SETTINGS.index("zsl")] = self.pitch_prior.choose_from_scores(fold_scores.mean(dim=0))
-        return {"pitch_prior.weights": weights}
+        weights[SETTINGS.index("zsl")] = weight
+        return weight, {"pitch_prior.weights": weights}
+
+    def plot_class_cv(self, fold_scores: torch.Tensor, folds: list[list[str]], chosen: float,
+                      loggers: list[Any], step: int) -> None:
+        """Draw class cross-validation's sweep (fold_scores (n_folds, n_candidates)) as
+        `val/class_cv_prior_weight` (PNG and TensorBoard)."""
+        figure = weight_choice_figure(self.pitch_prior.weight_candidates, fold_scores,
+                                      [f"fold {k}: " + ", ".join(names) for k, names in enumerate(folds)],
+                                      chosen, "ZSL weight of the prior, by class cross-validation")
+        save_figure(figure, "val/class_cv_prior_weight", self.plot_dir, loggers, step)
 
     # ---- checkpoints: a closed-form head is refitted on every batch embedded so far ----
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
