@@ -9,7 +9,7 @@ import hydra
 import numpy as np
 import pytest
 import torch
-from conftest import CONFIG_DIR
+from conftest import CONFIG_DIR, compose_train_cfg
 from omegaconf import OmegaConf
 from PIL import Image, ImageDraw
 
@@ -176,3 +176,14 @@ def test_centering_removes_the_common_component_before_normalising(tmp_path):
     path.write_text("a 10 1 0\nb 10 -1 0\n")
     source = GloveVectors({"A": ["a"], "B": ["b"]}, dim=3, path=str(path), center=True)
     torch.testing.assert_close(source.vectors(["A", "B"]).mean, torch.tensor([[0.0, 1, 0], [0, -1, 0]]))
+
+
+def test_timbre_attribute_table_drops_what_the_pitch_prior_measures(tmp_path):
+    cfg = compose_train_cfg(tmp_path, ["experiment=zsl_attribute_audio", "side_info=attributes_timbre"])
+    cfg.side_info.cache_dir = None
+    source = hydra.utils.instantiate(cfg.side_info)
+    columns = source.columns()
+    assert len(columns) == cfg.side_info.dim == source.vectors(list(TINYSOL_INSTRUMENTS)).mean.shape[1]
+    assert not [c for c in columns if c.startswith(("register", "range"))]
+    assert "size=very_large" in columns and "reed=double" in columns
+    assert cfg.model.pitch_prior.table["Bass Tuba"]["range_low"] == 28  # the prior keeps its ranges

@@ -174,15 +174,17 @@ def class_cross_validation(cfg: DictConfig, datamodule: Any, trainer: pl.Trainer
         fit.fit(model, datamodule=fold_dm)
         hydra.utils.instantiate(cfg.trainer, **quiet).validate(model, datamodule=fold_dm, verbose=False)
         scores = model.class_cv_scores(model.state_dict()).cpu()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"pseudo_unseen": names, "steps": steps, "scores": scores}, path)
+        if fit.is_global_zero:  # scores are gathered: equal on every rank
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"pseudo_unseen": names, "steps": steps, "scores": scores}, path)
         fold_scores.append(scores)
     weight, state = module.class_cv_choice(chosen, torch.stack(fold_scores))
     report = {"folds": folds, "steps": steps, "candidates": module.pitch_prior.weight_candidates,
               "fold_scores": [s.tolist() for s in fold_scores],
               "mean_scores": torch.stack(fold_scores).mean(dim=0).tolist(), "zsl_weight": weight,
               "chosen": {k: v.tolist() for k, v in state.items()}}
-    module.plot_class_cv(torch.stack(fold_scores), folds, weight, trainer.loggers, steps)
+    if trainer.is_global_zero:
+        module.plot_class_cv(torch.stack(fold_scores), folds, weight, trainer.loggers, steps)
     log.info("Class cross-validation over %d folds: mean pseudo-unseen top-1 %s for weights %s; "
              "ZSL weight %g", len(folds), [round(v, 3) for v in report["mean_scores"]],
              report["candidates"], report["zsl_weight"])
