@@ -49,6 +49,9 @@ RECIPES: dict[str, tuple[str, list[str]]] = {
     "attribute_timbre": ("attribute-audio (attribute table without register and range), DeViSE + "
                          "InfoNCE + pitch-range and formant prior, as ours",
                          ["experiment=zsl_attribute_audio", "side_info=attributes_timbre"]),
+    "attribute_poe": ("attribute-audio (attribute table), as ours, the head trained with the prior "
+                      "added to its scores (product of experts)",
+                      ["experiment=zsl_attribute_audio", "model.pitch_prior.in_training=true"]),
     "attribute_onefold": ("attribute-audio (attribute table), DeViSE + InfoNCE + pitch-range and "
                           "formant prior, weight per setting chosen on one validation fold",
                           ["experiment=zsl_attribute_audio", "model.pitch_prior.class_cv=false"]),

@@ -367,3 +367,38 @@ def test_a_checkpoint_from_before_the_weight_buffer_loads_with_the_configured_we
                                        run_config=Path(cfg.paths.output_dir) / ".hydra" / "config.yaml")
     assert evaluated["model"].pitch_prior.weights.tolist() == pytest.approx([0.1] * 3)
     assert eval_metrics["test/zsl_top1"] == pytest.approx(metrics["test/zsl_top1"])
+
+
+def test_prior_in_training_adds_the_weighted_prior_to_the_training_scores_without_gradient(tmp_path):
+    cfg = compose_train_cfg(tmp_path, ["experiment=zsl_attribute_audio", "model.pitch_prior.in_training=true",
+                                       "model.pitch_prior.class_cv=false", "model.pitch_prior.loss_weight=0",
+                                       "dataset.refit_on_trainval=false", "test=false"])
+    _, objects = train(cfg)
+    model, dm = objects["model"], objects["datamodule"]
+    batch = next(iter(dm.train_dataloader()))
+    seen = {}  # what the loss scored and the encoder embedded in this training step
+
+    def keep(name, value):  # a forward hook returning None leaves the output as it is
+        seen[name] = value.detach()
+
+    model.loss.register_forward_hook(lambda module, inputs, output: keep("scores", inputs[0]))
+    model.backbone.register_forward_hook(lambda module, inputs, output: keep("audio", output))
+    model.log = lambda *args, **kwargs: None  # no trainer loop to log into
+    model.train()
+    model.zero_grad()
+    model.training_step(batch, 0).backward()
+    train_ids = model.ids["train"]
+    with torch.no_grad():
+        audio = seen["audio"]
+        formants = model.pitch_prior.formants
+        densities = formants.log_density(formants.spectral_peaks(batch["x"]), torch.arange(21, 109),
+                                         [dm.class_names[i] for i in train_ids])
+        ranges = model.pitch_prior.range_likelihoods([dm.class_names[i] for i in train_ids])
+        prior = model.pitch_prior.log_likelihood(audio, ranges, densities)
+        expected = model.head(audio, model.train_side()) + 0.1 * prior
+    torch.testing.assert_close(seen["scores"], expected, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(prior, prior.mean(dim=1, keepdim=True))  # the prior tells classes apart
+    # with the pitch loss weighted 0, no gradient reaches the pitch head through the prior's term
+    grad = model.pitch_prior.pitch_head.weight.grad
+    assert grad is None or not grad.any()
+    assert any(p.grad is not None and p.grad.any() for p in model.head.parameters())

@@ -181,6 +181,9 @@ class PitchRangePrior(nn.Module):
             more model for every extra set of pseudo-unseen classes of the split
             (`dataset.split.pseudo_unseen_folds`) and takes the candidate with the best mean
             pseudo-unseen top-1 over all folds (`choose_from_scores`). Needs `weight_candidates`.
+        in_training: also add `weight` * the log-likelihood to the head's training scores (a
+            product of experts, as at evaluation): the head then learns what the prior does not
+            already explain. The prior's term carries no gradient.
         floor: likelihood mass a class gives to a pitch outside its range (relative to one
             in-range pitch), so a slightly out-of-range or mis-estimated note is not ruled out.
         detach: train the pitch head on a detached embedding (a probe; the encoder learns only
@@ -192,7 +195,8 @@ class PitchRangePrior(nn.Module):
     def __init__(self, audio_dim: int, table: Mapping[str, Mapping[str, Any]] | None, low_pitch: int = 21,
                  high_pitch: int = 108, loss_weight: float = 1.0, weight: float = 0.1,
                  floor: float = 0.01, detach: bool = False, formants: FormantLikelihood | None = None,
-                 weight_candidates: Sequence[float] | None = None, class_cv: bool = False):
+                 weight_candidates: Sequence[float] | None = None, class_cv: bool = False,
+                 in_training: bool = False):
         super().__init__()
         if not low_pitch < high_pitch:
             raise ValueError(f"pitch_prior.low_pitch ({low_pitch}) must be below high_pitch ({high_pitch}).")
@@ -218,6 +222,7 @@ class PitchRangePrior(nn.Module):
         self.low_pitch, self.high_pitch = int(low_pitch), int(high_pitch)
         self.loss_weight, self.floor, self.detach = loss_weight, floor, detach
         self.weight, self.weight_candidates, self.class_cv = float(weight), candidates, bool(class_cv)
+        self.in_training = bool(in_training)
         self.register_buffer("weights", torch.full((len(SETTINGS),), float(weight)))
         self.register_buffer("validation_scores", torch.full((len(SETTINGS), len(candidates or [])),
                                                              float("nan"), dtype=torch.float64))

@@ -262,6 +262,11 @@ class ZeroShotModule(ResumableModule):
             self._closed_form_data.append((audio.detach(), targets))
             return None
         scores = self.head(audio, self.train_side())
+        if self.pitch_prior is not None and self.pitch_prior.in_training:
+            peaks = self.pitch_prior.formants.spectral_peaks(batch["x"]) if self._uses_formants else None
+            with torch.no_grad():  # the prior's term is a fixed offset: no gradient through it
+                prior = self._prior_log_likelihood(audio, peaks, self.ids["train"])
+            scores = scores + self.pitch_prior.weight * prior
         loss = self.loss(scores, targets)
         if self.pitch_prior is not None:
             pitches = self.trainer.datamodule.table.pitches[batch["index"].cpu()].to(self.device)
@@ -316,11 +321,18 @@ class ZeroShotModule(ResumableModule):
         scores = self.head(audio, self.side_matrix)
         prior = None
         if self.pitch_prior is not None:
-            formant_densities = (self.pitch_prior.formant_log_densities(peaks, self.class_names)
-                                 if self._uses_formants else None)
-            prior = self.pitch_prior.log_likelihood(audio, self.range_likelihoods, formant_densities)
-            prior = prior.float().cpu()
+            prior = self._prior_log_likelihood(audio, peaks).float().cpu()
         return audio.float().cpu(), scores.float().cpu(), prior, labels.cpu(), indices.cpu()
+
+    def _prior_log_likelihood(self, audio: torch.Tensor, peaks: torch.Tensor | None,
+                              class_ids: list[int] | None = None) -> torch.Tensor:
+        """The pitch prior's log p(clip | class): (batch, n_classes), or (batch, len(class_ids))
+        for those classes only. audio (batch, audio_dim); peaks (batch,) spectral peaks in Hz
+        (used with a formant likelihood)."""
+        ids = list(range(len(self.class_names))) if class_ids is None else list(class_ids)
+        formant_densities = (self.pitch_prior.formant_log_densities(peaks, [self.class_names[i] for i in ids])
+                             if self._uses_formants else None)
+        return self.pitch_prior.log_likelihood(audio, self.range_likelihoods[ids], formant_densities)
 
     def _scores(self) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
         """Gathered (audio (n, audio_dim), {setting: scores (n, n_classes)} for every setting of
