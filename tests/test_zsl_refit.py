@@ -204,7 +204,8 @@ def test_class_cv_chooses_the_zsl_weight_by_the_mean_over_folds_and_the_refit_ke
     assert cv["zsl_weight"] == best and cv["candidates"] == candidates
     assert (run / "plots" / "val_class_cv_prior_weight.png").stat().st_size > 0
     assert weights[1:] == selected["state_dict"]["pitch_prior.weights"][1:].tolist()  # seen, GZSL
-    assert float(final["state_dict"]["calibration_gamma"]) == float(selected["state_dict"]["calibration_gamma"])
+    gammas = (final["state_dict"]["calibration_gamma"], selected["state_dict"]["calibration_gamma"])
+    assert float(gammas[0]) == float(gammas[1])
 
     # a resumed run reuses the saved folds: doctored scores that favour the largest weight win
     for k in (1, 2):

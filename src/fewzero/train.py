@@ -130,7 +130,8 @@ def _selected_checkpoint(trainer: pl.Trainer) -> tuple[str, int, int, dict[str, 
                        "saved (is callbacks.model_checkpoint enabled?).")
 
 
-def class_cross_validation(cfg: DictConfig, datamodule: Any, trainer: pl.Trainer, output_dir: Path
+def class_cross_validation(cfg: DictConfig, datamodule: Any, trainer: pl.Trainer, output_dir: Path,
+                           selected: tuple[str, int, int, dict[str, torch.Tensor]]
                            ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Choose what the model cross-validates over classes (`model.class_cv`: the pitch prior's
     ZSL weight) on every pseudo-unseen fold of the split (`datamodule.class_cv_folds`).
@@ -142,10 +143,10 @@ def class_cross_validation(cfg: DictConfig, datamodule: Any, trainer: pl.Trainer
     (`model.class_cv_choice`). Each fold's result is saved as `checkpoints/class_cv_fold<k>.pt`
     and reused when the run is resumed. A `fast_dev_run` skips the extra folds.
 
-    Returns (`calibration_state` entries for the refit to keep instead of the selected
-    checkpoint's, a report for metrics.json).
+    `selected` is `_selected_checkpoint(trainer)`. Returns (`calibration_state` entries for the
+    refit to keep instead of the selected checkpoint's, a report for metrics.json).
     """
-    _, _, steps, chosen = _selected_checkpoint(trainer)
+    _, _, steps, chosen = selected
     module = trainer.lightning_module
     folds = datamodule.class_cv_folds
     if len(folds) == 1:
@@ -178,13 +179,13 @@ def class_cross_validation(cfg: DictConfig, datamodule: Any, trainer: pl.Trainer
             path.parent.mkdir(parents=True, exist_ok=True)
             torch.save({"pseudo_unseen": names, "steps": steps, "scores": scores}, path)
         fold_scores.append(scores)
-    weight, state = module.class_cv_choice(chosen, torch.stack(fold_scores))
+    all_scores = torch.stack(fold_scores)  # (n_folds, n_candidates)
+    weight, state = module.class_cv_choice(chosen, all_scores)
     report = {"folds": folds, "steps": steps, "candidates": module.pitch_prior.weight_candidates,
-              "fold_scores": [s.tolist() for s in fold_scores],
-              "mean_scores": torch.stack(fold_scores).mean(dim=0).tolist(), "zsl_weight": weight,
-              "chosen": {k: v.tolist() for k, v in state.items()}}
+              "fold_scores": all_scores.tolist(), "mean_scores": all_scores.mean(dim=0).tolist(),
+              "zsl_weight": weight, "chosen": {k: v.tolist() for k, v in state.items()}}
     if trainer.is_global_zero:
-        module.plot_class_cv(torch.stack(fold_scores), folds, weight, trainer.loggers, steps)
+        module.plot_class_cv(all_scores, folds, weight, trainer.loggers, steps)
     log.info("Class cross-validation over %d folds: mean pseudo-unseen top-1 %s for weights %s; "
              "ZSL weight %g", len(folds), [round(v, 3) for v in report["mean_scores"]],
              report["candidates"], report["zsl_weight"])
@@ -192,6 +193,7 @@ def class_cross_validation(cfg: DictConfig, datamodule: Any, trainer: pl.Trainer
 
 
 def refit_on_trainval(cfg: DictConfig, datamodule: Any, trainer: pl.Trainer, output_dir: Path,
+                      selected: tuple[str, int, int, dict[str, torch.Tensor]],
                       chosen_elsewhere: dict[str, torch.Tensor] | None = None
                       ) -> tuple[Any, pl.LightningModule, pl.Trainer, dict[str, Any]]:
     """Retrain from scratch on all training data (training + validation classes) for as long as
@@ -209,9 +211,10 @@ def refit_on_trainval(cfg: DictConfig, datamodule: Any, trainer: pl.Trainer, out
 
     Returns (datamodule, model, trainer, info); the refitted model is saved as
     `<output_dir>/checkpoints/refit_trainval.ckpt` (info["checkpoint"]) and is what gets tested.
-    A `fast_dev_run` saves no checkpoint: its current weights stand in for the selected ones.
+    `selected` is `_selected_checkpoint(trainer)` (a `fast_dev_run`'s current weights stand in
+    for the selected ones).
     """
-    selected_path, epochs, steps, chosen = _selected_checkpoint(trainer)
+    selected_path, epochs, steps, chosen = selected
     unit = getattr(datamodule, "refit_length", "epochs")
     if unit not in ("epochs", "steps"):
         raise ValueError(f"{type(datamodule).__name__}.refit_length must be 'epochs' or 'steps'; "
@@ -276,11 +279,12 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         metrics.update({k: _metric(v) for k, v in trainer.callback_metrics.items()
                         if k.startswith(("train/", "val/"))})
         if refits:
-            chosen_by_cv = None
+            selected, chosen_by_cv = _selected_checkpoint(trainer), None  # loaded once for both
             if getattr(model, "class_cv", False):
-                chosen_by_cv, class_cv = class_cross_validation(cfg, datamodule, trainer, output_dir)
+                chosen_by_cv, class_cv = class_cross_validation(cfg, datamodule, trainer, output_dir,
+                                                                selected)
             datamodule, model, trainer, refit = refit_on_trainval(cfg, datamodule, trainer, output_dir,
-                                                                  chosen_by_cv)
+                                                                  selected, chosen_by_cv)
     if cfg.get("test", True):
         best = refit.get("checkpoint") or (
             trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else "")
