@@ -216,3 +216,17 @@ def test_class_cv_chooses_the_zsl_weight_by_the_mean_over_folds_and_the_refit_ke
     report = json.loads((run / "metrics.json").read_text())
     assert report["class_cv"]["fold_scores"][1:] == [[0.0, 0.0, 1.0]] * 2
     assert metrics["test/prior_weight_zsl"] == 5.0
+
+
+def test_fast_dev_run_skips_class_cv_when_its_one_validation_batch_scored_no_weight(tmp_path, caplog):
+    # one clip per evaluation batch: fast_dev_run's single validation batch holds one role only,
+    # as its first 256 clips do on rendered SOL
+    cfg = compose_train_cfg(tmp_path, WORD + [*QUICK, "+trainer.fast_dev_run=true",
+                                              "dataset.eval_batch_size=1"])
+    assert cfg.model.pitch_prior.class_cv
+    with caplog.at_level("WARNING", logger="fewzero.train"):
+        metrics, objects = train(cfg)
+    assert "class cross-validation is skipped" in caplog.text
+    report = json.loads((Path(objects["cfg"].paths.output_dir) / "metrics.json").read_text())
+    assert "class_cv" not in report
+    assert objects["model"].pitch_prior.weight_for("zsl") == pytest.approx(cfg.model.pitch_prior.weight)

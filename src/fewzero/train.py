@@ -141,7 +141,9 @@ def class_cross_validation(cfg: DictConfig, datamodule: Any, trainer: pl.Trainer
     pseudo-unseen classes held out) for as many steps as the selected checkpoint had, then
     validated once. The choice is the candidate with the best score averaged over the folds
     (`model.class_cv_choice`). Each fold's result is saved as `checkpoints/class_cv_fold<k>.pt`
-    and reused when the run is resumed. A `fast_dev_run` skips the extra folds.
+    and reused when the run is resumed. A `fast_dev_run` skips the extra folds, and skips class
+    cross-validation altogether (returning two empty dicts) when its single validation batch
+    scored nothing.
 
     `selected` is `_selected_checkpoint(trainer)`. Returns (`calibration_state` entries for the
     refit to keep instead of the selected checkpoint's, a report for metrics.json).
@@ -153,8 +155,13 @@ def class_cross_validation(cfg: DictConfig, datamodule: Any, trainer: pl.Trainer
         log.warning("Class cross-validation: dataset.split has no pseudo_unseen_folds, so fold 0 "
                     "(pseudo_unseen %s) alone chooses.", folds[0])
     if trainer.fast_dev_run:
-        log.info("fast_dev_run: class cross-validation uses fold 0 only.")
         folds = folds[:1]
+        if not module.has_class_cv_scores(chosen):  # its one validation batch lacks a role
+            log.warning("fast_dev_run: its one validation batch did not score the prior's weights "
+                        "(no pseudo-unseen or no held-out seen clip in it), so class cross-validation "
+                        "is skipped and the ZSL weight stays as configured.")
+            return {}, {}
+        log.info("fast_dev_run: class cross-validation uses fold 0 only.")
     fold_scores = [module.class_cv_scores(chosen)]
     for k, names in enumerate(folds[1:], start=1):
         path = output_dir / "checkpoints" / f"class_cv_fold{k}.pt"

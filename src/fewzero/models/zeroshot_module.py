@@ -187,12 +187,17 @@ class ZeroShotModule(ResumableModule):
         """Whether `fewzero.train` should choose the ZSL weight by class cross-validation."""
         return self.pitch_prior is not None and self.pitch_prior.class_cv
 
+    def has_class_cv_scores(self, state_dict: dict[str, torch.Tensor]) -> bool:
+        """Whether validation scored every candidate weight of the ZSL setting in `state_dict`."""
+        scores = state_dict["pitch_prior.validation_scores"][SETTINGS.index("zsl")]
+        return scores.numel() > 0 and not bool(scores.isnan().any())
+
     def class_cv_scores(self, state_dict: dict[str, torch.Tensor]) -> torch.Tensor:
         """(n_candidates,) the ZSL validation score (pseudo-unseen top-1) of every candidate
         weight, from a validated model's state dict. Raises a ValueError where validation could
         not score them (no pseudo-unseen or no held-out seen clips)."""
         scores = state_dict["pitch_prior.validation_scores"][SETTINGS.index("zsl")].double()
-        if scores.numel() == 0 or bool(scores.isnan().any()):
+        if not self.has_class_cv_scores(state_dict):
             raise ValueError("Validation scored no weight of the pitch prior: class cross-validation "
                              "needs pseudo-unseen and held-out seen clips in every fold (check "
                              "dataset.split.pseudo_unseen_folds and dataset.val_fold).")
