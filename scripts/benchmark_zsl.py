@@ -31,12 +31,6 @@ import torch
 from fewzero.train import compose_train_config, train
 
 ROOT = Path(__file__).resolve().parents[1]
-# The pitch-range and formant prior of experiment=zsl_attribute_audio on another side information's
-# recipe: the attribute table is composed beside it (as `physical_facts`) for its ranges and formants.
-PRIOR_FROM_ATTRIBUTES = ["model/pitch_prior=range_formant", "+side_info@physical_facts=attributes",
-                         "model.pitch_prior.table=${physical_facts.table}",
-                         "model.pitch_prior.weight_candidates=[0.0,0.025,0.05,0.1,0.2,0.4,0.8,1.6]",
-                         "model.pitch_prior.class_cv=true"]
 # name -> (row label, overrides). "tutorial" = siamese network + triplet loss, as the tutorial.
 RECIPES: dict[str, tuple[str, list[str]]] = {
     "word_tutorial": ("word-audio (GloVe 50-d), tutorial: siamese + triplet",
@@ -73,10 +67,10 @@ RECIPES: dict[str, tuple[str, list[str]]] = {
                         ["experiment=zsl_attribute_audio", "model.pitch_prior=null"]),
     "word_prior": ("word-audio (GloVe 50-d), ours + the attribute table's pitch-range and formant "
                    "prior, weighted as attribute_ours",
-                   ["experiment=zsl_word_audio", *PRIOR_FROM_ATTRIBUTES]),
+                   ["experiment=zsl_word_audio", "model/pitch_prior=range_formant_attributes"]),
     "text_prior": ("text-audio (MiniLM descriptions), ours + the attribute table's pitch-range and "
-                   "formant prior, weighted as attribute_ours", ["experiment=zsl_text_audio",
-                                                                 *PRIOR_FROM_ATTRIBUTES]),
+                   "formant prior, weighted as attribute_ours",
+                   ["experiment=zsl_text_audio", "model/pitch_prior=range_formant_attributes"]),
     # other word-audio recipes of ours, candidates for "ours" (choose by the val columns only)
     "word_devise": ("word-audio (GloVe 50-d), DeViSE + InfoNCE (no ConSE)",
                     ["experiment=zsl_word_audio", "model=devise"]),

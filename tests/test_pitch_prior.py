@@ -150,6 +150,22 @@ def test_the_pitch_prior_needs_ranges_and_a_trained_head(tmp_path):
         train(cfg)
 
 
+def test_another_side_information_borrows_the_attribute_tables_facts_for_its_prior(tmp_path):
+    cfg = compose_train_cfg(tmp_path, ["experiment=zsl_word_audio", "+trainer.fast_dev_run=true",
+                                       "model/pitch_prior=range_formant_attributes"])
+    assert cfg.side_info._target_.endswith("GloveVectors") and cfg.model.pitch_prior.class_cv
+    metrics, objects = train(cfg)
+    model = objects["model"]
+    attributes = OmegaConf.to_container(cfg.physical_facts.table)
+    assert model.side_matrix.shape[1] == cfg.side_info.dim == 50  # the head learns GloVe vectors
+    assert model.pitch_prior.ranges == {name: (row["range_low"], row["range_high"])
+                                        for name, row in attributes.items()}
+    assert model.pitch_prior.formants.bands["Bassoon"] == (440.0, 440.0)
+    report = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
+    assert len(report["class_cv"]["folds"]) == 1  # fast_dev_run: fold 0 only
+    assert report["zero_shot"]["prior_weight_zsl"] == pytest.approx(report["class_cv"]["zsl_weight"])
+
+
 # ---- the formant likelihood --------------------------------------------------------------
 BANDS = {"narrow": {"formant_low": 440, "formant_high": 440},
          "low": {"formant_low": 230, "formant_high": 230},

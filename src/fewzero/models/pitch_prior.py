@@ -213,9 +213,10 @@ class PitchRangePrior(nn.Module):
                              "(e.g. [0.0,0.1,0.4,1.6]) or set class_cv=false.")
         if table is None:
             raise ValueError("model.pitch_prior needs each class's playing range: use "
-                             "side_info=attributes (its table has range_low/range_high) or set "
-                             "model.pitch_prior.table to {class name: {range_low: MIDI, range_high: "
-                             "MIDI}}.")
+                             "side_info=attributes (its table has range_low/range_high), "
+                             "model/pitch_prior=range_formant_attributes (the table beside another "
+                             "side information) or set model.pitch_prior.table to {class name: "
+                             "{range_low: MIDI, range_high: MIDI}}.")
         self.ranges = {name: (int(row["range_low"]), int(row["range_high"]))
                        for name, row in dict(table).items()
                        if "range_low" in row and "range_high" in row}
