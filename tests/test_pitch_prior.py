@@ -154,6 +154,8 @@ def test_another_side_information_borrows_the_attribute_tables_facts_for_its_pri
     cfg = compose_train_cfg(tmp_path, ["experiment=zsl_word_audio", "+trainer.fast_dev_run=true",
                                        "model/pitch_prior=range_formant_attributes"])
     assert cfg.side_info._target_.endswith("GloveVectors") and cfg.model.pitch_prior.class_cv
+    (Path(cfg.paths.output_dir) / ".hydra").mkdir(parents=True)
+    OmegaConf.save(cfg, Path(cfg.paths.output_dir) / ".hydra" / "config.yaml")  # for fewzero.eval
     metrics, objects = train(cfg)
     model = objects["model"]
     attributes = OmegaConf.to_container(cfg.physical_facts.table)
@@ -164,6 +166,11 @@ def test_another_side_information_borrows_the_attribute_tables_facts_for_its_pri
     report = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
     assert len(report["class_cv"]["folds"]) == 1  # fast_dev_run: fold 0 only
     assert report["zero_shot"]["prior_weight_zsl"] == pytest.approx(report["class_cv"]["zsl_weight"])
+    # the saved config still finds the table (an interpolation into physical_facts)
+    _, evaluated = evaluate(Path(metrics["test/checkpoint"]), ["dataset.split.unseen=[Bassoon,Viola]"],
+                            tmp_path / "eval")
+    assert evaluated["model"].pitch_prior.ranges == model.pitch_prior.ranges
+    assert evaluated["model"].range_likelihoods.shape[0] == 9 + 2
 
 
 # ---- the formant likelihood --------------------------------------------------------------
