@@ -8,6 +8,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from fewzero.models.pitch_prior import SETTINGS
+
 
 def print_summary(output_dir: Path, report: dict[str, Any]) -> None:
     """Print test accuracies (mean +- 95% CI), the best validation score and the run's paths."""
@@ -37,7 +39,7 @@ def print_summary(output_dir: Path, report: dict[str, Any]) -> None:
         zsl.add_row("", "", f"penalty {zero_shot['calibration_gamma']:.4f} (from validation)")
         if "prior_weight_zsl" in zero_shot:
             zsl.add_row("", "", "prior weight: " + ", ".join(
-                f"{s} {zero_shot[f'prior_weight_{s}']:.3g}" for s in ("zsl", "seen", "gzsl")))
+                f"{s} {zero_shot[f'prior_weight_{s}']:.3g}" for s in SETTINGS))
         cv = report.get("class_cv")
         if cv:
             best = max(cv["mean_scores"])

@@ -75,6 +75,12 @@ def check_init_checkpoint(path: str | Path, unseen: list[str]) -> None:
             "dataset.split.train and dataset.split.val), or choose another split.")
 
 
+def _with_prior(head_scores: torch.Tensor, prior: torch.Tensor | None, weight: float) -> torch.Tensor:
+    """(n, n_classes) head scores + weight * the pitch prior's log-likelihood (same shape), or
+    the head scores alone when there is no prior."""
+    return head_scores if prior is None else head_scores + weight * prior
+
+
 class ZeroShotModule(ResumableModule):
     """Audio encoder + compatibility head trained on seen classes, evaluated on unseen ones.
 
@@ -344,8 +350,8 @@ class ZeroShotModule(ResumableModule):
         `SETTINGS`, labels (n,), clip indices (n,)) on the CPU; a setting's scores are the head's
         plus that setting's weight of the pitch prior times its log-likelihood."""
         audio, head_scores, prior, labels, indices = self._gathered_scores()
-        scores = {setting: head_scores if prior is None else
-                  head_scores + self.pitch_prior.weight_for(setting) * prior for setting in SETTINGS}
+        scores = {setting: _with_prior(head_scores, prior, self.pitch_prior.weight_for(setting)
+                                       if prior is not None else 0.0) for setting in SETTINGS}
         return audio, scores, labels, indices
 
     def on_validation_epoch_start(self) -> None:
@@ -365,7 +371,7 @@ class ZeroShotModule(ResumableModule):
         metrics = {}
 
         def combined(weight: float) -> torch.Tensor:
-            return head_scores if prior is None else head_scores + weight * prior
+            return _with_prior(head_scores, prior, weight)
 
         def seen_top1(weight: float) -> float:
             return topk_accuracy(combined(weight)[~is_pseudo], labels[~is_pseudo], train)
