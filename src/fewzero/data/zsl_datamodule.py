@@ -25,6 +25,7 @@ import copy
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -160,24 +161,24 @@ class ZeroShotDataModule(pl.LightningDataModule):
     def for_pseudo_unseen(self, names: Sequence[str]) -> ZeroShotDataModule:
         """The same data (cached features shared) in the validation phase with `names` as the
         pseudo-unseen classes (one fold of class cross-validation)."""
-        fold = copy.copy(self)
-        fold.pseudo_unseen, fold.pseudo_unseen_folds = list(names), []
-        fold.train_on = "train"
-        fold._check_split()
-        if self.table is not None:
-            fold.indices = fold._role_indices()
-            fold.assert_clean(fold.indices["train"], training=True)
-        return fold
+        return self._with_roles(pseudo_unseen=list(names), pseudo_unseen_folds=[], train_on="train")
 
     def for_trainval(self) -> ZeroShotDataModule:
         """The same data (cached features shared) with every seen class on every fold but the
         test fold as training data, and no validation roles."""
-        final = copy.copy(self)
-        final.train_on, final.refit_on_trainval = "trainval", False
+        return self._with_roles(train_on="trainval", refit_on_trainval=False)
+
+    def _with_roles(self, **changes: Any) -> ZeroShotDataModule:
+        """A shallow copy (cached features shared) with `changes` to its attributes, its split
+        checked and, once the data are loaded, its clip roles rebuilt and checked."""
+        variant = copy.copy(self)
+        for name, value in changes.items():
+            setattr(variant, name, value)
+        variant._check_split()
         if self.table is not None:
-            final.indices = final._role_indices()
-            final.assert_clean(final.indices["train"], training=True)
-        return final
+            variant.indices = variant._role_indices()
+            variant.assert_clean(variant.indices["train"], training=True)
+        return variant
 
     # ---- data preparation -------------------------------------------------------------
     def prepare_data(self) -> None:
