@@ -202,12 +202,11 @@ class ZeroShotModule(ResumableModule):
         """(n_candidates,) the ZSL validation score (pseudo-unseen top-1) of every candidate
         weight, from a validated model's state dict. Raises a ValueError where validation could
         not score them (no pseudo-unseen or no held-out seen clips)."""
-        scores = state_dict["pitch_prior.validation_scores"][SETTINGS.index("zsl")].double()
         if not self.has_class_cv_scores(state_dict):
             raise ValueError("Validation scored no weight of the pitch prior: class cross-validation "
                              "needs pseudo-unseen and held-out seen clips in every fold (check "
                              "dataset.split.pseudo_unseen_folds and dataset.val_fold).")
-        return scores
+        return state_dict["pitch_prior.validation_scores"][SETTINGS.index("zsl")].double()
 
     def class_cv_choice(self, state_dict: dict[str, torch.Tensor], fold_scores: torch.Tensor
                         ) -> tuple[float, dict[str, torch.Tensor]]:
