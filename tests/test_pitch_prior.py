@@ -13,7 +13,7 @@ from fewzero.data.features import MelFeatures
 from fewzero.eval import evaluate
 from fewzero.models.pitch_prior import FormantLikelihood, PitchRangePrior, midi_to_hz
 from fewzero.train import train
-from fewzero.zsl_evaluation import calibrate_stacking, topk_accuracy
+from fewzero.zsl_evaluation import calibrate_stacking, topk_accuracy, true_class_log_likelihood
 
 TABLE = {"low": {"range_low": 30, "range_high": 39}, "high": {"range_low": 40, "range_high": 49},
          "wide": {"range_low": 30, "range_high": 49}, "nameless": {"family": "brass"}}
@@ -325,7 +325,9 @@ def test_prior_weight_of_each_setting_is_chosen_on_validation_and_kept_by_the_re
     head, prior, labels = head_and_prior(dm.val_dataloader())
     train_ids, pseudo = model.ids["train"], model.ids["pseudo_unseen"]
     is_pseudo = torch.isin(labels, torch.tensor(pseudo))
-    zsl = [topk_accuracy((head + w * prior)[is_pseudo], labels[is_pseudo], pseudo) for w in candidates]
+    assert model.pitch_prior.zsl_score == "log_likelihood"  # the experiment's: ZSL by log-likelihood
+    zsl = [true_class_log_likelihood((head + w * prior)[is_pseudo], labels[is_pseudo], pseudo)
+           for w in candidates]
     seen = [topk_accuracy((head + w * prior)[~is_pseudo], labels[~is_pseudo], train_ids) for w in candidates]
     gzsl = [calibrate_stacking(head + w * prior, labels, train_ids, pseudo) for w in candidates]
 
@@ -336,6 +338,8 @@ def test_prior_weight_of_each_setting_is_chosen_on_validation_and_kept_by_the_re
     expected = {"zsl": best(zsl), "seen": best(seen), "gzsl": best([g.h for g in gzsl])}
     for setting, weight in expected.items():
         assert model.pitch_prior.weight_for(setting) == weight == metrics[f"test/prior_weight_{setting}"]
+    assert model.pitch_prior.validation_scores[0].tolist() == pytest.approx(zsl)
+    assert all(v <= 0.0 for v in zsl)  # log-probabilities
     assert float(model.calibration_gamma) == pytest.approx(gzsl[candidates.index(expected["gzsl"])].gamma)
     assert not torch.allclose(head, head + 5.0 * prior)  # the candidates really score differently
     # the test's ZSL and seen figures use their own setting's weight
@@ -378,6 +382,8 @@ def test_choosing_a_weight_keeps_the_configured_one_where_validation_cannot_tell
         _prior().choose_weight("zsl", lambda w: 1.0)
     with pytest.raises(ValueError, match="weight_candidates is empty"):
         _prior(weight_candidates=[])
+    with pytest.raises(ValueError, match=r"zsl_score must be one of \['top1', 'log_likelihood'\]"):
+        _prior(zsl_score="accuracy")
 
 
 def test_a_checkpoint_from_before_the_weight_buffer_loads_with_the_configured_weight(tmp_path):

@@ -1,5 +1,7 @@
 """ZSL/GZSL metrics, losses and heads against hand-computed cases."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -15,6 +17,7 @@ from fewzero.zsl_evaluation import (
     harmonic_mean,
     per_class_accuracy,
     topk_accuracy,
+    true_class_log_likelihood,
 )
 
 SEEN, UNSEEN = [0, 1], [2, 3]
@@ -30,6 +33,28 @@ def test_accuracy_is_averaged_per_class_not_per_sample():
     correct = torch.tensor([True, True, False, False])
     labels = torch.tensor([0, 0, 0, 1])
     assert float(per_class_accuracy(correct, labels)) == pytest.approx((2 / 3 + 0) / 2)
+
+
+def test_true_class_log_likelihood_by_hand_per_class_and_at_the_best_temperature():
+    scores = torch.tensor([[2.0, 0.0, 9.0], [0.0, 1.0, 9.0], [1.0, 1.0, 9.0]])  # column 2 not a candidate
+    labels = torch.tensor([0, 0, 1])
+    p = [math.log(math.exp(2) / (math.exp(2) + 1)), math.log(1 / (1 + math.e)), math.log(0.5)]
+    expected = ((p[0] + p[1]) / 2 + p[2]) / 2  # class 0's two clips averaged first
+    one = torch.tensor([1.0])
+    assert true_class_log_likelihood(scores, labels, [0, 1], one) == pytest.approx(expected)
+    # the best of several temperatures; T = 2 halves every score
+    halved = ((math.log(math.e / (math.e + 1)) + math.log(1 / (1 + math.exp(0.5)))) / 2 + math.log(0.5)) / 2
+    assert true_class_log_likelihood(scores, labels, [0, 1], torch.tensor([2.0, 1.0])) == pytest.approx(
+        max(expected, halved))
+    # with the default temperatures the score does not depend on the scores' scale (where the
+    # best temperature lies inside the grid: mostly right, one clip wrong)
+    mostly = torch.tensor([[0.2, 0.0], [0.3, 0.0], [0.0, 0.1], [0.0, 0.4]])
+    two = torch.tensor([0, 0, 0, 1])
+    assert true_class_log_likelihood(10 * mostly, two, [0, 1]) == pytest.approx(
+        true_class_log_likelihood(mostly, two, [0, 1]))
+    assert true_class_log_likelihood(mostly, two, [0, 1]) > math.log(0.5)  # better than a coin
+    with pytest.raises(ValueError, match="every label must be one of the candidates"):
+        true_class_log_likelihood(scores, torch.tensor([0, 0, 2]), [0, 1])
 
 
 def test_topk_only_considers_the_candidate_classes():

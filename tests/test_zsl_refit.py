@@ -179,6 +179,7 @@ def test_class_cv_chooses_the_zsl_weight_by_the_mean_over_folds_and_the_refit_ke
     candidates = [0.0, 0.5, 5.0]
     cfg = compose_train_cfg(tmp_path, WORD + [*SELECT_FIRST_EPOCH, "model.pitch_prior.class_cv=true",
                                               f"model.pitch_prior.weight_candidates={candidates}",
+                                              "model.pitch_prior.zsl_score=top1",  # scores in [0, 1]
                                               "model.plot_dir=${paths.output_dir}/plots"])
     metrics, objects = train(cfg)
     run = Path(objects["cfg"].paths.output_dir)
@@ -187,7 +188,7 @@ def test_class_cv_chooses_the_zsl_weight_by_the_mean_over_folds_and_the_refit_ke
     selected = torch.load(report["refit_on_trainval"]["selected_checkpoint"], weights_only=False)
     final = torch.load(report["refit_on_trainval"]["checkpoint"], weights_only=False)
     assert cv["folds"] == objects["datamodule"].class_cv_folds and len(cv["folds"]) == 3
-    assert cv["steps"] == selected["global_step"] == 2
+    assert cv["steps"] == selected["global_step"] == 2 and cv["score"] == "top1"
     # fold 0 is the selected checkpoint's own validation; the others were trained and saved
     assert cv["fold_scores"][0] == selected["state_dict"]["pitch_prior.validation_scores"][0].tolist()
     for k in (1, 2):

@@ -127,9 +127,10 @@ def zsl_embedding_figure(audio: torch.Tensor, labels: torch.Tensor, class_points
 
 
 def weight_choice_figure(candidates: Sequence[float], fold_scores: torch.Tensor,
-                         fold_names: Sequence[str], chosen: float, title: str) -> Figure:
-    """Validation score of every candidate weight, one line per fold and their mean (bold), with
-    the chosen weight marked. fold_scores: (n_folds, n_candidates)."""
+                         fold_names: Sequence[str], chosen: float, title: str,
+                         score_name: str = "pseudo-unseen per-class top-1") -> Figure:
+    """Validation score (`score_name`) of every candidate weight, one line per fold and their
+    mean (bold), with the chosen weight marked. fold_scores: (n_folds, n_candidates)."""
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     x = list(range(len(candidates)))  # evenly spaced: the candidates are roughly geometric
     for scores, name in zip(fold_scores.tolist(), fold_names, strict=True):
@@ -138,8 +139,9 @@ def weight_choice_figure(candidates: Sequence[float], fold_scores: torch.Tensor,
     ax.axvline(list(candidates).index(chosen), color="red", linestyle="--", label=f"chosen {chosen:g}")
     ax.set_xticks(x, [f"{c:g}" for c in candidates])
     ax.set_xlabel("weight of the prior")
-    ax.set_ylabel("pseudo-unseen per-class top-1")
-    ax.set_ylim(-0.02, 1.02)
+    ax.set_ylabel(score_name)
+    if bool(((fold_scores >= 0) & (fold_scores <= 1)).all()):  # an accuracy: show all of [0, 1]
+        ax.set_ylim(-0.02, 1.02)
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()

@@ -8,7 +8,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from fewzero.models.pitch_prior import SETTINGS
+from fewzero.models.pitch_prior import SETTINGS, ZSL_SCORES
 
 
 def print_summary(output_dir: Path, report: dict[str, Any]) -> None:
@@ -44,7 +44,7 @@ def print_summary(output_dir: Path, report: dict[str, Any]) -> None:
         if cv:
             best = max(cv["mean_scores"])
             zsl.add_row("", "", f"ZSL weight {cv['zsl_weight']:g} by class cross-validation over "
-                        f"{len(cv['folds'])} pseudo-unseen folds (mean top-1 {best:.4f})")
+                        f"{len(cv['folds'])} folds (mean {ZSL_SCORES[cv.get('score', 'top1')]} {best:.4f})")
         console.print(zsl)
     best = report.get("metrics", {}).get("val/acc_best")
     if best is not None:

@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from fewzero.models.backbones import MusicFslCNN
+from fewzero.models.pitch_prior import ZSL_SCORES
 from fewzero.summary import print_summary
 from fewzero.sweeps import register_resolvers
 
@@ -189,12 +190,13 @@ def class_cross_validation(cfg: DictConfig, datamodule: Any, trainer: pl.Trainer
     all_scores = torch.stack(fold_scores)  # (n_folds, n_candidates)
     weight, state = module.class_cv_choice(chosen, all_scores)
     report = {"folds": folds, "steps": steps, "candidates": module.pitch_prior.weight_candidates,
+              "score": module.pitch_prior.zsl_score,
               "fold_scores": all_scores.tolist(), "mean_scores": all_scores.mean(dim=0).tolist(),
               "zsl_weight": weight, "chosen": {k: v.tolist() for k, v in state.items()}}
     if trainer.is_global_zero:
         module.plot_class_cv(all_scores, folds, weight, trainer.loggers, steps)
-    log.info("Class cross-validation over %d folds: mean pseudo-unseen top-1 %s for weights %s; "
-             "ZSL weight %g", len(folds), [round(v, 3) for v in report["mean_scores"]],
+    log.info("Class cross-validation over %d folds: mean %s %s for weights %s; ZSL weight %g",
+             len(folds), ZSL_SCORES[report["score"]], [round(v, 3) for v in report["mean_scores"]],
              report["candidates"], report["zsl_weight"])
     return state, report
 

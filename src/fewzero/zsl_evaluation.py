@@ -8,27 +8,35 @@ and seen test samples with all classes as candidates, H = 2us / (u + s); calibra
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 
-def per_class_accuracy(correct: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean over the classes present in `labels` of their accuracy.
+def per_class_mean(values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean over the classes present in `labels` of each class's mean value.
 
     Args:
-        correct: (..., n) bool, one row per setting (e.g. per penalty value).
+        values: (..., n) one value per sample, one row per setting (e.g. per penalty value).
         labels: (n,) class ids.
     Returns:
-        (...) float; nan when `labels` is empty.
+        (...) in `values`' float dtype (float32 for bool); nan when `labels` is empty.
     """
+    dtype = values.dtype if values.is_floating_point() else torch.float32
     if labels.numel() == 0:
-        return torch.full(correct.shape[:-1], float("nan"))
+        return torch.full(values.shape[:-1], float("nan"), dtype=dtype)
     classes, inverse = labels.unique(return_inverse=True)
-    sums = torch.zeros(*correct.shape[:-1], len(classes)).index_add_(-1, inverse, correct.float())
-    counts = torch.bincount(inverse, minlength=len(classes)).float()
+    sums = torch.zeros(*values.shape[:-1], len(classes), dtype=dtype)
+    sums.index_add_(-1, inverse, values.to(dtype))
+    counts = torch.bincount(inverse, minlength=len(classes)).to(dtype)
     return (sums / counts).mean(dim=-1)
+
+
+def per_class_accuracy(correct: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-class mean accuracy: correct (..., n) bool, labels (n,) -> (...) (`per_class_mean`)."""
+    return per_class_mean(correct, labels)
 
 
 def predict(scores: torch.Tensor, candidates: Sequence[int], k: int = 1) -> torch.Tensor:
@@ -43,6 +51,28 @@ def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, candidates: Sequen
     """Per-class mean top-k accuracy of samples `labels` (n,) among `candidates`."""
     hits = (predict(scores, candidates, k) == labels[:, None]).any(dim=1)
     return float(per_class_accuracy(hits, labels))
+
+
+TEMPERATURES = torch.logspace(math.log10(0.003), math.log10(3.0), 61, dtype=torch.float64)
+
+
+def true_class_log_likelihood(scores: torch.Tensor, labels: torch.Tensor, candidates: Sequence[int],
+                              temperatures: torch.Tensor = TEMPERATURES) -> float:
+    """Per-class mean log-probability of each sample's class under softmax(scores / T) over
+    `candidates`, at the temperature T of `temperatures` that maximises it.
+
+    A proper scoring rule for class scores, where top-1 counts only the winner. Taking the best
+    temperature makes it independent of the scores' scale, so scores on any scale (cosines,
+    logits, with a prior added) compare by how much probability they can give the right class.
+    scores (n, n_classes); labels (n,), each one of `candidates`. nan when there is no sample.
+    """
+    ids = torch.as_tensor(list(candidates), dtype=torch.long)
+    if not bool(torch.isin(labels, ids).all()):
+        raise ValueError("true_class_log_likelihood: every label must be one of the candidates.")
+    column = (labels[:, None] == ids[None]).long().argmax(dim=1)  # each label's place in ids
+    logits = scores[:, ids].double()[None] / temperatures.double()[:, None, None]  # (n_T, n, n_cand)
+    log_p = logits.log_softmax(dim=2).gather(2, column[None, :, None].expand(len(temperatures), -1, 1))
+    return float(per_class_mean(log_p[:, :, 0], labels).max())
 
 
 def harmonic_mean(u: float, s: float) -> float:

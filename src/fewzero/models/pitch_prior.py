@@ -158,6 +158,9 @@ class FormantLikelihood(nn.Module):
 
 
 SETTINGS = ("zsl", "seen", "gzsl")  # evaluation settings, each with its own weight of the prior
+# how validation may score a candidate ZSL weight -> what the score is, in words (plots)
+ZSL_SCORES = {"top1": "pseudo-unseen per-class top-1",
+              "log_likelihood": "pseudo-unseen per-class log-likelihood"}
 
 
 class PitchRangePrior(nn.Module):
@@ -177,10 +180,14 @@ class PitchRangePrior(nn.Module):
             by its own validation score (`choose_weight`, called by `ZeroShotModule`); None keeps
             `weight` everywhere. Each candidate's last validation score is kept in the buffer
             `validation_scores` (len(SETTINGS), n_candidates), saved with each checkpoint.
+        zsl_score: how validation scores a candidate ZSL weight on the pseudo-unseen clips:
+            "top1" (per-class mean top-1) or "log_likelihood" (per-class mean log-probability of
+            the right class at the best temperature, `true_class_log_likelihood`: the weight of
+            the two experts' log-linear combination fitted by maximum likelihood).
         class_cv: choose the ZSL weight by class cross-validation: `fewzero.train` trains one
             more model for every extra set of pseudo-unseen classes of the split
-            (`dataset.split.pseudo_unseen_folds`) and takes the candidate with the best mean
-            pseudo-unseen top-1 over all folds (`choose_from_scores`). Needs `weight_candidates`.
+            (`dataset.split.pseudo_unseen_folds`) and takes the candidate with the best
+            `zsl_score` averaged over all folds (`choose_from_scores`). Needs `weight_candidates`.
         in_training: also add `weight` * the log-likelihood to the head's training scores (a
             product of experts, as at evaluation): the head then learns what the prior does not
             already explain. The prior's term carries no gradient.
@@ -196,7 +203,7 @@ class PitchRangePrior(nn.Module):
                  high_pitch: int = 108, loss_weight: float = 1.0, weight: float = 0.1,
                  floor: float = 0.01, detach: bool = False, formants: FormantLikelihood | None = None,
                  weight_candidates: Sequence[float] | None = None, class_cv: bool = False,
-                 in_training: bool = False):
+                 in_training: bool = False, zsl_score: str = "top1"):
         super().__init__()
         if not low_pitch < high_pitch:
             raise ValueError(f"pitch_prior.low_pitch ({low_pitch}) must be below high_pitch ({high_pitch}).")
@@ -208,6 +215,8 @@ class PitchRangePrior(nn.Module):
                              f"weight_candidates={candidates}.")
         if candidates is not None and not candidates:
             raise ValueError("pitch_prior.weight_candidates is empty: give weights or null.")
+        if zsl_score not in ZSL_SCORES:
+            raise ValueError(f"pitch_prior.zsl_score must be one of {list(ZSL_SCORES)}; got {zsl_score!r}.")
         if class_cv and candidates is None:
             raise ValueError("pitch_prior.class_cv chooses among weight_candidates: give them "
                              "(e.g. [0.0,0.1,0.4,1.6]) or set class_cv=false.")
@@ -223,7 +232,7 @@ class PitchRangePrior(nn.Module):
         self.low_pitch, self.high_pitch = int(low_pitch), int(high_pitch)
         self.loss_weight, self.floor, self.detach = loss_weight, floor, detach
         self.weight, self.weight_candidates, self.class_cv = float(weight), candidates, bool(class_cv)
-        self.in_training = bool(in_training)
+        self.in_training, self.zsl_score = bool(in_training), zsl_score
         self.register_buffer("weights", torch.full((len(SETTINGS),), float(weight)))
         self.register_buffer("validation_scores", torch.full((len(SETTINGS), len(candidates or [])),
                                                              float("nan"), dtype=torch.float64))

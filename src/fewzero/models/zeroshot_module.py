@@ -17,12 +17,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from fewzero.models.pitch_prior import SETTINGS, PitchRangePrior
+from fewzero.models.pitch_prior import SETTINGS, ZSL_SCORES, PitchRangePrior
 from fewzero.models.resumable import ResumableModule
 from fewzero.models.zsl_heads import CompatibilityHead
 from fewzero.plots import confusion_figure, save_figure, weight_choice_figure, zsl_embedding_figure
 from fewzero.side_info.base import ClassVectors, SideInformation
-from fewzero.zsl_evaluation import ZslResults, calibrate_stacking, evaluate_zsl, topk_accuracy
+from fewzero.zsl_evaluation import (
+    ZslResults,
+    calibrate_stacking,
+    evaluate_zsl,
+    topk_accuracy,
+    true_class_log_likelihood,
+)
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +107,8 @@ class ZeroShotModule(ResumableModule):
             when it has one: scale fitted on the training clips in `setup`) is added to every
             evaluation score, validation included. With `weight_candidates`, each evaluation
             setting's weight is chosen at every validation by that setting's own score: ZSL by
-            top-1 on the pseudo-unseen classes, seen by top-1 on the held-out fold, GZSL with
-            the calibration penalty by calibrated H.
+            the prior's `zsl_score` on the pseudo-unseen classes (top-1 or log-likelihood),
+            seen by top-1 on the held-out fold, GZSL with the calibration penalty by calibrated H.
     """
 
     def __init__(self, backbone: nn.Module, head: CompatibilityHead, loss: nn.Module,
@@ -199,7 +205,7 @@ class ZeroShotModule(ResumableModule):
         return scores.numel() > 0 and not bool(scores.isnan().any())
 
     def class_cv_scores(self, state_dict: dict[str, torch.Tensor]) -> torch.Tensor:
-        """(n_candidates,) the ZSL validation score (pseudo-unseen top-1) of every candidate
+        """(n_candidates,) the ZSL validation score (the prior's `zsl_score`) of every candidate
         weight, from a validated model's state dict. Raises a ValueError where validation could
         not score them (no pseudo-unseen or no held-out seen clips)."""
         if not self.has_class_cv_scores(state_dict):
@@ -223,7 +229,8 @@ class ZeroShotModule(ResumableModule):
         `val/class_cv_prior_weight` (PNG and TensorBoard)."""
         figure = weight_choice_figure(self.pitch_prior.weight_candidates, fold_scores,
                                       [f"fold {k}: " + ", ".join(names) for k, names in enumerate(folds)],
-                                      chosen, "ZSL weight of the prior, by class cross-validation")
+                                      chosen, "ZSL weight of the prior, by class cross-validation",
+                                      ZSL_SCORES[self.pitch_prior.zsl_score])
         save_figure(figure, "val/class_cv_prior_weight", self.plot_dir, loggers, step)
 
     # ---- checkpoints: a closed-form head is refitted on every batch embedded so far ----
@@ -378,11 +385,15 @@ class ZeroShotModule(ResumableModule):
         def zsl_top1(weight: float) -> float:
             return topk_accuracy(combined(weight)[is_pseudo], labels[is_pseudo], pseudo)
 
+        def zsl_log_likelihood(weight: float) -> float:
+            return true_class_log_likelihood(combined(weight)[is_pseudo], labels[is_pseudo], pseudo)
+
         chosen = {s: self.pitch_prior.weight_for(s) if prior is not None else 0.0 for s in SETTINGS}
         candidates = self.pitch_prior.weight_candidates if prior is not None else None
         if candidates and both_sides:  # each setting's weight by its own validation score
             choose = self.pitch_prior.choose_weight
-            chosen = {"zsl": choose("zsl", zsl_top1), "seen": choose("seen", seen_top1),
+            zsl_score = zsl_log_likelihood if self.pitch_prior.zsl_score == "log_likelihood" else zsl_top1
+            chosen = {"zsl": choose("zsl", zsl_score), "seen": choose("seen", seen_top1),
                       "gzsl": choose("gzsl", lambda w: calibrate_stacking(combined(w), labels, train,
                                                                           pseudo).h)}
         if prior is not None:
