@@ -46,6 +46,9 @@ RECIPES: dict[str, tuple[str, list[str]]] = {
     "attribute_ours": ("attribute-audio (attribute table), ours: DeViSE + InfoNCE + pitch-range and "
                        "formant prior, weight per setting chosen on validation, ZSL's by class "
                        "cross-validation", ["experiment=zsl_attribute_audio"]),
+    "attribute_top1cv": ("attribute-audio (attribute table), as ours, class cross-validation scoring "
+                         "the ZSL weight by pseudo-unseen top-1 (before session 15)",
+                         ["experiment=zsl_attribute_audio", "model.pitch_prior.zsl_score=top1"]),
     "attribute_timbre": ("attribute-audio (attribute table without register and range), DeViSE + "
                          "InfoNCE + pitch-range and formant prior, as ours",
                          ["experiment=zsl_attribute_audio", "side_info=attributes_timbre"]),

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -57,6 +59,15 @@ FSL_OVERRIDES = [
     "model.selection_episodes=20",
 ]
 ZSL_OVERRIDES = ["dataset.batch_size=8", "dataset.steps_per_epoch=2", "dataset.eval_batch_size=32"]
+
+
+def load_script(name: str) -> ModuleType:
+    """scripts/<name>.py as a module (scripts are not a package)."""
+    script = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def skip_without_side_info_files(cfg: DictConfig) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import hydra
 import pytest
 import torch
-from conftest import compose_train_cfg
+from conftest import compose_train_cfg, load_script
 
 from fewzero.data.zsl_datamodule import ZeroShotDataModule
 from fewzero.models.zsl_heads import EszslHead
@@ -231,3 +231,39 @@ def test_fast_dev_run_skips_class_cv_when_its_one_validation_batch_scored_no_wei
     report = json.loads((Path(objects["cfg"].paths.output_dir) / "metrics.json").read_text())
     assert "class_cv" not in report
     assert objects["model"].pitch_prior.weight_for("zsl") == pytest.approx(cfg.model.pitch_prior.weight)
+
+
+def test_weight_criteria_script_chooses_on_the_other_folds_and_scores_top1_on_the_held_out_one(tmp_path,
+                                                                                                capsys):
+    criteria = load_script("zsl_weight_criteria")
+    candidates = [0.0, 0.1, 1.0]
+    top1 = [[0.5, 0.6, 1.0], [0.9, 0.7, 0.3], [0.4, 0.8, 0.6]]
+    likelihood = [[-0.9, -0.5, -0.1], [-0.2, -0.4, -0.3], [-0.8, -0.6, -0.2]]
+    # holding out fold 0, top-1's mean over folds 1-2 is best at 0.1, where fold 0 has 0.6;
+    # the likelihood's at 1.0, where fold 0 has 1.0
+    assert criteria.leave_one_fold_out(top1, top1, candidates, 0.1) == [(0.1, 0.6), (1.0, 0.3), (0.0, 0.4)]
+    assert criteria.leave_one_fold_out(top1, likelihood, candidates, 0.1) == [(1.0, 1.0), (1.0, 0.3),
+                                                                               (1.0, 0.6)]
+    assert criteria.choose(candidates, [0.5, 0.7, 0.7], 0.1) == 0.1  # a tie keeps the a-priori weight
+    assert criteria.choose(candidates, [0.7, 0.5, 0.7], 0.1) == 0.0  # equally near: the smaller
+
+    def run(recipe, seed, scores, score, steps=700):
+        path = tmp_path / recipe / f"seed{seed}"
+        path.mkdir(parents=True)
+        report = {"folds": [["A"], ["B"], ["C"]], "steps": steps, "candidates": candidates,
+                  "score": score, "fold_scores": scores}
+        (path / "metrics.json").write_text(json.dumps({"class_cv": report}))
+
+    run("top1", 0, top1, "top1")
+    run("likelihood", 0, likelihood, "log_likelihood")
+    monkey_argv = ["zsl_weight_criteria.py", str(tmp_path / "top1"), str(tmp_path / "likelihood")]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("sys.argv", monkey_argv)
+        criteria.main()
+        out = capsys.readouterr().out
+        assert "mean leave-one-fold-out top-1, top1: 0.433" in out
+        assert "mean leave-one-fold-out top-1, log_likelihood: 0.633" in out
+        run("top1", 1, top1, "top1", steps=700)
+        run("likelihood", 1, likelihood, "log_likelihood", steps=1500)  # other fold models
+        with pytest.raises(SystemExit, match="differ in folds, selected steps or candidates"):
+            criteria.main()

@@ -1,13 +1,12 @@
 """Zero-shot datamodule and end-to-end runs on synthetic tones: splits, leakage, reports."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import hydra
 import pytest
 import torch
-from conftest import compose_train_cfg, tone_overrides
+from conftest import compose_train_cfg, load_script, tone_overrides
 from omegaconf import OmegaConf
 
 from fewzero.train import train
@@ -147,17 +146,8 @@ def test_encoder_init_that_heard_an_unseen_class_is_refused(tmp_path):
         zsl_run()
 
 
-def _load_ceiling_script():
-    """scripts/zsl_transfer_ceiling.py as a module (scripts are not a package)."""
-    script = Path(__file__).resolve().parents[1] / "scripts" / "zsl_transfer_ceiling.py"
-    spec = importlib.util.spec_from_file_location("zsl_transfer_ceiling", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_transfer_ceiling_script_scores_every_unseen_class(tmp_path):
-    ceiling_script = _load_ceiling_script()
+    ceiling_script = load_script("zsl_transfer_ceiling")
     fsl = compose_train_cfg(tmp_path / "fsl", ["trainer.max_steps=1", "test=false"])
     train(fsl)
     ckpt = Path(fsl.paths.output_dir) / "checkpoints" / "last.ckpt"
@@ -173,7 +163,7 @@ def test_transfer_ceiling_script_scores_every_unseen_class(tmp_path):
 
 
 def test_direct_attribute_prediction_recognises_unseen_attribute_combinations():
-    ceiling_script = _load_ceiling_script()
+    ceiling_script = load_script("zsl_transfer_ceiling")
     # 8 classes = every combination of 3 binary attributes; 4 seen, 4 unseen combinations
     attributes = torch.tensor([[(c >> b) & 1 for b in range(3)] for c in range(8)]).float()
     seen, unseen = [0, 3, 5, 6], [1, 2, 4, 7]
@@ -188,7 +178,7 @@ def test_direct_attribute_prediction_recognises_unseen_attribute_combinations():
 
 
 def test_removing_pitch_directions_keeps_the_class_and_drops_the_pitch():
-    ceiling_script = _load_ceiling_script()
+    ceiling_script = load_script("zsl_transfer_ceiling")
     generator = torch.Generator().manual_seed(0)
     pitches = torch.randint(40, 81, (600,), generator=generator)
     labels = torch.arange(3).repeat(200)
