@@ -212,11 +212,19 @@ def test_class_cv_chooses_the_zsl_weight_by_the_mean_over_folds_and_the_refit_ke
     for k in (1, 2):
         path = run / "checkpoints" / f"class_cv_fold{k}.pt"
         saved = torch.load(path, weights_only=False)
+        assert saved["score"] == "top1"
         torch.save({**saved, "scores": torch.tensor([0.0, 0.0, 1.0])}, path)
     metrics, objects = train(cfg)
     report = json.loads((run / "metrics.json").read_text())
     assert report["class_cv"]["fold_scores"][1:] == [[0.0, 0.0, 1.0]] * 2
     assert metrics["test/prior_weight_zsl"] == 5.0
+    # ... but not scores of another zsl_score: fold 1 is validated again (log-likelihoods, <= 0)
+    path = run / "checkpoints" / "class_cv_fold1.pt"
+    torch.save({**torch.load(path, weights_only=False), "score": "log_likelihood"}, path)
+    train(cfg)
+    report = json.loads((run / "metrics.json").read_text())
+    assert report["class_cv"]["fold_scores"][1] == cv["fold_scores"][1]
+    assert report["class_cv"]["fold_scores"][2] == [0.0, 0.0, 1.0]
 
 
 def test_fast_dev_run_skips_class_cv_when_its_one_validation_batch_scored_no_weight(tmp_path, caplog):

@@ -142,9 +142,9 @@ def class_cross_validation(cfg: DictConfig, datamodule: Any, trainer: pl.Trainer
     pseudo-unseen classes held out) for as many steps as the selected checkpoint had, then
     validated once. The choice is the candidate with the best score averaged over the folds
     (`model.class_cv_choice`). Each fold's result is saved as `checkpoints/class_cv_fold<k>.pt`
-    and reused when the run is resumed. A `fast_dev_run` skips the extra folds, and skips class
-    cross-validation altogether (returning two empty dicts) when its single validation batch
-    scored nothing.
+    and reused when the run is resumed with the same folds, steps and `zsl_score`. A
+    `fast_dev_run` skips the extra folds, and skips class cross-validation altogether (returning
+    two empty dicts) when its single validation batch scored nothing.
 
     `selected` is `_selected_checkpoint(trainer)`. Returns (`calibration_state` entries for the
     refit to keep instead of the selected checkpoint's, a report for metrics.json).
@@ -167,7 +167,8 @@ def class_cross_validation(cfg: DictConfig, datamodule: Any, trainer: pl.Trainer
     for k, names in enumerate(folds[1:], start=1):
         path = output_dir / "checkpoints" / f"class_cv_fold{k}.pt"
         saved = torch.load(path, weights_only=False) if path.exists() else None
-        if saved is not None and saved["pseudo_unseen"] == names and saved["steps"] == steps:
+        if (saved is not None and saved["pseudo_unseen"] == names and saved["steps"] == steps
+                and saved.get("score", "top1") == module.pitch_prior.zsl_score):
             log.info("Class cross-validation fold %d (pseudo-unseen %s): reusing %s", k, names, path)
             fold_scores.append(saved["scores"])
             continue
@@ -185,7 +186,8 @@ def class_cross_validation(cfg: DictConfig, datamodule: Any, trainer: pl.Trainer
         scores = model.class_cv_scores(model.state_dict()).cpu()
         if fit.is_global_zero:  # scores are gathered: equal on every rank
             path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"pseudo_unseen": names, "steps": steps, "scores": scores}, path)
+            torch.save({"pseudo_unseen": names, "steps": steps, "score": module.pitch_prior.zsl_score,
+                        "scores": scores}, path)
         fold_scores.append(scores)
     all_scores = torch.stack(fold_scores)  # (n_folds, n_candidates)
     weight, state = module.class_cv_choice(chosen, all_scores)
