@@ -4,10 +4,10 @@ Two benchmark recipes that differ only in `model.pitch_prior.zsl_score` (`attrib
 pseudo-unseen top-1, `attribute_ours`: log-likelihood) train identical models for a seed (same
 configs, seed and selected number of steps), so their metrics.json hold both scores of every
 candidate weight on every pseudo-unseen fold ("class_cv" -> "fold_scores"). Leave one fold out:
-choose the weight by a score's mean over the other folds (ties as the module breaks them: the
-candidate nearest the a-priori weight, then the smaller), then read pseudo-unseen top-1 on the
-held-out fold at that weight. The better score is the one whose choices carry over to classes it
-did not see. No test figure is read. Prints one Markdown table.
+choose the weight by a score's mean over the other folds (`best_candidate`, as the module
+chooses), then read pseudo-unseen top-1 on the held-out fold at that weight. The better score
+is the one whose choices carry over to classes it did not see. No test figure is read. Prints
+one Markdown table.
 
     .venv/bin/python scripts/benchmark_zsl.py --threads 1 --max-steps 1500 \\
         --recipes attribute_top1cv attribute_ours --out outputs/benchmarks/zsl_x
@@ -22,6 +22,8 @@ import json
 import statistics
 from pathlib import Path
 
+from fewzero.models.pitch_prior import best_candidate
+
 
 def class_cv_report(run: Path) -> dict:
     """The "class_cv" entry of one run's metrics.json; a clear error where it has none."""
@@ -34,13 +36,6 @@ def class_cv_report(run: Path) -> dict:
     return report
 
 
-def choose(candidates: list[float], scores: list[float], a_priori: float) -> float:
-    """The best-scoring candidate; among ties the nearest `a_priori`, then the smaller."""
-    best = max(scores)
-    return min((w for w, s in zip(candidates, scores, strict=True) if s == best),
-               key=lambda w: (abs(w - a_priori), w))
-
-
 def mean_over(folds: list[list[float]]) -> list[float]:
     return [statistics.mean(column) for column in zip(*folds, strict=True)]
 
@@ -50,7 +45,7 @@ def leave_one_fold_out(top1: list[list[float]], score: list[list[float]], candid
     """For every fold k: (the weight `score` chooses on the other folds, top-1 on fold k at it)."""
     result = []
     for k in range(len(top1)):
-        weight = choose(candidates, mean_over(score[:k] + score[k + 1:]), a_priori)
+        weight = best_candidate(candidates, mean_over(score[:k] + score[k + 1:]), a_priori)
         result.append((weight, top1[k][candidates.index(weight)]))
     return result
 
@@ -90,7 +85,7 @@ def main() -> None:
             mean = statistics.mean(t for _, t in held_out)
             totals.setdefault(name, []).extend(t for _, t in held_out)
             lines.append(f"| {seed} | {top1['steps']} | {name} | "
-                         f"{choose(candidates, mean_over(scores), args.a_priori_weight):g} | "
+                         f"{best_candidate(candidates, mean_over(scores), args.a_priori_weight):g} | "
                          + ", ".join(f"{w:g} ({t:.3f})" for w, t in held_out) + f" | {mean:.3f} |")
     lines.append("")
     lines += [f"mean leave-one-fold-out top-1, {name}: {statistics.mean(v):.3f} over {len(v)} held-out folds"

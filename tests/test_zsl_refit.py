@@ -252,8 +252,8 @@ def test_weight_criteria_script_chooses_on_the_other_folds_and_scores_top1_on_th
     assert criteria.leave_one_fold_out(top1, top1, candidates, 0.1) == [(0.1, 0.6), (1.0, 0.3), (0.0, 0.4)]
     assert criteria.leave_one_fold_out(top1, likelihood, candidates, 0.1) == [(1.0, 1.0), (1.0, 0.3),
                                                                                (1.0, 0.6)]
-    assert criteria.choose(candidates, [0.5, 0.7, 0.7], 0.1) == 0.1  # a tie keeps the a-priori weight
-    assert criteria.choose(candidates, [0.7, 0.5, 0.7], 0.1) == 0.0  # equally near: the smaller
+    assert criteria.best_candidate(candidates, [0.5, 0.7, 0.7], 0.1) == 0.1  # a tie keeps the a-priori
+    assert criteria.best_candidate(candidates, [0.7, 0.5, 0.7], 0.1) == 0.0  # equally near: the smaller
 
     def run(recipe, seed, scores, score, steps=700):
         path = tmp_path / recipe / f"seed{seed}"

@@ -163,6 +163,14 @@ ZSL_SCORES = {"top1": "pseudo-unseen per-class top-1",
               "log_likelihood": "pseudo-unseen per-class log-likelihood"}
 
 
+def best_candidate(candidates: Sequence[float], scores: Sequence[float], a_priori: float) -> float:
+    """The candidate weight with the highest score (one score per candidate); among equally good
+    ones the closest to `a_priori` (then the smaller)."""
+    best = max(scores)
+    tied = [w for w, v in zip(candidates, scores, strict=True) if v == best]
+    return min(tied, key=lambda w: (abs(w - a_priori), w))
+
+
 class PitchRangePrior(nn.Module):
     """Pitch head on the audio embedding + per-class playing ranges.
 
@@ -258,9 +266,7 @@ class PitchRangePrior(nn.Module):
                              f"shape {tuple(scores.shape)}.")
         if bool(scores.isnan().any()):
             raise ValueError(f"Validation scores of the prior's weights contain NaN: {scores.tolist()}")
-        best = float(scores.max())
-        tied = [w for w, v in zip(self.weight_candidates, scores.tolist(), strict=True) if v == best]
-        return min(tied, key=lambda w: (abs(w - self.weight), w))
+        return best_candidate(self.weight_candidates, scores.tolist(), self.weight)
 
     def weight_for(self, setting: str) -> float:
         """The weight of the prior in one of `SETTINGS` ("zsl", "seen", "gzsl")."""
