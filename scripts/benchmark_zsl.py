@@ -11,6 +11,7 @@ the selected number of steps. Prints one Markdown table and writes it (plus JSON
 wall time) to outputs/benchmarks/zsl_<time>/.
 
     .venv/bin/python scripts/benchmark_zsl.py                         # 3 seeds, every recipe
+                                                  # (each at its experiment's own trainer.max_steps)
     .venv/bin/python scripts/benchmark_zsl.py --max-steps 300 --recipes word_tutorial word_ours
     .venv/bin/python scripts/benchmark_zsl.py --out outputs/benchmarks/zsl_x   # resume a run
     .venv/bin/python scripts/benchmark_zsl.py --recipes word_ours word_devise word_bilinear
@@ -96,11 +97,15 @@ def run_once(overrides: list[str], run_dir: Path, also_selected: bool = False) -
     the last validation), `refit_steps` and `seconds` (wall time of train + refit + test).
     also_selected: after a refit, also test the validation-selected checkpoint itself (in
     `<run_dir>/selected/`, no training) and add its metrics as `selected_<name>`.
+    A run folder records its overrides; reusing it with other ones (another --max-steps, say) is
+    an error, so that one table never mixes settings.
     """
     done, timing = run_dir / "metrics.json", run_dir / "benchmark_seconds.txt"
+    check_same_overrides(overrides, run_dir)
+    cfg = compose_train_config(overrides, run_dir)
     if not done.exists():
         start = time.perf_counter()
-        train(compose_train_config(overrides, run_dir))
+        train(cfg)
         timing.write_text(f"{time.perf_counter() - start:.1f}\n")
     report = json.loads(done.read_text())
     metrics, refit = report["metrics"], report.get("refit_on_trainval", {})
@@ -108,9 +113,26 @@ def run_once(overrides: list[str], run_dir: Path, also_selected: bool = False) -
             "val_gzsl_cs_h_best": metrics.get("val/acc_best", float("nan")),
             "val_zsl_top1_last": metrics.get("val/zsl_top1", float("nan")),
             "refit_steps": refit.get("steps", 0),
+            "max_steps": cfg.trainer.max_steps,
             "seconds": float(timing.read_text()) if timing.exists() else float("nan"),
             **(score_selected(overrides, run_dir, refit["selected_checkpoint"])
                if also_selected and refit else {})}
+
+
+def check_same_overrides(overrides: list[str], run_dir: Path) -> None:
+    """Record `overrides` in `run_dir`, or exit if the folder already holds a run made with
+    others. Folders from before this record existed are accepted as they are."""
+    record = run_dir / "benchmark_overrides.json"
+    if record.exists():
+        previous = json.loads(record.read_text())
+        if previous != overrides:
+            changed = sorted(set(previous) ^ set(overrides))
+            raise SystemExit(f"{run_dir} holds a run made with other overrides (differing: "
+                             f"{', '.join(changed)}). Pass another --out, or the same settings "
+                             "to reuse it.")
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(overrides, indent=1) + "\n")
 
 
 def score_selected(overrides: list[str], run_dir: Path, checkpoint: str) -> dict[str, float]:
@@ -132,7 +154,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--max-steps", type=int, default=200)
+    parser.add_argument("--max-steps", type=int, default=None,
+                        help="training steps of every run (default: each experiment's own, 1500)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--recipes", nargs="+", default=DEFAULT_RECIPES, choices=list(RECIPES))
     parser.add_argument("--out", type=Path, default=None, help="output folder (resumes runs)")
@@ -147,7 +170,8 @@ def main() -> None:
 
     stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     out = args.out or ROOT / "outputs" / "benchmarks" / f"zsl_{stamp}"
-    base = [f"trainer.max_steps={args.max_steps}", f"dataset.batch_size={args.batch_size}",
+    base = [*([f"trainer.max_steps={args.max_steps}"] if args.max_steps else []),
+            f"dataset.batch_size={args.batch_size}",
             "task_name=benchmark", "~callbacks.progress_bar", "+trainer.enable_progress_bar=false",
             *args.overrides]
     results: dict[str, list[dict[str, float]]] = {}
@@ -157,12 +181,14 @@ def main() -> None:
                                   args.also_selected) for seed in args.seeds]
 
     columns = COLUMNS | (SELECTED_COLUMNS if args.also_selected else {})
+    max_steps = sorted({int(r["max_steps"]) for rs in results.values() for r in rs})
     device = (torch.cuda.get_device_name(0) if "gpu" in " ".join(args.overrides)
               else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
     lines = [
         f"### Zero-shot benchmark, rendered SOL, {device}, {stamp}",
         "",
-        f"{args.max_steps} training steps of {args.batch_size} one-second excerpts, timbre_cnn "
+        f"{'/'.join(str(n) for n in max_steps)} training steps of {args.batch_size} one-second "
+        "excerpts, timbre_cnn "
         f"encoder, seeds {args.seeds} (mean ± std); identical splits and test clips for every run. "
         "Per-class mean top-1: seen = seen test fold among seen classes; unseen = ZSL among unseen "
         "classes; u, s, H = GZSL among all classes with calibrated stacking (penalty chosen on "

@@ -162,6 +162,26 @@ def test_transfer_ceiling_script_scores_every_unseen_class(tmp_path):
     assert all(0.0 <= a <= 1.0 for a in unseen_top1)
 
 
+def test_zsl_benchmark_reports_the_runs_training_length_and_refuses_mixed_settings(
+        tmp_path, monkeypatch):
+    benchmark = load_script("benchmark_zsl")
+    own = ("+trainer.enable_progress_bar", "~callbacks.progress_bar", "dataset.batch_size=")
+    tones = [o for o in tone_overrides(tmp_path, zero_shot=True) if not o.startswith(own)]
+    out = tmp_path / "bench"
+    argv = ["benchmark_zsl.py", "--recipes", "attribute_plain", "--seeds", "0", "--batch-size", "8",
+            "--out", str(out), *tones]
+    monkeypatch.setattr("sys.argv", argv)
+    benchmark.main()  # no --max-steps: each run keeps its own (4 in the tone overrides)
+    table = (out / "benchmark.md").read_text()
+    assert "4 training steps of 8 one-second excerpts" in table
+    assert benchmark.RECIPES["attribute_plain"][0] in table
+    runs = json.loads((out / "benchmark.json").read_text())["runs"]
+    assert runs["attribute_plain"][0]["max_steps"] == 4
+    monkeypatch.setattr("sys.argv", [*argv[:1], "--max-steps", "6", *argv[1:]])
+    with pytest.raises(SystemExit, match="trainer.max_steps=6"):
+        benchmark.main()  # the folder's run trained 4 steps: not reused under another setting
+
+
 def test_direct_attribute_prediction_recognises_unseen_attribute_combinations():
     ceiling_script = load_script("zsl_transfer_ceiling")
     # 8 classes = every combination of 3 binary attributes; 4 seen, 4 unseen combinations
