@@ -120,8 +120,8 @@ def run_once(overrides: list[str], run_dir: Path, also_selected: bool = False) -
 
 
 def check_same_overrides(overrides: list[str], run_dir: Path) -> None:
-    """Record `overrides` in `run_dir`, or exit if the folder already holds a run made with
-    others. Folders from before this record existed are accepted as they are."""
+    """Exit if `run_dir` holds a run made with other overrides; record them for a new run.
+    Finished runs from before this record existed are accepted, and not given one."""
     record = run_dir / "benchmark_overrides.json"
     if record.exists():
         previous = json.loads(record.read_text())
@@ -130,6 +130,8 @@ def check_same_overrides(overrides: list[str], run_dir: Path) -> None:
             raise SystemExit(f"{run_dir} holds a run made with other overrides (differing: "
                              f"{', '.join(changed)}). Pass another --out, or the same settings "
                              "to reuse it.")
+        return
+    if (run_dir / "metrics.json").exists():
         return
     run_dir.mkdir(parents=True, exist_ok=True)
     record.write_text(json.dumps(overrides, indent=1) + "\n")
