@@ -39,9 +39,10 @@ RECIPES: dict[str, tuple[str, list[str]]] = {
     "word_ours": ("word-audio (GloVe 50-d), ours: DeViSE + InfoNCE + ConSE",
                   ["experiment=zsl_word_audio"]),
     "image_tutorial": ("image-audio (EfficientNet-Lite0), tutorial: siamese + triplet",
-                       ["experiment=zsl_image_audio", "model=siamese", "loss=triplet"]),
-    "image_ours": ("image-audio (EfficientNet-Lite0), ours: DeViSE + InfoNCE + ConSE",
-                   ["experiment=zsl_image_audio"]),
+                       ["experiment=zsl_image_audio", "model=siamese", "loss=triplet",
+                        "model.pitch_prior=null"]),
+    "image_ours": ("image-audio (EfficientNet-Lite0), ours: DeViSE + InfoNCE + ConSE + the attribute "
+                   "table's pitch-range and formant prior", ["experiment=zsl_image_audio"]),
     "text_ours": ("text-audio (MiniLM descriptions), ours: DeViSE + InfoNCE + ConSE",
                   ["experiment=zsl_text_audio"]),
     "attribute_ours": ("attribute-audio (attribute table), ours: DeViSE + InfoNCE + pitch-range and "
@@ -75,6 +76,11 @@ RECIPES: dict[str, tuple[str, list[str]]] = {
     "text_prior": ("text-audio (MiniLM descriptions), ours + the attribute table's pitch-range and "
                    "formant prior, weighted as attribute_ours",
                    ["experiment=zsl_text_audio", "model/pitch_prior=range_formant_attributes"]),
+    # other image-audio recipes (images alone), candidates for "ours" (chosen by the val columns)
+    "image_noprior": ("image-audio (EfficientNet-Lite0), DeViSE + InfoNCE + ConSE, images alone "
+                      "(ours before session 16)", ["experiment=zsl_image_audio", "model.pitch_prior=null"]),
+    "image_devise": ("image-audio (EfficientNet-Lite0), DeViSE + InfoNCE, images alone",
+                     ["experiment=zsl_image_audio", "model=devise", "model.pitch_prior=null"]),
     # other word-audio recipes of ours, candidates for "ours" (choose by the val columns only)
     "word_devise": ("word-audio (GloVe 50-d), DeViSE + InfoNCE (no ConSE)",
                     ["experiment=zsl_word_audio", "model=devise"]),
