@@ -131,8 +131,8 @@ class ZeroShotModule(ResumableModule):
         if pitch_prior is not None and head.closed_form:
             raise ValueError("model.pitch_prior needs a trained head (siamese, devise, bilinear, "
                              "conse): a closed-form head on a frozen encoder has no training loss "
-                             "to add the pitch head's to. Set model.pitch_prior=null (experiment="
-                             "zsl_attribute_audio turns the prior on).")
+                             "to add the pitch head's to. Set model.pitch_prior=null (experiments "
+                             "zsl_attribute_audio and zsl_image_audio turn the prior on).")
         self.register_buffer("calibration_gamma", torch.zeros(()))  # saved with each checkpoint
         self._collected: list[tuple[torch.Tensor, ...]] = []
         self._closed_form_data: list[tuple[torch.Tensor, torch.Tensor]] = []
