@@ -23,6 +23,7 @@ import statistics
 from pathlib import Path
 
 from fewzero.models.pitch_prior import best_candidate
+from fewzero.train import compose_train_config
 
 
 def class_cv_report(run: Path) -> dict:
@@ -55,12 +56,16 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("top1_recipe", type=Path, help="benchmark folder of the zsl_score=top1 recipe")
     parser.add_argument("other_recipe", type=Path, help="the same recipe, another zsl_score")
-    parser.add_argument("--a-priori-weight", type=float, default=0.1, help="model.pitch_prior.weight")
-    parser.add_argument("--candidates", type=float, nargs="+",
-                        default=[0.0, 0.025, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6],
+    parser.add_argument("--a-priori-weight", type=float, default=None,
+                        help="model.pitch_prior.weight (default: experiment=zsl_attribute_audio's)")
+    parser.add_argument("--candidates", type=float, nargs="+", default=None,
                         help="the weight candidates, for runs whose metrics.json does not list them "
-                             "(before session 14)")
+                             "(before session 14; default: experiment=zsl_attribute_audio's)")
     args = parser.parse_args()
+    if args.a_priori_weight is None or args.candidates is None:
+        prior = compose_train_config(["experiment=zsl_attribute_audio"], ".").model.pitch_prior
+        args.a_priori_weight = prior.weight if args.a_priori_weight is None else args.a_priori_weight
+        args.candidates = list(prior.weight_candidates) if args.candidates is None else args.candidates
 
     seeds = sorted(p.name for p in args.top1_recipe.glob("seed*") if (args.other_recipe / p.name).is_dir())
     if not seeds:
