@@ -4,9 +4,10 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from conftest import compose_train_cfg
+from conftest import compose_train_cfg, load_script, tone_overrides
 from omegaconf import OmegaConf
 
 from fewzero.data.features import MelFeatures
@@ -431,3 +432,51 @@ def test_prior_in_training_adds_the_weighted_prior_to_the_training_scores_withou
     grad = model.pitch_prior.pitch_head.weight.grad
     assert grad is None or not grad.any()
     assert any(p.grad is not None and p.grad.any() for p in model.head.parameters())
+
+
+def test_envelope_features_measure_a_known_attack_and_a_flat_sustain():
+    folds_script = load_script("zsl_prior_folds")
+    frames = torch.arange(81, dtype=torch.float64)
+    power = ((frames + 1) / 20).clamp(max=1.0)          # linear power ramp over 20 frames, then flat
+    log_mel = power.log()[None, None].expand(2, 16, 81).clone()
+    log_mel[1] += torch.linspace(-2, 0, 16)[:, None]     # a tilted spectrum: not flat
+    features = folds_script.envelope_features(log_mel, frames_per_second=80.0)
+    assert features.shape == (2, 9)
+    # 10% of the peak first exceeded at frame 2 (3/20), 90% at frame 18 (19/20), 50% at frame 10
+    assert features[0, 0].item() == pytest.approx(16 / 80) and features[0, 1].item() == pytest.approx(8 / 80)
+    assert abs(features[0, 2].item()) < 1e-9            # sustain slope
+    assert features[0, 5].item() == pytest.approx(0.0, abs=1e-9)   # a flat spectrum's flatness
+    assert features[1, 5].item() < -0.1
+
+
+def test_attribute_expert_favours_the_clips_own_value_and_is_neutral_on_an_unknown_one():
+    folds_script = load_script("zsl_prior_folds")
+    values = np.array(["brass"] * 40 + ["strings"] * 40 + ["woodwinds"] * 20)
+    features = np.random.default_rng(0).normal(size=(100, 2))
+    features[:, 0] += np.where(values == "brass", 3.0, np.where(values == "strings", -3.0, 0.0))
+    train = np.arange(100) % 2 == 0
+    held = ~train & (values != "woodwinds")
+    ratio = folds_script.expert_log_ratio(features, values, train & (values != "woodwinds"), held,
+                                          ["brass", "strings", "woodwinds"])
+    assert ratio.shape == (held.sum(), 3)
+    truth = (values[held] == "strings").astype(int)
+    assert (ratio[:, :2].argmax(axis=1) == truth).mean() > 0.9
+    assert np.all(ratio[:, 2] == 0.0)  # no training clip has this value
+
+
+def test_prior_folds_script_scores_the_prior_on_every_class_cv_fold_of_seen_clips(tmp_path):
+    folds_script = load_script("zsl_prior_folds")
+    overrides = [o for o in tone_overrides(tmp_path, zero_shot=True, clips_per_class=20)
+                 if not o.startswith(("+trainer.enable_progress_bar", "~callbacks.progress_bar"))]
+    rows, found = folds_script.fold_scores("zsl_attribute_audio", "family", [0.0, 1.0], overrides)
+    assert list(rows)[:2] == ["range", "range + formant"]
+    assert {"+ envelope family expert", "+ spectrum family expert", "+ both family expert"} <= set(rows)
+    for name, per_weight in rows.items():
+        assert len(per_weight) == (2 if "expert" in name else 1)
+        assert all(len(scores) == 3 and all(0.0 <= s <= 1.0 for s in scores) for scores in per_weight)
+    # at w = 0 an expert adds nothing: the prior alone
+    assert rows["+ envelope family expert"][0] == rows["range + formant"][0]
+    # every fold class whose family another seen class shares (the accordion's is its own)
+    assert set(found["spectrum"]) == {"Oboe", "Trombone", "Cello", "Clarinet in Bb", "French Horn",
+                                      "Contrabass", "Flute"}
+    assert all(0.0 <= share <= 1.0 for share in found["envelope"].values())
