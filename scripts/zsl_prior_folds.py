@@ -31,6 +31,7 @@ import math
 import hydra
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
@@ -115,6 +116,9 @@ def fold_scores(experiment: str, attribute: str, weights: list[float], overrides
     likelihood ratio among the training classes' values}} for the fold classes whose value
     those have)."""
     cfg = compose_train_config([f"experiment={experiment}", *overrides], "outputs/prior_folds")
+    if cfg.model.get("pitch_prior") is None:
+        raise ValueError(f"experiment={experiment} has no pitch prior: add the override "
+                         "model/pitch_prior=range_formant_attributes (or use zsl_attribute_audio).")
     dm = hydra.utils.instantiate(cfg.dataset)
     dm.prepare_data()
     dm = dm.for_trainval()  # every seen class, every fold but the test fold
@@ -125,8 +129,7 @@ def fold_scores(experiment: str, attribute: str, weights: list[float], overrides
     log_mel = dm.table.features[clips][:, :, window].float()
     names = np.array([dm.table.instruments[i] for i in clips.tolist()])
     pitches = dm.table.pitches[clips]
-    table = dict(cfg.model.pitch_prior.table)
-    table = {name: dict(row) for name, row in table.items()}
+    table = OmegaConf.to_container(cfg.model.pitch_prior.table, resolve=True)
     missing = sorted({str(v) for v in names} - set(table))
     if missing or any(attribute not in table[n] for n in set(names)):
         raise ValueError(f"The pitch prior's table needs a row with {attribute!r} for every seen class "
