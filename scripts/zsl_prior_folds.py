@@ -38,6 +38,7 @@ from sklearn.preprocessing import StandardScaler
 
 from fewzero.models.pitch_prior import FormantLikelihood, PitchRangePrior
 from fewzero.train import compose_train_config
+from fewzero.zsl_evaluation import topk_accuracy
 
 
 def first_frame_above(relative_db: torch.Tensor, level: float) -> torch.Tensor:
@@ -103,9 +104,8 @@ def expert_log_ratio(features: np.ndarray, values: np.ndarray, train: np.ndarray
 
 
 def per_class_top1(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Per-class mean top-1: scores (n, n_classes), labels (n,) in 0..n_classes-1."""
-    predicted = scores.argmax(axis=1)
-    return float(np.mean([np.mean(predicted[labels == c] == c) for c in np.unique(labels)]))
+    """Per-class mean top-1 (`topk_accuracy`): scores (n, n_classes), labels (n,) in 0..n_classes-1."""
+    return topk_accuracy(torch.from_numpy(scores), torch.from_numpy(labels), range(scores.shape[1]))
 
 
 def fold_scores(experiment: str, attribute: str, weights: list[float], overrides: list[str]
@@ -157,12 +157,14 @@ def fold_scores(experiment: str, attribute: str, weights: list[float], overrides
         rows.setdefault("range", []).append([per_class_top1(ranges.numpy(), labels)])
         rows.setdefault("range + formant", []).append([per_class_top1(base, labels)])
         class_values = [str(table[n][attribute]) for n in fold]
+        known = sorted(set(values[train]))
         for kind, x in features.items():
-            ratio = expert_log_ratio(x, values, train, held, class_values)
+            # one fit: the fold classes' values, then every training value (for `found`)
+            ratios = expert_log_ratio(x, values, train, held, class_values + known)
+            ratio = ratios[:, :len(fold)]
             rows.setdefault(f"+ {kind} {attribute} expert", []).append(
                 [per_class_top1(base + w * ratio, labels) for w in weights])
-            known = sorted(set(values[train]))
-            likeliest = np.array(known)[expert_log_ratio(x, values, train, held, known).argmax(axis=1)]
+            likeliest = np.array(known)[ratios[:, len(fold):].argmax(axis=1)]
             for name in fold:
                 own = names[held] == name
                 if class_values[fold.index(name)] in known:
