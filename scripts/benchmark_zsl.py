@@ -57,6 +57,12 @@ RECIPES: dict[str, tuple[str, list[str]]] = {
     "attribute_poe": ("attribute-audio (attribute table), as ours, the head trained with the prior "
                       "added to its scores (product of experts)",
                       ["experiment=zsl_attribute_audio", "model.pitch_prior.in_training=true"]),
+    "attribute_transpose6": ("attribute-audio (attribute table), as ours, trained on excerpts transposed "
+                             "by up to 6 semitones", ["experiment=zsl_attribute_audio",
+                                                      "model.transpose_semitones=6"]),
+    "attribute_transpose12": ("attribute-audio (attribute table), as ours, trained on excerpts "
+                              "transposed by up to 12 semitones", ["experiment=zsl_attribute_audio",
+                                                                   "model.transpose_semitones=12"]),
     "attribute_onefold": ("attribute-audio (attribute table), DeViSE + InfoNCE + pitch-range and "
                           "formant prior, weight per setting chosen on one validation fold",
                           ["experiment=zsl_attribute_audio", "model.pitch_prior.class_cv=false"]),

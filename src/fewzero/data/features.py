@@ -69,28 +69,37 @@ class MelFeatures:
         low, high = _hz_to_mel(torch.tensor([self.f_min, f_max], dtype=torch.float64))
         return _mel_to_hz(torch.linspace(float(low), float(high), self.n_mels + 2, dtype=torch.float64)[1:-1])
 
-    def scale_frequency(self, log_mel: torch.Tensor, factor: float) -> torch.Tensor:
+    def scale_frequency(self, log_mel: torch.Tensor, factor: float | torch.Tensor) -> torch.Tensor:
         """Log-mel of the same sounds with every frequency multiplied by `factor`: pitch and
         formants move together, as when audio is resampled (a smaller instrument for factor > 1,
         a larger one for factor < 1); the duration does not change. Bins whose source frequency
         lies outside the filterbank get the clip's minimum.
 
-        Shapes: (n_clips, n_mels, frames) -> (n_clips, n_mels, frames).
+        Shapes: log_mel (n_clips, n_mels, frames); factor a number or (n_clips,), one per clip
+        -> (n_clips, n_mels, frames).
         """
-        if factor <= 0:
+        factors = torch.as_tensor(factor, dtype=torch.float64).flatten().cpu()
+        if bool((factors <= 0).any()):
             raise ValueError(f"Frequency scale factors must be positive; got {factor}.")
+        if len(factors) not in (1, len(log_mel)):
+            raise ValueError(f"Give one frequency scale factor, or one per clip ({len(log_mel)}); "
+                             f"got {len(factors)}.")
         centres_hz = self.mel_centres_hz()
         centres_mel = _hz_to_mel(centres_hz)  # evenly spaced
-        # fractional bin each output bin reads from
-        source = (_hz_to_mel(centres_hz / factor) - centres_mel[0]) / (centres_mel[1] - centres_mel[0])
+        # fractional bin each output bin reads from: (n_factors, n_mels)
+        source = ((_hz_to_mel(centres_hz[None, :] / factors[:, None]) - centres_mel[0])
+                  / (centres_mel[1] - centres_mel[0]))
         inside = ((source > -1e-6) & (source < self.n_mels - 1 + 1e-6)).to(log_mel.device)
-        source = source.clamp(0, self.n_mels - 1)
+        source = source.clamp(0, self.n_mels - 1).to(log_mel.device)
         below = source.floor().long()
         above = (below + 1).clamp(max=self.n_mels - 1)
-        weight = (source - below).to(log_mel)[None, :, None]
-        scaled = log_mel[:, below] * (1 - weight) + log_mel[:, above] * weight
+        weight = (source - below).to(log_mel)[:, :, None]
+        n_frames = log_mel.shape[2]
+        expand = lambda index: index.expand(len(log_mel), -1)[:, :, None].expand(-1, -1, n_frames)  # noqa: E731
+        scaled = (log_mel.gather(1, expand(below)) * (1 - weight)
+                  + log_mel.gather(1, expand(above)) * weight)
         floor = log_mel.amin(dim=(1, 2), keepdim=True)
-        return torch.where(inside[None, :, None], scaled, floor)
+        return torch.where(inside[:, :, None], scaled, floor)
 
     def transform(self) -> torchaudio.transforms.MelSpectrogram:
         return torchaudio.transforms.MelSpectrogram(

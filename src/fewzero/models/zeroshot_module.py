@@ -109,14 +109,24 @@ class ZeroShotModule(ResumableModule):
             setting's weight is chosen at every validation by that setting's own score: ZSL by
             the prior's `zsl_score` on the pseudo-unseen classes (top-1 or log-likelihood),
             seen by top-1 on the held-out fold, GZSL with the calibration penalty by calibrated H.
+        transpose_semitones: 0, or train on every excerpt transposed by a random whole number of
+            semitones in [-this, this]: its log-mel scaled in frequency (pitch and formants
+            together, as a smaller or larger instrument of the same kind sounds), its class kept,
+            its pitch label (for the pitch prior) moved by as much. The head then learns what is
+            left of an instrument's sound when its size changes; the prior judges the register.
     """
 
     def __init__(self, backbone: nn.Module, head: CompatibilityHead, loss: nn.Module,
                  side_info: SideInformation, optimizer: Callable[..., Any],
                  scheduler: Callable[..., Any] | None = None, augment: nn.Module | None = None,
                  init_checkpoint: str | None = None, freeze_backbone: bool = False,
-                 plot_dir: str | None = None, pitch_prior: PitchRangePrior | None = None):
+                 plot_dir: str | None = None, pitch_prior: PitchRangePrior | None = None,
+                 transpose_semitones: int = 0):
         super().__init__()
+        if transpose_semitones < 0:
+            raise ValueError("model.transpose_semitones must be 0 (off) or a positive number of "
+                             f"semitones; got {transpose_semitones}.")
+        self.transpose_semitones = int(transpose_semitones)
         self.backbone, self.head, self.loss, self.side_info = backbone, head, loss, side_info
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.augment = augment if augment is not None else nn.Identity()
@@ -273,20 +283,22 @@ class ZeroShotModule(ResumableModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         self.trainer.datamodule.assert_clean(batch["index"])
         targets = self.to_train[batch["label"]]
+        x, semitones = self._transposed(batch["x"])
         with torch.set_grad_enabled(not self.frozen):
-            audio = self.backbone(self.augment(batch["x"]))
+            audio = self.backbone(self.augment(x))
         if self.head.closed_form:
             self._closed_form_data.append((audio.detach(), targets))
             return None
         scores = self.head(audio, self.train_side())
         if self.pitch_prior is not None and self.pitch_prior.in_training:
-            peaks = self.pitch_prior.formants.spectral_peaks(batch["x"]) if self._uses_formants else None
+            peaks = self.pitch_prior.formants.spectral_peaks(x) if self._uses_formants else None
             with torch.no_grad():  # the prior's term is a fixed offset: no gradient through it
                 prior = self._prior_log_likelihood(audio, peaks, self.ids["train"])
             scores = scores + self.pitch_prior.weight * prior
         loss = self.loss(scores, targets)
         if self.pitch_prior is not None:
             pitches = self.trainer.datamodule.table.pitches[batch["index"].cpu()].to(self.device)
+            pitches = torch.where(pitches >= 0, pitches + semitones, pitches)  # -1: unknown
             pitch_loss = self.pitch_prior.loss(audio, pitches)
             self.log("train/pitch_loss", pitch_loss)
             loss = loss + pitch_loss
@@ -294,6 +306,17 @@ class ZeroShotModule(ResumableModule):
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
         return loss
+
+    def _transposed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(batch, n_mels, frames) training excerpts -> (the same transposed, (batch,) semitones
+        each was moved by; all zero when `transpose_semitones` is 0)."""
+        semitones = torch.zeros(len(x), dtype=torch.long, device=x.device)
+        if self.transpose_semitones == 0:
+            return x, semitones
+        semitones = torch.randint(-self.transpose_semitones, self.transpose_semitones + 1, (len(x),),
+                                  device=x.device)
+        factors = 2.0 ** (semitones.double() / 12)
+        return self.trainer.datamodule.features.scale_frequency(x, factors), semitones
 
     def _fit_closed_form(self) -> None:
         """Fit a closed-form head on every training batch embedded so far (once per new data)."""
