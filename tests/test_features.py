@@ -111,6 +111,18 @@ def test_frequency_scaling_moves_a_tone_like_transposing_it():
         features.scale_frequency(low, 0.0)
 
 
+def test_frequency_scaling_with_one_factor_per_clip_scales_each_clip_by_its_own():
+    features = MelFeatures(n_mels=64, hop_length=200)
+    clips = torch.cat([_harmonic_log_mel(features, f0) for f0 in (200.0, 300.0, 450.0)])
+    factors = torch.tensor([0.5, 1.0, 2 ** (7 / 12)])
+    scaled = features.scale_frequency(clips, factors)
+    for clip, factor, result in zip(clips, factors, scaled, strict=True):
+        torch.testing.assert_close(result[None], features.scale_frequency(clip[None], float(factor)))
+    assert torch.equal(scaled[1], clips[1])
+    with pytest.raises(ValueError, match="one per clip"):
+        features.scale_frequency(clips, torch.tensor([0.5, 2.0]))
+
+
 def _prepare_tones_in_child(root: str, done) -> None:
     """Child process of the lock test: prepares the same tones the parent is preparing."""
     from fewzero.data.tones import SyntheticTones

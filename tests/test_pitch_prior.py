@@ -480,3 +480,36 @@ def test_prior_folds_script_scores_the_prior_on_every_class_cv_fold_of_seen_clip
     assert set(found["spectrum"]) == {"Oboe", "Trombone", "Cello", "Clarinet in Bb", "French Horn",
                                       "Contrabass", "Flute"}
     assert all(0.0 <= share <= 1.0 for share in found["envelope"].values())
+
+
+def test_transposed_training_scales_each_excerpt_and_moves_its_pitch_label_as_much(tmp_path):
+    cfg = compose_train_cfg(tmp_path, ["experiment=zsl_attribute_audio", "model.transpose_semitones=5",
+                                       "model.pitch_prior.class_cv=false", "dataset.refit_on_trainval=false",
+                                       "test=false"])
+    _, objects = train(cfg)
+    model, dm = objects["model"], objects["datamodule"]
+    batch = next(iter(dm.train_dataloader()))
+    seen = {}  # what this training step transposed, encoded and gave the pitch loss
+    transposed, pitch_loss = model._transposed, model.pitch_prior.loss
+
+    def keep(name, value):  # returns None: a forward hook then leaves the output as it is
+        seen[name] = value
+
+    model._transposed = lambda x: seen.setdefault("transposed", transposed(x))
+    model.backbone.register_forward_hook(lambda module, inputs, output: keep("input", inputs[0]))
+    model.pitch_prior.loss = lambda audio, pitches: keep("pitches", pitches) or pitch_loss(audio, pitches)
+    model.augment = torch.nn.Identity()
+    model.log = lambda *args, **kwargs: None  # no trainer loop to log into
+    model.train()
+    model.training_step(batch, 0)
+    x, semitones = seen["transposed"]
+    assert semitones.abs().max() <= 5 and semitones.unique().numel() > 1
+    torch.testing.assert_close(x, dm.features.scale_frequency(batch["x"], 2.0 ** (semitones.double() / 12)))
+    assert torch.equal(seen["input"], x)  # the encoder sees the transposed excerpts
+    metadata = dm.table.pitches[batch["index"]]
+    assert (metadata >= 0).any()
+    expected = torch.where(metadata >= 0, metadata + semitones, metadata)
+    assert torch.equal(seen["pitches"], expected)
+    with pytest.raises(ValueError, match="transpose_semitones"):
+        type(model)(model.backbone, model.head, model.loss, model.side_info, model.optimizer_factory,
+                    transpose_semitones=-1)
