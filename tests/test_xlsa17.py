@@ -305,6 +305,12 @@ def test_a_gradient_model_refits_for_the_selected_number_of_epochs(tmp_path):
     assert "test/zsl_top1" in metrics and "val/acc_best" in metrics
 
 
+def test_transposition_on_precomputed_image_features_is_refused_with_the_fix(tmp_path):
+    write_toy(tmp_path)
+    with pytest.raises(ValueError, match="model.transpose_semitones=0"):
+        train(_toy_cfg(tmp_path, ["experiment=xlsa17_devise", "model.transpose_semitones=3"]))
+
+
 def test_runs_aggregate_with_the_report_tool(tmp_path):
     write_toy(tmp_path)
     for model in ("eszsl", "sae"):

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fewzero.data.features import MelFeatures
 from fewzero.models.pitch_prior import SETTINGS, ZSL_SCORES, PitchRangePrior
 from fewzero.models.resumable import ResumableModule
 from fewzero.models.zsl_heads import CompatibilityHead
@@ -155,6 +156,10 @@ class ZeroShotModule(ResumableModule):
         dm = self.trainer.datamodule
         if self.init_checkpoint:
             check_init_checkpoint(self.init_checkpoint, list(dm.unseen))
+        if self.transpose_semitones and not isinstance(getattr(dm, "features", None), MelFeatures):
+            raise ValueError("model.transpose_semitones scales log-mel excerpts in frequency, and "
+                             f"{type(dm).__name__} gives no log-mel features: set "
+                             "model.transpose_semitones=0 for this dataset.")
         self.vectors = self.side_info.vectors(dm.class_names)
         self.ids = {"seen": dm.ids(dm.seen), "unseen": dm.ids(dm.unseen),
                     "train": dm.ids(dm.train_classes), "pseudo_unseen": dm.ids(dm.pseudo_unseen)}
