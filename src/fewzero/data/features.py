@@ -94,10 +94,10 @@ class MelFeatures:
         below = source.floor().long()
         above = (below + 1).clamp(max=self.n_mels - 1)
         weight = (source - below).to(log_mel)[:, :, None]
-        n_frames = log_mel.shape[2]
-        expand = lambda index: index.expand(len(log_mel), -1)[:, :, None].expand(-1, -1, n_frames)  # noqa: E731
-        scaled = (log_mel.gather(1, expand(below)) * (1 - weight)
-                  + log_mel.gather(1, expand(above)) * weight)
+        clips = torch.arange(len(log_mel), device=log_mel.device)[:, None]  # pairs with (n, n_mels) bins
+        n_bins = (len(log_mel), self.n_mels)
+        scaled = (log_mel[clips, below.expand(n_bins)] * (1 - weight)
+                  + log_mel[clips, above.expand(n_bins)] * weight)
         floor = log_mel.amin(dim=(1, 2), keepdim=True)
         return torch.where(inside[:, :, None], scaled, floor)
 
