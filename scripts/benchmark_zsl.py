@@ -63,6 +63,16 @@ RECIPES: dict[str, tuple[str, list[str]]] = {
     "attribute_transpose12": ("attribute-audio (attribute table), as ours, trained on excerpts "
                               "transposed by up to 12 semitones", ["experiment=zsl_attribute_audio",
                                                                    "model.transpose_semitones=12"]),
+    "attribute_conse": ("attribute-audio (attribute table), DeViSE + InfoNCE + ConSE inference (as the "
+                        "word recipe) + pitch-range and formant prior, weighted as ours",
+                        ["experiment=zsl_attribute_audio", "model=conse"]),
+    # ALE-style bilinear scores are the cross-entropy's logits themselves (temperature 1, where
+    # DeViSE's cosines have InfoNCE's 0.1), so the prior's Bayes weight and its grid are x10
+    "attribute_bilinear": ("attribute-audio (attribute table), bilinear (ALE-style) + cross-entropy + "
+                           "pitch-range and formant prior, weighted as ours on a x10 grid",
+                           ["experiment=zsl_attribute_audio", "model=bilinear", "loss=cross_entropy",
+                            "model.pitch_prior.weight=1.0",
+                            "model.pitch_prior.weight_candidates=[0.0,0.25,0.5,1.0,2.0,4.0,8.0,16.0]"]),
     "attribute_onefold": ("attribute-audio (attribute table), DeViSE + InfoNCE + pitch-range and "
                           "formant prior, weight per setting chosen on one validation fold",
                           ["experiment=zsl_attribute_audio", "model.pitch_prior.class_cv=false"]),
