@@ -182,6 +182,18 @@ def test_zsl_benchmark_reports_the_runs_training_length_and_refuses_mixed_settin
         benchmark.main()  # the folder's run trained 4 steps: not reused under another setting
 
 
+def test_every_zsl_benchmark_recipe_composes_with_the_real_configs(tmp_path):
+    benchmark = load_script("benchmark_zsl")
+    for name, (_, overrides) in benchmark.RECIPES.items():
+        cfg = compose_train_cfg(tmp_path / name, overrides)  # a mistyped override raises here
+        experiment = next(o.split("=")[1] for o in overrides if o.startswith("experiment="))
+        assert cfg.tags[-1] == experiment.removeprefix("zsl_"), name
+    bilinear = compose_train_cfg(tmp_path / "b", benchmark.RECIPES["attribute_bilinear"][1])
+    # logits at temperature 1: the prior's a-priori weight is one of its (x10) candidates
+    assert bilinear.model.pitch_prior.weight in bilinear.model.pitch_prior.weight_candidates
+    assert bilinear.model.head._target_.endswith("BilinearHead")
+
+
 def test_direct_attribute_prediction_recognises_unseen_attribute_combinations():
     ceiling_script = load_script("zsl_transfer_ceiling")
     # 8 classes = every combination of 3 binary attributes; 4 seen, 4 unseen combinations
