@@ -194,6 +194,32 @@ def test_every_zsl_benchmark_recipe_composes_with_the_real_configs(tmp_path):
     assert bilinear.model.head._target_.endswith("BilinearHead")
 
 
+def test_validation_vs_test_script_ranks_recipes_and_correlates_them(tmp_path, monkeypatch, capsys):
+    script = load_script("zsl_validation_vs_test")
+    assert script.ranks([0.3, 0.1, 0.3, 0.2]) == [3.5, 1.0, 3.5, 2.0]  # ties share their mean rank
+    # four recipes, two seeds each: class CV falls as unseen top-1 rises; val H follows H
+    folders = []
+    for k, (cv, unseen) in enumerate([(-0.4, 0.3), (-0.5, 0.4), (-0.6, 0.5), (-0.7, 0.6)]):
+        folders.append(tmp_path / f"recipe{k}")
+        for seed in range(2):
+            run = folders[-1] / f"seed{seed}"
+            run.mkdir(parents=True)
+            report = {"class_cv": {"candidates": [0.0, 0.2], "zsl_weight": 0.2,
+                                   "mean_scores": [-9.0, cv + 0.02 * seed]},
+                      "metrics": {"val/acc_best": 0.5 + unseen / 10},
+                      "zero_shot": {"zsl_top1": unseen + 0.002 * seed, "gzsl_cs_h": unseen / 2}}
+            (run / "metrics.json").write_text(json.dumps(report))
+    monkeypatch.setattr("sys.argv", ["zsl_validation_vs_test.py", *map(str, folders)])
+    script.main()
+    table = capsys.readouterr().out
+    assert f"| {tmp_path.name}/recipe0 | 2 | -0.390 | 0.530 | 0.301 | 0.150 |" in table  # seed means
+    assert "| class-CV score ~ unseen top-1 | -1.00 (4) |" in table  # the weight's score at 0.2
+    assert "| val H ~ H | +1.00 (4) | +" in table
+    monkeypatch.setattr("sys.argv", ["zsl_validation_vs_test.py", str(tmp_path / "missing")])
+    with pytest.raises(SystemExit, match="run scripts/benchmark_zsl.py first"):
+        script.main()
+
+
 def test_direct_attribute_prediction_recognises_unseen_attribute_combinations():
     ceiling_script = load_script("zsl_transfer_ceiling")
     # 8 classes = every combination of 3 binary attributes; 4 seen, 4 unseen combinations

@@ -1,0 +1,90 @@
+"""Does validation rank zero-shot recipes as the test does? Rank correlations over finished runs.
+
+Each argument is one recipe's benchmark folder (`<out>/<recipe>`, holding `seed*/metrics.json`
+from `scripts/benchmark_zsl.py`). For every recipe the script prints the mean over seeds of
+- the class cross-validation score at the chosen ZSL weight (the score that chose the weight;
+  needs `model.pitch_prior.class_cv=true`) and val H (the score that chose the checkpoint),
+- unseen per-class top-1 and calibrated H on the test,
+then Spearman's rank correlation of class CV with unseen top-1 and of val H with H, over the
+recipes and over single runs. A protocol whose validation predicts the test gives correlations
+near +1.
+
+This reads test figures. Use it after the decisions, to judge the validation protocol, never to
+choose a recipe.
+
+    .venv/bin/python scripts/zsl_validation_vs_test.py outputs/benchmarks/zsl_all_s16_1500/attribute_ours \\
+        outputs/benchmarks/zsl_heads_s19_1500/attribute_conse ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+
+def recipe_runs(folder: Path) -> list[dict[str, float]]:
+    """One dict per seed of a recipe folder: class_cv, val_h, unseen, h."""
+    runs = []
+    for path in sorted(folder.glob("seed*/metrics.json")):
+        report = json.loads(path.read_text())
+        cv = report.get("class_cv")
+        if not cv:
+            raise SystemExit(f"{path} has no class cross-validation: its recipe needs "
+                             "model.pitch_prior.class_cv=true.")
+        chosen = cv["candidates"].index(cv["zsl_weight"])
+        runs.append({"class_cv": cv["mean_scores"][chosen], "val_h": report["metrics"]["val/acc_best"],
+                     "unseen": report["zero_shot"]["zsl_top1"], "h": report["zero_shot"]["gzsl_cs_h"]})
+    if not runs:
+        raise SystemExit(f"No seed*/metrics.json under {folder}: run scripts/benchmark_zsl.py first.")
+    return runs
+
+
+def ranks(values: list[float]) -> list[float]:
+    """1-based ranks, ties sharing their mean rank."""
+    order = sorted(range(len(values)), key=values.__getitem__)
+    result = [0.0] * len(values)
+    start = 0
+    while start < len(order):
+        end = start
+        while end + 1 < len(order) and values[order[end + 1]] == values[order[start]]:
+            end += 1
+        for position in order[start:end + 1]:
+            result[position] = (start + end) / 2 + 1
+        start = end + 1
+    return result
+
+
+def spearman(x: list[float], y: list[float]) -> float:
+    """Spearman's rank correlation (Pearson's on the ranks); needs 3 or more pairs."""
+    if len(x) != len(y) or len(x) < 3:
+        raise SystemExit(f"A rank correlation needs 3 or more pairs; got {len(x)}: pass more recipes.")
+    return statistics.correlation(ranks(x), ranks(y))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("recipes", nargs="+", type=Path, help="benchmark folders <out>/<recipe>")
+    args = parser.parse_args()
+    runs = {folder: recipe_runs(folder) for folder in args.recipes}
+    means = {folder: {key: statistics.mean(run[key] for run in rs) for key in rs[0]}
+             for folder, rs in runs.items()}
+    lines = ["| recipe | seeds | class-CV score | val H | unseen top-1 (test) | H (test) |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for folder, m in means.items():
+        lines.append(f"| {folder.parent.name}/{folder.name} | {len(runs[folder])} | {m['class_cv']:.3f} | "
+                     f"{m['val_h']:.3f} | {m['unseen']:.3f} | {m['h']:.3f} |")
+    every = [run for rs in runs.values() for run in rs]
+    lines += ["", "| Spearman rank correlation | over recipes | over runs |", "| --- | --- | --- |"]
+    for label, validation, test in (("class-CV score ~ unseen top-1", "class_cv", "unseen"),
+                                     ("val H ~ H", "val_h", "h")):
+        by_recipe = spearman([m[validation] for m in means.values()], [m[test] for m in means.values()])
+        by_run = spearman([r[validation] for r in every], [r[test] for r in every])
+        lines.append(f"| {label} | {by_recipe:+.2f} ({len(means)}) | {by_run:+.2f} ({len(every)}) |")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
