@@ -19,9 +19,11 @@ formant, its scale fitted on the seen training clips). With `--remove-pitch K` e
 is computed on embeddings from which the K leading directions of a linear pitch probe (fitted
 on the seen training clips) have been projected out: does the seen class an unseen instrument
 sounds like change once register is taken away? Unseen clips are only ever scored; nothing is
-fitted or chosen on them.
+fitted or chosen on them. The checkpoint's run must not have read fold 4, where the seen classes
+are tested (`check_init_checkpoint` refuses it otherwise): train it with dataset.folds=[0,1,2,3].
 
-    .venv/bin/python scripts/zsl_transfer_ceiling.py outputs/<fsl run>/checkpoints/last.ckpt
+    .venv/bin/python -m fewzero.train dataset.folds=[0,1,2,3] hydra.run.dir=outputs/fsl_folds0123
+    .venv/bin/python scripts/zsl_transfer_ceiling.py outputs/fsl_folds0123/checkpoints/last.ckpt
     .venv/bin/python scripts/zsl_transfer_ceiling.py CKPT --experiments zsl_word_audio
     .venv/bin/python scripts/zsl_transfer_ceiling.py CKPT --remove-pitch 8
 """
@@ -149,7 +151,7 @@ def ceiling(checkpoint: Path, experiment: str, overrides: list[str], remove_pitc
     dm = hydra.utils.instantiate(cfg.dataset)
     dm.prepare_data()
     dm.setup("fit")
-    check_init_checkpoint(checkpoint, dm.unseen)
+    check_init_checkpoint(checkpoint, dm)
     model = hydra.utils.instantiate(cfg.model, init_checkpoint=str(checkpoint))
     audio = embed(model.backbone, dm.table.features, dm.eval_offset, dm.excerpt_frames)
     seen, unseen = dm.ids(dm.seen), dm.ids(dm.unseen)

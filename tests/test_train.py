@@ -163,6 +163,33 @@ def test_frequency_scaled_training_classes_stay_in_training(tmp_path):
         assert labels == set(dm.class_ids[stage])
 
 
+def test_few_shot_folds_option_keeps_every_other_fold_out_of_every_stage(tmp_path):
+    cfg = compose_train_cfg(tmp_path, ["dataset.folds=[0,1,2]", "dataset.train_frequency_scales=[0.75]"],
+                            clips_per_class=20)
+    dm = hydra.utils.instantiate(cfg.dataset)
+    dm.prepare_data()
+    dm.setup("fit")
+    kept = torch.isin(dm.table.folds, torch.tensor([0, 1, 2]))
+    assert not kept.all() and bool((dm.labels[~kept] == -1).all()) and bool((dm.labels[kept] >= 0).all())
+    n_clips = len(dm.labels)
+    for stage in ("train", "val", "test"):
+        clips = dm.stage_indices(stage)
+        assert len(clips) and set(dm.table.folds[clips].tolist()) == {0, 1, 2}
+        members = dm.sampler(stage, dm.val_settings, 0).members
+        real = members[(members >= 0) & (members < n_clips)]
+        assert set(dm.table.folds[real].tolist()) == {0, 1, 2}
+    assert len(dm.train_features) == n_clips + len(dm.stage_indices("train"))  # one scaled copy
+    reference = torch.cat([b["index"] for b in dm.reference_dataloader()])
+    assert set(dm.table.folds[reference].tolist()) == {0, 1, 2}
+
+
+def test_few_shot_folds_must_exist_in_the_source(tmp_path):
+    dm = hydra.utils.instantiate(compose_train_cfg(tmp_path, ["dataset.folds=[0,7]"]).dataset)
+    dm.prepare_data()
+    with pytest.raises(ValueError, match=r"dataset.folds=\[0, 7\] must be a non-empty subset"):
+        dm.setup("fit")
+
+
 def test_frequency_scale_of_one_is_rejected(tmp_path):
     cfg = compose_train_cfg(tmp_path, ["dataset.train_frequency_scales=[1.0]"])
     with pytest.raises(Exception, match="train_frequency_scales must be positive and not 1.0"):

@@ -2,6 +2,7 @@
 training length and the calibration penalty, retrain on every seen class (pseudo-unseen
 included) on every fold but the test fold, and test that model."""
 
+import inspect
 import json
 from pathlib import Path
 
@@ -32,13 +33,14 @@ def _datamodule(tmp_path, overrides=()):
 
 
 def _record_batch_checks(monkeypatch) -> list[tuple[str, torch.Tensor]]:
-    """(train_on, clip indices) of every batch check (the module's per-batch `assert_clean`)
-    and `setup`'s check of all training and validation clips."""
+    """(train_on, clip indices) of every batch check: the module's `assert_clean` of each
+    training batch, as training data (`training=True`)."""
     calls: list[tuple[str, torch.Tensor]] = []
     original = ZeroShotDataModule.assert_clean
 
     def recording(self, clip_indices, training=False):
-        if not training:
+        if inspect.stack()[1].function == "training_step":
+            assert training
             calls.append((self.train_on, clip_indices.clone()))
         return original(self, clip_indices, training)
 

@@ -9,6 +9,7 @@ import torch
 from conftest import compose_train_cfg, load_script, tone_overrides
 from omegaconf import OmegaConf
 
+from fewzero.models.zeroshot_module import check_init_checkpoint
 from fewzero.train import train
 
 WORD = ["experiment=zsl_attribute_audio"]  # word-audio split; attribute table needs no package
@@ -126,29 +127,91 @@ def test_encoder_starts_from_a_few_shot_checkpoint(tmp_path):
     torch.testing.assert_close(model.backbone.head[1].weight, saved["net.backbone.head.1.weight"])
 
 
-def test_encoder_init_that_heard_an_unseen_class_is_refused(tmp_path):
-    fsl = compose_train_cfg(tmp_path / "fsl", ["trainer.max_steps=1", "test=false"])
-    train(fsl)
+# A few-shot split that an encoder for the word-audio split may train on: seen classes only,
+# none of them pseudo-unseen (Oboe, Trombone), and folds 0-2 (3 validates, 4 tests).
+CLEAN_FSL = ["dataset.folds=[0,1,2]", "dataset.episodes.val.n_way=2",
+             "dataset.split.train=[Accordion,Cello,Clarinet in Bb,Contrabass,Flute]",
+             "dataset.split.val=[French Horn,Violin]"]
+
+
+def _save_run_config(run: Path, dataset: dict) -> Path:
+    """A checkpoint path whose run directory holds `dataset` as its Hydra config."""
+    (run / ".hydra").mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(OmegaConf.create({"dataset": dataset}), run / ".hydra" / "config.yaml")
+    return run / "checkpoints" / "last.ckpt"
+
+
+FSL_SPLIT = {"train": ["Accordion", "Cello", "Clarinet in Bb", "Contrabass", "Flute", "French Horn"],
+             "val": ["Oboe", "Trombone", "Violin"]}  # the default few-shot split, fsl_tutorial
+
+
+@pytest.mark.parametrize(("dataset", "class_cv", "message"), [
+    ({"split": FSL_SPLIT, "folds": None}, False, r"fold 4 \(the seen classes' test fold\) of \["),
+    ({"split": {"train": ["Cello"], "val": ["Viola"]}, "folds": [0, 1, 2]}, False,
+     r"unseen classes \(test only\) \['Viola'\]"),
+    ({"split": FSL_SPLIT, "folds": [0, 1, 2]}, False,
+     r"pseudo-unseen classes \(validation\) \['Oboe', 'Trombone'\]"),
+    ({"split": {"train": ["Cello"], "val": ["Violin"]}, "folds": [0, 1, 2, 3]}, False,
+     r"fold 3 \(the validation fold\) of \['Cello', 'Violin'\]"),
+    ({"split": {"train": ["Cello"], "val": ["Violin"]}, "folds": [0, 1, 2]}, True,
+     r"held out by a fold of class cross-validation\) \['Cello'\].*read only \['Violin'\] on "
+     r"folds \[0, 1, 2\].*or set model.pitch_prior.class_cv=false"),
+    ({"split": {"seen": ["Oboe", "Violin"], "unseen": ["Viola"]}, "test_fold": 4}, False,
+     r"pseudo-unseen classes \(validation\) \['Oboe'\]"),  # a zero-shot run
+])
+def test_encoder_init_that_heard_a_test_or_validation_clip_is_refused(tmp_path, dataset, class_cv,
+                                                                     message):
+    dm = _datamodule(tmp_path)
+    ckpt = _save_run_config(tmp_path / "init_run", dataset)
+    with pytest.raises(ValueError, match=message):
+        check_init_checkpoint(ckpt, dm, class_cv)
+
+
+def test_encoder_init_that_read_only_training_clips_is_accepted(tmp_path):
+    dm = _datamodule(tmp_path)
+    clean = {"split": {"train": ["Accordion", "Cello"], "val": ["Violin"]}, "folds": [0, 1, 2]}
+    check_init_checkpoint(_save_run_config(tmp_path / "clean", clean), dm, class_cv=False)
+    check_init_checkpoint(_save_run_config(tmp_path / "only_violin", {
+        "split": {"train": ["Violin"], "val": []}, "folds": [1]}), dm, class_cv=True)
+    # the refit trains on every seen class on folds 0-3 (zsl_transfer_ceiling's setting)
+    trainval = dm.for_trainval()
+    folds_0_to_3 = {"split": FSL_SPLIT, "folds": [0, 1, 2, 3]}
+    check_init_checkpoint(_save_run_config(tmp_path / "all_seen", folds_0_to_3), trainval)
+    with pytest.raises(ValueError, match="fold 4"):
+        check_init_checkpoint(_save_run_config(tmp_path / "default", {"split": FSL_SPLIT, "folds": None}),
+                              trainval)
+
+
+def test_few_shot_run_on_training_folds_starts_a_zero_shot_run_and_the_default_one_is_refused(tmp_path):
+    fsl = compose_train_cfg(tmp_path / "fsl", ["trainer.max_steps=1", "test=false", *CLEAN_FSL],
+                            clips_per_class=20)
+    metrics, objects = train(fsl)
+    dm = objects["datamodule"]
+    read = torch.nonzero(dm.labels >= 0).flatten()
+    assert set(dm.table.folds[read].tolist()) == {0, 1, 2} and len(read) < len(dm.labels)
     run = Path(fsl.paths.output_dir)
     ckpt = run / "checkpoints" / "last.ckpt"
     (run / ".hydra").mkdir()
     OmegaConf.save(fsl, run / ".hydra" / "config.yaml")  # what a Hydra run writes next to it
 
-    def zsl_run() -> None:
+    def zsl_run(*overrides: str) -> None:
         train(compose_train_cfg(tmp_path / "zsl", WORD + [
             f"model.init_checkpoint={ckpt}", f"dataset.features.n_mels={fsl.dataset.features.n_mels}",
-            "+trainer.fast_dev_run=true"]))
+            "+trainer.fast_dev_run=true", *overrides]))
 
-    zsl_run()  # the few-shot split never used the word-audio split's unseen instruments
-    fsl.dataset.split.val = [*fsl.dataset.split.val, "Viola"]
+    zsl_run("model.pitch_prior.class_cv=false")
+    with pytest.raises(ValueError, match="held out by a fold of class cross-validation"):
+        zsl_run()  # the attribute experiment's class CV holds out all of them but Violin
+    fsl.dataset.folds = None  # the default: every fold, the seen-class test fold included
     OmegaConf.save(fsl, run / ".hydra" / "config.yaml")
-    with pytest.raises(ValueError, match=r"trained or selected on \['Viola'\]"):
-        zsl_run()
+    with pytest.raises(ValueError, match=r"fold 4 \(the seen classes' test fold\)"):
+        zsl_run("model.pitch_prior.class_cv=false")
 
 
 def test_transfer_ceiling_script_scores_every_unseen_class(tmp_path):
     ceiling_script = load_script("zsl_transfer_ceiling")
-    fsl = compose_train_cfg(tmp_path / "fsl", ["trainer.max_steps=1", "test=false"])
+    fsl = compose_train_cfg(tmp_path / "fsl", ["trainer.max_steps=1", "test=false",
+                                               "dataset.folds=[0,1,2,3]"])  # fold 4 tests the seen
     train(fsl)
     ckpt = Path(fsl.paths.output_dir) / "checkpoints" / "last.ckpt"
     rows, lines = ceiling_script.ceiling(ckpt, "zsl_attribute_audio", [

@@ -92,6 +92,9 @@ class FewShotDataModule(pl.LightningDataModule):
             formants together, a smaller or larger instrument of the same kind), each a class of
             its own, as Snell et al. added rotated Omniglot characters as new classes. Empty:
             none. Validation and test never see them.
+        folds: the folds whose clips this run reads, in every stage (None: every fold). A run
+            meant to initialise a zero-shot encoder (`model.init_checkpoint`) must leave out the
+            zero-shot split's test fold and validation fold: `[0, 1, 2]` for the defaults.
     """
 
     def __init__(self, source: ClipSource, features: MelFeatures, split: Mapping[str, Sequence[str]],
@@ -99,8 +102,9 @@ class FewShotDataModule(pl.LightningDataModule):
                  eval_offset_seconds: float = 0.0, train_max_offset_seconds: float | None = None,
                  seed: int = 0, eval_seed: int = 0,
                  num_workers: int = 0, eval_batch_size: int = 256,
-                 train_frequency_scales: Sequence[float] = ()):
+                 train_frequency_scales: Sequence[float] = (), folds: Sequence[int] | None = None):
         super().__init__()
+        self.folds = None if folds is None else sorted({int(f) for f in folds})
         self.source, self.features = source, features
         self.split = {stage: list(split[stage]) for stage in ("train", "val", "test")}
         self.train_settings = _settings(episodes["train"])
@@ -144,6 +148,8 @@ class FewShotDataModule(pl.LightningDataModule):
             check_instruments(names, self.class_names, what=f"{self.source.name} instrument")
         name_to_id = {name: i for i, name in enumerate(self.class_names)}
         self.labels = torch.tensor([name_to_id[n] for n in self.table.instruments])
+        if self.folds is not None:
+            self._keep_folds()
         self.class_ids = {s: [name_to_id[n] for n in names] for s, names in self.split.items()}
         self._build_training_pool()
         # Fail now, with the fix, rather than at the first validation or test epoch.
@@ -151,6 +157,19 @@ class FewShotDataModule(pl.LightningDataModule):
         self.sampler("val", self.val_settings, self.eval_seed)
         for settings in self.test_settings:
             self.sampler("test", settings, self.eval_seed)
+
+    def _keep_folds(self) -> None:
+        """Label the clips outside `folds` -1, so that no stage, episode or reference set
+        ever reads them."""
+        present = sorted(set(self.table.folds.tolist()))
+        unknown = sorted(set(self.folds) - set(present))
+        if unknown or not self.folds:
+            raise ValueError(f"dataset.folds={self.folds} must be a non-empty subset of the folds of "
+                             f"{self.source.name}, {present}.")
+        outside = ~torch.isin(self.table.folds, torch.tensor(self.folds, dtype=torch.long))
+        self.labels[outside] = -1
+        log.info("Reading folds %s only: %d of %d clips", self.folds, int((~outside).sum()),
+                 len(self.labels))
 
     def _build_training_pool(self) -> None:
         """Clips and classes training episodes draw from: the training instruments, plus one

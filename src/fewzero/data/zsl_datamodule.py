@@ -158,6 +158,18 @@ class ZeroShotDataModule(pl.LightningDataModule):
         (fold 0), then its pseudo_unseen_folds."""
         return [list(self.pseudo_unseen)] + [list(fold) for fold in self.pseudo_unseen_folds]
 
+    def pretraining_clips(self, class_cv: bool = False) -> dict[str, set[int]]:
+        """{class: folds}: the clips an encoder that starts this run (`model.init_checkpoint`)
+        may have been trained or selected on, which are those this run itself trains on: never
+        a test clip, and in the validation phase never a validation-fold clip or a pseudo-unseen
+        class (with `class_cv`, no class that a fold of class cross-validation holds out)."""
+        folds = set(self.table.folds.unique().tolist()) - {self.test_fold}
+        if self.train_on == "trainval":
+            return {name: set(folds) for name in self.seen}
+        folds -= {self.val_fold}
+        held_out = {name for fold in self.class_cv_folds for name in fold} if class_cv else set()
+        return {name: set(folds) for name in self.train_classes if name not in held_out}
+
     def for_pseudo_unseen(self, names: Sequence[str]) -> ZeroShotDataModule:
         """The same data (cached features shared) in the validation phase with `names` as the
         pseudo-unseen classes (one fold of class cross-validation)."""

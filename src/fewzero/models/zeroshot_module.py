@@ -47,39 +47,67 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
     raise ValueError(f"{path} has no backbone weights (keys net.backbone.* or backbone.*).")
 
 
-def classes_behind_checkpoint(path: str | Path) -> list[str] | None:
-    """Classes whose clips trained or selected a fewzero checkpoint, read from the run's saved
-    config (`<run>/.hydra/config.yaml`): a few-shot run's train and validation instruments, a
-    zero-shot run's seen classes. None when that config is not next to the checkpoint."""
+def clips_behind_checkpoint(path: str | Path, all_folds: set[int]) -> dict[str, set[int]] | None:
+    """{class: folds} whose clips trained or selected a fewzero checkpoint, read from the run's
+    saved config (`<run>/.hydra/config.yaml`): a few-shot run's train and validation instruments
+    on its `dataset.folds` (every fold of `all_folds` when null), a zero-shot run's seen classes
+    on every fold but its test fold. None when that config is not next to the checkpoint."""
     from fewzero.eval import load_run_config  # here: fewzero.eval imports the training entry point
 
     try:
         config = load_run_config(Path(path))
     except FileNotFoundError:
         return None
-    split = config.get("dataset", {}).get("split") or {}
+    dataset = config.get("dataset", {})
+    split = dataset.get("split") or {}
     if "seen" in split:
-        return list(split["seen"])
-    return [*split.get("train", []), *split.get("val", [])]
+        return {name: all_folds - {dataset.get("test_fold", 4)} for name in split["seen"]}
+    folds = all_folds if dataset.get("folds") is None else set(dataset["folds"])
+    return {name: set(folds) for name in [*split.get("train", []), *split.get("val", [])]}
 
 
-def check_init_checkpoint(path: str | Path, unseen: list[str]) -> None:
-    """Refuse an encoder initialisation that has heard this split's unseen classes (the
-    few-shot default trains on none of the word-audio split's unseen instruments, but it does
-    train on Cello and French Horn, unseen in the image-audio split)."""
-    heard = classes_behind_checkpoint(path)
+def check_init_checkpoint(path: str | Path, dm: Any, class_cv: bool = False) -> None:
+    """Refuse an encoder initialisation that has heard a clip this zero-shot run keeps for test
+    or validation: an unseen class, the seen classes' test fold, a pseudo-unseen class (with
+    `class_cv`, any class a fold of class cross-validation holds out) or the validation fold.
+    `dm`: the run's set-up `ZeroShotDataModule`; what is allowed is its `pretraining_clips`."""
+    all_folds = set(dm.table.folds.unique().tolist())
+    heard = clips_behind_checkpoint(path, all_folds)
     if heard is None:
         log.warning("model.init_checkpoint=%s: no .hydra/config.yaml in its run directory, so "
-                    "fewzero cannot check that its training never used the unseen classes %s.",
-                    path, unseen)
+                    "fewzero cannot check that its training never used this run's test or "
+                    "validation clips (unseen classes %s, fold %s of the seen ones).",
+                    path, dm.unseen, dm.test_fold)
         return
-    overlap = sorted(set(heard) & set(unseen))
-    if overlap:
+    allowed = dm.pretraining_clips(class_cv)
+    leaks: dict[str, list[str]] = {}
+    for name, folds in heard.items():
+        extra = folds - allowed.get(name, set())
+        if name not in dm.class_names or not extra:
+            continue
+        if name in dm.unseen:
+            reason = "unseen classes (test only)"
+        elif dm.test_fold in extra:
+            reason = f"fold {dm.test_fold} (the seen classes' test fold) of"
+        elif name not in allowed:
+            reason = ("pseudo-unseen classes (validation"
+                      + (", held out by a fold of class cross-validation)" if class_cv else ")"))
+        else:
+            reason = f"fold {dm.val_fold} (the validation fold) of"
+        leaks.setdefault(reason, []).append(name)
+    if leaks:
+        classes = sorted(allowed)
+        folds = sorted(set().union(*allowed.values())) if allowed else []
         raise ValueError(
-            f"model.init_checkpoint={path} was trained or selected on {overlap}, which are unseen "
-            "classes of this zero-shot split: their clips would reach the model before the test. "
-            "Start from a checkpoint whose run excluded them (for a few-shot run, from "
-            "dataset.split.train and dataset.split.val), or choose another split.")
+            f"model.init_checkpoint={path} comes from a run that trained or selected on clips this "
+            f"zero-shot run keeps for test or validation: "
+            + "; ".join(f"{reason} {names}" for reason, names in leaks.items())
+            + ". Its encoder would carry them into the model before they are scored. Start from a "
+            f"run that read only {classes} on folds {folds} (for a few-shot run: dataset.split.train "
+            f"and dataset.split.val among those classes, dataset.folds={folds})"
+            + (", or set model.pitch_prior.class_cv=false, which holds out fewer classes"
+               if class_cv else "")
+            + ", or leave model.init_checkpoint=null.")
 
 
 def _with_prior(head_scores: torch.Tensor, prior: torch.Tensor | None, weight: float) -> torch.Tensor:
@@ -155,7 +183,7 @@ class ZeroShotModule(ResumableModule):
     def setup(self, stage: str) -> None:
         dm = self.trainer.datamodule
         if self.init_checkpoint:
-            check_init_checkpoint(self.init_checkpoint, list(dm.unseen))
+            check_init_checkpoint(self.init_checkpoint, dm, self.class_cv)
         if self.transpose_semitones and not isinstance(getattr(dm, "features", None), MelFeatures):
             raise ValueError("model.transpose_semitones scales log-mel excerpts in frequency, and "
                              f"{type(dm).__name__} gives no log-mel features: set "
@@ -286,7 +314,7 @@ class ZeroShotModule(ResumableModule):
         return self
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
-        self.trainer.datamodule.assert_clean(batch["index"])
+        self.trainer.datamodule.assert_clean(batch["index"], training=True)
         targets = self.to_train[batch["label"]]
         x, semitones = self._transposed(batch["x"])
         with torch.set_grad_enabled(not self.frozen):
