@@ -2,6 +2,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import compose_train_cfg
 from omegaconf import OmegaConf
 
@@ -59,6 +60,32 @@ def test_zero_shot_checkpoint_is_re_evaluated_on_other_candidate_sets(tmp_path):
     for key in ("test/zsl_top1", "test/seen_top1", "test/gzsl_cs_h"):
         assert 0.0 <= metrics[key] <= 1.0
     assert (tmp_path / "eval" / "metrics.json").is_file()
+
+
+def test_refit_conse_checkpoint_is_re_evaluated_against_the_classes_it_was_trained_on(tmp_path):
+    """ConSE scores relative to its training classes: a refit checkpoint (every seen class) must
+    get the same figures again, although the run's config says the validation phase's role."""
+    cfg = compose_train_cfg(tmp_path, ["experiment=zsl_attribute_audio", "model=conse",
+                                       "model.pitch_prior=null"])
+    run = Path(cfg.paths.output_dir)
+    (run / ".hydra").mkdir(parents=True)
+    OmegaConf.save(cfg, run / ".hydra" / "config.yaml")
+    trained, _ = train(cfg)
+    ckpt = run / "checkpoints" / "refit_trainval.ckpt"
+    assert trained["test/checkpoint"] == str(ckpt)
+    saved = torch.load(ckpt, weights_only=False)
+    assert saved["datamodule_train_on"] == "trainval"
+    del saved["datamodule_train_on"]  # as written before the role was saved: told by its name
+    old = tmp_path / "old" / "refit_trainval.ckpt"
+    old.parent.mkdir()
+    torch.save(saved, old)
+    keys = ("test/zsl_top1", "test/seen_top1", "test/gzsl_cs_h", "test/gzsl_u", "test/gzsl_s")
+    for path, name in ((ckpt, "eval"), (old, "eval_old")):
+        metrics, objects = evaluate(path, [], tmp_path / name, run / ".hydra" / "config.yaml")
+        assert objects["datamodule"].train_on == "trainval"
+        assert len(objects["model"].head.anchors) == len(objects["datamodule"].seen)  # all 9
+        for key in keys:
+            assert metrics[key] == pytest.approx(trained[key], abs=1e-6), (name, key)
 
 
 def test_checkpoint_is_re_evaluated_with_whitening_switched_off_and_on(tmp_path):

@@ -254,6 +254,22 @@ def refit_on_trainval(cfg: DictConfig, datamodule: Any, trainer: pl.Trainer, out
     return final_dm, model, refit, info
 
 
+def as_trained(datamodule: Any, ckpt_path: str) -> Any:
+    """The datamodule in the role the checkpoint's model was trained in: a zero-shot refit
+    (`refit_on_trainval`) was trained against every seen class, and heads that score relative
+    to the training classes (ConSE) must see the same ones when it is tested again. Checkpoints
+    written before the role was saved are told by the refit's file name."""
+    if not ckpt_path or not hasattr(datamodule, "for_trainval") or datamodule.train_on == "trainval":
+        return datamodule
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    default = "trainval" if Path(ckpt_path).name == "refit_trainval.ckpt" else "train"
+    if checkpoint.get("datamodule_train_on", default) != "trainval":
+        return datamodule
+    log.info("%s was trained on every seen class (the refit on trainval): testing it in that role.",
+             ckpt_path)
+    return datamodule.for_trainval()
+
+
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Fit (optionally resuming), test the best checkpoint, write metrics.json and hparams.
 
@@ -301,6 +317,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else "")
         if not cfg.get("train", True):
             best = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir) or ""
+            datamodule = as_trained(datamodule, best)
         if not best:
             log.warning("No best checkpoint found: testing the current weights.")
         trainer.test(model, datamodule=datamodule, ckpt_path=best or None)

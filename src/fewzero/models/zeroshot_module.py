@@ -279,6 +279,9 @@ class ZeroShotModule(ResumableModule):
     # ---- checkpoints: a closed-form head is refitted on every batch embedded so far ----
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
+        # which classes the head was trained against ("trainval": the refit, every seen class);
+        # re-evaluation rebuilds the datamodule in that role (`fewzero.train.as_trained`)
+        checkpoint["datamodule_train_on"] = self.trainer.datamodule.train_on
         if self._closed_form_data:
             audio, targets = zip(*self._closed_form_data, strict=True)
             checkpoint["closed_form_data"] = {"audio": torch.cat(audio).cpu(),
