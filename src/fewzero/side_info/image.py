@@ -146,7 +146,7 @@ class ImageEmbeddings(SideInformation):
         self.folders = dict(folders or {})
 
     def _folder_images(self, name: str) -> list[Path]:
-        if self.root is None or not self.root.is_dir():
+        if self.root is None:
             return []
         wanted = self.folders.get(name, name).lower()
         folders = [p for p in self.root.iterdir() if p.is_dir() and p.name.lower() == wanted]
@@ -154,7 +154,18 @@ class ImageEmbeddings(SideInformation):
                       if f.suffix.lower() in IMAGE_SUFFIXES)
 
     def image_paths(self, class_names: Sequence[str]) -> dict[str, list[Path]]:
-        """Image files of every class; raises naming the classes that have none."""
+        """Image files of every class; raises naming the classes that have none, and when
+        `root` is set but not a folder or not read at all (`files` lists every class)."""
+        if self.root is not None:
+            if not self.root.is_dir():
+                raise FileNotFoundError(f"side_info.root={self.root} is not a folder. Give the folder "
+                                        "that holds one sub-folder of images per class.")
+            if all(name in self.files for name in class_names):
+                raise ValueError(
+                    f"side_info.root={self.root} is set, but side_info.files lists images for every "
+                    f"class ({list(class_names)}), and those come first: no image would be read from "
+                    "the folder. Add side_info.files=null to read every class from side_info.root, "
+                    "or list in side_info.files only the classes the folder lacks.")
         paths = {name: [Path(f) for f in self.files[name]] if name in self.files
                  else self._folder_images(name) for name in class_names}
         absent = {str(p) for ps in paths.values() for p in ps if not p.is_file()}
