@@ -1,3 +1,5 @@
+import hashlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +89,20 @@ def test_corrupt_audio_names_the_file_and_the_fix(tmp_path, source):
     with pytest.raises(RuntimeError, match=r"(?s)1 of 5 audio files failed.*broken\.wav.*Replace it"):
         load_or_compute(broken, MelFeatures(clip_seconds=0.5), tmp_path)
     assert not list(tmp_path.glob("list-*.pt"))  # nothing half-written
+
+
+def test_truncated_audio_is_caught_by_its_listed_md5(tmp_path, source):
+    path = _write_tone(tmp_path / "cut.wav", 300)
+    listed = hashlib.md5(path.read_bytes()).hexdigest()
+    clip = Clip(path, "c0", 0, md5=listed)
+    load_or_compute(ListSource(source.clips() + [clip], tag="whole"), MelFeatures(clip_seconds=0.5),
+                    tmp_path)  # the listed md5 matches: no error
+    os.truncate(path, 1000)  # still a WAV that decodes, 478 samples long
+    assert read_audio(path, 16000).shape[0] < 1000
+    truncated = ListSource(source.clips() + [clip], tag="truncated")
+    with pytest.raises(RuntimeError, match=rf"(?s)1 of 5 audio files.*cut\.wav has md5 .*lists {listed}"
+                                           r".*truncated or changed\. Replace it"):
+        load_or_compute(truncated, MelFeatures(clip_seconds=0.5), tmp_path)
 
 
 def _harmonic_log_mel(features: MelFeatures, f0: float) -> torch.Tensor:

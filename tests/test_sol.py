@@ -115,6 +115,7 @@ def test_no_two_clips_identical_and_md5_recorded(rendered: RenderedSOL) -> None:
             for r in rows]
     assert md5s == [row["md5"] for row in rows]
     assert len(set(md5s)) == len(md5s)
+    assert [clip.md5 for clip in rendered.clips()] == md5s  # checked before features are computed
 
 
 @needs_fluidsynth

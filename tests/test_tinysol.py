@@ -16,6 +16,7 @@ import pytest
 import soundfile as sf
 
 from fewzero.data.clips import Clip
+from fewzero.data.features import check_md5
 from fewzero.data.tinysol import TinySOL, TinySOLDownloadError, _import_mirdata
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinysol"
@@ -120,6 +121,8 @@ def test_real_samples_load(tmp_path: Path, no_network: list[str],
         assert f"-{clip.dynamics}-" in clip.path.name
         info = sf.info(clip.path)
         assert info.samplerate == 44100 and info.channels == 1
+        assert len(clip.md5) == 32  # the index's checksum, checked before features are computed
+        check_md5(clip)
     by_name = {c.path.stem: c for c in clips}
     fl = by_name["Fl-ord-C4-mf-N-T14d"]
     assert (fl.instrument, fl.pitch, fl.dynamics) == ("Flute", 60, "mf")

@@ -37,6 +37,8 @@ class Clip:
         fold: cross-validation fold, 0-4 (TinySOL's official folds, or ours for rendered SOL).
         pitch: MIDI note number, or -1 when unknown.
         dynamics: "pp", "p", "mf", "ff", ... or "" when unknown.
+        md5: the file's md5 as its source lists it (checked before its features are computed),
+            or "" when the source lists none.
     """
 
     path: Path
@@ -44,6 +46,7 @@ class Clip:
     fold: int
     pitch: int = -1
     dynamics: str = ""
+    md5: str = ""
 
 
 class ClipSource(Protocol):

@@ -6,6 +6,7 @@ arithmetic on the cached tensor (see `fewzero.data.episodes`).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections.abc import Iterator
@@ -158,6 +159,21 @@ def read_audio(path: Path, sample_rate: int) -> torch.Tensor:
     return mono
 
 
+def check_md5(clip: Clip) -> None:
+    """Raise a RuntimeError naming the file when its md5 differs from the one its source lists
+    (a truncated file decodes without error, as a shorter clip); no check without a listed md5."""
+    if not clip.md5:
+        return
+    found = hashlib.md5(Path(clip.path).read_bytes()).hexdigest()
+    if found != clip.md5:
+        raise RuntimeError(
+            f"Audio file {clip.path} has md5 {found}, but its source lists {clip.md5}: the file is "
+            "truncated or changed. Replace it (or delete it: rendered SOL re-renders a folder "
+            "whose manifest.json is removed; TinySOL files can be re-downloaded from zenodo "
+            "record 3685367)."
+        )
+
+
 def _fit_length(audio: torch.Tensor, n_samples: int) -> torch.Tensor:
     """Truncate or zero-pad (n,) audio to exactly n_samples."""
     if audio.shape[0] >= n_samples:
@@ -180,6 +196,7 @@ def compute_features(clips: list[Clip], features: MelFeatures, batch_size: int =
         task = progress.add_task(description, total=len(clips))
         for clip in clips:
             try:
+                check_md5(clip)
                 batch.append(_fit_length(read_audio(clip.path, features.sample_rate), n_samples))
             except RuntimeError as err:
                 failures.append(str(err))
@@ -193,8 +210,8 @@ def compute_features(clips: list[Clip], features: MelFeatures, batch_size: int =
     if failures:
         shown = "\n  ".join(failures[:10])
         more = f"\n  ... and {len(failures) - 10} more" if len(failures) > 10 else ""
-        raise RuntimeError(f"{len(failures)} of {len(clips)} audio files failed to decode:\n  "
-                           f"{shown}{more}")
+        raise RuntimeError(f"{len(failures)} of {len(clips)} audio files failed to decode or to "
+                           f"match their md5:\n  {shown}{more}")
     return torch.cat(out) if out else torch.empty(0, features.n_mels, features.frames(
         features.clip_seconds))
 

@@ -579,7 +579,8 @@ class RenderedSOL:
                                "call prepare() first to render it.")
         return [Clip(path=(self.dataset_dir / row["path"]).resolve(),
                      instrument=row["instrument"], fold=int(row["fold"]),
-                     pitch=int(row["pitch"]), dynamics=row["dynamics"]) for row in rows]
+                     pitch=int(row["pitch"]), dynamics=row["dynamics"], md5=row["md5"])
+                for row in rows]
 
     def _spec(self) -> _RenderSpec:
         """The picklable render settings sent to workers."""

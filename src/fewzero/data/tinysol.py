@@ -68,6 +68,13 @@ def _import_mirdata() -> tuple[ModuleType, ModuleType, ModuleType, ModuleType]:
     return mirdata, core, download_utils, mirdata_tinysol
 
 
+def _listed_md5(index: dict[str, Any], track_id: str) -> str:
+    """The md5 a mirdata index lists for a track's audio (`tracks.<id>.audio = [path, md5]`),
+    or "" when it lists none."""
+    entry = (index.get("tracks") or {}).get(track_id, {}).get("audio") or []
+    return str(entry[1]) if len(entry) > 1 and entry[1] else ""
+
+
 def _md5(path: Path) -> str:
     """md5 hex digest of a (small) file."""
     return hashlib.md5(path.read_bytes()).hexdigest()
@@ -122,8 +129,8 @@ class TinySOL:
     def prepare(self) -> None:
         """Find the index, optionally download, and check which audio files exist.
 
-        Only existence is checked (md5 of every file would be slow); run mirdata's
-        ``validate()`` once by hand to verify the checksums.
+        Here only existence is checked; each file's md5 from the index is checked when its
+        features are computed (`fewzero.data.features.compute_features`).
 
         Raises:
             FileNotFoundError: the index, the metadata or (some of) the audio files are missing;
@@ -183,7 +190,7 @@ class TinySOL:
         self._check_metadata(metadata_file, index)
 
         try:
-            clips = [self._clip(tid, tracks[tid]) for tid in sorted(present)]
+            clips = [self._clip(tid, tracks[tid], _listed_md5(index, tid)) for tid in sorted(present)]
         except (IndexError, TypeError, ValueError) as exc:
             raise ValueError(f"Cannot read the TinySOL metadata {metadata_file}: {exc}") from exc
         try:
@@ -300,15 +307,15 @@ class TinySOL:
                             metadata_file, checksum, entry[1])
 
     @staticmethod
-    def _clip(track_id: str, track: Any) -> Clip:
-        """One mirdata track as a Clip."""
+    def _clip(track_id: str, track: Any, md5: str = "") -> Clip:
+        """One mirdata track as a Clip (`md5`: its audio file's checksum in the index)."""
         instrument = track.instrument_full
         if instrument is None:
             raise ValueError(f"TinySOL track {track_id} has no row in the metadata csv "
                              f"(index and metadata do not match).")
         return Clip(path=Path(track.audio_path), instrument=str(instrument),
                     fold=int(track.split), pitch=int(track.pitch_id),
-                    dynamics=str(track.dynamics or ""))
+                    dynamics=str(track.dynamics or ""), md5=md5)
 
     # ------------------------------------------------------------------ ClipSource
 
