@@ -162,6 +162,8 @@ def test_class_cv_folds_hold_out_other_seen_classes_and_nothing_else_changes(tmp
 
 @pytest.mark.parametrize(("override", "message"), [
     ("dataset.split.pseudo_unseen_folds=[[Bassoon]]", r"pseudo_unseen_folds\[0\] \['Bassoon'\] must be seen"),
+    ("dataset.split.seen=[French Horn,Violin,Flute,Contrabass,Trombone,Cello,Clarinet,Oboe,Accordion]",
+     r"\['Clarinet in Bb'\] must be seen .*seen is \[.*'Clarinet',.*check the spelling"),
     ("dataset.split.pseudo_unseen_folds=[[]]", "has an empty fold"),
     ("dataset.split.pseudo_unseen=[]", "besides dataset.split.pseudo_unseen"),
 ])

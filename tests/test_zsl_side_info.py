@@ -122,9 +122,10 @@ def test_an_uncached_hub_model_fails_fast_with_what_to_do():
     from fewzero.side_info.text import load_sentence_encoder
 
     start = time.perf_counter()
-    with pytest.raises(FileNotFoundError, match="side_info.model=/path/to/folder"):
+    with pytest.raises(FileNotFoundError, match="side_info.model=/path/to/folder") as error:
         load_sentence_encoder("fewzero-tests/no-such-model", download=False)
     assert time.perf_counter() - start < 30
+    assert error.value.__suppress_context__  # no pages of hub tracebacks above the message
 
 
 def _draw_instrument(path: Path, color: str) -> None:

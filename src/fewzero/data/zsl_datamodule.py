@@ -130,7 +130,9 @@ class ZeroShotDataModule(pl.LightningDataModule):
             outside = sorted(set(pseudo) - set(self.seen))
             if outside:
                 raise ValueError(f"dataset.split.{key} {outside} must be seen classes (they are "
-                                 "held out of training for validation).")
+                                 f"held out of training for validation), but dataset.split.seen is "
+                                 f"{self.seen}: check the spelling in both (names are "
+                                 "case-sensitive, e.g. 'Clarinet in Bb').")
             if not set(self.seen) - set(pseudo):
                 raise ValueError(f"Every seen class is in dataset.split.{key}: nothing is left to "
                                  "train on.")

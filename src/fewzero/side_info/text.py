@@ -70,8 +70,8 @@ def load_sentence_encoder(model: str | None, download: bool = False, device: str
             f"({os.environ.get('HF_HOME', '~/.cache/huggingface')}/hub) and downloads are off. "
             "Either copy the model folder here and pass side_info.model=/path/to/folder, run once "
             "with side_info.download=true where the network allows, or use the packaged default "
-            "(side_info.model=null)."
-        ) from err
+            f"(side_info.model=null). ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+        ) from None  # the hub libraries' chained tracebacks would bury this message
 
 
 class SentenceEmbeddings(SideInformation):
