@@ -206,6 +206,12 @@ def test_batches_carry_features_labels_and_indices_and_never_a_test_image(tmp_pa
     assert torch.equal(test, torch.cat([dm.splits.test_seen, dm.splits.test_unseen]))
     with pytest.raises(AssertionError, match="1 test-location"):
         dm.assert_clean(dm.splits.test_seen[:1])
+    dm.assert_clean(dm.indices["train"], training=True)
+    with pytest.raises(AssertionError, match="1 pseudo-unseen-class and 0 validation-seen"):
+        dm.assert_clean(dm.indices["val_unseen"][:1], training=True)
+    with pytest.raises(AssertionError, match="0 pseudo-unseen-class and 1 validation-seen"):
+        dm.assert_clean(dm.indices["val_seen"][:1], training=True)
+    dm.for_trainval().assert_clean(dm.indices["val_seen"][:1], training=True)  # refit trains on it
 
 
 def test_validation_holds_out_part_of_each_training_class_and_all_validation_classes(tmp_path):

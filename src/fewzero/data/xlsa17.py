@@ -233,6 +233,7 @@ class Xlsa17DataModule(pl.LightningDataModule):
         self._check()
         self.indices = self._role_indices()
         self.assert_clean(torch.cat([self.indices[r] for r in ("train", "val_seen", "val_unseen")]))
+        self.assert_clean(self.indices["train"], training=True)
         log.info("xlsa17 %s images: %s", self.name, {r: len(i) for r, i in self.indices.items()})
 
     def for_trainval(self) -> Xlsa17DataModule:
@@ -302,14 +303,27 @@ class Xlsa17DataModule(pl.LightningDataModule):
         return {"train": trainval[~in_val & ~held_out], "val_seen": trainval[held_out],
                 "val_unseen": trainval[in_val], "test_seen": s.test_seen, "test_unseen": s.test_unseen}
 
-    def assert_clean(self, indices: torch.Tensor) -> None:
-        """Raise when any image is a test image or of an unseen class (call on train/val images)."""
+    def assert_clean(self, indices: torch.Tensor, training: bool = False) -> None:
+        """Raise when any image is a test image or of an unseen class (call on train/val images).
+
+        training=True (training images): in the validation phase ("train"), also raise on
+        pseudo-unseen-class and held-out validation-seen images, which model selection must not
+        have trained on.
+        """
         indices = indices.cpu()
         test = self.is_test[indices]
         unseen = torch.isin(self.labels[indices], torch.tensor(self.ids(self.unseen), dtype=torch.long))
         if bool(test.any()) or bool(unseen.any()):
             raise AssertionError(f"Leak: {int(test.sum())} test-location and {int(unseen.sum())} "
                                  "unseen-class images in training or validation data.")
+        if training and self.train_on == "train":
+            pseudo = torch.isin(self.labels[indices],
+                                torch.tensor(self.ids(self.pseudo_unseen), dtype=torch.long))
+            val_seen = torch.isin(indices, self.indices["val_seen"].cpu())
+            if bool(pseudo.any()) or bool(val_seen.any()):
+                raise AssertionError(f"Leak: {int(pseudo.sum())} pseudo-unseen-class and "
+                                     f"{int(val_seen.sum())} validation-seen images in training data "
+                                     "of the validation phase.")
 
     # ---- loaders ----------------------------------------------------------------------
     def _loader(self, indices: torch.Tensor, batch_size: int) -> DataLoader:
