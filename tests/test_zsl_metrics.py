@@ -178,3 +178,15 @@ def test_penalty_search_matches_scoring_every_penalty_on_every_sample():
         correct = penalised.argmax(dim=1) == labels  # one penalty, every sample, all candidates
         assert float(u) == pytest.approx(float(per_class_accuracy(correct[is_unseen], labels[is_unseen])))
         assert float(s) == pytest.approx(float(per_class_accuracy(correct[~is_unseen], labels[~is_unseen])))
+
+
+def test_confusion_picture_keeps_the_column_of_a_predicted_class_without_clips():
+    from fewzero.plots import confusion_figure
+
+    # seen 0 and 1 (1 has no test clips), unseen 2 and 3; one of class 2's clips goes to class 1
+    confusion = torch.tensor([[3, 0, 0, 0], [0, 0, 0, 0], [0, 1, 1, 0], [0, 0, 0, 2]])
+    figure = confusion_figure(confusion, ["a", "b", "c", "d"], "gzsl")
+    matrix = figure.axes[0].images[0].get_array()
+    assert matrix.shape == (3, 4)  # rows: classes with clips; columns: also the predicted "b"
+    np.testing.assert_allclose(matrix[1], [0.0, 0.5, 0.5, 0.0])  # class c's row sums to 1
+    assert [t.get_text() for t in figure.axes[0].get_yticklabels()] == ["a", "c", "d"]

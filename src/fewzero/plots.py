@@ -66,26 +66,31 @@ MAX_NAMED_CLASSES = 30  # beyond this, figures drop per-class text (xlsa17 has u
 
 
 def confusion_figure(confusion: torch.Tensor, class_names: Sequence[str], title: str) -> Figure:
-    """Row-normalised confusion matrix of the classes that occur (rows: true, cols: predicted).
+    """Row-normalised confusion matrix (rows: true, cols: predicted) of the classes that occur:
+    a row per class with clips, a column per class with clips or predictions, so every row
+    still sums to 1 when clips go to a class that has none (a seen class without test clips in
+    the GZSL matrix).
 
     Up to MAX_NAMED_CLASSES classes every cell is annotated and named; beyond, a fixed-size
     heat map only."""
-    present = torch.nonzero(confusion.sum(dim=1) > 0).flatten()
-    matrix = confusion[present][:, present].float()
+    rows = torch.nonzero(confusion.sum(dim=1) > 0).flatten()
+    cols = torch.nonzero((confusion.sum(dim=1) > 0) | (confusion.sum(dim=0) > 0)).flatten()
+    matrix = confusion[rows][:, cols].float()
     matrix = matrix / matrix.sum(dim=1, keepdim=True).clamp_min(1)
-    names = [class_names[int(i)] for i in present]
-    named = len(names) <= MAX_NAMED_CLASSES
-    size = (1.1 * len(names) + 2.5, 1.0 * len(names) + 2) if named else (12, 10.5)
+    row_names = [class_names[int(i)] for i in rows]
+    col_names = [class_names[int(i)] for i in cols]
+    named = len(col_names) <= MAX_NAMED_CLASSES
+    size = (1.1 * len(col_names) + 2.5, 1.0 * len(row_names) + 2) if named else (12, 10.5)
     fig, ax = plt.subplots(figsize=size)
     image = ax.imshow(matrix.numpy(), vmin=0, vmax=1, cmap="Blues")
     if named:
-        for r in range(len(names)):
-            for c in range(len(names)):
+        for r in range(len(row_names)):
+            for c in range(len(col_names)):
                 value = float(matrix[r, c])
                 ax.text(c, r, f"{value:.2f}", ha="center", va="center", fontsize=8,
                         color="white" if value > 0.6 else "black")
-        ax.set_xticks(range(len(names)), names, rotation=40, ha="right")
-        ax.set_yticks(range(len(names)), names)
+        ax.set_xticks(range(len(col_names)), col_names, rotation=40, ha="right")
+        ax.set_yticks(range(len(row_names)), row_names)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title)
