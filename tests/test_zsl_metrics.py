@@ -50,8 +50,9 @@ def test_true_class_log_likelihood_by_hand_per_class_and_at_the_best_temperature
     # best temperature lies inside the grid: mostly right, one clip wrong)
     mostly = torch.tensor([[0.2, 0.0], [0.3, 0.0], [0.0, 0.1], [0.0, 0.4]])
     two = torch.tensor([0, 0, 0, 1])
-    assert true_class_log_likelihood(10 * mostly, two, [0, 1]) == pytest.approx(
-        true_class_log_likelihood(mostly, two, [0, 1]))
+    for stretch in (10, 100, 300):  # e.g. a pitch prior's log-likelihood at a large weight
+        assert true_class_log_likelihood(stretch * mostly, two, [0, 1]) == pytest.approx(
+            true_class_log_likelihood(mostly, two, [0, 1]), abs=1e-3), stretch
     assert true_class_log_likelihood(mostly, two, [0, 1]) > math.log(0.5)  # better than a coin
     with pytest.raises(ValueError, match="every label must be one of the candidates"):
         true_class_log_likelihood(scores, torch.tensor([0, 0, 2]), [0, 1])
