@@ -191,3 +191,11 @@ def test_confusion_picture_keeps_the_column_of_a_predicted_class_without_clips()
     assert matrix.shape == (3, 4)  # rows: classes with clips; columns: also the predicted "b"
     np.testing.assert_allclose(matrix[1], [0.0, 0.5, 0.5, 0.0])  # class c's row sums to 1
     assert [t.get_text() for t in figure.axes[0].get_yticklabels()] == ["a", "c", "d"]
+
+
+def test_clips_repeated_by_a_distributed_sampler_are_counted_once():
+    from fewzero.models.zeroshot_module import first_occurrences
+
+    gathered = torch.tensor([3, 1, 3, 2, 1, 5])  # rank 0: 3, 1, 3; rank 1: 2, 1 (padding), 5
+    assert first_occurrences(gathered).tolist() == [0, 1, 3, 5]
+    assert gathered[first_occurrences(gathered)].tolist() == [3, 1, 2, 5]

@@ -110,6 +110,14 @@ def check_init_checkpoint(path: str | Path, dm: Any, class_cv: bool = False) -> 
             + ", or leave model.init_checkpoint=null.")
 
 
+def first_occurrences(indices: torch.Tensor) -> torch.Tensor:
+    """Positions of the first occurrence of each value of (n,) `indices`, in their order."""
+    unique, inverse = torch.unique(indices, return_inverse=True)
+    positions = torch.arange(len(indices), device=indices.device)
+    first = torch.full((len(unique),), len(indices), dtype=torch.long, device=indices.device)
+    return first.scatter_reduce(0, inverse, positions, reduce="amin").sort().values
+
+
 def _with_prior(head_scores: torch.Tensor, prior: torch.Tensor | None, weight: float) -> torch.Tensor:
     """(n, n_classes) head scores + weight * the pitch prior's log-likelihood (same shape), or
     the head scores alone when there is no prior."""
@@ -394,6 +402,9 @@ class ZeroShotModule(ResumableModule):
         if self.trainer.world_size > 1:
             audio, labels, indices, peaks = (self.all_gather(t).flatten(0, 1)
                                              for t in (audio, labels, indices, peaks))
+            # the distributed sampler pads each rank's share with repeated clips: count each once
+            once = first_occurrences(indices)
+            audio, labels, indices, peaks = (t[once] for t in (audio, labels, indices, peaks))
         scores = self.head(audio, self.side_matrix)
         prior = None
         if self.pitch_prior is not None:
