@@ -178,3 +178,19 @@ def test_zero_shot_run_stopped_mid_epoch_resumes_to_the_uninterrupted_metrics(tm
     resumed, uninterrupted = zero_shot_report(run), zero_shot_report(Path(full.paths.output_dir))
     assert resumed == uninterrupted
     assert "val/acc_best" in resumed["metrics"] and "test/gzsl_cs_h" in resumed["metrics"]
+
+
+@pytest.mark.slow
+def test_zero_shot_run_killed_after_its_validation_phase_resumes_with_every_metric(tmp_path):
+    """Killed during class cross-validation or the refit, a run resumes from a last.ckpt at
+    max_steps: its fit logs nothing, yet metrics.json must keep the fit's val/ and train/ keys."""
+    short = ["experiment=zsl_attribute_audio", *ZSL_SHORT]
+    full = compose_train_cfg(tmp_path / "full", short)
+    train(full)
+    run = Path(full.paths.output_dir)
+    before = json.loads((run / "metrics.json").read_text())
+    (run / "checkpoints" / "refit_trainval.ckpt").unlink()  # as if killed during the refit
+    metrics, _ = train(compose_train_cfg(tmp_path / "full", short + ["ckpt_path=last"]))
+    after = json.loads((run / "metrics.json").read_text())
+    assert "val/acc_best" in metrics and "val/prior_weight_zsl" in after["metrics"]
+    assert after["metrics"] == before["metrics"] and after["zero_shot"] == before["zero_shot"]

@@ -30,6 +30,14 @@ def test_every_experiment_composes_and_runs_a_fast_dev_run_step(tmp_path, experi
     assert 0.0 <= metrics[key] <= 1.0
 
 
+def test_a_callback_set_to_null_is_switched_off(tmp_path):
+    cfg = compose_train_cfg(tmp_path, ["+trainer.fast_dev_run=true", "callbacks.last_checkpoint=null"])
+    _, objects = train(cfg)
+    trainer = objects["trainer"]
+    assert not any(type(c).__name__ == "LastCheckpoint" for c in trainer.callbacks)
+    assert trainer.global_step == 1
+
+
 @pytest.mark.parametrize("backbone", ["timbre_cnn", "music_fsl_cnn"])
 def test_training_writes_metrics_plots_checkpoints_and_hparams(tmp_path, backbone):
     cfg = compose_train_cfg(tmp_path, [f"model/backbone={backbone}"])

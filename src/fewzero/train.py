@@ -254,6 +254,17 @@ def refit_on_trainval(cfg: DictConfig, datamodule: Any, trainer: pl.Trainer, out
     return final_dm, model, refit, info
 
 
+def fit_metrics(trainer: pl.Trainer, resumed: str | None) -> dict[str, float]:
+    """The fit's train/ and val/ metrics as logged; when the resumed checkpoint was already at
+    the end (a run killed during class cross-validation or the refit), the fit returns without
+    logging any, and they are those saved in that checkpoint (`ResumableModule`)."""
+    logged = {k: _metric(v) for k, v in trainer.callback_metrics.items()
+              if k.startswith(("train/", "val/"))}
+    if logged or resumed is None:
+        return logged
+    return dict(torch.load(resumed, map_location="cpu", weights_only=False).get("fit_metrics", {}))
+
+
 def as_trained(datamodule: Any, ckpt_path: str) -> Any:
     """The datamodule in the role the checkpoint's model was trained in: a zero-shot refit
     (`refit_on_trainval`) was trained against every seen class, and heads that score relative
@@ -289,8 +300,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     datamodule = hydra.utils.instantiate(cfg.dataset)
     log.info("Building model <%s>", cfg.model._target_)
     model = hydra.utils.instantiate(cfg.model)
-    callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
-    loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    # an entry set to null (callbacks.progress_bar=null) is switched off, like one removed with ~
+    callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+    loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
     trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
 
     metrics: dict[str, float] = {}
@@ -301,10 +313,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         raise ValueError("Class cross-validation (model.pitch_prior.class_cv=true) hands its choice to "
                          "the refit on trainval: set dataset.refit_on_trainval=true or class_cv=false.")
     if cfg.get("train", True):
-        trainer.fit(model, datamodule=datamodule,
-                    ckpt_path=resolve_ckpt_path(cfg.get("ckpt_path"), output_dir))
-        metrics.update({k: _metric(v) for k, v in trainer.callback_metrics.items()
-                        if k.startswith(("train/", "val/"))})
+        resumed = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
+        trainer.fit(model, datamodule=datamodule, ckpt_path=resumed)
+        metrics.update(fit_metrics(trainer, resumed))
         if refits:
             selected, chosen_by_cv = _selected_checkpoint(trainer), None  # loaded once for both
             if getattr(model, "class_cv", False):

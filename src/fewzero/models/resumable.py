@@ -28,6 +28,11 @@ class ResumableModule(pl.LightningModule):
         self.val_acc_best.persistent(True)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # what fewzero.train reports of the fit, for a resume from a checkpoint at max_steps
+        # (its fit returns without logging anything): `fit_metrics`
+        metrics = self.trainer.callback_metrics if self._trainer is not None else {}
+        checkpoint["fit_metrics"] = {k: float(v) for k, v in metrics.items()
+                                     if k.startswith(("train/", "val/")) and v.numel() == 1}
         checkpoint["rng_state"] = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             checkpoint["rng_state"]["cuda"] = torch.cuda.get_rng_state_all()
