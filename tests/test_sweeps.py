@@ -30,13 +30,19 @@ def test_sweeps_may_only_optimise_a_validation_metric():
         optimized_metric(_compose(["optimized_metric=test/5way_5shot_acc"]))
 
 
-def test_optuna_search_is_a_seeded_tpe_maximising_validation_with_a_study_under_outputs(tmp_path):
-    cfg = _compose(["hparams_search=optuna", f"paths.root_dir={tmp_path}"])
+@pytest.mark.parametrize(("search", "study_name"), [
+    (["hparams_search=optuna"], "fsl_protonet"),
+    *((["hparams_search=optuna_zsl", f"experiment=zsl_{e}_audio"], "zsl")
+      for e in ("word", "image", "text", "attribute")),
+])
+def test_optuna_search_is_a_seeded_tpe_maximising_validation_with_a_study_under_outputs(
+        tmp_path, search, study_name):
+    cfg = _compose([*search, f"paths.root_dir={tmp_path}"])
     sweeper = cfg.hydra.sweeper
     assert sweeper._target_.endswith("OptunaSweeper") and cfg.hydra.mode.name == "MULTIRUN"
     assert sweeper.direction == "maximize" and cfg.optimized_metric.startswith("val/")
     assert sweeper.sampler._target_ == "optuna.samplers.TPESampler"
-    study = (tmp_path / "outputs" / "optuna" / "fsl_protonet.db").resolve()
+    study = (tmp_path / "outputs" / "optuna" / f"{study_name}.db").resolve()
     assert sweeper.storage == f"sqlite:///{study}"  # fixed path: the next invocation resumes
     assert sweeper.sampler.seed == 1234  # + stored trials: none yet
     assert optuna_seed(1234, sweeper.storage, "other") == 1234
