@@ -229,6 +229,12 @@ def test_class_cv_chooses_the_zsl_weight_by_the_mean_over_folds_and_the_refit_ke
     report = json.loads((run / "metrics.json").read_text())
     assert report["class_cv"]["fold_scores"][1] == cv["fold_scores"][1]
     assert report["class_cv"]["fold_scores"][2] == [0.0, 0.0, 1.0]
+    # ... nor a fold trained with another config (a resume with changed overrides): fold 2 again
+    path = run / "checkpoints" / "class_cv_fold2.pt"
+    torch.save({**torch.load(path, weights_only=False), "config": "another config's hash"}, path)
+    train(cfg)
+    report = json.loads((run / "metrics.json").read_text())
+    assert report["class_cv"]["fold_scores"][2] == cv["fold_scores"][2]
 
 
 def test_fast_dev_run_skips_class_cv_when_its_one_validation_batch_scored_no_weight(tmp_path, caplog):

@@ -23,6 +23,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from fewzero.data.clips import config_hash
 from fewzero.models.backbones import MusicFslCNN
 from fewzero.models.pitch_prior import ZSL_SCORES
 from fewzero.summary import print_summary
@@ -164,11 +165,17 @@ def class_cross_validation(cfg: DictConfig, datamodule: Any, trainer: pl.Trainer
             return {}, {}
         log.info("fast_dev_run: class cross-validation uses fold 0 only.")
     fold_scores = [module.class_cv_scores(chosen)]
+    # what a fold's training depends on: a fold file of another config in the same run
+    # directory (a resume with changed overrides) is trained again, not reused
+    trained_by = config_hash({key: OmegaConf.to_container(cfg[key]) if isinstance(cfg[key], DictConfig)
+                              else cfg[key] for key in ("model", "dataset", "loss", "side_info", "trainer",
+                                                        "seed") if key in cfg})
     for k, names in enumerate(folds[1:], start=1):
         path = output_dir / "checkpoints" / f"class_cv_fold{k}.pt"
         saved = torch.load(path, weights_only=False) if path.exists() else None
         if (saved is not None and saved["pseudo_unseen"] == names and saved["steps"] == steps
-                and saved.get("score", "top1") == module.pitch_prior.zsl_score):
+                and saved.get("score", "top1") == module.pitch_prior.zsl_score
+                and saved.get("config") == trained_by):
             log.info("Class cross-validation fold %d (pseudo-unseen %s): reusing %s", k, names, path)
             fold_scores.append(saved["scores"])
             continue
@@ -187,7 +194,7 @@ def class_cross_validation(cfg: DictConfig, datamodule: Any, trainer: pl.Trainer
         if fit.is_global_zero:  # scores are gathered: equal on every rank
             path.parent.mkdir(parents=True, exist_ok=True)
             torch.save({"pseudo_unseen": names, "steps": steps, "score": module.pitch_prior.zsl_score,
-                        "scores": scores}, path)
+                        "config": trained_by, "scores": scores}, path)
         fold_scores.append(scores)
     all_scores = torch.stack(fold_scores)  # (n_folds, n_candidates)
     weight, state = module.class_cv_choice(chosen, all_scores)
