@@ -64,6 +64,11 @@ class ClipSource(Protocol):
         """A short hash of everything that determines the clips (config and file list)."""
 
 
+def file_md5(path: str | Path) -> str:
+    """md5 hex digest of a file (audio files included: a few hundred kB each)."""
+    return hashlib.md5(Path(path).read_bytes()).hexdigest()
+
+
 def config_hash(obj: object, length: int = 12) -> str:
     """Stable short hash of a JSON-serialisable object (dict keys sorted)."""
     blob = json.dumps(obj, sort_keys=True, default=str).encode()

@@ -6,7 +6,6 @@ arithmetic on the cached tensor (see `fewzero.data.episodes`).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from collections.abc import Iterator
@@ -20,7 +19,7 @@ import torch
 import torchaudio
 from filelock import FileLock, Timeout
 
-from fewzero.data.clips import Clip, ClipSource, config_hash
+from fewzero.data.clips import Clip, ClipSource, config_hash, file_md5
 from fewzero.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -164,7 +163,7 @@ def check_md5(clip: Clip) -> None:
     (a truncated file decodes without error, as a shorter clip); no check without a listed md5."""
     if not clip.md5:
         return
-    found = hashlib.md5(Path(clip.path).read_bytes()).hexdigest()
+    found = file_md5(clip.path)
     if found != clip.md5:
         raise RuntimeError(
             f"Audio file {clip.path} has md5 {found}, but its source lists {clip.md5}: the file is "

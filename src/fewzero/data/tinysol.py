@@ -29,7 +29,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from fewzero.data.clips import TINYSOL_INSTRUMENTS, Clip, check_instruments, config_hash
+from fewzero.data.clips import TINYSOL_INSTRUMENTS, Clip, check_instruments, config_hash, file_md5
 
 log = logging.getLogger(__name__)
 
@@ -73,11 +73,6 @@ def _listed_md5(index: dict[str, Any], track_id: str) -> str:
     or "" when it lists none."""
     entry = (index.get("tracks") or {}).get(track_id, {}).get("audio") or []
     return str(entry[1]) if len(entry) > 1 and entry[1] else ""
-
-
-def _md5(path: Path) -> str:
-    """md5 hex digest of a (small) file."""
-    return hashlib.md5(path.read_bytes()).hexdigest()
 
 
 @contextmanager
@@ -207,7 +202,7 @@ class TinySOL:
         self._identity = {
             "index_md5": hashlib.md5(index_bytes).hexdigest(),
             "index_version": index_version,
-            "metadata_md5": _md5(metadata_file),
+            "metadata_md5": file_md5(metadata_file),
         }
         self._track_ids = sorted(present)
         self._clips = clips
@@ -224,7 +219,7 @@ class TinySOL:
                     f"{official.filename} (md5 {official.remote.checksum}) is at "
                     f"{official.remote.url}"
                 )
-            checksum = _md5(self.index_path)
+            checksum = file_md5(self.index_path)
             if checksum != official.remote.checksum:
                 log.warning("TinySOL index %s has md5 %s, not that of mirdata's official index "
                             "%s (%s); using it anyway.", self.index_path, checksum,
@@ -301,7 +296,7 @@ class TinySOL:
         """Warn when the metadata csv is not the one the index lists."""
         entry = (index.get("metadata") or {}).get("TinySOL_metadata")
         if entry and len(entry) > 1 and entry[1]:
-            checksum = _md5(metadata_file)
+            checksum = file_md5(metadata_file)
             if checksum != entry[1]:
                 log.warning("TinySOL metadata %s has md5 %s, the index expects %s.",
                             metadata_file, checksum, entry[1])
