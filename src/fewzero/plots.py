@@ -73,8 +73,9 @@ def confusion_figure(confusion: torch.Tensor, class_names: Sequence[str], title:
 
     Up to MAX_NAMED_CLASSES classes every cell is annotated and named; beyond, a fixed-size
     heat map only."""
-    rows = torch.nonzero(confusion.sum(dim=1) > 0).flatten()
-    cols = torch.nonzero((confusion.sum(dim=1) > 0) | (confusion.sum(dim=0) > 0)).flatten()
+    has_clips, predicted = confusion.sum(dim=1) > 0, confusion.sum(dim=0) > 0
+    rows = torch.nonzero(has_clips).flatten()
+    cols = torch.nonzero(has_clips | predicted).flatten()
     matrix = confusion[rows][:, cols].float()
     matrix = matrix / matrix.sum(dim=1, keepdim=True).clamp_min(1)
     row_names = [class_names[int(i)] for i in rows]
