@@ -54,3 +54,20 @@ def test_a_failing_multirun_job_is_reported_and_the_others_finish(tmp_path):
     configs, failed = collect(sweep)
     assert len(configs) == 1 and len(failed) == 1
     assert "n_way=9 is larger than the 3 val classes" in (failed[0] / "failed.txt").read_text()
+
+
+def test_run_summary_prints_zero_shot_figures_with_their_intervals(tmp_path, capsys, monkeypatch):
+    from fewzero.summary import print_summary
+
+    monkeypatch.setenv("COLUMNS", "200")  # one table row per line
+
+    zero_shot = {"zsl_top1": 0.4551, "zsl_top1_ci95": 0.0283, "zsl_top3": 0.8, "seen_top1": 0.97,
+                 "seen_top1_ci95": 0.012, "calibration_gamma": 0.05,
+                 **{f"{p}_{k}": v for p in ("gzsl", "gzsl_cs")
+                    for k, v in zip("ush", (0.2, 0.7, 0.311), strict=True)},
+                 **{f"gzsl_cs_{k}_ci95": v for k, v in zip("ush", (0.021, 0.033, 0.024), strict=True)}}
+    print_summary(tmp_path, {"zero_shot": zero_shot, "metrics": {"val/acc_best": 0.8}})
+    out = capsys.readouterr().out
+    assert "top-1 0.4551 +-0.028" in out and "top-1 0.9700 +-0.012" in out
+    assert "u 0.2000 +-0.021, s 0.7000 +-0.033, H 0.3110 +-0.024" in out  # calibrated
+    assert "u 0.2000, s 0.7000, H 0.3110 " in out  # uncalibrated: no interval reported

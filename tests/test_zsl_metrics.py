@@ -15,7 +15,9 @@ from fewzero.zsl_evaluation import (
     evaluate_zsl,
     gzsl_score,
     harmonic_mean,
+    harmonic_mean_ci95,
     per_class_accuracy,
+    per_class_accuracy_ci95,
     topk_accuracy,
     true_class_log_likelihood,
 )
@@ -66,6 +68,40 @@ def test_topk_only_considers_the_candidate_classes():
     assert topk_accuracy(scores, labels, [0, 1, 2, 3], k=1) == pytest.approx(0.0)
 
 
+def test_per_class_accuracy_interval_by_hand():
+    # class 0: 3 of 4 right (p 0.75, n 4); class 1: 1 of 2 (p 0.5, n 2)
+    correct = torch.tensor([True, True, True, False, True, False])
+    labels = torch.tensor([0, 0, 0, 0, 1, 1])
+    expected = 1.96 * math.sqrt(0.75 * 0.25 / 4 + 0.5 * 0.5 / 2) / 2
+    assert per_class_accuracy_ci95(correct, labels) == pytest.approx(expected)
+    assert per_class_accuracy_ci95(torch.ones(5, dtype=torch.bool), torch.tensor([0, 0, 1, 1, 1])) == 0.0
+    no_clip = torch.zeros(0, dtype=torch.long)
+    assert math.isnan(per_class_accuracy_ci95(no_clip.bool(), no_clip))
+
+
+def test_per_class_accuracy_interval_covers_the_true_accuracy_about_95_percent_of_the_time():
+    generator = torch.Generator().manual_seed(0)
+    truth = torch.tensor([0.3, 0.6, 0.9])  # per-class accuracies of an imagined classifier
+    labels = torch.arange(3).repeat_interleave(torch.tensor([80, 150, 60]))
+    covered = 0
+    for _ in range(2000):
+        correct = torch.rand(len(labels), generator=generator) < truth[labels]
+        estimate = float(per_class_accuracy(correct, labels))
+        covered += abs(estimate - float(truth.mean())) <= per_class_accuracy_ci95(correct, labels)
+    assert 0.93 <= covered / 2000 <= 0.97
+
+
+def test_harmonic_mean_interval_by_the_delta_method():
+    u, s, du, ds = 0.4, 0.8, 0.05, 0.02
+    expected = math.sqrt((2 * s**2 / (u + s) ** 2 * du) ** 2 + (2 * u**2 / (u + s) ** 2 * ds) ** 2)
+    assert harmonic_mean_ci95(u, du, s, ds) == pytest.approx(expected)
+    # numerically: the change of H for a small change of u
+    step = 1e-6
+    slope = (harmonic_mean(u + step, s) - harmonic_mean(u, s)) / step
+    assert harmonic_mean_ci95(u, du, s, 0.0) == pytest.approx(slope * du, rel=1e-4)
+    assert harmonic_mean_ci95(0.0, 0.1, 0.0, 0.1) == 0.0
+
+
 def test_harmonic_mean():
     assert harmonic_mean(0.5, 1.0) == pytest.approx(2 / 3)
     assert harmonic_mean(0.0, 0.0) == 0.0
@@ -98,8 +134,22 @@ def test_evaluate_zsl_reports_every_setting_with_the_given_penalty():
     assert (m["gzsl_u"], m["gzsl_s"], m["gzsl_h"]) == (0.0, 1.0, 0.0)
     assert (m["gzsl_cs_u"], m["gzsl_cs_s"]) == pytest.approx((0.5, 1.0))
     assert m["calibration_gamma"] == 0.075
+    assert m["zsl_top1_ci95"] == 0.0 and m["seen_top1_ci95"] == 0.0  # every class all right
+    # one clip per class: each class's accuracy is 0 or 1, so clip sampling leaves no spread
+    assert m["gzsl_cs_u_ci95"] == 0.0 and m["gzsl_cs_h_ci95"] == 0.0
     assert results.confusions["zsl"].diagonal().tolist() == [0, 0, 1, 1]
     assert results.confusions["gzsl_cs"][2].tolist() == [1, 0, 0, 0]  # unseen 2 still goes to 0
+
+
+def test_evaluate_zsl_intervals_come_from_each_settings_own_clips():
+    extra = torch.tensor([[0.0, 0.0, 0.1, 0.4]])  # a second clip of unseen class 2, named 3
+    scores, labels = torch.cat([SCORES, extra]), torch.cat([LABELS, torch.tensor([2])])
+    m = evaluate_zsl(scores, labels, SEEN, UNSEEN, gamma=0.075, n_classes=4).metrics
+    assert m["zsl_top1"] == pytest.approx((0.5 + 1.0) / 2)
+    assert m["zsl_top1_ci95"] == pytest.approx(1.96 * math.sqrt(0.5 * 0.5 / 2) / 2)
+    assert m["seen_top1_ci95"] == 0.0
+    # GZSL with the penalty: class 2's clips both wrong (to 0, then to 3), class 3's right
+    assert m["gzsl_cs_u"] == pytest.approx(0.5) and m["gzsl_cs_u_ci95"] == 0.0
 
 
 def test_evaluate_zsl_scores_zsl_and_seen_with_their_own_scores_when_given():

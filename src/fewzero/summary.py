@@ -26,16 +26,19 @@ def print_summary(output_dir: Path, report: dict[str, Any]) -> None:
         console.print(table)
     zero_shot = report.get("zero_shot")
     if zero_shot:
-        zsl = Table(title="zero-shot (per-class mean top-1)")
+        def value(key: str) -> str:  # with its 95% interval from the test clips, where reported
+            ci = zero_shot.get(f"{key}_ci95")
+            return f"{zero_shot[key]:.4f}" + (f" +-{ci:.3f}" if ci is not None else "")
+
+        zsl = Table(title="zero-shot (per-class mean top-1; +- 95% interval over the test clips)")
         zsl.add_column("setting")
         zsl.add_column("candidates")
         zsl.add_column("result", justify="right")
-        zsl.add_row("ZSL", "unseen", f"top-1 {zero_shot['zsl_top1']:.4f}, "
-                    f"top-3 {zero_shot['zsl_top3']:.4f}")
-        zsl.add_row("seen", "seen", f"top-1 {zero_shot['seen_top1']:.4f}")
+        zsl.add_row("ZSL", "unseen", f"top-1 {value('zsl_top1')}, top-3 {zero_shot['zsl_top3']:.4f}")
+        zsl.add_row("seen", "seen", f"top-1 {value('seen_top1')}")
         for name, prefix in (("GZSL", "gzsl"), ("GZSL calibrated", "gzsl_cs")):
-            zsl.add_row(name, "all", "u {:.4f}, s {:.4f}, H {:.4f}".format(
-                *(zero_shot[f"{prefix}_{k}"] for k in "ush")))
+            zsl.add_row(name, "all", ", ".join(f"{label} {value(f'{prefix}_{label.lower()}')}"
+                                               for label in "usH"))
         zsl.add_row("", "", f"penalty {zero_shot['calibration_gamma']:.4f} (from validation)")
         if "prior_weight_zsl" in zero_shot:
             zsl.add_row("", "", "prior weight: " + ", ".join(

@@ -8,6 +8,7 @@ and seen test samples with all classes as candidates, H = 2us / (u + s); calibra
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -36,6 +37,34 @@ def per_class_mean(values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def per_class_accuracy(correct: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per-class mean accuracy: correct (..., n) bool, labels (n,) -> (...) (`per_class_mean`)."""
     return per_class_mean(correct, labels)
+
+
+def per_class_accuracy_ci95(correct: torch.Tensor, labels: torch.Tensor) -> float:
+    """Half-width of the 95% interval of `per_class_accuracy` from the sampling of the clips.
+
+    Each class's clips are taken as a binomial sample of its accuracy p_c (n_c clips), so the
+    per-class mean over C classes has standard error sqrt(sum_c p_c (1 - p_c) / n_c) / C; the
+    half-width is 1.96 times that (normal approximation: 0 when every class is all right or all
+    wrong). It covers which clips were drawn, not which classes or which training seed.
+    correct (n,) bool, labels (n,) class ids; nan when there is no sample.
+    """
+    if labels.numel() == 0:
+        return float("nan")
+    classes, inverse = labels.unique(return_inverse=True)
+    counts = torch.bincount(inverse, minlength=len(classes)).double()
+    hits = torch.zeros(len(classes), dtype=torch.float64).index_add_(0, inverse, correct.double())
+    accuracy = hits / counts
+    variance = (accuracy * (1 - accuracy) / counts).sum() / len(classes) ** 2
+    return float(1.96 * variance.sqrt())
+
+
+def harmonic_mean_ci95(u: float, u_ci95: float, s: float, s_ci95: float) -> float:
+    """Half-width of the 95% interval of H = 2us / (u + s) from those of u and s, taken as
+    independent (different clips), by the delta method: dH/du = 2s^2 / (u + s)^2 and
+    dH/ds = 2u^2 / (u + s)^2. 0 when u + s = 0."""
+    if u + s == 0:
+        return 0.0
+    return float(math.hypot(2 * s**2 * u_ci95, 2 * u**2 * s_ci95) / (u + s) ** 2)
 
 
 def predict(scores: torch.Tensor, candidates: Sequence[int], k: int = 1) -> torch.Tensor:
@@ -192,7 +221,9 @@ def evaluate_zsl(scores: torch.Tensor, labels: torch.Tensor, seen: Sequence[int]
             "seen" (seen candidates) settings, where a model scores them differently (a prior
             weighted per setting); `scores` serves the settings not given and GZSL.
     Returns metrics zsl_top1, zsl_top3 (unseen samples, unseen candidates), seen_top1 (seen
-    samples, seen candidates), gzsl_u/s/h, gzsl_cs_u/s/h and calibration_gamma, plus confusion
+    samples, seen candidates), gzsl_u/s/h, gzsl_cs_u/s/h and calibration_gamma; the 95% interval
+    half-widths from the sampling of the test clips (`per_class_accuracy_ci95`,
+    `harmonic_mean_ci95`) of zsl_top1, seen_top1 and gzsl_cs_u/s/h as <name>_ci95; and confusion
     matrices "zsl" and "gzsl_cs".
     """
     setting_scores = setting_scores or {}
@@ -211,8 +242,19 @@ def evaluate_zsl(scores: torch.Tensor, labels: torch.Tensor, seen: Sequence[int]
     }
     penalised = scores.clone()
     penalised[:, list(seen)] -= gamma
+    zsl_predicted = predict(u_scores, unseen)[:, 0]
+    gzsl_predicted = predict(penalised, [*seen, *unseen])[:, 0]
+    gzsl_correct = gzsl_predicted == labels
+    metrics.update({
+        "zsl_top1_ci95": per_class_accuracy_ci95(zsl_predicted == u_labels, u_labels),
+        "seen_top1_ci95": per_class_accuracy_ci95(predict(s_scores, seen)[:, 0] == s_labels, s_labels),
+        "gzsl_cs_u_ci95": per_class_accuracy_ci95(gzsl_correct[is_unseen], u_labels),
+        "gzsl_cs_s_ci95": per_class_accuracy_ci95(gzsl_correct[~is_unseen], s_labels),
+    })
+    metrics["gzsl_cs_h_ci95"] = harmonic_mean_ci95(calibrated.u, metrics["gzsl_cs_u_ci95"],
+                                                   calibrated.s, metrics["gzsl_cs_s_ci95"])
     confusions = {
-        "zsl": confusion_matrix(predict(u_scores, unseen)[:, 0], u_labels, n_classes),
-        "gzsl_cs": confusion_matrix(predict(penalised, [*seen, *unseen])[:, 0], labels, n_classes),
+        "zsl": confusion_matrix(zsl_predicted, u_labels, n_classes),
+        "gzsl_cs": confusion_matrix(gzsl_predicted, labels, n_classes),
     }
     return ZslResults(metrics, confusions)
