@@ -22,13 +22,12 @@ from pathlib import Path
 import hydra
 import librosa
 import torch
-from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
 from fewzero.callbacks import StageTimer
 from fewzero.data.episodes import EpisodeDataset
 from fewzero.eval import evaluate
-from fewzero.train import compose_train_config, train
+from fewzero.train import compose_train_config, save_run_overrides, train
 
 ROOT = Path(__file__).resolve().parents[1]
 BACKBONES = ("timbre_cnn", "music_fsl_cnn")
@@ -76,14 +75,12 @@ def accuracy_fields(results: dict) -> dict[str, float]:
             **{f"{name}_ci95": r.ci95 for name, r in results.items()}}
 
 
-def unwhitened_results(run_cfg, metrics: dict, run_dir: Path) -> dict[str, float]:
+def unwhitened_results(metrics: dict, run_dir: Path) -> dict[str, float]:
     """Test accuracies of the run's tested checkpoint with `model.whitening=null`, same episodes
     (last.ckpt when the run was too short to validate and tested its final weights)."""
-    config_path = run_dir / "run_config.yaml"
-    OmegaConf.save(run_cfg, config_path)
     ckpt = metrics["test/checkpoint"] or run_dir / "checkpoints" / "last.ckpt"
-    _, objects = evaluate(ckpt, ["model.whitening=null"],
-                          run_dir.with_name(run_dir.name + "_unwhitened"), run_config=config_path)
+    # the run's own config: fewzero.train saved it as <run>/.hydra/config.yaml
+    _, objects = evaluate(ckpt, ["model.whitening=null"], run_dir.with_name(run_dir.name + "_unwhitened"))
     return accuracy_fields(objects["model"].test_results)
 
 
@@ -114,7 +111,9 @@ def main() -> None:
 
     rows = {}
     for backbone in args.backbones:
-        run_cfg = compose_train_config([*base, f"model/backbone={backbone}"], out / backbone)
+        run_overrides = [*base, f"model/backbone={backbone}"]
+        run_cfg = compose_train_config(run_overrides, out / backbone)
+        save_run_overrides(run_overrides, out / backbone)
         metrics, objects = train(run_cfg)
         timer = next(c for c in objects["trainer"].callbacks if isinstance(c, StageTimer))
         test_episodes = sum(s.n_episodes for s in objects["datamodule"].test_settings)
@@ -126,7 +125,7 @@ def main() -> None:
             **accuracy_fields(results),
         }
         if run_cfg.model.get("whitening") is not None:
-            rows[backbone]["unwhitened"] = unwhitened_results(run_cfg, metrics, out / backbone)
+            rows[backbone]["unwhitened"] = unwhitened_results(metrics, out / backbone)
 
     device = (torch.cuda.get_device_name(0) if "gpu" in " ".join(args.overrides)
               else f"CPU ({platform.processor() or platform.machine()}, "

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from fewzero.train import compose_train_config, train
+from fewzero.train import compose_train_config, save_run_overrides, train
 
 ROOT = Path(__file__).resolve().parents[1]
 # name -> (row label, overrides). "tutorial" = siamese network + triplet loss, as the tutorial.
@@ -126,6 +126,7 @@ def run_once(overrides: list[str], run_dir: Path, also_selected: bool = False) -
     check_same_overrides(overrides, run_dir)
     cfg = compose_train_config(overrides, run_dir)
     if not done.exists():
+        save_run_overrides(overrides, run_dir)
         start = time.perf_counter()
         train(cfg)
         timing.write_text(f"{time.perf_counter() - start:.1f}\n")

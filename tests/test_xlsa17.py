@@ -20,7 +20,7 @@ from fewzero.data.xlsa17 import XLSA17_URL, Xlsa17DataModule, load_features, loa
 from fewzero.plots import confusion_figure
 from fewzero.report import collect
 from fewzero.side_info.xlsa17 import Xlsa17Attributes
-from fewzero.train import compose_train_config, train
+from fewzero.train import compose_train_config, save_run_overrides, train
 
 XLSA17 = SHARED_DATA / "xlsa17"
 PAPER_SIZES = {"AWA2": (23527, 5882, 7913), "CUB": (7057, 1764, 2967)}
@@ -323,9 +323,7 @@ def test_runs_aggregate_with_the_report_tool(tmp_path):
         cfg = _toy_cfg(tmp_path, [f"experiment=xlsa17_{model}", *NO_LOGGER])
         cfg.paths.output_dir = str(tmp_path / "sweep" / model)
         train(cfg)
-        hydra_dir = tmp_path / "sweep" / model / ".hydra"
-        hydra_dir.mkdir()
-        (hydra_dir / "overrides.yaml").write_text(f"- experiment=xlsa17_{model}\n")
+        save_run_overrides([f"experiment=xlsa17_{model}"], tmp_path / "sweep" / model)
     configs, failed = collect(tmp_path / "sweep")
     assert not failed
     assert sorted(c.name for c in configs) == ["experiment=xlsa17_eszsl", "experiment=xlsa17_sae"]

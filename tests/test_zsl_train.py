@@ -10,6 +10,7 @@ from conftest import compose_train_cfg, load_script, tone_overrides
 from omegaconf import OmegaConf
 
 from fewzero.models.zeroshot_module import check_init_checkpoint
+from fewzero.report import collect
 from fewzero.train import train
 
 WORD = ["experiment=zsl_attribute_audio"]  # word-audio split; attribute table needs no package
@@ -191,8 +192,7 @@ def test_few_shot_run_on_training_folds_starts_a_zero_shot_run_and_the_default_o
     assert set(dm.table.folds[read].tolist()) == {0, 1, 2} and len(read) < len(dm.labels)
     run = Path(fsl.paths.output_dir)
     ckpt = run / "checkpoints" / "last.ckpt"
-    (run / ".hydra").mkdir()
-    OmegaConf.save(fsl, run / ".hydra" / "config.yaml")  # what a Hydra run writes next to it
+    assert (run / ".hydra" / "config.yaml").is_file()  # written by train, as by a Hydra run
 
     def zsl_run(*overrides: str) -> None:
         train(compose_train_cfg(tmp_path / "zsl", WORD + [
@@ -240,6 +240,13 @@ def test_zsl_benchmark_reports_the_runs_training_length_and_refuses_mixed_settin
     assert benchmark.RECIPES["attribute_plain"][0] in table
     runs = json.loads((out / "benchmark.json").read_text())["runs"]
     assert runs["attribute_plain"][0]["max_steps"] == 4
+    assert 0.0 <= runs["attribute_plain"][0]["zsl_top1_ci95"] < 1.0
+    # the run folder keeps what fewzero.eval and fewzero.report read from a Hydra run
+    run = out / "attribute_plain" / "seed0"
+    assert OmegaConf.load(run / ".hydra" / "config.yaml").seed == 0
+    configs, failed = collect(out)
+    assert not failed and [c.name for c in configs] == [",".join(sorted(
+        o for o in json.loads((run / "benchmark_overrides.json").read_text()) if o != "seed=0"))]
     monkeypatch.setattr("sys.argv", [*argv[:1], "--max-steps", "6", *argv[1:]])
     with pytest.raises(SystemExit, match="trainer.max_steps=6"):
         benchmark.main()  # the folder's run trained 4 steps: not reused under another setting

@@ -69,6 +69,14 @@ def compose_train_config(overrides: list[str], output_dir: str | Path) -> DictCo
     return cfg
 
 
+def save_run_overrides(overrides: list[str], output_dir: str | Path) -> None:
+    """Record a script-composed run's overrides as Hydra does (`<output_dir>/.hydra/overrides.yaml`),
+    so that `fewzero.report` groups its runs by their settings (over seeds)."""
+    path = Path(output_dir) / ".hydra" / "overrides.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(OmegaConf.create(list(overrides)), path)
+
+
 def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
     """`last` means <output_dir>/checkpoints/last.ckpt; `auto` the same when it exists, else
     None (start afresh: for jobs a cluster may requeue); anything else must be an existing file."""
@@ -296,6 +304,12 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         and the built cfg, datamodule, model, trainer.
     """
     output_dir = Path(cfg.paths.output_dir)
+    saved_config = output_dir / ".hydra" / "config.yaml"
+    if cfg.get("train", True) and not saved_config.exists():
+        # Hydra writes it for `python -m fewzero.train`; a run composed by a script (the
+        # benchmarks) needs it too: fewzero.eval and model.init_checkpoint's check read it
+        saved_config.parent.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg, saved_config)
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True)
     # Denormal floats (|x| < 1.2e-38) cost x86 CPUs tens of cycles per operation; a saturated
