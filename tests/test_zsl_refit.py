@@ -142,6 +142,14 @@ def test_refit_can_be_switched_off(tmp_path):
     assert objects["datamodule"].train_on == "train" and Path(report["checkpoint"]).name.startswith("step")
 
 
+def test_a_run_that_stops_before_its_first_validation_says_how_long_to_train(tmp_path):
+    cfg = compose_train_cfg(tmp_path, WORD + ["trainer.max_steps=1", "dataset.steps_per_epoch=3",
+                                              "model.pitch_prior.class_cv=false", *QUICK])
+    with pytest.raises(RuntimeError, match=r"no validation ran: training stopped after 1 steps .*"
+                                           r"first validation at step 3.*trainer.max_steps to at least 3"):
+        train(cfg)
+
+
 def test_class_cv_folds_hold_out_other_seen_classes_and_nothing_else_changes(tmp_path):
     dm = _datamodule(tmp_path)
     assert dm.class_cv_folds == [["Oboe", "Trombone"], ["Cello", "Clarinet in Bb", "French Horn"],

@@ -136,6 +136,15 @@ def _selected_checkpoint(trainer: pl.Trainer) -> tuple[str, int, int, dict[str, 
         return selected_path, int(selected["epoch"]) + 1, int(selected["global_step"]), selected["state_dict"]
     if trainer.fast_dev_run:
         return "", max(1, trainer.current_epoch), trainer.global_step, trainer.lightning_module.state_dict()
+    first_validation = trainer.num_training_batches * (trainer.check_val_every_n_epoch or 1)
+    if trainer.checkpoint_callback and trainer.global_step < first_validation:
+        raise RuntimeError(
+            f"Refitting on trainval needs the validation-selected checkpoint, and no validation "
+            f"ran: training stopped after {trainer.global_step} steps (trainer.max_steps="
+            f"{trainer.max_steps}), before the first validation at step {first_validation} (the "
+            f"end of an epoch of {trainer.num_training_batches} batches). Set trainer.max_steps to "
+            f"at least {first_validation}, or validate sooner with a shorter epoch "
+            "(dataset.steps_per_epoch for zero-shot datasets).")
     raise RuntimeError("Refitting on trainval needs the validation-selected checkpoint; none was "
                        "saved (is callbacks.model_checkpoint enabled?).")
 
