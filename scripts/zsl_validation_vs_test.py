@@ -9,6 +9,12 @@ then Spearman's rank correlation of class CV with unseen top-1 and of val H with
 recipes and over single runs. A protocol whose validation predicts the test gives correlations
 near +1.
 
+A second table asks whether validation agrees with itself: each pseudo-unseen fold's score (at
+the chosen weight, mean over seeds) ranks the recipes, and the rank correlation of every pair
+of folds, and of each fold with the mean of the others, shows whether a recipe's rank holds
+from one set of held-out classes to another. Where it does not, no set of classes, the test's
+five included, can be expected to rank the recipes as another does.
+
 This reads test figures. Use it after the decisions, to judge the validation protocol, never to
 choose a recipe.
 
@@ -25,7 +31,8 @@ from pathlib import Path
 
 
 def recipe_runs(folder: Path) -> list[dict[str, float]]:
-    """One dict per seed of a recipe folder: class_cv, val_h, unseen, h."""
+    """One dict per seed of a recipe folder: class_cv, val_h, unseen, h, and fold<k> (the class-CV
+    score of each pseudo-unseen fold at the chosen weight)."""
     runs = []
     for path in sorted(folder.glob("seed*/metrics.json")):
         report = json.loads(path.read_text())
@@ -35,7 +42,8 @@ def recipe_runs(folder: Path) -> list[dict[str, float]]:
                              "model.pitch_prior.class_cv=true.")
         chosen = cv["candidates"].index(cv["zsl_weight"])
         runs.append({"class_cv": cv["mean_scores"][chosen], "val_h": report["metrics"]["val/acc_best"],
-                     "unseen": report["zero_shot"]["zsl_top1"], "h": report["zero_shot"]["gzsl_cs_h"]})
+                     "unseen": report["zero_shot"]["zsl_top1"], "h": report["zero_shot"]["gzsl_cs_h"],
+                     **{f"fold{k}": scores[chosen] for k, scores in enumerate(cv["fold_scores"])}})
     if not runs:
         raise SystemExit(f"No seed*/metrics.json under {folder}: run scripts/benchmark_zsl.py first.")
     return runs
@@ -57,9 +65,12 @@ def ranks(values: list[float]) -> list[float]:
 
 
 def spearman(x: list[float], y: list[float]) -> float:
-    """Spearman's rank correlation (Pearson's on the ranks); needs 3 or more pairs."""
+    """Spearman's rank correlation (Pearson's on the ranks); needs 3 or more pairs. nan where
+    one side is constant (a fold on which every recipe scores alike ranks nothing)."""
     if len(x) != len(y) or len(x) < 3:
         raise SystemExit(f"A rank correlation needs 3 or more pairs; got {len(x)}: pass more recipes.")
+    if len(set(x)) == 1 or len(set(y)) == 1:
+        return float("nan")
     return statistics.correlation(ranks(x), ranks(y))
 
 
@@ -83,7 +94,26 @@ def main() -> None:
         by_recipe = spearman([m[validation] for m in means.values()], [m[test] for m in means.values()])
         by_run = spearman([r[validation] for r in every], [r[test] for r in every])
         lines.append(f"| {label} | {by_recipe:+.2f} ({len(means)}) | {by_run:+.2f} ({len(every)}) |")
+    lines += ["", *fold_agreement(list(means.values()))]
     print("\n".join(lines))
+
+
+def fold_agreement(means: list[dict[str, float]]) -> list[str]:
+    """Table lines: Spearman's rank correlation over recipes between every pair of class-CV folds'
+    scores, and between each fold and the mean of the others (validation figures only)."""
+    folds = sorted((key for key in means[0] if key.startswith("fold")), key=lambda k: int(k[4:]))
+    if any(set(folds) - set(m) for m in means):
+        raise SystemExit("The recipes' class cross-validations have different folds: compare "
+                         "recipes of one split.")
+    column = {fold: [m[fold] for m in means] for fold in folds}
+    lines = ["| class-CV folds (validation only) | Spearman over recipes |", "| --- | --- |"]
+    for i, a in enumerate(folds):
+        for b in folds[i + 1:]:
+            lines.append(f"| {a} ~ {b} | {spearman(column[a], column[b]):+.2f} |")
+    for fold in folds:
+        rest = [statistics.mean(m[f] for f in folds if f != fold) for m in means]
+        lines.append(f"| {fold} ~ mean of the others | {spearman(column[fold], rest):+.2f} |")
+    return lines
 
 
 if __name__ == "__main__":

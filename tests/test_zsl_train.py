@@ -1,6 +1,7 @@
 """Zero-shot datamodule and end-to-end runs on synthetic tones: splits, leakage, reports."""
 
 import json
+import math
 from pathlib import Path
 
 import hydra
@@ -274,8 +275,10 @@ def test_validation_vs_test_script_ranks_recipes_and_correlates_them(tmp_path, m
         for seed in range(2):
             run = folders[-1] / f"seed{seed}"
             run.mkdir(parents=True)
+            # fold 1 ranks the recipes as fold 0 does, fold 2 the other way round
             report = {"class_cv": {"candidates": [0.0, 0.2], "zsl_weight": 0.2,
-                                   "mean_scores": [-9.0, cv + 0.02 * seed]},
+                                   "mean_scores": [-9.0, cv + 0.02 * seed],
+                                   "fold_scores": [[-9.0, cv], [-9.0, 2 * cv], [-9.0, -cv / 2]]},
                       "metrics": {"val/acc_best": 0.5 + unseen / 10},
                       "zero_shot": {"zsl_top1": unseen + 0.002 * seed, "gzsl_cs_h": unseen / 2}}
             (run / "metrics.json").write_text(json.dumps(report))
@@ -285,6 +288,9 @@ def test_validation_vs_test_script_ranks_recipes_and_correlates_them(tmp_path, m
     assert f"| {tmp_path.name}/recipe0 | 2 | -0.390 | 0.530 | 0.301 | 0.150 |" in table  # seed means
     assert "| class-CV score ~ unseen top-1 | -1.00 (4) |" in table  # the weight's score at 0.2
     assert "| val H ~ H | +1.00 (4) | +" in table
+    assert "| fold0 ~ fold1 | +1.00 |" in table and "| fold0 ~ fold2 | -1.00 |" in table
+    assert "| fold2 ~ mean of the others | -1.00 |" in table
+    assert math.isnan(script.spearman([0.0, 0.0, 0.0], [1.0, 2.0, 3.0]))  # a fold no recipe moves
     monkeypatch.setattr("sys.argv", ["zsl_validation_vs_test.py", str(tmp_path / "missing")])
     with pytest.raises(SystemExit, match="run scripts/benchmark_zsl.py first"):
         script.main()
