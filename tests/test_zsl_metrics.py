@@ -141,6 +141,18 @@ def test_evaluate_zsl_reports_every_setting_with_the_given_penalty():
     assert results.confusions["gzsl_cs"][2].tolist() == [1, 0, 0, 0]  # unseen 2 still goes to 0
 
 
+def test_gzsl_confusion_counts_a_tie_with_the_penalty_as_the_metric_does():
+    scores = torch.rand(40, 4, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(40) % 4
+    margins = scores[:, SEEN].max(dim=1).values - scores[:, UNSEEN].max(dim=1).values
+    for gamma in margins.tolist():  # a sample's margin exactly: a tie, and float rounding
+        results = evaluate_zsl(scores, labels, SEEN, UNSEEN, gamma=gamma, n_classes=4)
+        confusion = results.confusions["gzsl_cs"].double()
+        per_class = confusion.diagonal() / confusion.sum(dim=1)
+        assert (float(per_class[UNSEEN].mean()), float(per_class[SEEN].mean())) == pytest.approx(
+            (results.metrics["gzsl_cs_u"], results.metrics["gzsl_cs_s"])), gamma
+
+
 def test_evaluate_zsl_intervals_come_from_each_settings_own_clips():
     extra = torch.tensor([[0.0, 0.0, 0.1, 0.4]])  # a second clip of unseen class 2, named 3
     scores, labels = torch.cat([SCORES, extra]), torch.cat([LABELS, torch.tensor([2])])

@@ -131,6 +131,15 @@ def _stacking_margins(scores: torch.Tensor, seen: Sequence[int], unseen: Sequenc
     return seen_ids[seen_arg], unseen_ids[unseen_arg], best_seen - best_unseen
 
 
+def stacking_predictions(scores: torch.Tensor, seen: Sequence[int], unseen: Sequence[int],
+                         gamma: float) -> torch.Tensor:
+    """GZSL predictions with seen scores lowered by `gamma`: (n, n_classes) -> (n,) class ids.
+    A sample goes to its best unseen class where gamma > its margin (best seen - best unseen
+    score), else to its best seen class: the rule `gzsl_score` counts, ties included."""
+    seen_pred, unseen_pred, margin = _stacking_margins(scores, seen, unseen)
+    return torch.where(gamma > margin, unseen_pred, seen_pred)
+
+
 def _gzsl_for(gammas: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor,
               seen: Sequence[int], unseen: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """u and s for every penalty in `gammas` (G,): returns two (G,) tensors.
@@ -240,10 +249,8 @@ def evaluate_zsl(scores: torch.Tensor, labels: torch.Tensor, seen: Sequence[int]
         "gzsl_cs_u": calibrated.u, "gzsl_cs_s": calibrated.s, "gzsl_cs_h": calibrated.h,
         "calibration_gamma": float(gamma),
     }
-    penalised = scores.clone()
-    penalised[:, list(seen)] -= gamma
     zsl_predicted = predict(u_scores, unseen)[:, 0]
-    gzsl_predicted = predict(penalised, [*seen, *unseen])[:, 0]
+    gzsl_predicted = stacking_predictions(scores, seen, unseen, gamma)
     gzsl_correct = gzsl_predicted == labels
     metrics.update({
         "zsl_top1_ci95": per_class_accuracy_ci95(zsl_predicted == u_labels, u_labels),
