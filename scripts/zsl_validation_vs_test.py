@@ -94,25 +94,35 @@ def main() -> None:
         by_recipe = spearman([m[validation] for m in means.values()], [m[test] for m in means.values()])
         by_run = spearman([r[validation] for r in every], [r[test] for r in every])
         lines.append(f"| {label} | {by_recipe:+.2f} ({len(means)}) | {by_run:+.2f} ({len(every)}) |")
-    lines += ["", *fold_agreement(list(means.values()))]
+    lines += ["", *fold_agreement(list(runs.values()))]
     print("\n".join(lines))
 
 
-def fold_agreement(means: list[dict[str, float]]) -> list[str]:
-    """Table lines: Spearman's rank correlation over recipes between every pair of class-CV folds'
-    scores, and between each fold and the mean of the others (validation figures only)."""
-    folds = sorted((key for key in means[0] if key.startswith("fold")), key=lambda k: int(k[4:]))
-    if any(set(folds) - set(m) for m in means):
+def fold_agreement(runs: list[list[dict[str, float]]]) -> list[str]:
+    """Table lines (validation figures only; `runs`: each recipe's runs from `recipe_runs`):
+    Spearman's rank correlation over recipes between every pair of class-CV folds' mean scores,
+    and between each fold and the mean of the others; then, per fold (and for unseen top-1), the
+    spread of the recipes' means beside the seed noise of a mean, sqrt(mean seed variance / n
+    seeds): where the two are alike, that fold's ranking is mostly noise."""
+    folds = sorted((key for key in runs[0][0] if key.startswith("fold")), key=lambda k: int(k[4:]))
+    if any(set(folds) - set(run) for recipe in runs for run in recipe):
         raise SystemExit("The recipes' class cross-validations have different folds: compare "
                          "recipes of one split.")
-    column = {fold: [m[fold] for m in means] for fold in folds}
+    column = {key: [statistics.mean(run[key] for run in recipe) for recipe in runs]
+              for key in [*folds, "unseen"]}
     lines = ["| class-CV folds (validation only) | Spearman over recipes |", "| --- | --- |"]
     for i, a in enumerate(folds):
         for b in folds[i + 1:]:
             lines.append(f"| {a} ~ {b} | {spearman(column[a], column[b]):+.2f} |")
     for fold in folds:
-        rest = [statistics.mean(m[f] for f in folds if f != fold) for m in means]
+        rest = [statistics.mean(column[f][r] for f in folds if f != fold) for r in range(len(runs))]
         lines.append(f"| {fold} ~ mean of the others | {spearman(column[fold], rest):+.2f} |")
+    lines += ["", "| score | sd of the recipes' means | seed sd of a recipe's mean |", "| --- | --- | --- |"]
+    for key in column:
+        noise = statistics.mean(statistics.variance([run[key] for run in recipe]) / len(recipe)
+                                for recipe in runs) if all(len(r) > 1 for r in runs) else float("nan")
+        label = "unseen top-1 (test)" if key == "unseen" else key
+        lines.append(f"| {label} | {statistics.stdev(column[key]):.3f} | {noise ** 0.5:.3f} |")
     return lines
 
 

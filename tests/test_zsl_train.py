@@ -290,6 +290,8 @@ def test_validation_vs_test_script_ranks_recipes_and_correlates_them(tmp_path, m
     assert "| val H ~ H | +1.00 (4) | +" in table
     assert "| fold0 ~ fold1 | +1.00 |" in table and "| fold0 ~ fold2 | -1.00 |" in table
     assert "| fold2 ~ mean of the others | -1.00 |" in table
+    # recipes' means 0.1 apart; seeds 0.002 apart: sqrt(0.002^2 / 2 / 2) = 0.001
+    assert "| fold0 | 0.129 | 0.000 |" in table and "| unseen top-1 (test) | 0.129 | 0.001 |" in table
     assert math.isnan(script.spearman([0.0, 0.0, 0.0], [1.0, 2.0, 3.0]))  # a fold no recipe moves
     monkeypatch.setattr("sys.argv", ["zsl_validation_vs_test.py", str(tmp_path / "missing")])
     with pytest.raises(SystemExit, match="run scripts/benchmark_zsl.py first"):
