@@ -69,6 +69,11 @@ def tutorial_episodes_per_second(datamodule, n_episodes: int) -> float:
     return n_episodes / (time.perf_counter() - start)
 
 
+def backbone_configs() -> list[str]:
+    """The backbone configs a run can name (configs/model/backbone/*.yaml)."""
+    return sorted(p.stem for p in (ROOT / "configs" / "model" / "backbone").glob("*.yaml"))
+
+
 def accuracy_fields(results: dict) -> dict[str, float]:
     """{"<setting>_acc": mean, "<setting>_ci95": ci95} for each test setting's EpisodeResults."""
     return {**{f"{name}_acc": r.mean for name, r in results.items()},
@@ -91,13 +96,16 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data-episodes", type=int, default=500)
     parser.add_argument("--tutorial-episodes", type=int, default=10)
-    parser.add_argument("--backbones", nargs="*", default=list(BACKBONES),
-                        help="backbones to train and test; none (just --backbones): data pipeline only")
+    parser.add_argument("--backbones", nargs="*", default=list(BACKBONES), choices=backbone_configs(),
+                        metavar="BACKBONE", help="backbones (configs/model/backbone) to train and test; "
+                        "none (just --backbones): data pipeline only. Hydra overrides go before it.")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output folder (default: outputs/benchmarks/fsl_<date>_<time>)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run")
     args = parser.parse_args()
 
     stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-    out = ROOT / "outputs" / "benchmarks" / f"fsl_{stamp}"
+    out = args.out or ROOT / "outputs" / "benchmarks" / f"fsl_{stamp}"
     base = [f"trainer.max_steps={args.max_steps}", f"seed={args.seed}", "task_name=benchmark",
             *args.overrides]
 
@@ -109,7 +117,7 @@ def main() -> None:
     ours = max(cached_episodes_per_second(datamodule, args.data_episodes) for _ in range(3))
     tutorial = tutorial_episodes_per_second(datamodule, args.tutorial_episodes)
 
-    rows = {}
+    rows, device = {}, "CPU"
     for backbone in args.backbones:
         run_overrides = [*base, f"model/backbone={backbone}"]
         run_cfg = compose_train_config(run_overrides, out / backbone)
@@ -122,20 +130,25 @@ def main() -> None:
             "train_steps_per_s": timer.results["train_steps"] / timer.results["train_seconds"],
             "eval_s_per_episode": timer.results["test_seconds"] / test_episodes,
             "val_acc_best": metrics.get("val/acc_best"),
+            "settings": list(results),  # test settings' names, e.g. 5way_1shot
             **accuracy_fields(results),
         }
         if run_cfg.model.get("whitening") is not None:
             rows[backbone]["unwhitened"] = unwhitened_results(metrics, out / backbone)
-
-    device = (torch.cuda.get_device_name(0) if "gpu" in " ".join(args.overrides)
-              else f"CPU ({platform.processor() or platform.machine()}, "
-                   f"{torch.get_num_threads()} threads)")
+        root = objects["trainer"].strategy.root_device
+        device = torch.cuda.get_device_name(root) if root.type == "cuda" else "CPU"
+    if device == "CPU":
+        device = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    episodes = cfg.dataset.episodes
+    train_setting = episodes.train
+    tests = "; ".join(f"{t.n_episodes} episodes of {t.n_way}-way {t.n_shot}-shot ({t.n_query} "
+                      "queries per class)" for t in episodes.test)
     lines = [
-        f"### Few-shot benchmark, rendered SOL, {device}, {stamp}",
+        f"### Few-shot benchmark, {cfg.dataset.source._target_.rsplit('.', 1)[-1]}, {device}, {stamp}",
         "",
-        f"Training budget: {args.max_steps} steps of 5-way 5-shot 5-query episodes, seed "
-        f"{args.seed}; test: 1000 episodes each of 5-way 1-shot and 5-way 5-shot (15 queries "
-        "per class) on identical episodes.",
+        f"Training budget: {args.max_steps} steps of {train_setting.n_way}-way {train_setting.n_shot}-shot "
+        f"{train_setting.n_query}-query episodes, seed {args.seed}; test: {tests}, on identical "
+        "episodes for every backbone.",
         "",
         "| measurement | value |",
         "| --- | --- |",
@@ -149,16 +162,15 @@ def main() -> None:
             f"| {backbone}: evaluation s/episode (embedding included) | "
             f"{r['eval_s_per_episode']:.5f} |",
             *(f"| {backbone}: {name.replace('_', ' ')} accuracy | "
-              f"{r[f'{name}_acc']:.4f} +- {r[f'{name}_ci95']:.4f} |"
-              for name in ("5way_1shot", "5way_5shot")),
+              f"{r[f'{name}_acc']:.4f} +- {r[f'{name}_ci95']:.4f} |" for name in r["settings"]),
             *(f"| {backbone}, same checkpoint without whitening: {name.replace('_', ' ')} "
               f"accuracy | {r['unwhitened'][f'{name}_acc']:.4f} +- "
               f"{r['unwhitened'][f'{name}_ci95']:.4f} |"
-              for name in ("5way_1shot", "5way_5shot") if "unwhitened" in r),
+              for name in r["settings"] if "unwhitened" in r),
         ]
     if len(rows) == 2:
         (a, ra), (b, rb) = rows.items()
-        for name in ("5way_1shot", "5way_5shot"):
+        for name in ra["settings"]:
             gap = ra[f"{name}_acc"] - rb[f"{name}_acc"]
             cis = ra[f"{name}_ci95"] + rb[f"{name}_ci95"]
             lines.append(f"| {a} - {b}, {name} (sum of CIs) | {gap:+.4f} ({cis:.4f}) |")
@@ -168,7 +180,7 @@ def main() -> None:
     (out / "benchmark.md").write_text(table + "\n")
     (out / "benchmark.json").write_text(json.dumps(
         {"device": device, "data_episodes_per_s": {"cached": ours, "tutorial": tutorial},
-         "runs": rows, "args": vars(args)}, indent=2))
+         "runs": rows, "args": vars(args)}, indent=2, default=str))
     print(f"\nwritten to {out}/benchmark.md")
 
 

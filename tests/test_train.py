@@ -292,3 +292,29 @@ def test_whitening_can_be_switched_off(tmp_path):
     metrics, objects = train(cfg)
     assert objects["model"].net.whitening is None
     assert 0.0 <= metrics["test/5way_5shot_acc"] <= 1.0
+
+
+def test_few_shot_benchmark_describes_its_own_test_episodes_and_keeps_its_runs_re_evaluable(
+        tmp_path, monkeypatch, capsys):
+    from conftest import load_script, tone_overrides
+    from omegaconf import OmegaConf
+
+    benchmark = load_script("benchmark_fsl")
+    own = ("+trainer.enable_progress_bar", "~callbacks.progress_bar", "trainer.max_steps=")
+    tones = [o for o in tone_overrides(tmp_path) if not o.startswith(own)]
+    out = tmp_path / "bench"
+    monkeypatch.setattr("sys.argv", ["benchmark_fsl.py", "--max-steps", "2", "--data-episodes", "3",
+                                     "--tutorial-episodes", "1", "--out", str(out), *tones,
+                                     "--backbones", "timbre_cnn"])
+    benchmark.main()
+    table = (out / "benchmark.md").read_text()
+    assert "6 episodes of 5-way 1-shot (5 queries per class); 6 episodes of 5-way 5-shot" in table
+    assert "| timbre_cnn: 5way 5shot accuracy |" in table
+    assert "| timbre_cnn, same checkpoint without whitening: 5way 1shot accuracy |" in table
+    run = out / "timbre_cnn"
+    assert OmegaConf.load(run / ".hydra" / "config.yaml").model.backbone._target_.endswith("TimbreCNN")
+    assert "model/backbone=timbre_cnn" in OmegaConf.load(run / ".hydra" / "overrides.yaml")
+    monkeypatch.setattr("sys.argv", ["benchmark_fsl.py", "--backbones", "timbre_cnn", "trainer=gpu"])
+    with pytest.raises(SystemExit):  # an override after --backbones is not taken for a backbone
+        benchmark.main()
+    assert "invalid choice: 'trainer=gpu'" in capsys.readouterr().err
