@@ -15,6 +15,17 @@ from dataclasses import dataclass, field
 import torch
 
 
+def _class_means(values: torch.Tensor, labels: torch.Tensor, dtype: torch.dtype
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each class's mean value and sample count: values (..., n), labels (n,) non-empty ->
+    ((..., n_classes), (n_classes,)), classes in sorted id order, in `dtype`."""
+    classes, inverse = labels.unique(return_inverse=True)
+    sums = torch.zeros(*values.shape[:-1], len(classes), dtype=dtype)
+    sums.index_add_(-1, inverse, values.to(dtype))
+    counts = torch.bincount(inverse, minlength=len(classes)).to(dtype)
+    return sums / counts, counts
+
+
 def per_class_mean(values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean over the classes present in `labels` of each class's mean value.
 
@@ -27,11 +38,7 @@ def per_class_mean(values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     dtype = values.dtype if values.is_floating_point() else torch.float32
     if labels.numel() == 0:
         return torch.full(values.shape[:-1], float("nan"), dtype=dtype)
-    classes, inverse = labels.unique(return_inverse=True)
-    sums = torch.zeros(*values.shape[:-1], len(classes), dtype=dtype)
-    sums.index_add_(-1, inverse, values.to(dtype))
-    counts = torch.bincount(inverse, minlength=len(classes)).to(dtype)
-    return (sums / counts).mean(dim=-1)
+    return _class_means(values, labels, dtype)[0].mean(dim=-1)
 
 
 def per_class_accuracy(correct: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -50,11 +57,8 @@ def per_class_accuracy_ci95(correct: torch.Tensor, labels: torch.Tensor) -> floa
     """
     if labels.numel() == 0:
         return float("nan")
-    classes, inverse = labels.unique(return_inverse=True)
-    counts = torch.bincount(inverse, minlength=len(classes)).double()
-    hits = torch.zeros(len(classes), dtype=torch.float64).index_add_(0, inverse, correct.double())
-    accuracy = hits / counts
-    variance = (accuracy * (1 - accuracy) / counts).sum() / len(classes) ** 2
+    accuracy, counts = _class_means(correct, labels, torch.float64)
+    variance = (accuracy * (1 - accuracy) / counts).sum() / len(counts) ** 2
     return float(1.96 * variance.sqrt())
 
 
