@@ -162,6 +162,28 @@ def test_evaluate_zsl_intervals_come_from_each_settings_own_clips():
     assert m["seen_top1_ci95"] == 0.0
     # GZSL with the penalty: class 2's clips both wrong (to 0, then to 3), class 3's right
     assert m["gzsl_cs_u"] == pytest.approx(0.5) and m["gzsl_cs_u_ci95"] == 0.0
+    # top-3 among the two unseen classes: every clip right, so no spread
+    assert m["zsl_top3"] == 1.0 and m["zsl_top3_ci95"] == 0.0
+
+
+def test_evaluate_zsl_intervals_of_gzsl_without_the_penalty():
+    # unseen class 2: 3 clips, the first two go to unseen 2 (right), the last to seen 0 (wrong);
+    # seen class 0: 2 clips, one right, one lost to unseen 3; seen class 1 and unseen 3: one clip
+    scores = torch.tensor([[0.1, 0.0, 0.9, 0.0], [0.1, 0.0, 0.8, 0.0], [0.9, 0.0, 0.1, 0.0],
+                           [0.9, 0.0, 0.0, 0.1], [0.1, 0.0, 0.0, 0.9], [0.0, 0.9, 0.0, 0.1],
+                           [0.0, 0.0, 0.1, 0.9]])
+    labels = torch.tensor([2, 2, 2, 0, 0, 1, 3])
+    m = evaluate_zsl(scores, labels, SEEN, UNSEEN, gamma=0.0, n_classes=4).metrics
+    u, s = (2 / 3 + 1) / 2, (1 / 2 + 1) / 2
+    assert (m["gzsl_u"], m["gzsl_s"]) == pytest.approx((u, s))
+    u_ci95 = 1.96 * math.sqrt((2 / 3) * (1 / 3) / 3) / 2
+    s_ci95 = 1.96 * math.sqrt(0.5 * 0.5 / 2) / 2
+    assert (m["gzsl_u_ci95"], m["gzsl_s_ci95"]) == pytest.approx((u_ci95, s_ci95))
+    assert m["gzsl_h_ci95"] == pytest.approx(harmonic_mean_ci95(u, u_ci95, s, s_ci95))
+    # at gamma 0 the calibrated figures are the plain ones, intervals included
+    assert all(m[f"gzsl_cs_{k}_ci95"] == pytest.approx(m[f"gzsl_{k}_ci95"]) for k in "ush")
+    # top-3 among the two unseen classes always holds the right one
+    assert m["zsl_top3_ci95"] == 0.0
 
 
 def test_evaluate_zsl_scores_zsl_and_seen_with_their_own_scores_when_given():

@@ -34,7 +34,7 @@ def print_summary(output_dir: Path, report: dict[str, Any]) -> None:
         zsl.add_column("setting")
         zsl.add_column("candidates")
         zsl.add_column("result", justify="right")
-        zsl.add_row("ZSL", "unseen", f"top-1 {value('zsl_top1')}, top-3 {zero_shot['zsl_top3']:.4f}")
+        zsl.add_row("ZSL", "unseen", f"top-1 {value('zsl_top1')}, top-3 {value('zsl_top3')}")
         zsl.add_row("seen", "seen", f"top-1 {value('seen_top1')}")
         for name, prefix in (("GZSL", "gzsl"), ("GZSL calibrated", "gzsl_cs")):
             zsl.add_row(name, "all", ", ".join(f"{label} {value(f'{prefix}_{label.lower()}')}"

@@ -235,9 +235,9 @@ def evaluate_zsl(scores: torch.Tensor, labels: torch.Tensor, seen: Sequence[int]
             weighted per setting); `scores` serves the settings not given and GZSL.
     Returns metrics zsl_top1, zsl_top3 (unseen samples, unseen candidates), seen_top1 (seen
     samples, seen candidates), gzsl_u/s/h, gzsl_cs_u/s/h and calibration_gamma; the 95% interval
-    half-widths from the sampling of the test clips (`per_class_accuracy_ci95`,
-    `harmonic_mean_ci95`) of zsl_top1, seen_top1 and gzsl_cs_u/s/h as <name>_ci95; and confusion
-    matrices "zsl" and "gzsl_cs".
+    half-width of each accuracy and H from the sampling of the test clips
+    (`per_class_accuracy_ci95`, `harmonic_mean_ci95`) as <name>_ci95; and confusion matrices
+    "zsl" and "gzsl_cs".
     """
     setting_scores = setting_scores or {}
     is_unseen = torch.isin(labels, torch.as_tensor(list(unseen), dtype=torch.long))
@@ -253,19 +253,24 @@ def evaluate_zsl(scores: torch.Tensor, labels: torch.Tensor, seen: Sequence[int]
         "gzsl_cs_u": calibrated.u, "gzsl_cs_s": calibrated.s, "gzsl_cs_h": calibrated.h,
         "calibration_gamma": float(gamma),
     }
-    zsl_predicted = predict(u_scores, unseen)[:, 0]
-    gzsl_predicted = stacking_predictions(scores, seen, unseen, gamma)
-    gzsl_correct = gzsl_predicted == labels
+    zsl_top3 = predict(u_scores, unseen, 3)
+    zsl_predicted = zsl_top3[:, 0]
     metrics.update({
         "zsl_top1_ci95": per_class_accuracy_ci95(zsl_predicted == u_labels, u_labels),
+        "zsl_top3_ci95": per_class_accuracy_ci95((zsl_top3 == u_labels[:, None]).any(dim=1), u_labels),
         "seen_top1_ci95": per_class_accuracy_ci95(predict(s_scores, seen)[:, 0] == s_labels, s_labels),
-        "gzsl_cs_u_ci95": per_class_accuracy_ci95(gzsl_correct[is_unseen], u_labels),
-        "gzsl_cs_s_ci95": per_class_accuracy_ci95(gzsl_correct[~is_unseen], s_labels),
     })
-    metrics["gzsl_cs_h_ci95"] = harmonic_mean_ci95(calibrated.u, metrics["gzsl_cs_u_ci95"],
-                                                   calibrated.s, metrics["gzsl_cs_s_ci95"])
+    gzsl_predicted = {}
+    for prefix, penalty in (("gzsl", 0.0), ("gzsl_cs", gamma)):
+        gzsl_predicted[prefix] = stacking_predictions(scores, seen, unseen, penalty)
+        correct = gzsl_predicted[prefix] == labels
+        u_ci95 = per_class_accuracy_ci95(correct[is_unseen], u_labels)
+        s_ci95 = per_class_accuracy_ci95(correct[~is_unseen], s_labels)
+        metrics.update({f"{prefix}_u_ci95": u_ci95, f"{prefix}_s_ci95": s_ci95,
+                        f"{prefix}_h_ci95": harmonic_mean_ci95(metrics[f"{prefix}_u"], u_ci95,
+                                                               metrics[f"{prefix}_s"], s_ci95)})
     confusions = {
         "zsl": confusion_matrix(zsl_predicted, u_labels, n_classes),
-        "gzsl_cs": confusion_matrix(gzsl_predicted, labels, n_classes),
+        "gzsl_cs": confusion_matrix(gzsl_predicted["gzsl_cs"], labels, n_classes),
     }
     return ZslResults(metrics, confusions)
