@@ -6,7 +6,7 @@ import torch
 from conftest import compose_train_cfg
 from omegaconf import OmegaConf
 
-from fewzero.eval import evaluate, main
+from fewzero.eval import apply_overrides, evaluate, main
 from fewzero.train import train
 
 
@@ -18,14 +18,23 @@ def test_checkpoint_is_re_evaluated_with_other_episode_settings(tmp_path):
     train(cfg)
     ckpt = run / "checkpoints" / "last.ckpt"
     out = tmp_path / "eval"
-    metrics, objects = evaluate(
-        ckpt, ["dataset.episodes.test=[{n_way: 3, n_shot: 2, n_query: 4, n_episodes: 7}]"], out)
-    assert objects["trainer"].global_step == 0  # no training happened
+    main([f"ckpt_path={ckpt}", f"hydra.run.dir={out}",  # the command line, output dir as in training
+          "dataset.episodes.test=[{n_way: 3, n_shot: 2, n_query: 4, n_episodes: 7}]"])
     report = json.loads((out / "metrics.json").read_text())
     assert report["test_episodes"]["3way_2shot"]["n_episodes"] == 7
-    assert 0.0 <= metrics["test/3way_2shot_acc"] <= 1.0
+    assert 0.0 <= report["metrics"]["test/3way_2shot_acc"] <= 1.0
+    assert "hydra" not in OmegaConf.load(out / ".hydra" / "config.yaml")  # not taken as an override
     assert (out / "plots" / "test_embeddings_3way_2shot.png").is_file()
     assert report["checkpoint"] == str(ckpt.resolve())
+
+
+def test_overrides_must_name_keys_of_the_run_config_unless_added_with_a_plus():
+    cfg = OmegaConf.create({"model": {"whitening": {"shrinkage": 1.0}, "plot_dir": "plots"}})
+    changed = apply_overrides(cfg, ["model.whitening=null", "+model.extra=[1,2]"])
+    assert changed.model.whitening is None and list(changed.model.extra) == [1, 2]
+    with pytest.raises(ValueError, match=r"model\.whitenning.*\+key=value"):
+        apply_overrides(cfg, ["model.whitenning=null"])  # misspelt: would be read by nothing
+    assert cfg.model.whitening.shrinkage == 1.0  # the loaded config itself is left as it was
 
 
 def test_missing_run_config_says_what_to_pass(tmp_path):
@@ -34,6 +43,12 @@ def test_missing_run_config_says_what_to_pass(tmp_path):
     ckpt.write_bytes(b"")
     with pytest.raises(FileNotFoundError, match="run_config="):
         evaluate(ckpt, [], tmp_path / "out")
+
+
+@pytest.mark.parametrize("setting", ["hydra.job.chdir=true", "paths.output_dir=/tmp/x"])
+def test_cli_refuses_hydra_settings_it_would_ignore(setting):
+    with pytest.raises(SystemExit, match=r"hydra.run.dir=<dir>.*would do nothing"):
+        main(["ckpt_path=missing.ckpt", setting])
 
 
 def test_cli_without_arguments_prints_usage(capsys):
