@@ -34,6 +34,18 @@ def test_runs_are_grouped_over_seeds_sorted_and_failures_listed(tmp_path, capsys
     assert "written:" in capsys.readouterr().out
 
 
+def test_the_sort_metric_is_one_the_runs_have(tmp_path, capsys):
+    _run(tmp_path, "0", ["seed=0"], {"test/zsl_top1": 0.4, "val/acc_best": 0.8})
+    _run(tmp_path, "1", ["model=conse", "seed=0"], {"test/zsl_top1": 0.6, "val/acc_best": 0.7})
+    main([str(tmp_path)])  # zero-shot runs: no few-shot accuracy, so by unseen top-1
+    rows = [line for line in (tmp_path / "report.md").read_text().splitlines() if line.startswith("| ")]
+    assert rows[0].startswith("| configuration | runs | test/zsl_top1 |")
+    assert rows[2].startswith("| model=conse | 1 | 0.6000")
+    with pytest.raises(SystemExit):
+        main([str(tmp_path), "--metric", "test/5way_5shot_acc"])
+    assert "pass --metric with one they have: test/zsl_top1, val/acc_best" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_a_failing_multirun_job_is_reported_and_the_others_finish(tmp_path):
     import subprocess

@@ -1,6 +1,6 @@
 """Aggregate the runs of a multirun (or any folder of runs) into one table.
 
-    python -m fewzero.report outputs/train/multiruns/<time> [--metric test/5way_5shot_acc]
+    python -m fewzero.report outputs/train/multiruns/<time> [--metric test/zsl_top1]
                              [--group-ignore seed] [--out DIR]
 
 Every run directory holding `metrics.json` (and Hydra's `.hydra/overrides.yaml`) is one row;
@@ -26,6 +26,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
+
+# the sort key when none is given: the first of these that the runs have (few-shot, zero-shot)
+DEFAULT_METRICS = ("test/5way_5shot_acc", "test/zsl_top1", "val/acc_best")
 
 
 @dataclass
@@ -112,7 +115,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("root", type=Path, help="a multirun directory (or any folder of runs)")
-    parser.add_argument("--metric", default="test/5way_5shot_acc", help="sort key")
+    parser.add_argument("--metric", default=None,
+                        help=f"sort key (default: the first of {', '.join(DEFAULT_METRICS)} the runs have)")
     parser.add_argument("--group-ignore", nargs="*", default=["seed"],
                         help="override keys that do not make a new configuration")
     parser.add_argument("--out", type=Path, default=None, help="default: <root>")
@@ -122,7 +126,13 @@ def main(argv: list[str] | None = None) -> None:
     configs, failed = collect(args.root, tuple(args.group_ignore))
     if not configs and not failed:
         parser.error(f"no runs (folders with .hydra/) under {args.root}")
-    print(write_report(configs, failed, args.metric, args.out or args.root))
+    reported = sorted({k for c in configs for k, v in c.metrics.items() if v})
+    if args.metric is None:
+        args.metric = next((m for m in DEFAULT_METRICS if m in reported), None)
+    if configs and args.metric not in reported:
+        parser.error(f"no run under {args.root} has the metric {args.metric or 'of ' + str(DEFAULT_METRICS)}"
+                     f"; pass --metric with one they have: {', '.join(reported)}")
+    print(write_report(configs, failed, args.metric or DEFAULT_METRICS[0], args.out or args.root))
     print(f"written: {(args.out or args.root) / 'report.md'}, report.csv, report.png")
 
 
