@@ -148,7 +148,10 @@ def main() -> None:
         "",
         f"Training budget: {args.max_steps} steps of {train_setting.n_way}-way {train_setting.n_shot}-shot "
         f"{train_setting.n_query}-query episodes, seed {args.seed}; test: {tests}, on identical "
-        "episodes for every backbone.",
+        "episodes for every backbone. Each accuracy is one training run's, +- its 95% interval "
+        "over the test episodes; another seed or host trains another model, whose accuracy can "
+        "differ by more (over seeds: `python -m fewzero.train -m seed=0,1,2,3,4`, then "
+        "`python -m fewzero.report <its multirun folder>`).",
         "",
         "| measurement | value |",
         "| --- | --- |",

@@ -309,6 +309,7 @@ def test_few_shot_benchmark_describes_its_own_test_episodes_and_keeps_its_runs_r
     benchmark.main()
     table = (out / "benchmark.md").read_text()
     assert "6 episodes of 5-way 1-shot (5 queries per class); 6 episodes of 5-way 5-shot" in table
+    assert "one training run's, +- its 95% interval over the test episodes" in table
     assert "| timbre_cnn: 5way 5shot accuracy |" in table
     assert "| timbre_cnn, same checkpoint without whitening: 5way 1shot accuracy |" in table
     run = out / "timbre_cnn"
