@@ -130,8 +130,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.metric is None:
         args.metric = next((m for m in DEFAULT_METRICS if m in reported), None)
     if configs and args.metric not in reported:
-        parser.error(f"no run under {args.root} has the metric {args.metric or 'of ' + str(DEFAULT_METRICS)}"
-                     f"; pass --metric with one they have: {', '.join(reported)}")
+        wanted = args.metric or f"any of {', '.join(DEFAULT_METRICS)}"
+        parser.error(f"no run under {args.root} has {wanted}; pass --metric with one they have: "
+                     f"{', '.join(reported)}")
     print(write_report(configs, failed, args.metric or DEFAULT_METRICS[0], args.out or args.root))
     print(f"written: {(args.out or args.root) / 'report.md'}, report.csv, report.png")
 
