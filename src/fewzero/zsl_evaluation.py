@@ -243,23 +243,21 @@ def evaluate_zsl(scores: torch.Tensor, labels: torch.Tensor, seen: Sequence[int]
     is_unseen = torch.isin(labels, torch.as_tensor(list(unseen), dtype=torch.long))
     u_scores, u_labels = setting_scores.get("zsl", scores)[is_unseen], labels[is_unseen]
     s_scores, s_labels = setting_scores.get("seen", scores)[~is_unseen], labels[~is_unseen]
+    zsl_predicted = predict(u_scores, unseen)[:, 0]
+    # each accuracy and its interval from the same hits: (labels, correct) per metric
+    hits = {"zsl_top1": (u_labels, zsl_predicted == u_labels),
+            "zsl_top3": (u_labels, (predict(u_scores, unseen, 3) == u_labels[:, None]).any(dim=1)),
+            "seen_top1": (s_labels, predict(s_scores, seen)[:, 0] == s_labels)}
     plain = gzsl_score(scores, labels, seen, unseen, 0.0)
     calibrated = gzsl_score(scores, labels, seen, unseen, gamma)
     metrics = {
-        "zsl_top1": topk_accuracy(u_scores, u_labels, unseen, 1),
-        "zsl_top3": topk_accuracy(u_scores, u_labels, unseen, 3),
-        "seen_top1": topk_accuracy(s_scores, s_labels, seen, 1),
+        **{name: float(per_class_accuracy(correct, truth)) for name, (truth, correct) in hits.items()},
         "gzsl_u": plain.u, "gzsl_s": plain.s, "gzsl_h": plain.h,
         "gzsl_cs_u": calibrated.u, "gzsl_cs_s": calibrated.s, "gzsl_cs_h": calibrated.h,
         "calibration_gamma": float(gamma),
     }
-    zsl_top3 = predict(u_scores, unseen, 3)
-    zsl_predicted = zsl_top3[:, 0]
-    metrics.update({
-        "zsl_top1_ci95": per_class_accuracy_ci95(zsl_predicted == u_labels, u_labels),
-        "zsl_top3_ci95": per_class_accuracy_ci95((zsl_top3 == u_labels[:, None]).any(dim=1), u_labels),
-        "seen_top1_ci95": per_class_accuracy_ci95(predict(s_scores, seen)[:, 0] == s_labels, s_labels),
-    })
+    metrics.update({f"{name}_ci95": per_class_accuracy_ci95(correct, truth)
+                    for name, (truth, correct) in hits.items()})
     gzsl_predicted = {}
     for prefix, penalty in (("gzsl", 0.0), ("gzsl_cs", gamma)):
         gzsl_predicted[prefix] = stacking_predictions(scores, seen, unseen, penalty)
