@@ -3,6 +3,7 @@
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from conftest import FSL_OVERRIDES, compose_train_cfg
-from omegaconf import open_dict
+from omegaconf import OmegaConf, open_dict
 
 from fewzero.callbacks import LastCheckpoint
 from fewzero.data.clips import TINYSOL_INSTRUMENTS
@@ -112,6 +113,17 @@ def _step(path: Path) -> int:
     return torch.load(path, map_location="cpu", weights_only=False)["global_step"]
 
 
+def _stop_once_saved(process: subprocess.Popen, last: Path, signum: int) -> int:
+    """Send `signum` once `process` has written `last`; it must stop as SIGTERM does (status
+    143) between steps 0 and 12 of the 12-step run. Returns the step it saved."""
+    _wait_for_new(last, process, None)
+    process.send_signal(signum)
+    assert process.wait(timeout=300) == 128 + signal.SIGTERM
+    stopped_at = _step(last)
+    assert 0 < stopped_at < 12
+    return stopped_at
+
+
 @pytest.mark.slow
 def test_run_stopped_by_sigterm_then_killed_resumes_to_the_uninterrupted_metrics(tmp_path):
     subprocess.run(_command(tmp_path, tmp_path / "full"), check=True, capture_output=True, timeout=600)
@@ -120,12 +132,8 @@ def test_run_stopped_by_sigterm_then_killed_resumes_to_the_uninterrupted_metrics
     log = (tmp_path / "interrupted.log").open("w")
 
     # SIGTERM as soon as a checkpoint exists: Lightning finishes the batch, last.ckpt gets it
-    first = subprocess.Popen(_command(tmp_path, run), stdout=log, stderr=log)
-    _wait_for_new(last, first, None)
-    first.send_signal(signal.SIGTERM)
-    assert first.wait(timeout=300) == 128 + signal.SIGTERM
-    stopped_at = _step(last)
-    assert 0 < stopped_at < 12
+    stopped_at = _stop_once_saved(subprocess.Popen(_command(tmp_path, run), stdout=log, stderr=log),
+                                  last, signal.SIGTERM)
 
     # resume, then SIGKILL (no clean-up at all) once the resumed run has written a checkpoint
     stat = last.stat()
@@ -139,6 +147,64 @@ def test_run_stopped_by_sigterm_then_killed_resumes_to_the_uninterrupted_metrics
     subprocess.run(_command(tmp_path, run) + ["ckpt_path=last"], check=True, capture_output=True,
                    timeout=600)
     assert _report(run) == _report(tmp_path / "full")
+
+
+def test_resume_from_last_checkpoint_continues_the_step_count(tmp_path):
+    settings = ["trainer.max_steps=6", "test=false"]
+    first = compose_train_cfg(tmp_path, settings)
+    with open_dict(first):
+        first.callbacks.sigterm = {"_target_": "test_resume._Sigterm", "at_step": 3}
+    with pytest.raises(SystemExit):
+        train(first, overrides=settings)
+    last = Path(first.paths.output_dir) / "checkpoints" / "last.ckpt"
+    saved = torch.load(last, weights_only=False)
+    assert saved["global_step"] == 4
+    assert "val_acc_best.max_value" in saved["state_dict"] and "rng_state" in saved
+    assert saved["fewzero_run"]["overrides"] == settings
+    assert saved["fewzero_run"]["config"]["trainer"]["max_steps"] == 6
+    # where it trains may change: trainer.accelerator was "auto"
+    _, objects = train(compose_train_cfg(tmp_path, [*settings, "trainer.accelerator=cpu", "ckpt_path=last"]))
+    assert objects["trainer"].global_step == 6
+
+
+def test_resume_with_other_training_settings_is_refused_and_the_runs_config_kept(tmp_path):
+    settings = ["trainer.max_steps=4", "test=false", "model.optimizer.lr=0.002"]
+    first = compose_train_cfg(tmp_path, settings)
+    train(first, overrides=settings)
+    run = Path(first.paths.output_dir)
+    # what Hydra writes into the run directory before fewzero.train sees the resume's config
+    again = ["trainer.max_steps=6", "test=false", "ckpt_path=last"]
+    resumed = compose_train_cfg(tmp_path, again)
+    OmegaConf.save(resumed, run / ".hydra" / "config.yaml")
+    OmegaConf.save(OmegaConf.create(again), run / ".hydra" / "overrides.yaml")
+    with pytest.raises(ValueError) as refused:
+        train(resumed, overrides=again)
+    message = str(refused.value)
+    assert "trainer.max_steps: 4 in the run, 6 now" in message
+    assert "model.optimizer.lr: 0.002 in the run, 0.001 now" in message
+    assert (f"python -m fewzero.train trainer.max_steps=4 test=false model.optimizer.lr=0.002 "
+            f"ckpt_path=last hydra.run.dir={run}") in message
+    assert OmegaConf.load(run / ".hydra" / "config.yaml").trainer.max_steps == 4
+    assert list(OmegaConf.load(run / ".hydra" / "overrides.yaml")) == settings
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_the_current_step_and_prints_the_command_that_resumes(tmp_path):
+    run = tmp_path / "interrupted"
+    last = run / "checkpoints" / "last.ckpt"
+    log_path = tmp_path / "interrupted.log"
+    with log_path.open("w") as log:
+        # as from a terminal; the child must not inherit a SIGINT the test runner ignores
+        _stop_once_saved(subprocess.Popen(_command(tmp_path, run), stdout=log, stderr=log,
+                                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)),
+                         last, signal.SIGINT)
+    output = log_path.read_text()
+    assert "Ctrl-C: saving this step" in output and "Traceback" not in output
+    command = shlex.split(output.split("Resume with:\n", 1)[1].splitlines()[0])
+    assert command[:3] == ["python", "-m", "fewzero.train"] and f"hydra.run.dir={run}" in command
+    subprocess.run([sys.executable, *command[1:]], check=True, capture_output=True, timeout=600)
+    assert _step(last) == 12 and (run / "metrics.json").is_file()
 
 
 def test_ckpt_path_auto_resumes_when_there_is_a_last_checkpoint_and_starts_afresh_otherwise(tmp_path):

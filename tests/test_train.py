@@ -59,19 +59,6 @@ def test_training_writes_metrics_plots_checkpoints_and_hparams(tmp_path, backbon
     assert events and any(b"hparams" in e.read_bytes() for e in events)
 
 
-def test_resume_from_last_checkpoint_continues_the_step_count(tmp_path):
-    first = compose_train_cfg(tmp_path, ["trainer.max_steps=4", "test=false"])
-    train(first)
-    last = Path(first.paths.output_dir) / "checkpoints" / "last.ckpt"
-    saved = torch.load(last, weights_only=False)
-    assert saved["global_step"] == 4
-    assert "val_acc_best.max_value" in saved["state_dict"] and "rng_state" in saved
-    resumed = compose_train_cfg(tmp_path, ["trainer.max_steps=6", "test=false",
-                                           "ckpt_path=last"])
-    _, objects = train(resumed)
-    assert objects["trainer"].global_step == 6
-
-
 def test_missing_checkpoint_says_how_to_resume(tmp_path):
     cfg = compose_train_cfg(tmp_path, [f"ckpt_path={tmp_path / 'nope.ckpt'}"])
     with pytest.raises(FileNotFoundError, match="hydra.run.dir"):

@@ -1,7 +1,11 @@
-"""Callbacks of our own: stage timing, per-step seeding and the resume checkpoint (last.ckpt)."""
+"""Callbacks of our own: stage timing, per-step seeding, the resume checkpoint (last.ckpt), the
+run's config in every checkpoint, and Ctrl-C as a clean stop."""
 
 from __future__ import annotations
 
+import logging
+import signal
+import threading
 import time
 from typing import Any
 
@@ -10,6 +14,8 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+log = logging.getLogger(__name__)
 
 
 class StageTimer(pl.Callback):
@@ -127,3 +133,41 @@ class LastCheckpoint(ModelCheckpoint):
         if (isinstance(exception, SIGTERMException) and trainer.world_size == 1
                 and not self._should_skip_saving_checkpoint(trainer)):
             self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+class RunRecord(pl.Callback):
+    """Writes the run's config and command-line overrides into every checkpoint it saves
+    (`checkpoint["fewzero_run"]`), so that a resume can check that it continues the same run
+    (`fewzero.train.check_resume`).
+
+    Args:
+        config: the composed config as a plain container, interpolations unresolved.
+        overrides: the command line's overrides without `ckpt_path`; None when unknown.
+    """
+
+    def __init__(self, config: dict[str, Any], overrides: list[str] | None) -> None:
+        self.config = config
+        self.overrides = overrides
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        checkpoint["fewzero_run"] = {"config": self.config, "overrides": self.overrides}
+
+
+class StopOnInterrupt(pl.Callback):
+    """Ctrl-C during training stops the run as SIGTERM does: Lightning finishes the current step,
+    `LastCheckpoint` saves it, and `fewzero.train` prints the command that resumes. A second
+    Ctrl-C stops at once (Lightning's own handling: up to `every_n_train_steps` steps lost).
+    Single-process runs only. Installed when training starts, after Lightning has noted the
+    handlers to restore when the fit ends, so it is gone after the fit."""
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if (trainer.world_size == 1 and threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
+            signal.signal(signal.SIGINT, self._stop_after_this_step)
+
+    @staticmethod
+    def _stop_after_this_step(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        log.warning("Ctrl-C: saving this step to last.ckpt, then stopping (Ctrl-C again stops at once).")
+        signal.raise_signal(signal.SIGTERM)  # Lightning's handler: stop after this batch

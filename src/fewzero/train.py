@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import math
+import shlex
 import signal
 import traceback
 from pathlib import Path
@@ -23,6 +24,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from fewzero.callbacks import RunRecord
 from fewzero.data.clips import config_hash
 from fewzero.models.backbones import MusicFslCNN
 from fewzero.models.pitch_prior import ZSL_SCORES
@@ -31,6 +33,10 @@ from fewzero.sweeps import register_resolvers
 
 log = logging.getLogger(__name__)
 MAX_RUN_SUFFIX = 120
+# What a training run's course depends on: a resume must keep these, and a class-CV fold is
+# reused only when they are unchanged. Where it trains may change on resume (RESUME_MAY_CHANGE).
+TRAINING_KEYS = ("model", "dataset", "loss", "side_info", "trainer", "seed")
+RESUME_MAY_CHANGE = ("trainer.accelerator", "trainer.devices", "trainer.num_nodes", "trainer.strategy")
 
 
 def run_suffix(override_dirname: str) -> str:
@@ -94,22 +100,81 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
     return str(path)
 
 
+def flatten_config(node: Any, prefix: str = "", sep: str = ".") -> dict[str, Any]:
+    """A config container's leaves as {"a.b.c": value}: dicts are walked (an empty one has no
+    leaves), lists and scalars are leaves."""
+    if not isinstance(node, dict):
+        return {prefix: node}
+    flat: dict[str, Any] = {}
+    for key, value in node.items():
+        flat.update(flatten_config(value, f"{prefix}{sep}{key}" if prefix else str(key), sep))
+    return flat
+
+
+def training_settings(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
+    """The TRAINING_KEYS entries of a config, as plain containers (interpolations unresolved)."""
+    container = OmegaConf.to_container(cfg) if isinstance(cfg, DictConfig) else cfg
+    return {key: container[key] for key in TRAINING_KEYS if key in container}
+
+
+def run_overrides(output_dir: Path, overrides: list[str] | None = None) -> list[str] | None:
+    """A run's command-line overrides without `ckpt_path`: `overrides` (Hydra's, passed by
+    `main`), else those a script saved (`save_run_overrides`), else None (unknown)."""
+    if overrides is None:
+        path = output_dir / ".hydra" / "overrides.yaml"
+        if not path.is_file():
+            return None
+        overrides = list(OmegaConf.load(path))
+    return [o for o in overrides if not o.lstrip("+~").startswith("ckpt_path=")]
+
+
+def resume_command(overrides: list[str] | None, output_dir: Path, ckpt_path: str = "last") -> str:
+    """The command line that resumes the run in `output_dir` from `ckpt_path`."""
+    given = " ".join(shlex.quote(o) for o in overrides) if overrides is not None else "<the run's overrides>"
+    return (f"python -m fewzero.train {given} ckpt_path={shlex.quote(ckpt_path)} "
+            f"hydra.run.dir={shlex.quote(str(output_dir))}").replace("  ", " ")
+
+
+def check_resume(cfg: DictConfig, ckpt_path: str, output_dir: Path) -> None:
+    """Refuse to resume `ckpt_path` with training settings (TRAINING_KEYS) other than those it
+    was trained with, as recorded in it by `fewzero.callbacks.RunRecord`.
+
+    By now Hydra has written this command's config into the run directory. A refused resume of
+    the run's own checkpoint puts the run's config and overrides back, so that `fewzero.eval`
+    still rebuilds the model the run trained."""
+    record = torch.load(ckpt_path, map_location="cpu", weights_only=False).get("fewzero_run")
+    if record is None:
+        log.warning("%s records no config (written before fewzero recorded it): resuming without "
+                    "checking that these are the run's own settings.", ckpt_path)
+        return
+    then = flatten_config(training_settings(record["config"]))
+    now = flatten_config(training_settings(cfg))
+    changed = sorted(key for key in then.keys() | now.keys()
+                     if then.get(key, "(not set)") != now.get(key, "(not set)")
+                     and not key.startswith(RESUME_MAY_CHANGE))
+    if not changed:
+        return
+    if Path(ckpt_path).resolve().parent.parent == output_dir.resolve():
+        OmegaConf.save(OmegaConf.create(record["config"]), output_dir / ".hydra" / "config.yaml")
+        if record["overrides"] is not None:
+            save_run_overrides(record["overrides"], output_dir)
+    differences = "\n".join(f"  {key}: {then.get(key, '(not set)')!r} in the run, "
+                            f"{now.get(key, '(not set)')!r} now" for key in changed)
+    raise ValueError(
+        f"ckpt_path={ckpt_path} was trained with other settings than this command gives:\n"
+        f"{differences}\nA resume continues the same run, so it needs the run's own settings:\n"
+        f"  {resume_command(record['overrides'], output_dir, str(cfg.ckpt_path))}\n"
+        "To train with other settings, start a new run.")
+
+
 def _flat_hparams(cfg: DictConfig) -> dict[str, Any]:
     """Config flattened to `a/b/c: value` scalars for TensorBoard's HPARAMS tab."""
     flat: dict[str, Any] = {}
-
-    def walk(node: Any, prefix: str) -> None:
-        if isinstance(node, dict):
-            for key, value in node.items():
-                walk(value, f"{prefix}{key}/")
-        elif isinstance(node, bool | int | float | str) or node is None:
-            flat[prefix[:-1]] = "null" if node is None else node
-        else:
-            flat[prefix[:-1]] = str(node)
-
     container = OmegaConf.to_container(cfg, resolve=True)
     for group in ("dataset", "model", "trainer", "loss", "side_info"):
-        walk(container.get(group, {}), f"{group}/")
+        for key, value in flatten_config(container.get(group, {}), group, sep="/").items():
+            flat[key] = "null" if value is None else value if isinstance(value, bool | int | float | str) \
+                else str(value)
     flat["seed"] = cfg.get("seed")
     if "source" in cfg.dataset:
         flat["dataset/source/instruments"] = f"{len(cfg.dataset.source.get('instruments', []) or [])} entries"
@@ -184,9 +249,7 @@ def class_cross_validation(cfg: DictConfig, datamodule: Any, trainer: pl.Trainer
     fold_scores = [module.class_cv_scores(chosen)]
     # what a fold's training depends on: a fold file of another config in the same run
     # directory (a resume with changed overrides) is trained again, not reused
-    trained_by = config_hash({key: OmegaConf.to_container(cfg[key]) if isinstance(cfg[key], DictConfig)
-                              else cfg[key] for key in ("model", "dataset", "loss", "side_info", "trainer",
-                                                        "seed") if key in cfg})
+    trained_by = config_hash(training_settings(cfg))
     for k, names in enumerate(folds[1:], start=1):
         path = output_dir / "checkpoints" / f"class_cv_fold{k}.pt"
         saved = torch.load(path, weights_only=False) if path.exists() else None
@@ -305,14 +368,23 @@ def as_trained(datamodule: Any, ckpt_path: str) -> Any:
     return datamodule.for_trainval()
 
 
-def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
+def train(cfg: DictConfig, overrides: list[str] | None = None) -> tuple[dict[str, float], dict[str, Any]]:
     """Fit (optionally resuming), test the best checkpoint, write metrics.json and hparams.
+
+    `overrides`: the command line's (`main` passes Hydra's); None reads those a script saved
+    with `save_run_overrides`. They are recorded in the checkpoints and named by the message
+    that refuses a resume with other settings (`check_resume`).
 
     Returns:
         (metrics, objects): final metrics by key (`val/acc_best`, `test/5way_5shot_acc`, ...)
         and the built cfg, datamodule, model, trainer.
     """
     output_dir = Path(cfg.paths.output_dir)
+    # as composed: instantiating a node resolves interpolations it reads in place (${side_info})
+    record = RunRecord(OmegaConf.to_container(cfg), run_overrides(output_dir, overrides))
+    resumed = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir) if cfg.get("train", True) else None
+    if resumed:
+        check_resume(cfg, resumed, output_dir)
     saved_config = output_dir / ".hydra" / "config.yaml"
     if cfg.get("train", True) and not saved_config.exists():
         # Hydra writes it for `python -m fewzero.train`; a run composed by a script (the
@@ -332,6 +404,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     model = hydra.utils.instantiate(cfg.model)
     # an entry set to null (callbacks.progress_bar=null) is switched off, like one removed with ~
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+    callbacks.append(record)
     loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
     trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
 
@@ -343,7 +416,6 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         raise ValueError("Class cross-validation (model.pitch_prior.class_cv=true) hands its choice to "
                          "the refit on trainval: set dataset.refit_on_trainval=true or class_cv=false.")
     if cfg.get("train", True):
-        resumed = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
         trainer.fit(model, datamodule=datamodule, ckpt_path=resumed)
         metrics.update(fit_metrics(trainer, resumed))
         if refits:
@@ -409,12 +481,15 @@ def optimized_metric(cfg: DictConfig) -> str | None:
 @hydra.main(version_base="1.3", config_path="../../configs", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     objective = optimized_metric(cfg)
+    overrides = list(HydraConfig.get().overrides.task)
     try:
-        metrics, _ = train(cfg)
+        metrics, _ = train(cfg, overrides)
     except SIGTERMException:
         # Lightning stopped after the current batch; callbacks.last_checkpoint saved it.
-        log.warning("Stopped by SIGTERM. Resume with the same overrides plus: ckpt_path=last "
-                    "hydra.run.dir=%s", cfg.paths.output_dir)
+        output_dir = Path(cfg.paths.output_dir)
+        log.warning("Stopped, after saving this step to %s. Resume with:\n  %s",
+                    output_dir / "checkpoints" / "last.ckpt",
+                    resume_command(run_overrides(output_dir, overrides), output_dir))
         raise SystemExit(128 + signal.SIGTERM) from None
     except Exception:
         if HydraConfig.get().mode != RunMode.MULTIRUN:
