@@ -12,7 +12,7 @@ from omegaconf import open_dict
 
 from fewzero.data.datamodule import EpisodeSettings
 from fewzero.evaluation import evaluate_episodes
-from fewzero.train import train
+from fewzero.train import compose_train_config, train
 
 # Audio experiments; the xlsa17_* ones run on precomputed features (tests/test_xlsa17.py).
 EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml")
@@ -57,6 +57,18 @@ def test_training_writes_metrics_plots_checkpoints_and_hparams(tmp_path, backbon
     assert (run / "tensorboard" / "projector_config.pbtxt").is_file()  # PROJECTOR tab
     events = list((run / "tensorboard").glob("events.out.tfevents.*"))
     assert events and any(b"hparams" in e.read_bytes() for e in events)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_debug_fast_shortens_every_experiment_in_its_datasets_own_terms(tmp_path, experiment):
+    cfg = compose_train_config([f"experiment={experiment}", "debug=fast", f"paths.root_dir={tmp_path}"],
+                               tmp_path / "run")
+    dm = hydra.utils.instantiate(cfg.dataset)  # a zero-shot one refused debug=fast's episodes before
+    assert cfg.trainer.max_steps == 6
+    if experiment.startswith("zsl"):
+        assert dm.steps_per_epoch == 3
+    else:
+        assert cfg.dataset.episodes.train.n_episodes == 3 and cfg.dataset.episodes.val.n_episodes == 5
 
 
 def test_missing_checkpoint_says_how_to_resume(tmp_path):
