@@ -51,6 +51,14 @@ def test_cli_refuses_hydra_settings_it_would_ignore(setting):
         main(["ckpt_path=missing.ckpt", setting])
 
 
+def test_cli_names_the_checkpoints_there_are_when_the_one_given_is_missing(tmp_path):
+    checkpoints = tmp_path / "run" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    (checkpoints / "last.ckpt").write_bytes(b"")
+    with pytest.raises(SystemExit, match=r"missing.ckpt does not exist.*has \['last.ckpt'\]"):
+        main([f"ckpt_path={checkpoints / 'missing.ckpt'}", f"hydra.run.dir={tmp_path / 'out'}"])
+
+
 def test_cli_without_arguments_prints_usage(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([])

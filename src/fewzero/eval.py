@@ -66,7 +66,11 @@ def evaluate(ckpt_path: str | Path, overrides: list[str], output_dir: str | Path
     """Test `ckpt_path` with the run's config plus `overrides`; results go to `output_dir`."""
     ckpt = Path(ckpt_path)
     if not ckpt.is_file():
-        raise FileNotFoundError(f"Checkpoint {ckpt} does not exist.")
+        found = sorted(p.name for p in ckpt.parent.glob("*.ckpt")) if ckpt.parent.is_dir() else []
+        raise FileNotFoundError(
+            f"Checkpoint {ckpt} does not exist. Pass ckpt_path=<run>/checkpoints/<file>.ckpt"
+            + (f"; {ckpt.parent} has {found}." if found else
+               " (a run's checkpoints are in its checkpoints/ folder)."))
     cfg = apply_overrides(load_run_config(ckpt, Path(run_config) if run_config else None), overrides)
     with open_dict(cfg):
         cfg.train, cfg.test, cfg.ckpt_path = False, True, str(ckpt.resolve())
@@ -95,7 +99,10 @@ def main(argv: list[str] | None = None) -> None:
     else:
         stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S_%f")
         output_dir = Path("outputs", "eval", "runs", stamp + run_suffix(",".join(sorted(overrides))))
-    evaluate(options["ckpt_path"], overrides, output_dir, options.get("run_config"))
+    try:
+        evaluate(options["ckpt_path"], overrides, output_dir, options.get("run_config"))
+    except FileNotFoundError as error:  # a checkpoint, run config or data file: the message says what
+        raise SystemExit(f"fewzero.eval: {error}") from None
 
 
 if __name__ == "__main__":

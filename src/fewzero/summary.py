@@ -56,4 +56,5 @@ def print_summary(output_dir: Path, report: dict[str, Any]) -> None:
     console.print(f"metrics       : {output_dir / 'metrics.json'}")
     console.print(f"plots         : {output_dir / 'plots'}")
     console.print(f"checkpoint    : {report.get('checkpoint') or '-'}")
-    console.print(f"tensorboard   : tensorboard --logdir {output_dir.parent.parent}")
+    # this run alone; a folder above it (outputs/) shows it beside the others
+    console.print(f"tensorboard   : tensorboard --logdir {output_dir / 'tensorboard'}")
