@@ -299,6 +299,21 @@ def test_omegaconf_config_gives_the_same_fingerprint(tmp_path: Path) -> None:
                                               dynamics={"pp": [20, 46]}).fingerprint()
 
 
+def test_corrupt_soundfont_names_file_and_fix_with_worker_processes(tmp_path: Path) -> None:
+    """The SoundFonts are loaded before the workers start: no bare BrokenProcessPool."""
+    try:
+        sol._import_fluidsynth()
+    except ImportError as exc:
+        pytest.skip(str(exc))
+    garbage = tmp_path / "garbage.sf2"
+    garbage.write_bytes(np.random.default_rng(0).bytes(4096))
+    source = RenderedSOL(tmp_path, TABLE, [str(garbage)], **{**TINY, "num_workers": 2})
+    with pytest.raises(RuntimeError, match="could not load the SoundFont") as info:
+        source.prepare()
+    assert str(garbage) in str(info.value)
+    assert "dataset.source.soundfonts" in str(info.value)
+
+
 def test_missing_libfluidsynth_gives_install_advice(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "fluidsynth", None)  # makes `import fluidsynth` fail
     with pytest.raises(ImportError, match="apt-get install fluidsynth") as info:

@@ -16,8 +16,10 @@ import pytest
 import soundfile as sf
 
 from fewzero.data.clips import Clip
-from fewzero.data.features import check_md5
+from fewzero.data.datamodule import FewShotDataModule
+from fewzero.data.features import MelFeatures, check_md5
 from fewzero.data.tinysol import TinySOL, TinySOLDownloadError, _import_mirdata
+from fewzero.data.zsl_datamodule import ZeroShotDataModule
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinysol"
 INDEX = SHARED / "tinysol_index_6.0.json"
@@ -157,6 +159,48 @@ def test_some_missing_without_allow_missing(tmp_path: Path, no_network: list[str
     assert f"{home}/audio/<Family>/<Instrument folder>/ordinario/<file>.wav" in message
     assert "3685367" in message and "TinySOL.tar.gz" in message
     assert not no_network
+
+
+@needs_shared
+def test_split_class_with_all_files_missing_is_not_called_unknown(tmp_path: Path,
+                                                                  no_network: list[str]) -> None:
+    """allow_missing=true: Cello (no file present) is named as missing, not as misspelt."""
+    home = _build_home(tmp_path / "tinysol")
+    source = TinySOL(home, index_path=INDEX, allow_missing=True)
+    episodes = {"train": {"n_way": 2, "n_shot": 1, "n_query": 1, "n_episodes": 1}, "val": {
+        "n_way": 1, "n_shot": 1, "n_query": 1, "n_episodes": 1}, "test": []}
+    features = MelFeatures(clip_seconds=0.5)
+    modules = [
+        FewShotDataModule(source, features, {"train": ["Violin", "Cello"], "val": ["Accordion"],
+                                             "test": ["Bassoon"]}, episodes, tmp_path / "cache"),
+        ZeroShotDataModule(source, features, {"seen": ["Violin", "Accordion"], "unseen": ["Cello"]},
+                           tmp_path / "cache"),
+    ]
+    for module in modules:
+        with pytest.raises(ValueError, match=r"tinysol instrument\(s\) \['Cello'\] of dataset.split "
+                                             "have no clips") as err:
+            module.setup()
+        message = str(err.value)
+        assert "Unknown" not in message and "spelling" not in message
+        assert "dataset.source.allow_missing=true skipped them" in message
+        assert f"{home}/audio/Strings/Violoncello/ordinario (Cello)" in message
+        assert "or remove them from dataset.split" in message
+    with pytest.raises(ValueError, match=r"Unknown tinysol instrument name\(s\) \['Cello '\]"):
+        ZeroShotDataModule(source, features, {"seen": ["Violin"], "unseen": ["Cello "]},
+                           tmp_path / "cache").setup()  # a misspelt name is still unknown
+    assert not no_network
+
+
+@needs_shared
+def test_unexpected_metadata_instrument_names_the_official_file(tmp_path: Path,
+                                                                 no_network: list[str]) -> None:
+    home = _build_home(tmp_path / "tinysol", metadata=False)
+    edited = METADATA.read_text(encoding="utf-8").replace(",Vn,Violin,", ",Vn,Fiddle,")
+    (home / "annotation" / "TinySOL_metadata.csv").parent.mkdir(parents=True)
+    (home / "annotation" / "TinySOL_metadata.csv").write_text(edited, encoding="utf-8")
+    with pytest.raises(ValueError, match=r"Unknown TinySOL instrument name\(s\) \['Fiddle'\]") as err:
+        TinySOL(home, index_path=INDEX, allow_missing=True).prepare()
+    assert "official TinySOL_metadata.csv" in str(err.value) and "spelling" not in str(err.value)
 
 
 @needs_shared

@@ -16,6 +16,7 @@ from PIL import Image, ImageDraw
 from fewzero.data.clips import TINYSOL_INSTRUMENTS
 from fewzero.side_info.attributes import AttributeTable, encode_attribute_table
 from fewzero.side_info.glove import GloveVectors, read_glove_text
+from fewzero.side_info.text import SentenceEmbeddings
 
 SIDE_INFO = Path(CONFIG_DIR) / "side_info"
 
@@ -40,9 +41,13 @@ def test_multi_word_class_names_are_averaged(tmp_path):
 
 
 def test_a_word_missing_from_the_vocabulary_is_a_clear_error(tmp_path):
-    source = GloveVectors({"Kazoo": ["kazoo"]}, dim=4, path=str(_write_glove(tmp_path / "g.txt")))
-    with pytest.raises(ValueError, match=r"not in the GloVe vocabulary: \{'Kazoo': \['kazoo'\]\}"):
+    path = _write_glove(tmp_path / "g.txt")
+    source = GloveVectors({"Kazoo": ["kazoo"]}, dim=4, path=str(path))
+    with pytest.raises(ValueError, match=r"not in the GloVe vocabulary.*\{'Kazoo': \['kazoo'\]\}") as err:
         source.vectors(["Kazoo"])
+    assert f"vocabulary of {path}:" in str(err.value)  # the vectors file in use
+    assert "Change them in side_info.words" in str(err.value)
+    assert "or use a vectors file that contains them (side_info.path=<path>)" in str(err.value)
 
 
 def test_a_class_without_words_names_the_valid_classes(tmp_path):
@@ -51,10 +56,34 @@ def test_a_class_without_words_names_the_valid_classes(tmp_path):
         source.vectors(["Oboe"])
 
 
+@pytest.mark.parametrize(("make", "fix"), [
+    (lambda: GloveVectors({"Violin": ["violin"]}, dim=4), "Add an entry for each to side_info.words"),
+    (lambda: AttributeTable({"Violin": {"reed": "none"}}, ["reed"], dim=1),
+     "Add a row for each to side_info.table"),
+    (lambda: SentenceEmbeddings({"Violin": "A bowed string instrument."}),
+     "Add a description for each to side_info.descriptions"),
+])
+def test_a_class_missing_from_the_side_information_names_that_fix(make, fix):
+    """Not the dataset/split spelling hint: the class is in the split but lacks side information."""
+    with pytest.raises(ValueError, match=r"class name\(s\) \['Oboe'\]") as err:
+        make().vectors(["Violin", "Oboe"])
+    assert fix in str(err.value) and "or remove the class from dataset.split" in str(err.value)
+    assert "spelling" not in str(err.value)
+
+
 def test_a_wrong_dim_in_the_config_says_which_dim_to_set(tmp_path):
     source = GloveVectors({"Violin": ["violin"]}, dim=300, path=str(_write_glove(tmp_path / "g.txt")))
     with pytest.raises(ValueError, match="Set side_info.dim=4"):
         source.vectors(["Violin"])
+
+
+def test_vectors_of_the_wrong_dim_are_not_cached(tmp_path):
+    source = GloveVectors({"Violin": ["violin"]}, dim=50, path=str(_write_glove(tmp_path / "g.txt")),
+                          cache_dir=tmp_path / "cache")
+    for _ in range(2):  # the check runs again on the next run, and still nothing is written
+        with pytest.raises(ValueError, match="Set side_info.dim=4"):
+            source.vectors(["Violin"])
+        assert not list((tmp_path / "cache").rglob("*.pt"))
 
 
 def test_vectors_are_cached_and_not_recomputed(tmp_path, monkeypatch):
@@ -182,6 +211,28 @@ def test_svg_images_are_rendered_on_white_at_the_encoder_size(tmp_path):
     image = np.asarray(load_image(svg, 64))
     assert image.shape == (64, 64, 3)
     assert image[0, 0].tolist() == [255, 255, 255] and image[32, 32].tolist() == [0, 0, 0]
+
+
+@pytest.mark.parametrize(("name", "suffix", "reason"), [
+    ("Violin", ".png", "cannot identify image file"),
+    pytest.param("Flute", ".svg", "Error reading SVG", marks=pytest.mark.skipif(
+        shutil.which("rsvg-convert") is None, reason="needs librsvg2-bin")),
+])
+def test_an_unreadable_image_names_the_file_its_class_and_the_fix(tmp_path, name, suffix, reason):
+    from types import SimpleNamespace
+
+    from fewzero.side_info.image import IMAGENET_MEAN, IMAGENET_STD, ImageEmbeddings
+
+    bad = tmp_path / "imgs" / name.lower() / f"0{suffix}"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"not an image")
+    encoder = SimpleNamespace(image_size=32, mean=IMAGENET_MEAN, std=IMAGENET_STD)  # never runs
+    source = ImageEmbeddings(encoder, root=str(tmp_path / "imgs"))
+    with pytest.raises(ValueError, match=reason) as err:
+        source.vectors([name])
+    assert f"Cannot read the image {bad} of class '{name}': " in str(err.value)
+    assert "Replace or remove the file, or point side_info.root / side_info.files elsewhere" in str(
+        err.value)
 
 
 def test_resnet101_without_weights_fails_fast_naming_the_file(tmp_path, monkeypatch):

@@ -76,12 +76,31 @@ def config_hash(obj: object, length: int = 12) -> str:
 
 
 def check_instruments(requested: list[str] | tuple[str, ...], available: list[str] | tuple[str, ...],
-                      what: str = "instrument") -> None:
-    """Raise a ValueError naming every unknown class and the valid names."""
+                      what: str = "instrument", *, hint: str) -> None:
+    """Raise a ValueError naming every unknown class, the valid names and `hint` (the fix)."""
     unknown = [name for name in requested if name not in available]
     if unknown:
         raise ValueError(
-            f"Unknown {what} name(s) {unknown}. Valid names are: {sorted(available)}. "
-            "Check the spelling in your dataset/split config (names are case-sensitive, "
-            "e.g. 'Clarinet in Bb', 'Trumpet in C')."
+            f"Unknown {what} name(s) {unknown}. Valid names are: {sorted(available)}. {hint}"
         )
+
+
+def check_split(names: list[str] | tuple[str, ...], available: list[str] | tuple[str, ...],
+                source: ClipSource) -> None:
+    """Raise a ValueError naming every dataset.split class without clips in `available`.
+
+    A class the source knows but found no audio file of (its `missing_classes`, {class: folder
+    of its files}, e.g. TinySOL with allow_missing=true) is named as such; others are unknown.
+    """
+    missing = getattr(source, "missing_classes", {})
+    empty = [name for name in names if name not in available and name in missing]
+    if empty:
+        places = ", ".join(f"{missing[name]} ({name})" for name in empty)
+        raise ValueError(
+            f"{source.name} instrument(s) {empty} of dataset.split have no clips: their audio "
+            f"files are missing (dataset.source.allow_missing=true skipped them). Place them "
+            f"under {places}, or remove them from dataset.split."
+        )
+    check_instruments(names, available, what=f"{source.name} instrument",
+                      hint="Check the spelling in your dataset/split config (names are "
+                           "case-sensitive, e.g. 'Clarinet in Bb', 'Trumpet in C').")

@@ -12,7 +12,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from fewzero.data.clips import ClipSource, check_instruments
+from fewzero.data.clips import ClipSource, check_split
 from fewzero.data.episodes import EpisodeDataset, EpisodeSampler
 from fewzero.data.features import FeatureTable, MelFeatures, prepare_and_load, prepare_cache
 
@@ -145,7 +145,7 @@ class FewShotDataModule(pl.LightningDataModule):
         self.table = prepare_and_load(self.source, self.features, self.cache_dir)
         self.class_names = sorted(set(self.table.instruments))
         for names in self.split.values():
-            check_instruments(names, self.class_names, what=f"{self.source.name} instrument")
+            check_split(names, self.class_names, self.source)
         name_to_id = {name: i for i, name in enumerate(self.class_names)}
         self.labels = torch.tensor([name_to_id[n] for n in self.table.instruments])
         if self.folds is not None:

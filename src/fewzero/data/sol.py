@@ -646,6 +646,9 @@ def _render_all(notes: list[Note], spec: _RenderSpec, num_workers: int) -> list[
             finally:
                 synth.close()
         else:
+            # Load every SoundFont here first (cheap: samples load on demand), so that a bad one
+            # raises its own error rather than a worker's BrokenProcessPool.
+            _Synth(spec).close()
             size = max(1, min(_CHUNK_NOTES, math.ceil(len(notes) / (4 * num_workers))))
             chunks = [notes[i:i + size] for i in range(0, len(notes), size)]
             with ProcessPoolExecutor(max_workers=min(num_workers, len(chunks)),

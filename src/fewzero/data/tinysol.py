@@ -113,6 +113,7 @@ class TinySOL:
         self._identity: dict[str, Any] | None = None
         self._track_ids: list[str] = []
         self.n_missing = 0
+        self.missing_classes: dict[str, Path] = {}  # class -> folder, when none of its files exist
 
     def __repr__(self) -> str:
         return (f"TinySOL(data_home={str(self.data_home)!r}, index_path="
@@ -134,6 +135,7 @@ class TinySOL:
             ValueError: the index or the metadata is unreadable or inconsistent.
         """
         self._clips, self._identity, self._track_ids = None, None, []
+        self.missing_classes = {}
         mirdata, core, download_utils, mirdata_tinysol = _import_mirdata()
         ds = mirdata.initialize("tinysol", data_home=str(self.data_home))
         index_file = self._resolve_index(ds, mirdata_tinysol, download_utils)
@@ -190,7 +192,8 @@ class TinySOL:
             raise ValueError(f"Cannot read the TinySOL metadata {metadata_file}: {exc}") from exc
         try:
             check_instruments(sorted({c.instrument for c in clips}), TINYSOL_INSTRUMENTS,
-                              what="TinySOL instrument")
+                              what="TinySOL instrument",
+                              hint=f"Use the official TinySOL_metadata.csv ({ZENODO_URL}).")
         except ValueError as exc:
             raise ValueError(f"Unexpected instrument names in {metadata_file}: {exc}") from exc
 
@@ -206,6 +209,11 @@ class TinySOL:
         }
         self._track_ids = sorted(present)
         self._clips = clips
+        # Classes whose files are all missing (allow_missing), for `check_split` to name.
+        kept, absent = {clip.instrument for clip in clips}, set(tracks) - set(present)
+        self.missing_classes = {str(tracks[tid].instrument_full): Path(tracks[tid].audio_path).parent
+                                for tid in sorted(absent)
+                                if tracks[tid].instrument_full not in kept | {None}}
 
     def _resolve_index(self, ds: Any, mirdata_tinysol: ModuleType,
                        download_utils: ModuleType) -> Path:

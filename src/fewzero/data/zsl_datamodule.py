@@ -31,7 +31,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from fewzero.data.clips import ClipSource, check_instruments
+from fewzero.data.clips import ClipSource, check_split
 from fewzero.data.datamodule import ClipExcerpts, StepResumedLoader
 from fewzero.data.episodes import crop_frames
 from fewzero.data.features import FeatureTable, MelFeatures, prepare_and_load, prepare_cache
@@ -202,8 +202,7 @@ class ZeroShotDataModule(pl.LightningDataModule):
         if self.table is not None:
             return
         self.table = prepare_and_load(self.source, self.features, self.cache_dir)
-        check_instruments(self.class_names, sorted(set(self.table.instruments)),
-                          what=f"{self.source.name} instrument")
+        check_split(self.class_names, sorted(set(self.table.instruments)), self.source)
         name_to_id = {name: i for i, name in enumerate(self.class_names)}
         self.labels = torch.tensor([name_to_id.get(n, -1) for n in self.table.instruments])
         self.indices = self._role_indices()

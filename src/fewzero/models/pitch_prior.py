@@ -298,7 +298,10 @@ class PitchRangePrior(nn.Module):
 
         Raises a ValueError naming the classes that have no range in the table.
         """
-        check_instruments(class_names, list(self.ranges), what="pitch_prior.table class with a range")
+        check_instruments(class_names, list(self.ranges), what="pitch_prior.table class with a range",
+                          hint="Give each a row with range_low and range_high (MIDI) in the table "
+                               "model.pitch_prior.table points to (e.g. side_info.table), or "
+                               "remove the class from dataset.split.")
         pitches = self.pitches
         inside = torch.stack([(pitches >= self.ranges[n][0]) & (pitches <= self.ranges[n][1])
                               for n in class_names]).float()

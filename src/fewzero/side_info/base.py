@@ -86,18 +86,19 @@ class SideInformation:
     def vectors(self, class_names: Sequence[str]) -> ClassVectors:
         """Side information of `class_names`, computed once and cached on disk."""
         path = self.cache_path(class_names)
-        if path is not None and path.exists():
+        cached = path is not None and path.exists()
+        if cached:
             members = torch.load(path, map_location="cpu", weights_only=True)
         else:
             members = [m.float() for m in self.compute(class_names)]
-            if path is not None:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(f".tmp{os.getpid()}")
-                torch.save(members, tmp)
-                os.replace(tmp, path)
-                log.info("Cached %s side information of %d classes to %s", self.kind,
-                         len(class_names), path)
-        self._check_dim(members)
+        self._check_dim(members)  # on every load, and before caching: nothing invalid is written
+        if path is not None and not cached:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            torch.save(members, tmp)
+            os.replace(tmp, path)
+            log.info("Cached %s side information of %d classes to %s", self.kind,
+                     len(class_names), path)
         if self.center:
             mean = torch.stack([m.mean(dim=0) for m in members]).mean(dim=0)
             members = [m - mean for m in members]

