@@ -298,6 +298,15 @@ def test_every_xlsa17_experiment_trains_selects_refits_and_tests_for_one_epoch(t
     assert 0.0 <= metrics["test/zsl_top1"] <= 1.0 and 0.0 <= metrics["test/gzsl_cs_h"] <= 1.0
 
 
+def test_debug_fast_trains_two_short_epochs_then_refits_and_tests(tmp_path):
+    write_toy(tmp_path)
+    metrics, objects = train(_toy_cfg(tmp_path, ["experiment=xlsa17_devise", "debug=fast", *NO_LOGGER]))
+    trainer = objects["cfg"].trainer
+    assert (trainer.max_steps, trainer.max_epochs, trainer.limit_train_batches) == (-1, 2, 3)
+    report = json.loads(Path(objects["cfg"].paths.output_dir, "metrics.json").read_text())
+    assert report["refit_on_trainval"]["epochs"] in (1, 2) and 0.0 <= metrics["test/zsl_top1"] <= 1.0
+
+
 def test_a_gradient_model_refits_for_the_selected_number_of_epochs(tmp_path):
     write_toy(tmp_path)
     metrics, objects = train(_toy_cfg(tmp_path, ["experiment=xlsa17_devise", "trainer.max_epochs=3",
