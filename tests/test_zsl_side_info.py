@@ -32,6 +32,17 @@ def test_glove_text_loader_reads_only_the_wanted_words(tmp_path):
     np.testing.assert_array_equal(table["horn"], [0, 1, 0, 2])
 
 
+@pytest.mark.parametrize("lines, message", [
+    ("horn 0 1 x 2\nviolin 0 0 1 0\n", r"line 1: the vector of 'horn' is not all numbers"),
+    ("horn 0 1 0 2\nviolin 0 0 1\n", r"differ in length: \{'horn': 4, 'violin': 3\}"),
+])
+def test_a_malformed_glove_line_names_the_file_and_the_fault(tmp_path, lines, message):
+    path = tmp_path / "glove.bad.txt"
+    path.write_text(lines)
+    with pytest.raises(ValueError, match=message):
+        read_glove_text(path, ["horn", "violin"])
+
+
 def test_multi_word_class_names_are_averaged(tmp_path):
     source = GloveVectors({"French Horn": ["French", "horn"], "Violin": ["violin"]}, dim=4,
                           path=str(_write_glove(tmp_path / "g.txt")), normalize=False)

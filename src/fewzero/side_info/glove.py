@@ -19,16 +19,28 @@ from fewzero.side_info.base import SideInformation
 
 
 def read_glove_text(path: str | Path, wanted: Iterable[str]) -> dict[str, np.ndarray]:
-    """Vectors of the `wanted` words found in a GloVe text file (other lines are skipped)."""
+    """Vectors of the `wanted` words found in a GloVe text file (other lines are skipped).
+
+    Raises a ValueError naming the file and line of a vector that is not all numbers, or the
+    words whose vectors differ in length."""
     wanted = set(wanted)
     found: dict[str, np.ndarray] = {}
     with open(path, encoding="utf-8") as handle:
-        for line in handle:
+        for number, line in enumerate(handle, start=1):
             word, _, rest = line.rstrip("\n").partition(" ")
             if word in wanted:
-                found[word] = np.asarray(rest.split(" "), dtype=np.float32)
+                try:
+                    found[word] = np.asarray(rest.split(" "), dtype=np.float32)
+                except ValueError as err:
+                    raise ValueError(f"{path}, line {number}: the vector of {word!r} is not all "
+                                     f"numbers ({err}). A GloVe text file has one 'word v1 ... vd' "
+                                     "line per word, separated by single spaces.") from None
                 if len(found) == len(wanted):
                     break
+    lengths = {word: len(vector) for word, vector in found.items()}
+    if len(set(lengths.values())) > 1:
+        raise ValueError(f"{path}: the vectors of these words differ in length: {lengths}. Each line "
+                         "of a GloVe text file holds a word and the same number of values.")
     return found
 
 
