@@ -1,4 +1,5 @@
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -40,9 +41,20 @@ def test_overrides_must_name_keys_of_the_run_config_unless_added_with_a_plus():
 def test_missing_run_config_says_what_to_pass(tmp_path):
     ckpt = tmp_path / "run" / "checkpoints" / "x.ckpt"
     ckpt.parent.mkdir(parents=True)
-    ckpt.write_bytes(b"")
+    torch.save({"state_dict": {}}, ckpt)  # as written before checkpoints recorded their config
     with pytest.raises(FileNotFoundError, match="run_config="):
         evaluate(ckpt, [], tmp_path / "out")
+
+
+def test_a_checkpoint_moved_out_of_its_run_is_rebuilt_from_the_config_it_records(tmp_path):
+    cfg = compose_train_cfg(tmp_path, ["trainer.max_steps=2", "test=false"])
+    train(cfg)
+    moved = tmp_path / "elsewhere" / "model.ckpt"
+    moved.parent.mkdir()
+    shutil.copy(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", moved)
+    metrics, objects = evaluate(moved, [], tmp_path / "eval")
+    assert objects["cfg"].trainer.max_steps == 2 and objects["trainer"].global_step == 0
+    assert 0.0 <= metrics["test/5way_5shot_acc"] <= 1.0
 
 
 @pytest.mark.parametrize("setting", ["hydra.job.chdir=true", "paths.output_dir=/tmp/x"])
@@ -101,9 +113,14 @@ def test_refit_conse_checkpoint_is_re_evaluated_against_the_classes_it_was_train
     old = tmp_path / "old" / "refit_trainval.ckpt"
     old.parent.mkdir()
     torch.save(saved, old)
+    moved = tmp_path / "moved" / "model.ckpt"  # out of its run: rebuilt from the config it records
+    moved.parent.mkdir()
+    shutil.copy(ckpt, moved)
     keys = ("test/zsl_top1", "test/seen_top1", "test/gzsl_cs_h", "test/gzsl_u", "test/gzsl_s")
-    for path, name in ((ckpt, "eval"), (old, "eval_old")):
-        metrics, objects = evaluate(path, [], tmp_path / name, run / ".hydra" / "config.yaml")
+    config = run / ".hydra" / "config.yaml"
+    for path, name, run_config in ((ckpt, "eval", config), (old, "eval_old", config),
+                                   (moved, "eval_moved", None)):
+        metrics, objects = evaluate(path, [], tmp_path / name, run_config)
         assert objects["datamodule"].train_on == "trainval"
         assert len(objects["model"].head.anchors) == len(objects["datamodule"].seen)  # all 9
         for key in keys:

@@ -3,7 +3,8 @@
     python -m fewzero.eval ckpt_path=outputs/train/runs/<run>/checkpoints/<file>.ckpt \
         'dataset.episodes.test=[{n_way: 5, n_shot: 5, n_query: 15, n_episodes: 5000}]'
 
-The model is rebuilt from the run's saved config (`<run>/.hydra/config.yaml`), the overrides
+The model is rebuilt from the run's saved config (`<run>/.hydra/config.yaml`, or the one the
+checkpoint records when it was moved out of its run), the overrides
 (`key=value`, values in YAML; a key the run's config lacks is refused unless written
 `+key=value`) are applied on top, and the same metrics.json, figures and
 TensorBoard logs as in training are written to a new directory under outputs/eval/runs/, or to
@@ -14,31 +15,42 @@ application).
 from __future__ import annotations
 
 import copy
+import logging
 import sys
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import ConfigKeyError
 
 from fewzero.train import run_suffix, train
 
+log = logging.getLogger(__name__)
 USAGE = ("usage: python -m fewzero.eval ckpt_path=<file.ckpt> [run_config=<config.yaml>] "
          "[hydra.run.dir=<output dir>] [key=value ...]")
 OPTIONS = ("ckpt_path", "run_config", "hydra.run.dir")  # read by main(), not config overrides
 
 
 def load_run_config(ckpt_path: Path, run_config: Path | None = None) -> DictConfig:
-    """The config a checkpoint was trained with: `<run>/.hydra/config.yaml` by default."""
+    """The config a checkpoint was trained with: `run_config` if given, else
+    `<run>/.hydra/config.yaml`, else the config recorded in the checkpoint itself (`RunRecord`;
+    checkpoints written since 2026-12-05), e.g. for a checkpoint moved out of its run."""
     path = run_config or ckpt_path.resolve().parent.parent / ".hydra" / "config.yaml"
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"No saved run config at {path}. fewzero.eval rebuilds the model from the config of "
-            "the run that wrote the checkpoint (<run>/.hydra/config.yaml); pass "
-            "run_config=/path/to/config.yaml if the checkpoint was moved."
-        )
-    return OmegaConf.load(path)
+    if path.is_file():
+        return OmegaConf.load(path)
+    if run_config is None and ckpt_path.is_file():
+        record = torch.load(ckpt_path, map_location="cpu", weights_only=False).get("fewzero_run")
+        if record is not None:
+            log.info("No %s: using the run config recorded in %s.", path, ckpt_path)
+            return OmegaConf.create(record["config"])
+    raise FileNotFoundError(
+        f"No saved run config at {path}, and the checkpoint records none (written before "
+        "2026-12-05). fewzero.eval rebuilds the model from the config of the run that wrote the "
+        "checkpoint (<run>/.hydra/config.yaml); pass run_config=/path/to/config.yaml if the "
+        "checkpoint was moved."
+    )
 
 
 def apply_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:

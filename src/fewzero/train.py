@@ -292,7 +292,8 @@ def class_cross_validation(cfg: DictConfig, datamodule: Any, trainer: pl.Trainer
 
 def refit_on_trainval(cfg: DictConfig, datamodule: Any, trainer: pl.Trainer, output_dir: Path,
                       selected: tuple[str, int, int, dict[str, torch.Tensor]],
-                      chosen_elsewhere: dict[str, torch.Tensor] | None = None
+                      chosen_elsewhere: dict[str, torch.Tensor] | None = None,
+                      record: RunRecord | None = None
                       ) -> tuple[Any, pl.LightningModule, pl.Trainer, dict[str, Any]]:
     """Retrain from scratch on all training data (training + validation classes) for as long as
     the validation-selected checkpoint had trained, keeping its calibration penalty: the last
@@ -310,7 +311,8 @@ def refit_on_trainval(cfg: DictConfig, datamodule: Any, trainer: pl.Trainer, out
     Returns (datamodule, model, trainer, info); the refitted model is saved as
     `<output_dir>/checkpoints/refit_trainval.ckpt` (info["checkpoint"]) and is what gets tested.
     `selected` is `_selected_checkpoint(trainer)` (a `fast_dev_run`'s current weights stand in
-    for the selected ones).
+    for the selected ones). `record` (the run's `RunRecord`) goes into the refit's checkpoint, so
+    that `fewzero.eval` can rebuild the model from the checkpoint alone.
     """
     selected_path, epochs, steps, chosen = selected
     unit = getattr(datamodule, "refit_length", "epochs")
@@ -328,7 +330,8 @@ def refit_on_trainval(cfg: DictConfig, datamodule: Any, trainer: pl.Trainer, out
         pl.seed_everything(cfg.seed, workers=True)
     model = hydra.utils.instantiate(cfg.model)
     model.keep_calibration({**chosen, **(chosen_elsewhere or {})})
-    refit = hydra.utils.instantiate(cfg.trainer, callbacks=[], logger=False, enable_checkpointing=False,
+    refit = hydra.utils.instantiate(cfg.trainer, callbacks=[record] if record else [], logger=False,
+                                    enable_checkpointing=False,
                                     limit_val_batches=0, num_sanity_val_steps=0, **length)
     log.info("Refitting on all training data for %d %s (selected: %s)",
              epochs if unit == "epochs" else steps, unit, selected_path)
@@ -424,7 +427,7 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> tuple[dict[str
                 chosen_by_cv, class_cv = class_cross_validation(cfg, datamodule, trainer, output_dir,
                                                                 selected)
             datamodule, model, trainer, refit = refit_on_trainval(cfg, datamodule, trainer, output_dir,
-                                                                  selected, chosen_by_cv)
+                                                                  selected, chosen_by_cv, record)
     if cfg.get("test", True):
         best = refit.get("checkpoint") or (
             trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else "")
