@@ -46,6 +46,16 @@ def test_missing_run_config_says_what_to_pass(tmp_path):
         evaluate(ckpt, [], tmp_path / "out")
 
 
+def test_a_missing_run_config_or_an_unreadable_checkpoint_is_named(tmp_path):
+    ckpt = tmp_path / "run" / "checkpoints" / "x.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"")  # truncated to nothing
+    with pytest.raises(FileNotFoundError, match=r"run_config=.*typo.yaml does not exist\.$"):
+        evaluate(ckpt, [], tmp_path / "out", tmp_path / "typo.yaml")
+    with pytest.raises(ValueError, match="cannot be read as a checkpoint"):
+        evaluate(ckpt, [], tmp_path / "out")
+
+
 def test_a_checkpoint_moved_out_of_its_run_is_rebuilt_from_the_config_it_records(tmp_path):
     cfg = compose_train_cfg(tmp_path, ["trainer.max_steps=2", "test=false"])
     train(cfg)

@@ -201,10 +201,36 @@ def test_ctrl_c_saves_the_current_step_and_prints_the_command_that_resumes(tmp_p
                          last, signal.SIGINT)
     output = log_path.read_text()
     assert "Ctrl-C: saving this step" in output and "Traceback" not in output
-    command = shlex.split(output.split("Resume with:\n", 1)[1].splitlines()[0])
+    assert f"last.ckpt holds step {_step(last)}; resume with:" in output
+    command = shlex.split(output.split("resume with:\n", 1)[1].splitlines()[0])
     assert command[:3] == ["python", "-m", "fewzero.train"] and f"hydra.run.dir={run}" in command
     subprocess.run([sys.executable, *command[1:]], check=True, capture_output=True, timeout=600)
     assert _step(last) == 12 and (run / "metrics.json").is_file()
+
+
+def test_the_resume_command_parses_back_to_the_run_in_hydra(tmp_path):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from fewzero.train import resume_command
+
+    run = tmp_path / "runs" / "2026-12-05_seed=1,model.x=a  b"  # named after its overrides
+    overrides = ["seed=1", "model.x='a  b'", "hparams_search=optuna"]
+    words = shlex.split(resume_command(overrides, run))
+    assert words[:3] == ["python", "-m", "fewzero.train"]
+    parsed = {o.key_or_group: o.value() for o in OverridesParser.create().parse_overrides(words[3:])}
+    # hparams_search would start a new sweep instead of resuming this job
+    assert parsed == {"seed": 1, "model.x": "a  b", "ckpt_path": "last", "hydra.run.dir": str(run)}
+
+
+def test_where_a_run_trains_may_change_on_resume_but_not_what_it_trains(tmp_path):
+    from fewzero.train import check_resume
+
+    run = compose_train_cfg(tmp_path, [])
+    ckpt = tmp_path / "last.ckpt"
+    torch.save({"fewzero_run": {"config": OmegaConf.to_container(run), "overrides": []}}, ckpt)
+    check_resume(compose_train_cfg(tmp_path, ["trainer=ddp", "trainer.devices=2"]), str(ckpt), tmp_path)
+    with pytest.raises(ValueError, match="trainer.precision: '32-true' in the run, 'bf16-mixed' now"):
+        check_resume(compose_train_cfg(tmp_path, ["trainer.precision=bf16-mixed"]), str(ckpt), tmp_path)
 
 
 def test_ckpt_path_auto_resumes_when_there_is_a_last_checkpoint_and_starts_afresh_otherwise(tmp_path):

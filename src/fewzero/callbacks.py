@@ -7,6 +7,7 @@ import logging
 import signal
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -153,6 +154,11 @@ class RunRecord(pl.Callback):
                            checkpoint: dict[str, Any]) -> None:
         checkpoint["fewzero_run"] = {"config": self.config, "overrides": self.overrides}
 
+    @staticmethod
+    def read(ckpt_path: str | Path) -> dict[str, Any] | None:
+        """{"config", "overrides"} recorded in a checkpoint; None for one written before."""
+        return torch.load(ckpt_path, map_location="cpu", weights_only=False).get("fewzero_run")
+
 
 class StopOnInterrupt(pl.Callback):
     """Ctrl-C during training stops the run as SIGTERM does: Lightning finishes the current step,
@@ -163,7 +169,8 @@ class StopOnInterrupt(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if (trainer.world_size == 1 and threading.current_thread() is threading.main_thread()
-                and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
+                and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+                and callable(signal.getsignal(signal.SIGTERM))):  # Lightning's (not on Windows)
             signal.signal(signal.SIGINT, self._stop_after_this_step)
 
     @staticmethod

@@ -16,15 +16,16 @@ from __future__ import annotations
 
 import copy
 import logging
+import pickle
 import sys
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import ConfigKeyError
 
+from fewzero.callbacks import RunRecord
 from fewzero.train import run_suffix, train
 
 log = logging.getLogger(__name__)
@@ -37,14 +38,21 @@ def load_run_config(ckpt_path: Path, run_config: Path | None = None) -> DictConf
     """The config a checkpoint was trained with: `run_config` if given, else
     `<run>/.hydra/config.yaml`, else the config recorded in the checkpoint itself (`RunRecord`;
     checkpoints written since 2026-12-05), e.g. for a checkpoint moved out of its run."""
-    path = run_config or ckpt_path.resolve().parent.parent / ".hydra" / "config.yaml"
+    if run_config is not None:
+        if not run_config.is_file():
+            raise FileNotFoundError(f"run_config={run_config} does not exist.")
+        return OmegaConf.load(run_config)
+    path = ckpt_path.resolve().parent.parent / ".hydra" / "config.yaml"
     if path.is_file():
         return OmegaConf.load(path)
-    if run_config is None and ckpt_path.is_file():
-        record = torch.load(ckpt_path, map_location="cpu", weights_only=False).get("fewzero_run")
-        if record is not None:
-            log.info("No %s: using the run config recorded in %s.", path, ckpt_path)
-            return OmegaConf.create(record["config"])
+    try:
+        record = RunRecord.read(ckpt_path)
+    except (EOFError, RuntimeError, pickle.UnpicklingError) as err:
+        raise ValueError(f"{ckpt_path} cannot be read as a checkpoint ({err}): it is truncated or "
+                         "not a .ckpt file. Pass another ckpt_path.") from None
+    if record is not None:
+        log.info("No %s: using the run config recorded in %s.", path, ckpt_path)
+        return OmegaConf.create(record["config"])
     raise FileNotFoundError(
         f"No saved run config at {path}, and the checkpoint records none (written before "
         "2026-12-05). fewzero.eval rebuilds the model from the config of the run that wrote the "

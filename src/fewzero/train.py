@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import math
+import re
 import shlex
 import signal
 import traceback
@@ -36,7 +37,9 @@ MAX_RUN_SUFFIX = 120
 # What a training run's course depends on: a resume must keep these, and a class-CV fold is
 # reused only when they are unchanged. Where it trains may change on resume (RESUME_MAY_CHANGE).
 TRAINING_KEYS = ("model", "dataset", "loss", "side_info", "trainer", "seed")
-RESUME_MAY_CHANGE = ("trainer.accelerator", "trainer.devices", "trainer.num_nodes", "trainer.strategy")
+RESUME_MAY_CHANGE = ("trainer.accelerator", "trainer.devices", "trainer.num_nodes", "trainer.strategy",
+                     "trainer.sync_batchnorm", "trainer.enable_progress_bar", "trainer.log_every_n_steps",
+                     "dataset.num_workers")
 
 
 def run_suffix(override_dirname: str) -> str:
@@ -128,11 +131,26 @@ def run_overrides(output_dir: Path, overrides: list[str] | None = None) -> list[
     return [o for o in overrides if not o.lstrip("+~").startswith("ckpt_path=")]
 
 
+def hydra_quoted(value: str) -> str:
+    """`value` for a Hydra override, double-quoted unless it is a plain path: run directories
+    hold '=' and ',' (they are named after the overrides), which Hydra would otherwise parse.
+    Hydra escapes quotes, and the backslashes just before one."""
+    if re.fullmatch(r"[\w./-]+", value):
+        return value
+    return '"' + re.sub(r'(\\+)(?="|$)', r"\1\1", value).replace('"', '\\"') + '"'
+
+
 def resume_command(overrides: list[str] | None, output_dir: Path, ckpt_path: str = "last") -> str:
-    """The command line that resumes the run in `output_dir` from `ckpt_path`."""
-    given = " ".join(shlex.quote(o) for o in overrides) if overrides is not None else "<the run's overrides>"
-    return (f"python -m fewzero.train {given} ckpt_path={shlex.quote(ckpt_path)} "
-            f"hydra.run.dir={shlex.quote(str(output_dir))}").replace("  ", " ")
+    """The shell command that resumes the run in `output_dir` from `ckpt_path`: its overrides
+    without `hparams_search` (which would start a new sweep, and changes no training setting)."""
+    given = ([o for o in overrides if not o.lstrip("+~").startswith("hparams_search=")]
+             if overrides is not None else None)
+    words = ["python", "-m", "fewzero.train", *(shlex.quote(o) for o in given or []),
+             shlex.quote(f"ckpt_path={hydra_quoted(ckpt_path)}"),
+             shlex.quote(f"hydra.run.dir={hydra_quoted(str(output_dir))}")]
+    if given is None:
+        words.insert(3, "<the run's overrides>")
+    return " ".join(words)
 
 
 def check_resume(cfg: DictConfig, ckpt_path: str, output_dir: Path) -> None:
@@ -142,7 +160,7 @@ def check_resume(cfg: DictConfig, ckpt_path: str, output_dir: Path) -> None:
     By now Hydra has written this command's config into the run directory. A refused resume of
     the run's own checkpoint puts the run's config and overrides back, so that `fewzero.eval`
     still rebuilds the model the run trained."""
-    record = torch.load(ckpt_path, map_location="cpu", weights_only=False).get("fewzero_run")
+    record = RunRecord.read(ckpt_path)
     if record is None:
         log.warning("%s records no config (written before fewzero recorded it): resuming without "
                     "checking that these are the run's own settings.", ckpt_path)
@@ -488,11 +506,17 @@ def main(cfg: DictConfig) -> float | None:
     try:
         metrics, _ = train(cfg, overrides)
     except SIGTERMException:
-        # Lightning stopped after the current batch; callbacks.last_checkpoint saved it.
+        # Lightning stopped after the current batch; callbacks.last_checkpoint saved it, where
+        # there is one (not in a fast_dev_run, nor during class CV or the refit).
         output_dir = Path(cfg.paths.output_dir)
-        log.warning("Stopped, after saving this step to %s. Resume with:\n  %s",
-                    output_dir / "checkpoints" / "last.ckpt",
-                    resume_command(run_overrides(output_dir, overrides), output_dir))
+        last = output_dir / "checkpoints" / "last.ckpt"
+        if last.is_file():
+            step = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
+            log.warning("Stopped. %s holds step %d; resume with:\n  %s", last, step,
+                        resume_command(run_overrides(output_dir, overrides), output_dir))
+        else:
+            log.warning("Stopped before any checkpoint was written to %s: start the run again.",
+                        last.parent)
         raise SystemExit(128 + signal.SIGTERM) from None
     except Exception:
         if HydraConfig.get().mode != RunMode.MULTIRUN:
