@@ -260,6 +260,17 @@ def test_missing_soundfont_names_path_and_fix(tmp_path: Path) -> None:
     assert "dataset.source.soundfonts" in str(info.value)
 
 
+@pytest.fixture
+def soundfont_file(tmp_path: Path) -> Path:
+    """A stand-in named like the first SoundFont, for tests that render nothing: the
+    constructor only checks that each SoundFont exists and the fingerprint reads only its name
+    and size, so they need no installed SoundFont."""
+    path = tmp_path / "soundfonts" / SOUNDFONTS[0].name
+    path.parent.mkdir()
+    path.write_bytes(b"not a SoundFont: nothing is rendered from it")
+    return path
+
+
 @pytest.mark.parametrize(("entry", "match"), [
     ({"name": "Oboe", "program": 68, "low": 58}, r"instruments\[1\].*missing keys \['high'\]"),
     ({"name": "Oboe", "program": 68, "low": 93, "high": 58}, r"instruments\[1\].*low <= high"),
@@ -269,33 +280,39 @@ def test_missing_soundfont_names_path_and_fix(tmp_path: Path) -> None:
      r"instruments\[1\].*unknown keys \['instance'\]"),
     ({"name": "Flute", "program": 68, "low": 58, "high": 93}, r"unique.*\['Flute', 'Flute'\]"),
 ])
-def test_bad_table_entry_raises_value_error(tmp_path: Path, entry: dict, match: str) -> None:
+def test_bad_table_entry_raises_value_error(tmp_path: Path, soundfont_file: Path, entry: dict,
+                                            match: str) -> None:
     with pytest.raises(ValueError, match=match):
-        RenderedSOL(tmp_path, [TABLE[0], entry], [str(SOUNDFONTS[0])])
+        RenderedSOL(tmp_path, [TABLE[0], entry], [str(soundfont_file)])
 
 
-@pytest.mark.skipif(not SOUNDFONTS[0].is_file(), reason="MuseScore_General.sf3 not installed")
-@pytest.mark.parametrize("overrides", [
-    {"sample_rate": 4000}, {"note_seconds": 3.0}, {"dynamics": {"pp": [50, 20]}},
-    {"variation": {"detune": 10}}, {"n_folds": 0},
+@pytest.mark.parametrize(("overrides", "match"), [
+    ({"sample_rate": 4000}, r"^sample_rate=4000: FluidSynth renders at 8000\.\.96000 Hz"),
+    ({"note_seconds": 3.0}, r"^Need 0 < note_seconds \(3\.0\) <= clip_seconds \(2\.0\)"),
+    ({"dynamics": {"pp": [50, 20]}},
+     r"^dataset\.source\.dynamics\.pp=\[50, 20\]: .*1 <= min <= max <= 127"),
+    ({"variation": {"detune": 10}}, r"^Unknown dataset\.source\.variation key\(s\) \['detune'\]"),
+    ({"n_folds": 0}, r"^n_folds=0: need at least one fold"),
 ])
-def test_bad_settings_raise_value_error(tmp_path: Path, overrides: dict) -> None:
-    with pytest.raises(ValueError):
-        RenderedSOL(tmp_path, TABLE, [str(SOUNDFONTS[0])], **overrides)
+def test_bad_settings_raise_value_error(tmp_path: Path, soundfont_file: Path, overrides: dict,
+                                        match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        RenderedSOL(tmp_path, TABLE, [str(soundfont_file)], **overrides)
 
 
-@pytest.mark.skipif(not SOUNDFONTS[0].is_file(), reason="MuseScore_General.sf3 not installed")
-def test_omegaconf_config_gives_the_same_fingerprint(tmp_path: Path) -> None:
+def test_omegaconf_config_gives_the_same_fingerprint(tmp_path: Path,
+                                                     soundfont_file: Path) -> None:
     omegaconf = pytest.importorskip("omegaconf")
-    cfg = omegaconf.OmegaConf.create({"instruments": TABLE, "soundfonts": [str(SOUNDFONTS[0])],
+    soundfonts = [str(soundfont_file)]
+    cfg = omegaconf.OmegaConf.create({"instruments": TABLE, "soundfonts": soundfonts,
                                       "dynamics": {"pp": [20, 45]},
                                       "variation": {"noise_snr_db": [40, 50]}})
-    plain = RenderedSOL(tmp_path, TABLE, [str(SOUNDFONTS[0])], dynamics={"pp": [20, 45]},
+    plain = RenderedSOL(tmp_path, TABLE, soundfonts, dynamics={"pp": [20, 45]},
                         variation={"noise_snr_db": [40, 50]})
     hydra = RenderedSOL(tmp_path, cfg.instruments, cfg.soundfonts, dynamics=cfg.dynamics,
                         variation=cfg.variation)
     assert hydra.fingerprint() == plain.fingerprint()
-    assert plain.fingerprint() != RenderedSOL(tmp_path, TABLE, [str(SOUNDFONTS[0])],
+    assert plain.fingerprint() != RenderedSOL(tmp_path, TABLE, soundfonts,
                                               dynamics={"pp": [20, 46]}).fingerprint()
 
 

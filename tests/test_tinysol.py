@@ -1,4 +1,9 @@
-"""Tests of the TinySOL clip source on real TinySOL files (offline; skipped without ../shared)."""
+"""Tests of the TinySOL clip source, offline.
+
+Checks, messages, fingerprints and the download flow run everywhere on a generated
+mini-TinySOL (`tinysol_fixture`); only `test_real_samples_load` reads real TinySOL files, and
+skips without ../shared.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +19,8 @@ from pathlib import Path
 
 import pytest
 import soundfile as sf
+from conftest import SHARED_DATA
+from tinysol_fixture import PRESENT_INSTRUMENTS, MiniTinySOL, link, make_mini_tinysol
 
 from fewzero.data.clips import Clip
 from fewzero.data.datamodule import FewShotDataModule
@@ -21,7 +28,7 @@ from fewzero.data.features import MelFeatures, check_md5
 from fewzero.data.tinysol import TinySOL, TinySOLDownloadError, _import_mirdata
 from fewzero.data.zsl_datamodule import ZeroShotDataModule
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinysol"
+SHARED = SHARED_DATA / "tinysol"
 INDEX = SHARED / "tinysol_index_6.0.json"
 METADATA = SHARED / "TinySOL_metadata.csv"
 SAMPLES = SHARED / "real_samples"
@@ -35,28 +42,23 @@ needs_shared = pytest.mark.skipif(
 )
 
 
-def _link(src: Path, dst: Path) -> None:
-    """Symlink src to dst (copy where symlinks are not allowed)."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        dst.symlink_to(src)
-    except OSError:
-        shutil.copyfile(src, dst)
-
-
 def _index_tracks() -> dict[str, dict]:
     return json.loads(INDEX.read_text(encoding="utf-8"))["tracks"]
 
 
-def _build_home(root: Path, samples: list[Path] | None = None, metadata: bool = True) -> Path:
-    """A mirdata layout in `root` with the real wavs (all 12 by default) at the index's paths."""
+def _build_home(root: Path) -> Path:
+    """A mirdata layout in `root` with the 12 real wavs at the official index's paths."""
     tracks = _index_tracks()
-    for wav in sorted(SAMPLES.glob("*.wav")) if samples is None else samples:
-        _link(wav, root / tracks[wav.stem]["audio"][0])
-    if metadata:
-        _link(METADATA, root / "annotation" / "TinySOL_metadata.csv")
-    root.mkdir(parents=True, exist_ok=True)
+    for wav in sorted(SAMPLES.glob("*.wav")):
+        link(wav, root / tracks[wav.stem]["audio"][0])
+    link(METADATA, root / "annotation" / "TinySOL_metadata.csv")
     return root
+
+
+@pytest.fixture
+def mini(tmp_path: Path) -> MiniTinySOL:
+    """A generated mini-TinySOL (index, metadata, some tracks' wavs; see `tinysol_fixture`)."""
+    return make_mini_tinysol(tmp_path / "mini")
 
 
 @pytest.fixture
@@ -146,14 +148,16 @@ def test_real_samples_load(tmp_path: Path, no_network: list[str],
     assert sr == 44100 and audio.ndim == 1 and len(audio) == sf.info(fl.path).frames
 
 
-@needs_shared
-def test_some_missing_without_allow_missing(tmp_path: Path, no_network: list[str]) -> None:
-    home = _build_home(tmp_path / "tinysol")
+def test_some_missing_without_allow_missing(tmp_path: Path, mini: MiniTinySOL,
+                                            no_network: list[str]) -> None:
+    home = mini.build_home(tmp_path / "tinysol")
+    n_total, n_present = len(mini.tracks()), len(mini.sample_files())
+    assert 0 < n_present < n_total
     with pytest.raises(FileNotFoundError) as err:
-        TinySOL(home, index_path=INDEX).prepare()
+        TinySOL(home, index_path=mini.index).prepare()
     message = str(err.value)
-    n_total = len(_index_tracks())
-    assert f"{n_total - 12} of {n_total}" in message
+    assert f"{n_total - n_present} of {n_total}" in message
+    assert f"({n_present} present)" in message
     assert "dataset.source.allow_missing=true" in message
     assert "dataset.source.download=true" in message
     assert f"{home}/audio/<Family>/<Instrument folder>/ordinario/<file>.wav" in message
@@ -161,12 +165,13 @@ def test_some_missing_without_allow_missing(tmp_path: Path, no_network: list[str
     assert not no_network
 
 
-@needs_shared
 def test_split_class_with_all_files_missing_is_not_called_unknown(tmp_path: Path,
+                                                                  mini: MiniTinySOL,
                                                                   no_network: list[str]) -> None:
     """allow_missing=true: Cello (no file present) is named as missing, not as misspelt."""
-    home = _build_home(tmp_path / "tinysol")
-    source = TinySOL(home, index_path=INDEX, allow_missing=True)
+    home = mini.build_home(tmp_path / "tinysol")
+    assert "Cello" not in PRESENT_INSTRUMENTS
+    source = TinySOL(home, index_path=mini.index, allow_missing=True)
     episodes = {"train": {"n_way": 2, "n_shot": 1, "n_query": 1, "n_episodes": 1}, "val": {
         "n_way": 1, "n_shot": 1, "n_query": 1, "n_episodes": 1}, "test": []}
     features = MelFeatures(clip_seconds=0.5)
@@ -191,27 +196,30 @@ def test_split_class_with_all_files_missing_is_not_called_unknown(tmp_path: Path
     assert not no_network
 
 
-@needs_shared
 def test_unexpected_metadata_instrument_names_the_official_file(tmp_path: Path,
+                                                                 mini: MiniTinySOL,
                                                                  no_network: list[str]) -> None:
-    home = _build_home(tmp_path / "tinysol", metadata=False)
-    edited = METADATA.read_text(encoding="utf-8").replace(",Vn,Violin,", ",Vn,Fiddle,")
+    home = mini.build_home(tmp_path / "tinysol", metadata=False)
+    original = mini.metadata.read_text(encoding="utf-8")
+    edited = original.replace(",Vn,Violin,", ",Vn,Fiddle,")
+    assert edited != original
     (home / "annotation" / "TinySOL_metadata.csv").parent.mkdir(parents=True)
     (home / "annotation" / "TinySOL_metadata.csv").write_text(edited, encoding="utf-8")
     with pytest.raises(ValueError, match=r"Unknown TinySOL instrument name\(s\) \['Fiddle'\]") as err:
-        TinySOL(home, index_path=INDEX, allow_missing=True).prepare()
+        TinySOL(home, index_path=mini.index, allow_missing=True).prepare()
     assert "official TinySOL_metadata.csv" in str(err.value) and "spelling" not in str(err.value)
+    assert not no_network
 
 
-@needs_shared
-def test_empty_data_home(tmp_path: Path, no_network: list[str]) -> None:
+def test_empty_data_home(tmp_path: Path, mini: MiniTinySOL, no_network: list[str]) -> None:
     home = tmp_path / "empty"
     with pytest.raises(FileNotFoundError) as err:
-        TinySOL(home, index_path=INDEX).prepare()
+        TinySOL(home, index_path=mini.index).prepare()
     message = str(err.value)
     assert "No TinySOL audio file" in message
+    assert f"(0 of {len(mini.tracks())} tracks of the index {mini.index.name})" in message
     assert f"{home}/audio/<Family>/<Instrument folder>/ordinario/<file>.wav" in message
-    # one real path from the index as an example
+    # one path from the index (its first track, a Bass Tuba note) as an example
     assert f"{home}/audio/Brass/Bass_Tuba/ordinario/" in message
     assert f"{home}/annotation/TinySOL_metadata.csv" in message
     assert "zenodo" in message and "3685367" in message and "TinySOL.tar.gz" in message
@@ -220,50 +228,52 @@ def test_empty_data_home(tmp_path: Path, no_network: list[str]) -> None:
     assert not home.exists() or not any(home.iterdir())
 
 
-@needs_shared
-def test_missing_metadata(tmp_path: Path, no_network: list[str]) -> None:
-    home = _build_home(tmp_path / "tinysol", metadata=False)
-    with pytest.raises(FileNotFoundError, match="TinySOL_metadata.csv"):
-        TinySOL(home, index_path=INDEX, allow_missing=True).prepare()
+def test_missing_metadata(tmp_path: Path, mini: MiniTinySOL, no_network: list[str]) -> None:
+    home = mini.build_home(tmp_path / "tinysol", metadata=False)
+    with pytest.raises(FileNotFoundError, match="TinySOL_metadata.csv") as err:
+        TinySOL(home, index_path=mini.index, allow_missing=True).prepare()
+    # fewzero's own message with the fix, not a bare error from reading the absent file
+    assert str(err.value).startswith(
+        f"TinySOL metadata not found: expected {home}/annotation/TinySOL_metadata.csv")
+    assert "3685367" in str(err.value)
+    assert not no_network
 
 
-@needs_shared
-def test_fingerprint(tmp_path: Path, no_network: list[str]) -> None:
+def test_fingerprint(tmp_path: Path, mini: MiniTinySOL, no_network: list[str],
+                     caplog: pytest.LogCaptureFixture) -> None:
     def fingerprint(home: Path) -> str:
-        source = TinySOL(home, index_path=INDEX, allow_missing=True)
+        source = TinySOL(home, index_path=mini.index, allow_missing=True)
         source.prepare()
         return source.fingerprint()
 
-    samples = sorted(SAMPLES.glob("*.wav"))
-    first = fingerprint(_build_home(tmp_path / "a"))
-    moved = fingerprint(_build_home(tmp_path / "elsewhere" / "b"))
-    fewer = fingerprint(_build_home(tmp_path / "c", samples=samples[:-1]))
+    samples = mini.sample_files()
+    with caplog.at_level(logging.WARNING, logger="fewzero.data.tinysol"):
+        first = fingerprint(mini.build_home(tmp_path / "a"))
+    # the generated index is not mirdata's official one: accepted, with a warning
+    assert any("not that of mirdata's official index" in m for m in caplog.messages)
+    moved = fingerprint(mini.build_home(tmp_path / "elsewhere" / "b"))
+    fewer = fingerprint(mini.build_home(tmp_path / "c", samples=samples[:-1]))
     assert first == moved
     assert fewer != first
     assert len(first) == 12
 
     # an index with other content (same tracks) changes it too
-    subset = json.loads(INDEX.read_text(encoding="utf-8"))
-    subset["tracks"] = {s.stem: subset["tracks"][s.stem] for s in samples}
-    subset_index = tmp_path / "subset_index.json"
-    subset_index.write_text(json.dumps(subset), encoding="utf-8")
+    subset_index = mini.subset_index(tmp_path / "subset_index.json", samples)
     source = TinySOL(tmp_path / "a", index_path=subset_index)  # complete for this index
     source.prepare()
-    assert source.n_missing == 0 and len(source.clips()) == 12
+    assert source.n_missing == 0 and len(source.clips()) == len(samples)
     assert source.fingerprint() != first
+    assert not no_network
 
 
-@needs_shared
-def test_download_skipped_when_complete(tmp_path: Path, no_network: list[str]) -> None:
+def test_download_skipped_when_complete(tmp_path: Path, mini: MiniTinySOL,
+                                        no_network: list[str]) -> None:
     """download=True with every file of the index present must not touch the network."""
-    samples = sorted(SAMPLES.glob("*.wav"))
-    subset = json.loads(INDEX.read_text(encoding="utf-8"))
-    subset["tracks"] = {s.stem: subset["tracks"][s.stem] for s in samples}
-    subset_index = tmp_path / "subset_index.json"
-    subset_index.write_text(json.dumps(subset), encoding="utf-8")
-    source = TinySOL(_build_home(tmp_path / "a"), index_path=subset_index, download=True)
+    samples = mini.sample_files()
+    subset_index = mini.subset_index(tmp_path / "subset_index.json", samples)
+    source = TinySOL(mini.build_home(tmp_path / "a"), index_path=subset_index, download=True)
     source.prepare()
-    assert len(source.clips()) == 12
+    assert len(source.clips()) == len(samples)
     assert not no_network
 
 
@@ -305,8 +315,8 @@ def test_download_failure_is_clear(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert mirdata_tinysol.REMOTES == remotes_before
 
 
-@needs_shared
-def test_download_audio_failure_is_clear(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_download_audio_failure_is_clear(tmp_path: Path, mini: MiniTinySOL,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
     _, _, download_utils, mirdata_tinysol = _import_mirdata()
     calls: list[str] = []
 
@@ -315,39 +325,63 @@ def test_download_audio_failure_is_clear(tmp_path: Path, monkeypatch: pytest.Mon
         raise urllib.error.URLError("no network in this test")
 
     monkeypatch.setattr(download_utils.urllib.request, "urlretrieve", offline)
-    home = _build_home(tmp_path / "home")
+    home = mini.build_home(tmp_path / "home")  # metadata present, some audio files missing
     with pytest.raises(TinySOLDownloadError, match="TinySOL.tar.gz"):
-        TinySOL(home, index_path=INDEX, download=True).prepare()
+        TinySOL(home, index_path=mini.index, download=True).prepare()
     assert len(calls) == 1 and "3685367" in calls[0] and "TinySOL.tar.gz" in calls[0]
     assert "index" not in mirdata_tinysol.REMOTES
 
 
-@needs_shared
-def test_download_flow_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_download_flow_offline(tmp_path: Path, mini: MiniTinySOL,
+                               monkeypatch: pytest.MonkeyPatch) -> None:
     """download=True end to end, with mirdata's fetch served from local files (no network)."""
     _, _, download_utils, mirdata_tinysol = _import_mirdata()
-    tracks = _index_tracks()
+    tracks = mini.tracks()
     archive = tmp_path / "served" / "TinySOL.tar.gz"
     archive.parent.mkdir()
     with tarfile.open(archive, "w:gz") as tar:  # TinySOL.tar.gz holds <Family>/... folders
-        for wav in sorted(SAMPLES.glob("*.wav")):
+        for wav in mini.sample_files():
             tar.add(wav, arcname=str(Path(tracks[wav.stem]["audio"][0]).relative_to("audio")))
-    audio = mirdata_tinysol.REMOTES["audio"]
-    monkeypatch.setitem(mirdata_tinysol.REMOTES, "audio", download_utils.RemoteFileMetadata(
-        filename=audio.filename, url=audio.url, destination_dir=audio.destination_dir,
-        checksum=hashlib.md5(archive.read_bytes()).hexdigest()))
+    # mirdata checks each download against its remote's md5: give it those of the served files.
+    for key, served in (("audio", archive), ("annotations", mini.metadata)):
+        remote = mirdata_tinysol.REMOTES[key]
+        monkeypatch.setitem(mirdata_tinysol.REMOTES, key, download_utils.RemoteFileMetadata(
+            filename=remote.filename, url=remote.url, destination_dir=remote.destination_dir,
+            checksum=hashlib.md5(served.read_bytes()).hexdigest()))
     calls: list[str] = []
 
     def serve(url: str, filename: str, *args: object, **kwargs: object) -> None:
         calls.append(url)
-        source = archive if "TinySOL.tar.gz" in url else METADATA
+        source = archive if "TinySOL.tar.gz" in url else mini.metadata
         shutil.copyfile(source, filename)
 
     monkeypatch.setattr(download_utils.urllib.request, "urlretrieve", serve)
     home = tmp_path / "home"
-    source = TinySOL(home, index_path=INDEX, download=True, allow_missing=True)
+    source = TinySOL(home, index_path=mini.index, download=True, allow_missing=True)
     source.prepare()
     assert len(calls) == 2
-    assert Counter(c.instrument for c in source.clips()) == EXPECTED_INSTRUMENTS
+    assert Counter(c.instrument for c in source.clips()) == PRESENT_INSTRUMENTS
     assert (home / "annotation" / "TinySOL_metadata.csv").is_file()
     assert not (home / "audio" / "TinySOL.tar.gz").exists()  # cleaned up after extraction
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # audioread, imported by librosa
+def test_mini_tinysol_is_valid_for_mirdata(tmp_path: Path, mini: MiniTinySOL) -> None:
+    """The generated index, metadata and wavs agree as mirdata checks them (md5s, columns)."""
+    home = mini.build_home(tmp_path / "tinysol")
+    mirdata, _, _, _ = _import_mirdata()
+    ds = mirdata.initialize("tinysol", data_home=str(home))
+    ds.index_path = str(mini.index)
+    missing, invalid = ds.validate(verbose=False)
+    present = {wav.stem for wav in mini.sample_files()}
+    assert invalid == {"metadata": {}, "tracks": {}}
+    assert missing["metadata"] == {}
+    assert set(missing["tracks"]) == set(ds.track_ids) - present
+    assert ds.track_ids[0] not in present  # as in the official index: the example is missing
+    assert Counter(ds.track(tid).instrument_full for tid in present) == PRESENT_INSTRUMENTS
+    flute = ds.track("Fl-ord-C4-mf-N-N")
+    assert (flute.split, flute.pitch_id, flute.dynamics, flute.family) == (2, 60, "mf", "Winds")
+    assert ds.track("Vn-ord-A#3-ff-4c-N").string_id == 4
+    audio, sr = flute.audio
+    assert sr == 44100 and audio.ndim == 1 and len(audio) == sf.info(mini.samples / (
+        "Fl-ord-C4-mf-N-N.wav")).frames

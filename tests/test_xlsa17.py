@@ -288,12 +288,36 @@ XLSA17_EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").gl
                             if p.stem != "xlsa17_common")
 
 
+# what each experiment is: its head, and its loss with the settings that tell the papers apart
+# (ALE and SJE are the same bilinear head and ranking hinge but for how negatives are weighted)
+XLSA17_RECIPES = {
+    "xlsa17_ale": ("BilinearHead", "RankingLoss", {"reduction": "warp", "margin": 1.0}),
+    "xlsa17_bilinear": ("BilinearHead", "CrossEntropyLoss", {}),
+    "xlsa17_conse": ("ConseHead", "InfoNCELoss", {}),
+    "xlsa17_devise": ("DeviseHead", "RankingLoss", {"reduction": "sum"}),
+    "xlsa17_eszsl": ("EszslHead", None, {}),  # closed form: no loss
+    "xlsa17_sae": ("SaeHead", None, {}),
+    "xlsa17_siamese": ("SiameseHead", "TripletLoss", {}),
+    "xlsa17_sje": ("BilinearHead", "RankingLoss", {"reduction": "max", "margin": 1.0}),
+}
+
+
+def test_every_xlsa17_experiment_has_its_recipe():
+    assert sorted(XLSA17_RECIPES) == XLSA17_EXPERIMENTS
+
+
 @pytest.mark.parametrize("experiment", XLSA17_EXPERIMENTS)
 def test_every_xlsa17_experiment_trains_selects_refits_and_tests_for_one_epoch(tmp_path, experiment):
     write_toy(tmp_path)
     metrics, objects = train(_toy_cfg(tmp_path, [f"experiment={experiment}", "trainer.max_epochs=1",
                                                  *NO_LOGGER]))
     report = json.loads(Path(objects["cfg"].paths.output_dir, "metrics.json").read_text())
+    head, loss, settings = XLSA17_RECIPES[experiment]
+    model = objects["model"]
+    assert type(model.head).__name__ == head
+    if loss is not None:
+        assert type(model.loss).__name__ == loss
+        assert {k: getattr(model.loss, k) for k in settings} == settings
     assert report["refit_on_trainval"]["epochs"] == 1
     assert 0.0 <= metrics["test/zsl_top1"] <= 1.0 and 0.0 <= metrics["test/gzsl_cs_h"] <= 1.0
 
