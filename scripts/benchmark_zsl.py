@@ -171,8 +171,10 @@ def score_selected(overrides: list[str], run_dir: Path, checkpoint: str) -> dict
 
 
 def mean_std(values: list[float]) -> str:
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.3f} ± {std:.3f}"
+    """"mean ± sample std" over seeds; one seed has no spread, and says so."""
+    if len(values) == 1:
+        return f"{values[0]:.3f} (1 seed)"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
 def main() -> None:

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -56,9 +58,12 @@ def test_cosine_scale_multiplies_similarity():
 def test_confidence_interval_matches_hand_computation():
     acc = torch.tensor([0.6, 0.8, 1.0, 0.6])
     r = EpisodeResults(acc, torch.zeros(1, 1))
-    # std (unbiased) of [.6,.8,1,.6] = 0.19149; 1.96 * 0.19149 / 2 = 0.18766
+    # std (unbiased) of [.6,.8,1,.6] = 0.19149; Student's t(3) 0.975-quantile 3.18245 (tables);
+    # 3.18245 * 0.19149 / 2 = 0.30470
     assert r.mean == pytest.approx(0.75)
-    assert r.ci95 == pytest.approx(0.187661, abs=1e-5)
+    assert r.ci95 == pytest.approx(0.304701, abs=1e-5)
+    many = EpisodeResults(torch.tensor([0.0, 1.0] * 500), torch.zeros(1, 1))  # t(999) 1.96234
+    assert many.ci95 == pytest.approx(1.96234 * 0.5002502 / math.sqrt(1000), abs=1e-6)
 
 
 @pytest.mark.parametrize("support_weight", [None, 0.0, 0.5])  # None: no whitening

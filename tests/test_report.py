@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 
@@ -26,7 +27,8 @@ def test_runs_are_grouped_over_seeds_sorted_and_failures_listed(tmp_path, capsys
     main([str(tmp_path), "--metric", "test/acc"])
     markdown = (tmp_path / "report.md").read_text()
     rows = [line for line in markdown.splitlines() if line.startswith("| model")]
-    assert rows[0].startswith("| model/backbone=b | 1 | 0.9000")  # best first
+    assert rows[0].startswith("| model/backbone=b | 1 | 0.9000 (1 run) |")  # best first; no spread
+    assert math.isnan(by_name["model/backbone=b"].std("test/acc"))
     assert "0.7000 ± 0.1414" in rows[1]
     assert "1 run(s) without metrics.json" in markdown
     assert (tmp_path / "report.csv").read_text().count("\n") == 3

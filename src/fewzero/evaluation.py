@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import scipy.stats
 import torch
 
 from fewzero.data.episodes import EpisodeSampler
@@ -35,11 +36,14 @@ class EpisodeResults:
 
     @property
     def ci95(self) -> float:
-        """Half-width of the normal-approximation 95% confidence interval of the mean."""
+        """Half-width of the 95% confidence interval of the mean: Student's t with n - 1 degrees
+        of freedom (1.962 at 1000 episodes, as the normal 1.96; 2.776 at 5, where 1.96 would
+        understate the interval by 30%)."""
         n = self.accuracies.numel()
         if n < 2:
             return float("nan")
-        return 1.96 * float(self.accuracies.std(unbiased=True)) / math.sqrt(n)
+        t = float(scipy.stats.t.ppf(0.975, n - 1))
+        return t * float(self.accuracies.std(unbiased=True)) / math.sqrt(n)
 
 
 @torch.no_grad()

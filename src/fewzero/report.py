@@ -44,8 +44,17 @@ class Configuration:
         return statistics.fmean(values) if values else math.nan
 
     def std(self, key: str) -> float:
+        """Sample standard deviation over the runs; nan for a single run (undefined, not 0)."""
         values = self.metrics.get(key, [])
-        return statistics.stdev(values) if len(values) > 1 else 0.0
+        return statistics.stdev(values) if len(values) > 1 else math.nan
+
+    def cell(self, key: str) -> str:
+        values = self.metrics.get(key, [])
+        if not values:
+            return "-"
+        if len(values) == 1:
+            return f"{values[0]:.4f} (1 run)"
+        return f"{self.mean(key):.4f} ± {self.std(key):.4f}"
 
 
 def _overrides(run: Path) -> list[str]:
@@ -85,7 +94,7 @@ def write_report(configs: list[Configuration], failed: list[Path], metric: str,
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     rows = []
     for c in configs:
-        cells = [f"{c.mean(k):.4f} ± {c.std(k):.4f}" if c.metrics.get(k) else "-" for k in keys]
+        cells = [c.cell(k) for k in keys]
         lines.append("| " + " | ".join([c.name, str(len(c.runs)), *cells]) + " |")
         rows.append([c.name, len(c.runs)] + [x for k in keys for x in (c.mean(k), c.std(k))])
     if failed:
@@ -101,7 +110,8 @@ def write_report(configs: list[Configuration], failed: list[Path], metric: str,
     shown = [c for c in configs if c.metrics.get(metric)]
     fig, ax = plt.subplots(figsize=(8, 0.45 * len(shown) + 1.5))
     ax.barh(range(len(shown)), [c.mean(metric) for c in shown],
-            xerr=[c.std(metric) for c in shown], color="tab:blue", alpha=0.8, capsize=3)
+            xerr=[c.std(metric) if len(c.metrics[metric]) > 1 else 0.0 for c in shown],
+            color="tab:blue", alpha=0.8, capsize=3)
     ax.set_yticks(range(len(shown)), [c.name[:60] for c in shown], fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel(f"{metric} (mean ± std over runs)")
