@@ -300,6 +300,13 @@ def test_bad_settings_raise_value_error(tmp_path: Path, soundfont_file: Path, ov
         RenderedSOL(tmp_path, TABLE, [str(soundfont_file)], **overrides)
 
 
+def test_a_soundfont_edited_in_place_gets_a_new_fingerprint(tmp_path: Path, soundfont_file: Path) -> None:
+    before = RenderedSOL(tmp_path, TABLE, [str(soundfont_file)]).fingerprint()
+    edited = soundfont_file.read_bytes().replace(b"not", b"NOT")  # same name, same size
+    soundfont_file.write_bytes(edited)
+    assert RenderedSOL(tmp_path, TABLE, [str(soundfont_file)]).fingerprint() != before
+
+
 def test_omegaconf_config_gives_the_same_fingerprint(tmp_path: Path,
                                                      soundfont_file: Path) -> None:
     omegaconf = pytest.importorskip("omegaconf")

@@ -51,6 +51,16 @@ def test_multi_word_class_names_are_averaged(tmp_path):
     torch.testing.assert_close(vectors.mean, torch.tensor([[0.0, 0, 1, 0], [0.5, 0.5, 0, 2]]))
 
 
+def test_a_vectors_file_replaced_in_place_is_not_read_from_the_cache(tmp_path):
+    path = _write_glove(tmp_path / "g.txt")
+    source = GloveVectors({"Violin": ["violin"]}, dim=4, path=str(path), normalize=False,
+                          cache_dir=str(tmp_path / "cache"))
+    torch.testing.assert_close(source.vectors(["Violin"]).mean, torch.tensor([[0.0, 0, 1, 0]]))
+    path.write_text("french 1 0 0 2\nhorn 0 1 0 2\nviolin 0 0 2 0\nthe 9 9 9 9\n")  # same size
+    assert source.cache_path(["Violin"]).parent.exists()  # the first vectors were cached
+    torch.testing.assert_close(source.vectors(["Violin"]).mean, torch.tensor([[0.0, 0, 2, 0]]))
+
+
 def test_a_word_missing_from_the_vocabulary_is_a_clear_error(tmp_path):
     path = _write_glove(tmp_path / "g.txt")
     source = GloveVectors({"Kazoo": ["kazoo"]}, dim=4, path=str(path))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -67,6 +68,21 @@ class ClipSource(Protocol):
 def file_md5(path: str | Path) -> str:
     """md5 hex digest of a file (audio files included: a few hundred kB each)."""
     return hashlib.md5(Path(path).read_bytes()).hexdigest()
+
+
+@functools.lru_cache(maxsize=256)
+def _content_md5(path: str, size: int, mtime_ns: int) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "md5").hexdigest()
+
+
+def file_digest(path: str | Path) -> str:
+    """md5 hex digest of a file's contents, for cache keys that must change when a file is
+    edited in place (a SoundFont, a vectors file, an image): computed once per process for each
+    (path, size, modification time), so a large file is read once."""
+    resolved = Path(path).resolve()
+    stat = resolved.stat()
+    return _content_md5(str(resolved), stat.st_size, stat.st_mtime_ns)
 
 
 def config_hash(obj: object, length: int = 12) -> str:

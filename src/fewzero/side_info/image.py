@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from fewzero.data.clips import config_hash
+from fewzero.data.clips import config_hash, file_digest
 from fewzero.side_info.base import SideInformation
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".svg")
@@ -188,8 +188,10 @@ class ImageEmbeddings(SideInformation):
         path = super().cache_path(class_names)
         if path is None:
             return None
-        listing = {n: [str(p) for p in ps] for n, ps in self.image_paths(class_names).items()}
-        return path.with_name(f"{path.stem}-{config_hash(listing, 8)}.pt")  # folder contents count
+        # which files, and what is in them: an image replaced in place must not be reused
+        listing = {n: [[str(p), file_digest(p)] for p in ps]
+                   for n, ps in self.image_paths(class_names).items()}
+        return path.with_name(f"{path.stem}-{config_hash(listing, 8)}.pt")
 
     def _load(self, path: Path, name: str) -> Image.Image:
         """`load_image` at the encoder's size; raises a ValueError naming an unreadable file,

