@@ -86,3 +86,16 @@ def test_run_summary_prints_zero_shot_figures_with_their_intervals(tmp_path, cap
     assert "u 0.2000 +-0.021, s 0.7000 +-0.033, H 0.3110 +-0.024" in out  # calibrated
     assert "u 0.2000, s 0.7000, H 0.3110 " in out  # uncalibrated: no interval reported
     assert f"tensorboard --logdir {tmp_path / 'tensorboard'}" in out  # the run's own, wherever it is
+
+
+def test_bar_labels_keep_what_tells_configurations_apart():
+    from fewzero.report import Configuration, bar_labels
+
+    six = Configuration("debug=fast,paths.log_dir=/a/long/shared/folder/of/logs,trainer.max_steps=6")
+    nine = Configuration("debug=fast,paths.log_dir=/a/long/shared/folder/of/logs,trainer.max_steps=9")
+    six.metrics["m"], nine.metrics["m"] = [0.1], [0.2, 0.3]
+    assert bar_labels([six, nine], "m") == ["trainer.max_steps=6 (1 run)", "trainer.max_steps=9"]
+    alone = Configuration("experiment=xlsa17_devise,dataset.root=/path/to/xlsa17/data/" + "x" * 60)
+    alone.metrics["m"] = [0.5, 0.6]
+    label = bar_labels([alone], "m")[0]
+    assert len(label) == 60 and label.startswith("experiment=xlsa17_devise") and "…" in label

@@ -82,6 +82,20 @@ def collect(root: Path, ignore: tuple[str, ...] = ("seed",)) -> tuple[list[Confi
     return list(groups.values()), failed
 
 
+def bar_labels(configs: list[Configuration], metric: str, width: int = 60) -> list[str]:
+    """Each configuration's overrides without those every one shares (what tells them apart),
+    cut in the middle to `width` characters; "(1 run)" where there is no spread to draw."""
+    overrides = [c.name.split(",") if c.name != "(defaults)" else [] for c in configs]
+    shared = set.intersection(*map(set, overrides)) if len(configs) > 1 else set()
+    labels = []
+    for config, names in zip(configs, overrides, strict=True):
+        label = ",".join(o for o in names if o not in shared) or config.name
+        if len(label) > width:
+            label = f"{label[:width // 2 - 1]}…{label[-(width - width // 2):]}"
+        labels.append(label + (" (1 run)" if len(config.metrics[metric]) == 1 else ""))
+    return labels
+
+
 def write_report(configs: list[Configuration], failed: list[Path], metric: str,
                  out: Path) -> str:
     """Write report.md/.csv/.png into `out`; return the Markdown."""
@@ -110,9 +124,9 @@ def write_report(configs: list[Configuration], failed: list[Path], metric: str,
     shown = [c for c in configs if c.metrics.get(metric)]
     fig, ax = plt.subplots(figsize=(8, 0.45 * len(shown) + 1.5))
     ax.barh(range(len(shown)), [c.mean(metric) for c in shown],
-            xerr=[c.std(metric) if len(c.metrics[metric]) > 1 else 0.0 for c in shown],
+            xerr=[c.std(metric) for c in shown],  # nan for one run: no bar, not a zero-width one
             color="tab:blue", alpha=0.8, capsize=3)
-    ax.set_yticks(range(len(shown)), [c.name[:60] for c in shown], fontsize=8)
+    ax.set_yticks(range(len(shown)), bar_labels(shown, metric), fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel(f"{metric} (mean ± std over runs)")
     fig.tight_layout()

@@ -193,6 +193,7 @@ class FewShotModule(ResumableModule):
             defaults = whitening.shrinkage, whitening.support_weight
         val_embeddings = self._val_embeddings() if selects else None
         by_setting = {}  # for the pictures: whitened with the training classes' matrix
+        unadapted: dict[str, float] = {}  # settings whose scoring adapted it to each support set
         for settings in dm.test_settings:
             if selects:
                 whitening.shrinkage, whitening.support_weight = self._select_whitening(
@@ -202,6 +203,8 @@ class FewShotModule(ResumableModule):
                 self.log(f"test/{settings.name}_whitening_support_weight",
                          whitening.support_weight, sync_dist=True)
             by_setting[settings.name] = whitening(raw) if whitening is not None else raw
+            if whitening is not None and whitening.adapts(settings.n_shot):
+                unadapted[settings.name] = whitening.support_weight
             sampler = dm.sampler("test", settings, dm.eval_seed)
             results = evaluate_episodes(raw, sampler, settings.n_episodes, distance,
                                         len(dm.class_names), whitening)
@@ -220,9 +223,12 @@ class FewShotModule(ResumableModule):
         embeddings = by_setting[settings.name]
         if self.trainer.is_global_zero and self.plot_episodes > 0:
             sampler = dm.sampler("test", settings, dm.eval_seed)
+            title = f"Test episodes ({settings.name}), PCA of embeddings"
+            if settings.name in unadapted:  # its stars are not quite the prototypes it scored with
+                title += (f"\nwhitened without the per-episode support adaptation (support weight "
+                          f"{unadapted[settings.name]:g}) that scoring used")
             figure = episode_embedding_figure(embeddings, sampler, dm.class_names,
-                                              list(range(self.plot_episodes)),
-                                              f"Test episodes ({settings.name}), PCA of embeddings")
+                                              list(range(self.plot_episodes)), title)
             self._save_figure(figure, f"test/embeddings_{settings.name}")
         if self.trainer.is_global_zero:
             self._add_projector_embeddings(embeddings, dm)
