@@ -340,44 +340,74 @@ def test_zero_shot_run_stopped_mid_epoch_resumes_to_the_uninterrupted_metrics(tm
     assert "val/acc_best" in resumed["metrics"] and "test/gzsl_cs_h" in resumed["metrics"]
 
 
-class _CtrlCInRefit(StopOnInterrupt):
+class _CtrlCIn(StopOnInterrupt):
     """The run's Ctrl-C handling, pressing Ctrl-C (SIGINT to this process) before step 2 of the
-    refit: the one fit that trains on every seen class."""
+    fit that saves to `<fit>.ckpt` (none: never), and counting the steps each fit trains."""
+
+    steps: dict[str, int] = {}
+
+    def __init__(self, fit: str | None = None):
+        self.fit = fit
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.datamodule.train_on == "trainval" and trainer.global_step == 2:
+        _CtrlCIn.steps[self.saves_to] = _CtrlCIn.steps.get(self.saves_to, 0) + 1
+        if self.saves_to == f"{self.fit}.ckpt" and trainer.global_step == 2:
             signal.raise_signal(signal.SIGINT)
 
 
 @pytest.mark.slow
-def test_zero_shot_run_stopped_during_the_refit_resumes_with_every_metric(tmp_path):
-    """Ctrl-C during the refit stops it as SIGTERM does, naming the phase; the resume starts
-    from a last.ckpt at max_steps, whose fit logs nothing, reuses the class-CV folds, refits
-    again, and metrics.json keeps the fit's val/ and train/ keys: the uninterrupted run's."""
+@pytest.mark.parametrize(("fit", "phase"), [("refit_progress", "the refit on every seen class"),
+                                            ("class_cv_fold1_progress", "class cross-validation")])
+def test_zero_shot_run_stopped_after_its_main_fit_goes_on_to_the_uninterrupted_metrics(
+        tmp_path, fit, phase):
+    """Ctrl-C during a class-CV fold or the refit stops it as SIGTERM does, saving that fit's
+    step to its own checkpoint and naming the phase. The resume starts from a last.ckpt at
+    max_steps, whose fit logs nothing; the stopped fit goes on from its step, not from 0, and
+    metrics.json ends as the uninterrupted run's, the fit's val/ and train/ keys included."""
     short = ["experiment=zsl_attribute_audio", *ZSL_SHORT]
     full = compose_train_cfg(tmp_path / "full", short)
     train(full)
     before = json.loads((Path(full.paths.output_dir) / "metrics.json").read_text())
+    steps = before["refit_on_trainval"]["selected_steps"]  # class CV's and the refit's length
 
     stopped = compose_train_cfg(tmp_path / "stopped", short)
     with open_dict(stopped):
-        stopped.callbacks.stop_on_interrupt._target_ = "test_resume._CtrlCInRefit"
+        stopped.callbacks.stop_on_interrupt = {"_target_": "test_resume._CtrlCIn", "fit": fit}
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal
     try:
         with pytest.raises(SIGTERMException) as stop:
             train(stopped)
     finally:
         signal.signal(signal.SIGINT, previous)
-    run = Path(stopped.paths.output_dir)
-    assert stop.value.stopped_during == "the refit on every seen class"
-    assert not (run / "checkpoints" / "refit_trainval.ckpt").exists()
-    assert _step(run / "checkpoints" / "last.ckpt") == 8
-    folds = sorted(p.name for p in (run / "checkpoints").glob("class_cv_fold*.pt"))
-    assert folds == ["class_cv_fold1.pt", "class_cv_fold2.pt"]
-    written = {p: p.stat().st_mtime_ns for p in (run / "checkpoints").glob("class_cv_fold*.pt")}
+    checkpoints = Path(stopped.paths.output_dir) / "checkpoints"
+    assert stop.value.stopped_during == phase
+    assert _step(checkpoints / f"{fit}.ckpt") == 3 and _step(checkpoints / "last.ckpt") == 8
+    assert not (checkpoints / "refit_trainval.ckpt").exists()
 
-    metrics, _ = train(compose_train_cfg(tmp_path / "stopped", short + ["ckpt_path=last"]))
-    after = json.loads((run / "metrics.json").read_text())
-    assert {p: p.stat().st_mtime_ns for p in written} == written  # reused, not trained again
+    resumed = compose_train_cfg(tmp_path / "stopped", short + ["ckpt_path=last"])
+    with open_dict(resumed):
+        resumed.callbacks.stop_on_interrupt = {"_target_": "test_resume._CtrlCIn"}
+    _CtrlCIn.steps.clear()
+    metrics, _ = train(resumed)
+    after = json.loads((checkpoints.parent / "metrics.json").read_text())
+    assert _CtrlCIn.steps[f"{fit}.ckpt"] == steps - 3  # went on from step 3
+    assert _CtrlCIn.steps.get("class_cv_fold1_progress.ckpt", 0) == (steps - 3 if "fold" in fit else 0)
+    assert not list(checkpoints.glob("*_progress.ckpt"))  # removed once each fit was done
     assert "val/acc_best" in metrics and "val/prior_weight_zsl" in after["metrics"]
     assert after["metrics"] == before["metrics"] and after["zero_shot"] == before["zero_shot"]
+    refitted = [torch.load(run / "checkpoints" / "refit_trainval.ckpt", weights_only=False)["state_dict"]
+                for run in (Path(full.paths.output_dir), checkpoints.parent)]
+    torch.testing.assert_close(refitted[1], refitted[0], rtol=0, atol=0, equal_nan=True)  # every bit
+    for fold in ("class_cv_fold1.pt", "class_cv_fold2.pt"):
+        scores = [torch.load(run / "checkpoints" / fold, weights_only=False)["scores"]
+                  for run in (Path(full.paths.output_dir), checkpoints.parent)]
+        assert torch.equal(*scores), fold
+    if fit == "refit_progress":  # killed during the test: the finished refit is not trained again
+        again = compose_train_cfg(tmp_path / "stopped", short + ["ckpt_path=last"])
+        with open_dict(again):
+            again.callbacks.stop_on_interrupt = {"_target_": "test_resume._CtrlCIn"}
+        _CtrlCIn.steps.clear()
+        train(again)
+        assert _CtrlCIn.steps.get("refit_progress.ckpt", 0) == 0
+        report = json.loads((checkpoints.parent / "metrics.json").read_text())
+        assert report["zero_shot"] == before["zero_shot"]

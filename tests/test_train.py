@@ -9,6 +9,7 @@ import torch
 from conftest import CONFIG_DIR, compose_train_cfg, skip_without_side_info_files
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from fewzero.data.datamodule import EpisodeSettings
 from fewzero.evaluation import evaluate_episodes
@@ -59,6 +60,11 @@ def test_training_writes_metrics_plots_checkpoints_and_hparams(tmp_path, backbon
     assert events and any(b"hparams" in e.read_bytes() for e in events)
     assert report["tags"] == list(cfg.tags) and "fsl" in report["tags"]
     assert any(b"tags" in e.read_bytes() for e in events)
+    scalars = EventAccumulator(str(run / "tensorboard"))
+    scalars.Reload()
+    validated = [e.step for e in scalars.Scalars("val/acc")]
+    assert validated == sorted(validated) and 0 not in validated  # no final value at step 0
+    assert "seed: " in (run / "tensorboard" / "hparams.yaml").read_text()  # not {}
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)

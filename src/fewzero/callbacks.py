@@ -195,6 +195,43 @@ class BestCheckpoint(ModelCheckpoint):
                  before, sorted(moved.values()))
 
 
+class FitKey(pl.Callback):
+    """Writes what a fit depends on (`key`: plain, comparable values) into its checkpoints
+    (`checkpoint["fewzero_fit"]`), so that a later attempt resumes from them only when it would
+    train the same thing (`fewzero.train.resumable_fit`)."""
+
+    def __init__(self, key: dict[str, Any]) -> None:
+        self.key = key
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        checkpoint["fewzero_fit"] = self.key
+
+
+class RngAtFirstBatch(pl.Callback):
+    """For fits without `StepSeed` (class-CV folds, the refit: seeded once, so that they train as
+    they always have): a resume from a checkpoint written mid-epoch goes on with the global RNG
+    state saved in it, as the uninterrupted fit would. `ResumableModule` restores that state as
+    the checkpoint loads, but a fresh process then creates the data-loader iterator, which draws
+    from it; after an epoch-end checkpoint the uninterrupted fit draws there too, mid-epoch it
+    does not. So the state is set again before the first batch of a mid-epoch resume."""
+
+    def __init__(self) -> None:
+        self._state: dict[str, Any] | None = None
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        self._state = checkpoint.get("rng_state")
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                             batch: Any, batch_idx: int) -> None:
+        state, self._state = self._state, None
+        if state is not None and batch_idx > 0:
+            torch.set_rng_state(state["torch"])
+            if "cuda" in state and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(state["cuda"])
+
+
 class RunRecord(pl.Callback):
     """Writes the run's config and command-line overrides into every checkpoint it saves
     (`checkpoint["fewzero_run"]`), so that a resume can check that it continues the same run
@@ -227,8 +264,9 @@ class StopOnInterrupt(pl.Callback):
     handlers to restore when the fit ends, so it is gone after the fit."""
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # the fits after the main one (class-CV folds, the refit) keep no last.ckpt
-        self.saves = any(isinstance(c, LastCheckpoint) for c in trainer.callbacks)
+        # the main fit's last.ckpt, class-CV folds' and the refit's own progress files
+        self.saves_to = next((f"{c.filename}.ckpt" for c in trainer.callbacks
+                              if isinstance(c, LastCheckpoint)), None)
         if (trainer.world_size == 1 and threading.current_thread() is threading.main_thread()
                 and signal.getsignal(signal.SIGINT) is signal.default_int_handler
                 and callable(signal.getsignal(signal.SIGTERM))):  # Lightning's (not on Windows)
@@ -237,5 +275,5 @@ class StopOnInterrupt(pl.Callback):
     def _stop_after_this_step(self, signum: int, frame: Any) -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
         log.warning("Ctrl-C: %s, then stopping (Ctrl-C again stops at once).",
-                    "saving this step to last.ckpt" if self.saves else "finishing this step")
+                    f"saving this step to {self.saves_to}" if self.saves_to else "finishing this step")
         signal.raise_signal(signal.SIGTERM)  # Lightning's handler: stop after this batch

@@ -15,6 +15,7 @@ import shlex
 import signal
 import sys
 import traceback
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +25,12 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.core.saving import save_hparams_to_yaml
+from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities.exceptions import SIGTERMException
+from torch.utils.tensorboard.summary import hparams as tensorboard_hparams
 
-from fewzero.callbacks import RunRecord
+from fewzero.callbacks import FitKey, LastCheckpoint, RngAtFirstBatch, RunRecord
 from fewzero.data.clips import config_hash
 from fewzero.models.backbones import MusicFslCNN
 from fewzero.models.pitch_prior import ZSL_SCORES
@@ -242,6 +246,26 @@ def _flat_hparams(cfg: DictConfig) -> dict[str, Any]:
     return flat
 
 
+def log_final_hparams(pl_logger: Any, flat: dict[str, Any], metrics: dict[str, float]) -> None:
+    """The run's config and final metrics for TensorBoard's HPARAMS tab, and hparams.yaml.
+
+    Lightning's `log_hyperparams(params, metrics)` also writes every final metric as a scalar at
+    step 0: a false first point, at the final value, on every validation and test curve. The
+    HPARAMS tab shows each metric's last logged scalar, which the run has logged already, so for
+    TensorBoard only the tab's summaries are written. Other loggers get Lightning's call."""
+    if not isinstance(pl_logger, TensorBoardLogger):
+        pl_logger.log_hyperparams(flat, metrics=metrics)
+        pl_logger.save()
+        return
+    experiment, start, end = tensorboard_hparams(flat, metrics)
+    writer = pl_logger.experiment._get_file_writer()
+    for summary in (experiment, start, end):
+        writer.add_summary(summary)
+    pl_logger.hparams.update(flat)
+    save_hparams_to_yaml(Path(pl_logger.log_dir) / TensorBoardLogger.NAME_HPARAMS_FILE, pl_logger.hparams)
+    pl_logger.save()
+
+
 def _dataset_name(cfg: DictConfig, datamodule: Any) -> str:
     """The audio source's class name, or the datamodule's own name (e.g. "xlsa17 AWA2")."""
     if "source" in cfg.dataset:
@@ -275,14 +299,46 @@ def _selected_checkpoint(trainer: pl.Trainer) -> tuple[str, int, int, dict[str, 
                        "saved (is callbacks.model_checkpoint enabled?).")
 
 
-def interrupt_callbacks(cfg: DictConfig) -> list[pl.Callback]:
-    """The run's Ctrl-C handling (`callbacks.stop_on_interrupt`, where configured) for the fits
-    that follow the main one (class cross-validation's folds, the refit), which get none of the
-    run's other callbacks: Ctrl-C there stops as SIGTERM does, and `main` prints the resume
-    command. Such a fit keeps no checkpoint of its own; the resume runs it again from its start
-    (the same seed: the same result)."""
-    node = (cfg.get("callbacks") or {}).get("stop_on_interrupt")
-    return [hydra.utils.instantiate(node)] if node else []
+def resumable_fit(cfg: DictConfig, model: pl.LightningModule, datamodule: Any, output_dir: Path,
+                  name: str, key: dict[str, Any], callbacks: Sequence[pl.Callback] = (),
+                  done: Path | None = None, **trainer_settings: Any) -> pl.Trainer:
+    """Fit `model` with the run's trainer config (no logger, no validation-selected checkpoint)
+    for the fits that follow the main one: class cross-validation's folds and the refit.
+
+    Like the main fit, it keeps `checkpoints/<name>.ckpt` (every
+    `callbacks.last_checkpoint.every_n_train_steps` steps, at every epoch's end and on SIGTERM
+    or Ctrl-C, with `callbacks.stop_on_interrupt`), and a later attempt with the same `key`
+    (what the fit depends on) resumes from it, or from `done` (the finished fit's own checkpoint,
+    when it exists with that key), ending where the uninterrupted fit would have: these fits
+    are seeded once, so `RngAtFirstBatch` carries the RNG across a mid-epoch resume. A checkpoint
+    left by another key is ignored and overwritten.
+    """
+    checkpoints = output_dir / "checkpoints"
+    progress = checkpoints / f"{name}.ckpt"
+    resume = None
+    for path in (done, progress):
+        if path is not None and path.is_file():
+            try:
+                saved = torch.load(path, map_location="cpu", weights_only=False).get("fewzero_fit")
+            except Exception:  # a file cut short by a kill: train afresh
+                saved = None
+            if saved is not None and config_hash(saved) == config_hash(key):  # NaN == NaN here
+                resume = str(path)
+                break
+    if resume:
+        log.info("%s: resuming from %s", name, resume)
+    nodes = cfg.get("callbacks") or {}
+    every = (nodes.get("last_checkpoint") or {}).get("every_n_train_steps", 0)
+    own = [FitKey(key), RngAtFirstBatch()]
+    if not cfg.trainer.get("fast_dev_run") and not trainer_settings.get("fast_dev_run"):
+        own.append(LastCheckpoint(dirpath=str(checkpoints), every_n_train_steps=every, filename=name))
+    if nodes.get("stop_on_interrupt"):  # Ctrl-C stops as SIGTERM does; main prints the command
+        own.append(hydra.utils.instantiate(nodes.stop_on_interrupt))
+    saves = any(isinstance(c, LastCheckpoint) for c in own)  # else Lightning would add its own
+    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=[*callbacks, *own], logger=False,
+                                      enable_checkpointing=saves, **trainer_settings)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=resume)
+    return trainer
 
 
 def class_cross_validation(cfg: DictConfig, datamodule: Any, trainer: pl.Trainer, output_dir: Path,
@@ -336,18 +392,17 @@ def class_cross_validation(cfg: DictConfig, datamodule: Any, trainer: pl.Trainer
             pl.seed_everything(cfg.seed, workers=True)
         fold_dm = datamodule.for_pseudo_unseen(names)
         model = hydra.utils.instantiate(cfg.model)
-        quiet = {"logger": False, "enable_checkpointing": False}
-        fit = hydra.utils.instantiate(cfg.trainer, callbacks=interrupt_callbacks(cfg), **quiet,
-                                      limit_val_batches=0, num_sanity_val_steps=0,
-                                      max_epochs=-1, max_steps=steps)
-        fit.fit(model, datamodule=fold_dm)
-        hydra.utils.instantiate(cfg.trainer, callbacks=[], **quiet).validate(model, datamodule=fold_dm,
-                                                                             verbose=False)
+        fit = resumable_fit(cfg, model, fold_dm, output_dir, f"class_cv_fold{k}_progress",
+                            {"pseudo_unseen": names, "steps": steps, "config": trained_by},
+                            limit_val_batches=0, num_sanity_val_steps=0, max_epochs=-1, max_steps=steps)
+        hydra.utils.instantiate(cfg.trainer, callbacks=[], logger=False, enable_checkpointing=False
+                                ).validate(model, datamodule=fold_dm, verbose=False)
         scores = model.class_cv_scores(model.state_dict()).cpu()
         if fit.is_global_zero:  # scores are gathered: equal on every rank
             path.parent.mkdir(parents=True, exist_ok=True)
             torch.save({"pseudo_unseen": names, "steps": steps, "score": module.pitch_prior.zsl_score,
                         "config": trained_by, "scores": scores}, path)
+            (path.parent / f"class_cv_fold{k}_progress.ckpt").unlink(missing_ok=True)  # done
         fold_scores.append(scores)
     all_scores = torch.stack(fold_scores)  # (n_folds, n_candidates)
     weight, state = module.class_cv_choice(chosen, all_scores)
@@ -403,15 +458,18 @@ def refit_on_trainval(cfg: DictConfig, datamodule: Any, trainer: pl.Trainer, out
         pl.seed_everything(cfg.seed, workers=True)
     model = hydra.utils.instantiate(cfg.model)
     model.keep_calibration({**chosen, **(chosen_elsewhere or {})})
-    callbacks = [record] if record else []
-    refit = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks + interrupt_callbacks(cfg), logger=False,
-                                    enable_checkpointing=False,
-                                    limit_val_batches=0, num_sanity_val_steps=0, **length)
     log.info("Refitting on all training data for %d %s (selected: %s)",
              epochs if unit == "epochs" else steps, unit, selected_path)
-    refit.fit(model, datamodule=final_dm)
     path = output_dir / "checkpoints" / "refit_trainval.ckpt"
+    key = {"selected": selected_path, "epochs": epochs, "steps": steps, "unit": unit,
+           "config": config_hash(training_settings(cfg)),
+           "chosen_elsewhere": {k: v.tolist() for k, v in (chosen_elsewhere or {}).items()}}
+    refit = resumable_fit(cfg, model, final_dm, output_dir, "refit_progress", key,
+                          callbacks=[record] if record else [], done=path,
+                          limit_val_batches=0, num_sanity_val_steps=0, **length)
     refit.save_checkpoint(path)
+    if refit.is_global_zero:
+        (path.parent / "refit_progress.ckpt").unlink(missing_ok=True)
     refit.loggers = trainer.loggers  # test metrics and figures go where the first fit's went
     info = {"checkpoint": str(path), "selected_checkpoint": selected_path, "unit": unit,
             "epochs": epochs, "selected_steps": steps, "steps": refit.global_step}
@@ -548,8 +606,7 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> tuple[dict[str
         numeric = {k: v for k, v in metrics.items()
                    if isinstance(v, float) and math.isfinite(v) and not k.startswith("train/")}
         for pl_logger in trainer.loggers:
-            pl_logger.log_hyperparams(_flat_hparams(cfg), metrics=numeric)
-            pl_logger.save()
+            log_final_hparams(pl_logger, _flat_hparams(cfg), numeric)
         print_summary(output_dir, report)
     return metrics, {"cfg": cfg, "datamodule": datamodule, "model": model, "trainer": trainer}
 
@@ -575,16 +632,16 @@ def main(cfg: DictConfig) -> float | None:
         metrics, _ = train(cfg, overrides)
     except SIGTERMException as stop:
         # Lightning stopped after the current batch; callbacks.last_checkpoint saved it, where
-        # there is one (not in a fast_dev_run, nor during class CV or the refit).
+        # there is one (not in a fast_dev_run); during class CV or the refit, their own did.
         output_dir = Path(cfg.paths.output_dir)
         last = output_dir / "checkpoints" / "last.ckpt"
         during = getattr(stop, "stopped_during", None)
         if last.is_file():
             step = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
             if during:
-                log.warning("Stopped during %s, which keeps no checkpoint: the resume runs it again "
-                            "from its start, to the same result (finished class cross-validation "
-                            "folds are reused).", during)
+                log.warning("Stopped during %s, whose progress is saved in %s as well: the resume "
+                            "goes on from there (finished class cross-validation folds are reused).",
+                            during, last.parent)
             log.warning("Stopped. %s holds step %d; resume with:\n  %s", last, step,
                         resume_command(run_overrides(output_dir, overrides), output_dir))
         else:
