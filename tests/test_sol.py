@@ -247,6 +247,21 @@ def test_assign_folds_is_balanced_per_class_and_seeded() -> None:
     assert folds != sol.assign_folds(labels, 5, seed=4)
 
 
+def test_assign_folds_by_pitch_keeps_every_rendering_of_a_pitch_in_one_fold() -> None:
+    labels = ["a"] * 30 + ["b"] * 12
+    pitches = [60 + i // 3 for i in range(30)] + [40 + i // 2 for i in range(12)]  # 3 and 2 per pitch
+    folds = sol.assign_folds(labels, 5, seed=3, groups=pitches)
+    fold_of = {}
+    for fold, name, pitch in zip(folds, labels, pitches, strict=True):
+        assert fold_of.setdefault((name, pitch), fold) == fold  # one fold per pitch
+    assert Counter(f for (name, _), f in fold_of.items() if name == "a") == {k: 2 for k in range(5)}
+    assert sorted(Counter(f for (name, _), f in fold_of.items() if name == "b").values()) == [1, 1, 1, 1, 2]
+    assert folds == sol.assign_folds(labels, 5, seed=3, groups=pitches)
+    by_note = sol.assign_folds(labels, 5, seed=3)
+    assert any(len({f for f, n, p in zip(by_note, labels, pitches, strict=True) if (n, p) == key}) > 1
+               for key in fold_of)  # dealt note by note, a pitch's renderings spread over folds
+
+
 def test_pitch_names_follow_tinysol() -> None:
     assert [pitch_name(p) for p in (21, 60, 61, 70, 108)] == ["A0", "C4", "C#4", "A#4", "C8"]
 
@@ -293,6 +308,7 @@ def test_bad_table_entry_raises_value_error(tmp_path: Path, soundfont_file: Path
      r"^dataset\.source\.dynamics\.pp=\[50, 20\]: .*1 <= min <= max <= 127"),
     ({"variation": {"detune": 10}}, r"^Unknown dataset\.source\.variation key\(s\) \['detune'\]"),
     ({"n_folds": 0}, r"^n_folds=0: need at least one fold"),
+    ({"fold_by": "dynamic"}, r"^dataset\.source\.fold_by='dynamic': use note"),
 ])
 def test_bad_settings_raise_value_error(tmp_path: Path, soundfont_file: Path, overrides: dict,
                                         match: str) -> None:
@@ -343,3 +359,16 @@ def test_missing_libfluidsynth_gives_install_advice(monkeypatch: pytest.MonkeyPa
     with pytest.raises(ImportError, match="apt-get install fluidsynth") as info:
         sol._import_fluidsynth()
     assert "brew install fluid-synth" in str(info.value)
+
+
+def test_fold_overlap_counts_held_out_clips_that_replay_a_trained_note() -> None:
+    from conftest import load_script
+
+    overlap = load_script("fold_overlap").overlap
+    row = lambda fold, pitch, dyn, sf: {"instrument": "Oboe", "fold": str(fold), "pitch": str(pitch),  # noqa: E731
+                                        "dynamics": dyn, "soundfont": sf}
+    rows = [row(0, 60, "pp", "a"), row(1, 62, "ff", "b"),  # trained
+            row(4, 60, "pp", "a"), row(4, 60, "ff", "a"), row(4, 62, "ff", "a"), row(4, 70, "pp", "a")]
+    counts = overlap(rows, ["Oboe"], {4}, {0, 1, 2, 3})
+    assert counts == {"clips": 4, "pitch": 3, "dynamic": 2, "soundfont": 1}
+    assert overlap(rows, ["Flute"], {4}, {0, 1, 2, 3})["clips"] == 0

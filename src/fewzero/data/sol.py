@@ -435,20 +435,26 @@ def _render_chunk(notes: list[Note]) -> list[_Result]:
     return [_render_note(synth, note, spec) for note in notes]
 
 
-def assign_folds(instruments: Sequence[str], n_folds: int, seed: int) -> list[int]:
+def assign_folds(instruments: Sequence[str], n_folds: int, seed: int,
+                 groups: Sequence[Any] | None = None) -> list[int]:
     """Folds for rows labelled `instruments`: per class, shuffle with `seed`, deal round-robin.
 
-    Every class gets (as nearly as possible) the same number of rows in each fold.
+    Every class gets (as nearly as possible) the same number of rows in each fold. With
+    `groups` (one label per row, e.g. its pitch), a class's groups are shuffled and dealt
+    instead, every row of a group into its group's fold: the same number of groups per fold.
     """
     folds = [0] * len(instruments)
-    rows_of: dict[str, list[int]] = {}
+    rows_of: dict[str, dict[Any, list[int]]] = {}
     for row, name in enumerate(instruments):
-        rows_of.setdefault(name, []).append(row)
-    for name, rows in rows_of.items():
+        group = groups[row] if groups is not None else row
+        rows_of.setdefault(name, {}).setdefault(group, []).append(row)
+    for name, by_group in rows_of.items():
         stream = [seed, _FOLD_STREAM, zlib.crc32(name.encode())]
-        order = np.random.default_rng(stream).permutation(len(rows))
+        members = list(by_group.values())
+        order = np.random.default_rng(stream).permutation(len(members))
         for position, k in enumerate(order):
-            folds[rows[k]] = position % n_folds
+            for row in members[k]:
+                folds[row] = position % n_folds
     return folds
 
 
@@ -469,6 +475,10 @@ class RenderedSOL:
         note_seconds: time from onset to note-off; the release sounds until the clip ends.
         dynamics: name -> [min_velocity, max_velocity]; one note per dynamic and pitch.
         n_folds: number of cross-validation folds, balanced per class.
+        fold_by: "note" (each rendered note dealt to a fold on its own, as TinySOL's official
+            folds are: a class's folds share pitches, so its held-out folds hold other
+            renderings of notes its training folds play) or "pitch" (every rendering of an
+            instrument's pitch in one fold: held-out folds hold pitches training never heard).
         seed: seeds every per-note choice and the fold shuffles.
         variation: detune_cents (+-, by pitch bend), max_onset_ms (leading silence), gain_db
             (+-), noise_snr_db ([low, high] SNR of white noise against the note's RMS).
@@ -484,7 +494,7 @@ class RenderedSOL:
                  sample_rate: int = 16000, clip_seconds: float = 2.0, note_seconds: float = 1.5,
                  dynamics: dict[str, list[int]] | None = None, n_folds: int = 5, seed: int = 0,
                  variation: dict | None = None, silence_threshold_db: float = -60.0,
-                 num_workers: int = 2) -> None:
+                 num_workers: int = 2, fold_by: str = "note") -> None:
         self.root = Path(root).expanduser()
         self.instruments = parse_instruments(_plain(instruments))
         self.soundfonts = _check_soundfonts(_plain(soundfonts))
@@ -493,6 +503,10 @@ class RenderedSOL:
         self.note_seconds = float(note_seconds)
         self.dynamics = _parse_dynamics(dynamics)
         self.n_folds = int(n_folds)
+        if fold_by not in ("note", "pitch"):
+            raise ValueError(f"dataset.source.fold_by={fold_by!r}: use note (each rendered note "
+                             "on its own, as TinySOL) or pitch (all renderings of a pitch in one fold).")
+        self.fold_by = fold_by
         self.seed = int(seed)
         self.variation = _parse_variation(variation)
         self.silence_threshold_db = float(silence_threshold_db)
@@ -526,6 +540,7 @@ class RenderedSOL:
             "dynamics": self.dynamics,
             "variation": self.variation,
             "n_folds": self.n_folds,
+            "fold_by": self.fold_by,
             "seed": self.seed,
             "silence_threshold_db": self.silence_threshold_db,
         }
@@ -601,7 +616,8 @@ class RenderedSOL:
         notes = self.notes()
         results = _render_all(notes, self._spec(), self.num_workers)
         kept = [(note, result) for note, result in zip(notes, results, strict=True) if result.md5]
-        folds = assign_folds([note.instrument for note, _ in kept], self.n_folds, self.seed)
+        pitches = [note.pitch for note, _ in kept] if self.fold_by == "pitch" else None
+        folds = assign_folds([note.instrument for note, _ in kept], self.n_folds, self.seed, pitches)
         _write_atomic(directory / "metadata.csv", _metadata_csv(kept, folds))
         dropped = Counter(note.instrument for note, result in zip(notes, results, strict=True)
                           if not result.md5)
