@@ -207,6 +207,11 @@ class FitKey(pl.Callback):
                            checkpoint: dict[str, Any]) -> None:
         checkpoint["fewzero_fit"] = self.key
 
+    @staticmethod
+    def read(ckpt_path: str | Path) -> dict[str, Any] | None:
+        """The key recorded in a checkpoint; None for one without."""
+        return torch.load(ckpt_path, map_location="cpu", weights_only=False).get("fewzero_fit")
+
 
 class RngAtFirstBatch(pl.Callback):
     """For fits without `StepSeed` (class-CV folds, the refit: seeded once, so that they train as

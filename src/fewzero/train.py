@@ -319,7 +319,7 @@ def resumable_fit(cfg: DictConfig, model: pl.LightningModule, datamodule: Any, o
     for path in (done, progress):
         if path is not None and path.is_file():
             try:
-                saved = torch.load(path, map_location="cpu", weights_only=False).get("fewzero_fit")
+                saved = FitKey.read(path)
             except Exception:  # a file cut short by a kill: train afresh
                 saved = None
             if saved is not None and config_hash(saved) == config_hash(key):  # NaN == NaN here
@@ -330,13 +330,14 @@ def resumable_fit(cfg: DictConfig, model: pl.LightningModule, datamodule: Any, o
     nodes = cfg.get("callbacks") or {}
     every = (nodes.get("last_checkpoint") or {}).get("every_n_train_steps", 0)
     own = [FitKey(key), RngAtFirstBatch()]
-    if not cfg.trainer.get("fast_dev_run") and not trainer_settings.get("fast_dev_run"):
+    keeps_progress = not (cfg.trainer.get("fast_dev_run") or trainer_settings.get("fast_dev_run"))
+    if keeps_progress:
         own.append(LastCheckpoint(dirpath=str(checkpoints), every_n_train_steps=every, filename=name))
     if nodes.get("stop_on_interrupt"):  # Ctrl-C stops as SIGTERM does; main prints the command
         own.append(hydra.utils.instantiate(nodes.stop_on_interrupt))
-    saves = any(isinstance(c, LastCheckpoint) for c in own)  # else Lightning would add its own
+    # without a checkpoint callback of ours, Lightning would add its own
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=[*callbacks, *own], logger=False,
-                                      enable_checkpointing=saves, **trainer_settings)
+                                      enable_checkpointing=keeps_progress, **trainer_settings)
     trainer.fit(model, datamodule=datamodule, ckpt_path=resume)
     return trainer
 

@@ -66,14 +66,15 @@ class ClipSource(Protocol):
 
 
 def file_md5(path: str | Path) -> str:
-    """md5 hex digest of a file (audio files included: a few hundred kB each)."""
-    return hashlib.md5(Path(path).read_bytes()).hexdigest()
+    """md5 hex digest of a file, read in chunks (audio files of a few hundred kB, SoundFonts of
+    a few hundred MB)."""
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "md5").hexdigest()
 
 
 @functools.lru_cache(maxsize=256)
 def _content_md5(path: str, size: int, mtime_ns: int) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "md5").hexdigest()
+    return file_md5(path)  # size and mtime_ns only key the cache
 
 
 def file_digest(path: str | Path) -> str:
