@@ -137,6 +137,7 @@ def run_once(overrides: list[str], run_dir: Path, also_selected: bool = False) -
             "val_zsl_top1_last": metrics.get("val/zsl_top1", float("nan")),
             "refit_steps": refit.get("steps", 0),
             "max_steps": cfg.trainer.max_steps,
+            "batch_size": cfg.dataset.batch_size,
             "seconds": float(timing.read_text()) if timing.exists() else float("nan"),
             **(score_selected(overrides, run_dir, refit["selected_checkpoint"])
                if also_selected and refit else {})}
@@ -183,7 +184,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--max-steps", type=int, default=None,
                         help="training steps of every run (default: each experiment's own, 1500)")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="training batch of every run (default: the dataset's own, 32)")
     parser.add_argument("--recipes", nargs="+", default=DEFAULT_RECIPES, choices=list(RECIPES))
     parser.add_argument("--out", type=Path, default=None, help="output folder (resumes runs)")
     parser.add_argument("--also-selected", action="store_true",
@@ -198,7 +200,7 @@ def main() -> None:
     stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     out = args.out or ROOT / "outputs" / "benchmarks" / f"zsl_{stamp}"
     base = [*([f"trainer.max_steps={args.max_steps}"] if args.max_steps else []),
-            f"dataset.batch_size={args.batch_size}",
+            *([f"dataset.batch_size={args.batch_size}"] if args.batch_size else []),
             "task_name=benchmark", "~callbacks.progress_bar", "+trainer.enable_progress_bar=false",
             *args.overrides]
     results: dict[str, list[dict[str, float]]] = {}
@@ -209,12 +211,14 @@ def main() -> None:
 
     columns = COLUMNS | (SELECTED_COLUMNS if args.also_selected else {})
     max_steps = sorted({int(r["max_steps"]) for rs in results.values() for r in rs})
+    batch_sizes = sorted({int(r["batch_size"]) for rs in results.values() for r in rs})
     device = (torch.cuda.get_device_name(0) if "gpu" in " ".join(args.overrides)
               else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
     lines = [
         f"### Zero-shot benchmark, rendered SOL, {device}, {stamp}",
         "",
-        f"{'/'.join(str(n) for n in max_steps)} training steps of {args.batch_size} one-second "
+        f"{'/'.join(str(n) for n in max_steps)} training steps of "
+        f"{'/'.join(str(n) for n in batch_sizes)} one-second "
         "excerpts, timbre_cnn "
         f"encoder, seeds {args.seeds} (mean ± std); identical splits and test clips for every run. "
         "Per-class mean top-1: seen = seen test fold among seen classes; unseen = ZSL among unseen "

@@ -227,22 +227,22 @@ def test_transfer_ceiling_script_scores_every_unseen_class(tmp_path):
     assert all(0.0 <= a <= 1.0 for a in unseen_top1)
 
 
-def test_zsl_benchmark_reports_the_runs_training_length_and_refuses_mixed_settings(
+def test_zsl_benchmark_reports_the_runs_own_length_and_batch_and_refuses_mixed_settings(
         tmp_path, monkeypatch):
     benchmark = load_script("benchmark_zsl")
-    own = ("+trainer.enable_progress_bar", "~callbacks.progress_bar", "dataset.batch_size=")
+    own = ("+trainer.enable_progress_bar", "~callbacks.progress_bar")
     tones = [o for o in tone_overrides(tmp_path, zero_shot=True) if not o.startswith(own)]
     out = tmp_path / "bench"
-    argv = ["benchmark_zsl.py", "--recipes", "attribute_plain", "--seeds", "0", "--batch-size", "8",
-            "--out", str(out), *tones]
+    argv = ["benchmark_zsl.py", "--recipes", "attribute_plain", "--seeds", "0", "--out", str(out),
+            *tones]
     monkeypatch.setattr("sys.argv", argv)
-    benchmark.main()  # no --max-steps: each run keeps its own (4 in the tone overrides)
+    benchmark.main()  # no --max-steps, no --batch-size: each run keeps its own (4 steps of 8)
     table = (out / "benchmark.md").read_text()
     assert "4 training steps of 8 one-second excerpts" in table
     assert benchmark.RECIPES["attribute_plain"][0] in table
     assert "(1 seed)" in table and "±" not in table.split("| attribute", 1)[1]  # no spread of one
     runs = json.loads((out / "benchmark.json").read_text())["runs"]
-    assert runs["attribute_plain"][0]["max_steps"] == 4
+    assert runs["attribute_plain"][0]["max_steps"] == 4 and runs["attribute_plain"][0]["batch_size"] == 8
     assert 0.0 <= runs["attribute_plain"][0]["zsl_top1_ci95"] < 1.0
     # the run folder keeps what fewzero.eval and fewzero.report read from a Hydra run
     run = out / "attribute_plain" / "seed0"
