@@ -7,7 +7,7 @@ import torch
 from conftest import compose_train_cfg
 from omegaconf import OmegaConf
 
-from fewzero.eval import apply_overrides, evaluate, main
+from fewzero.eval import apply_overrides, check_tested_clips_unheard, evaluate, main
 from fewzero.train import train
 
 
@@ -67,6 +67,50 @@ def test_a_checkpoint_moved_out_of_its_run_is_rebuilt_from_the_config_it_records
     assert 0.0 <= metrics["test/5way_5shot_acc"] <= 1.0
 
 
+def test_a_run_directory_moved_elsewhere_is_evaluated_from_its_new_place(tmp_path):
+    cfg = compose_train_cfg(tmp_path, ["trainer.max_steps=2", "test=false"])
+    run = Path(cfg.paths.output_dir)
+    (run / ".hydra").mkdir(parents=True)
+    OmegaConf.save(cfg, run / ".hydra" / "config.yaml")
+    train(cfg)
+    moved = tmp_path / "archive" / "run"
+    moved.parent.mkdir()
+    shutil.move(run, moved)  # the original place is gone
+    best = next(p for p in (moved / "checkpoints").glob("*.ckpt") if p.name != "last.ckpt")
+    metrics, _ = evaluate(best, [], tmp_path / "eval")
+    assert 0.0 <= metrics["test/5way_5shot_acc"] <= 1.0
+    assert not (tmp_path / "eval" / "checkpoints").exists()  # a test alone copies no checkpoint
+
+
+ZSL_RUN = {"dataset": {"split": {"seen": ["A", "B", "C"], "unseen": ["D", "E"]}, "test_fold": 4,
+                       "source": {"_target_": "Rendered", "seed": 0, "fold_by": "note", "root": "x"}}}
+FSL_RUN = {"dataset": {"split": {"train": ["A", "B"], "val": ["C"], "test": ["D", "E"]},
+                       "folds": [0, 1, 2], "source": {"_target_": "Rendered", "seed": 0}}}
+
+
+@pytest.mark.parametrize("run, overrides, refused", [
+    (ZSL_RUN, ["dataset.split.unseen=[D]"], None),
+    (ZSL_RUN, ["dataset.source.root=y"], None),  # the same files elsewhere
+    (ZSL_RUN, ["dataset.split.unseen=[D,C]"], r"unseen names \['C'\], seen classes of the run"),
+    (ZSL_RUN, ["dataset.test_fold=0"], r"test fold is now fold 0, but the run trained \['A', 'B', 'C'\]"),
+    (ZSL_RUN, ["dataset.source.fold_by=pitch"], "of another fold dealing"),
+    (ZSL_RUN, ["dataset.test_fold=0", "dataset.split.seen=[D]", "dataset.split.unseen=[E]"], None),
+    (FSL_RUN, ["dataset.split.test=[C,D]"], r"test names \['C'\].*folds \[0, 1, 2\]"),
+    (FSL_RUN, ["dataset.split.test=[A,D]", "dataset.folds=[3,4]"], None),  # clips never read
+    (FSL_RUN, ["dataset.split.test=[A,D]", "dataset.folds=[3,4]", "dataset.source.seed=1"],
+     r"test names \['A'\]"),  # another dealing of the same recordings to folds
+    (FSL_RUN, ["dataset.split.test=[A,D]", "dataset.folds=null"], r"test names \['A'\]"),
+])
+def test_eval_refuses_to_test_on_clips_the_checkpoint_learned_from(run, overrides, refused):
+    trained = OmegaConf.create(run)
+    tested = apply_overrides(trained, overrides)
+    if refused is None:
+        check_tested_clips_unheard(trained, tested)
+    else:
+        with pytest.raises(ValueError, match=f"learned from, not on new ones: .*{refused}"):
+            check_tested_clips_unheard(trained, tested)
+
+
 @pytest.mark.parametrize("setting", ["hydra.job.chdir=true", "paths.output_dir=/tmp/x"])
 def test_cli_refuses_hydra_settings_it_would_ignore(setting):
     with pytest.raises(SystemExit, match=r"hydra.run.dir=<dir>.*would do nothing"):
@@ -104,6 +148,8 @@ def test_zero_shot_checkpoint_is_re_evaluated_on_other_candidate_sets(tmp_path):
     for key in ("test/zsl_top1", "test/seen_top1", "test/gzsl_cs_h"):
         assert 0.0 <= metrics[key] <= 1.0
     assert (tmp_path / "eval" / "metrics.json").is_file()
+    with pytest.raises(ValueError, match=r"unseen names \['Oboe'\], seen classes of the run"):
+        evaluate(ckpt, ["dataset.split.unseen=[Oboe,Viola]"], tmp_path / "eval_seen")
 
 
 def test_refit_conse_checkpoint_is_re_evaluated_against_the_classes_it_was_trained_on(tmp_path):

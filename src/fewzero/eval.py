@@ -81,6 +81,57 @@ def apply_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     return cfg
 
 
+# dataset.source settings that only say where the files are or how to read them: any other change
+# (seed, n_folds, fold_by, ...) may deal the same recordings to other folds
+SOURCE_LOCATION_KEYS = {"root", "num_workers", "data_home", "index_path", "download", "allow_missing"}
+
+
+def check_tested_clips_unheard(trained: DictConfig, tested: DictConfig) -> None:
+    """Refuse overrides under which the test would score clips that trained or selected the
+    checkpoint. `trained`: the run's config; `tested`: it with the eval overrides. A zero-shot run
+    (`dataset.split.seen`) trained and validated its seen classes on every fold but its
+    `test_fold`; a few-shot run its `split.train` and `split.val` instruments on `dataset.folds`
+    (null: all). Checked on class names and folds; another `dataset.source` of the same kind with
+    other fold settings counts as other folds."""
+    before, after = trained.dataset, tested.dataset
+    split, new_split = before.get("split") or {}, after.get("split") or {}
+    source, new_source = before.get("source") or {}, after.get("source") or {}
+    refolded = (source.get("_target_") == new_source.get("_target_") and any(
+        source.get(key) != new_source.get(key)
+        for key in set(source) | set(new_source) if key not in SOURCE_LOCATION_KEYS))
+    problems = []
+    if "seen" in split:
+        seen = list(split["seen"])
+        heard = [name for name in new_split.get("unseen", []) if name in seen]
+        if heard:
+            problems.append(f"dataset.split.unseen names {heard}, seen classes of the run (it "
+                            f"trained or validated on them); its unseen classes were "
+                            f"{list(split.get('unseen', []))}")
+        moved = after.get("test_fold") != before.get("test_fold") or refolded
+        heard = [name for name in new_split.get("seen", []) if name in seen]
+        if moved and heard:
+            problems.append(f"the seen classes' test fold is now fold {after.get('test_fold')}"
+                            + (" of another fold dealing (dataset.source)" if refolded else "")
+                            + f", but the run trained {heard} on every fold except its fold "
+                            f"{before.get('test_fold')}; keep dataset.test_fold="
+                            f"{before.get('test_fold')} and the run's dataset.source")
+    elif "train" in split:
+        learned = [*split.get("train", []), *split.get("val", [])]
+        folds, new_folds = before.get("folds"), after.get("folds")
+        shared = (refolded or folds is None or new_folds is None
+                  or bool(set(folds) & set(new_folds)))
+        heard = [name for name in new_split.get("test", []) if name in learned]
+        if shared and heard:
+            problems.append(f"dataset.split.test names {heard}, which the run trained or validated "
+                            f"on (dataset.split.train {list(split.get('train', []))}, val "
+                            f"{list(split.get('val', []))}"
+                            + (f", folds {list(folds)})" if folds is not None else ", every fold)"))
+    if problems:
+        raise ValueError("These overrides would test the checkpoint on clips it learned from, not "
+                         "on new ones: " + "; ".join(problems) + ". Test other classes, or train "
+                         "a run whose split keeps them out.")
+
+
 def evaluate(ckpt_path: str | Path, overrides: list[str], output_dir: str | Path,
              run_config: str | Path | None = None) -> tuple[dict[str, float], dict[str, Any]]:
     """Test `ckpt_path` with the run's config plus `overrides`; results go to `output_dir`."""
@@ -91,7 +142,9 @@ def evaluate(ckpt_path: str | Path, overrides: list[str], output_dir: str | Path
             f"Checkpoint {ckpt} does not exist. Pass ckpt_path=<run>/checkpoints/<file>.ckpt"
             + (f"; {ckpt.parent} has {found}." if found else
                " (a run's checkpoints are in its checkpoints/ folder)."))
-    cfg = apply_overrides(load_run_config(ckpt, Path(run_config) if run_config else None), overrides)
+    trained = load_run_config(ckpt, Path(run_config) if run_config else None)
+    cfg = apply_overrides(trained, overrides)
+    check_tested_clips_unheard(trained, cfg)
     with open_dict(cfg):
         cfg.train, cfg.test, cfg.ckpt_path = False, True, str(ckpt.resolve())
         cfg.paths.output_dir = str(output_dir)

@@ -15,6 +15,7 @@ import shlex
 import signal
 import sys
 import traceback
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -545,6 +546,10 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> tuple[dict[str
     model = hydra.utils.instantiate(cfg.model)
     # an entry set to null (callbacks.progress_bar=null) is switched off, like one removed with ~
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+    if not cfg.get("train", True):
+        # a test alone writes no checkpoint, and the one it tests must not restore a run's
+        # checkpoint choice (BestCheckpoint would copy, or look for, the training run's files)
+        callbacks = [c for c in callbacks if not isinstance(c, pl.callbacks.ModelCheckpoint)]
     callbacks.append(record)
     loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
     trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
@@ -580,7 +585,9 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> tuple[dict[str
             datamodule = as_trained(datamodule, best)
         if not best:
             log.warning("No best checkpoint found: testing the current weights.")
-        trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
+        with warnings.catch_warnings():  # test alone: the checkpoint callbacks left out above
+            warnings.filterwarnings("ignore", message="Be aware that when using `ckpt_path`")
+            trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
         metrics.update({k: _metric(v) for k, v in trainer.callback_metrics.items()
                         if k.startswith("test/")})
         metrics["test/checkpoint"] = best  # type: ignore[assignment]
