@@ -111,6 +111,17 @@ def test_eval_refuses_to_test_on_clips_the_checkpoint_learned_from(run, override
             check_tested_clips_unheard(trained, tested)
 
 
+@pytest.mark.parametrize("run, override, kind", [
+    (ZSL_RUN, "dataset.episodes.test=[{n_way: 2}]", "few-shot test settings.*zero-shot audio kind"),
+    (ZSL_RUN, "+dataset.episodes.test=[{n_way: 2}]", "few-shot test settings.*zero-shot audio kind"),
+    (FSL_RUN, "dataset.split.unseen=[D]", "zero-shot audio test settings.*few-shot kind.*episodes"),
+    ({"dataset": {"name": "AWA2"}}, "dataset.split.test=[D]", "few-shot test settings.*xlsa17"),
+])
+def test_a_test_setting_of_the_other_kind_of_run_is_named_as_such(run, override, kind):
+    with pytest.raises(ValueError, match=kind):
+        apply_overrides(OmegaConf.create(run), [override])
+
+
 @pytest.mark.parametrize("setting", ["hydra.job.chdir=true", "paths.output_dir=/tmp/x"])
 def test_cli_refuses_hydra_settings_it_would_ignore(setting):
     with pytest.raises(SystemExit, match=r"hydra.run.dir=<dir>.*would do nothing"):

@@ -61,10 +61,39 @@ def load_run_config(ckpt_path: Path, run_config: Path | None = None) -> DictConf
     )
 
 
+# test settings that belong to one kind of run: its config key -> the settings the other kind has
+KIND_SETTINGS = {
+    "few-shot": (("dataset.episodes", "dataset.split.train", "dataset.split.val",
+                  "dataset.split.test"), "dataset.episodes.test=[...] and dataset.split.test"),
+    "zero-shot audio": (("dataset.split.seen", "dataset.split.unseen", "dataset.split.pseudo_unseen",
+                   "dataset.test_fold"), "dataset.split.unseen, dataset.split.seen and dataset.test_fold"),
+}
+
+
+def run_kind(cfg: DictConfig) -> str:
+    """"few-shot", "zero-shot audio" (a seen/unseen split) or "xlsa17", from a run's config."""
+    split = cfg.get("dataset", {}).get("split") or {}
+    return "zero-shot audio" if "seen" in split else "few-shot" if "train" in split else "xlsa17"
+
+
+def check_settings_fit_the_run(cfg: DictConfig, overrides: list[str]) -> None:
+    """Refuse a few-shot test setting on a zero-shot checkpoint and the reverse, naming both."""
+    kind = run_kind(cfg)
+    for other, (prefixes, _) in KIND_SETTINGS.items():
+        wrong = [o for o in overrides if other != kind
+                 and o.lstrip("+~").split("=", 1)[0].startswith(prefixes)]
+        if wrong:
+            own = KIND_SETTINGS.get(kind, ((), "dataset.* keys of the run's .hydra/config.yaml"))[1]
+            raise ValueError(f"{wrong} set {other} test settings, but the checkpoint comes from a "
+                             f"run of the {kind} kind. Its test is set with {own}.")
+
+
 def apply_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     """`cfg` with `key=value` overrides (values in YAML) applied; a key the config lacks is an
     error, as in `fewzero.train` (a misspelt key would otherwise be added and read by nothing),
-    unless written `+key=value`, which adds it."""
+    unless written `+key=value`, which adds it. A setting of the other kind of run (few-shot
+    episodes on a zero-shot checkpoint, say) is an error either way."""
+    check_settings_fit_the_run(cfg, overrides)
     added = [o[1:] for o in overrides if o.startswith("+")]
     changed = [o for o in overrides if not o.startswith("+")]
     cfg = copy.deepcopy(cfg)  # the struct flag set below stays off the caller's config
