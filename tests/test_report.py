@@ -36,16 +36,35 @@ def test_runs_are_grouped_over_seeds_sorted_and_failures_listed(tmp_path, capsys
     assert "written:" in capsys.readouterr().out
 
 
-def test_the_sort_metric_is_one_the_runs_have(tmp_path, capsys):
+def test_the_sort_metric_is_one_the_runs_have_the_validation_score_first(tmp_path, capsys):
     _run(tmp_path, "0", ["seed=0"], {"test/zsl_top1": 0.4, "val/acc_best": 0.8})
     _run(tmp_path, "1", ["model=conse", "seed=0"], {"test/zsl_top1": 0.6, "val/acc_best": 0.7})
-    main([str(tmp_path)])  # zero-shot runs: no few-shot accuracy, so by unseen top-1
-    rows = [line for line in (tmp_path / "report.md").read_text().splitlines() if line.startswith("| ")]
-    assert rows[0].startswith("| configuration | runs | test/zsl_top1 |")
-    assert rows[2].startswith("| model=conse | 1 | 0.6000")
+    main([str(tmp_path)])  # by validation, though the other configuration tests higher
+    markdown = (tmp_path / "report.md").read_text()
+    rows = [line for line in markdown.splitlines() if line.startswith("| ")]
+    assert rows[0].startswith("| configuration | runs | val/acc_best |")
+    assert rows[2].startswith("| (defaults) | 1 | 0.8000")
+    assert f"First by val/acc_best: (defaults), run(s) {tmp_path / '0'}" in markdown
     with pytest.raises(SystemExit):
         main([str(tmp_path), "--metric", "test/5way_5shot_acc"])
     assert "pass --metric with one they have: test/zsl_top1, val/acc_best" in capsys.readouterr().err
+    (tmp_path / "1" / "metrics.json").unlink()
+    (tmp_path / "0" / "metrics.json").write_text(json.dumps({"metrics": {"test/zsl_top1": 0.4}}))
+    main([str(tmp_path)])  # runs re-tested alone have no validation score: by the test's
+    assert "| (defaults) | 1 | 0.4000 (1 run) |" in (tmp_path / "report.md").read_text()
+
+
+def test_a_resumed_run_stays_in_its_configuration_and_missing_values_are_counted(tmp_path):
+    _run(tmp_path, "0", ["~callbacks.progress_bar=null", "seed=0"], {"val/acc_best": 0.8})
+    _run(tmp_path, "1", ["~callbacks.progress_bar=null", "seed=1"], {"val/acc_best": float("nan")})
+    # Hydra's record of the same run after a resume (ckpt_path=last)
+    _run(tmp_path, "2", ["~callbacks.progress_bar", "seed=2", "ckpt_path=last"], {"val/acc_best": 0.6})
+    configs, _ = collect(tmp_path)
+    assert [(c.name, len(c.runs)) for c in configs] == [("~callbacks.progress_bar", 3)]
+    assert configs[0].cell("val/acc_best") == "0.7000 ± 0.1414 (2 of 3 runs)"
+    main([str(tmp_path)])
+    header, row = (tmp_path / "report.csv").read_text().splitlines()
+    assert header.endswith("val/acc_best_mean,val/acc_best_std,val/acc_best_n") and row.endswith(",2")
 
 
 @pytest.mark.slow

@@ -41,6 +41,7 @@ def test_optuna_search_is_a_seeded_tpe_maximising_validation_with_a_study_under_
     sweeper = cfg.hydra.sweeper
     assert sweeper._target_.endswith("OptunaSweeper") and cfg.hydra.mode.name == "MULTIRUN"
     assert sweeper.direction == "maximize" and cfg.optimized_metric.startswith("val/")
+    assert cfg.test is False  # no trial's test figure to read while choosing
     assert sweeper.sampler._target_ == "optuna.samplers.TPESampler"
     study = (tmp_path / "outputs" / "optuna" / f"{study_name}.db").resolve()
     assert sweeper.storage == f"sqlite:///{study}"  # fixed path: the next invocation resumes
@@ -48,6 +49,14 @@ def test_optuna_search_is_a_seeded_tpe_maximising_validation_with_a_study_under_
     assert optuna_seed(1234, sweeper.storage, "other") == 1234
     for key in sweeper.params:
         assert OmegaConf.select(cfg, key) is not None, f"search parameter {key} is not in the config"
+
+
+def test_a_search_on_a_test_metric_is_refused_as_the_sweep_starts(tmp_path):
+    cfg = _compose(["hparams_search=optuna", f"paths.root_dir={tmp_path}",
+                    "optimized_metric=test/5way_5shot_acc"])
+    with pytest.raises(Exception, match="only optimise a validation metric"):
+        OmegaConf.to_container(cfg.hydra.sweeper, resolve=True)  # as the sweeper starts
+    assert not (tmp_path / "outputs" / "optuna").exists()  # no study written
 
 
 def test_launcher_plugins_are_installed_and_the_slurm_config_follows_the_trainer():

@@ -1,12 +1,14 @@
 """Aggregate the runs of a multirun (or any folder of runs) into one table.
 
-    python -m fewzero.report outputs/train/multiruns/<time> [--metric test/zsl_top1]
+    python -m fewzero.report outputs/train/multiruns/<time> [--metric val/acc_best]
                              [--group-ignore seed] [--out DIR]
 
 Every run directory holding `metrics.json` (and Hydra's `.hydra/overrides.yaml`) is one row;
-runs whose overrides differ only in ignored keys (default: `seed`) form one configuration,
-reported as mean +- std over its runs. Writes report.md, report.csv and report.png (the chosen
-metric per configuration with std error bars), sorted best first. Runs without metrics.json
+runs whose overrides differ only in ignored keys (default: `seed`; `ckpt_path`, which a resume
+adds, always) form one configuration, reported as mean +- std over its runs, with the count of
+runs where some lack a value. Writes report.md, report.csv and report.png (the chosen metric per
+configuration with std error bars), sorted best first, by default by the validation score:
+a table sorted by a test metric is for reading, not for choosing. Runs without metrics.json
 (failed or unfinished jobs) are listed by name, so a crashed job never hides silently.
 """
 
@@ -27,8 +29,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-# the sort key when none is given: the first of these that the runs have (few-shot, zero-shot)
-DEFAULT_METRICS = ("test/5way_5shot_acc", "test/zsl_top1", "val/acc_best")
+# the sort key when none is given: the first of these that the runs have. The validation score
+# first, so that the top row is never chosen by the test (runs re-tested alone have only tests)
+DEFAULT_METRICS = ("val/acc_best", "test/5way_5shot_acc", "test/zsl_top1")
+# overrides that never make another configuration: a resume adds ckpt_path to a run's own
+ALWAYS_IGNORED = ("ckpt_path",)
 
 
 @dataclass
@@ -49,17 +54,22 @@ class Configuration:
         return statistics.stdev(values) if len(values) > 1 else math.nan
 
     def cell(self, key: str) -> str:
+        """"mean ± std", "x (1 run)" or "-"; "(n of N runs)" when some runs lack a finite value."""
         values = self.metrics.get(key, [])
         if not values:
             return "-"
-        if len(values) == 1:
-            return f"{values[0]:.4f} (1 run)"
-        return f"{self.mean(key):.4f} ± {self.std(key):.4f}"
+        text = f"{values[0]:.4f}" if len(values) == 1 else f"{self.mean(key):.4f} ± {self.std(key):.4f}"
+        if len(values) < len(self.runs):
+            return f"{text} ({len(values)} of {len(self.runs)} runs)"
+        return text + (" (1 run)" if len(values) == 1 else "")
 
 
 def _overrides(run: Path) -> list[str]:
+    """The run's command-line overrides, a deletion written `~key` whatever value followed it
+    (Hydra writes `~key=null` back as `~key` when a run is resumed)."""
     path = run / ".hydra" / "overrides.yaml"
-    return [str(o) for o in OmegaConf.load(path)] if path.is_file() else []
+    overrides = [str(o) for o in OmegaConf.load(path)] if path.is_file() else []
+    return [o.split("=", 1)[0] if o.startswith("~") else o for o in overrides]
 
 
 def collect(root: Path, ignore: tuple[str, ...] = ("seed",)) -> tuple[list[Configuration], list[Path]]:
@@ -72,7 +82,8 @@ def collect(root: Path, ignore: tuple[str, ...] = ("seed",)) -> tuple[list[Confi
         if not metrics_file.is_file():
             failed.append(run)
             continue
-        kept = [o for o in _overrides(run) if o.split("=", 1)[0].lstrip("+~") not in ignore]
+        kept = [o for o in _overrides(run)
+                if o.split("=", 1)[0].lstrip("+~") not in (*ignore, *ALWAYS_IGNORED)]
         name = ",".join(sorted(kept)) or "(defaults)"
         group = groups.setdefault(name, Configuration(name))
         group.runs.append(run)
@@ -110,7 +121,11 @@ def write_report(configs: list[Configuration], failed: list[Path], metric: str,
     for c in configs:
         cells = [c.cell(k) for k in keys]
         lines.append("| " + " | ".join([c.name, str(len(c.runs)), *cells]) + " |")
-        rows.append([c.name, len(c.runs)] + [x for k in keys for x in (c.mean(k), c.std(k))])
+        rows.append([c.name, len(c.runs)]
+                    + [x for k in keys for x in (c.mean(k), c.std(k), len(c.metrics.get(k, [])))])
+    if configs and math.isfinite(configs[0].mean(metric)):  # e.g. the trial to test, for a search
+        lines += ["", f"First by {metric}: {configs[0].name}, run(s) "
+                  + ", ".join(str(run) for run in configs[0].runs)]
     if failed:
         lines += ["", f"{len(failed)} run(s) without metrics.json (failed or unfinished):"]
         lines += [f"- {run}" for run in failed]
@@ -119,7 +134,8 @@ def write_report(configs: list[Configuration], failed: list[Path], metric: str,
     (out / "report.md").write_text(markdown)
     with (out / "report.csv").open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["configuration", "runs"] + [f"{k}_{s}" for k in keys for s in ("mean", "std")])
+        writer.writerow(["configuration", "runs"]
+                        + [f"{k}_{s}" for k in keys for s in ("mean", "std", "n")])
         writer.writerows(rows)
     shown = [c for c in configs if c.metrics.get(metric)]
     fig, ax = plt.subplots(figsize=(8, 0.45 * len(shown) + 1.5))
@@ -142,7 +158,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--metric", default=None,
                         help=f"sort key (default: the first of {', '.join(DEFAULT_METRICS)} the runs have)")
     parser.add_argument("--group-ignore", nargs="*", default=["seed"],
-                        help="override keys that do not make a new configuration")
+                        help="override keys that do not make a new configuration (replaces the "
+                             "default, seed: name it too to keep pooling seeds)")
     parser.add_argument("--out", type=Path, default=None, help="default: <root>")
     args = parser.parse_args(argv)
     if not args.root.is_dir():

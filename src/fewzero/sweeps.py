@@ -1,6 +1,8 @@
 """Config resolvers for Optuna sweeps (`hparams_search=optuna`), registered by `fewzero.train`.
 
-- `${optuna_storage:<file>}`: the study's sqlite URL, its folder created (sqlite will not).
+- `${optuna_storage:<file>,<metric>}`: the study's sqlite URL, its folder created (sqlite will
+  not), once `<metric>` (`optimized_metric`) is known to be a validation metric: resolved as the
+  sweep starts, so a test metric is refused before any trial runs or is stored.
 - `${optuna_seed:<seed>,<storage>,<study>}`: the sampler seed plus the number of trials the
   stored study already has, so a second invocation, which resumes the study, does not replay
   the random start-up trials of the first (a sampler restarted with the same seed would).
@@ -16,8 +18,19 @@ from omegaconf import OmegaConf
 log = logging.getLogger(__name__)
 
 
-def optuna_storage(path: str) -> str:
-    """`sqlite:////absolute/path.db` for `path` (relative to the working directory)."""
+def check_validation_metric(name: str | None) -> str | None:
+    """`name` if it is a validation metric (`val/...`) or None; else ValueError: a sweep that
+    optimised a test metric would select hyperparameters on the test classes."""
+    if name and not str(name).startswith("val/"):
+        raise ValueError(f"optimized_metric={name}: sweeps may only optimise a validation metric "
+                         "(val/acc_best, val/acc, ...); test metrics are for the final report only.")
+    return name
+
+
+def optuna_storage(path: str, metric: str | None = None) -> str:
+    """`sqlite:////absolute/path.db` for `path` (relative to the working directory), after
+    `check_validation_metric(metric)`."""
+    check_validation_metric(metric)
     file = Path(path).resolve()
     file.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{file}"

@@ -36,7 +36,7 @@ from fewzero.data.clips import config_hash
 from fewzero.models.backbones import MusicFslCNN
 from fewzero.models.pitch_prior import ZSL_SCORES
 from fewzero.summary import print_summary
-from fewzero.sweeps import register_resolvers
+from fewzero.sweeps import check_validation_metric, register_resolvers
 
 log = logging.getLogger(__name__)
 MAX_RUN_SUFFIX = 120
@@ -625,11 +625,7 @@ def optimized_metric(cfg: DictConfig) -> str | None:
     Raises ValueError unless it is a validation metric (`val/...`): a sweep that optimised a
     test metric would select hyperparameters on the test classes.
     """
-    name = cfg.get("optimized_metric")
-    if name and not str(name).startswith("val/"):
-        raise ValueError(f"optimized_metric={name}: sweeps may only optimise a validation metric "
-                         "(val/acc_best, val/acc, ...); test metrics are for the final report only.")
-    return name
+    return check_validation_metric(cfg.get("optimized_metric"))
 
 
 @hydra.main(version_base="1.3", config_path="../../configs", config_name="train")
