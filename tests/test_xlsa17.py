@@ -255,6 +255,70 @@ def test_validation_classes_must_be_trainval_classes(tmp_path):
         _datamodule(tmp_path, "TOY", 16)
 
 
+def _rewrite(path: Path, **changes) -> None:
+    """Save the .mat file at `path` again with `changes` applied (None deletes a key)."""
+    mat = {k: v for k, v in scipy.io.loadmat(str(path)).items() if not k.startswith("__")}
+    mat.update(changes)
+    scipy.io.savemat(path, {k: v for k, v in mat.items() if v is not None})
+
+
+@pytest.mark.parametrize(("file", "key"), [("res101.mat", "features"), ("att_splits.mat", "att")])
+def test_non_finite_features_or_attributes_are_rejected_with_the_file_key_and_count(tmp_path, file, key):
+    folder = write_toy(tmp_path)
+    values = scipy.io.loadmat(str(folder / file))[key]
+    values[0, :3] = [np.nan, np.inf, -np.inf]
+    _rewrite(folder / file, **{key: values})
+    with pytest.raises(ValueError) as error:
+        _datamodule(tmp_path, "TOY", 16)
+    assert f"{folder / file} is malformed: '{key}' holds 3 non-finite" in str(error.value)
+    assert XLSA17_URL in str(error.value)
+
+
+@pytest.mark.parametrize(("file", "key", "kept"), [("att_splits.mat", "allclasses_names", "trainval_loc"),
+                                                   ("att_splits.mat", "test_unseen_loc", "att"),
+                                                   ("res101.mat", "features", "image_files"),
+                                                   ("res101.mat", "labels", "image_files")])
+def test_a_missing_key_names_the_file_and_the_keys_it_has(tmp_path, file, key, kept):
+    folder = write_toy(tmp_path)
+    _rewrite(folder / file, **{key: None})
+    with pytest.raises(KeyError) as error:
+        _datamodule(tmp_path, "TOY", 16)
+    message = str(error.value)
+    assert f"{folder / file} is malformed: it has no ['{key}']" in message
+    assert f"'{kept}'" in message and XLSA17_URL in message  # the keys found, read past variable_names
+
+
+def _malformed_cases(folder: Path) -> dict[str, tuple[str, dict, str]]:
+    """Broken index arrays of a toy dataset: {case: (file, {key: array}, expected message part)}."""
+    splits = scipy.io.loadmat(str(folder / "att_splits.mat"))
+    trainval, unseen = splits["trainval_loc"].astype(np.float64), splits["test_unseen_loc"].astype(np.float64)
+    first = int(trainval[0, 0])
+    labels = scipy.io.loadmat(str(folder / "res101.mat"))["labels"]
+    labels[4, 0] = np.nan
+    return {
+        "fraction": ("att_splits.mat", {"trainval_loc": np.vstack([trainval[1:], [[first + 0.5]]])},
+                     f"'trainval_loc' holds entries that are not whole numbers: [{first + 0.5}] (1 in all)"),
+        "trainval twice": ("att_splits.mat", {"trainval_loc": np.vstack([trainval, trainval[:1]])},
+                           f"'trainval_loc' lists images more than once: [{first}] (1 in all)"),
+        "unseen twice": ("att_splits.mat", {"test_unseen_loc": np.vstack([unseen, unseen[:2]])},
+                         "'test_unseen_loc' lists images more than once: "
+                         f"{sorted(unseen[:2, 0].astype(int).tolist())} (2 in all)"),
+        "nan label": ("res101.mat", {"labels": labels},
+                      "'labels' holds entries that are not whole numbers: [nan] (1 in all)"),
+    }
+
+
+@pytest.mark.parametrize("case", ["fraction", "trainval twice", "unseen twice", "nan label"])
+def test_malformed_locations_and_labels_name_the_file_key_and_entries(tmp_path, case):
+    folder = write_toy(tmp_path)
+    file, changes, expected = _malformed_cases(folder)[case]
+    _rewrite(folder / file, **changes)
+    with pytest.raises(ValueError) as error:
+        _datamodule(tmp_path, "TOY", 16)
+    assert f"{folder / file} is malformed: {expected}" in str(error.value)
+    assert XLSA17_URL in str(error.value)
+
+
 def test_confusion_figures_of_hundreds_of_classes_stay_small():
     confusion = torch.eye(200, dtype=torch.long) * 3
     figure = confusion_figure(confusion, [f"c{i}" for i in range(200)], "200 classes")

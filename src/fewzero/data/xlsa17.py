@@ -57,14 +57,51 @@ def _missing(path: Path, name: str, root: Path) -> FileNotFoundError:
         "trainclassesK.txt / valclassesK.txt) exist; or pass dataset.root=/path/to/xlsa17/data.")
 
 
-def _locs(mat: dict, key: str, name: str) -> torch.Tensor:
+def _malformed(path: Path, name: str, problem: str) -> str:
+    return (f"xlsa17 {name}: {path} is malformed: {problem}. Re-download {XLSA17_URL} and "
+            f"re-extract its data/{name}/ folder.")
+
+
+def _require(mat: dict, path: Path, name: str, keys: tuple[str, ...]) -> None:
+    """Raise on a key of `keys` that `mat` (loaded from `path`) lacks, listing the file's keys."""
+    missing = [k for k in keys if k not in mat]
+    if missing:
+        found = sorted(k for k, _, _ in scipy.io.whosmat(str(path)))
+        raise KeyError(_malformed(path, name, f"it has no {missing} (keys: {found})"))
+
+
+def _finite(values: np.ndarray, path: Path, name: str, key: str) -> np.ndarray:
+    bad = np.count_nonzero(~np.isfinite(values))
+    if bad:
+        raise ValueError(_malformed(path, name, f"'{key}' holds {bad} non-finite (NaN/inf) entries"))
+    return values
+
+
+def _first(values: np.ndarray) -> str:
+    return f"{values[:5].tolist()}{' ...' if len(values) > 5 else ''} ({len(values)} in all)"
+
+
+def _one_based(mat: dict, path: Path, name: str, key: str) -> np.ndarray:
+    """0-based int64 indices from the 1-based whole numbers of `mat[key]` (labels or a `*_loc`)."""
+    values = np.asarray(mat[key], dtype=np.float64).ravel()
+    fractional = values[~np.isfinite(values) | (values != np.round(values))]
+    if fractional.size:
+        raise ValueError(_malformed(path, name, f"'{key}' holds entries that are not whole numbers: "
+                                                f"{_first(fractional)}"))
+    if values.size and values.min() < 1:
+        raise ValueError(_malformed(path, name, f"'{key}' holds entries below 1: "
+                                                f"{_first(values[values < 1])}; expected 1-based"))
+    return values.astype(np.int64) - 1
+
+
+def _locs(mat: dict, path: Path, name: str, key: str) -> torch.Tensor:
     """0-based image indices from a 1-based `*_loc` array of att_splits.mat."""
-    if key not in mat:
-        raise KeyError(f"xlsa17 {name}: {SPLIT_FILE} has no '{key}'.")
-    locs = np.asarray(mat[key]).astype(np.int64).ravel()
-    if locs.size and locs.min() < 1:
-        raise ValueError(f"xlsa17 {name}: {key} holds index {locs.min()}; expected 1-based indices.")
-    return torch.from_numpy(locs - 1)
+    locs = _one_based(mat, path, name, key)
+    values, counts = np.unique(locs, return_counts=True)
+    if (counts > 1).any():
+        raise ValueError(_malformed(path, name, f"'{key}' lists images more than once: "
+                                                f"{_first(values[counts > 1] + 1)}"))
+    return torch.from_numpy(locs)
 
 
 def _strings(cells: np.ndarray) -> list[str]:
@@ -118,11 +155,11 @@ def load_splits(root: str | Path, name: str, val_split: int | None = 1,
     if not path.is_file():
         raise _missing(path, name, root)
     mat = scipy.io.loadmat(str(path))
+    locs = ("trainval_loc", "test_seen_loc", "test_unseen_loc")
+    _require(mat, path, name, ("allclasses_names", attribute_key, *locs))
     class_names = _strings(mat["allclasses_names"])
-    if attribute_key not in mat:
-        raise KeyError(f"xlsa17 {name}: {path} has no '{attribute_key}' (keys: "
-                       f"{sorted(k for k in mat if not k.startswith('__'))}).")
-    attributes = torch.from_numpy(np.asarray(mat[attribute_key], dtype=np.float64).T.copy()).float()
+    attributes = _finite(np.asarray(mat[attribute_key], dtype=np.float32), path, name, attribute_key)
+    attributes = torch.from_numpy(attributes.T.copy())
     if attributes.shape[0] != len(class_names):
         raise ValueError(f"xlsa17 {name}: '{attribute_key}' is {tuple(attributes.T.shape)} but there "
                          f"are {len(class_names)} classes; expected (n_attributes, n_classes).")
@@ -133,8 +170,7 @@ def load_splits(root: str | Path, name: str, val_split: int | None = 1,
             raise FileNotFoundError(f"xlsa17 {name}: {list_path} is missing (dataset.val_split="
                                     f"{val_split}; the archive {XLSA17_URL} has K = 1, 2, 3).")
         lists[kind] = read_class_list(list_path)
-    return Xlsa17Splits(name, class_names, attributes, _locs(mat, "trainval_loc", name),
-                        _locs(mat, "test_seen_loc", name), _locs(mat, "test_unseen_loc", name),
+    return Xlsa17Splits(name, class_names, attributes, *(_locs(mat, path, name, k) for k in locs),
                         lists["train"], lists["val"])
 
 
@@ -146,13 +182,13 @@ def load_features(root: str | Path, name: str, feature_file: str = FEATURE_FILE
     if not path.is_file():
         raise _missing(path, name, root)
     mat = scipy.io.loadmat(str(path), variable_names=["features", "labels"])
-    features = torch.from_numpy(np.ascontiguousarray(np.asarray(mat["features"], dtype=np.float32).T))
-    labels = torch.from_numpy(np.asarray(mat["labels"]).astype(np.int64).ravel() - 1)
+    _require(mat, path, name, ("features", "labels"))
+    features = _finite(np.asarray(mat["features"], dtype=np.float32), path, name, "features")
+    features = torch.from_numpy(np.ascontiguousarray(features.T))
+    labels = torch.from_numpy(_one_based(mat, path, name, "labels"))
     if len(labels) != len(features):
         raise ValueError(f"xlsa17 {name}: {path} has {len(features)} feature columns but "
                          f"{len(labels)} labels (features must be (dim, n_images)).")
-    if len(labels) and labels.min() < 0:
-        raise ValueError(f"xlsa17 {name}: labels in {path} must be 1-based.")
     return features, labels
 
 
