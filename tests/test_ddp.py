@@ -3,10 +3,57 @@
 import json
 import subprocess
 import sys
+from types import SimpleNamespace
 
+import hydra
 import pytest
+import torch
+from conftest import compose_train_cfg
 
 from fewzero.data.clips import TINYSOL_INSTRUMENTS
+
+
+def _process(rank: int, steps_done: int, world: int = 2) -> SimpleNamespace:
+    """What the datamodules read of a Lightning trainer, for process `rank` of `world`."""
+    return SimpleNamespace(world_size=world, global_rank=rank, global_step=steps_done)
+
+
+def _datamodule(tmp_path, overrides):
+    dm = hydra.utils.instantiate(compose_train_cfg(tmp_path, overrides).dataset)
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
+def _stream(dm, rank: int, world: int, epochs: int, per_epoch: int, key: str) -> list[torch.Tensor]:
+    """`key` of every training item process `rank` reads over `epochs` epochs of `per_epoch`
+    steps, each epoch starting where the steps before it left the stream (as in training)."""
+    items = []
+    for epoch in range(epochs):
+        dm.trainer = _process(rank, steps_done=per_epoch * epoch, world=world)
+        loader = dm.train_dataloader()
+        assert len(loader) == per_epoch  # an epoch is as many optimiser steps in any case
+        items += [batch[key] for batch in loader]
+    return items
+
+
+def test_ddp_processes_share_each_epochs_training_episodes_without_repeats(tmp_path):
+    dm = _datamodule(tmp_path, ["dataset.episodes.train.n_episodes=4"])
+    single = _stream(dm, 0, world=1, epochs=4, per_epoch=4, key="query")  # episodes 0-15
+    for rank in (0, 1):  # step k of rank r: episode 2k + r of the one stream
+        shares = _stream(dm, rank, world=2, epochs=2, per_epoch=4, key="query")
+        assert len(shares) == 8
+        for step, episode in enumerate(shares):
+            assert torch.equal(episode, single[2 * step + rank])
+
+
+def test_ddp_processes_share_each_epochs_zero_shot_batches_without_repeats(tmp_path):
+    dm = _datamodule(tmp_path, ["experiment=zsl_attribute_audio", "dataset.batch_size=3",
+                                "dataset.steps_per_epoch=2"])
+    single = torch.cat(_stream(dm, 0, world=1, epochs=4, per_epoch=2, key="x"))  # items 0-23
+    for rank in (0, 1):  # rank r reads items r, r + 2, ... of the one stream
+        shares = torch.cat(_stream(dm, rank, world=2, epochs=2, per_epoch=2, key="x"))
+        assert torch.equal(shares, single[rank::2])
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from fewzero.data.clips import ClipSource, check_split
 from fewzero.data.episodes import EpisodeDataset, EpisodeSampler
@@ -55,6 +55,24 @@ class ClipExcerpts(Dataset):
         index = int(self.indices[i])
         x = self.features[index, :, self.offset : self.offset + self.length]
         return {"x": x, "label": self.labels[index], "index": torch.tensor(index)}
+
+
+def processes(trainer: pl.Trainer | None) -> int:
+    """The number of training processes (DDP's world size; 1 without a trainer)."""
+    return trainer.world_size if trainer is not None else 1
+
+
+def process_share(dataset: Dataset, trainer: pl.Trainer | None) -> DistributedSampler | None:
+    """This process's share of a seeded training stream under DDP (w processes): rank r reads
+    items r, r + w, r + 2w, ... in order, so one optimiser step consumes w consecutive items
+    (episodes or excerpts) and no item is read twice. The stream then starts at
+    `global_step * w` items per step. (Lightning keeps a DistributedSampler it is given; its own
+    would shuffle, and every epoch would restart at the step count, replaying half the last
+    epoch.) None in one process."""
+    if processes(trainer) == 1:
+        return None
+    return DistributedSampler(dataset, num_replicas=trainer.world_size, rank=trainer.global_rank,
+                              shuffle=False)
 
 
 class StepResumedLoader(DataLoader):
@@ -210,13 +228,16 @@ class FewShotDataModule(pl.LightningDataModule):
     # ---- loaders ----------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:
         # Continue the episode stream where the last optimiser step left it, also after a resume.
-        first = self.trainer.global_step if self.trainer is not None else 0
+        # An epoch is n_episodes optimiser steps, of one episode per process.
+        world = processes(self.trainer)
+        first = (self.trainer.global_step if self.trainer is not None else 0) * world
         dataset = EpisodeDataset(self.train_features, self.sampler("train", self.train_settings,
                                                                    self.seed),
-                                 self.train_settings.n_episodes, self.excerpt_frames,
+                                 self.train_settings.n_episodes * world, self.excerpt_frames,
                                  random_crop=True, first_episode=first,
                                  max_start=self.train_max_start)
         return StepResumedLoader(dataset, batch_size=None, shuffle=False,
+                                 sampler=process_share(dataset, self.trainer),
                                  num_workers=self.num_workers, persistent_workers=False)
 
     def _excerpts(self, stage: str) -> DataLoader:

@@ -32,7 +32,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from fewzero.data.clips import ClipSource, check_split
-from fewzero.data.datamodule import ClipExcerpts, StepResumedLoader
+from fewzero.data.datamodule import ClipExcerpts, StepResumedLoader, process_share, processes
 from fewzero.data.episodes import crop_frames
 from fewzero.data.features import FeatureTable, MelFeatures, prepare_and_load, prepare_cache
 
@@ -266,11 +266,14 @@ class ZeroShotDataModule(pl.LightningDataModule):
 
     # ---- loaders ----------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:
-        first = (self.trainer.global_step if self.trainer is not None else 0) * self.batch_size
+        # an optimiser step reads one batch per process (DDP): batch_size * world items
+        per_step = self.batch_size * processes(self.trainer)
+        first = (self.trainer.global_step if self.trainer is not None else 0) * per_step
         dataset = BalancedExcerpts(self.table.features, self.labels, self.indices["train"],
-                                   self.steps_per_epoch * self.batch_size, self.excerpt_frames,
+                                   self.steps_per_epoch * per_step, self.excerpt_frames,
                                    self.train_max_start, self.seed, first_item=first)
         return StepResumedLoader(dataset, batch_size=self.batch_size, shuffle=False,
+                                 sampler=process_share(dataset, self.trainer),
                                  num_workers=self.num_workers)
 
     def excerpts(self, roles: Sequence[str]) -> DataLoader:
