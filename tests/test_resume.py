@@ -201,6 +201,27 @@ def test_run_stopped_by_sigterm_then_killed_resumes_to_the_uninterrupted_metrics
     assert _report(run) == _report(tmp_path / "full")
 
 
+@pytest.mark.slow
+def test_a_killed_ddp_run_resumes_to_the_uninterrupted_metrics(tmp_path):
+    """Two gloo processes, each training on its share of the episodes: killed once the first
+    checkpoint exists, resumed, the run ends as the uninterrupted one does."""
+    ddp = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
+    subprocess.run(_command(tmp_path, tmp_path / "full") + ddp, check=True, capture_output=True,
+                   timeout=600)
+    run = tmp_path / "interrupted"
+    last = run / "checkpoints" / "last.ckpt"
+    with (tmp_path / "interrupted.log").open("w") as log:
+        first = subprocess.Popen(_command(tmp_path, run) + ddp, stdout=log, stderr=log,
+                                 start_new_session=True)  # its own group: the ranks die together
+        _wait_for_new(last, first, None)
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(timeout=60)
+    assert 0 < _step(last) < 12
+    subprocess.run(_command(tmp_path, run) + ddp + ["ckpt_path=last"], check=True,
+                   capture_output=True, timeout=600)
+    assert _report(run) == _report(tmp_path / "full")
+
+
 def test_resume_from_last_checkpoint_continues_the_step_count(tmp_path):
     settings = ["trainer.max_steps=6", "test=false"]
     first = compose_train_cfg(tmp_path, settings)
