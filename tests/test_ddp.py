@@ -73,3 +73,10 @@ def test_two_process_cpu_ddp_trains_and_tests(tmp_path):
     report = json.loads((run / "metrics.json").read_text())
     assert report["test_episodes"]["5way_5shot"]["n_episodes"] == 5
     assert (run / "checkpoints" / "last.ckpt").is_file()
+    # re-evaluated with the run's two processes, into the one directory the command chose
+    evaluated = subprocess.run([sys.executable, "-m", "fewzero.eval",
+                                f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}"],
+                               capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    outputs = list((tmp_path / "outputs" / "eval" / "runs").iterdir())
+    assert len(outputs) == 1 and (outputs[0] / "metrics.json").is_file()

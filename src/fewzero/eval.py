@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import pickle
 import sys
 from datetime import datetime
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 USAGE = ("usage: python -m fewzero.eval ckpt_path=<file.ckpt> [run_config=<config.yaml>] "
          "[hydra.run.dir=<output dir>] [key=value ...]")
 OPTIONS = ("ckpt_path", "run_config", "hydra.run.dir")  # read by main(), not config overrides
+EVAL_DIR_VARIABLE = "FEWZERO_EVAL_DIR"  # the output directory main() chose, for DDP's processes
 
 
 def load_run_config(ckpt_path: Path, run_config: Path | None = None) -> DictConfig:
@@ -200,11 +202,15 @@ def main(argv: list[str] | None = None) -> None:
         output_dir = Path(options["hydra.run.dir"])
     else:
         stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S_%f")
-        output_dir = Path("outputs", "eval", "runs", stamp + run_suffix(",".join(sorted(overrides))))
+        # DDP's other processes run this command again: they find the first one's directory here
+        output_dir = Path(os.environ.setdefault(EVAL_DIR_VARIABLE, str(Path(
+            "outputs", "eval", "runs", stamp + run_suffix(",".join(sorted(overrides)))))))
     try:
         evaluate(options["ckpt_path"], overrides, output_dir, options.get("run_config"))
     except FileNotFoundError as error:  # a checkpoint, run config or data file: the message says what
         raise SystemExit(f"fewzero.eval: {error}") from None
+    finally:
+        os.environ.pop(EVAL_DIR_VARIABLE, None)
 
 
 if __name__ == "__main__":
