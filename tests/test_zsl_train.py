@@ -3,6 +3,7 @@
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import hydra
 import pytest
@@ -11,6 +12,7 @@ from conftest import compose_train_cfg, load_script, tone_overrides
 from hydra.errors import InstantiationException
 from omegaconf import OmegaConf
 
+from fewzero.data.clips import check_split
 from fewzero.models.zeroshot_module import check_init_checkpoint
 from fewzero.report import collect
 from fewzero.train import train
@@ -75,6 +77,25 @@ def test_inconsistent_splits_are_rejected(tmp_path, override, message):
     cfg = compose_train_cfg(tmp_path, WORD + [override])
     with pytest.raises(Exception, match=message):
         hydra.utils.instantiate(cfg.dataset)
+
+
+@pytest.mark.parametrize(("override", "key"), [
+    ("dataset.split.seen=[Violin,Flute,Cello,Oboe,Trombone,Cello]", "seen"),
+    ("dataset.split.unseen=[Bassoon,Viola,Bassoon]", "unseen"),
+    ("dataset.split.pseudo_unseen=[Oboe,Trombone,Oboe]", "pseudo_unseen"),
+    ("dataset.split.pseudo_unseen_folds=[[Cello],[Flute,Flute]]", r"pseudo_unseen_folds\[1\]"),
+])
+def test_a_class_listed_twice_in_the_zero_shot_split_is_refused(tmp_path, override, key):
+    """A repeat would give the class two ids, and its clips the one no role asks for."""
+    cfg = compose_train_cfg(tmp_path, WORD + [override])
+    with pytest.raises(Exception, match=rf"dataset.split.{key} lists \['\w+'\] more than once: "
+                                        "list each class once"):
+        hydra.utils.instantiate(cfg.dataset)
+
+
+def test_a_class_listed_twice_in_a_few_shot_split_is_refused():
+    with pytest.raises(ValueError, match=r"dataset.split lists \['Cello'\] more than once"):
+        check_split(["Cello", "Violin", "Cello"], ["Cello", "Violin"], SimpleNamespace(name="tones"))
 
 
 def test_unknown_instrument_in_the_split_is_a_clear_error(tmp_path):

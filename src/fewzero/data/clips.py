@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -102,13 +103,23 @@ def check_instruments(requested: list[str] | tuple[str, ...], available: list[st
         )
 
 
+def check_listed_once(names: list[str] | tuple[str, ...], key: str) -> None:
+    """Raise a ValueError naming every class that the config list `key` repeats (a repeat would
+    give the class two ids, or two places in an episode)."""
+    repeated = sorted(name for name, count in Counter(names).items() if count > 1)
+    if repeated:
+        raise ValueError(f"{key} lists {repeated} more than once: list each class once.")
+
+
 def check_split(names: list[str] | tuple[str, ...], available: list[str] | tuple[str, ...],
                 source: ClipSource) -> None:
-    """Raise a ValueError naming every dataset.split class without clips in `available`.
+    """Raise a ValueError naming every dataset.split class listed twice or without clips in
+    `available`.
 
     A class the source knows but found no audio file of (its `missing_classes`, {class: folder
     of its files}, e.g. TinySOL with allow_missing=true) is named as such; others are unknown.
     """
+    check_listed_once(names, "dataset.split")
     missing = getattr(source, "missing_classes", {})
     empty = [name for name in names if name not in available and name in missing]
     if empty:

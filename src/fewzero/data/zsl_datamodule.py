@@ -31,7 +31,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from fewzero.data.clips import ClipSource, check_split
+from fewzero.data.clips import ClipSource, check_listed_once, check_split
 from fewzero.data.datamodule import ClipExcerpts, StepResumedLoader, process_share, processes
 from fewzero.data.episodes import crop_frames
 from fewzero.data.features import FeatureTable, MelFeatures, prepare_and_load, prepare_cache
@@ -122,11 +122,14 @@ class ZeroShotDataModule(pl.LightningDataModule):
         self.table: FeatureTable | None = None
 
     def _check_split(self) -> None:
+        folds = [(f"pseudo_unseen_folds[{k}]", fold) for k, fold in enumerate(self.pseudo_unseen_folds)]
+        for key, names in [("seen", self.seen), ("unseen", self.unseen),
+                           ("pseudo_unseen", self.pseudo_unseen), *folds]:
+            check_listed_once(names, f"dataset.split.{key}")
         shared = sorted(set(self.seen) & set(self.unseen))
         if shared:
             raise ValueError(f"Instrument(s) {shared} are both seen and unseen: edit dataset.split.")
-        for key, pseudo in [("pseudo_unseen", self.pseudo_unseen)] + [
-                (f"pseudo_unseen_folds[{k}]", fold) for k, fold in enumerate(self.pseudo_unseen_folds)]:
+        for key, pseudo in [("pseudo_unseen", self.pseudo_unseen), *folds]:
             outside = sorted(set(pseudo) - set(self.seen))
             if outside:
                 raise ValueError(f"dataset.split.{key} {outside} must be seen classes (they are "
