@@ -234,6 +234,27 @@ def test_svg_images_are_rendered_on_white_at_the_encoder_size(tmp_path):
     assert image[0, 0].tolist() == [255, 255, 255] and image[32, 32].tolist() == [0, 0, 0]
 
 
+def test_a_16_bit_grayscale_png_loads_as_the_same_picture_as_its_8_bit_version(tmp_path):
+    from fewzero.side_info.image import load_image
+
+    gradient = np.tile(np.arange(0, 256, 4, dtype=np.uint8), (64, 1))  # (64, 64), dark to light
+    Image.fromarray(gradient).save(tmp_path / "8.png")
+    Image.fromarray(gradient.astype(np.uint16) * 257).save(tmp_path / "16.png")
+    with Image.open(tmp_path / "16.png") as written:
+        assert written.mode == "I;16"
+    eight, sixteen = (np.asarray(load_image(tmp_path / f, 64)) for f in ("8.png", "16.png"))
+    np.testing.assert_array_equal(sixteen, eight)
+    assert sixteen[0, 0].tolist() == [0, 0, 0]  # not clipped to white
+
+
+def test_32_bit_grayscale_images_are_scaled_by_their_value_range():
+    from fewzero.side_info.image import to_8bit
+
+    values = np.array([[-1.0, 0.0, 1.0]], dtype=np.float32)
+    for image in (Image.fromarray(values), Image.fromarray((values * 1000).astype(np.int32))):
+        assert np.asarray(to_8bit(image)).tolist() == [[0, 128, 255]]
+
+
 @pytest.mark.parametrize(("name", "suffix", "reason"), [
     ("Violin", ".png", "cannot identify image file"),
     pytest.param("Flute", ".svg", "Error reading SVG", marks=pytest.mark.skipif(

@@ -41,10 +41,25 @@ def render_svg(path: Path, size: int) -> Image.Image:
         return Image.open(out).convert("RGBA")
 
 
+def to_8bit(image: Image.Image) -> Image.Image:
+    """A 16- or 32-bit grayscale image (PIL modes I;16*, I, F) as 8-bit grayscale (L), which
+    `convert` would clip at 255 (all white): I;16 by its full range, I and F by their values'
+    range. Other modes are returned as they are."""
+    if not image.mode.startswith("I;16") and image.mode not in ("I", "F"):
+        return image
+    values = np.asarray(image, dtype=np.float64)
+    if image.mode.startswith("I;16"):
+        scaled = values / 257.0
+    else:
+        low, high = values.min(), values.max()
+        scaled = (values - low) * (255.0 / (high - low)) if high > low else np.zeros_like(values)
+    return Image.fromarray(np.round(scaled).astype(np.uint8))  # (H, W) uint8: mode L
+
+
 def load_image(path: Path, size: int) -> Image.Image:
     """Any supported file as an RGB image of size x size: transparency on white, padded square."""
     image = render_svg(path, size) if path.suffix.lower() == ".svg" else Image.open(path)
-    image = image.convert("RGBA")
+    image = to_8bit(image).convert("RGBA")
     image.thumbnail((size, size))
     canvas = Image.new("RGBA", (size, size), (255, 255, 255, 255))
     canvas.alpha_composite(image, ((size - image.width) // 2, (size - image.height) // 2))
