@@ -167,6 +167,23 @@ def test_sentence_embeddings_from_the_packaged_model(tmp_path):
     assert similarity[0, 1] > similarity[0, 2]
 
 
+def test_a_sentence_model_folder_edited_in_place_gets_a_new_cache_key(tmp_path):
+    folder = tmp_path / "model"
+    (folder / "1_Pooling").mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    (folder / "1_Pooling" / "config.json").write_text('{"pooling_mode_mean_tokens": true}')
+    (folder / "model.safetensors").write_bytes(b"weights v1")
+    source = SentenceEmbeddings({"Violin": "A bowed string instrument."}, model=str(folder),
+                                cache_dir=tmp_path / "cache")
+    first = source.cache_path(["Violin"])
+    assert source.cache_path(["Violin"]) == first
+    (folder / "model.safetensors").write_bytes(b"weights v2, fine-tuned")
+    second = source.cache_path(["Violin"])
+    assert second != first
+    (folder / "1_Pooling" / "config.json").write_text('{"pooling_mode_cls_token": true}')
+    assert source.cache_path(["Violin"]) not in (first, second)
+
+
 def test_an_uncached_hub_model_fails_fast_with_what_to_do():
     pytest.importorskip("sentence_transformers")
     from fewzero.side_info.text import load_sentence_encoder
@@ -275,6 +292,23 @@ def test_an_unreadable_image_names_the_file_its_class_and_the_fix(tmp_path, name
     assert f"Cannot read the image {bad} of class '{name}': " in str(err.value)
     assert "Replace or remove the file, or point side_info.root / side_info.files elsewhere" in str(
         err.value)
+
+
+def test_image_encoder_weights_edited_in_place_get_a_new_cache_key(tmp_path):
+    from types import SimpleNamespace
+
+    from fewzero.side_info.image import ImageEmbeddings
+
+    _draw_instrument(tmp_path / "violin.png", "brown")
+    weights = tmp_path / "encoder.pth"
+    weights.write_bytes(b"weights v1")
+    encoder = SimpleNamespace(weights_path=str(weights))  # the key never runs the encoder
+    source = ImageEmbeddings(encoder, files={"Violin": [str(tmp_path / "violin.png")]},
+                             cache_dir=tmp_path / "cache")
+    first = source.cache_path(["Violin"])
+    assert source.cache_path(["Violin"]) == first
+    weights.write_bytes(b"weights v2, fine-tuned")
+    assert source.cache_path(["Violin"]) != first
 
 
 def test_resnet101_without_weights_fails_fast_naming_the_file(tmp_path, monkeypatch):

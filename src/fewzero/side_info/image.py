@@ -195,9 +195,11 @@ class ImageEmbeddings(SideInformation):
         return paths
 
     def cache_config(self) -> dict[str, Any]:
-        return {"encoder": type(self.encoder).__name__,
-                "weights": getattr(self.encoder, "weights_path", ""), "files": self.files,
-                "root": str(self.root), "folders": self.folders}
+        weights = getattr(self.encoder, "weights_path", "")
+        # the weights' contents, not only their path: a file replaced in place must not be reused
+        digest = file_digest(weights) if weights and Path(weights).is_file() else None
+        return {"encoder": type(self.encoder).__name__, "weights": weights, "weights_md5": digest,
+                "files": self.files, "root": str(self.root), "folders": self.folders}
 
     def cache_path(self, class_names: Sequence[str]) -> Path | None:
         path = super().cache_path(class_names)

