@@ -15,6 +15,7 @@ from PIL import Image, ImageDraw
 
 from fewzero.data.clips import TINYSOL_INSTRUMENTS
 from fewzero.side_info.attributes import AttributeTable, encode_attribute_table
+from fewzero.side_info.base import SideInformation
 from fewzero.side_info.glove import GloveVectors, read_glove_text
 from fewzero.side_info.text import SentenceEmbeddings
 
@@ -324,6 +325,20 @@ def test_centering_removes_the_common_component_before_normalising(tmp_path):
     path.write_text("a 10 1 0\nb 10 -1 0\n")
     source = GloveVectors({"A": ["a"], "B": ["b"]}, dim=3, path=str(path), center=True)
     torch.testing.assert_close(source.vectors(["A", "B"]).mean, torch.tensor([[0.0, 1, 0], [0, -1, 0]]))
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_the_mean_of_several_members_is_renormalised_only_under_normalize(normalize):
+    class TwoImages(SideInformation):
+        def compute(self, class_names):  # class A: two orthogonal vectors, B: one
+            return [torch.tensor([[3.0, 0], [0, 3]]), torch.tensor([[0.0, 2]])]
+
+        def cache_config(self):
+            return {}
+
+    mean = TwoImages(dim=2, normalize=normalize).vectors(["A", "B"]).mean
+    expected = [[0.5**0.5, 0.5**0.5], [0, 1]] if normalize else [[1.5, 1.5], [0, 2]]
+    torch.testing.assert_close(mean, torch.tensor(expected))
 
 
 def test_timbre_attribute_table_drops_what_the_pitch_prior_measures(tmp_path):

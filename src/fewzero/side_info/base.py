@@ -28,15 +28,20 @@ class ClassVectors:
     Attributes:
         names: class names, length n_classes.
         members: per class a (n_i, dim) tensor of its vectors (n_i = 1 for words, text, attributes).
+        normalized: the members are L2-normalised, and so is `mean`.
     """
 
     names: list[str]
     members: list[torch.Tensor]
+    normalized: bool = False
 
     @property
     def mean(self) -> torch.Tensor:
-        """(n_classes, dim): the average vector of every class (what prediction uses)."""
-        return torch.stack([m.mean(dim=0) for m in self.members])
+        """(n_classes, dim): the average vector of every class (what prediction uses), of unit
+        length when the members are (an average of unit vectors is shorter, and would scale down
+        the scores of classes with several members)."""
+        mean = torch.stack([m.mean(dim=0) for m in self.members])
+        return torch.nn.functional.normalize(mean, dim=1) if self.normalized else mean
 
     def draw(self, generator: torch.Generator | None = None) -> torch.Tensor:
         """(n_classes, dim): one randomly chosen member vector per class."""
@@ -104,7 +109,7 @@ class SideInformation:
             members = [m - mean for m in members]
         if self.normalize:
             members = [torch.nn.functional.normalize(m, dim=1) for m in members]
-        return ClassVectors(list(class_names), members)
+        return ClassVectors(list(class_names), members, normalized=self.normalize)
 
     def _check_dim(self, members: list[torch.Tensor]) -> None:
         found = {int(m.shape[1]) for m in members}
