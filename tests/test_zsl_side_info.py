@@ -185,6 +185,19 @@ def test_a_sentence_model_folder_edited_in_place_gets_a_new_cache_key(tmp_path):
     assert source.cache_path(["Violin"]) not in (first, second)
 
 
+def test_hub_offline_switches_an_already_imported_huggingface_hub_offline(monkeypatch):
+    pytest.importorskip("huggingface_hub")
+    from huggingface_hub import constants
+
+    from fewzero.side_info.text import hub_offline
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # as read at import, online
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with hub_offline():
+        assert constants.is_offline_mode()  # what the hub's request hook checks
+    assert not constants.is_offline_mode() and "HF_HUB_OFFLINE" not in os.environ
+
+
 def test_an_uncached_hub_model_fails_fast_with_what_to_do():
     pytest.importorskip("sentence_transformers")
     from fewzero.side_info.text import load_sentence_encoder

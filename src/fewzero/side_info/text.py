@@ -24,12 +24,20 @@ MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".json")  # weights, and the conf
 
 @contextmanager
 def hub_offline() -> Iterator[None]:
-    """Set HF_HUB_OFFLINE=1 and TRANSFORMERS_OFFLINE=1 for the block, then restore them."""
+    """Set HF_HUB_OFFLINE=1 and TRANSFORMERS_OFFLINE=1 for the block, then restore them.
+
+    huggingface_hub reads the variable once, at import, into `constants.HF_HUB_OFFLINE`, which
+    its requests check: that constant is set (and restored) too."""
+    from huggingface_hub import constants
+
     saved = {name: os.environ.get(name) for name in OFFLINE_VARIABLES}
+    saved_constant = constants.HF_HUB_OFFLINE
     os.environ.update(dict.fromkeys(OFFLINE_VARIABLES, "1"))
+    constants.HF_HUB_OFFLINE = True
     try:
         yield
     finally:
+        constants.HF_HUB_OFFLINE = saved_constant
         for name, value in saved.items():
             if value is None:
                 os.environ.pop(name, None)
