@@ -1,6 +1,7 @@
 """Side-information sources on tiny inputs: GloVe, sentence embeddings, attributes, images."""
 
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -41,6 +42,17 @@ def test_a_malformed_glove_line_names_the_file_and_the_fault(tmp_path, lines, me
     path = tmp_path / "glove.bad.txt"
     path.write_text(lines)
     with pytest.raises(ValueError, match=message):
+        read_glove_text(path, ["horn", "violin"])
+
+
+def test_glove_lines_with_bytes_not_utf8_or_trailing_spaces_are_read(tmp_path):
+    path = tmp_path / "glove.latin1.txt"
+    path.write_bytes(b"caf\xe9 1 1 1 1\nhorn 0 1 0 2 \nviolin 0 0 1 0\r\n")
+    table = read_glove_text(path, ["horn", "violin"])
+    np.testing.assert_array_equal(table["horn"], [0, 1, 0, 2])
+    np.testing.assert_array_equal(table["violin"], [0, 0, 1, 0])
+    path.write_bytes(b"horn 0 1 0 2\nviolin 0 0 \xff 0\n")
+    with pytest.raises(ValueError, match=re.escape(f"{path}, line 2: the vector of 'violin' is not")):
         read_glove_text(path, ["horn", "violin"])
 
 

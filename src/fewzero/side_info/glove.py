@@ -21,20 +21,22 @@ from fewzero.side_info.base import SideInformation
 def read_glove_text(path: str | Path, wanted: Iterable[str]) -> dict[str, np.ndarray]:
     """Vectors of the `wanted` words found in a GloVe text file (other lines are skipped).
 
+    Bytes that are not UTF-8 are read as U+FFFD (large GloVe files hold a few such words); the
+    values may be separated by any whitespace, with some at the end of the line.
     Raises a ValueError naming the file and line of a vector that is not all numbers, or the
     words whose vectors differ in length."""
     wanted = set(wanted)
     found: dict[str, np.ndarray] = {}
-    with open(path, encoding="utf-8") as handle:
+    with open(path, encoding="utf-8", errors="replace") as handle:
         for number, line in enumerate(handle, start=1):
-            word, _, rest = line.rstrip("\n").partition(" ")
+            word, _, rest = line.rstrip("\r\n").partition(" ")
             if word in wanted:
                 try:
-                    found[word] = np.asarray(rest.split(" "), dtype=np.float32)
+                    found[word] = np.asarray(rest.split(), dtype=np.float32)
                 except ValueError as err:
                     raise ValueError(f"{path}, line {number}: the vector of {word!r} is not all "
                                      f"numbers ({err}). A GloVe text file has one 'word v1 ... vd' "
-                                     "line per word, separated by single spaces.") from None
+                                     "line per word, in UTF-8, separated by spaces.") from None
                 if len(found) == len(wanted):
                     break
     lengths = {word: len(vector) for word, vector in found.items()}
