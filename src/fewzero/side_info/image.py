@@ -189,9 +189,20 @@ class ImageEmbeddings(SideInformation):
                                     "packages openclipart-svg and tuxpaint-stamps-default "
                                     "(scripts/setup.sh) or fix side_info.files.")
         empty = [name for name, ps in paths.items() if not ps]
+        if empty and self.root is None:
+            raise FileNotFoundError(f"No images for {empty}: list their files in side_info.files "
+                                    "(class -> image files), or set side_info.root=<folder> that "
+                                    "holds one sub-folder of images per class.")
         if empty:
-            raise FileNotFoundError(f"No images for {empty}: add them to side_info.files or "
-                                    f"under side_info.root={self.root} as <root>/<class>/*.png.")
+            found = sorted(p.name for p in self.root.iterdir() if p.is_dir())
+            mapped = {name: self.folders[name] for name in empty if name in self.folders}
+            raise FileNotFoundError(
+                f"No images for {empty} under side_info.root={self.root}. A class reads the "
+                f"{'/'.join(IMAGE_SUFFIXES)} files (suffix in any case) anywhere in the sub-folder "
+                f"whose name is the class name, spelt exactly but in any case"
+                f"{f' (or as side_info.folders maps it: {mapped})' if mapped else ''}; the "
+                f"sub-folders found are {found}. Rename the folder, map the class to it with "
+                "side_info.folders={<class>: <folder>}, or list its files in side_info.files.")
         return paths
 
     def cache_config(self) -> dict[str, Any]:
