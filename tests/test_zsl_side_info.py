@@ -378,6 +378,18 @@ def test_resnet101_without_weights_fails_fast_naming_the_file(tmp_path, monkeypa
         ResNet101Encoder()
 
 
+@pytest.mark.parametrize("download", [True, False])
+def test_a_missing_resnet101_weights_path_is_named_without_a_download_it_cannot_do(tmp_path, download):
+    from fewzero.side_info.image import ResNet101Encoder
+
+    missing = tmp_path / "no" / "resnet.pth"
+    with pytest.raises(FileNotFoundError, match="or set side_info.encoder.weights_path=null") as err:
+        ResNet101Encoder(weights_path=str(missing), download=download)
+    assert f"weights_path={missing} not found. Fix the path" in str(err.value)
+    assert "set side_info.encoder.download=true" not in str(err.value)  # it would not help
+    assert ("as side_info.encoder.download=true" in str(err.value)) == download
+
+
 def test_centering_removes_the_common_component_before_normalising(tmp_path):
     path = tmp_path / "g.txt"
     path.write_text("a 10 1 0\nb 10 -1 0\n")

@@ -117,17 +117,24 @@ class ResNet101Encoder(nn.Module):
 
         cached = Path(torch.hub.get_dir()) / "checkpoints" / self.weights_file
         path = Path(weights_path) if weights_path else cached
-        self.net = torchvision.models.resnet101()
-        if path.is_file():
-            self.net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        elif download and not weights_path:
-            weights = torchvision.models.ResNet101_Weights.IMAGENET1K_V1
-            self.net.load_state_dict(weights.get_state_dict(progress=True))
-        else:
+        if weights_path and not path.is_file():  # download only ever fills the hub cache
+            how = ("downloaded there, as side_info.encoder.download=true" if download else
+                   "placed there, or downloaded with side_info.encoder.download=true")
+            raise FileNotFoundError(
+                f"ResNet-101 weights side_info.encoder.weights_path={path} not found. Fix the path, "
+                f"or set side_info.encoder.weights_path=null to use torchvision's "
+                f"{self.weights_file} in {cached.parent} ({how}).")
+        if not path.is_file() and not download:
             raise FileNotFoundError(
                 f"ResNet-101 ImageNet weights not found at {path}. Place torchvision's "
                 f"{self.weights_file} there (or pass side_info.encoder.weights_path=<file>), or set "
                 "side_info.encoder.download=true where the network allows.")
+        self.net = torchvision.models.resnet101()
+        if path.is_file():
+            self.net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        else:
+            weights = torchvision.models.ResNet101_Weights.IMAGENET1K_V1
+            self.net.load_state_dict(weights.get_state_dict(progress=True))
         self.net.fc = nn.Identity()
         self.weights_path, self.dim = str(path), dim
         self.net.eval()
