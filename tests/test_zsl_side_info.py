@@ -236,6 +236,19 @@ def test_an_uncached_hub_model_fails_fast_with_what_to_do():
     assert error.value.__suppress_context__  # no pages of hub tracebacks above the message
 
 
+@pytest.mark.parametrize("download", [False, True])
+def test_a_model_folder_that_does_not_exist_is_named_as_such(tmp_path, download):
+    from fewzero.side_info.text import load_sentence_encoder
+
+    with pytest.raises(FileNotFoundError, match="does not exist") as err:
+        load_sentence_encoder("./no/such/folder", download=download)
+    assert f"{Path('no/such/folder').resolve()} does not exist" in str(err.value)
+    assert "Hugging Face cache" not in str(err.value)
+    (tmp_path / "model.safetensors").write_bytes(b"weights")
+    with pytest.raises(FileNotFoundError, match="is a file"):
+        load_sentence_encoder(str(tmp_path / "model.safetensors"), download=download)
+
+
 def _draw_instrument(path: Path, color: str) -> None:
     image = Image.new("RGBA", (96, 64), (0, 0, 0, 0))
     ImageDraw.Draw(image).ellipse((10, 10, 80, 54), fill=color)

@@ -56,12 +56,24 @@ def packaged_model_path() -> Path:
     return Path(get_model_path())
 
 
+def _names_a_path(model: str) -> bool:
+    """Whether side_info.model is meant as a local path: hub names are `name` or `owner/name`."""
+    return model.startswith((".", "/", "~")) or model.count("/") > 1 or "\\" in model \
+        or Path(model).exists()
+
+
 def load_sentence_encoder(model: str | None, download: bool = False, device: str = "cpu") -> Any:
     """A SentenceTransformer from the packaged default (None), a local folder, or a hub name.
 
     A hub name loads from the local Hugging Face cache only, unless `download` is true; a
     missing model fails at once with what to place where, never by a slow network timeout.
     """
+    if model is not None and _names_a_path(model) and not Path(model).is_dir():
+        where = Path(model).resolve()
+        raise FileNotFoundError(
+            f"side_info.model={model}: {where} {'is a file' if where.exists() else 'does not exist'}."
+            " Give the folder of a sentence-transformers model (its config.json and weights), a "
+            "Hugging Face model name (owner/name), or side_info.model=null for the packaged default.")
     from sentence_transformers import SentenceTransformer
 
     if model is None or Path(model).is_dir():
