@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.core.saving import save_hparams_to_yaml
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities.exceptions import SIGTERMException
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from torch.utils.tensorboard.summary import hparams as tensorboard_hparams
 
 from fewzero.callbacks import FitKey, LastCheckpoint, RngAtFirstBatch, RunRecord
@@ -640,7 +641,9 @@ def main(cfg: DictConfig) -> float | None:
         output_dir = Path(cfg.paths.output_dir)
         last = output_dir / "checkpoints" / "last.ckpt"
         during = getattr(stop, "stopped_during", None)
-        if last.is_file():
+        if rank_zero_only.rank != 0:  # DDP: the first process says it once
+            pass
+        elif last.is_file():
             step = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
             if during:
                 log.warning("Stopped during %s, whose progress is saved in %s as well: the resume "
