@@ -104,6 +104,8 @@ def test_run_summary_prints_zero_shot_figures_with_their_intervals(tmp_path, cap
     assert "top-1 0.4551 +-0.028" in out and "top-1 0.9700 +-0.012" in out
     assert "u 0.2000 +-0.021, s 0.7000 +-0.033, H 0.3110 +-0.024" in out  # calibrated
     assert "u 0.2000, s 0.7000, H 0.3110 " in out  # uncalibrated: no interval reported
+    # a zero-shot run's val/acc_best is its calibrated H, not an accuracy
+    assert "best validation score (val/acc_best): 0.8000" in out and "validation accuracy" not in out
     assert f"tensorboard --logdir {tmp_path / 'tensorboard'}" in out  # the run's own, wherever it is
 
 

@@ -51,7 +51,9 @@ def print_summary(output_dir: Path, report: dict[str, Any]) -> None:
         console.print(zsl)
     best = report.get("metrics", {}).get("val/acc_best")
     if best is not None:
-        console.print(f"best validation accuracy: {best:.4f}")
+        # an accuracy for few-shot runs, but zero-shot runs select on the calibrated GZSL H (or
+        # on a top-1 where validation has one side only): name the metric, not what it measures
+        console.print(f"best validation score (val/acc_best): {best:.4f}")
     console.print(f"run directory : {output_dir}")
     console.print(f"metrics       : {output_dir / 'metrics.json'}")
     console.print(f"plots         : {output_dir / 'plots'}")
