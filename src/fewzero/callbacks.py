@@ -33,14 +33,10 @@ class StageTimer(pl.Callback):
 
     def __init__(self) -> None:
         self.results: dict[str, float] = {"train_seconds": 0.0, "train_steps": 0, "test_seconds": 0.0}
-        self._batch_start = self._fetch_start = self._test_start = 0.0
+        self._fetch_start = self._test_start = 0.0
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._fetch_start = time.perf_counter()  # the first batch's fetch counts too
-
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                             batch: Any, batch_idx: int) -> None:
-        self._batch_start = time.perf_counter()
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:

@@ -12,7 +12,7 @@ from rich.progress import (
 )
 
 
-def progress_bar(transient: bool = False) -> Progress:
+def progress_bar() -> Progress:
     """A rich progress bar: description, bar, done/total, elapsed, remaining."""
     return Progress(
         TextColumn("[bold]{task.description}"),
@@ -20,5 +20,4 @@ def progress_bar(transient: bool = False) -> Progress:
         MofNCompleteColumn(),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
-        transient=transient,
     )
