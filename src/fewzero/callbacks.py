@@ -179,7 +179,11 @@ class BestCheckpoint(ModelCheckpoint):
         for old, new in moved.items():
             if Path(new).is_file():
                 continue
-            partial = f"{new}.{os.getpid()}.partial"  # atomic: DDP ranks may all copy the same file
+            # Atomic, so no rank loads (and no crash leaves) a half-copied checkpoint: copy to a
+            # name of this process's own, then rename. The pid keeps DDP ranks, which all copy
+            # the same files at once, off each other's temporary file; copy2 streams the file
+            # and keeps its times (checkpoints can be large: not read into memory to be written).
+            partial = f"{new}.{os.getpid()}.partial"
             shutil.copy2(old, partial)
             os.replace(partial, new)
         self.best_k_models = {moved[p]: score for p, score in best_k.items()}
