@@ -75,6 +75,9 @@ def evaluate_episodes(embeddings: torch.Tensor, sampler: EpisodeSampler, n_episo
             adapted = whitening.adapt(support.flatten(0, 1),  # (n_way * n_shot, dim), class-major
                                       torch.arange(n_way).repeat_interleave(ep.support.shape[1]))
             support, queries = adapted(support), adapted(queries)
+        # the support is balanced and class-major: a plain mean. `class_prototypes` (index_add)
+        # sums in another order from about 20 shots on, so it would round differently and
+        # change the reported accuracies.
         prototypes = support.mean(dim=1)  # (n_way, dim)
         logits = distance(queries, prototypes)  # (n_way*n_query, n_way)
         predicted = logits.argmax(dim=1).cpu()

@@ -40,6 +40,7 @@ def episode_embedding_figure(embeddings: torch.Tensor, sampler: EpisodeSampler,
         n_way, n_shot = ep.support.shape
         support = embeddings[ep.support.flatten()]
         query = embeddings[ep.query.flatten()]
+        # as `fewzero.evaluation` computes them (a balanced, class-major support: a plain mean)
         prototypes = support.view(n_way, n_shot, -1).mean(dim=1)
         xy = _pca_2d(torch.cat([support, query, prototypes]).float())
         s_xy, q_xy, p_xy = xy.split([support.shape[0], query.shape[0], n_way])
