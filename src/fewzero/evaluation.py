@@ -15,6 +15,7 @@ import torch
 
 from fewzero.data.episodes import EpisodeSampler
 from fewzero.models.protonet import Distance, WithinClassWhitening
+from fewzero.zsl_evaluation import confusion_matrix
 
 
 @dataclass
@@ -84,6 +85,5 @@ def evaluate_episodes(embeddings: torch.Tensor, sampler: EpisodeSampler, n_episo
         truth = torch.arange(n_way).repeat_interleave(n_query)
         accuracies[i] = (predicted == truth).float().mean()
         class_ids = sampler.class_ids[ep.classes]
-        confusion.index_put_((class_ids[truth], class_ids[predicted]),
-                             torch.ones_like(truth), accumulate=True)
+        confusion += confusion_matrix(class_ids[predicted], class_ids[truth], n_classes)
     return EpisodeResults(accuracies, confusion)
