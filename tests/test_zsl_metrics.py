@@ -107,6 +107,13 @@ def test_harmonic_mean():
     assert harmonic_mean(0.0, 0.0) == 0.0
 
 
+def test_harmonic_mean_of_tensors_is_elementwise_in_their_dtype():
+    u, s = torch.tensor([0.5, 0.0, 0.2]), torch.tensor([1.0, 0.0, 0.0])
+    h = harmonic_mean(u, s)
+    assert h.dtype == torch.float32
+    assert h.tolist() == [pytest.approx(2 / 3), 0.0, 0.0]
+
+
 def test_gzsl_without_penalty_predicts_seen_for_everything_here():
     score = gzsl_score(SCORES, LABELS, SEEN, UNSEEN)
     assert (score.u, score.s, score.h) == (0.0, 1.0, 0.0)

@@ -110,8 +110,11 @@ def true_class_log_likelihood(scores: torch.Tensor, labels: torch.Tensor, candid
     return float(per_class_mean(log_p[:, :, 0], labels).max())
 
 
-def harmonic_mean(u: float, s: float) -> float:
-    """H = 2us / (u + s), 0 when both are 0."""
+def harmonic_mean(u: float | torch.Tensor, s: float | torch.Tensor) -> float | torch.Tensor:
+    """H = 2us / (u + s). Floats: 0 when both are 0. Tensors (u and s of the same shape, e.g.
+    one per penalty): elementwise in their dtype, 0 where u + s is not positive."""
+    if isinstance(u, torch.Tensor):
+        return torch.where(u + s > 0, 2 * u * s / (u + s).clamp_min(1e-12), torch.zeros_like(u))
     return 0.0 if u + s == 0 else 2 * u * s / (u + s)
 
 
@@ -202,7 +205,7 @@ def calibrate_stacking(scores: torch.Tensor, labels: torch.Tensor, seen: Sequenc
                         points[:1] - 1e-3, points[-1:] + 1e-3])
     gammas = gammas[gammas.abs().argsort()]
     u, s = _gzsl_for(gammas, scores, labels, seen, unseen)
-    h = torch.where(u + s > 0, 2 * u * s / (u + s).clamp_min(1e-12), torch.zeros_like(u))
+    h = harmonic_mean(u, s)
     best = int(h.nan_to_num(-1.0).argmax())  # argmax returns the first maximum: smallest |gamma|
     return GzslScore(float(u[best]), float(s[best]), float(h[best]), float(gammas[best]))
 
