@@ -88,13 +88,6 @@ class FewShotModule(ResumableModule):
                  batch_size=1)
         return loss
 
-    def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(params=self.parameters())
-        if self.scheduler_factory is None:
-            return optimizer
-        scheduler = self.scheduler_factory(optimizer=optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
     # ---- evaluation: embed every clip once, then run episodes on the embeddings -------
     def _collect(self, batch: dict[str, torch.Tensor]) -> None:
         self._embeddings.append(self.net.backbone(batch["x"]).detach())

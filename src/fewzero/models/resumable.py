@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from torch import nn
 from torchmetrics import MaxMetric, MeanMetric
 
 
@@ -18,7 +20,13 @@ class ResumableModule(pl.LightningModule):
       validations reports the same values as an uninterrupted one.
     - The global RNG state is saved and restored too (the `StepSeed` callback reseeds it per
       step as well; this covers runs without that callback).
+
+    Subclasses set `optimizer_factory` and `scheduler_factory` (partials from the config) and
+    may narrow `optimised_parameters`; `configure_optimizers` is shared.
     """
+
+    optimizer_factory: Callable[..., Any]
+    scheduler_factory: Callable[..., Any] | None
 
     def __init__(self) -> None:
         super().__init__()
@@ -26,6 +34,23 @@ class ResumableModule(pl.LightningModule):
         self.train_acc.persistent(True)
         self.val_acc_best = MaxMetric()
         self.val_acc_best.persistent(True)
+
+    def optimised_parameters(self) -> list[nn.Parameter]:
+        """What the optimizer is given: every parameter (frozen ones included, as they always
+        were: an optimizer's saved state lists its parameters, so resumes depend on it)."""
+        return list(self.parameters())
+
+    def configure_optimizers(self) -> Any:
+        """`optimizer_factory` on `optimised_parameters()`, with `scheduler_factory`'s scheduler
+        stepped every optimiser step; None when there is nothing to optimise."""
+        params = self.optimised_parameters()
+        if not params:
+            return None
+        optimizer = self.optimizer_factory(params=params)
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer=optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # what fewzero.train reports of the fit, for a resume from a checkpoint at max_steps

@@ -378,15 +378,10 @@ class ZeroShotModule(ResumableModule):
     def on_train_end(self) -> None:
         self._fit_closed_form()  # runs without validation too (e.g. a refit on all training data)
 
-    def configure_optimizers(self) -> Any:
-        params = [p for p in self.parameters() if p.requires_grad]
-        if not params:
-            return None  # closed-form head on a frozen encoder: nothing to optimise
-        optimizer = self.optimizer_factory(params=params)
-        if self.scheduler_factory is None:
-            return optimizer
-        scheduler = self.scheduler_factory(optimizer=optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+    def optimised_parameters(self) -> list[nn.Parameter]:
+        """The trainable parameters only: none for a closed-form head on a frozen encoder (then
+        `configure_optimizers` returns None)."""
+        return [p for p in self.parameters() if p.requires_grad]
 
     # ---- evaluation: embed every clip once --------------------------------------------
     @property
