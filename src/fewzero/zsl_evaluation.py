@@ -80,7 +80,8 @@ def predict(scores: torch.Tensor, candidates: Sequence[int], k: int = 1) -> torc
 
 def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, candidates: Sequence[int],
                   k: int = 1) -> float:
-    """Per-class mean top-k accuracy of samples `labels` (n,) among `candidates`."""
+    """Per-class mean top-k accuracy among `candidates`: scores (n, n_classes), labels (n,)
+    true class ids."""
     hits = (predict(scores, candidates, k) == labels[:, None]).any(dim=1)
     return float(per_class_accuracy(hits, labels))
 
@@ -198,6 +199,12 @@ def calibrate_stacking(scores: torch.Tensor, labels: torch.Tensor, seen: Sequenc
     H only changes where gamma crosses a sample's margin (best seen - best unseen score), so
     the search is exact: every midpoint between sorted margins, both ends and 0; ties go to the
     smallest |gamma|.
+
+    Args:
+        scores: (n, n_classes) for samples of seen and unseen classes.
+        labels: (n,) true class ids, each in seen or unseen.
+    Returns:
+        the best penalty with its u, s and H (computed in float32).
     """
     _, _, margin = _stacking_margins(scores, seen, unseen)
     points = margin.sort().values

@@ -231,6 +231,9 @@ class PrototypicalNetwork(nn.Module):
         return self._whitened(self.backbone(x))
 
     def process_support_set(self, support: torch.Tensor, labels: torch.Tensor) -> None:
+        """Store the prototypes of a support set: support (n_support, F, T) log-mel, labels
+        (n_support,) in 0..n_way-1, every class at least once, in any order -> prototypes
+        (n_way, dim) (and the support-adapted whitening, where the whitening adapts)."""
         n_way = int(labels.max()) + 1
         z = self.backbone(support)
         self._adapted = None
@@ -241,6 +244,7 @@ class PrototypicalNetwork(nn.Module):
         self.prototypes = class_prototypes(self._whitened(z), labels, n_way)
 
     def forward(self, query: torch.Tensor) -> torch.Tensor:
+        """query (n_query, F, T) -> logits (n_query, n_way) against the last support set."""
         if self.prototypes is None:
             raise RuntimeError("Call process_support_set(support, labels) before forward(query).")
         return self.distance(self.embed(query), self.prototypes)

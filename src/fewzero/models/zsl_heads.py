@@ -30,9 +30,12 @@ class CompatibilityHead(nn.Module):
         self.audio_dim, self.side_dim = audio_dim, side_dim
 
     def embed_audio(self, audio: torch.Tensor) -> torch.Tensor:
+        """(batch, audio_dim) audio embeddings -> (batch, d) in the shared space; d is the
+        head's own (see each head's overrides)."""
         raise NotImplementedError
 
     def embed_classes(self, side: torch.Tensor) -> torch.Tensor:
+        """(n_classes, side_dim) class vectors -> (n_classes, d) in the same shared space."""
         raise NotImplementedError
 
     def score(self, audio: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
@@ -61,9 +64,11 @@ class SiameseHead(CompatibilityHead):
         self.side_projection = nn.Linear(side_dim, embed_dim)
 
     def embed_audio(self, audio: torch.Tensor) -> torch.Tensor:
+        """(batch, audio_dim) -> (batch, embed_dim), unit length."""
         return F.normalize(self.activation(self.audio_projection(audio)), dim=-1)
 
     def embed_classes(self, side: torch.Tensor) -> torch.Tensor:
+        """(n_classes, side_dim) -> (n_classes, embed_dim), unit length."""
         return F.normalize(self.activation(self.side_projection(side)), dim=-1)
 
 
@@ -77,9 +82,11 @@ class DeviseHead(CompatibilityHead):
         self.projection = nn.Linear(audio_dim, side_dim, bias=False)
 
     def embed_audio(self, audio: torch.Tensor) -> torch.Tensor:
+        """(batch, audio_dim) -> (batch, side_dim), unit length."""
         return F.normalize(self.projection(audio), dim=-1)
 
     def embed_classes(self, side: torch.Tensor) -> torch.Tensor:
+        """(n_classes, side_dim) -> (n_classes, side_dim), unit length."""
         return F.normalize(side, dim=-1)
 
 
@@ -95,9 +102,11 @@ class BilinearHead(CompatibilityHead):
         self.projection = nn.Linear(audio_dim, side_dim, bias=False)
 
     def embed_audio(self, audio: torch.Tensor) -> torch.Tensor:
+        """(batch, audio_dim) -> (batch, side_dim), unnormalised."""
         return self.projection(self.dropout(audio))
 
     def embed_classes(self, side: torch.Tensor) -> torch.Tensor:
+        """(n_classes, side_dim), unchanged."""
         return side
 
 
@@ -132,9 +141,11 @@ class EszslHead(CompatibilityHead):
         self.weight.copy_(weight.to(self.weight.dtype))
 
     def embed_audio(self, audio: torch.Tensor) -> torch.Tensor:
+        """(batch, audio_dim) -> (batch, side_dim): the L2-normalised audio times V."""
         return F.normalize(audio, dim=-1) @ self.weight
 
     def embed_classes(self, side: torch.Tensor) -> torch.Tensor:
+        """(n_classes, side_dim), unchanged."""
         return side
 
 
@@ -186,10 +197,14 @@ class SaeHead(CompatibilityHead):
         self.weight.copy_(weight.to(self.weight.dtype))
 
     def embed_audio(self, audio: torch.Tensor) -> torch.Tensor:
+        """(batch, audio_dim) -> unit-length (batch, side_dim) for "f2s" (W x), (batch,
+        audio_dim) for "s2f" (x itself)."""
         audio = F.normalize(audio, dim=-1)
         return F.normalize(audio @ self.weight.T, dim=-1) if self.direction == "f2s" else audio
 
     def embed_classes(self, side: torch.Tensor) -> torch.Tensor:
+        """(n_classes, side_dim) -> unit-length (n_classes, side_dim) for "f2s" (s itself),
+        (n_classes, audio_dim) for "s2f" (W^T s)."""
         return F.normalize(side if self.direction == "f2s" else side @ self.weight, dim=-1)
 
 
@@ -215,6 +230,9 @@ class ConseHead(DeviseHead):
         self.anchors = F.normalize(side.detach(), dim=-1)
 
     def embed_audio(self, audio: torch.Tensor) -> torch.Tensor:
+        """(batch, audio_dim) -> (batch, side_dim), unit length: DeViSE's mapping in training
+        (or before `set_anchors`), the softmax-weighted mix of the `top_t` nearest training
+        classes' vectors at evaluation."""
         mapped = super().embed_audio(audio)
         if self.training or len(self.anchors) == 0:
             return mapped
