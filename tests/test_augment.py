@@ -77,3 +77,9 @@ def test_music_fsl_cnn_config_declares_the_size_it_outputs(n_mels):
     backbone = MusicFslCNN(n_mels=n_mels, embedding_dim=cfg.model.backbone.embedding_dim).eval()
     assert backbone(torch.randn(2, n_mels, 81)).shape == (2, cfg.model.backbone.embedding_dim)
     assert cfg.model.whitening.dim == 512 * n_mels // 64
+
+
+def test_music_fsl_cnn_refuses_another_embedding_dim_and_says_to_leave_it_interpolated():
+    with pytest.raises(ValueError, match=r"512-d for 64 mel bins.*embedding_dim=256.*Leave "
+                                         r"model\.backbone\.embedding_dim to its interpolation"):
+        MusicFslCNN(n_mels=64, embedding_dim=256)

@@ -50,7 +50,8 @@ def test_a_missing_run_config_or_an_unreadable_checkpoint_is_named(tmp_path):
     ckpt = tmp_path / "run" / "checkpoints" / "x.ckpt"
     ckpt.parent.mkdir(parents=True)
     ckpt.write_bytes(b"")  # truncated to nothing
-    with pytest.raises(FileNotFoundError, match=r"run_config=.*typo.yaml does not exist\.$"):
+    # the missing file itself, not the checkpoint, is named first
+    with pytest.raises(FileNotFoundError, match=r"^run_config=.*typo.yaml does not exist\. Pass "):
         evaluate(ckpt, [], tmp_path / "out", tmp_path / "typo.yaml")
     with pytest.raises(ValueError, match="cannot be read as a checkpoint"):
         evaluate(ckpt, [], tmp_path / "out")

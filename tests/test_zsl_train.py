@@ -13,7 +13,7 @@ from hydra.errors import InstantiationException
 from omegaconf import OmegaConf
 
 from fewzero.data.clips import check_split
-from fewzero.models.zeroshot_module import check_init_checkpoint
+from fewzero.models.zeroshot_module import check_init_checkpoint, load_backbone_weights
 from fewzero.report import collect
 from fewzero.train import train
 
@@ -390,3 +390,11 @@ def test_a_closed_form_head_refuses_to_train_its_encoder(tmp_path):
     with pytest.raises((ValueError, InstantiationException),
                        match="model.freeze_backbone=false: EszslHead is a closed-form"):
         hydra.utils.instantiate(cfg.model)
+
+
+def test_an_init_checkpoint_without_backbone_weights_says_what_to_pass(tmp_path):
+    path = tmp_path / "other.ckpt"
+    torch.save({"state_dict": {"encoder.weight": torch.zeros(2)}}, path)
+    with pytest.raises(ValueError, match=r"no backbone weights.*Set model\.init_checkpoint to .*"
+                                         r"or leave it null"):
+        load_backbone_weights(torch.nn.Linear(2, 2), path)

@@ -42,7 +42,10 @@ def load_run_config(ckpt_path: Path, run_config: Path | None = None) -> DictConf
     checkpoints written since 2026-12-05), e.g. for a checkpoint moved out of its run."""
     if run_config is not None:
         if not run_config.is_file():
-            raise FileNotFoundError(f"run_config={run_config} does not exist.")
+            raise FileNotFoundError(
+                f"run_config={run_config} does not exist. Pass the run's saved config "
+                "(<run>/.hydra/config.yaml), or leave run_config out to use the one beside the "
+                "checkpoint or recorded in it.")
         return OmegaConf.load(run_config)
     path = ckpt_path.resolve().parent.parent / ".hydra" / "config.yaml"
     if path.is_file():

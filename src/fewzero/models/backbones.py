@@ -55,7 +55,10 @@ class MusicFslCNN(nn.Module):
         self.embedding_dim = self.output_dim(n_mels)
         if embedding_dim is not None and embedding_dim != self.embedding_dim:
             raise ValueError(f"music_fsl_cnn embeddings are {self.embedding_dim}-d for {n_mels} mel "
-                             f"bins; got embedding_dim={embedding_dim}")
+                             f"bins (the architecture fixes it); got embedding_dim={embedding_dim}. "
+                             "Leave model.backbone.embedding_dim to its interpolation from "
+                             "dataset.features.n_mels (configs/model/backbone/music_fsl_cnn.yaml), "
+                             "or change n_mels.")
         if input_scale not in ("power", "log"):
             raise ValueError(f"input_scale must be 'power' (tutorial) or 'log'; got {input_scale!r}")
         self.n_mels, self.input_scale = n_mels, input_scale

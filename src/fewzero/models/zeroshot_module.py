@@ -44,7 +44,9 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
             backbone.load_state_dict(weights)
             log.info("Initialised the audio encoder from %s (%s*)", path, prefix)
             return
-    raise ValueError(f"{path} has no backbone weights (keys net.backbone.* or backbone.*).")
+    raise ValueError(f"{path} has no backbone weights (keys net.backbone.* or backbone.*): it is "
+                     "not a fewzero checkpoint. Set model.init_checkpoint to a checkpoint of a "
+                     "fewzero few-shot or zero-shot run, or leave it null.")
 
 
 def clips_behind_checkpoint(path: str | Path, all_folds: set[int]) -> dict[str, set[int]] | None:
@@ -247,7 +249,10 @@ class ZeroShotModule(ResumableModule):
         for key, buffer in self.calibration_state().items():
             if key not in state_dict:
                 raise KeyError(f"The selected checkpoint has no {key!r}: it was trained with another "
-                               "model config than the refit's.")
+                               "model config than the refit's. Run the refit with the model "
+                               "settings of the run that wrote that checkpoint (its "
+                               ".hydra/config.yaml; model.pitch_prior above all), or train "
+                               "again with this config.")
             buffer.copy_(state_dict[key])
 
     # ---- class cross-validation of the prior's ZSL weight (run by `fewzero.train`) -----
