@@ -144,6 +144,15 @@ def test_cli_without_arguments_prints_usage(capsys):
     assert "ckpt_path=" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("args, code", [(["--help"], 0), (["-h"], 0), (["ckpt_path=x.ckpt", "--help"], 0),
+                                        (["x.ckpt"], 2), (["ckpt_path=x.ckpt", "x.ckpt"], 2)])
+def test_cli_help_exits_0_and_an_argument_without_equals_sign_exits_2(args, code, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == code
+    assert "ckpt_path=" in capsys.readouterr().out
+
+
 def test_zero_shot_checkpoint_is_re_evaluated_on_other_candidate_sets(tmp_path):
     cfg = compose_train_cfg(tmp_path, ["experiment=zsl_attribute_audio", "test=false"])
     run = Path(cfg.paths.output_dir)

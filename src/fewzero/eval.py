@@ -189,9 +189,10 @@ def evaluate(ckpt_path: str | Path, overrides: list[str], output_dir: str | Path
 
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
-    if not args or any(a in ("-h", "--help") for a in args) or any("=" not in a for a in args):
+    asked = any(a in ("-h", "--help") for a in args)
+    if asked or not args or any("=" not in a for a in args):
         print(USAGE + "\n\n" + __doc__)
-        raise SystemExit(0 if args and "=" in " ".join(args) else 2)
+        raise SystemExit(0 if asked else 2)  # usage asked for, or a command line it cannot read
     options = dict(a.split("=", 1) for a in args if a.split("=", 1)[0] in OPTIONS)
     overrides = [a for a in args if a.split("=", 1)[0] not in OPTIONS]
     if "ckpt_path" not in options:
