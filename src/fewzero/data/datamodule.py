@@ -77,10 +77,12 @@ def process_share(dataset: Dataset, trainer: pl.Trainer | None) -> DistributedSa
 
 class StepResumedLoader(DataLoader):
     """A training loader that resumes exactly from a mid-epoch checkpoint by construction: the
-    datamodule's `train_dataloader()` starts its seeded stream at `trainer.global_step`, which
-    the checkpoint has restored by then. `state_dict`/`load_state_dict` tell Lightning so (else
-    it warns that the loader is not resumable); the state is only where the stream started
-    (the dataset's `first_episode` or `first_item`), for reading.
+    datamodule's `train_dataloader()` starts its seeded stream at what the steps already taken
+    consumed, `trainer.global_step` (restored from the checkpoint by then) times the number of
+    processes, times `batch_size` for zero-shot excerpts (see `process_share`).
+    `state_dict`/`load_state_dict` tell Lightning so (else it warns that the loader is not
+    resumable); the state is only where the stream started (the dataset's `first_episode` or
+    `first_item`), for reading.
     """
 
     def state_dict(self) -> dict[str, int]:
@@ -98,8 +100,9 @@ class FewShotDataModule(pl.LightningDataModule):
         source: a `ClipSource` (rendered SOL, TinySOL, ...).
         features: log-mel settings; features are cached under `cache_dir`.
         split: {"train": [...], "val": [...], "test": [...]} instrument names.
-        episodes: {"train": {n_way, n_shot, n_query, n_episodes (per epoch)},
-                   "val": {...}, "test": [{...}, ...]}.
+        episodes: {"train": {n_way, n_shot, n_query, n_episodes}, "val": {...},
+                   "test": [{...}, ...]}. Training's n_episodes is the optimiser steps per
+            epoch, each of one episode per process (under DDP, w processes read w episodes).
         excerpt_seconds: length of the excerpt the backbone sees. Training excerpts start at a
             random (seeded) time in [0, train_max_offset_seconds] (null: anywhere in the cached
             clip); validation and test excerpts start at `eval_offset_seconds`.
