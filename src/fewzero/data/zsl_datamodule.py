@@ -98,7 +98,7 @@ class ZeroShotDataModule(pl.LightningDataModule):
     def __init__(self, source: ClipSource, features: MelFeatures, split: Mapping[str, Sequence[str]],
                  cache_dir: str | Path, excerpt_seconds: float = 1.0, eval_offset_seconds: float = 0.0,
                  train_max_offset_seconds: float | None = None, val_fold: int | None = 3,
-                 test_fold: int = 4, batch_size: int = 64, steps_per_epoch: int = 100, seed: int = 0,
+                 test_fold: int = 4, batch_size: int = 32, steps_per_epoch: int = 100, seed: int = 0,
                  num_workers: int = 0, eval_batch_size: int = 256, train_on: str = "train",
                  refit_on_trainval: bool = True):
         super().__init__()
