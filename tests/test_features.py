@@ -9,7 +9,7 @@ import torch
 
 from fewzero.data import features as features_module
 from fewzero.data.clips import Clip, config_hash
-from fewzero.data.features import MelFeatures, load_or_compute, read_audio
+from fewzero.data.features import MelFeatures, prepare_and_load, read_audio
 
 
 class ListSource:
@@ -45,7 +45,7 @@ def source(tmp_path):
 
 def test_features_are_cached_and_reused_without_recomputing(tmp_path, source, monkeypatch):
     feats = MelFeatures(clip_seconds=0.5, n_mels=32)
-    first = load_or_compute(source, feats, tmp_path / "cache")
+    first = prepare_and_load(source, feats, tmp_path / "cache")
     assert first.features.shape == (4, 32, feats.frames(0.5))
     assert first.instruments == ["c0", "c1", "c0", "c1"]
 
@@ -53,16 +53,16 @@ def test_features_are_cached_and_reused_without_recomputing(tmp_path, source, mo
         raise AssertionError("features were recomputed")
 
     monkeypatch.setattr(features_module, "compute_features", fail)
-    second = load_or_compute(source, feats, tmp_path / "cache")
+    second = prepare_and_load(source, feats, tmp_path / "cache")
     assert second.key == first.key
     assert torch.allclose(second.features, first.features, atol=2e-2)  # float16 on disk
 
 
 def test_changed_feature_config_or_source_invalidates_the_cache(tmp_path, source):
-    base = load_or_compute(source, MelFeatures(clip_seconds=0.5, n_mels=32), tmp_path)
-    other_feats = load_or_compute(source, MelFeatures(clip_seconds=0.5, n_mels=40), tmp_path)
-    other_source = load_or_compute(ListSource(source.clips(), tag="b"),
-                                   MelFeatures(clip_seconds=0.5, n_mels=32), tmp_path)
+    base = prepare_and_load(source, MelFeatures(clip_seconds=0.5, n_mels=32), tmp_path)
+    other_feats = prepare_and_load(source, MelFeatures(clip_seconds=0.5, n_mels=40), tmp_path)
+    other_source = prepare_and_load(ListSource(source.clips(), tag="b"),
+                                    MelFeatures(clip_seconds=0.5, n_mels=32), tmp_path)
     assert len({base.key, other_feats.key, other_source.key}) == 3
     assert other_feats.features.shape[1] == 40
     assert len(list(tmp_path.glob("list-*.pt"))) == 3
@@ -71,8 +71,8 @@ def test_changed_feature_config_or_source_invalidates_the_cache(tmp_path, source
 def test_louder_band_shows_in_the_right_mel_bins(tmp_path):
     low = _write_tone(tmp_path / "low.wav", 150)
     high = _write_tone(tmp_path / "high.wav", 3000)
-    table = load_or_compute(ListSource([Clip(low, "a", 0), Clip(high, "b", 0)]),
-                            MelFeatures(clip_seconds=0.5, n_mels=32), tmp_path)
+    table = prepare_and_load(ListSource([Clip(low, "a", 0), Clip(high, "b", 0)]),
+                             MelFeatures(clip_seconds=0.5, n_mels=32), tmp_path)
     peak_bins = table.features.mean(dim=2).argmax(dim=1)
     assert peak_bins[0] < peak_bins[1]
 
@@ -87,7 +87,7 @@ def test_corrupt_audio_names_the_file_and_the_fix(tmp_path, source):
     bad.write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunk")
     broken = ListSource(source.clips() + [Clip(bad, "c0", 0)], tag="broken")
     with pytest.raises(RuntimeError, match=r"(?s)1 of 5 audio files failed.*broken\.wav.*Replace it"):
-        load_or_compute(broken, MelFeatures(clip_seconds=0.5), tmp_path)
+        prepare_and_load(broken, MelFeatures(clip_seconds=0.5), tmp_path)
     assert not list(tmp_path.glob("list-*.pt"))  # nothing half-written
 
 
@@ -95,14 +95,14 @@ def test_truncated_audio_is_caught_by_its_listed_md5(tmp_path, source):
     path = _write_tone(tmp_path / "cut.wav", 300)
     listed = hashlib.md5(path.read_bytes()).hexdigest()
     clip = Clip(path, "c0", 0, md5=listed)
-    load_or_compute(ListSource(source.clips() + [clip], tag="whole"), MelFeatures(clip_seconds=0.5),
-                    tmp_path)  # the listed md5 matches: no error
+    prepare_and_load(ListSource(source.clips() + [clip], tag="whole"), MelFeatures(clip_seconds=0.5),
+                     tmp_path)  # the listed md5 matches: no error
     os.truncate(path, 1000)  # still a WAV that decodes, 478 samples long
     assert read_audio(path, 16000).shape[0] < 1000
     truncated = ListSource(source.clips() + [clip], tag="truncated")
     with pytest.raises(RuntimeError, match=rf"(?s)1 of 5 audio files.*cut\.wav has md5 .*lists {listed}"
                                            r".*truncated or changed\. Replace it"):
-        load_or_compute(truncated, MelFeatures(clip_seconds=0.5), tmp_path)
+        prepare_and_load(truncated, MelFeatures(clip_seconds=0.5), tmp_path)
 
 
 def _harmonic_log_mel(features: MelFeatures, f0: float) -> torch.Tensor:
@@ -169,6 +169,6 @@ def test_a_second_process_waits_while_another_prepares_the_same_source(tmp_path)
         features_module.ensure_cached(source, feats, tmp_path / "cache")
     child.join(timeout=120)
     assert child.exitcode == 0
-    ours = load_or_compute(source, feats, tmp_path / "cache")
+    ours = prepare_and_load(source, feats, tmp_path / "cache")
     assert done.get(timeout=5) == float(ours.features.sum())
     assert len(list((tmp_path / "cache").glob("tones-*.pt"))) == 1

@@ -249,11 +249,6 @@ def ensure_cached(source: ClipSource, features: MelFeatures, cache_dir: str | Pa
     return path, key
 
 
-def load_or_compute(source: ClipSource, features: MelFeatures, cache_dir: str | Path) -> FeatureTable:
-    """Return the source's features from the on-disk cache, computing them on first use."""
-    return _load_table(*ensure_cached(source, features, cache_dir))
-
-
 def _load_table(path: Path, key: str) -> FeatureTable:
     """The FeatureTable stored in the cache file `path` (written by `ensure_cached`)."""
     blob = torch.load(path, map_location="cpu", weights_only=False)
