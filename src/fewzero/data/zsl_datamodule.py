@@ -38,9 +38,6 @@ from fewzero.data.features import FeatureTable, MelFeatures, prepare_and_load, p
 
 log = logging.getLogger(__name__)
 
-ROLES = ("train", "val_seen", "val_unseen", "test_seen", "test_unseen")
-
-
 class BalancedExcerpts(Dataset):
     """Seeded random excerpts of training clips, classes drawn uniformly.
 
