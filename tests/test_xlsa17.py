@@ -237,6 +237,17 @@ def test_missing_files_name_the_archive_and_the_expected_paths(tmp_path):
         load_splits(tmp_path, "CUB")
 
 
+def test_a_missing_folder_whose_name_is_no_xlsa17_dataset_is_told_so_but_custom_folders_work(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"dataset.name=Awa2 is none of xlsa17's datasets "
+                                                r"\['AWA1', 'AWA2', 'CUB', 'SUN', 'APY'\]"):
+        Xlsa17DataModule(tmp_path, "Awa2").prepare_data()
+    with pytest.raises(FileNotFoundError) as error:
+        Xlsa17DataModule(tmp_path, "AWA2").prepare_data()
+    assert "none of xlsa17's datasets" not in str(error.value)
+    write_toy(tmp_path)  # a folder of one's own in the same format
+    Xlsa17DataModule(tmp_path, "TOY").prepare_data()
+
+
 def test_features_that_do_not_match_the_splits_are_rejected(tmp_path):
     folder = write_toy(tmp_path)
     features, labels = load_features(tmp_path, "TOY")

@@ -50,11 +50,18 @@ FEATURE_FILE = "res101.mat"
 
 
 def _missing(path: Path, name: str, root: Path) -> FileNotFoundError:
+    """The error for a missing file; for a name that is none of `DATASETS` it also says so (a
+    misspelt dataset.name), while still allowing a folder of one's own in the same format."""
+    unknown = "" if name in DATASETS else (
+        f" Note that dataset.name={name} is none of xlsa17's datasets {list(DATASETS)} (names are "
+        f"case-sensitive): fix the spelling, or keep it for a folder of your own in the same "
+        f"format at {root / name}.")
     return FileNotFoundError(
         f"xlsa17 {name}: {path} does not exist. Download {XLSA17_URL} (the 'proposed splits' of "
         f"Xian et al., TPAMI 2018), unzip it and put its data/{name}/ folder at {root / name}, so "
         f"that {root / name / FEATURE_FILE} and {root / name / SPLIT_FILE} (and the class lists "
-        "trainclassesK.txt / valclassesK.txt) exist; or pass dataset.root=/path/to/xlsa17/data.")
+        f"trainclassesK.txt / valclassesK.txt) exist; or pass dataset.root=/path/to/xlsa17/data."
+        f"{unknown}")
 
 
 def _malformed(path: Path, name: str, problem: str) -> str:
