@@ -11,8 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
+import torch
 
 from fewzero.data.clips import Clip, config_hash
+from fewzero.models.pitch_prior import midi_to_hz
 
 
 class SyntheticTones:
@@ -57,7 +59,7 @@ class SyntheticTones:
                 if row_name != name:
                     continue
                 rng = np.random.default_rng([self.seed, c, pitch, zlib.crc32(path.name.encode())])
-                f0 = 440.0 * 2 ** ((pitch - 69) / 12)
+                f0 = float(midi_to_hz(torch.tensor(pitch)))
                 tone = sum(a * np.sin(2 * np.pi * f0 * (k + 1) * t + rng.uniform(0, 6.28))
                            for k, a in enumerate(profile) if f0 * (k + 1) < self.sample_rate / 2)
                 envelope = np.minimum(1.0, t / 0.02) * np.exp(-t * rng.uniform(0.5, 2.0))
