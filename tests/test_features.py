@@ -8,7 +8,7 @@ import soundfile as sf
 import torch
 
 from fewzero.data import features as features_module
-from fewzero.data.clips import Clip, config_hash
+from fewzero.data.clips import Clip, config_hash, replace_atomically
 from fewzero.data.features import MelFeatures, prepare_and_load, read_audio
 
 
@@ -66,6 +66,19 @@ def test_changed_feature_config_or_source_invalidates_the_cache(tmp_path, source
     assert len({base.key, other_feats.key, other_source.key}) == 3
     assert other_feats.features.shape[1] == 40
     assert len(list(tmp_path.glob("list-*.pt"))) == 3
+
+
+def test_an_atomic_write_that_fails_keeps_the_old_file_and_leaves_no_temporary_file(tmp_path):
+    path = tmp_path / "cache.pt"
+    replace_atomically(path, lambda tmp: tmp.write_text("old"))
+
+    def fail(tmp: Path) -> None:
+        tmp.write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        replace_atomically(path, fail)
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["cache.pt"]
 
 
 def test_louder_band_shows_in_the_right_mel_bins(tmp_path):

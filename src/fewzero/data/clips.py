@@ -5,7 +5,9 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -85,6 +87,21 @@ def file_digest(path: str | Path) -> str:
     resolved = Path(path).resolve()
     stat = resolved.stat()
     return _content_md5(str(resolved), stat.st_size, stat.st_mtime_ns)
+
+
+def replace_atomically(path: str | Path, write: Callable[[Path], object]) -> None:
+    """Write `path` through `write(tmp)` on a temporary file beside it, then move that file onto
+    `path` in one step (`os.replace`): a killed run never leaves a half-written file, and readers
+    see the old file or the new one. The temporary name holds the process id, so processes that
+    write the same file at once do not write into each other's; it is removed if `write` fails."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def config_hash(obj: object, length: int = 12) -> str:

@@ -7,7 +7,6 @@ arithmetic on the cached tensor (see `fewzero.data.episodes`).
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -19,7 +18,7 @@ import torch
 import torchaudio
 from filelock import FileLock, Timeout
 
-from fewzero.data.clips import Clip, ClipSource, config_hash, file_md5
+from fewzero.data.clips import Clip, ClipSource, config_hash, file_md5, replace_atomically
 from fewzero.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -242,9 +241,7 @@ def ensure_cached(source: ClipSource, features: MelFeatures, cache_dir: str | Pa
         "config": asdict(features),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save(blob, tmp)
-    os.replace(tmp, path)  # atomic: a killed run never leaves a half-written cache
+    replace_atomically(path, lambda tmp: torch.save(blob, tmp))  # never a half-written cache
     log.info("Cached features of %d clips to %s", len(clips), path)
     return path, key
 

@@ -20,7 +20,6 @@ import io
 import json
 import logging
 import math
-import os
 import re
 import shutil
 import time
@@ -37,7 +36,7 @@ from typing import Any
 import numpy as np
 import soundfile as sf
 
-from fewzero.data.clips import TINYSOL_INSTRUMENTS, Clip, config_hash, file_digest
+from fewzero.data.clips import TINYSOL_INSTRUMENTS, Clip, config_hash, file_digest, replace_atomically
 from fewzero.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -618,7 +617,8 @@ class RenderedSOL:
         kept = [(note, result) for note, result in zip(notes, results, strict=True) if result.md5]
         pitches = [note.pitch for note, _ in kept] if self.fold_by == "pitch" else None
         folds = assign_folds([note.instrument for note, _ in kept], self.n_folds, self.seed, pitches)
-        _write_atomic(directory / "metadata.csv", _metadata_csv(kept, folds))
+        metadata = _metadata_csv(kept, folds)
+        replace_atomically(directory / "metadata.csv", lambda tmp: tmp.write_text(metadata))
         dropped = Counter(note.instrument for note, result in zip(notes, results, strict=True)
                           if not result.md5)
         counts = Counter(note.instrument for note, _ in kept)
@@ -632,7 +632,8 @@ class RenderedSOL:
             "n_clips": len(kept), "n_dropped": sum(dropped.values()),
             "fluidsynth": _fluidsynth_versions(fluidsynth), "seconds": round(seconds, 2),
         }
-        _write_atomic(directory / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+        text = json.dumps(manifest, indent=2) + "\n"
+        replace_atomically(directory / "manifest.json", lambda tmp: tmp.write_text(text))
         log.info("Rendered %d SOL clips in %.1f s into %s", len(kept), seconds, directory)
 
     def _log_dropped(self, dropped: Counter[str], counts: Counter[str]) -> None:
@@ -685,10 +686,3 @@ def _metadata_csv(kept: list[tuple[Note, _Result]], folds: list[int]) -> str:
         writer.writerow([note.relpath, note.instrument, note.pitch, note.dynamics, fold,
                          result.soundfont, result.velocity, result.detune_cents, result.md5])
     return buffer.getvalue()
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write `text` to a temporary file and move it into place."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

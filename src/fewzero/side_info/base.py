@@ -8,7 +8,6 @@ A source turns class names into vectors: `source.vectors(class_names)` returns a
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any
 
 import torch
 
-from fewzero.data.clips import config_hash
+from fewzero.data.clips import config_hash, replace_atomically
 
 log = logging.getLogger(__name__)
 
@@ -99,9 +98,7 @@ class SideInformation:
         self._check_dim(members)  # on every load, and before caching: nothing invalid is written
         if path is not None and not cached:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            torch.save(members, tmp)
-            os.replace(tmp, path)
+            replace_atomically(path, lambda tmp: torch.save(members, tmp))
             log.info("Cached %s side information of %d classes to %s", self.kind,
                      len(class_names), path)
         if self.center:
