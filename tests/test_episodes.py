@@ -86,5 +86,7 @@ def test_workers_produce_the_same_episodes_as_the_main_process():
 
 def test_excerpt_longer_than_cached_clip_is_rejected():
     sampler = EpisodeSampler(_labels([4, 4]), [0, 1], ["a", "b"], 2, 1, 1, 0)
-    with pytest.raises(ValueError, match="clip_seconds"):
+    with pytest.raises(ValueError, match=r"Excerpts of 11 frames are longer than the cached clips "
+                                         r"\(10 frames\): lower dataset.excerpt_seconds or raise "
+                                         r"dataset.features.clip_seconds"):
         EpisodeDataset(torch.zeros(8, 3, 10), sampler, 1, excerpt_frames=11)

@@ -83,6 +83,17 @@ class EpisodeSampler:
         return EpisodeIndices(classes, picked[:, : self.n_shot], picked[:, self.n_shot :])
 
 
+def excerpt_room(excerpt_frames: int, clip_frames: int) -> int:
+    """The latest frame an excerpt may start at, `clip_frames - excerpt_frames`; raise a
+    ValueError naming the fix when the excerpt is longer than the cached clips."""
+    room = clip_frames - excerpt_frames
+    if room < 0:
+        raise ValueError(f"Excerpts of {excerpt_frames} frames are longer than the cached clips "
+                         f"({clip_frames} frames): lower dataset.excerpt_seconds or raise "
+                         "dataset.features.clip_seconds.")
+    return room
+
+
 def crop_frames(features: torch.Tensor, index: torch.Tensor, starts: torch.Tensor,
                 length: int) -> torch.Tensor:
     """Gather excerpts: features (n_clips, F, T), index (n,), starts (n,) -> (n, F, length)."""
@@ -107,14 +118,10 @@ class EpisodeDataset(Dataset):
     def __init__(self, features: torch.Tensor, sampler: EpisodeSampler, n_episodes: int,
                  excerpt_frames: int, random_crop: bool = True, first_episode: int = 0,
                  max_start: int | None = None):
-        if excerpt_frames > features.shape[-1]:
-            raise ValueError(f"Excerpt of {excerpt_frames} frames is longer than the cached clips "
-                             f"({features.shape[-1]} frames): lower excerpt_seconds or raise "
-                             "features.clip_seconds.")
+        self.max_start = excerpt_room(excerpt_frames, features.shape[-1])
         self.features, self.sampler = features, sampler
         self.n_episodes, self.excerpt_frames = n_episodes, excerpt_frames
         self.random_crop, self.first_episode = random_crop, first_episode
-        self.max_start = features.shape[-1] - excerpt_frames
         if max_start is not None:
             self.max_start = min(self.max_start, max_start)
 

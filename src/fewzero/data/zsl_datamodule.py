@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from fewzero.data.clips import ClipSource, check_listed_once, check_split
 from fewzero.data.datamodule import ClipExcerpts, StepResumedLoader, process_share, processes
-from fewzero.data.episodes import crop_frames
+from fewzero.data.episodes import crop_frames, excerpt_room
 from fewzero.data.features import FeatureTable, MelFeatures, prepare_and_load, prepare_cache
 
 log = logging.getLogger(__name__)
@@ -208,11 +208,7 @@ class ZeroShotDataModule(pl.LightningDataModule):
         self.indices = self._role_indices()
         self.assert_clean(torch.cat([self.indices[r] for r in ("train", "val_seen", "val_unseen")]))
         self.assert_clean(self.indices["train"], training=True)
-        room = self.table.features.shape[-1] - self.excerpt_frames
-        if room < 0:
-            raise ValueError(f"Excerpts of {self.excerpt_frames} frames are longer than the cached "
-                             f"clips ({self.table.features.shape[-1]} frames): lower "
-                             "dataset.excerpt_seconds or raise dataset.features.clip_seconds.")
+        room = excerpt_room(self.excerpt_frames, self.table.features.shape[-1])
         self.train_max_start = room if self.train_max_start is None else min(room, self.train_max_start)
         for role in ("train", "test_seen", "test_unseen"):
             if len(self.indices[role]) == 0:
