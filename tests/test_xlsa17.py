@@ -299,6 +299,24 @@ def test_a_missing_key_names_the_file_and_the_keys_it_has(tmp_path, file, key, k
     assert f"'{kept}'" in message and XLSA17_URL in message  # the keys found, read past variable_names
 
 
+def test_files_that_contradict_each_other_say_so_and_how_to_get_consistent_ones(tmp_path):
+    folder = write_toy(tmp_path)
+    splits = scipy.io.loadmat(str(folder / "att_splits.mat"))
+    test_image = splits["test_seen_loc"][:1]
+    _rewrite(folder / "att_splits.mat", trainval_loc=np.vstack([splits["trainval_loc"], test_image]))
+    with pytest.raises(ValueError, match=r"trainval_loc shares 1 images with test_seen_loc / "
+                                         r"test_unseen_loc, so training would see test images") as error:
+        _datamodule(tmp_path, "TOY", 16)
+    assert "re-extract its data/TOY/ folder" in str(error.value)
+    folder = write_toy(tmp_path / "labels")
+    labels = scipy.io.loadmat(str(folder / "res101.mat"))["labels"]
+    labels[0, 0] = 13  # 12 classes
+    _rewrite(folder / "res101.mat", labels=labels)
+    with pytest.raises(ValueError, match=r"res101.mat has labels up to 13 but att_splits.mat names 12 "
+                                         r"classes: the two files do not belong together. Re-download"):
+        _datamodule(tmp_path / "labels", "TOY", 16)
+
+
 def _malformed_cases(folder: Path) -> dict[str, tuple[str, dict, str]]:
     """Broken index arrays of a toy dataset: {case: (file, {key: array}, expected message part)}."""
     splits = scipy.io.loadmat(str(folder / "att_splits.mat"))

@@ -64,9 +64,13 @@ def _missing(path: Path, name: str, root: Path) -> FileNotFoundError:
         f"{unknown}")
 
 
+def _refetch(name: str) -> str:
+    """The fix for files that are malformed or do not belong together."""
+    return f"Re-download {XLSA17_URL} and re-extract its data/{name}/ folder."
+
+
 def _malformed(path: Path, name: str, problem: str) -> str:
-    return (f"xlsa17 {name}: {path} is malformed: {problem}. Re-download {XLSA17_URL} and "
-            f"re-extract its data/{name}/ folder.")
+    return f"xlsa17 {name}: {path} is malformed: {problem}. {_refetch(name)}"
 
 
 def _require(mat: dict, path: Path, name: str, keys: tuple[str, ...]) -> None:
@@ -145,8 +149,10 @@ class Xlsa17Splits:
         index = {n: i for i, n in enumerate(self.class_names)}
         unknown = [n for n in names if n not in index]
         if unknown:
-            raise ValueError(f"xlsa17 {self.name}: class name(s) {unknown[:5]} of the class lists "
-                             f"are not in allclasses_names of {SPLIT_FILE}.")
+            raise ValueError(f"xlsa17 {self.name}: class name(s) {unknown[:5]} are not in "
+                             f"allclasses_names of {SPLIT_FILE}: the class lists trainclassesK.txt / "
+                             f"valclassesK.txt must spell them as it does. Fix the lists, or "
+                             f"re-download {XLSA17_URL} and re-extract its data/{self.name}/ folder.")
         return [index[n] for n in names]
 
 
@@ -299,14 +305,21 @@ class Xlsa17DataModule(pl.LightningDataModule):
             locs = getattr(s, key)
             if len(locs) and int(locs.max()) >= n:
                 raise ValueError(f"xlsa17 {self.name}: {key}_loc reaches image {int(locs.max()) + 1} "
-                                 f"but {self.feature_file} has {n}: the two files do not belong together.")
+                                 f"but {self.feature_file} has {n}: the two files do not belong together. "
+                                 f"{_refetch(self.name)}")
         if int(self.labels.max()) >= len(s.class_names):
-            raise ValueError(f"xlsa17 {self.name}: a label exceeds the {len(s.class_names)} classes.")
+            raise ValueError(f"xlsa17 {self.name}: {self.feature_file} has labels up to "
+                             f"{int(self.labels.max()) + 1} but {SPLIT_FILE} names "
+                             f"{len(s.class_names)} classes: the two files do not belong together. "
+                             f"{_refetch(self.name)}")
         self.is_test = torch.zeros(n, dtype=torch.bool)
         self.is_test[s.test_seen] = True
         self.is_test[s.test_unseen] = True
-        if bool(self.is_test[s.trainval].any()):
-            raise ValueError(f"xlsa17 {self.name}: trainval_loc shares images with the test locations.")
+        shared = int(self.is_test[s.trainval].sum())
+        if shared:
+            raise ValueError(f"xlsa17 {self.name}: trainval_loc shares {shared} images with "
+                             f"test_seen_loc / test_unseen_loc, so training would see test images. "
+                             f"Use the att_splits.mat of the 'proposed splits': {_refetch(self.name)}")
 
         def classes(locs: torch.Tensor) -> list[str]:
             return [s.class_names[i] for i in self.labels[locs].unique().tolist()]
@@ -326,7 +339,9 @@ class Xlsa17DataModule(pl.LightningDataModule):
                             "the classes of trainval_loc")
         s.ids(s.train_classes + s.val_classes)  # names must exist
         if problems:
-            raise ValueError(f"xlsa17 {self.name}: inconsistent files: " + "; ".join(problems) + ".")
+            raise ValueError(f"xlsa17 {self.name}: inconsistent files: " + "; ".join(problems)
+                             + f". {_refetch(self.name)} (A folder of your own must keep these "
+                             "files consistent.)")
 
     def _role_indices(self) -> dict[str, torch.Tensor]:
         s = self.splits
