@@ -64,6 +64,13 @@ def test_multi_word_class_names_are_averaged(tmp_path):
     torch.testing.assert_close(vectors.mean, torch.tensor([[0.0, 0, 1, 0], [0.5, 0.5, 0, 2]]))
 
 
+def test_a_missing_glove_file_names_the_key_and_the_packaged_default(tmp_path):
+    source = GloveVectors({"Violin": ["violin"]}, dim=4, path=str(tmp_path / "absent.txt"))
+    with pytest.raises(FileNotFoundError, match=r"side_info.path=.*absent.txt not found: give an "
+                                                r"existing file, or side_info.path=null"):
+        source.vectors(["Violin"])
+
+
 def test_a_vectors_file_replaced_in_place_is_not_read_from_the_cache(tmp_path):
     path = _write_glove(tmp_path / "g.txt")
     source = GloveVectors({"Violin": ["violin"]}, dim=4, path=str(path), normalize=False,
@@ -160,7 +167,8 @@ def test_attribute_encoding_is_one_hot_multi_hot_and_standardised():
 
 
 def test_attribute_rows_missing_a_value_are_named():
-    with pytest.raises(ValueError, match=r"\('B', 'reed'\)"):
+    with pytest.raises(ValueError, match=r"\['side_info.table.B.reed'\]. Give every class of "
+                                         r"side_info.table a value for each attribute"):
         AttributeTable({"A": {"reed": "x"}, "B": {}}, ["reed"], dim=1).vectors(["A"])
 
 

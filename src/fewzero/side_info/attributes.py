@@ -39,9 +39,12 @@ def encode_attribute_table(table: Mapping[str, Mapping[str, Any]], categorical: 
     Raises a ValueError naming the class and attribute when a value is missing, or a numeric
     one is not a number.
     """
-    missing = [(name, a) for name, row in table.items() for a in (*categorical, *numeric) if a not in row]
+    missing = [f"side_info.table.{name}.{a}" for name, row in table.items()
+               for a in (*categorical, *numeric) if a not in row]
     if missing:
-        raise ValueError(f"Attribute table rows lack values for (class, attribute): {missing}.")
+        raise ValueError(f"These attribute values are missing: {missing}. Give every class of "
+                         "side_info.table a value for each attribute of side_info.categorical and "
+                         "side_info.numeric, or remove the attribute from those lists.")
     columns: list[str] = []
     for attribute in categorical:
         values = sorted({v for row in table.values() for v in _values(row[attribute])})

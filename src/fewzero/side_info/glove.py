@@ -95,7 +95,9 @@ class GloveVectors(SideInformation):
         wanted = {w for name in class_names for w in self.words[name]}
         if self.path:
             if not Path(self.path).is_file():
-                raise FileNotFoundError(f"GloVe file {self.path} not found (side_info.path).")
+                raise FileNotFoundError(f"GloVe file side_info.path={self.path} not found: give an "
+                                        "existing file, or side_info.path=null for the packaged "
+                                        "glove.6B 50-d vectors (with side_info.dim=50).")
             table = read_glove_text(self.path, wanted)
         else:
             table = read_glove_package(wanted)
