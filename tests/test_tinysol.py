@@ -211,6 +211,36 @@ def test_unexpected_metadata_instrument_names_the_official_file(tmp_path: Path,
     assert not no_network
 
 
+@pytest.mark.parametrize(("text", "problem"), [("{not json", "is not a valid mirdata TinySOL index"),
+                                              ('{"version": "6.0", "tracks": {}}', "lists no tracks")])
+def test_an_unreadable_index_names_the_official_one_and_how_to_use_it(tmp_path: Path, mini: MiniTinySOL,
+                                                                       no_network: list[str], text: str,
+                                                                       problem: str) -> None:
+    index = tmp_path / "index.json"
+    index.write_text(text, encoding="utf-8")
+    with pytest.raises(ValueError, match=problem) as err:
+        TinySOL(mini.build_home(tmp_path / "tinysol"), index_path=index).prepare()
+    message = str(err.value)
+    assert "Use the official mirdata index tinysol_index_" in message
+    assert "pass it as dataset.source.index_path" in message and "download=true" in message
+    assert not no_network
+
+
+def test_a_track_without_a_metadata_row_names_the_official_files(tmp_path: Path, mini: MiniTinySOL,
+                                                                  no_network: list[str]) -> None:
+    home = mini.build_home(tmp_path / "tinysol", metadata=False)
+    rows = mini.metadata.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = [row for row in rows if ",Vn,Violin," not in row]
+    assert len(kept) < len(rows)
+    (home / "annotation").mkdir(parents=True)
+    (home / "annotation" / "TinySOL_metadata.csv").write_text("".join(kept), encoding="utf-8")
+    with pytest.raises(ValueError, match=r"has no row in the metadata csv \(index and metadata do not "
+                                         r"match\). Use the official TinySOL_metadata.csv of zenodo "
+                                         r"record 3685367"):
+        TinySOL(home, index_path=mini.index, allow_missing=True).prepare()
+    assert not no_network
+
+
 def test_empty_data_home(tmp_path: Path, mini: MiniTinySOL, no_network: list[str]) -> None:
     home = tmp_path / "empty"
     with pytest.raises(FileNotFoundError) as err:

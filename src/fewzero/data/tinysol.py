@@ -148,9 +148,11 @@ class TinySOL:
             track_ids = list(ds.track_ids)
             tracks = {tid: ds.track(tid) for tid in track_ids}
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise ValueError(f"{index_file} is not a valid mirdata TinySOL index: {exc}") from exc
+            raise ValueError(f"{index_file} is not a valid mirdata TinySOL index: {exc}. "
+                             + self._index_advice(mirdata_tinysol.INDEXES[ds.version])) from exc
         if not track_ids:
-            raise ValueError(f"The TinySOL index {index_file} lists no tracks.")
+            raise ValueError(f"The TinySOL index {index_file} lists no tracks. "
+                             + self._index_advice(mirdata_tinysol.INDEXES[ds.version]))
         example = tracks[track_ids[0]].audio_path
         metadata_file = self.data_home / METADATA_RELPATH
 
@@ -251,6 +253,13 @@ class TinySOL:
             raise TinySOLDownloadError(f"mirdata did not produce the TinySOL index at {default}.")
         return default
 
+    def _index_advice(self, official: Any) -> str:
+        """How to get a good index, for errors about an unreadable one."""
+        return (f"Use the official mirdata index {official.filename} (md5 {official.remote.checksum}, "
+                f"from {official.remote.url}): pass it as dataset.source.index_path, or set "
+                "dataset.source.index_path=null and dataset.source.download=true to let mirdata fetch "
+                "it where there is network access.")
+
     def _run_download(self, download_utils: ModuleType, remotes: dict[str, Any] | None,
                       index: Any, cleanup: bool) -> None:
         """Call mirdata's downloader, turning network and archive errors into one clear error."""
@@ -314,8 +323,9 @@ class TinySOL:
         """One mirdata track as a Clip (`md5`: its audio file's checksum in the index)."""
         instrument = track.instrument_full
         if instrument is None:
-            raise ValueError(f"TinySOL track {track_id} has no row in the metadata csv "
-                             f"(index and metadata do not match).")
+            raise ValueError(f"TinySOL track {track_id} has no row in the metadata csv (index and "
+                             f"metadata do not match). Use the official TinySOL_metadata.csv of "
+                             f"zenodo record {ZENODO_RECORD} ({ZENODO_URL}) with the official index.")
         return Clip(path=Path(track.audio_path), instrument=str(instrument),
                     fold=int(track.split), pitch=int(track.pitch_id),
                     dynamics=str(track.dynamics or ""), md5=md5)
