@@ -81,6 +81,12 @@ def test_an_atomic_write_that_fails_keeps_the_old_file_and_leaves_no_temporary_f
     assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["cache.pt"]
 
 
+def test_a_source_without_clips_says_which_settings_to_check(tmp_path):
+    with pytest.raises(RuntimeError, match="Source 'list' has no clips: nothing to compute. Check the "
+                                           "dataset.source settings"):
+        prepare_and_load(ListSource([]), MelFeatures(clip_seconds=0.5), tmp_path)
+
+
 def test_louder_band_shows_in_the_right_mel_bins(tmp_path):
     low = _write_tone(tmp_path / "low.wav", 150)
     high = _write_tone(tmp_path / "high.wav", 3000)

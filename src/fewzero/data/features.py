@@ -230,7 +230,9 @@ def ensure_cached(source: ClipSource, features: MelFeatures, cache_dir: str | Pa
         return path, key
     clips = source.clips()
     if not clips:
-        raise RuntimeError(f"Source '{source.name}' has no clips: nothing to compute.")
+        raise RuntimeError(f"Source '{source.name}' has no clips: nothing to compute. Check the "
+                           "dataset.source settings: its data folder, and the instruments or classes "
+                           "it is given.")
     feats = compute_features(clips, features)
     blob = {
         "features": feats.half(),  # log-mel fits float16 comfortably; halves disk and load time
