@@ -181,15 +181,15 @@ def test_split_class_with_all_files_missing_is_not_called_unknown(tmp_path: Path
         ZeroShotDataModule(source, features, {"seen": ["Violin", "Accordion"], "unseen": ["Cello"]},
                            tmp_path / "cache"),
     ]
-    for module in modules:
-        with pytest.raises(ValueError, match=r"tinysol instrument\(s\) \['Cello'\] of dataset.split "
+    for module, key in zip(modules, ["dataset.split.train", "dataset.split"], strict=True):
+        with pytest.raises(ValueError, match=rf"tinysol instrument\(s\) \['Cello'\] of {key} "
                                              "have no clips") as err:
             module.setup()
         message = str(err.value)
         assert "Unknown" not in message and "spelling" not in message
         assert "dataset.source.allow_missing=true skipped them" in message
         assert f"{home}/audio/Strings/Violoncello/ordinario (Cello)" in message
-        assert "or remove them from dataset.split" in message
+        assert f"or remove them from {key}." in message
     with pytest.raises(ValueError, match=r"Unknown tinysol instrument name\(s\) \['Cello '\]"):
         ZeroShotDataModule(source, features, {"seen": ["Violin"], "unseen": ["Cello "]},
                            tmp_path / "cache").setup()  # a misspelt name is still unknown

@@ -13,6 +13,8 @@ from hydra.errors import InstantiationException
 from omegaconf import OmegaConf
 
 from fewzero.data.clips import check_split
+from fewzero.data.datamodule import FewShotDataModule
+from fewzero.data.features import MelFeatures
 from fewzero.models.zeroshot_module import check_init_checkpoint, load_backbone_weights
 from fewzero.report import collect
 from fewzero.train import train
@@ -93,9 +95,18 @@ def test_a_class_listed_twice_in_the_zero_shot_split_is_refused(tmp_path, overri
         hydra.utils.instantiate(cfg.dataset)
 
 
-def test_a_class_listed_twice_in_a_few_shot_split_is_refused():
-    with pytest.raises(ValueError, match=r"dataset.split lists \['Cello'\] more than once"):
-        check_split(["Cello", "Violin", "Cello"], ["Cello", "Violin"], SimpleNamespace(name="tones"))
+@pytest.mark.parametrize("stage", ["train", "val", "test"])
+def test_a_class_listed_twice_in_a_few_shot_split_is_refused_naming_the_stage_before_setup(tmp_path, stage):
+    split = {"train": ["Violin", "Flute"], "val": ["Oboe", "Viola"], "test": ["Bassoon", "Cello"]}
+    split[stage] = split[stage] + split[stage][:1]
+    episodes = {"train": {"n_way": 2, "n_shot": 1, "n_query": 1, "n_episodes": 1},
+                "val": {"n_way": 2, "n_shot": 1, "n_query": 1, "n_episodes": 1}, "test": []}
+    with pytest.raises(ValueError, match=rf"dataset.split.{stage} lists \['{split[stage][0]}'\] more "
+                                         "than once: list each class once"):
+        FewShotDataModule(SimpleNamespace(name="tones"), MelFeatures(), split, episodes, tmp_path)
+    with pytest.raises(ValueError, match=r"dataset.split.val lists \['Cello'\] more than once"):
+        check_split(["Cello", "Violin", "Cello"], ["Cello", "Violin"], SimpleNamespace(name="tones"),
+                    key="dataset.split.val")
 
 
 def test_unknown_instrument_in_the_split_is_a_clear_error(tmp_path):

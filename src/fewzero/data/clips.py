@@ -129,22 +129,22 @@ def check_listed_once(names: list[str] | tuple[str, ...], key: str) -> None:
 
 
 def check_split(names: list[str] | tuple[str, ...], available: list[str] | tuple[str, ...],
-                source: ClipSource) -> None:
-    """Raise a ValueError naming every dataset.split class listed twice or without clips in
-    `available`.
+                source: ClipSource, key: str = "dataset.split") -> None:
+    """Raise a ValueError naming every class of the config list `key` (e.g.
+    "dataset.split.val") listed twice or without clips in `available`.
 
     A class the source knows but found no audio file of (its `missing_classes`, {class: folder
     of its files}, e.g. TinySOL with allow_missing=true) is named as such; others are unknown.
     """
-    check_listed_once(names, "dataset.split")
+    check_listed_once(names, key)
     missing = getattr(source, "missing_classes", {})
     empty = [name for name in names if name not in available and name in missing]
     if empty:
         places = ", ".join(f"{missing[name]} ({name})" for name in empty)
         raise ValueError(
-            f"{source.name} instrument(s) {empty} of dataset.split have no clips: their audio "
+            f"{source.name} instrument(s) {empty} of {key} have no clips: their audio "
             f"files are missing (dataset.source.allow_missing=true skipped them). Place them "
-            f"under {places}, or remove them from dataset.split."
+            f"under {places}, or remove them from {key}."
         )
     check_instruments(names, available, what=f"{source.name} instrument",
                       hint="Check the spelling in your dataset/split config (names are "

@@ -12,7 +12,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from fewzero.data.clips import ClipSource, check_split
+from fewzero.data.clips import ClipSource, check_listed_once, check_split
 from fewzero.data.episodes import EpisodeDataset, EpisodeSampler
 from fewzero.data.features import FeatureTable, MelFeatures, prepare_and_load, prepare_cache
 
@@ -144,9 +144,13 @@ class FewShotDataModule(pl.LightningDataModule):
             raise ValueError(f"dataset.train_frequency_scales must be positive and not 1.0 (the "
                              f"instruments themselves); got {self.train_frequency_scales}.")
         self.table: FeatureTable | None = None
-        self._check_split_disjoint()
+        self._check_split()
 
-    def _check_split_disjoint(self) -> None:
+    def _check_split(self) -> None:
+        """Fail at construction, before any audio is rendered: each stage lists a class once,
+        and no class is in two stages."""
+        for stage, names in self.split.items():
+            check_listed_once(names, f"dataset.split.{stage}")
         stages = list(self.split)
         for i, a in enumerate(stages):
             for b in stages[i + 1 :]:
@@ -165,8 +169,8 @@ class FewShotDataModule(pl.LightningDataModule):
             return
         self.table = prepare_and_load(self.source, self.features, self.cache_dir)
         self.class_names = sorted(set(self.table.instruments))
-        for names in self.split.values():
-            check_split(names, self.class_names, self.source)
+        for stage, names in self.split.items():
+            check_split(names, self.class_names, self.source, key=f"dataset.split.{stage}")
         name_to_id = {name: i for i, name in enumerate(self.class_names)}
         self.labels = torch.tensor([name_to_id[n] for n in self.table.instruments])
         if self.folds is not None:
