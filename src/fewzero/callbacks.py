@@ -5,7 +5,6 @@ Ctrl-C as a clean stop."""
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import signal
 import threading
@@ -18,6 +17,8 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+from fewzero.data.clips import replace_atomically
 
 log = logging.getLogger(__name__)
 
@@ -179,13 +180,9 @@ class BestCheckpoint(ModelCheckpoint):
         for old, new in moved.items():
             if Path(new).is_file():
                 continue
-            # Atomic, so no rank loads (and no crash leaves) a half-copied checkpoint: copy to a
-            # name of this process's own, then rename. The pid keeps DDP ranks, which all copy
-            # the same files at once, off each other's temporary file; copy2 streams the file
-            # and keeps its times (checkpoints can be large: not read into memory to be written).
-            partial = f"{new}.{os.getpid()}.partial"
-            shutil.copy2(old, partial)
-            os.replace(partial, new)
+            # atomic, so no DDP rank loads (and no crash leaves) a half-copied checkpoint; copy2
+            # streams the file (checkpoints can be large) and keeps its times
+            replace_atomically(new, lambda tmp, old=old: shutil.copy2(old, tmp))
         self.best_k_models = {moved[p]: score for p, score in best_k.items()}
         self.best_model_path = moved.get(state_dict["best_model_path"], state_dict["best_model_path"])
         self.best_model_score = state_dict["best_model_score"]
