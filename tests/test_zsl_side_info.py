@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw
 
 from fewzero.data.clips import TINYSOL_INSTRUMENTS
 from fewzero.side_info.attributes import AttributeTable, encode_attribute_table
-from fewzero.side_info.base import SideInformation
+from fewzero.side_info.base import ClassVectors, SideInformation
 from fewzero.side_info.glove import GloveVectors, read_glove_text
 from fewzero.side_info.text import SentenceEmbeddings
 
@@ -437,9 +437,13 @@ def test_the_mean_of_several_members_is_renormalised_only_under_normalize(normal
         def cache_config(self):
             return {}
 
-    mean = TwoImages(dim=2, normalize=normalize).vectors(["A", "B"]).mean
+    vectors = TwoImages(dim=2, normalize=normalize).vectors(["A", "B"])
     expected = [[0.5**0.5, 0.5**0.5], [0, 1]] if normalize else [[1.5, 1.5], [0, 2]]
-    torch.testing.assert_close(mean, torch.tensor(expected))
+    torch.testing.assert_close(vectors.mean, torch.tensor(expected))
+    # a single member is its class's vector to the bit (normalising again may move the last bit)
+    odd = ClassVectors(["C"], [torch.nn.functional.normalize(torch.tensor([[0.3, 0.7, 0.1]]), dim=1)],
+                       normalized=True)
+    assert torch.equal(odd.mean[0], odd.members[0][0])
 
 
 def test_timbre_attribute_table_drops_what_the_pitch_prior_measures(tmp_path):

@@ -37,10 +37,11 @@ class ClassVectors:
     @property
     def mean(self) -> torch.Tensor:
         """(n_classes, dim): the average vector of every class (what prediction uses), of unit
-        length when the members are (an average of unit vectors is shorter, and would scale down
-        the scores of classes with several members)."""
-        mean = torch.stack([m.mean(dim=0) for m in self.members])
-        return torch.nn.functional.normalize(mean, dim=1) if self.normalized else mean
+        length when the members are (an average of several unit vectors is shorter, and would
+        scale down the scores of its class; a single member is kept as it is, to the bit)."""
+        return torch.stack([
+            torch.nn.functional.normalize(m.mean(dim=0), dim=0) if self.normalized and len(m) > 1
+            else m.mean(dim=0) for m in self.members])
 
     def draw(self, generator: torch.Generator | None = None) -> torch.Tensor:
         """(n_classes, dim): one randomly chosen member vector per class."""
