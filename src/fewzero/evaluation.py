@@ -8,12 +8,14 @@ and every episode reuses the embeddings.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import scipy.stats
 import torch
 
-from fewzero.data.episodes import EpisodeSampler
+from fewzero.data.episodes import EpisodeIndices, EpisodeSampler
 from fewzero.models.protonet import Distance, WithinClassWhitening
 from fewzero.zsl_evaluation import confusion_matrix
 
@@ -47,10 +49,25 @@ class EpisodeResults:
         return t * float(self.accuracies.std(unbiased=True)) / math.sqrt(n)
 
 
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """torch's intra-op threads set to 1 inside (restored after). An episode's tensors are tiny
+    (tens of rows): waking a second thread for each op costs more than the op, and far more
+    when another process holds the other core. Scores are bit-identical to 2 threads' (every
+    op here is far below ATen's parallel grain size)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @torch.no_grad()
 def evaluate_episodes(embeddings: torch.Tensor, sampler: EpisodeSampler, n_episodes: int,
                       distance: Distance, n_classes: int,
-                      whitening: WithinClassWhitening | None = None) -> EpisodeResults:
+                      whitening: WithinClassWhitening | None = None,
+                      episodes: Sequence[EpisodeIndices] | None = None) -> EpisodeResults:
     """Run `n_episodes` prototypical episodes on precomputed embeddings.
 
     Args:
@@ -61,6 +78,8 @@ def evaluate_episodes(embeddings: torch.Tensor, sampler: EpisodeSampler, n_episo
         n_classes: size of the confusion matrix.
         whitening: a fitted whitening applied to every episode, adapted to each episode's
             support set when it `adapts` at the sampler's shot count.
+        episodes: the sampler's first `n_episodes` episodes, drawn already (callers that score
+            the same episodes several times draw them once); None draws them here.
     """
     per_episode = whitening is not None and whitening.adapts(sampler.n_shot)
     if whitening is not None:
@@ -68,22 +87,23 @@ def evaluate_episodes(embeddings: torch.Tensor, sampler: EpisodeSampler, n_episo
                       else whitening(embeddings))
     accuracies = torch.empty(n_episodes)
     confusion = torch.zeros(n_classes, n_classes, dtype=torch.long)
-    for i in range(n_episodes):
-        ep = sampler.episode(i)
-        n_way, n_query = ep.query.shape
-        support, queries = embeddings[ep.support], embeddings[ep.query.flatten()]
-        if per_episode:
-            adapted = whitening.adapt(support.flatten(0, 1),  # (n_way * n_shot, dim), class-major
-                                      torch.arange(n_way).repeat_interleave(ep.support.shape[1]))
-            support, queries = adapted(support), adapted(queries)
-        # the support is balanced and class-major: a plain mean. `class_prototypes` (index_add)
-        # sums in another order from about 20 shots on, so it would round differently and
-        # change the reported accuracies.
-        prototypes = support.mean(dim=1)  # (n_way, dim)
-        logits = distance(queries, prototypes)  # (n_way*n_query, n_way)
-        predicted = logits.argmax(dim=1).cpu()
-        truth = torch.arange(n_way).repeat_interleave(n_query)
-        accuracies[i] = (predicted == truth).float().mean()
-        class_ids = sampler.class_ids[ep.classes]
-        confusion += confusion_matrix(class_ids[predicted], class_ids[truth], n_classes)
+    with one_thread():
+        for i in range(n_episodes):
+            ep = sampler.episode(i) if episodes is None else episodes[i]
+            n_way, n_query = ep.query.shape
+            support, queries = embeddings[ep.support], embeddings[ep.query.flatten()]
+            if per_episode:
+                adapted = whitening.adapt(support.flatten(0, 1),  # (n_way * n_shot, dim), class-major
+                                          torch.arange(n_way).repeat_interleave(ep.support.shape[1]))
+                support, queries = adapted(support), adapted(queries)
+            # the support is balanced and class-major: a plain mean. `class_prototypes` (index_add)
+            # sums in another order from about 20 shots on, so it would round differently and
+            # change the reported accuracies.
+            prototypes = support.mean(dim=1)  # (n_way, dim)
+            logits = distance(queries, prototypes)  # (n_way*n_query, n_way)
+            predicted = logits.argmax(dim=1).cpu()
+            truth = torch.arange(n_way).repeat_interleave(n_query)
+            accuracies[i] = (predicted == truth).float().mean()
+            class_ids = sampler.class_ids[ep.classes]
+            confusion += confusion_matrix(class_ids[predicted], class_ids[truth], n_classes)
     return EpisodeResults(accuracies, confusion)

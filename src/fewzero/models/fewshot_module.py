@@ -142,13 +142,14 @@ class FewShotModule(ResumableModule):
         sampler, distance = dm.sampler("val", probe, dm.eval_seed), self.net.distance.cpu_copy()
         weights = self.test_support_weights or [whitening.support_weight]
         shrinkages = self.test_shrinkages or [whitening.shrinkage]
+        episodes = [sampler.episode(i) for i in range(probe.n_episodes)]  # the same for every pair
         scores = {}
         for weight in weights[:1] if settings.n_shot == 1 else weights:
             for shrinkage in shrinkages:
                 whitening.shrinkage, whitening.support_weight = shrinkage, weight
                 scores[shrinkage, weight] = evaluate_episodes(
                     val_embeddings, sampler, probe.n_episodes, distance, len(dm.class_names),
-                    whitening).mean
+                    whitening, episodes).mean
         return max(scores, key=scores.__getitem__)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
