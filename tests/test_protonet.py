@@ -90,6 +90,12 @@ def test_embed_once_evaluation_equals_per_episode_forward(support_weight):
             acc = (pred == torch.arange(3).repeat_interleave(3)).float().mean()
             assert results.accuracies[i] == pytest.approx(float(acc))
     assert results.confusion.sum() == 20 * 9
+    threads = torch.get_num_threads()
+    drawn = [sampler.episode(i) for i in range(20)]  # as the whitening choice passes them
+    again = evaluate_episodes(backbone(clips).detach(), sampler, 20, net.distance, 4, whitening, drawn)
+    assert torch.equal(again.accuracies, results.accuracies)
+    assert torch.equal(again.confusion, results.confusion)
+    assert torch.get_num_threads() == threads  # scoring's single thread is given back
 
 
 def _nuisance_data(class_axis: int, seed: int, n_per_class: int = 200):

@@ -1,6 +1,7 @@
 """End-to-end: the real configs, composed and run on synthetic tones."""
 
 import json
+import sys
 from pathlib import Path
 
 import hydra
@@ -13,7 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from fewzero.data.datamodule import EpisodeSettings
 from fewzero.evaluation import evaluate_episodes
-from fewzero.train import compose_train_config, train
+from fewzero.train import compose_train_config, keep_freed_memory, train
 
 # Audio experiments; the xlsa17_* ones run on precomputed features (tests/test_xlsa17.py).
 EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml")
@@ -334,3 +335,8 @@ def test_few_shot_benchmark_describes_its_own_test_episodes_and_keeps_its_runs_r
     with pytest.raises(SystemExit):  # an override after --backbones is not taken for a backbone
         benchmark.main()
     assert "invalid choice: 'trainer=gpu'" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_keep_freed_memory_is_set_on_linux():
+    assert keep_freed_memory()  # mallopt accepted both settings
