@@ -127,14 +127,14 @@ def check_tested_clips_unheard(trained: DictConfig, tested: DictConfig) -> None:
     `test_fold`; a few-shot run its `split.train` and `split.val` instruments on `dataset.folds`
     (null: all). Checked on class names and folds; another `dataset.source` of the same kind with
     other fold settings counts as other folds."""
-    before, after = trained.dataset, tested.dataset
+    kind, before, after = run_kind(trained), trained.dataset, tested.dataset
     split, new_split = before.get("split") or {}, after.get("split") or {}
     source, new_source = before.get("source") or {}, after.get("source") or {}
     refolded = (source.get("_target_") == new_source.get("_target_") and any(
         source.get(key) != new_source.get(key)
         for key in set(source) | set(new_source) if key not in SOURCE_LOCATION_KEYS))
     problems = []
-    if "seen" in split:
+    if kind == "zero-shot audio":
         seen = list(split["seen"])
         heard = [name for name in new_split.get("unseen", []) if name in seen]
         if heard:
@@ -149,7 +149,7 @@ def check_tested_clips_unheard(trained: DictConfig, tested: DictConfig) -> None:
                             + f", but the run trained {heard} on every fold except its fold "
                             f"{before.get('test_fold')}; keep dataset.test_fold="
                             f"{before.get('test_fold')} and the run's dataset.source")
-    elif "train" in split:
+    elif kind == "few-shot":
         learned = [*split.get("train", []), *split.get("val", [])]
         folds, new_folds = before.get("folds"), after.get("folds")
         shared = (refolded or folds is None or new_folds is None
