@@ -654,6 +654,24 @@ def optimized_metric(cfg: DictConfig) -> str | None:
     return check_validation_metric(cfg.get("optimized_metric"))
 
 
+@rank_zero_only  # DDP: the first process says it once
+def say_how_to_resume(output_dir: Path, overrides: list[str], during: str | None) -> None:
+    """Log where a stopped run's progress is and the command that resumes it; `during`: the
+    phase after the main fit it stopped in (class cross-validation, the refit), if any."""
+    last = output_dir / "checkpoints" / "last.ckpt"
+    if not last.is_file():
+        log.warning("Stopped before any checkpoint was written to %s: start the run again.",
+                    last.parent)
+        return
+    step = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
+    if during:
+        log.warning("Stopped during %s, whose progress is saved in %s as well: the resume "
+                    "goes on from there (finished class cross-validation folds are reused).",
+                    during, last.parent)
+    log.warning("Stopped. %s holds step %d; resume with:\n  %s", last, step,
+                resume_command(run_overrides(output_dir, overrides), output_dir))
+
+
 @hydra.main(version_base="1.3", config_path="../../configs", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     objective = optimized_metric(cfg)
@@ -663,22 +681,7 @@ def main(cfg: DictConfig) -> float | None:
     except SIGTERMException as stop:
         # Lightning stopped after the current batch; callbacks.last_checkpoint saved it, where
         # there is one (not in a fast_dev_run); during class CV or the refit, their own did.
-        output_dir = Path(cfg.paths.output_dir)
-        last = output_dir / "checkpoints" / "last.ckpt"
-        during = getattr(stop, "stopped_during", None)
-        if rank_zero_only.rank != 0:  # DDP: the first process says it once
-            pass
-        elif last.is_file():
-            step = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
-            if during:
-                log.warning("Stopped during %s, whose progress is saved in %s as well: the resume "
-                            "goes on from there (finished class cross-validation folds are reused).",
-                            during, last.parent)
-            log.warning("Stopped. %s holds step %d; resume with:\n  %s", last, step,
-                        resume_command(run_overrides(output_dir, overrides), output_dir))
-        else:
-            log.warning("Stopped before any checkpoint was written to %s: start the run again.",
-                        last.parent)
+        say_how_to_resume(Path(cfg.paths.output_dir), overrides, getattr(stop, "stopped_during", None))
         raise SystemExit(128 + signal.SIGTERM) from None
     except Exception:
         if HydraConfig.get().mode != RunMode.MULTIRUN:
