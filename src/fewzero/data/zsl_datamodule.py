@@ -38,6 +38,7 @@ from fewzero.data.features import FeatureTable, MelFeatures, prepare_and_load, p
 
 log = logging.getLogger(__name__)
 
+
 class BalancedExcerpts(Dataset):
     """Seeded random excerpts of training clips, classes drawn uniformly.
 
