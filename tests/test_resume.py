@@ -2,6 +2,7 @@
 `ckpt_path=last` ends with exactly the metrics of an uninterrupted run."""
 
 import json
+import logging
 import os
 import shlex
 import shutil
@@ -222,7 +223,7 @@ def test_a_killed_ddp_run_resumes_to_the_uninterrupted_metrics(tmp_path):
     assert _report(run) == _report(tmp_path / "full")
 
 
-def test_resume_from_last_checkpoint_continues_the_step_count(tmp_path):
+def test_resume_from_last_checkpoint_continues_the_step_count_and_the_stream(tmp_path, caplog):
     settings = ["trainer.max_steps=6", "test=false"]
     first = compose_train_cfg(tmp_path, settings)
     with open_dict(first):
@@ -235,9 +236,17 @@ def test_resume_from_last_checkpoint_continues_the_step_count(tmp_path):
     assert "val_acc_best.max_value" in saved["state_dict"] and "rng_state" in saved
     assert saved["fewzero_run"]["overrides"] == settings
     assert saved["fewzero_run"]["config"]["trainer"]["max_steps"] == 6
+    assert saved["FewShotDataModule"] == {"stream_items_read": 4, "global_step": 4, "items_per_step": 1}
+    # as if two processes had read 50 episodes by step 4: the resume reads on from episode 50
+    saved["FewShotDataModule"].update(stream_items_read=50, items_per_step=2)
+    torch.save(saved, last)
     # where it trains may change: trainer.accelerator was "auto"
-    _, objects = train(compose_train_cfg(tmp_path, [*settings, "trainer.accelerator=cpu", "ckpt_path=last"]))
+    with caplog.at_level(logging.WARNING, logger="fewzero.data.datamodule"):
+        _, objects = train(compose_train_cfg(tmp_path, [*settings, "trainer.accelerator=cpu",
+                                                        "ckpt_path=last"]))
     assert objects["trainer"].global_step == 6
+    assert objects["trainer"].train_dataloader.dataset.first_episode == 50
+    assert "the checkpointed run 2" in caplog.text and "from stream item 50" in caplog.text
 
 
 def test_resume_with_other_training_settings_is_refused_and_the_runs_config_kept(tmp_path):

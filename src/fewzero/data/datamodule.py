@@ -10,6 +10,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from fewzero.data.clips import ClipSource, check_listed_once, check_split
@@ -65,8 +66,8 @@ def processes(trainer: pl.Trainer | None) -> int:
 def process_share(dataset: Dataset, trainer: pl.Trainer | None) -> DistributedSampler | None:
     """This process's share of a seeded training stream under DDP (w processes): rank r reads
     items r, r + w, r + 2w, ... in order, so one optimiser step consumes w consecutive items
-    (episodes or excerpts) and no item is read twice. The stream then starts at
-    `global_step * w` items per step. (Lightning keeps a DistributedSampler it is given; its own
+    (episodes or excerpts) and no item is read twice. The stream starts where the steps taken
+    left it (`StreamPosition`). (Lightning keeps a DistributedSampler it is given; its own
     would shuffle, and every epoch would restart at the step count, replaying half the last
     epoch.) None in one process."""
     if processes(trainer) == 1:
@@ -77,12 +78,11 @@ def process_share(dataset: Dataset, trainer: pl.Trainer | None) -> DistributedSa
 
 class StepResumedLoader(DataLoader):
     """A training loader that resumes exactly from a mid-epoch checkpoint by construction: the
-    datamodule's `train_dataloader()` starts its seeded stream at what the steps already taken
-    consumed, `trainer.global_step` (restored from the checkpoint by then) times the number of
-    processes, times `batch_size` for zero-shot excerpts (see `process_share`).
+    datamodule's `train_dataloader()` starts its seeded stream where the steps already taken left
+    it (`StreamPosition.stream_start`, restored with the checkpoint by then).
     `state_dict`/`load_state_dict` tell Lightning so (else it warns that the loader is not
-    resumable); the state is only where the stream started (the dataset's `first_episode` or
-    `first_item`), for reading.
+    resumable); the state is only where this loader's stream started (the dataset's
+    `first_episode` or `first_item`), for reading.
     """
 
     def state_dict(self) -> dict[str, int]:
@@ -90,10 +90,56 @@ class StepResumedLoader(DataLoader):
         return {"first": int(first)}
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
-        pass  # the position comes from the restored global step
+        pass  # the position comes from the datamodule's restored state
 
 
-class FewShotDataModule(pl.LightningDataModule):
+class StreamPosition:
+    """Where a datamodule's seeded training stream stands, saved in checkpoints (Lightning calls
+    a datamodule's `state_dict` when it saves and `load_state_dict` when it resumes).
+
+    Each optimiser step reads `items_per_step()` items of the stream (episodes, or excerpts), a
+    number that grows with the processes. The stream position is kept as an anchor, (items read,
+    global step) when this fit started, plus the steps taken since at the current rate, so a run
+    resumed on another number of processes reads on from the item where the checkpoint stopped
+    (no item read twice or skipped), and a resume on the same number reads what the uninterrupted
+    run reads. A copy made for another fit (`_with_roles`) must call `restart_stream()`.
+    """
+
+    _stream_anchor: tuple[int, int] = (0, 0)  # (items read, global step) when this fit started
+
+    def items_per_step(self) -> int:
+        raise NotImplementedError
+
+    def _global_step(self) -> int:
+        return self.trainer.global_step if self.trainer is not None else 0
+
+    def stream_start(self) -> int:
+        """The stream item that the next optimiser step reads first."""
+        items, step = self._stream_anchor
+        return items + (self._global_step() - step) * self.items_per_step()
+
+    def restart_stream(self) -> None:
+        self._stream_anchor = (0, 0)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"stream_items_read": self.stream_start(), "global_step": self._global_step(),
+                "items_per_step": self.items_per_step()}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        if "stream_items_read" not in state_dict:
+            return  # a checkpoint from before the position was saved: steps x this rate
+        self._stream_anchor = (int(state_dict["stream_items_read"]), int(state_dict["global_step"]))
+        fitting = self.trainer is not None and self.trainer.state.fn == TrainerFn.FITTING
+        if fitting and int(state_dict["items_per_step"]) != self.items_per_step():
+            log.warning("This resume reads %d training item(s) per optimiser step, the checkpointed "
+                        "run %d (another number of processes): training reads on from stream item "
+                        "%d, where the checkpoint stopped, so no item is read twice or skipped, but "
+                        "the items of each step differ from an uninterrupted run's.",
+                        self.items_per_step(), int(state_dict["items_per_step"]),
+                        self._stream_anchor[0])
+
+
+class FewShotDataModule(StreamPosition, pl.LightningDataModule):
     """Episodes over cached log-mel features, with train/val/test instrument lists disjoint.
 
     Args:
@@ -228,6 +274,10 @@ class FewShotDataModule(pl.LightningDataModule):
         return EpisodeSampler(labels, ids, names, settings.n_way, settings.n_shot,
                               settings.n_query, seed, split=stage)
 
+    def items_per_step(self) -> int:
+        """Training episodes per optimiser step: one per process."""
+        return processes(self.trainer)
+
     def stage_indices(self, stage: str) -> torch.Tensor:
         """(n,) indices of every clip whose class belongs to `stage`."""
         return torch.nonzero(torch.isin(self.labels, torch.tensor(self.class_ids[stage]))).flatten()
@@ -236,12 +286,11 @@ class FewShotDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         # Continue the episode stream where the last optimiser step left it, also after a resume.
         # An epoch is n_episodes optimiser steps, of one episode per process.
-        world = processes(self.trainer)
-        first = (self.trainer.global_step if self.trainer is not None else 0) * world
         dataset = EpisodeDataset(self.train_features, self.sampler("train", self.train_settings,
                                                                    self.seed),
-                                 self.train_settings.n_episodes * world, self.excerpt_frames,
-                                 random_crop=True, first_episode=first,
+                                 self.train_settings.n_episodes * self.items_per_step(),
+                                 self.excerpt_frames, random_crop=True,
+                                 first_episode=self.stream_start(),
                                  max_start=self.train_max_start)
         return StepResumedLoader(dataset, batch_size=None, shuffle=False,
                                  sampler=process_share(dataset, self.trainer),

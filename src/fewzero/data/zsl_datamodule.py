@@ -32,7 +32,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from fewzero.data.clips import ClipSource, check_listed_once, check_split
-from fewzero.data.datamodule import ClipExcerpts, StepResumedLoader, process_share, processes
+from fewzero.data.datamodule import ClipExcerpts, StepResumedLoader, StreamPosition, process_share, processes
 from fewzero.data.episodes import crop_frames, excerpt_room
 from fewzero.data.features import FeatureTable, MelFeatures, prepare_and_load, prepare_cache
 
@@ -68,7 +68,7 @@ class BalancedExcerpts(Dataset):
         return {"x": x, "label": self.labels[index[0]], "index": index[0]}
 
 
-class ZeroShotDataModule(pl.LightningDataModule):
+class ZeroShotDataModule(StreamPosition, pl.LightningDataModule):
     """Batches of (excerpt, class id) for ZSL over cached log-mel features.
 
     Args:
@@ -187,6 +187,7 @@ class ZeroShotDataModule(pl.LightningDataModule):
         """A shallow copy (cached features shared) with `changes` to its attributes, its split
         checked and, once the data are loaded, its clip roles rebuilt and checked."""
         variant = copy.copy(self)
+        variant.restart_stream()  # another fit, whose steps count from 0
         for name, value in changes.items():
             setattr(variant, name, value)
         variant._check_split()
@@ -263,15 +264,16 @@ class ZeroShotDataModule(pl.LightningDataModule):
 
     # ---- loaders ----------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:
-        # an optimiser step reads one batch per process (DDP): batch_size * world items
-        per_step = self.batch_size * processes(self.trainer)
-        first = (self.trainer.global_step if self.trainer is not None else 0) * per_step
         dataset = BalancedExcerpts(self.table.features, self.labels, self.indices["train"],
-                                   self.steps_per_epoch * per_step, self.excerpt_frames,
-                                   self.train_max_start, self.seed, first_item=first)
+                                   self.steps_per_epoch * self.items_per_step(), self.excerpt_frames,
+                                   self.train_max_start, self.seed, first_item=self.stream_start())
         return StepResumedLoader(dataset, batch_size=self.batch_size, shuffle=False,
                                  sampler=process_share(dataset, self.trainer),
                                  num_workers=self.num_workers)
+
+    def items_per_step(self) -> int:
+        """Training excerpts per optimiser step: one batch per process (DDP)."""
+        return self.batch_size * processes(self.trainer)
 
     def excerpts(self, roles: Sequence[str]) -> DataLoader:
         """Fixed excerpts of every clip of `roles` (whole evaluation sets, embedded once)."""
