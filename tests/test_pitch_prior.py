@@ -10,9 +10,9 @@ import torch
 from conftest import compose_train_cfg, load_script, tone_overrides
 from omegaconf import OmegaConf
 
-from fewzero.data.features import MelFeatures
+from fewzero.data.features import MelFeatures, midi_to_hz
 from fewzero.eval import evaluate
-from fewzero.models.pitch_prior import FormantLikelihood, PitchRangePrior, midi_to_hz
+from fewzero.models.pitch_prior import FormantLikelihood, PitchRangePrior
 from fewzero.train import train
 from fewzero.zsl_evaluation import calibrate_stacking, topk_accuracy, true_class_log_likelihood
 

@@ -26,6 +26,11 @@ log = logging.getLogger(__name__)
 LOG_FLOOR = 1e-6  # added to mel power before the log: about -60 dB below a full-scale tone
 
 
+def midi_to_hz(pitches: torch.Tensor) -> torch.Tensor:
+    """MIDI note numbers -> fundamental frequency in Hz (A4 = 69 = 440 Hz), any shape."""
+    return 440.0 * 2.0 ** ((pitches.double() - 69) / 12)
+
+
 def _hz_to_mel(hz: torch.Tensor) -> torch.Tensor:
     return 2595.0 * torch.log10(1.0 + hz / 700.0)  # HTK
 

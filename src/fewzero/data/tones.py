@@ -14,7 +14,7 @@ import soundfile as sf
 import torch
 
 from fewzero.data.clips import Clip, config_hash
-from fewzero.models.pitch_prior import midi_to_hz
+from fewzero.data.features import midi_to_hz
 
 
 class SyntheticTones:

@@ -28,12 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fewzero.data.clips import check_instruments
-from fewzero.data.features import MelFeatures
-
-
-def midi_to_hz(pitches: torch.Tensor) -> torch.Tensor:
-    """MIDI note numbers -> fundamental frequency in Hz (A4 = 69 = 440 Hz), any shape."""
-    return 440.0 * 2.0 ** ((pitches.double() - 69) / 12)
+from fewzero.data.features import MelFeatures, midi_to_hz
 
 
 class FormantLikelihood(nn.Module):
