@@ -105,9 +105,49 @@ def test_corrupt_audio_names_the_file_and_the_fix(tmp_path, source):
     bad = tmp_path / "broken.wav"
     bad.write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunk")
     broken = ListSource(source.clips() + [Clip(bad, "c0", 0)], tag="broken")
-    with pytest.raises(RuntimeError, match=r"(?s)1 of 5 audio files failed.*broken\.wav.*Replace it"):
+    with pytest.raises(RuntimeError, match=r"(?s)1 of 5 audio files failed.*broken\.wav.*Replace it"
+                                           r".*re-run with dataset\.source\.download=true.*"
+                                           r"dataset\.source\.allow_missing=true") as err:
         prepare_and_load(broken, MelFeatures(clip_seconds=0.5), tmp_path)
+    assert ".." not in str(err.value) and "truncated" not in str(err.value)  # its md5 may match
     assert not list(tmp_path.glob("list-*.pt"))  # nothing half-written
+
+
+def _write_float_wav(path: Path, audio: np.ndarray, sr: int = 16000) -> Path:
+    sf.write(path, audio.astype(np.float32), sr, subtype="FLOAT")  # float wavs keep any value
+    return path
+
+
+def test_audio_with_nan_samples_is_refused_naming_the_file(tmp_path, source):
+    audio = 0.3 * np.sin(np.linspace(0, 500, 8000))
+    audio[100] = np.nan
+    nan_clip = Clip(_write_float_wav(tmp_path / "nan.wav", audio), "c0", 0)
+    with pytest.raises(RuntimeError, match=r"(?s)1 of 5 audio files.*nan\.wav holds NaN or "
+                                           r"infinite samples.*Replace it"):
+        prepare_and_load(ListSource(source.clips() + [nan_clip], tag="nan"),
+                         MelFeatures(clip_seconds=0.5), tmp_path)
+    assert not list(tmp_path.glob("list-*.pt"))
+
+
+def test_features_that_are_not_finite_are_never_cached(tmp_path, source):
+    """Finite samples far beyond full scale overflow float32 mel power: refused, not cached."""
+    loud = Clip(_write_float_wav(tmp_path / "loud.wav", 1e30 * np.sin(np.linspace(0, 500, 8000))),
+                "c0", 0)
+    with pytest.raises(RuntimeError, match=r"(?s)log-mel features of 1 of 5 audio files are NaN or "
+                                           r"infinite.*nothing is cached:\n  \S*loud\.wav\n"):
+        prepare_and_load(ListSource(source.clips() + [loud], tag="loud"),
+                         MelFeatures(clip_seconds=0.5), tmp_path)
+    assert not list(tmp_path.glob("list-*.pt"))
+
+
+def test_a_silent_file_is_kept_with_a_warning_naming_it(tmp_path, source, caplog):
+    silent = Clip(_write_float_wav(tmp_path / "silent.wav", np.zeros(8000)), "c0", 0)
+    with caplog.at_level("WARNING", logger="fewzero.data.features"):
+        table = prepare_and_load(ListSource(source.clips() + [silent], tag="silent"),
+                                 MelFeatures(clip_seconds=0.5), tmp_path)
+    assert len(table) == 5
+    assert any("1 of 5 audio files are silent" in m and str(silent.path) in m
+               for m in caplog.messages)
 
 
 def test_truncated_audio_is_caught_by_its_listed_md5(tmp_path, source):
@@ -120,7 +160,8 @@ def test_truncated_audio_is_caught_by_its_listed_md5(tmp_path, source):
     assert read_audio(path, 16000).shape[0] < 1000
     truncated = ListSource(source.clips() + [clip], tag="truncated")
     with pytest.raises(RuntimeError, match=rf"(?s)1 of 5 audio files.*cut\.wav has md5 .*lists {listed}"
-                                           r".*truncated or changed\. Replace it"):
+                                           r".*truncated or changed\. Replace it.*re-run with "
+                                           r"dataset\.source\.download=true"):
         prepare_and_load(truncated, MelFeatures(clip_seconds=0.5), tmp_path)
 
 

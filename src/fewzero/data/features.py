@@ -141,21 +141,31 @@ class FeatureTable:
         return self.features.shape[0]
 
 
+# How to fix a bad audio file, for the errors that name one.
+_REPLACE_ADVICE = ("Replace it. Rendered SOL: delete it (or the folder's manifest.json) and the "
+                   "folder is rendered again. TinySOL: delete it and re-run with "
+                   "dataset.source.download=true to fetch TinySOL again (zenodo record 3685367), or "
+                   "with dataset.source.allow_missing=true to do without it.")
+
+
 def read_audio(path: Path, sample_rate: int) -> torch.Tensor:
     """Decode `path` to mono float32 at `sample_rate`. Returns (n_samples,).
 
-    Raises a RuntimeError naming the file when it cannot be decoded.
+    Raises a RuntimeError naming the file when it cannot be decoded, is empty or holds NaN or
+    infinite samples.
     """
     try:
         audio, file_rate = sf.read(str(path), dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, OSError) as err:
         raise RuntimeError(
-            f"Could not decode audio file {path}: {err}. The file is missing, truncated or not "
-            "audio. Replace it (or delete it: rendered SOL re-renders a folder whose manifest is "
-            "removed; TinySOL files can be re-downloaded from zenodo record 3685367)."
+            f"Could not decode audio file {path}: {str(err).rstrip('.')}. The file is missing or "
+            f"is not audio that soundfile can read. {_REPLACE_ADVICE}"
         ) from err
     if audio.shape[0] == 0:
-        raise RuntimeError(f"Audio file {path} is empty (0 samples). Replace or remove it.")
+        raise RuntimeError(f"Audio file {path} is empty (0 samples). {_REPLACE_ADVICE}")
+    if not np.isfinite(audio).all():
+        raise RuntimeError(f"Audio file {path} holds NaN or infinite samples, which would make "
+                           f"every loss NaN. {_REPLACE_ADVICE}")
     mono = torch.from_numpy(np.ascontiguousarray(audio.mean(axis=1)))
     if file_rate != sample_rate:
         mono = torchaudio.functional.resample(mono, file_rate, sample_rate)
@@ -171,10 +181,14 @@ def check_md5(clip: Clip) -> None:
     if found != clip.md5:
         raise RuntimeError(
             f"Audio file {clip.path} has md5 {found}, but its source lists {clip.md5}: the file is "
-            "truncated or changed. Replace it (or delete it: rendered SOL re-renders a folder "
-            "whose manifest.json is removed; TinySOL files can be re-downloaded from zenodo "
-            "record 3685367)."
+            f"truncated or changed. {_REPLACE_ADVICE}"
         )
+
+
+def _first_ten(lines: list[str]) -> str:
+    """`lines` as an indented list for a message, cut after ten ("... and n more")."""
+    more = f"\n  ... and {len(lines) - 10} more" if len(lines) > 10 else ""
+    return "\n  " + "\n  ".join(lines[:10]) + more
 
 
 def _fit_length(audio: torch.Tensor, n_samples: int) -> torch.Tensor:
@@ -188,19 +202,25 @@ def compute_features(clips: list[Clip], features: MelFeatures, batch_size: int =
                      description: str = "Computing log-mel features") -> torch.Tensor:
     """Decode every clip once and return (n_clips, n_mels, n_frames) float32 log-mel.
 
-    Every undecodable file is collected, then one error names them all.
+    Every undecodable file is collected, then one error names them all; so are the clips whose
+    features are not finite (they are never cached). Silent files (every sample 0) are kept,
+    with one warning naming them.
     """
     n_samples = int(round(features.clip_seconds * features.sample_rate))
     mel = features.transform()
     out: list[torch.Tensor] = []
     batch: list[torch.Tensor] = []
     failures: list[str] = []
+    silent: list[str] = []
     with progress_bar() as progress:
         task = progress.add_task(description, total=len(clips))
         for clip in clips:
             try:
                 check_md5(clip)
-                batch.append(_fit_length(read_audio(clip.path, features.sample_rate), n_samples))
+                audio = read_audio(clip.path, features.sample_rate)
+                if not audio.any():
+                    silent.append(str(clip.path))
+                batch.append(_fit_length(audio, n_samples))
             except RuntimeError as err:
                 failures.append(str(err))
                 batch.append(torch.zeros(n_samples))
@@ -211,12 +231,22 @@ def compute_features(clips: list[Clip], features: MelFeatures, batch_size: int =
         if batch:
             out.append(torch.log(mel(torch.stack(batch)) + LOG_FLOOR))
     if failures:
-        shown = "\n  ".join(failures[:10])
-        more = f"\n  ... and {len(failures) - 10} more" if len(failures) > 10 else ""
         raise RuntimeError(f"{len(failures)} of {len(clips)} audio files failed to decode or to "
-                           f"match their md5:\n  {shown}{more}")
-    return torch.cat(out) if out else torch.empty(0, features.n_mels, features.frames(
+                           f"match their md5:{_first_ten(failures)}")
+    if silent:
+        log.warning("%d of %d audio files are silent (every sample 0); their features are kept. "
+                    "Replace those that should hold a note:%s", len(silent), len(clips),
+                    _first_ten(silent))
+    table = torch.cat(out) if out else torch.empty(0, features.n_mels, features.frames(
         features.clip_seconds))
+    not_finite = [str(clip.path) for clip, finite
+                  in zip(clips, table.flatten(1).isfinite().all(dim=1).tolist(), strict=True)
+                  if not finite]
+    if not_finite:
+        raise RuntimeError(f"The log-mel features of {len(not_finite)} of {len(clips)} audio files "
+                           "are NaN or infinite (samples far beyond full scale?), so nothing is "
+                           f"cached:{_first_ten(not_finite)}\nFor each file: {_REPLACE_ADVICE}")
+    return table
 
 
 def ensure_cached(source: ClipSource, features: MelFeatures, cache_dir: str | Path) -> tuple[Path, str]:
