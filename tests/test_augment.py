@@ -35,6 +35,48 @@ def test_masks_fill_with_the_excerpt_minimum_and_gain_is_bounded():
     assert offsets.abs().max() > bound / 2 and offsets[:, 0].std() > 0  # 32 draws: the gain is applied
 
 
+def test_masks_and_shifted_in_bins_get_the_minimum_after_the_gain():
+    x = torch.randn(32, 16, 20)
+    for settings in ({"freq_mask_bins": 4, "time_mask_frames": 5}, {"max_shift_bins": 3}):
+        augment = LogMelAugment(gain_db=10, **settings).train()
+        torch.manual_seed(2)
+        gained = x + (torch.rand(32, 1, 1) * 2 - 1) * augment.gain  # the module's first draw
+        torch.manual_seed(2)
+        out = augment(x)
+        floor = gained.amin(dim=(1, 2), keepdim=True)
+        assert torch.equal(out.amin(dim=(1, 2), keepdim=True), floor)
+        filled = out != gained
+        assert filled.any()
+        if "freq_mask_bins" in settings:
+            assert torch.all(out[filled] == floor.expand_as(out)[filled])
+
+
+@pytest.mark.parametrize(("setting", "message"), [
+    ({"gain_db": -3.0}, r"model\.augment\.gain_db=-3\.0: must be a finite number >= 0"),
+    ({"gain_db": float("nan")}, r"model\.augment\.gain_db=nan: must be a finite number >= 0"),
+    ({"max_shift_bins": 1.5}, r"model\.augment\.max_shift_bins=1\.5: must be a whole number >= 0"),
+    ({"freq_mask_bins": -2}, r"model\.augment\.freq_mask_bins=-2: must be a whole number >= 0"),
+    ({"time_mask_frames": "8"}, r"model\.augment\.time_mask_frames='8': must be a whole number"),
+])
+def test_impossible_settings_are_refused_naming_the_key(setting, message):
+    with pytest.raises(ValueError, match=message):
+        LogMelAugment(**setting)
+
+
+@pytest.mark.parametrize(("setting", "message"), [
+    ({"max_shift_bins": 16}, r"model\.augment\.max_shift_bins=16 would blank whole excerpts: they "
+                             r"have 16 mel bins\. Set it below 16"),
+    ({"freq_mask_bins": 20}, r"model\.augment\.freq_mask_bins=20 .* 16 mel bins"),
+    ({"time_mask_frames": 20}, r"model\.augment\.time_mask_frames=20 .* 20 frames per excerpt"),
+])
+def test_a_shift_or_mask_as_wide_as_its_axis_is_refused_naming_the_key(setting, message):
+    augment = LogMelAugment(**setting).train()
+    with pytest.raises(ValueError, match=message):
+        augment(torch.randn(2, 16, 20))
+    assert LogMelAugment(max_shift_bins=15, freq_mask_bins=15, time_mask_frames=19).train()(
+        torch.randn(2, 16, 20)).shape == (2, 16, 20)
+
+
 def test_backbones_map_log_mel_to_their_embedding_size():
     x = torch.randn(3, 64, 81)
     assert TimbreCNN(n_mels=64, embedding_dim=32).eval()(x).shape == (3, 32)

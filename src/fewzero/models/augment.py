@@ -3,9 +3,20 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import nn
+
+
+def _non_negative(value: object, name: str, whole: bool) -> float:
+    """`value` of the config key model.augment.`name`, checked to be a finite number >= 0 (a
+    whole number when `whole`); else a ValueError naming the key."""
+    if (isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value)
+            or value < 0 or (whole and not float(value).is_integer())):
+        kind = "a whole number" if whole else "a finite number"
+        raise ValueError(f"model.augment.{name}={value!r}: must be {kind} >= 0 (0 turns it off).")
+    return float(value)
 
 
 class LogMelAugment(nn.Module):
@@ -13,27 +24,33 @@ class LogMelAugment(nn.Module):
 
     Args:
         gain_db: per-excerpt gain uniformly in +-gain_db (added in the natural-log power domain).
-        max_shift_bins: per-excerpt shift of the mel axis by up to this many bins (zero-filled
-            with the clip's minimum), a cheap stand-in for transposition.
+        max_shift_bins: per-excerpt shift of the mel axis by up to this many bins (the bins
+            shifted in get the excerpt's minimum), a cheap stand-in for transposition.
         freq_mask_bins: width up to which one band of mel bins is set to the excerpt minimum.
         time_mask_frames: width up to which one span of frames is set to the excerpt minimum.
+    The excerpt minimum is taken after the gain. Shifts and mask widths must be smaller than
+    their axis, else whole excerpts could be blanked (checked on each training batch).
     Uses the global torch RNG (seeded by `seed_everything`), so runs are repeatable.
     """
 
     def __init__(self, gain_db: float = 0.0, max_shift_bins: int = 0, freq_mask_bins: int = 0,
                  time_mask_frames: int = 0):
         super().__init__()
-        self.gain = gain_db * math.log(10) / 10
-        self.max_shift_bins = max_shift_bins
-        self.freq_mask_bins, self.time_mask_frames = freq_mask_bins, time_mask_frames
+        self.gain = _non_negative(gain_db, "gain_db", whole=False) * math.log(10) / 10
+        self.max_shift_bins = int(_non_negative(max_shift_bins, "max_shift_bins", whole=True))
+        self.freq_mask_bins = int(_non_negative(freq_mask_bins, "freq_mask_bins", whole=True))
+        self.time_mask_frames = int(_non_negative(time_mask_frames, "time_mask_frames", whole=True))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return x
         batch, n_mels, n_frames = x.shape
-        floor = x.amin(dim=(1, 2), keepdim=True)
+        self._check_fits("max_shift_bins", n_mels, "mel bins")
+        self._check_fits("freq_mask_bins", n_mels, "mel bins")
+        self._check_fits("time_mask_frames", n_frames, "frames per excerpt")
         if self.gain > 0:
             x = x + (torch.rand(batch, 1, 1, device=x.device) * 2 - 1) * self.gain
+        floor = x.amin(dim=(1, 2), keepdim=True)
         if self.max_shift_bins > 0:
             shifts = torch.randint(-self.max_shift_bins, self.max_shift_bins + 1, (batch,),
                                    device=x.device)
@@ -43,6 +60,13 @@ class LogMelAugment(nn.Module):
             x = torch.where(valid[:, :, None], gathered, floor)
         x = self._mask(x, floor, self.freq_mask_bins, dim=1)
         return self._mask(x, floor, self.time_mask_frames, dim=2)
+
+    def _check_fits(self, name: str, size: int, axis: str) -> None:
+        """Raise a ValueError naming model.augment.`name` when it is not below `size`."""
+        value = getattr(self, name)
+        if value >= size:
+            raise ValueError(f"model.augment.{name}={value} would blank whole excerpts: they have "
+                             f"{size} {axis}. Set it below {size} (0 turns it off).")
 
     @staticmethod
     def _mask(x: torch.Tensor, floor: torch.Tensor, max_width: int, dim: int) -> torch.Tensor:
