@@ -241,6 +241,73 @@ def test_a_track_without_a_metadata_row_names_the_official_files(tmp_path: Path,
     assert not no_network
 
 
+@pytest.mark.parametrize(("key", "value"), [("allow_missing", "no"), ("download", "false"),
+                                          ("allow_missing", 1)])
+def test_download_and_allow_missing_take_only_true_or_false(key: str, value: object) -> None:
+    """bool("no") is True: a string must not turn downloading or skipping files on."""
+    with pytest.raises(ValueError, match=rf"dataset\.source\.{key}={value!r}: must be true or false"):
+        TinySOL("/nonexistent", **{key: value})
+
+
+def _home_with_metadata(root: Path, mini: MiniTinySOL, text: str) -> Path:
+    """A mirdata layout in `root` with the present wavs and `text` as the metadata csv."""
+    home = mini.build_home(root, metadata=False)
+    (home / "annotation").mkdir(parents=True)
+    (home / "annotation" / "TinySOL_metadata.csv").write_text(text, encoding="utf-8")
+    return home
+
+
+def test_a_fold_outside_0_to_4_names_the_file_and_line(tmp_path: Path, mini: MiniTinySOL,
+                                                       no_network: list[str]) -> None:
+    original = mini.metadata.read_text(encoding="utf-8")
+    edited = original.replace(",2,Winds,Fl,Flute,", ",7,Winds,Fl,Flute,")
+    assert edited != original
+    home = _home_with_metadata(tmp_path / "tinysol", mini, edited)
+    metadata = home / "annotation" / "TinySOL_metadata.csv"
+    with pytest.raises(ValueError) as err:
+        TinySOL(home, index_path=mini.index, allow_missing=True).prepare()
+    assert str(err.value).startswith(
+        f"TinySOL metadata {metadata}, line 10 (Winds/Flute/ordinario/Fl-ord-C4-mf-N-N.wav) has "
+        "Fold '7'; TinySOL's folds are 0 to 4. Use the official TinySOL_metadata.csv of zenodo "
+        f"record 3685367")
+    assert f"or delete {metadata} and re-run with dataset.source.download=true." in str(err.value)
+    assert not no_network
+
+
+def test_metadata_with_other_columns_names_the_line_and_the_official_file(
+        tmp_path: Path, mini: MiniTinySOL, no_network: list[str]) -> None:
+    header, *rows = mini.metadata.read_text(encoding="utf-8").splitlines()
+    cut = "\n".join([header] + [",".join(row.split(",")[:5]) for row in rows]) + "\n"
+    home = _home_with_metadata(tmp_path / "tinysol", mini, cut)
+    with pytest.raises(ValueError, match=r"TinySOL_metadata\.csv, line 2 has 5 columns, not 14\. "
+                                         r"Use the official TinySOL_metadata\.csv of zenodo record "
+                                         r"3685367 \(.*; 14 columns\), or delete .* and re-run with "
+                                         r"dataset\.source\.download=true"):
+        TinySOL(home, index_path=mini.index, allow_missing=True).prepare()
+    assert not no_network
+
+
+def test_an_index_track_without_audio_path_names_the_index_and_the_fix(
+        tmp_path: Path, mini: MiniTinySOL, no_network: list[str]) -> None:
+    index = json.loads(mini.index.read_text(encoding="utf-8"))
+    index["tracks"]["Fl-ord-C4-mf-N-N"]["audio"] = [None, None]
+    broken = tmp_path / "index.json"
+    broken.write_text(json.dumps(index), encoding="utf-8")
+    with pytest.raises(ValueError, match=rf"{broken} is not a valid mirdata TinySOL index: 1 of its "
+                                         r"tracks \(e\.g\. Fl-ord-C4-mf-N-N\) list no audio path\. "
+                                         r"Use the official mirdata index tinysol_index_"):
+        TinySOL(mini.build_home(tmp_path / "tinysol"), index_path=broken, allow_missing=True).prepare()
+    assert not no_network
+
+
+def test_an_index_path_that_is_a_directory_is_called_one(tmp_path: Path,
+                                                         no_network: list[str]) -> None:
+    with pytest.raises(IsADirectoryError, match=rf"index path {tmp_path} \(dataset\.source\."
+                                                r"index_path\) is a directory: give the index file "
+                                                rf"itself, e.g\. {tmp_path}/tinysol_index_6\.0\.json"):
+        TinySOL(tmp_path / "home", index_path=tmp_path).prepare()
+
+
 def test_empty_data_home(tmp_path: Path, mini: MiniTinySOL, no_network: list[str]) -> None:
     home = tmp_path / "empty"
     with pytest.raises(FileNotFoundError) as err:

@@ -16,6 +16,7 @@ into its own package folder. Offline, pass the official index file as ``index_pa
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import logging
@@ -36,6 +37,8 @@ log = logging.getLogger(__name__)
 ZENODO_RECORD = "3685367"
 ZENODO_URL = f"https://zenodo.org/records/{ZENODO_RECORD}"
 METADATA_RELPATH = Path("annotation") / "TinySOL_metadata.csv"
+METADATA_N_COLUMNS = 14  # Path, Fold, Family, ..., Needed digital retuning
+FOLDS = ("0", "1", "2", "3", "4")  # TinySOL's official folds
 # Seconds a download may wait on a silent socket before failing (only set when none is set).
 DOWNLOAD_SOCKET_TIMEOUT = 60.0
 
@@ -75,6 +78,39 @@ def _listed_md5(index: dict[str, Any], track_id: str) -> str:
     return str(entry[1]) if len(entry) > 1 and entry[1] else ""
 
 
+def _flag(value: object, key: str) -> bool:
+    """A true/false config value, else a ValueError naming the config `key` (bool("no") is True)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{key}={value!r}: must be true or false.")
+    return value
+
+
+def _metadata_fix(metadata_file: Path) -> str:
+    """How to get a good metadata csv, for errors about `metadata_file`."""
+    return (f"Use the official TinySOL_metadata.csv of zenodo record {ZENODO_RECORD} ({ZENODO_URL}; "
+            f"{METADATA_N_COLUMNS} columns), or delete {metadata_file} and re-run with "
+            "dataset.source.download=true.")
+
+
+def _check_metadata_rows(metadata_file: Path) -> None:
+    """Raise a ValueError naming the line of the metadata csv that lacks the official columns or
+    has a Fold outside 0-4 (mirdata fails on the first with a bare IndexError, accepts the other)."""
+    try:
+        with open(metadata_file, newline="", encoding="utf-8") as handle:
+            reader = csv.reader(handle)
+            for row in reader:
+                where = f"TinySOL metadata {metadata_file}, line {reader.line_num}"
+                if len(row) != METADATA_N_COLUMNS:
+                    raise ValueError(f"{where} has {len(row)} columns, not {METADATA_N_COLUMNS}. "
+                                     + _metadata_fix(metadata_file))
+                if reader.line_num > 1 and row[1] not in FOLDS:
+                    raise ValueError(f"{where} ({row[0]}) has Fold {row[1]!r}; TinySOL's folds are "
+                                     "0 to 4. " + _metadata_fix(metadata_file))
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise ValueError(f"Cannot read the TinySOL metadata {metadata_file}: {exc}. "
+                         + _metadata_fix(metadata_file)) from exc
+
+
 @contextmanager
 def _socket_timeout(seconds: float) -> Iterator[None]:
     """Give sockets a default timeout while downloading, so a blocked network cannot hang."""
@@ -107,8 +143,8 @@ class TinySOL:
                  download: bool = False, allow_missing: bool = False) -> None:
         self.data_home = Path(data_home).expanduser().absolute()
         self.index_path = None if index_path is None else Path(index_path).expanduser().absolute()
-        self.download = bool(download)
-        self.allow_missing = bool(allow_missing)
+        self.download = _flag(download, "dataset.source.download")
+        self.allow_missing = _flag(allow_missing, "dataset.source.allow_missing")
         self._clips: list[Clip] | None = None
         self._identity: dict[str, Any] | None = None
         self._track_ids: list[str] = []
@@ -147,6 +183,10 @@ class TinySOL:
             index_version = str(index.get("version", ds.version))
             track_ids = list(ds.track_ids)
             tracks = {tid: ds.track(tid) for tid in track_ids}
+            pathless = [tid for tid, track in tracks.items() if not track.audio_path]
+            if pathless:
+                raise ValueError(f"{len(pathless)} of its tracks (e.g. {pathless[0]}) list no "
+                                 "audio path")
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ValueError(f"{index_file} is not a valid mirdata TinySOL index: {exc}. "
                              + self._index_advice(mirdata_tinysol.INDEXES[ds.version])) from exc
@@ -187,11 +227,13 @@ class TinySOL:
                 f"TinySOL metadata not found: expected {metadata_file}.\n" + self._advice(example)
             )
         self._check_metadata(metadata_file, index)
+        _check_metadata_rows(metadata_file)
 
         try:
             clips = [self._clip(tid, tracks[tid], _listed_md5(index, tid)) for tid in sorted(present)]
         except (IndexError, TypeError, ValueError) as exc:
-            raise ValueError(f"Cannot read the TinySOL metadata {metadata_file}: {exc}") from exc
+            raise ValueError(f"Cannot read the TinySOL metadata {metadata_file}: {exc}. "
+                             + _metadata_fix(metadata_file)) from exc
         try:
             check_instruments(sorted({c.instrument for c in clips}), TINYSOL_INSTRUMENTS,
                               what="TinySOL instrument",
@@ -222,6 +264,12 @@ class TinySOL:
         """The index file to use; downloads mirdata's own copy only when allowed."""
         official = mirdata_tinysol.INDEXES[ds.version]
         if self.index_path is not None:
+            if self.index_path.is_dir():
+                raise IsADirectoryError(
+                    f"TinySOL index path {self.index_path} (dataset.source.index_path) is a "
+                    f"directory: give the index file itself, e.g. "
+                    f"{self.index_path / official.filename}."
+                )
             if not self.index_path.is_file():
                 raise FileNotFoundError(
                     f"TinySOL index file not found: {self.index_path} "
@@ -324,8 +372,7 @@ class TinySOL:
         instrument = track.instrument_full
         if instrument is None:
             raise ValueError(f"TinySOL track {track_id} has no row in the metadata csv (index and "
-                             f"metadata do not match). Use the official TinySOL_metadata.csv of "
-                             f"zenodo record {ZENODO_RECORD} ({ZENODO_URL}) with the official index.")
+                             "metadata do not match)")
         return Clip(path=Path(track.audio_path), instrument=str(instrument),
                     fold=int(track.split), pitch=int(track.pitch_id),
                     dynamics=str(track.dynamics or ""), md5=md5)
