@@ -462,6 +462,95 @@ def test_download_flow_offline(tmp_path: Path, mini: MiniTinySOL,
     assert not (home / "audio" / "TinySOL.tar.gz").exists()  # cleaned up after extraction
 
 
+def _serve_metadata(monkeypatch: pytest.MonkeyPatch, mini: MiniTinySOL, calls: list[str],
+                    fail_once: bool = False) -> None:
+    """Serve mirdata's metadata download from the mini csv (its md5 made the remote's); with
+    `fail_once`, the first transfer writes a few bytes and then loses the connection."""
+    _, _, download_utils, mirdata_tinysol = _import_mirdata()
+    remote = mirdata_tinysol.REMOTES["annotations"]
+    monkeypatch.setitem(mirdata_tinysol.REMOTES, "annotations", download_utils.RemoteFileMetadata(
+        filename=remote.filename, url=remote.url, destination_dir=remote.destination_dir,
+        checksum=hashlib.md5(mini.metadata.read_bytes()).hexdigest()))
+
+    def serve(url: str, filename: str, *args: object, **kwargs: object) -> None:
+        calls.append(url)
+        if fail_once and len(calls) == 1:
+            Path(filename).write_bytes(b"Path,Fold\nhalf")
+            raise ConnectionResetError("connection reset mid-transfer (simulated)")
+        shutil.copyfile(mini.metadata, filename)
+
+    monkeypatch.setattr(download_utils.urllib.request, "urlretrieve", serve)
+
+
+def test_an_interrupted_download_leaves_no_partial_file_so_a_retry_succeeds(
+        tmp_path: Path, mini: MiniTinySOL, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    _serve_metadata(monkeypatch, mini, calls, fail_once=True)
+    samples = mini.sample_files()
+    subset_index = mini.subset_index(tmp_path / "subset_index.json", samples)
+    home = mini.build_home(tmp_path / "home", metadata=False)
+    with pytest.raises(TinySOLDownloadError, match=r"(?s)connection reset mid-transfer.*Re-run to try "
+                                                   r"again \(what was partly downloaded has been "
+                                                   r"removed\)"):
+        TinySOL(home, index_path=subset_index, download=True).prepare()
+    assert not (home / "annotation" / "TinySOL_metadata.csv").exists()
+    source = TinySOL(home, index_path=subset_index, download=True)
+    source.prepare()  # the retry downloads the csv again instead of refusing the partial one
+    assert len(calls) == 2 and len(source.clips()) == len(samples)
+
+
+def test_a_metadata_csv_that_is_not_the_listed_one_is_fetched_again_or_named(
+        tmp_path: Path, mini: MiniTinySOL, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    calls: list[str] = []
+    _serve_metadata(monkeypatch, mini, calls)
+    samples = mini.sample_files()
+    subset_index = mini.subset_index(tmp_path / "subset_index.json", samples)
+    edited = mini.metadata.read_text(encoding="utf-8").replace(",2,Winds,Fl,", ",3,Winds,Fl,")
+    home = _home_with_metadata(tmp_path / "home", mini, edited)
+    metadata = home / "annotation" / "TinySOL_metadata.csv"
+    with caplog.at_level(logging.WARNING, logger="fewzero.data.tinysol"):
+        TinySOL(home, index_path=subset_index).prepare()
+    assert not calls
+    assert any(f"TinySOL metadata {metadata} has md5" in m and "delete it and re-run with "
+               "dataset.source.download=true" in m for m in caplog.messages)
+    TinySOL(home, index_path=subset_index, download=True).prepare()
+    assert len(calls) == 1 and metadata.read_bytes() == mini.metadata.read_bytes()
+    kept = metadata.with_name(f"TinySOL_metadata.csv.{hashlib.md5(edited.encode()).hexdigest()}")
+    assert kept.read_text(encoding="utf-8") == edited  # set aside, not lost
+
+
+def test_a_partial_default_index_is_named_or_downloaded_again_into_data_home(
+        tmp_path: Path, mini: MiniTinySOL, monkeypatch: pytest.MonkeyPatch,
+        no_local_index: Path) -> None:
+    _, _, download_utils, mirdata_tinysol = _import_mirdata()
+    official = mirdata_tinysol.INDEXES[mirdata_tinysol.INDEXES["default"]]
+    served = mini.subset_index(tmp_path / "served_index.json", mini.sample_files())  # all present
+    monkeypatch.setattr(official.remote, "checksum", hashlib.md5(served.read_bytes()).hexdigest())
+    partial = no_local_index / official.filename  # where mirdata itself downloads it
+    partial.parent.mkdir(parents=True)
+    partial.write_text('{"version": "6.0", "tracks": {"Acc-ord', encoding="utf-8")
+    home = mini.build_home(tmp_path / "home")
+    with pytest.raises(ValueError, match=rf"The TinySOL index {partial} has md5 \w+, not that of the "
+                                         r"official tinysol_index_6\.0\.json .*an interrupted "
+                                         r"download\? Delete it and re-run with "
+                                         r"dataset\.source\.download=true"):
+        TinySOL(home).prepare()
+    calls: list[str] = []
+
+    def serve(url: str, filename: str, *args: object, **kwargs: object) -> None:
+        calls.append(url)
+        shutil.copyfile(served, filename)
+
+    monkeypatch.setattr(download_utils.urllib.request, "urlretrieve", serve)
+    source = TinySOL(home, download=True)
+    source.prepare()
+    assert len(calls) == 1 and "tinysol_index" in calls[0]
+    assert not partial.exists()
+    assert (home / official.filename).read_bytes() == served.read_bytes()  # not in site-packages
+    assert Counter(c.instrument for c in source.clips()) == PRESENT_INSTRUMENTS
+
+
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # audioread, imported by librosa
 def test_mini_tinysol_is_valid_for_mirdata(tmp_path: Path, mini: MiniTinySOL) -> None:
     """The generated index, metadata and wavs agree as mirdata checks them (md5s, columns)."""

@@ -10,8 +10,9 @@ mirdata's layout under ``data_home``::
     <data_home>/annotation/TinySOL_metadata.csv
     <data_home>/audio/<Family>/<Instrument folder>/ordinario/<file>.wav
 
-mirdata 1.0 does not ship the TinySOL index (the list of files with their md5): it downloads it
-into its own package folder. Offline, pass the official index file as ``index_path``.
+mirdata 1.0 does not ship the TinySOL index (the list of files with their md5): with
+``download=True`` it is downloaded into ``data_home``. Offline, pass the official index file as
+``index_path``.
 """
 
 from __future__ import annotations
@@ -129,8 +130,8 @@ class TinySOL:
     Args:
         data_home: folder holding (or receiving) the dataset in mirdata's layout.
         index_path: the mirdata index file (``tinysol_index_6.0.json``, md5
-            dba7aab99081f66d6a46f2bcfc1a3296). None uses mirdata's own copy, which exists only
-            once mirdata has downloaded it (``download=True``).
+            dba7aab99081f66d6a46f2bcfc1a3296). None uses the official index in ``data_home``
+            (downloaded there with ``download=True``), or mirdata's own copy if it has one.
         download: let mirdata download what is missing (index, TinySOL.tar.gz, metadata).
         allow_missing: use only the audio files present instead of failing when some are missing.
 
@@ -174,7 +175,7 @@ class TinySOL:
         self.missing_classes = {}
         mirdata, core, download_utils, mirdata_tinysol = _import_mirdata()
         ds = mirdata.initialize("tinysol", data_home=str(self.data_home))
-        index_file = self._resolve_index(ds, mirdata_tinysol, download_utils)
+        index_file = self._resolve_index(ds, core, mirdata_tinysol, download_utils)
         ds.index_path = str(index_file)  # read lazily by mirdata, so set before any access
 
         index_bytes = index_file.read_bytes()
@@ -195,6 +196,11 @@ class TinySOL:
                              + self._index_advice(mirdata_tinysol.INDEXES[ds.version]))
         example = tracks[track_ids[0]].audio_path
         metadata_file = self.data_home / METADATA_RELPATH
+        mismatch = self._metadata_mismatch(metadata_file, index)
+        if self.download and mismatch:  # e.g. a partial download: set it aside, fetch it again
+            kept = metadata_file.with_name(f"{metadata_file.name}.{file_md5(metadata_file)}")
+            log.warning("%s: moving it to %s and downloading the official one.", mismatch, kept)
+            metadata_file.replace(kept)
 
         present = self._present(tracks)
         if self.download and (len(present) < len(tracks) or not metadata_file.is_file()):
@@ -226,7 +232,10 @@ class TinySOL:
             raise FileNotFoundError(
                 f"TinySOL metadata not found: expected {metadata_file}.\n" + self._advice(example)
             )
-        self._check_metadata(metadata_file, index)
+        mismatch = self._metadata_mismatch(metadata_file, index)
+        if mismatch:
+            log.warning("%s; using it anyway. To use the official one, delete it and re-run with "
+                        "dataset.source.download=true.", mismatch)
         _check_metadata_rows(metadata_file)
 
         try:
@@ -259,9 +268,10 @@ class TinySOL:
                                 for tid in sorted(absent)
                                 if tracks[tid].instrument_full not in kept | {None}}
 
-    def _resolve_index(self, ds: Any, mirdata_tinysol: ModuleType,
+    def _resolve_index(self, ds: Any, core: ModuleType, mirdata_tinysol: ModuleType,
                        download_utils: ModuleType) -> Path:
-        """The index file to use; downloads mirdata's own copy only when allowed."""
+        """The index file to use: `index_path`, else the official index in data_home or mirdata's
+        own copy; downloads it into data_home only when allowed."""
         official = mirdata_tinysol.INDEXES[ds.version]
         if self.index_path is not None:
             if self.index_path.is_dir():
@@ -284,22 +294,44 @@ class TinySOL:
                             official.filename, official.remote.checksum)
             return self.index_path
 
-        default = Path(ds.index_path)
-        if default.is_file():
-            return default
+        downloaded = self.data_home / official.filename
+        for default in (downloaded, Path(ds.index_path)):
+            if default.is_file() and self._is_whole(default, official):
+                return default
         if not self.download:
             raise FileNotFoundError(
-                f"mirdata's TinySOL index {official.filename} is not available locally "
-                f"(expected at {default}) and downloading is disabled.\n"
-                f"Pass dataset.source.index_path=/path/to/{official.filename} (the official "
-                f"index, md5 {official.remote.checksum}, from {official.remote.url}), "
+                f"The TinySOL index {official.filename} is not available locally (expected at "
+                f"{downloaded}, or mirdata's copy at {ds.index_path}) and downloading is "
+                f"disabled.\nPass dataset.source.index_path=/path/to/{official.filename} (the "
+                f"official index, md5 {official.remote.checksum}, from {official.remote.url}), "
                 "or set dataset.source.download=true where there is network access."
             )
-        # downloader() with no remotes but a remote index fetches just the index.
-        self._run_download(download_utils, None, official, cleanup=False)
-        if not default.is_file():
-            raise TinySOLDownloadError(f"mirdata did not produce the TinySOL index at {default}.")
-        return default
+        # Into data_home (destination_dir None), not mirdata's package folder, as a plain remote
+        # (mirdata's key "index" would log its package folder); the Index without url only names it.
+        remote = download_utils.RemoteFileMetadata(filename=official.filename,
+                                                   url=official.remote.url,
+                                                   checksum=official.remote.checksum)
+        self._run_download(download_utils, {"tinysol_index": remote},
+                           core.Index(filename=official.filename), cleanup=False)
+        if not downloaded.is_file():
+            raise TinySOLDownloadError(f"mirdata did not produce the TinySOL index at {downloaded}.")
+        return downloaded
+
+    def _is_whole(self, index_file: Path, official: Any) -> bool:
+        """Whether a downloaded copy of the official index has its md5 (when mirdata lists one).
+        One that has not (an interrupted download) is deleted with download=true, to be fetched
+        again, else named in a ValueError."""
+        checksum = file_md5(index_file)
+        if official.remote is None or checksum == official.remote.checksum:
+            return True
+        problem = (f"The TinySOL index {index_file} has md5 {checksum}, not that of the official "
+                   f"{official.filename} ({official.remote.checksum}): an interrupted download?")
+        if not self.download:
+            raise ValueError(f"{problem} Delete it and re-run with dataset.source.download=true, or "
+                             f"pass dataset.source.index_path=/path/to/{official.filename}.")
+        log.warning("%s Deleting it and downloading it again.", problem)
+        index_file.unlink()
+        return False
 
     def _index_advice(self, official: Any) -> str:
         """How to get a good index, for errors about an unreadable one."""
@@ -308,28 +340,42 @@ class TinySOL:
                 "dataset.source.index_path=null and dataset.source.download=true to let mirdata fetch "
                 "it where there is network access.")
 
-    def _run_download(self, download_utils: ModuleType, remotes: dict[str, Any] | None,
-                      index: Any, cleanup: bool) -> None:
-        """Call mirdata's downloader, turning network and archive errors into one clear error."""
-        if remotes is None:
-            what = "the index"
-        else:
-            what = " and ".join(remote.filename for remote in remotes.values())
+    def _run_download(self, download_utils: ModuleType, remotes: dict[str, Any], index: Any,
+                      cleanup: bool) -> None:
+        """Call mirdata's downloader, turning network and archive errors into one clear error.
+
+        A download that fails, or is interrupted, leaves no partial file behind: mirdata would keep
+        it and refuse it on every retry.
+        """
+        what = " and ".join(remote.filename for remote in remotes.values())
         log.info("TinySOL: downloading %s into %s", what, self.data_home)
         try:
             with _socket_timeout(DOWNLOAD_SOCKET_TIMEOUT):
                 download_utils.downloader(str(self.data_home), remotes=remotes, index=index,
                                           cleanup=cleanup)
-        except (OSError, EOFError, tarfile.TarError, zipfile.BadZipFile) as exc:
+        except BaseException as exc:
+            self._remove_partial_downloads(remotes)
+            if not isinstance(exc, OSError | EOFError | tarfile.TarError | zipfile.BadZipFile):
+                raise
             raise TinySOLDownloadError(
                 f"Downloading TinySOL ({what}) through mirdata failed: "
                 f"{type(exc).__name__}: {exc}\n"
-                "Check the network access, or fetch the files by hand: TinySOL.tar.gz and "
+                "Re-run to try again (what was partly downloaded has been removed) once the network "
+                "allows, or fetch the files by hand: TinySOL.tar.gz and "
                 f"TinySOL_metadata.csv from zenodo record {ZENODO_RECORD} ({ZENODO_URL}), "
                 "the index from "
                 "https://zenodo.org/records/13993273 (pass it as dataset.source.index_path), "
                 "then run with dataset.source.download=false.\n" + self._layout()
             ) from exc
+
+    def _remove_partial_downloads(self, remotes: dict[str, Any]) -> None:
+        """Delete each file of `remotes` that a failed download left unfinished (md5 not the
+        remote's)."""
+        for remote in remotes.values():
+            path = self.data_home / (remote.destination_dir or "") / remote.filename
+            if path.is_file() and file_md5(path) != remote.checksum:
+                log.warning("TinySOL: removing the partly downloaded %s", path)
+                path.unlink()
 
     @staticmethod
     def _present(tracks: dict[str, Any]) -> list[str]:
@@ -357,14 +403,15 @@ class TinySOL:
         )
 
     @staticmethod
-    def _check_metadata(metadata_file: Path, index: dict[str, Any]) -> None:
-        """Warn when the metadata csv is not the one the index lists."""
+    def _metadata_mismatch(metadata_file: Path, index: dict[str, Any]) -> str:
+        """What is wrong when the metadata csv is not the one the index lists, else "" (also
+        when the file or the index's md5 is missing)."""
         entry = (index.get("metadata") or {}).get("TinySOL_metadata")
-        if entry and len(entry) > 1 and entry[1]:
+        if metadata_file.is_file() and entry and len(entry) > 1 and entry[1]:
             checksum = file_md5(metadata_file)
             if checksum != entry[1]:
-                log.warning("TinySOL metadata %s has md5 %s, the index expects %s.",
-                            metadata_file, checksum, entry[1])
+                return f"TinySOL metadata {metadata_file} has md5 {checksum}, the index expects {entry[1]}"
+        return ""
 
     @staticmethod
     def _clip(track_id: str, track: Any, md5: str = "") -> Clip:
