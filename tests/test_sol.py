@@ -228,6 +228,31 @@ def test_silent_notes_are_dropped_and_counted(tmp_path: Path,
     assert "dropped 2 silent notes (Accordion (high): 2)" in caplog.messages
 
 
+@needs_fluidsynth
+def test_a_split_class_that_rendered_no_audible_note_is_named_so_before_decoding(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fewzero.data import features as features_module
+    from fewzero.data.datamodule import FewShotDataModule
+    from fewzero.data.features import MelFeatures
+
+    table = [TABLE[0], {"name": "Accordion (high)", "program": 21, "low": 109, "high": 109}]
+    source = _source(tmp_path / "sol", instruments=table, n_folds=2)
+    episodes = {"train": {"n_way": 1, "n_shot": 1, "n_query": 1, "n_episodes": 1},
+                "val": {"n_way": 1, "n_shot": 1, "n_query": 1, "n_episodes": 1}, "test": []}
+    module = FewShotDataModule(source, MelFeatures(clip_seconds=0.5),
+                               {"train": ["Flute"], "val": [], "test": ["Accordion (high)"]},
+                               episodes, tmp_path / "cache")
+    monkeypatch.setattr(features_module, "compute_features", lambda *a, **k: pytest.fail("decoded"))
+    with pytest.raises(ValueError) as err:
+        module.prepare_data()
+    assert source.silent_classes == ["Accordion (high)"]
+    message = str(err.value)
+    assert message.startswith("sol instrument(s) ['Accordion (high)'] of dataset.split.test have no "
+                              "clips: they rendered no audible note")
+    assert "program, low and high in dataset.source.instruments" in message
+    assert "Unknown" not in message and "spelling" not in message
+
+
 def test_is_silent_uses_the_peak_in_dbfs() -> None:
     tone = np.sin(np.linspace(0, 200, 1000)).astype(np.float32)
     assert sol._is_silent(np.zeros(1000, dtype=np.float32), -60.0)

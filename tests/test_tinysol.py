@@ -196,6 +196,33 @@ def test_split_class_with_all_files_missing_is_not_called_unknown(tmp_path: Path
     assert not no_network
 
 
+def test_a_misspelt_split_class_is_refused_before_any_audio_is_decoded(
+        tmp_path: Path, mini: MiniTinySOL, no_network: list[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the real TinySOL, decoding and caching every clip takes minutes: the split is checked
+    first, by both datamodules."""
+    from fewzero.data import features as features_module
+
+    monkeypatch.setattr(features_module, "compute_features", lambda *a, **k: pytest.fail("decoded"))
+    source = TinySOL(mini.build_home(tmp_path / "tinysol"), index_path=mini.index, allow_missing=True)
+    episodes = {"train": {"n_way": 1, "n_shot": 1, "n_query": 1, "n_episodes": 1}, "val": {
+        "n_way": 1, "n_shot": 1, "n_query": 1, "n_episodes": 1}, "test": []}
+    features = MelFeatures(clip_seconds=0.5)
+    modules = [
+        FewShotDataModule(source, features, {"train": ["Violin"], "val": ["Accordion"],
+                                             "test": ["violin "]}, episodes, tmp_path / "cache"),
+        ZeroShotDataModule(source, features, {"seen": ["Violin", "Accordion"], "unseen": ["violin "]},
+                           tmp_path / "cache"),
+    ]
+    for module in modules:
+        for step in (module.prepare_data, module.setup):
+            with pytest.raises(ValueError, match=r"Unknown tinysol instrument name\(s\) \['violin '\]"
+                                                 r".*Check the spelling"):
+                step()
+    assert not list((tmp_path / "cache").glob("*.pt"))
+    assert not no_network
+
+
 def test_unexpected_metadata_instrument_names_the_official_file(tmp_path: Path,
                                                                  mini: MiniTinySOL,
                                                                  no_network: list[str]) -> None:

@@ -134,9 +134,19 @@ def check_split(names: list[str] | tuple[str, ...], available: list[str] | tuple
     "dataset.split.val") listed twice or without clips in `available`.
 
     A class the source knows but found no audio file of (its `missing_classes`, {class: folder
-    of its files}, e.g. TinySOL with allow_missing=true) is named as such; others are unknown.
+    of its files}, e.g. TinySOL with allow_missing=true) is named as such, and so is one whose
+    every note rendered silent (its `silent_classes`, rendered SOL); others are unknown.
     """
     check_listed_once(names, key)
+    silent = [name for name in names
+              if name not in available and name in getattr(source, "silent_classes", ())]
+    if silent:
+        raise ValueError(
+            f"{source.name} instrument(s) {silent} of {key} have no clips: they rendered no "
+            f"audible note (every note was silent and dropped). Fix their program, low and high "
+            f"in dataset.source.instruments (a GM program and a pitch range the SoundFonts play), "
+            f"or remove them from {key}."
+        )
     missing = getattr(source, "missing_classes", {})
     empty = [name for name in names if name not in available and name in missing]
     if empty:

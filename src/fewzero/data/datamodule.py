@@ -205,18 +205,23 @@ class FewShotDataModule(StreamPosition, pl.LightningDataModule):
                     raise ValueError(f"Instrument(s) {shared} are in both the {a} and {b} splits. "
                                      "Few-shot splits must be class-disjoint: edit dataset.split.")
 
+    def _check_classes(self, available: list[str]) -> None:
+        """Raise when a split lists a class the source has no clips of (before any decoding)."""
+        for stage, names in self.split.items():
+            check_split(names, available, self.source, key=f"dataset.split.{stage}")
+
     # ---- data preparation -------------------------------------------------------------
     def prepare_data(self) -> None:
-        """Render/check the audio and build the feature cache (rank 0 only under DDP)."""
-        prepare_cache(self.source, self.features, self.cache_dir)
+        """Render/check the audio, check the split and build the feature cache (rank 0 only
+        under DDP)."""
+        prepare_cache(self.source, self.features, self.cache_dir, self._check_classes)
 
     def setup(self, stage: str | None = None) -> None:
         if self.table is not None:
             return
-        self.table = prepare_and_load(self.source, self.features, self.cache_dir)
+        self.table = prepare_and_load(self.source, self.features, self.cache_dir,
+                                      self._check_classes)
         self.class_names = sorted(set(self.table.instruments))
-        for stage, names in self.split.items():
-            check_split(names, self.class_names, self.source, key=f"dataset.split.{stage}")
         name_to_id = {name: i for i, name in enumerate(self.class_names)}
         self.labels = torch.tensor([name_to_id[n] for n in self.table.instruments])
         if self.folds is not None:

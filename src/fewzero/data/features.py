@@ -7,7 +7,7 @@ arithmetic on the cached tensor (see `fewzero.data.episodes`).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -315,19 +315,28 @@ def preparing(source: ClipSource, cache_dir: str | Path) -> Iterator[None]:
         lock.release()
 
 
-def prepare_cache(source: ClipSource, features: MelFeatures, cache_dir: str | Path) -> tuple[Path, str]:
+def prepare_cache(source: ClipSource, features: MelFeatures, cache_dir: str | Path,
+                  check_classes: Callable[[list[str]], None] | None = None) -> tuple[Path, str]:
     """Make the source's clips available and their features cached, without loading them:
     what every datamodule's `prepare_data` does (rank 0 only under DDP).
+
+    `check_classes` gets the sorted class names of the source's clips once they are available,
+    before any audio is decoded, to refuse a config that names a class without clips (a
+    misspelt split) in seconds rather than after caching.
 
     Returns:
         (path of the cache file, cache key), as `ensure_cached`.
     """
     with preparing(source, cache_dir):
         source.prepare()
+        if check_classes is not None:
+            check_classes(sorted({clip.instrument for clip in source.clips()}))
         return ensure_cached(source, features, cache_dir)
 
 
-def prepare_and_load(source: ClipSource, features: MelFeatures, cache_dir: str | Path) -> FeatureTable:
+def prepare_and_load(source: ClipSource, features: MelFeatures, cache_dir: str | Path,
+                     check_classes: Callable[[list[str]], None] | None = None) -> FeatureTable:
     """Make the source's clips available (render, download or check; cheap when done) and return
-    their cached features: what every datamodule's `setup` does."""
-    return _load_table(*prepare_cache(source, features, cache_dir))
+    their cached features: what every datamodule's `setup` does. `check_classes`: as
+    `prepare_cache`."""
+    return _load_table(*prepare_cache(source, features, cache_dir, check_classes))

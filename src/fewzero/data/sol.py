@@ -521,6 +521,7 @@ class RenderedSOL:
                              f"shorter than clip_seconds={self.clip_seconds}.")
         if self.n_folds < 1:
             raise ValueError(f"n_folds={self.n_folds}: need at least one fold.")
+        self.silent_classes: list[str] = []  # classes of the table without an audible note
 
     def __repr__(self) -> str:
         return (f"RenderedSOL(root={str(self.root)!r}, {len(self.instruments)} instruments, "
@@ -579,11 +580,16 @@ class RenderedSOL:
         return rows if all((directory / row["path"]).is_file() for row in rows) else None
 
     def prepare(self) -> None:
-        """Render the dataset unless a complete render of this config already exists."""
-        if self._rows() is not None:
+        """Render the dataset unless a complete render of this config already exists; note the
+        table's classes whose notes were all silent (dropped) in `silent_classes`."""
+        rows = self._rows()
+        if rows is not None:
             log.info("Reusing rendered SOL at %s", self.dataset_dir)
-            return
-        self._render()
+        else:
+            self._render()
+            rows = self._rows() or []
+        kept = {row["instrument"] for row in rows}
+        self.silent_classes = [i.name for i in self.instruments if i.name not in kept]
 
     def clips(self) -> list[Clip]:
         """All rendered clips in table order, with absolute paths. Call after `prepare()`."""

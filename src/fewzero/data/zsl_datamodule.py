@@ -196,15 +196,19 @@ class ZeroShotDataModule(StreamPosition, pl.LightningDataModule):
             variant.assert_clean(variant.indices["train"], training=True)
         return variant
 
+    def _check_classes(self, available: list[str]) -> None:
+        """Raise when the split lists a class the source has no clips of (before any decoding)."""
+        check_split(self.class_names, available, self.source)
+
     # ---- data preparation -------------------------------------------------------------
     def prepare_data(self) -> None:
-        prepare_cache(self.source, self.features, self.cache_dir)
+        prepare_cache(self.source, self.features, self.cache_dir, self._check_classes)
 
     def setup(self, stage: str | None = None) -> None:
         if self.table is not None:
             return
-        self.table = prepare_and_load(self.source, self.features, self.cache_dir)
-        check_split(self.class_names, sorted(set(self.table.instruments)), self.source)
+        self.table = prepare_and_load(self.source, self.features, self.cache_dir,
+                                      self._check_classes)
         name_to_id = {name: i for i, name in enumerate(self.class_names)}
         self.labels = torch.tensor([name_to_id.get(n, -1) for n in self.table.instruments])
         self.indices = self._role_indices()
