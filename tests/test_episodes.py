@@ -48,6 +48,25 @@ def test_episode_uses_only_allowed_classes_and_never_repeats_a_clip():
         assert set(sampler.class_ids[ep.classes].tolist()) <= {1, 3, 4}
 
 
+def test_unequal_class_sizes_never_draw_a_padding_slot_or_another_classs_clip():
+    # members are padded with -1 up to the largest class: a small class must never reach its padding
+    labels = _labels([3, 9, 4, 12])
+    sampler = EpisodeSampler(labels, range(4), list("abcd"), 4, 1, 2, seed=0)
+    for i in range(300):
+        ep = sampler.episode(i)
+        clips = torch.cat([ep.support, ep.query], dim=1)  # (n_way, n_shot + n_query)
+        assert bool((clips >= 0).all()), i
+        rows = sampler.class_ids[ep.classes][:, None].expand_as(clips)
+        assert torch.equal(labels[clips], rows), i
+
+
+def test_every_class_is_drawn_when_n_way_is_below_the_number_of_classes():
+    labels = _labels([4] * 6)
+    sampler = EpisodeSampler(labels, range(6), list("abcdef"), 3, 1, 1, seed=0)
+    drawn = {int(c) for i in range(50) for c in sampler.class_ids[sampler.episode(i).classes]}
+    assert drawn == set(range(6))
+
+
 def test_episode_dataset_shapes_labels_and_seeded_crops():
     labels = _labels([8, 8, 8])
     feats = torch.randn(24, 5, 30)

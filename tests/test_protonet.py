@@ -98,6 +98,20 @@ def test_embed_once_evaluation_equals_per_episode_forward(support_weight):
     assert torch.get_num_threads() == threads  # scoring's single thread is given back
 
 
+def test_episode_confusion_rows_are_true_classes_and_columns_predicted_ones():
+    # ids 1 and 2 of 3; class 2's second clip lies on class 1's clips, so a class-2 query is called
+    # 1 whenever the other clip is the support; a class-1 query is never called 2
+    labels = torch.tensor([0, 1, 1, 2, 2])
+    embeddings = torch.tensor([[50.0], [0.0], [0.0], [10.0], [0.1]])
+    sampler = EpisodeSampler(labels, [1, 2], ["b", "c"], 2, 1, 1, seed=0)
+    results = evaluate_episodes(embeddings, sampler, 20, Distance(), 3)
+    confusion = results.confusion
+    wrong = int(confusion[2, 1])
+    assert 0 < wrong < 20  # both supports of class 2 were drawn
+    assert confusion.tolist() == [[0, 0, 0], [0, 20, 0], [0, wrong, 20 - wrong]]
+    assert results.mean == pytest.approx(1 - wrong / 40)
+
+
 def _nuisance_data(class_axis: int, seed: int, n_per_class: int = 200):
     """Two classes 1 apart along `class_axis`; axis 1 carries a shared nuisance of std 20, as
     pitch spreads every instrument's embeddings the same way. The same rotation for every call.

@@ -134,6 +134,30 @@ def test_calibration_finds_the_best_h_and_prefers_the_smallest_penalty():
     assert best.h == pytest.approx(max(grid))
 
 
+def test_calibration_tie_between_negative_penalties_goes_to_the_smallest_magnitude():
+    # SEEN and UNSEEN swapped: the margins become -0.4, -0.1, -0.2, -0.05 and H(gamma) the mirror
+    # image of the test above; H = 2/3 on (-0.1, -0.05) and on (-0.4, -0.2): -0.075, not -0.3
+    best = calibrate_stacking(SCORES, LABELS, UNSEEN, SEEN)
+    assert best.gamma == pytest.approx(-0.075)
+    assert (best.u, best.s, best.h) == pytest.approx((1.0, 0.5, 2 / 3))
+    assert gzsl_score(SCORES, LABELS, UNSEEN, SEEN, -0.3).h == pytest.approx(2 / 3)  # the tie
+
+
+def test_seen_top1_ranks_seen_clips_among_the_seen_classes_only():
+    scores = torch.tensor([[0.5, 0.0, 0.9, 0.0],    # seen class 0: above seen 1, below unseen 2
+                           [0.0, 0.0, 0.9, 0.1]])   # unseen class 2
+    m = evaluate_zsl(scores, torch.tensor([0, 2]), SEEN, UNSEEN, gamma=0.0, n_classes=4).metrics
+    assert m["seen_top1"] == 1.0
+    assert m["gzsl_s"] == 0.0  # among every class it loses to unseen 2
+
+
+def test_zsl_top3_ranks_unseen_clips_among_the_unseen_classes_only():
+    # unseen class 5 is 3rd of the unseen classes 3, 4, 5 but 6th of all six
+    scores = torch.tensor([[0.9, 0.8, 0.7, 0.3, 0.2, 0.1]])
+    m = evaluate_zsl(scores, torch.tensor([5]), [0, 1, 2], [3, 4, 5], gamma=0.0, n_classes=6).metrics
+    assert m["zsl_top1"] == 0.0 and m["zsl_top3"] == 1.0
+
+
 def test_evaluate_zsl_reports_every_setting_with_the_given_penalty():
     results = evaluate_zsl(SCORES, LABELS, SEEN, UNSEEN, gamma=0.075, n_classes=4)
     m = results.metrics
