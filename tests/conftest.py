@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import socket
 from pathlib import Path
 from types import ModuleType
 
@@ -15,7 +16,11 @@ from fewzero.data.clips import TINYSOL_INSTRUMENTS
 from fewzero.train import compose_train_config
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+# Real data for the tests that read it (TinySOL samples, xlsa17 splits; they skip without it):
+# ../shared/data next to the repository, or the folder FEWZERO_SHARED_DATA names (for a checkout
+# elsewhere, such as a git worktree).
+SHARED_DATA = Path(os.environ.get("FEWZERO_SHARED_DATA")
+                   or Path(__file__).resolve().parents[2] / "shared" / "data")
 
 
 def tone_overrides(tmp_path: Path, zero_shot: bool = False, clips_per_class: int = 12) -> list[str]:
@@ -77,6 +82,23 @@ def skip_without_side_info_files(cfg: DictConfig) -> None:
     missing = [f for f in files if not Path(f).is_file()]
     if missing:
         pytest.skip(f"side-information files absent ({missing[0]}, ...): run scripts/setup.sh")
+
+
+@pytest.fixture
+def no_network(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Make every socket connection fail loudly; returns the attempts (assert it is empty at the
+    end: a caller may catch the error)."""
+    attempts: list[str] = []
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        attempts.append(repr(args[:2]))
+        raise AssertionError(f"network access attempted: {args[:2]}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    return attempts
 
 
 @pytest.fixture(autouse=True)

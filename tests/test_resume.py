@@ -21,6 +21,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from fewzero.callbacks import LastCheckpoint, StopOnInterrupt
 from fewzero.data.clips import TINYSOL_INSTRUMENTS
+from fewzero.models.resumable import ResumableModule
 from fewzero.train import interpreter, train
 
 # 3 epochs of 4 steps; last.ckpt every 3 steps and after each epoch's validation
@@ -247,6 +248,32 @@ def test_resume_from_last_checkpoint_continues_the_step_count_and_the_stream(tmp
     assert objects["trainer"].global_step == 6
     assert objects["trainer"].train_dataloader.dataset.first_episode == 50
     assert "the checkpointed run 2" in caplog.text and "from stream item 50" in caplog.text
+
+
+def test_a_checkpoint_restores_the_global_random_state_it_was_saved_with():
+    # the StepSeed callback reseeds every step, which hides this in whole runs
+    module = ResumableModule()
+    checkpoint = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)
+    drawn = torch.rand(4)
+    module.on_load_checkpoint(checkpoint)
+    assert torch.equal(torch.rand(4), drawn)
+
+
+def test_the_epoch_training_accuracy_averages_every_step_and_goes_on_after_a_mid_epoch_restore():
+    module = ResumableModule()
+    for batch_idx, accuracy in enumerate([1.0, 0.0, 0.0]):
+        module.on_train_batch_start(None, batch_idx)
+        module.train_acc(torch.tensor(accuracy))
+    assert float(module.train_acc.compute()) == pytest.approx(1 / 3)
+    resumed = ResumableModule()
+    resumed.load_state_dict(module.state_dict())  # the checkpoint carries the running mean
+    resumed.on_train_batch_start(None, 3)  # a resume goes on mid-epoch: batch_idx continues
+    resumed.train_acc(torch.tensor(1.0))
+    assert float(resumed.train_acc.compute()) == pytest.approx(2 / 4)
+    resumed.on_train_batch_start(None, 0)  # the next epoch starts afresh
+    resumed.train_acc(torch.tensor(0.0))
+    assert float(resumed.train_acc.compute()) == 0.0
 
 
 def test_resume_with_other_training_settings_is_refused_and_the_runs_config_kept(tmp_path):

@@ -2,7 +2,7 @@
 
 Checks, messages, fingerprints and the download flow run everywhere on a generated
 mini-TinySOL (`tinysol_fixture`); only `test_real_samples_load` reads real TinySOL files, and
-skips without ../shared.
+skips without ../shared/data (or $FEWZERO_SHARED_DATA).
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import shutil
-import socket
 import tarfile
 import urllib.error
 from collections import Counter
@@ -20,11 +20,11 @@ from pathlib import Path
 import pytest
 import soundfile as sf
 from conftest import SHARED_DATA
-from tinysol_fixture import PRESENT_INSTRUMENTS, MiniTinySOL, link, make_mini_tinysol
+from tinysol_fixture import PRESENT_INSTRUMENTS, MiniTinySOL, link, make_mini_tinysol, tone
 
 from fewzero.data.clips import Clip
 from fewzero.data.datamodule import FewShotDataModule
-from fewzero.data.features import MelFeatures, check_md5
+from fewzero.data.features import MelFeatures, check_md5, prepare_and_load
 from fewzero.data.tinysol import TinySOL, TinySOLDownloadError, _import_mirdata
 from fewzero.data.zsl_datamodule import ZeroShotDataModule
 
@@ -62,22 +62,17 @@ def mini(tmp_path: Path) -> MiniTinySOL:
 
 
 @pytest.fixture
-def no_network(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Make every network access (and mirdata's downloader) fail loudly; records attempts."""
-    attempts: list[str] = []
+def no_network(no_network: list[str], monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """conftest's `no_network`, with mirdata's downloader refused too (recorded alike)."""
 
     def refuse(*args: object, **kwargs: object) -> None:
-        attempts.append(repr(args[:2]))
+        no_network.append(repr(args[:2]))
         raise AssertionError(f"network access attempted: {args[:2]}")
 
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
     _, _, download_utils, _ = _import_mirdata()
     monkeypatch.setattr(download_utils, "downloader", refuse)
     monkeypatch.setattr(download_utils.urllib.request, "urlretrieve", refuse)
-    return attempts
+    return no_network
 
 
 @pytest.fixture
@@ -387,6 +382,26 @@ def test_fingerprint(tmp_path: Path, mini: MiniTinySOL, no_network: list[str],
     source.prepare()
     assert source.n_missing == 0 and len(source.clips()) == len(samples)
     assert source.fingerprint() != first
+    assert not no_network
+
+
+def test_clips_carry_the_index_md5_and_audio_changed_since_is_refused(tmp_path: Path,
+                                                                      mini: MiniTinySOL,
+                                                                      no_network: list[str]) -> None:
+    source = TinySOL(mini.build_home(tmp_path / "tinysol"), index_path=mini.index, allow_missing=True)
+    source.prepare()
+    tracks, clips = mini.tracks(), source.clips()
+    assert [c.md5 for c in clips] == [tracks[c.path.stem]["audio"][1] for c in clips]
+    # other notes of the same length: they decode without complaint, only the md5 tells
+    changed = clips[0]
+    other = tone(changed.pitch + 5)
+    assert len(other) == changed.path.stat().st_size
+    changed.path.unlink()
+    changed.path.write_bytes(other)
+    with pytest.raises(RuntimeError, match=rf"{re.escape(str(changed.path))} has md5 "
+                                           rf"{hashlib.md5(other).hexdigest()}, but its source "
+                                           rf"lists {changed.md5}"):
+        prepare_and_load(source, MelFeatures(clip_seconds=0.5), tmp_path / "cache")
     assert not no_network
 
 

@@ -1,8 +1,9 @@
 """xlsa17 benchmarks: real AWA2/CUB splits and attributes with generated features, SAE, runs.
 
-The real att_splits.mat files come from ../shared/data/xlsa17 (tests skip without them); no
-res101.mat is available, so features are generated: a fixed random linear map of each image's
-class attributes plus noise, i.e. features that carry the class structure the splits describe.
+The real att_splits.mat files come from ../shared/data/xlsa17 or $FEWZERO_SHARED_DATA/xlsa17
+(tests skip without them); no res101.mat is available, so features are generated: a fixed random
+linear map of each image's class attributes plus noise, i.e. features that carry the class
+structure the splits describe.
 """
 
 import json
@@ -59,7 +60,7 @@ def real_split_with_generated_features(root: Path, name: str, dim: int = 32, noi
     """
     source = XLSA17 / name
     if not (source / "att_splits.mat").is_file():
-        pytest.skip(f"{source}/att_splits.mat absent (../shared/data/xlsa17)")
+        pytest.skip(f"{source}/att_splits.mat absent (set FEWZERO_SHARED_DATA to another data folder)")
     folder = root / name
     folder.mkdir(parents=True)
     for file in ("att_splits.mat", *CLASS_FILES):

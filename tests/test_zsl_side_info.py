@@ -127,6 +127,14 @@ def test_vectors_of_the_wrong_dim_are_not_cached(tmp_path):
         assert not list((tmp_path / "cache").rglob("*.pt"))
 
 
+def test_cached_vectors_of_another_dim_are_refused_naming_the_dim_to_set(tmp_path, monkeypatch):
+    glove, cache = str(_write_glove(tmp_path / "g.txt")), tmp_path / "cache"
+    GloveVectors({"Violin": ["violin"]}, dim=4, path=glove, cache_dir=cache).vectors(["Violin"])
+    monkeypatch.setattr(GloveVectors, "compute", lambda *a: pytest.fail("not read from the cache"))
+    with pytest.raises(ValueError, match="config says side_info.dim=300. Set side_info.dim=4"):
+        GloveVectors({"Violin": ["violin"]}, dim=300, path=glove, cache_dir=cache).vectors(["Violin"])
+
+
 def test_vectors_are_cached_and_not_recomputed(tmp_path, monkeypatch):
     source = GloveVectors({"Violin": ["violin"]}, dim=4, path=str(_write_glove(tmp_path / "g.txt")),
                           cache_dir=tmp_path / "cache")
@@ -245,7 +253,7 @@ def test_an_uncached_hub_model_fails_fast_with_what_to_do():
 
 
 @pytest.mark.parametrize("download", [False, True])
-def test_a_model_folder_that_does_not_exist_is_named_as_such(tmp_path, download):
+def test_a_model_folder_that_does_not_exist_is_named_as_such(tmp_path, download, no_network):
     from fewzero.side_info.text import load_sentence_encoder
 
     with pytest.raises(FileNotFoundError, match="does not exist") as err:
@@ -255,6 +263,7 @@ def test_a_model_folder_that_does_not_exist_is_named_as_such(tmp_path, download)
     (tmp_path / "model.safetensors").write_bytes(b"weights")
     with pytest.raises(FileNotFoundError, match="is a file"):
         load_sentence_encoder(str(tmp_path / "model.safetensors"), download=download)
+    assert not no_network
 
 
 def _draw_instrument(path: Path, color: str) -> None:
