@@ -92,8 +92,14 @@ def test_training_episodes_never_contain_validation_or_test_classes(tmp_path):
     dm.prepare_data()
     dm.setup("fit")
     train_ids = set(dm.class_ids["train"])
-    for episode in dm.train_dataloader():
+    loader = dm.train_dataloader()
+    for episode in loader:
         assert set(episode["classes"].tolist()) <= train_ids
+    sampler = loader.dataset.sampler  # the clips drawn, not only the classes they are said to be
+    for i in range(len(loader.dataset)):
+        ep = sampler.episode(loader.dataset.first_episode + i)
+        clips = torch.cat([ep.support, ep.query], dim=1)
+        assert torch.equal(dm.train_labels[clips], sampler.class_ids[ep.classes][:, None].expand_as(clips))
     for stage in ("val", "test"):
         labels = {int(b["label"]) for b in dm._excerpts(stage).dataset}
         assert labels == set(dm.class_ids[stage])
@@ -266,8 +272,9 @@ def test_whitening_is_fitted_on_training_instruments_only(tmp_path):
 
 def test_test_whitening_is_chosen_per_shot_count_on_validation_episodes(tmp_path):
     shrinkages, weights = [0.0625, 1.0, 16.0], [0.0, 0.5]
+    # seed=1: test episodes come from dataset.eval_seed (0), whatever the training seed
     cfg = compose_train_cfg(tmp_path, [f"model.test_shrinkages={shrinkages}",
-                                       f"model.test_support_weights={weights}"])
+                                       f"model.test_support_weights={weights}", "seed=1"])
     metrics, objects = train(cfg)
     dm, module = objects["datamodule"], objects["model"]
     net, distance = module.net, module.net.distance.cpu_copy()

@@ -64,11 +64,16 @@ def test_test_batches_hold_every_unseen_clip_and_only_the_seen_test_fold(tmp_pat
     assert set(labels[~is_unseen].tolist()) == set(dm.ids(dm.seen))
 
 
-def test_assert_clean_rejects_an_unseen_clip(tmp_path):
+def test_assert_clean_rejects_an_unseen_clip_and_one_of_no_split_class(tmp_path):
     dm = _datamodule(tmp_path)
     dm.assert_clean(dm.indices["train"])
     with pytest.raises(AssertionError, match="1 unseen-class"):
         dm.assert_clean(dm.indices["test_unseen"][:1])
+    clip = dm.indices["train"][:1]
+    assert int(dm.table.folds[clip]) != dm.test_fold
+    dm.labels[clip] = -1  # how setup labels a clip of an instrument outside dataset.split
+    with pytest.raises(AssertionError, match="Leak"):
+        dm.assert_clean(clip)
 
 
 @pytest.mark.parametrize(("override", "message"), [
