@@ -72,7 +72,7 @@ def test_assert_clean_rejects_an_unseen_clip_and_one_of_no_split_class(tmp_path)
     clip = dm.indices["train"][:1]
     assert int(dm.table.folds[clip]) != dm.test_fold
     dm.labels[clip] = -1  # how setup labels a clip of an instrument outside dataset.split
-    with pytest.raises(AssertionError, match="Leak"):
+    with pytest.raises(AssertionError, match="1 unlisted-class clips"):
         dm.assert_clean(clip)
 
 

@@ -255,9 +255,11 @@ class ZeroShotDataModule(StreamPosition, pl.LightningDataModule):
         folds = self.table.folds[clip_indices]
         unseen = torch.isin(labels, torch.tensor(self.ids(self.unseen), dtype=torch.long))
         test_fold = folds == self.test_fold
-        if bool(unseen.any()) or bool(test_fold.any()) or bool((labels < 0).any()):
-            raise AssertionError(f"Leak: {int(unseen.sum())} unseen-class and {int(test_fold.sum())} "
-                                 "test-fold clips in training or validation data.")
+        unlisted = labels < 0  # an instrument in neither the seen nor the unseen list
+        if bool(unseen.any()) or bool(test_fold.any()) or bool(unlisted.any()):
+            raise AssertionError(f"Leak: {int(unseen.sum())} unseen-class, {int(test_fold.sum())} "
+                                 f"test-fold and {int(unlisted.sum())} unlisted-class clips in "
+                                 "training or validation data.")
         if training and self.train_on == "train":
             pseudo = torch.isin(labels, torch.tensor(self.ids(self.pseudo_unseen), dtype=torch.long))
             val_fold = folds == self.val_fold if self.val_fold is not None else torch.zeros_like(pseudo)
