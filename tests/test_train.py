@@ -134,6 +134,14 @@ def test_n_way_larger_than_the_split_names_the_fix(tmp_path):
         dm.setup("fit")
 
 
+def test_two_test_settings_of_one_name_are_refused_naming_both(tmp_path):
+    cfg = compose_train_cfg(tmp_path, ["dataset.episodes.test=[{n_way: 5, n_shot: 5, n_query: 15, "
+                                       "n_episodes: 5}, {n_way: 5, n_shot: 5, n_query: 5, n_episodes: 50}]"])
+    with pytest.raises(Exception, match=r"5way_5shot: \{n_query: 15, n_episodes: 5\}, "
+                                         r"\{n_query: 5, n_episodes: 50\}.*fewzero.eval"):
+        hydra.utils.instantiate(cfg.dataset)
+
+
 @pytest.mark.parametrize("trainer", ["cpu", "gpu", "ddp"])
 def test_trainer_configs_compose(trainer):
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):

@@ -147,8 +147,9 @@ class FewShotDataModule(StreamPosition, pl.LightningDataModule):
         features: log-mel settings; features are cached under `cache_dir`.
         split: {"train": [...], "val": [...], "test": [...]} instrument names.
         episodes: {"train": {n_way, n_shot, n_query, n_episodes}, "val": {...},
-                   "test": [{...}, ...]}. Training's n_episodes is the optimiser steps per
-            epoch, each of one episode per process (under DDP, w processes read w episodes).
+                   "test": [{...}, ...]}, the test settings one per n_way/n_shot pair (their
+            name). Training's n_episodes is the optimiser steps per epoch, each of one episode
+            per process (under DDP, w processes read w episodes).
         excerpt_seconds: length of the excerpt the backbone sees. Training excerpts start at a
             random (seeded) time in [0, train_max_offset_seconds] (null: anywhere in the cached
             clip); validation and test excerpts start at `eval_offset_seconds`.
@@ -191,6 +192,24 @@ class FewShotDataModule(StreamPosition, pl.LightningDataModule):
                              f"instruments themselves); got {self.train_frequency_scales}.")
         self.table: FeatureTable | None = None
         self._check_split()
+        self._check_test_names()
+
+    def _check_test_names(self) -> None:
+        """Fail at construction on two test settings of one name (n_way and n_shot): their
+        metrics (`test/<name>_acc`), results and figures would be one, belonging to neither."""
+        by_name: dict[str, list[EpisodeSettings]] = {}
+        for settings in self.test_settings:
+            by_name.setdefault(settings.name, []).append(settings)
+        shared = {name: group for name, group in by_name.items() if len(group) > 1}
+        if shared:
+            listed = "; ".join(f"{name}: " + ", ".join(
+                f"{{n_query: {s.n_query}, n_episodes: {s.n_episodes}}}" for s in group)
+                for name, group in shared.items())
+            raise ValueError(f"dataset.episodes.test has several settings of the same n_way and "
+                             f"n_shot ({listed}): their metrics, results and figures are named by "
+                             "n_way and n_shot alone and would be mixed. Keep one setting per "
+                             "n_way/n_shot pair (more queries or episodes in that one), and test "
+                             "the other with python -m fewzero.eval.")
 
     def _check_split(self) -> None:
         """Fail at construction, before any audio is rendered: each stage lists a class once,
