@@ -106,6 +106,10 @@ def main() -> None:
 
     stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     out = args.out or ROOT / "outputs" / "benchmarks" / f"fsl_{stamp}"
+    finished = [str(p) for b in args.backbones
+                for p in (out / b / "metrics.json", out / f"{b}_unwhitened" / "metrics.json") if p.exists()]
+    if finished:  # fewzero.eval would refuse to write the unwhitened test over one, after training
+        parser.error(f"--out {out} holds finished runs ({', '.join(finished)}): pass another --out.")
     base = [f"trainer.max_steps={args.max_steps}", f"seed={args.seed}", "task_name=benchmark",
             *args.overrides]
 

@@ -29,6 +29,23 @@ def test_checkpoint_is_re_evaluated_with_other_episode_settings(tmp_path):
     assert report["checkpoint"] == str(ckpt.resolve())
 
 
+def test_eval_refuses_to_write_into_the_run_it_tests_or_over_another_runs_metrics(tmp_path):
+    cfg = compose_train_cfg(tmp_path, ["trainer.max_steps=2"])
+    train(cfg)  # composed by a script: train saves the run's .hydra/config.yaml itself
+    run = Path(cfg.paths.output_dir)
+    ckpt = run / "checkpoints" / "last.ckpt"
+    before = {p: p.read_bytes() for p in (run / "metrics.json", run / ".hydra" / "config.yaml")}
+    for out in (run, tmp_path / "other"):
+        if out != run:  # another run's folder, or an earlier evaluation's
+            out.mkdir()
+            (out / "metrics.json").write_text("{}")
+        with pytest.raises(ValueError, match=r"would overwrite its metrics.json.*Choose another "
+                                             r"hydra.run.dir, or leave it out"):
+            main([f"ckpt_path={ckpt}", f"hydra.run.dir={out}", "model.whitening=null"])
+    assert {p: p.read_bytes() for p in before} == before
+    assert (tmp_path / "other" / "metrics.json").read_text() == "{}"
+
+
 def test_overrides_must_name_keys_of_the_run_config_unless_added_with_a_plus():
     cfg = OmegaConf.create({"model": {"whitening": {"shrinkage": 1.0}, "plot_dir": "plots"}})
     changed = apply_overrides(cfg, ["model.whitening=null", "+model.extra=[1,2]"])

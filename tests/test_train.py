@@ -352,6 +352,24 @@ def test_few_shot_benchmark_describes_its_own_test_episodes_and_keeps_its_runs_r
     assert "invalid choice: 'trainer=gpu'" in capsys.readouterr().err
 
 
+def test_few_shot_benchmark_refuses_an_out_folder_with_finished_runs_before_training(
+        tmp_path, monkeypatch, capsys):
+    from conftest import load_script, tone_overrides
+
+    benchmark = load_script("benchmark_fsl")
+    finished = tmp_path / "bench" / "timbre_cnn_unwhitened" / "metrics.json"
+    finished.parent.mkdir(parents=True)
+    finished.write_text("{}")  # fewzero.eval would refuse to test over it, after the training
+    own = ("+trainer.enable_progress_bar", "~callbacks.progress_bar", "trainer.max_steps=")
+    tones = [o for o in tone_overrides(tmp_path) if not o.startswith(own)]
+    monkeypatch.setattr("sys.argv", ["benchmark_fsl.py", "--max-steps", "1", "--data-episodes", "1",
+                                     "--tutorial-episodes", "1", "--out", str(tmp_path / "bench"),
+                                     *tones, "--backbones", "timbre_cnn"])
+    with pytest.raises(SystemExit):
+        benchmark.main()
+    assert "holds finished runs" in capsys.readouterr().err and finished.read_text() == "{}"
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_keep_freed_memory_is_set_on_linux():
     assert keep_freed_memory()  # mallopt accepted both settings

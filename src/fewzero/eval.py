@@ -9,7 +9,7 @@ checkpoint records when it was moved out of its run), the overrides
 `+key=value`) are applied on top, and the same metrics.json, figures and
 TensorBoard logs as in training are written to a new directory under outputs/eval/runs/, or to
 `hydra.run.dir=<dir>` as for `fewzero.train` (the one Hydra setting it reads: it is not a Hydra
-application).
+application), which may be neither the checkpoint's run directory nor one holding a metrics.json.
 """
 
 from __future__ import annotations
@@ -166,6 +166,21 @@ def check_tested_clips_unheard(trained: DictConfig, tested: DictConfig) -> None:
                          "a run whose split keeps them out.")
 
 
+def check_output_dir(ckpt: Path, output_dir: Path) -> None:
+    """Refuse an output directory that is the checkpoint's own run directory or already holds a
+    metrics.json: the evaluation would overwrite that run's metrics.json, .hydra/config.yaml
+    (which `fewzero.eval` rebuilds the model from), figures and TensorBoard logs."""
+    own_run = output_dir.resolve() == ckpt.resolve().parent.parent
+    if own_run or (output_dir / "metrics.json").exists():
+        raise ValueError(
+            f"hydra.run.dir={output_dir} is "
+            + ("the run directory of the checkpoint" if own_run else "a run directory that holds a "
+               "metrics.json already")
+            + ": the evaluation would overwrite its metrics.json, config, figures and TensorBoard "
+            "logs. Choose another hydra.run.dir, or leave it out (a new directory under "
+            "outputs/eval/runs/).")
+
+
 def evaluate(ckpt_path: str | Path, overrides: list[str], output_dir: str | Path,
              run_config: str | Path | None = None) -> tuple[dict[str, float], dict[str, Any]]:
     """Test `ckpt_path` with the run's config plus `overrides`; results go to `output_dir`."""
@@ -176,6 +191,7 @@ def evaluate(ckpt_path: str | Path, overrides: list[str], output_dir: str | Path
             f"Checkpoint {ckpt} does not exist. Pass ckpt_path=<run>/checkpoints/<file>.ckpt"
             + (f"; {ckpt.parent} has {found}." if found else
                " (a run's checkpoints are in its checkpoints/ folder)."))
+    check_output_dir(ckpt, Path(output_dir))
     trained = load_run_config(ckpt, Path(run_config) if run_config else None)
     cfg = apply_overrides(trained, overrides)
     check_tested_clips_unheard(trained, cfg)
