@@ -334,12 +334,19 @@ def test_few_shot_benchmark_describes_its_own_test_episodes_and_keeps_its_runs_r
     own = ("+trainer.enable_progress_bar", "~callbacks.progress_bar", "trainer.max_steps=")
     tones = [o for o in tone_overrides(tmp_path) if not o.startswith(own)]
     out = tmp_path / "bench"
-    monkeypatch.setattr("sys.argv", ["benchmark_fsl.py", "--max-steps", "2", "--data-episodes", "3",
+    monkeypatch.setattr("sys.argv", ["benchmark_fsl.py", "--max-steps", "9", "--data-episodes", "3",
                                      "--tutorial-episodes", "1", "--out", str(out), *tones,
-                                     "--backbones", "timbre_cnn"])
+                                     "trainer.max_steps=2", "seed=3", "--backbones", "timbre_cnn"])
     benchmark.main()
     table = (out / "benchmark.md").read_text()
+    # the overrides win over --max-steps and --seed, and the table says what the run was given
+    assert "Training budget: 2 steps of 5-way 5-shot 2-query episodes, seed 3;" in table
     assert "6 episodes of 5-way 1-shot (5 queries per class); 6 episodes of 5-way 5-shot" in table
+    # the whitening's choice on validation episodes is timed apart from the test episodes
+    run_row = json.loads((out / "benchmark.json").read_text())["runs"]["timbre_cnn"]
+    assert run_row["whitening_choice_s"] > 0 and run_row["eval_s_per_episode"] > 0
+    assert "| timbre_cnn: evaluation s/episode (embedding included, whitening choice excluded) |" in table
+    assert "| timbre_cnn: whitening choice on validation episodes, once per test (s) |" in table
     assert "one training run's, +- its 95% interval over the test episodes" in table
     assert "| timbre_cnn: 5way 5shot accuracy |" in table
     assert "| timbre_cnn, same checkpoint without whitening: 5way 1shot accuracy |" in table
@@ -350,6 +357,22 @@ def test_few_shot_benchmark_describes_its_own_test_episodes_and_keeps_its_runs_r
     with pytest.raises(SystemExit):  # an override after --backbones is not taken for a backbone
         benchmark.main()
     assert "invalid choice: 'trainer=gpu'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option", ["--max-steps", "--data-episodes", "--tutorial-episodes"])
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_few_shot_benchmark_refuses_counts_below_one_before_any_work(option, value, tmp_path,
+                                                                    monkeypatch, capsys):
+    from conftest import load_script, tone_overrides
+
+    benchmark = load_script("benchmark_fsl")
+    # --max-steps -1 trained without limit; 0 episodes divided by zero, or printed nonsense
+    tones = [o for o in tone_overrides(tmp_path) if not o.startswith("trainer.max_steps=")]
+    monkeypatch.setattr("sys.argv", ["benchmark_fsl.py", option, value, "--out", str(tmp_path / "b"),
+                                     *tones, "--backbones"])
+    with pytest.raises(SystemExit):
+        benchmark.main()
+    assert f"argument {option}: {value} is not above 0" in capsys.readouterr().err
 
 
 def test_few_shot_benchmark_refuses_an_out_folder_with_finished_runs_before_training(

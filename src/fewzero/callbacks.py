@@ -29,7 +29,9 @@ class StageTimer(pl.Callback):
     Results (also logged to the loggers as `time/*` when training/testing ends):
         train_seconds: summed time of training batches (validation excluded).
         train_steps: number of training batches timed.
-        test_seconds: time from test start to end (embedding + all test episodes).
+        test_seconds: time from test start to end (embedding, all test episodes, and what the
+            model chooses at test time: the few-shot whitening on validation episodes, whose
+            share is `FewShotModule.whitening_choice_seconds`).
     """
 
     def __init__(self) -> None:

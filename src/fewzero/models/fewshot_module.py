@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,10 @@ class FewShotModule(ResumableModule):
         selection_episodes: validation episodes per candidate pair and shot count.
         plot_dir: where test figures are written as PNG (also sent to TensorBoard).
         plot_episodes: how many test episodes the embedding figure shows.
+
+    After a test, `whitening_choice_seconds` is the wall time the test spent choosing the
+    whitening on validation episodes (embedding the validation clips included; 0 without a
+    choice), part of the test's time (`StageTimer`'s test_seconds).
     """
 
     def __init__(self, backbone: nn.Module, distance: Distance, loss: nn.Module,
@@ -72,6 +77,7 @@ class FewShotModule(ResumableModule):
         self._embeddings: list[torch.Tensor] = []
         self._indices: list[torch.Tensor] = []
         self.test_results: dict[str, EpisodeResults] = {}
+        self.whitening_choice_seconds = 0.0
 
     # ---- training ---------------------------------------------------------------------
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -185,13 +191,17 @@ class FewShotModule(ResumableModule):
         if whitening is not None:
             self._fit_whitening()
             defaults = whitening.shrinkage, whitening.support_weight
+        start = time.perf_counter()
         val_embeddings = self._val_embeddings() if selects else None
+        self.whitening_choice_seconds = time.perf_counter() - start
         by_setting = {}  # for the pictures: whitened with the training classes' matrix
         unadapted: dict[str, float] = {}  # settings whose scoring adapted it to each support set
         for settings in dm.test_settings:
             if selects:
+                start = time.perf_counter()
                 whitening.shrinkage, whitening.support_weight = self._select_whitening(
                     settings, val_embeddings)
+                self.whitening_choice_seconds += time.perf_counter() - start
                 self.log(f"test/{settings.name}_whitening_shrinkage", whitening.shrinkage,
                          sync_dist=True)
                 self.log(f"test/{settings.name}_whitening_support_weight",
