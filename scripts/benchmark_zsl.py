@@ -26,6 +26,7 @@ import statistics
 import time
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -111,25 +112,30 @@ COLUMNS = {"val H": "val_gzsl_cs_h_best", "seen": "seen_top1", "unseen": "zsl_to
            "s": "gzsl_cs_s", "H": "gzsl_cs_h", "H (no cal.)": "gzsl_h"}
 
 
-def run_once(overrides: list[str], run_dir: Path, also_selected: bool = False) -> dict[str, float]:
+def run_once(overrides: list[str], run_dir: Path, also_selected: bool = False) -> dict[str, Any]:
     """Train + test one recipe and seed (reusing a finished run's metrics.json).
 
     Returns the test metrics ("zero_shot" of metrics.json) plus `val_gzsl_cs_h_best` (the
     validation score of the selected checkpoint), `val_zsl_top1_last` (pseudo-unseen top-1 at
-    the last validation), `refit_steps` and `seconds` (wall time of train + refit + test).
+    the last validation), `refit_steps`, `seconds` (wall time of train + refit + test) and
+    `device` (where it trained), and from the run's config `max_steps`, `batch_size`, `source`,
+    `backbone` and `excerpt_seconds`.
     also_selected: after a refit, also test the validation-selected checkpoint itself (in
     `<run_dir>/selected/`, no training) and add its metrics as `selected_<name>`.
     A run folder records its overrides; reusing it with other ones (another --max-steps, say) is
     an error, so that one table never mixes settings.
     """
     done, timing = run_dir / "metrics.json", run_dir / "benchmark_seconds.txt"
+    device = run_dir / "benchmark_device.txt"
     check_same_overrides(overrides, run_dir)
-    cfg = compose_train_config(overrides, run_dir)
+    cfg = compose_train_config(overrides, run_dir)  # a mistyped override stops here: nothing written
     if not done.exists():
+        record_overrides(overrides, run_dir)
         save_run_overrides(overrides, run_dir)
         start = time.perf_counter()
-        train(cfg)
+        _, objects = train(cfg)
         timing.write_text(f"{time.perf_counter() - start:.1f}\n")
+        device.write_text(device_name(objects["trainer"]) + "\n")
     report = json.loads(done.read_text())
     metrics, refit = report["metrics"], report.get("refit_on_trainval", {})
     return {**{k: v for k, v in report["zero_shot"].items() if isinstance(v, float)},
@@ -138,24 +144,53 @@ def run_once(overrides: list[str], run_dir: Path, also_selected: bool = False) -
             "refit_steps": refit.get("steps", 0),
             "max_steps": cfg.trainer.max_steps,
             "batch_size": cfg.dataset.batch_size,
+            "source": cfg.dataset.source._target_.rsplit(".", 1)[-1],
+            "backbone": cfg.model.backbone._target_.rsplit(".", 1)[-1],
+            "excerpt_seconds": cfg.dataset.excerpt_seconds,
             "seconds": float(timing.read_text()) if timing.exists() else float("nan"),
+            "device": device.read_text().strip() if device.exists() else "device not recorded",
             **(score_selected(overrides, run_dir, refit["selected_checkpoint"])
                if also_selected and refit else {})}
 
 
+def device_name(trainer: Any) -> str:
+    """The device a trainer ran on: the GPU's name, or the CPU and torch's thread count."""
+    root = trainer.strategy.root_device
+    if root.type == "cuda":
+        return torch.cuda.get_device_name(root)
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def by_key(overrides: list[str]) -> dict[str, list[str]]:
+    """Overrides as the settings they make: the same in any order, except the order of those of
+    one key (the last wins)."""
+    keyed: dict[str, list[str]] = {}
+    for override in overrides:
+        keyed.setdefault(override.lstrip("+~").split("=", 1)[0], []).append(override)
+    return keyed
+
+
 def check_same_overrides(overrides: list[str], run_dir: Path) -> None:
-    """Exit if `run_dir` holds a run made with other overrides; record them for a new run.
-    Finished runs from before this record existed are accepted, and not given one."""
+    """Exit if `run_dir` holds a run made with other overrides (`record_overrides`; in any
+    order). Finished runs from before this record existed are accepted."""
     record = run_dir / "benchmark_overrides.json"
-    if record.exists():
-        previous = json.loads(record.read_text())
-        if previous != overrides:
-            changed = sorted(set(previous) ^ set(overrides))
-            raise SystemExit(f"{run_dir} holds a run made with other overrides (differing: "
-                             f"{', '.join(changed)}). Pass another --out, or the same settings "
-                             "to reuse it.")
+    if not record.exists():
         return
-    if (run_dir / "metrics.json").exists():
+    then, now = by_key(json.loads(record.read_text())), by_key(overrides)
+    changed = sorted(key for key in then.keys() | now.keys() if then.get(key) != now.get(key))
+    if changed:
+        differences = "; ".join(f"{' '.join(then.get(key, ['(not set)']))} in the run, "
+                                f"{' '.join(now.get(key, ['(not set)']))} now" for key in changed)
+        raise SystemExit(f"{run_dir} holds a run made with other overrides ({differences}). Pass "
+                         "another --out, or the same settings to reuse it.")
+
+
+def record_overrides(overrides: list[str], run_dir: Path) -> None:
+    """Record a new run's overrides in `run_dir`, once its config has composed (a mistyped
+    override leaves nothing to lock the folder). Finished runs from before this record existed
+    are not given one."""
+    record = run_dir / "benchmark_overrides.json"
+    if record.exists() or (run_dir / "metrics.json").exists():
         return
     run_dir.mkdir(parents=True, exist_ok=True)
     record.write_text(json.dumps(overrides, indent=1) + "\n")
@@ -171,6 +206,11 @@ def score_selected(overrides: list[str], run_dir: Path, checkpoint: str) -> dict
     return {f"selected_{k}": v for k, v in report.items() if isinstance(v, float)}
 
 
+def values_of(results: dict[str, list[dict[str, Any]]], key: str) -> str:
+    """The runs' values of one setting, e.g. "1500" or "200/1500" (max_steps)."""
+    return "/".join(str(v) for v in sorted({r[key] for runs in results.values() for r in runs}))
+
+
 def mean_std(values: list[float]) -> str:
     """"mean ± sample std" over seeds; one seed has no spread, and says so."""
     if len(values) == 1:
@@ -178,48 +218,58 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
+def positive_int(text: str) -> int:
+    """argparse type: a whole number above 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not above 0")
+    return value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--max-steps", type=int, default=None,
+    parser.add_argument("--max-steps", type=positive_int, default=None,
                         help="training steps of every run (default: each experiment's own, 1500)")
-    parser.add_argument("--batch-size", type=int, default=None,
+    parser.add_argument("--batch-size", type=positive_int, default=None,
                         help="training batch of every run (default: the dataset's own, 32)")
     parser.add_argument("--recipes", nargs="+", default=DEFAULT_RECIPES, choices=list(RECIPES))
     parser.add_argument("--out", type=Path, default=None, help="output folder (resumes runs)")
     parser.add_argument("--also-selected", action="store_true",
                         help="also test each validation-selected checkpoint without the refit")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch CPU threads (1 is much faster on a CPU shared with another job)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run")
     args = parser.parse_args()
-    if args.threads:
+    repeated = sorted({seed for seed in args.seeds if args.seeds.count(seed) > 1})
+    if repeated:  # one run folder per seed: a repeat would count the same run twice
+        parser.error(f"--seeds lists {repeated} more than once: list each seed once.")
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
 
     stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     out = args.out or ROOT / "outputs" / "benchmarks" / f"zsl_{stamp}"
-    base = [*([f"trainer.max_steps={args.max_steps}"] if args.max_steps else []),
-            *([f"dataset.batch_size={args.batch_size}"] if args.batch_size else []),
+    base = [*([f"trainer.max_steps={args.max_steps}"] if args.max_steps is not None else []),
+            *([f"dataset.batch_size={args.batch_size}"] if args.batch_size is not None else []),
             "task_name=benchmark", "~callbacks.progress_bar", "+trainer.enable_progress_bar=false",
             *args.overrides]
-    results: dict[str, list[dict[str, float]]] = {}
+    results: dict[str, list[dict[str, Any]]] = {}
     for name in args.recipes:
         _, overrides = RECIPES[name]
         results[name] = [run_once([*overrides, *base, f"seed={seed}"], out / name / f"seed{seed}",
                                   args.also_selected) for seed in args.seeds]
 
     columns = COLUMNS | (SELECTED_COLUMNS if args.also_selected else {})
-    max_steps = sorted({int(r["max_steps"]) for rs in results.values() for r in rs})
-    batch_sizes = sorted({int(r["batch_size"]) for rs in results.values() for r in rs})
-    device = (torch.cuda.get_device_name(0) if "gpu" in " ".join(args.overrides)
-              else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
+    device = " and ".join(sorted({r["device"] for rs in results.values() for r in rs}))
     lines = [
-        f"### Zero-shot benchmark, rendered SOL, {device}, {stamp}",
+        f"### Zero-shot benchmark, {values_of(results, 'source')}, {device}, {stamp}",
         "",
-        f"{'/'.join(str(n) for n in max_steps)} training steps of "
-        f"{'/'.join(str(n) for n in batch_sizes)} one-second "
-        "excerpts, timbre_cnn "
+        f"{values_of(results, 'max_steps')} training steps of {values_of(results, 'batch_size')} "
+        f"excerpts of {values_of(results, 'excerpt_seconds')} s, {values_of(results, 'backbone')} "
         f"encoder, seeds {args.seeds} (mean ± std); identical splits and test clips for every run. "
         "Per-class mean top-1: seen = seen test fold among seen classes; unseen = ZSL among unseen "
         "classes; u, s, H = GZSL among all classes with calibrated stacking (penalty chosen on "

@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -275,7 +276,9 @@ def test_zsl_benchmark_reports_the_runs_own_length_and_batch_and_refuses_mixed_s
     monkeypatch.setattr("sys.argv", argv)
     benchmark.main()  # no --max-steps, no --batch-size: each run keeps its own (4 steps of 8)
     table = (out / "benchmark.md").read_text()
-    assert "4 training steps of 8 one-second excerpts" in table
+    # the runs' own source, device, excerpts and encoder, not rendered SOL's and timbre_cnn's
+    assert table.startswith("### Zero-shot benchmark, SyntheticTones, CPU (")
+    assert "4 training steps of 8 excerpts of 1.0 s, TimbreCNN encoder" in table
     assert benchmark.RECIPES["attribute_plain"][0] in table
     assert "(1 seed)" in table and "±" not in table.split("| attribute", 1)[1]  # no spread of one
     runs = json.loads((out / "benchmark.json").read_text())["runs"]
@@ -288,8 +291,45 @@ def test_zsl_benchmark_reports_the_runs_own_length_and_batch_and_refuses_mixed_s
     assert not failed and [c.name for c in configs] == [",".join(sorted(
         o for o in json.loads((run / "benchmark_overrides.json").read_text()) if o != "seed=0"))]
     monkeypatch.setattr("sys.argv", [*argv[:1], "--max-steps", "6", *argv[1:]])
-    with pytest.raises(SystemExit, match="trainer.max_steps=6"):
+    with pytest.raises(SystemExit, match=r"trainer.max_steps=4 in the run, trainer.max_steps=6"):
         benchmark.main()  # the folder's run trained 4 steps: not reused under another setting
+
+
+def test_zsl_benchmark_compares_overrides_in_any_order_and_records_them_once_they_compose(tmp_path):
+    benchmark = load_script("benchmark_zsl")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "benchmark_overrides.json").write_text(json.dumps(["experiment=zsl_word_audio", "seed=0"]))
+    benchmark.check_same_overrides(["seed=0", "experiment=zsl_word_audio"], run)  # same settings
+    with pytest.raises(SystemExit, match="seed=0 in the run, seed=1 now"):
+        benchmark.check_same_overrides(["seed=1", "experiment=zsl_word_audio"], run)
+    with pytest.raises(SystemExit, match="seed=0 in the run, seed=1 seed=0 now"):  # the last wins
+        benchmark.check_same_overrides(["seed=1", "seed=0", "experiment=zsl_word_audio"], run)
+    # a mistyped override stops at composing, and leaves no record to lock the folder
+    typo = tmp_path / "typo"
+    with pytest.raises(Exception, match="max_stpes"):
+        benchmark.run_once(["experiment=zsl_word_audio", "trainer.max_stpes=3"], typo)
+    assert not (typo / "benchmark_overrides.json").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--max-steps", "0"], "argument --max-steps: 0 is not above 0"),  # was taken for "not given"
+    (["--batch-size", "0"], "argument --batch-size: 0 is not above 0"),
+    (["--threads", "0"], "argument --threads: 0 is not above 0"),
+    (["--threads", "-2"], "argument --threads: -2 is not above 0"),  # was torch's traceback
+    (["--seeds", "1", "1"], r"--seeds lists \[1\] more than once"),
+])
+def test_zsl_benchmark_refuses_bad_arguments_before_any_run(tmp_path, monkeypatch, capsys, args,
+                                                            message):
+    benchmark = load_script("benchmark_zsl")
+    own = ("+trainer.enable_progress_bar", "~callbacks.progress_bar")
+    tones = [o for o in tone_overrides(tmp_path, zero_shot=True) if not o.startswith(own)]
+    monkeypatch.setattr("sys.argv", ["benchmark_zsl.py", "--seeds", "0", *args, "--recipes",
+                                     "attribute_plain", "--out", str(tmp_path / "bench"), *tones])
+    with pytest.raises(SystemExit):
+        benchmark.main()
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "bench").exists()
 
 
 def test_every_zsl_benchmark_recipe_composes_with_the_real_configs(tmp_path):
