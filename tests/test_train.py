@@ -183,6 +183,14 @@ def test_run_suffix_is_path_safe_and_short():
     assert run_suffix("x=" + "a" * 300) != run_suffix("x=" + "a" * 299 + "b")
 
 
+def test_run_directory_names_the_experiment_among_the_overrides():
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=zsl_word_audio", "debug=fast"],
+                      return_hydra_config=True)
+    # TensorBoard names a run by its directory: four zero-shot experiments were all "debug=fast"
+    assert cfg.hydra.run.dir.endswith("_debug=fast,experiment=zsl_word_audio")
+
+
 def test_frequency_scaled_training_classes_stay_in_training(tmp_path):
     cfg = compose_train_cfg(tmp_path, ["dataset.episodes.train.n_episodes=20",
                                        "dataset.train_frequency_scales=[0.75,1.3333]"])
