@@ -308,6 +308,29 @@ def test_confusion_picture_keeps_the_column_of_a_predicted_class_without_clips()
     assert [t.get_text() for t in figure.axes[0].get_yticklabels()] == ["a", "c", "d"]
 
 
+def test_class_cv_figure_scales_y_by_the_score_kind_and_says_when_a_tie_kept_the_weight():
+    import matplotlib.pyplot as plt
+
+    from fewzero.plots import weight_choice_figure
+
+    candidates, name = [0.0, 0.1, 0.4], "pseudo-unseen per-class log-likelihood"
+    # one pseudo-unseen class: every weight gives its clips log-likelihood 0
+    tied = weight_choice_figure(candidates, torch.zeros(1, 3), ["fold 0: Flute"], 0.1, "cv", name,
+                                accuracy=False)
+    ax = tied.axes[0]
+    assert ax.get_ylim() != (-0.02, 1.02)  # not drawn as an accuracy of 0
+    assert any("validation cannot choose" in t.get_text() and "0.1, was kept" in t.get_text()
+               for t in ax.texts)
+    assert "kept 0.1 (a tie)" in [t.get_text() for t in ax.get_legend().get_texts()]
+    scores = torch.tensor([[-1.0, -0.5, -0.7], [-0.9, -0.6, -0.8]])  # a choice: no such note
+    chosen = weight_choice_figure(candidates, scores, ["a", "b"], 0.1, "cv", name, accuracy=False)
+    assert not chosen.axes[0].texts and chosen.axes[0].get_ylim()[1] < 0
+    assert "chosen 0.1" in [t.get_text() for t in chosen.axes[0].get_legend().get_texts()]
+    top1 = weight_choice_figure(candidates, torch.tensor([[0.2, 0.4, 0.3]]), ["a"], 0.1, "cv")
+    assert top1.axes[0].get_ylim() == (-0.02, 1.02)  # an accuracy: all of [0, 1]
+    plt.close("all")
+
+
 def test_clips_repeated_by_a_distributed_sampler_are_counted_once():
     from fewzero.models.zeroshot_module import first_occurrences
 

@@ -135,19 +135,31 @@ def zsl_embedding_figure(audio: torch.Tensor, labels: torch.Tensor, class_points
 
 def weight_choice_figure(candidates: Sequence[float], fold_scores: torch.Tensor,
                          fold_names: Sequence[str], chosen: float, title: str,
-                         score_name: str = "pseudo-unseen per-class top-1") -> Figure:
+                         score_name: str = "pseudo-unseen per-class top-1",
+                         accuracy: bool = True) -> Figure:
     """Validation score (`score_name`) of every candidate weight, one line per fold and their
-    mean (bold), with the chosen weight marked. fold_scores: (n_folds, n_candidates)."""
+    mean (bold), with the chosen weight marked. fold_scores: (n_folds, n_candidates).
+    `accuracy`: the score lies in [0, 1] (the y axis shows all of it); else y fits the scores.
+    Where every candidate's mean ties, nothing was chosen: the figure says that the configured
+    weight (`chosen`: the candidate closest to it) was kept."""
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     x = list(range(len(candidates)))  # evenly spaced: the candidates are roughly geometric
     for scores, name in zip(fold_scores.tolist(), fold_names, strict=True):
         ax.plot(x, scores, marker="o", alpha=0.6, label=name)
-    ax.plot(x, fold_scores.mean(dim=0).tolist(), marker="o", color="black", linewidth=2.5, label="mean")
-    ax.axvline(list(candidates).index(chosen), color="red", linestyle="--", label=f"chosen {chosen:g}")
+    mean = fold_scores.mean(dim=0)
+    ax.plot(x, mean.tolist(), marker="o", color="black", linewidth=2.5, label="mean")
+    tie = bool((mean == mean[0]).all())
+    ax.axvline(list(candidates).index(chosen), color="red", linestyle="--",
+               label=f"kept {chosen:g} (a tie)" if tie else f"chosen {chosen:g}")
+    if tie:
+        ax.text(0.5, 0.85, f"every weight scores {float(mean[0]):.4g}: validation cannot choose,\n"
+                f"so the configured weight (or the candidate closest to it), {chosen:g}, was kept",
+                transform=ax.transAxes,
+                ha="center", va="center", fontsize=9, bbox={"facecolor": "white", "alpha": 0.9})
     ax.set_xticks(x, [f"{c:g}" for c in candidates])
     ax.set_xlabel("weight of the prior")
     ax.set_ylabel(score_name)
-    if bool(((fold_scores >= 0) & (fold_scores <= 1)).all()):  # an accuracy: show all of [0, 1]
+    if accuracy:  # show all of [0, 1]
         ax.set_ylim(-0.02, 1.02)
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))

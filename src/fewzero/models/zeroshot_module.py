@@ -292,7 +292,8 @@ class ZeroShotModule(ResumableModule):
         figure = weight_choice_figure(self.pitch_prior.weight_candidates, fold_scores,
                                       [f"fold {k}: " + ", ".join(names) for k, names in enumerate(folds)],
                                       chosen, "ZSL weight of the prior, by class cross-validation",
-                                      ZSL_SCORES[self.pitch_prior.zsl_score])
+                                      ZSL_SCORES[self.pitch_prior.zsl_score],
+                                      accuracy=self.pitch_prior.zsl_score == "top1")
         save_figure(figure, "val/class_cv_prior_weight", self.plot_dir, loggers, step)
 
     # ---- checkpoints: a closed-form head is refitted on every batch embedded so far ----
