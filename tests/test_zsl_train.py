@@ -18,7 +18,7 @@ from fewzero.data.datamodule import FewShotDataModule
 from fewzero.data.features import MelFeatures
 from fewzero.models.zeroshot_module import check_init_checkpoint, load_backbone_weights
 from fewzero.report import collect
-from fewzero.train import train
+from fewzero.train import _flat_hparams, train
 
 WORD = ["experiment=zsl_attribute_audio"]  # word-audio split; attribute table needs no package
 
@@ -144,6 +144,19 @@ def report_checkpoint(run: Path, metrics: dict) -> str:
     path = metrics["test/checkpoint"]
     assert path and Path(path).parent == run / "checkpoints"
     return path
+
+
+def test_hparams_give_a_table_one_entry_and_a_repeated_subtree_one_pointer(tmp_path):
+    cfg = compose_train_cfg(tmp_path, ["experiment=zsl_attribute_audio"])
+    flat = _flat_hparams(cfg)
+    # the attribute table was flattened three times, field by field (833 hparams in all)
+    assert not [k for k in flat if "/table/" in k or k.startswith(("model/side_info/", "model/loss/"))]
+    assert flat["side_info/table"] == flat["model/pitch_prior/formants/table"] == "14 entries"
+    assert flat["model/side_info"] == "same as side_info" and flat["model/loss"] == "same as loss"
+    assert flat["model/pitch_prior/formants/features"] == "same as dataset/features"
+    assert flat["dataset/source/instruments"] == f"{len(cfg.dataset.source.instruments)} entries"
+    assert flat["model/pitch_prior/zsl_score"] == "log_likelihood" and flat["loss/temperature"] == 0.1
+    assert len(flat) < 150
 
 
 def test_eszsl_fits_in_closed_form_on_a_frozen_encoder(tmp_path):

@@ -256,18 +256,39 @@ def check_side_info_is_read(cfg: DictConfig) -> None:
             "zsl_attribute_audio or zsl_image_audio).")
 
 
+# per-class settings (the source's instrument list, the attribute table, descriptions, image
+# files): one entry each in the HPARAMS tab, "<n> entries", not one per class and field
+PER_CLASS_KEYS = ("instruments", "table", "words", "descriptions", "files", "folders")
+
+
+def _summarised(node: Any, path: str, seen: dict[str, str]) -> Any:
+    """`node` for the HPARAMS tab: a PER_CLASS_KEYS entry as its number of entries, and a
+    subtree equal to one met before (`seen`: its JSON -> path) as "same as <that path>": the
+    model's ${loss} and ${side_info}, the formant likelihood's ${dataset.features}."""
+    if path.rsplit("/", 1)[-1] in PER_CLASS_KEYS and isinstance(node, dict | list):
+        return f"{len(node)} entries"
+    if not isinstance(node, dict) or not node:
+        return node
+    key = json.dumps(node, sort_keys=True, default=str)
+    if key in seen:
+        return f"same as {seen[key]}"
+    seen[key] = path
+    return {name: _summarised(value, f"{path}/{name}", seen) for name, value in node.items()}
+
+
 def _flat_hparams(cfg: DictConfig) -> dict[str, Any]:
-    """Config flattened to `a/b/c: value` scalars for TensorBoard's HPARAMS tab."""
+    """Config flattened to `a/b/c: value` scalars for TensorBoard's HPARAMS tab (per-class
+    settings and repeated subtrees summarised: `_summarised`)."""
     flat: dict[str, Any] = {}
     container = OmegaConf.to_container(cfg, resolve=True)
-    for group in ("dataset", "model", "trainer", "loss", "side_info"):
-        for key, value in flatten_config(container.get(group, {}), group, sep="/").items():
+    seen: dict[str, str] = {}
+    for group in ("dataset", "trainer", "loss", "side_info", "model"):  # the model's copies last
+        node = _summarised(container.get(group, {}), group, seen)
+        for key, value in flatten_config(node, group, sep="/").items():
             flat[key] = "null" if value is None else value if isinstance(value, bool | int | float | str) \
                 else str(value)
     flat["seed"] = cfg.get("seed")
     flat["tags"] = ",".join(str(t) for t in cfg.get("tags") or [])
-    if "source" in cfg.dataset:
-        flat["dataset/source/instruments"] = f"{len(cfg.dataset.source.get('instruments', []) or [])} entries"
     return flat
 
 
