@@ -331,6 +331,34 @@ def test_class_cv_figure_scales_y_by_the_score_kind_and_says_when_a_tie_kept_the
     plt.close("all")
 
 
+def test_zsl_embedding_figure_gives_classes_distinct_hues_or_markers_and_a_legend_of_both_marks():
+    import matplotlib
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    from fewzero.plots import zsl_embedding_figure
+
+    names = [f"class {k}" for k in range(14)]  # rendered SOL's 14 instruments
+    labels = torch.arange(14).repeat_interleave(3)
+    class_points = torch.randn(14, 8, generator=torch.Generator().manual_seed(0))
+    figure = zsl_embedding_figure(class_points[labels] + 0.1, labels, class_points, names, [9, 10], "t")
+    ax = figure.axes[0]
+    tab10 = {tuple(round(v, 4) for v in colour) for colour in matplotlib.colormaps["tab10"].colors}
+    vectors = ax.collections[1::2]  # each class: its audio clips, then its class vector
+    drawn = set()
+    for vector in vectors:
+        colour = tuple(round(float(v), 4) for v in vector.get_facecolor()[0][:3])
+        assert colour in tab10  # ten distinct hues, never two shades of one (tab20: Cello, Oboe)
+        drawn.add((colour, vector.get_paths()[0].vertices.tobytes()))
+    assert len(vectors) == len(drawn) == 14  # classes of one hue differ in marker
+    legend = ax.get_legend()
+    assert [t.get_text() for t in legend.get_texts()][9:11] == ["class 9 (unseen)", "class 10 (unseen)"]
+    marks = [(line.get_marker(), line.get_markersize()) for line in legend.findobj(Line2D)]
+    assert marks[:4] == [("o", 4.0), ("*", 11.0), ("o", 4.0), ("*", 11.0)]  # audio, class vector
+    assert len(marks) == 28 and marks[20:22] == [("s", 4.0), ("P", 11.0)]  # classes 10-13
+    plt.close(figure)
+
+
 def test_clips_repeated_by_a_distributed_sampler_are_counted_once():
     from fewzero.models.zeroshot_module import first_occurrences
 

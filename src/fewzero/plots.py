@@ -13,6 +13,8 @@ matplotlib.use("Agg")  # headless: never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.legend_handler import HandlerTuple  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 
 from fewzero.data.episodes import EpisodeSampler  # noqa: E402
 
@@ -101,32 +103,48 @@ def confusion_figure(confusion: torch.Tensor, class_names: Sequence[str], title:
     return fig
 
 
+# classes k, k + 10, k + 20, ... share tab10's k-th hue (ten distinct ones, no two shades of
+# one), told apart by their markers: (audio clip, class vector) for each group of ten classes
+CLASS_MARKERS = (("o", "*"), ("s", "P"), ("^", "X"), ("D", "p"))
+
+
 def zsl_embedding_figure(audio: torch.Tensor, labels: torch.Tensor, class_points: torch.Tensor,
                          class_names: Sequence[str], unseen_ids: Sequence[int], title: str) -> Figure:
-    """Audio embeddings (dots) and class vectors (stars) in the shared space, 2-D PCA.
+    """Audio embeddings (small marks) and class vectors (large ones) in the shared space, 2-D PCA.
+    Each class has its own colour and marker pair (CLASS_MARKERS); its legend entry shows both.
 
     Args:
         audio: (n, d) audio embeddings in the shared space.
         labels: (n,) class ids of the audio.
         class_points: (n_classes, d) class vectors mapped into the same space.
-        unseen_ids: ids drawn with a black-edged star and "(unseen)" in the legend.
+        unseen_ids: ids drawn with a black-edged class marker and "(unseen)" in the legend.
     """
     xy = _pca_2d(torch.cat([audio, class_points]).float())
     audio_xy, class_xy = xy.split([audio.shape[0], class_points.shape[0]])
-    colors = plt.get_cmap("tab20")
+    colors = plt.get_cmap("tab10")
     star = 320 if len(class_names) <= MAX_NAMED_CLASSES else 60
     fig, ax = plt.subplots(figsize=(8.5, 6.5))
+    handles, names = [], []
     for c, name in enumerate(class_names):
-        color, unseen = colors(c % 20), c in set(unseen_ids)
+        color, unseen = colors(c % 10), c in set(unseen_ids)
+        audio_marker, class_marker = CLASS_MARKERS[c // 10 % len(CLASS_MARKERS)]
         points = audio_xy[labels == c]
         if len(points):
-            ax.scatter(*points.T, color=color, s=8, alpha=0.45)
-        ax.scatter(*class_xy[c], color=color, marker="*", s=star, linewidths=1.6 if unseen else 0.5,
-                   edgecolors="black" if unseen else "white",
-                   label=f"{name} (unseen)" if unseen else name)
-    ax.set_title(f"{title}\n. audio, * class vector (black edge: unseen)", fontsize=10)
+            ax.scatter(*points.T, color=color, marker=audio_marker, s=10, alpha=0.45, linewidths=0)
+        edge = {"linewidths": 1.6, "edgecolors": "black"} if unseen else {"linewidths": 0.5,
+                                                                          "edgecolors": "white"}
+        ax.scatter(*class_xy[c], color=color, marker=class_marker, s=star, **edge)
+        # legend: the class's audio mark (where it has clips), then its class-vector mark
+        vector = Line2D([], [], color=color, marker=class_marker, linestyle="", markersize=11,
+                        markeredgewidth=edge["linewidths"], markeredgecolor=edge["edgecolors"])
+        clips = Line2D([], [], color=color, marker=audio_marker, linestyle="", markersize=4)
+        handles.append((clips, vector) if len(points) else vector)
+        names.append(f"{name} (unseen)" if unseen else name)
+    ax.set_title(f"{title}\nsmall marks: audio clips, large: class vectors (black edge: unseen)",
+                 fontsize=10)
     if len(class_names) <= MAX_NAMED_CLASSES:
-        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+        ax.legend(handles, names, handler_map={tuple: HandlerTuple(ndivide=None, pad=0.6)},
+                  handlelength=3, fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     ax.set_xticks([])
     ax.set_yticks([])
     fig.tight_layout()
