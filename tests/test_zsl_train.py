@@ -12,6 +12,7 @@ import torch
 from conftest import compose_train_cfg, load_script, tone_overrides
 from hydra.errors import InstantiationException
 from omegaconf import OmegaConf
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from fewzero.data.clips import check_split
 from fewzero.data.datamodule import FewShotDataModule
@@ -138,6 +139,10 @@ def test_zsl_run_reports_metrics_plots_and_the_validation_chosen_penalty(tmp_pat
     assert "val/acc_best" in metrics and "val/gzsl_cs_h" in metrics
     pngs = {p.name for p in (run / "plots").glob("*.png")}
     assert {"test_confusion_zsl.png", "test_confusion_gzsl_cs.png", "test_embeddings.png"} <= pngs
+    # the refit's test is timed too, as a few-shot run's is
+    scalars = EventAccumulator(str(run / "tensorboard"))
+    scalars.Reload()
+    assert {"time/train_steps_per_s", "time/test_seconds"} <= set(scalars.Tags()["scalars"])
 
 
 def report_checkpoint(run: Path, metrics: dict) -> str:

@@ -34,7 +34,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from torch.utils.tensorboard.summary import hparams as tensorboard_hparams
 
-from fewzero.callbacks import FitKey, LastCheckpoint, RngAtFirstBatch, RunRecord
+from fewzero.callbacks import FitKey, LastCheckpoint, RngAtFirstBatch, RunRecord, StageTimer
 from fewzero.data.clips import config_hash
 from fewzero.models.backbones import MusicFslCNN
 from fewzero.models.pitch_prior import ZSL_SCORES
@@ -518,6 +518,8 @@ def refit_on_trainval(cfg: DictConfig, datamodule: Any, trainer: pl.Trainer, out
     if refit.is_global_zero:
         (path.parent / "refit_progress.ckpt").unlink(missing_ok=True)
     refit.loggers = trainer.loggers  # test metrics and figures go where the first fit's went
+    # and the test is timed as the first fit would have (time/test_seconds)
+    refit.callbacks.extend(c for c in trainer.callbacks if isinstance(c, StageTimer))
     info = {"checkpoint": str(path), "selected_checkpoint": selected_path, "unit": unit,
             "epochs": epochs, "selected_steps": steps, "steps": refit.global_step}
     return final_dm, model, refit, info
