@@ -103,6 +103,7 @@ def test_two_process_cpu_ddp_trains_and_tests(tmp_path):
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Starting with 2 processes" in done.stdout + done.stderr
+    assert (done.stdout + done.stderr).count("Building datamodule") == 1  # the first process's
     report = json.loads((run / "metrics.json").read_text())
     assert report["test_episodes"]["5way_5shot"]["n_episodes"] == 5
     assert (run / "checkpoints" / "last.ckpt").is_file()

@@ -80,6 +80,19 @@ def test_debug_fast_shortens_every_experiment_in_its_datasets_own_terms(tmp_path
         assert cfg.dataset.episodes.train.n_episodes == 3 and cfg.dataset.episodes.val.n_episodes == 5
 
 
+def test_only_the_first_ddp_process_logs_info_lines(tmp_path, monkeypatch, caplog):
+    from pytorch_lightning.utilities.rank_zero import rank_zero_only
+
+    cfg = compose_train_cfg(tmp_path, ["dataset.split.val=[Oboe,Viola]"])  # stops after the log
+    caplog.set_level("INFO")
+    for rank in (0, 1):
+        monkeypatch.setattr(rank_zero_only, "rank", rank)
+        caplog.clear()
+        with pytest.raises(Exception, match="both the val and test splits"):
+            train(cfg)
+        assert ("Building datamodule" in caplog.text) == (rank == 0)
+
+
 def test_missing_checkpoint_says_how_to_resume(tmp_path):
     cfg = compose_train_cfg(tmp_path, [f"ckpt_path={tmp_path / 'nope.ckpt'}"])
     with pytest.raises(FileNotFoundError, match="hydra.run.dir"):

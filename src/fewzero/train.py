@@ -74,6 +74,13 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(m_trim_threshold, 1 << 30)) and bool(mallopt(m_mmap_max, 0))
 
 
+def log_from_the_first_process_only() -> None:
+    """Under DDP, let the other processes log warnings and errors only: their INFO lines (the
+    datamodule's, class cross-validation's) repeated the first process's on the console."""
+    if rank_zero_only.rank > 0:
+        logging.getLogger().setLevel(logging.WARNING)
+
+
 def run_suffix(override_dirname: str) -> str:
     """`_<overrides>` for run directory names: '/' and spaces made path-safe, long ones shortened.
 
@@ -563,6 +570,7 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> tuple[dict[str
         (metrics, objects): final metrics by key (`val/acc_best`, `test/5way_5shot_acc`, ...)
         and the built cfg, datamodule, model, trainer.
     """
+    log_from_the_first_process_only()
     output_dir = Path(cfg.paths.output_dir)
     # as composed: instantiating a node resolves interpolations it reads in place (${side_info})
     record = RunRecord(OmegaConf.to_container(cfg), run_overrides(output_dir, overrides))
