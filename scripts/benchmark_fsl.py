@@ -28,6 +28,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from fewzero.callbacks import StageTimer
+from fewzero.cli import positive_int
 from fewzero.data.episodes import EpisodeDataset
 from fewzero.eval import evaluate
 from fewzero.train import compose_train_config, save_run_overrides, train
@@ -70,17 +71,6 @@ def tutorial_episodes_per_second(datamodule, n_episodes: int) -> float:
         length = min(len(a) for a in items)
         mel(torch.stack([a[:length] for a in items]))
     return n_episodes / (time.perf_counter() - start)
-
-
-def positive_int(text: str) -> int:
-    """argparse type: a whole number above 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not above 0")
-    return value
 
 
 def backbone_configs() -> list[str]:

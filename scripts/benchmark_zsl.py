@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from fewzero.cli import positive_int
 from fewzero.train import compose_train_config, save_run_overrides, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -216,17 +217,6 @@ def mean_std(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.3f} (1 seed)"
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
-
-
-def positive_int(text: str) -> int:
-    """argparse type: a whole number above 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not above 0")
-    return value
 
 
 def main() -> None:
