@@ -228,6 +228,32 @@ def test_a_sentence_model_folder_edited_in_place_gets_a_new_cache_key(tmp_path):
     assert source.cache_path(["Violin"]) not in (first, second)
 
 
+def test_a_hub_model_gets_a_new_cache_key_when_another_revision_is_cached(tmp_path, monkeypatch):
+    pytest.importorskip("huggingface_hub")
+    from huggingface_hub import constants
+
+    hub = tmp_path / "hub"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub))  # a Hugging Face cache of our own
+    repo = hub / "models--owner--encoder"
+
+    def download(commit: str, weights: bytes) -> None:  # what the hub's cache holds after one
+        snapshot = repo / "snapshots" / commit
+        snapshot.mkdir(parents=True)
+        (snapshot / "config.json").write_text("{}")
+        (snapshot / "model.safetensors").write_bytes(weights)
+        (repo / "refs").mkdir(exist_ok=True)
+        (repo / "refs" / "main").write_text(commit)
+
+    source = SentenceEmbeddings({"Violin": "A bowed string instrument."}, model="owner/encoder",
+                                cache_dir=tmp_path / "cache")
+    before_download = source.cache_path(["Violin"])
+    download("a" * 40, b"weights v1")
+    first = source.cache_path(["Violin"])
+    assert first != before_download and source.cache_path(["Violin"]) == first
+    download("b" * 40, b"weights v2, a newer revision")
+    assert source.cache_path(["Violin"]) not in (before_download, first)
+
+
 def test_hub_offline_switches_an_already_imported_huggingface_hub_offline(monkeypatch):
     pytest.importorskip("huggingface_hub")
     from huggingface_hub import constants

