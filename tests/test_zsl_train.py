@@ -151,6 +151,24 @@ def report_checkpoint(run: Path, metrics: dict) -> str:
     return path
 
 
+def test_validation_scores_zsl_on_pseudo_unseen_clips_and_seen_on_held_out_seen_clips():
+    from torchmetrics import MaxMetric
+
+    from fewzero.models.zeroshot_module import ZeroShotModule
+
+    # classes 0, 1 seen in training, 2, 3 pseudo-unseen; every clip scores its own class highest
+    labels = torch.tensor([0, 1, 2, 3, 2])
+    logged = {}
+    module = SimpleNamespace(
+        _gathered_scores=lambda: (None, torch.eye(4)[labels], None, labels, None),
+        trainer=SimpleNamespace(sanity_checking=False), ids={"train": [0, 1], "pseudo_unseen": [2, 3]},
+        pitch_prior=None, calibration_gamma=torch.zeros(()), val_acc_best=MaxMetric(),
+        log_dict=lambda metrics, **_: logged.update(metrics))
+    ZeroShotModule.on_validation_epoch_end(module)
+    # a seen clip counted among the pseudo-unseen candidates would halve the ZSL figure
+    assert logged["val/zsl_top1"] == logged["val/seen_top1"] == 1.0
+
+
 def test_hparams_give_a_table_one_entry_and_a_repeated_subtree_one_pointer(tmp_path):
     cfg = compose_train_cfg(tmp_path, ["experiment=zsl_attribute_audio"])
     flat = _flat_hparams(cfg)
