@@ -287,6 +287,17 @@ def test_assign_folds_by_pitch_keeps_every_rendering_of_a_pitch_in_one_fold() ->
                for key in fold_of)  # dealt note by note, a pitch's renderings spread over folds
 
 
+@needs_fluidsynth
+def test_a_source_folded_by_pitch_deals_every_rendering_of_a_pitch_to_one_fold(tmp_path: Path) -> None:
+    source = _source(tmp_path, instruments=TABLE[1:], fold_by="pitch")  # Violin: 4 per pitch
+    source.prepare()
+    folds_of = {}
+    for row in _rows(source):
+        folds_of.setdefault(row["pitch"], set()).add(int(row["fold"]))
+    assert sorted(map(len, folds_of.values())) == [1, 1, 1]  # by note they spread over folds
+    assert set().union(*folds_of.values()) == {0, 1, 2}
+
+
 def test_pitch_names_follow_tinysol() -> None:
     assert [pitch_name(p) for p in (21, 60, 61, 70, 108)] == ["A0", "C4", "C#4", "A#4", "C8"]
 
