@@ -7,7 +7,7 @@ import torch
 from conftest import compose_train_cfg
 from omegaconf import OmegaConf
 
-from fewzero.eval import apply_overrides, check_tested_clips_unheard, evaluate, main
+from fewzero.eval import apply_overrides, check_output_dir, check_tested_clips_unheard, evaluate, main
 from fewzero.train import train
 
 
@@ -44,6 +44,15 @@ def test_eval_refuses_to_write_into_the_run_it_tests_or_over_another_runs_metric
             main([f"ckpt_path={ckpt}", f"hydra.run.dir={out}", "model.whitening=null"])
     assert {p: p.read_bytes() for p in before} == before
     assert (tmp_path / "other" / "metrics.json").read_text() == "{}"
+
+
+def test_eval_refuses_the_checkpoints_own_run_directory_even_without_a_metrics_json(tmp_path):
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"  # a run stopped before its test
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"")
+    with pytest.raises(ValueError, match="is the run directory of the checkpoint"):
+        check_output_dir(ckpt, tmp_path / "run" / "checkpoints" / "..")
+    check_output_dir(ckpt, tmp_path / "eval")  # a new directory
 
 
 def test_overrides_must_name_keys_of_the_run_config_unless_added_with_a_plus():
