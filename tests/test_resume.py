@@ -358,6 +358,16 @@ def test_where_a_run_trains_may_change_on_resume_but_not_what_it_trains(tmp_path
                      str(ckpt), tmp_path)
 
 
+def test_a_training_setting_added_on_resume_is_refused_as_not_set_in_the_run(tmp_path):
+    from fewzero.train import check_resume
+
+    ckpt = tmp_path / "last.ckpt"
+    run = OmegaConf.to_container(compose_train_cfg(tmp_path, []))
+    torch.save({"fewzero_run": {"config": run, "overrides": []}}, ckpt)
+    with pytest.raises(ValueError, match=r"model.extra: '\(not set\)' in the run, 3 now"):
+        check_resume(compose_train_cfg(tmp_path, ["+model.extra=3"]), str(ckpt), tmp_path)
+
+
 def test_ckpt_path_auto_resumes_when_there_is_a_last_checkpoint_and_starts_afresh_otherwise(tmp_path):
     from fewzero.train import resolve_ckpt_path
 
