@@ -67,6 +67,13 @@ def test_a_resumed_run_stays_in_its_configuration_and_missing_values_are_counted
     assert header.endswith("val/acc_best_mean,val/acc_best_std,val/acc_best_n") and row.endswith(",2")
 
 
+def test_runs_with_the_same_overrides_in_another_order_are_one_configuration(tmp_path):
+    _run(tmp_path, "0", ["model=conse", "dataset.batch_size=8", "seed=0"], {"val/acc_best": 0.8})
+    _run(tmp_path, "1", ["seed=1", "dataset.batch_size=8", "model=conse"], {"val/acc_best": 0.6})
+    configs, _ = collect(tmp_path)
+    assert [(c.name, len(c.runs)) for c in configs] == [("dataset.batch_size=8,model=conse", 2)]
+
+
 @pytest.mark.slow
 def test_a_failing_multirun_job_is_reported_and_the_others_finish(tmp_path):
     import subprocess
