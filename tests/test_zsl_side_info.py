@@ -489,7 +489,7 @@ def test_the_mean_of_several_members_is_renormalised_only_under_normalize(normal
     expected = [[0.5**0.5, 0.5**0.5], [0, 1]] if normalize else [[1.5, 1.5], [0, 2]]
     torch.testing.assert_close(vectors.mean, torch.tensor(expected))
     # a single member is its class's vector to the bit (normalising again may move the last bit)
-    odd = ClassVectors(["C"], [torch.nn.functional.normalize(torch.tensor([[0.3, 0.7, 0.1]]), dim=1)],
+    odd = ClassVectors(["C"], [torch.nn.functional.normalize(torch.tensor([[1.0, 2.0, 3.0]]), dim=1)],
                        normalized=True)
     assert torch.equal(odd.mean[0], odd.members[0][0])
 
