@@ -339,6 +339,8 @@ def test_a_class_without_an_image_folder_is_told_the_folder_rule_and_what_was_fo
     for part in (".jpg/.jpeg/.png/.svg", "the class name, spelt exactly but in any case",
                  "sub-folders found are ['Flutes', 'violin']", "side_info.folders={<class>: <folder>}"):
         assert part in str(err.value)
+    mapped = ImageEmbeddings(encoder=None, root=str(tmp_path / "imgs"), folders={"Flute": "flutes"})
+    assert mapped.image_paths(["Flute"]) == {"Flute": [tmp_path / "imgs" / "Flutes" / "0.png"]}
     with pytest.raises(FileNotFoundError, match="list their files in side_info.files") as err:
         ImageEmbeddings(encoder=None, files={"Violin": []}).image_paths(["Violin"])
     assert "None" not in str(err.value)
