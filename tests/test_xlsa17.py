@@ -462,3 +462,38 @@ def test_attributes_of_a_toy_dataset_come_from_att(tmp_path):
     source = Xlsa17Attributes(tmp_path, "TOY", dim=6)
     att = scipy.io.loadmat(str(tmp_path / "TOY" / "att_splits.mat"))["att"]
     torch.testing.assert_close(source.vectors(["class03"]).mean[0], torch.from_numpy(att[:, 3]).float())
+
+
+@pytest.mark.parametrize(("file", "content"), [("res101.mat", "truncated"), ("att_splits.mat", "truncated"),
+                                               ("res101.mat", "html")])
+def test_an_unreadable_mat_file_names_the_file_and_the_fix(tmp_path, file, content):
+    folder = write_toy(tmp_path)
+    data = (folder / file).read_bytes()
+    # a download cut short, or an error page saved under the file's name
+    (folder / file).write_bytes(data[: len(data) // 2] if content == "truncated" else b"<html>404</html>")
+    with pytest.raises(ValueError) as error:
+        _datamodule(tmp_path, "TOY", 16)
+    message = str(error.value)
+    assert f"{folder / file} is malformed: scipy.io.loadmat cannot read it" in message
+    assert XLSA17_URL in message and "re-extract its data/TOY/ folder" in message
+
+
+def test_a_missing_class_list_says_what_to_put_where(tmp_path):
+    folder = write_toy(tmp_path)
+    (folder / "valclasses1.txt").unlink()
+    with pytest.raises(FileNotFoundError) as error:
+        _datamodule(tmp_path, "TOY", 16)
+    message = str(error.value)
+    assert f"{folder / 'valclasses1.txt'} is missing" in message
+    assert f"put valclasses1.txt from the data/TOY/ folder of {XLSA17_URL} at {folder}" in message
+
+
+def test_attributes_of_the_wrong_shape_name_the_file_and_the_fix(tmp_path):
+    folder = write_toy(tmp_path)
+    att = scipy.io.loadmat(str(folder / "att_splits.mat"))["att"]
+    _rewrite(folder / "att_splits.mat", att=att[:, :-1])  # 11 columns, 12 classes
+    with pytest.raises(ValueError) as error:
+        _datamodule(tmp_path, "TOY", 16)
+    message = str(error.value)
+    assert f"{folder / 'att_splits.mat'} is malformed: 'att' is (6, 11) but there are 12 classes" in message
+    assert XLSA17_URL in message

@@ -73,6 +73,16 @@ def _malformed(path: Path, name: str, problem: str) -> str:
     return f"xlsa17 {name}: {path} is malformed: {problem}. {_refetch(name)}"
 
 
+def _loadmat(path: Path, name: str, **kwargs) -> dict:
+    """`scipy.io.loadmat(path)`, or a ValueError naming the file and the fix when scipy cannot
+    read it (a download cut short, an error page saved under the file's name)."""
+    try:
+        return scipy.io.loadmat(str(path), **kwargs)
+    except (OSError, ValueError, NotImplementedError, scipy.io.matlab.MatReadError) as error:
+        raise ValueError(_malformed(path, name, f"scipy.io.loadmat cannot read it ({type(error).__name__}: "
+                                                f"{error})")) from error
+
+
 def _require(mat: dict, path: Path, name: str, keys: tuple[str, ...]) -> None:
     """Raise on a key of `keys` that `mat` (loaded from `path`) lacks, listing the file's keys."""
     missing = [k for k in keys if k not in mat]
@@ -167,21 +177,24 @@ def load_splits(root: str | Path, name: str, val_split: int | None = 1,
     path = folder / SPLIT_FILE
     if not path.is_file():
         raise _missing(path, name, root)
-    mat = scipy.io.loadmat(str(path))
+    mat = _loadmat(path, name)
     locs = ("trainval_loc", "test_seen_loc", "test_unseen_loc")
     _require(mat, path, name, ("allclasses_names", attribute_key, *locs))
     class_names = _strings(mat["allclasses_names"])
     attributes = _finite(np.asarray(mat[attribute_key], dtype=np.float32), path, name, attribute_key)
     attributes = torch.from_numpy(attributes.T.copy())
     if attributes.shape[0] != len(class_names):
-        raise ValueError(f"xlsa17 {name}: '{attribute_key}' is {tuple(attributes.T.shape)} but there "
-                         f"are {len(class_names)} classes; expected (n_attributes, n_classes).")
+        raise ValueError(_malformed(path, name, f"'{attribute_key}' is {tuple(attributes.T.shape)} but "
+                                                f"there are {len(class_names)} classes; expected "
+                                                f"(n_attributes, n_classes)"))
     lists: dict[str, list[str]] = {"train": [], "val": []}
     for kind in ("train", "val") if val_split is not None else ():
         list_path = folder / f"{kind}classes{val_split}.txt"
         if not list_path.is_file():
             raise FileNotFoundError(f"xlsa17 {name}: {list_path} is missing (dataset.val_split="
-                                    f"{val_split}; the archive {XLSA17_URL} has K = 1, 2, 3).")
+                                    f"{val_split}): put {list_path.name} from the data/{name}/ folder "
+                                    f"of {XLSA17_URL} at {folder}, or choose another dataset.val_split "
+                                    "(the archive has K = 1, 2, 3).")
         lists[kind] = read_class_list(list_path)
     return Xlsa17Splits(name, class_names, attributes, *(_locs(mat, path, name, k) for k in locs),
                         lists["train"], lists["val"])
@@ -194,7 +207,7 @@ def load_features(root: str | Path, name: str, feature_file: str = FEATURE_FILE
     path = root / name / feature_file
     if not path.is_file():
         raise _missing(path, name, root)
-    mat = scipy.io.loadmat(str(path), variable_names=["features", "labels"])
+    mat = _loadmat(path, name, variable_names=["features", "labels"])
     _require(mat, path, name, ("features", "labels"))
     features = _finite(np.asarray(mat["features"], dtype=np.float32), path, name, "features")
     features = torch.from_numpy(np.ascontiguousarray(features.T))
