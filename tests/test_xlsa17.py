@@ -497,3 +497,23 @@ def test_attributes_of_the_wrong_shape_name_the_file_and_the_fix(tmp_path):
     message = str(error.value)
     assert f"{folder / 'att_splits.mat'} is malformed: 'att' is (6, 11) but there are 12 classes" in message
     assert XLSA17_URL in message
+
+
+@pytest.mark.parametrize("name", ["Awa2", "TOY"])
+def test_a_dataset_name_without_a_known_attribute_count_says_to_fix_it_or_set_side_info_dim(tmp_path, name):
+    # a misspelt name (no folder) and a folder of one's own in the same format (no side_info.dim)
+    write_toy(tmp_path)
+    cfg = _toy_cfg(tmp_path, ["experiment=xlsa17_eszsl", *NO_LOGGER], dataset=(f"dataset.name={name}",
+                                                                            "dataset.feature_dim=16"))
+    with pytest.raises(Exception, match=rf"dataset.name={name} is none of xlsa17's datasets "
+                                        r"\['AWA1', 'AWA2', 'CUB', 'SUN', 'APY'\]") as error:
+        train(cfg)
+    assert "side_info.dim=<" in str(error.value)
+    cfg = _toy_cfg(tmp_path, ["experiment=xlsa17_eszsl", *NO_LOGGER], dataset=(f"dataset.name={name}",
+                                                                            "dataset.feature_dim=16",
+                                                                            "side_info.dim=6"))
+    if name == "TOY":  # with the size given, the folder of one's own trains
+        assert 0.0 <= train(cfg)[0]["test/zsl_top1"] <= 1.0
+    else:  # and the misspelt name comes to the message that names the expected files
+        with pytest.raises(FileNotFoundError, match="dataset.name=Awa2 is none of xlsa17's datasets"):
+            train(cfg)

@@ -38,6 +38,7 @@ from fewzero.callbacks import FitKey, LastCheckpoint, RngAtFirstBatch, RunRecord
 from fewzero.data.clips import config_hash
 from fewzero.models.backbones import MusicFslCNN
 from fewzero.models.pitch_prior import ZSL_SCORES
+from fewzero.side_info.xlsa17 import attribute_dim
 from fewzero.summary import print_summary
 from fewzero.sweeps import check_validation_metric, register_resolvers
 
@@ -96,6 +97,7 @@ def run_suffix(override_dirname: str) -> str:
 
 OmegaConf.register_new_resolver("run_suffix", run_suffix, replace=True)
 OmegaConf.register_new_resolver("music_fsl_dim", MusicFslCNN.output_dim, replace=True)
+OmegaConf.register_new_resolver("xlsa17_dim", attribute_dim, replace=True)
 register_resolvers()  # ${optuna_storage:...}, ${optuna_seed:...} (hparams_search=optuna)
 
 

@@ -8,8 +8,21 @@ from typing import Any
 
 import torch
 
-from fewzero.data.xlsa17 import load_splits
+from fewzero.data.xlsa17 import SPLIT_FILE, load_splits
 from fewzero.side_info.base import SideInformation
+
+
+def attribute_dim(name: str, dims: Mapping[str, int]) -> int:
+    """The attribute count of xlsa17 dataset `name` from `dims` (the config's table), for the
+    `${xlsa17_dim:${dataset.name},${side_info.dims}}` resolver that sizes models before any file is
+    read. A name the table lacks (misspelt, or a folder of one's own) is a ValueError that says to
+    fix the spelling or to give the size."""
+    if name not in dims:
+        raise ValueError(f"dataset.name={name} is none of xlsa17's datasets {list(dims)} (names are "
+                         f"case-sensitive), so the size of its attribute vectors is unknown: fix the "
+                         f"spelling, or for a folder of your own in the same format pass side_info.dim=<"
+                         f"its number of attributes> (the rows of att in {name}/{SPLIT_FILE}).")
+    return int(dims[name])
 
 
 class Xlsa17Attributes(SideInformation):
@@ -19,7 +32,7 @@ class Xlsa17Attributes(SideInformation):
         root, name: as `dataset.root` / `dataset.name` (the configs interpolate them).
         attribute_key: `att` (L2-normalised per class, what the paper uses) or `original_att`.
         dims: attribute count per dataset name, so configs can size models before any file is read
-            (`dim: ${side_info.dims.${dataset.name}}`).
+            (`dim: ${xlsa17_dim:${dataset.name},${side_info.dims}}`, see `attribute_dim`).
         dim: the size of this dataset's vectors (checked against the file).
     """
 
