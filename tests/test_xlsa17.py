@@ -517,3 +517,15 @@ def test_a_dataset_name_without_a_known_attribute_count_says_to_fix_it_or_set_si
     else:  # and the misspelt name comes to the message that names the expected files
         with pytest.raises(FileNotFoundError, match="dataset.name=Awa2 is none of xlsa17's datasets"):
             train(cfg)
+
+
+def test_original_att_is_raw_only_without_normalisation_and_the_default_says_so(tmp_path, caplog):
+    write_toy(tmp_path)  # original_att = 10 * att, att of unit length per class
+    att = torch.from_numpy(scipy.io.loadmat(str(tmp_path / "TOY" / "att_splits.mat"))["att"][:, 3]).float()
+    raw = Xlsa17Attributes(tmp_path, "TOY", attribute_key="original_att", dim=6, normalize=False)
+    torch.testing.assert_close(raw.vectors(["class03"]).mean[0], 10 * att)
+    assert "side_info.normalize=false" not in caplog.text
+    normalised = Xlsa17Attributes(tmp_path, "TOY", attribute_key="original_att", dim=6)
+    torch.testing.assert_close(normalised.vectors(["class03"]).mean[0], att)  # att again
+    assert "side_info.attribute_key=original_att" in caplog.text
+    assert "add side_info.normalize=false for the raw values" in caplog.text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,8 @@ import torch
 
 from fewzero.data.xlsa17 import SPLIT_FILE, load_splits
 from fewzero.side_info.base import SideInformation
+
+log = logging.getLogger(__name__)
 
 
 def attribute_dim(name: str, dims: Mapping[str, int]) -> int:
@@ -30,7 +33,9 @@ class Xlsa17Attributes(SideInformation):
 
     Args:
         root, name: as `dataset.root` / `dataset.name` (the configs interpolate them).
-        attribute_key: `att` (L2-normalised per class, what the paper uses) or `original_att`.
+        attribute_key: `att` (L2-normalised per class, what the paper uses) or `original_att`
+            (the raw values: only with `normalize=False`, since normalising each class's vector
+            gives `att` again; warned).
         dims: attribute count per dataset name, so configs can size models before any file is read
             (`dim: ${xlsa17_dim:${dataset.name},${side_info.dims}}`, see `attribute_dim`).
         dim: the size of this dataset's vectors (checked against the file).
@@ -42,6 +47,10 @@ class Xlsa17Attributes(SideInformation):
                  dims: Mapping[str, int] | None = None, dim: int = 0, **kwargs: Any):
         super().__init__(dim, **kwargs)
         self.root, self.name, self.attribute_key = Path(root), name, attribute_key
+        if attribute_key != "att" and self.normalize:
+            log.warning("side_info.attribute_key=%s with side_info.normalize=true: each class's vector "
+                        "is scaled to unit length, which makes xlsa17's original_att the same as its "
+                        "att; add side_info.normalize=false for the raw values.", attribute_key)
 
     def cache_config(self) -> dict[str, Any]:
         return {"root": str(self.root.resolve()), "name": self.name, "key": self.attribute_key}
