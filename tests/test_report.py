@@ -127,3 +127,14 @@ def test_bar_labels_keep_what_tells_configurations_apart():
     alone.metrics["m"] = [0.5, 0.6]
     label = bar_labels([alone], "m")[0]
     assert len(label) == 60 and label.startswith("experiment=xlsa17_devise") and "…" in label
+
+
+def test_bar_labels_keep_list_valued_overrides_whole():
+    from fewzero.report import Configuration, bar_labels
+
+    half = Configuration("dataset.split.unseen=[Bassoon,Viola],model.test_shrinkages=[0.5,1.0]")
+    other = Configuration("dataset.split.unseen=[Bassoon,Cello],model.test_shrinkages=[0.5,1.0]")
+    half.metrics["m"], other.metrics["m"] = [0.1, 0.2], [0.3, 0.4]
+    # not "Viola]" and "Cello]": the commas inside a list do not separate overrides
+    assert bar_labels([half, other], "m") == ["dataset.split.unseen=[Bassoon,Viola]",
+                                              "dataset.split.unseen=[Bassoon,Cello]"]

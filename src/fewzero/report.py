@@ -93,10 +93,29 @@ def collect(root: Path, ignore: tuple[str, ...] = ("seed",)) -> tuple[list[Confi
     return list(groups.values()), failed
 
 
+def split_overrides(name: str) -> list[str]:
+    """A configuration's name back into its overrides: split at the commas that join them, not at
+    those inside a value's brackets, braces or quotes (`dataset.split.unseen=[Bassoon,Viola]`)."""
+    parts, depth, quote, start = [], 0, "", 0
+    for i, char in enumerate(name):
+        if quote:
+            quote = "" if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char in "[{(":
+            depth += 1
+        elif char in "]})":
+            depth = max(depth - 1, 0)
+        elif char == "," and depth == 0:
+            parts.append(name[start:i])
+            start = i + 1
+    return [*parts, name[start:]]
+
+
 def bar_labels(configs: list[Configuration], metric: str, width: int = 60) -> list[str]:
     """Each configuration's overrides without those every one shares (what tells them apart),
     cut in the middle to `width` characters; "(1 run)" where there is no spread to draw."""
-    overrides = [c.name.split(",") if c.name != "(defaults)" else [] for c in configs]
+    overrides = [split_overrides(c.name) if c.name != "(defaults)" else [] for c in configs]
     shared = set.intersection(*map(set, overrides)) if len(configs) > 1 else set()
     labels = []
     for config, names in zip(configs, overrides, strict=True):
