@@ -138,3 +138,14 @@ def test_bar_labels_keep_list_valued_overrides_whole():
     # not "Viola]" and "Cello]": the commas inside a list do not separate overrides
     assert bar_labels([half, other], "m") == ["dataset.split.unseen=[Bassoon,Viola]",
                                               "dataset.split.unseen=[Bassoon,Cello]"]
+
+
+def test_a_table_sorted_by_a_test_metric_says_its_first_row_is_not_a_choice(tmp_path):
+    _run(tmp_path, "0", ["model.head.lam=1", "seed=0"], {"test/zsl_top1": 0.4, "val/zsl_top1": 0.8})
+    _run(tmp_path, "1", ["model.head.lam=5", "seed=0"], {"test/zsl_top1": 0.6, "val/zsl_top1": 0.7})
+    main([str(tmp_path), "--metric", "test/zsl_top1"])
+    markdown = (tmp_path / "report.md").read_text()
+    assert ("First by test/zsl_top1 (a test metric: for reading, not for choosing; choose by a val/ "
+            "metric): model.head.lam=5, run(s)") in markdown
+    main([str(tmp_path), "--metric", "val/zsl_top1"])
+    assert "First by val/zsl_top1: model.head.lam=1, run(s)" in (tmp_path / "report.md").read_text()

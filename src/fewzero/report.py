@@ -143,7 +143,9 @@ def write_report(configs: list[Configuration], failed: list[Path], metric: str,
         rows.append([c.name, len(c.runs)]
                     + [x for k in keys for x in (c.mean(k), c.std(k), len(c.metrics.get(k, [])))])
     if configs and math.isfinite(configs[0].mean(metric)):  # e.g. the trial to test, for a search
-        lines += ["", f"First by {metric}: {configs[0].name}, run(s) "
+        caveat = (" (a test metric: for reading, not for choosing; choose by a val/ metric)"
+                  if metric.startswith("test/") else "")
+        lines += ["", f"First by {metric}{caveat}: {configs[0].name}, run(s) "
                   + ", ".join(str(run) for run in configs[0].runs)]
     if failed:
         lines += ["", f"{len(failed)} run(s) without metrics.json (failed or unfinished):"]
