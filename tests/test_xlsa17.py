@@ -529,3 +529,14 @@ def test_original_att_is_raw_only_without_normalisation_and_the_default_says_so(
     torch.testing.assert_close(normalised.vectors(["class03"]).mean[0], att)  # att again
     assert "side_info.attribute_key=original_att" in caplog.text
     assert "add side_info.normalize=false for the raw values" in caplog.text
+
+
+def test_a_missing_feature_file_of_another_name_is_the_one_the_message_asks_for(tmp_path):
+    write_toy(tmp_path)
+    with pytest.raises(FileNotFoundError) as error:
+        Xlsa17DataModule(tmp_path, "TOY", feature_file="vgg19.mat").prepare_data()
+    message = str(error.value)
+    assert f"{tmp_path / 'TOY' / 'vgg19.mat'} does not exist" in message
+    assert f"so that {tmp_path / 'TOY' / 'vgg19.mat'} and" in message
+    assert str(tmp_path / "TOY" / "res101.mat") not in message  # not the archive's file: not asked for
+    assert "dataset.feature_file=vgg19.mat is not in the archive" in message

@@ -49,19 +49,24 @@ SPLIT_FILE = "att_splits.mat"
 FEATURE_FILE = "res101.mat"
 
 
-def _missing(path: Path, name: str, root: Path) -> FileNotFoundError:
+def _missing(path: Path, name: str, root: Path, feature_file: str = FEATURE_FILE) -> FileNotFoundError:
     """The error for a missing file; for a name that is none of `DATASETS` it also says so (a
-    misspelt dataset.name), while still allowing a folder of one's own in the same format."""
+    misspelt dataset.name), while still allowing a folder of one's own in the same format.
+    `feature_file`: dataset.feature_file, named as the features expected (the archive's is
+    `FEATURE_FILE`; another is a file of one's own)."""
     unknown = "" if name in DATASETS else (
         f" Note that dataset.name={name} is none of xlsa17's datasets {list(DATASETS)} (names are "
         f"case-sensitive): fix the spelling, or keep it for a folder of your own in the same "
         f"format at {root / name}.")
+    own = "" if feature_file == FEATURE_FILE else (
+        f" dataset.feature_file={feature_file} is not in the archive (its features are "
+        f"{FEATURE_FILE}): put your own file there, in the same format, or leave the setting out.")
     return FileNotFoundError(
         f"xlsa17 {name}: {path} does not exist. Download {XLSA17_URL} (the 'proposed splits' of "
         f"Xian et al., TPAMI 2018), unzip it and put its data/{name}/ folder at {root / name}, so "
-        f"that {root / name / FEATURE_FILE} and {root / name / SPLIT_FILE} (and the class lists "
+        f"that {root / name / feature_file} and {root / name / SPLIT_FILE} (and the class lists "
         f"trainclassesK.txt / valclassesK.txt) exist; or pass dataset.root=/path/to/xlsa17/data."
-        f"{unknown}")
+        f"{own}{unknown}")
 
 
 def _refetch(name: str) -> str:
@@ -206,7 +211,7 @@ def load_features(root: str | Path, name: str, feature_file: str = FEATURE_FILE
     root = Path(root)
     path = root / name / feature_file
     if not path.is_file():
-        raise _missing(path, name, root)
+        raise _missing(path, name, root, feature_file)
     mat = _loadmat(path, name, variable_names=["features", "labels"])
     _require(mat, path, name, ("features", "labels"))
     features = _finite(np.asarray(mat["features"], dtype=np.float32), path, name, "features")
@@ -285,7 +290,7 @@ class Xlsa17DataModule(pl.LightningDataModule):
     def prepare_data(self) -> None:
         for file in (self.feature_file, SPLIT_FILE):
             if not (self.root / self.name / file).is_file():
-                raise _missing(self.root / self.name / file, self.name, self.root)
+                raise _missing(self.root / self.name / file, self.name, self.root, self.feature_file)
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits is not None:
