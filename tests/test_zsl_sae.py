@@ -97,3 +97,18 @@ def test_sae_is_a_model_choice_for_the_audio_experiments_too(tmp_path):
     assert float(objects["model"].head.weight.abs().sum()) > 0
     assert not any(p.requires_grad for p in objects["model"].backbone.parameters())
     assert 0.0 <= metrics["test/zsl_top1"] <= 1.0
+
+
+def test_a_frozen_encoder_left_at_its_random_weights_is_warned_about(tmp_path, caplog):
+    import hydra
+
+    from fewzero.train import compose_train_config
+
+    overrides = ["experiment=zsl_attribute_audio", "model=eszsl", "model.pitch_prior=null"]
+    hydra.utils.instantiate(compose_train_cfg(tmp_path, overrides).model)
+    assert "model.init_checkpoint is null" in caplog.text and "random initial weights" in caplog.text
+    caplog.clear()
+    hydra.utils.instantiate(compose_train_cfg(tmp_path, ["experiment=zsl_attribute_audio"]).model)
+    assert "random initial weights" not in caplog.text  # an encoder that trains: nothing to say
+    hydra.utils.instantiate(compose_train_config(["experiment=xlsa17_sae"], tmp_path / "run").model)
+    assert "random initial weights" not in caplog.text  # xlsa17's identity encoder has no weights

@@ -181,6 +181,11 @@ class ZeroShotModule(ResumableModule):
         self.frozen = head.closed_form if freeze_backbone is None else bool(freeze_backbone)
         if self.frozen:
             self.backbone.requires_grad_(False)
+            if not init_checkpoint and any(True for _ in self.backbone.parameters()):
+                log.warning("model.init_checkpoint is null: the frozen encoder (%s) keeps its random "
+                            "initial weights, so %s fits on embeddings no training shaped. Set "
+                            "model.init_checkpoint to a fewzero run's checkpoint to start from a "
+                            "trained encoder.", type(self.backbone).__name__, type(head).__name__)
         self.plot_dir = Path(plot_dir) if plot_dir else None
         self.pitch_prior = pitch_prior
         if pitch_prior is not None and head.closed_form:
