@@ -540,3 +540,11 @@ def test_a_missing_feature_file_of_another_name_is_the_one_the_message_asks_for(
     assert f"so that {tmp_path / 'TOY' / 'vgg19.mat'} and" in message
     assert str(tmp_path / "TOY" / "res101.mat") not in message  # not the archive's file: not asked for
     assert "dataset.feature_file=vgg19.mat is not in the archive" in message
+
+
+def test_training_on_trainval_from_the_start_is_refused_since_no_validation_would_choose(tmp_path):
+    write_toy(tmp_path)
+    cfg = _toy_cfg(tmp_path, ["experiment=xlsa17_eszsl", "dataset.train_on=trainval",
+                              "dataset.refit_on_trainval=false", *NO_LOGGER])
+    with pytest.raises(ValueError, match="dataset.train_on=trainval trains with no validation data"):
+        train(cfg)

@@ -187,6 +187,14 @@ def test_class_cv_needs_the_refit_that_uses_its_choice(tmp_path):
         train(cfg)
 
 
+def test_training_on_trainval_from_the_start_is_refused_since_no_validation_would_choose(tmp_path):
+    cfg = compose_train_cfg(tmp_path, WORD + ["dataset.train_on=trainval", "dataset.refit_on_trainval=false",
+                                              "model.pitch_prior=null"])
+    with pytest.raises(ValueError, match="dataset.train_on=trainval trains with no validation data.*"
+                                         "Keep dataset.train_on=train"):
+        train(cfg)
+
+
 def test_class_cv_chooses_the_zsl_weight_by_the_mean_over_folds_and_the_refit_keeps_it(tmp_path):
     candidates = [0.0, 0.5, 5.0]
     cfg = compose_train_cfg(tmp_path, WORD + [*SELECT_FIRST_EPOCH, "model.pitch_prior.class_cv=true",

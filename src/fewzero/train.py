@@ -616,6 +616,13 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> tuple[dict[str
     metrics: dict[str, float] = {}
     refit: dict[str, Any] = {}
     class_cv: dict[str, Any] = {}
+    if cfg.get("train", True) and getattr(datamodule, "train_on", "train") == "trainval":
+        raise ValueError("dataset.train_on=trainval trains with no validation data, so nothing would choose "
+                         "the checkpoint, the GZSL calibration penalty or the prior's weights, and the "
+                         "test would report defaults as if validation had chosen them. Keep "
+                         "dataset.train_on=train: with dataset.refit_on_trainval=true (the default) the "
+                         "run then also trains on every seen clip outside the test fold, for as many "
+                         "steps as validation chose.")
     refits = getattr(datamodule, "refit_on_trainval", False)
     if getattr(model, "class_cv", False) and cfg.get("train", True) and not refits:
         raise ValueError("Class cross-validation (model.pitch_prior.class_cv=true) hands its choice to "
