@@ -117,6 +117,10 @@ class EszslHead(CompatibilityHead):
 
     with X (n, audio_dim) L2-normalised embeddings, Y (n, n_classes) in {-1, +1}, S
     (n_classes, side_dim) the training classes' vectors.
+
+    X holds every training batch embedded so far (every epoch's), so gamma weighs against the
+    number of embedded examples: k epochs of the same features act as gamma / k. Validation and
+    the refit train for the same length, so the gamma validation chose is the one the refit uses.
     """
 
     closed_form = True
