@@ -253,3 +253,65 @@ def test_support_adapted_whitening_only_adapts_with_weight_and_several_shots():
     adapted = whitening.adapt(support @ basis, support_labels)(x[:50] @ basis)
     assert torch.allclose(adapted, whitening(x[:50]), atol=1e-5)
     assert torch.allclose(adapted.norm(dim=1), torch.ones(50), atol=1e-5)
+
+
+def test_prototypes_reject_labels_that_do_not_match_the_support():
+    with pytest.raises(ValueError, match="5 support embeddings but 4 labels"):
+        class_prototypes(torch.randn(5, 3), torch.tensor([0, 1, 2, 0]), 3)
+    with pytest.raises(ValueError, match="cover exactly"):  # a label beyond n_way
+        class_prototypes(torch.randn(4, 3), torch.tensor([0, 1, 2, 3]), 3)
+
+
+def test_sq_euclidean_logits_are_negative_squared_distances():
+    g = torch.Generator().manual_seed(0)
+    queries, prototypes = torch.randn(6, 4, generator=g), torch.randn(3, 4, generator=g)
+    expected = -(queries[:, None] - prototypes[None]).square().sum(dim=-1)
+    torch.testing.assert_close(Distance()(queries, prototypes), expected)
+
+
+def test_cosine_logits_are_scaled_cosine_similarities_whatever_the_norms():
+    g = torch.Generator().manual_seed(0)
+    queries = torch.randn(6, 4, generator=g) * torch.rand(6, 1, generator=g) * 10
+    prototypes = torch.randn(3, 4, generator=g) * torch.tensor([[0.1], [1.0], [7.0]])
+    distance = Distance("cosine", scale=5.0)
+    expected = 5.0 * nn.functional.cosine_similarity(queries[:, None], prototypes[None], dim=-1)
+    torch.testing.assert_close(distance(queries, prototypes), expected)
+
+
+def test_only_a_learned_cosine_scale_is_a_trainable_parameter():
+    """A trainable parameter that no loss reaches breaks DDP."""
+    assert Distance("cosine").log_scale.requires_grad
+    assert not Distance("cosine", learn_scale=False).log_scale.requires_grad
+    assert not Distance("sq_euclidean").log_scale.requires_grad
+
+
+def test_whitening_rejects_one_clip_per_class():
+    with pytest.raises(ValueError, match="several clips of at least two training classes"):
+        WithinClassWhitening(dim=3).fit(torch.randn(4, 3), torch.arange(4))
+
+
+def test_a_one_shot_support_after_an_adapted_episode_is_not_adapted_to_the_old_support():
+    x, labels = _nuisance_data(class_axis=0, seed=0)
+    whitening = WithinClassWhitening(dim=3, shrinkage=0.1, support_weight=0.5)
+    whitening.fit(x, labels)
+    support, support_labels = _new_nuisance_classes(seed=1, n_per_class=3)
+    queries = support + 0.1
+    used = PrototypicalNetwork(nn.Identity(), Distance(), whitening)
+    used.process_support_set(support, support_labels)  # 3-shot: adapted to this support
+    one_shot, one_shot_labels = support[[0, 3]], torch.tensor([0, 1])
+    used.process_support_set(one_shot, one_shot_labels)
+    fresh = PrototypicalNetwork(nn.Identity(), Distance(), whitening)
+    fresh.process_support_set(one_shot, one_shot_labels)
+    torch.testing.assert_close(used(queries), fresh(queries))
+
+
+def test_episode_scoring_gives_back_the_callers_thread_count():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        labels = torch.arange(2).repeat_interleave(3)
+        sampler = EpisodeSampler(labels, [0, 1], ["a", "b"], 2, 1, 1, seed=0)
+        evaluate_episodes(torch.randn(6, 4), sampler, 3, Distance(), 2)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
