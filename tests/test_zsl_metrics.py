@@ -234,6 +234,14 @@ def test_triplet_loss_uses_the_one_other_class_as_negative():
     assert float(loss) == pytest.approx(0.2)
 
 
+def test_triplet_loss_is_zero_when_every_other_class_is_beaten_by_the_margin():
+    torch.manual_seed(0)
+    scores = torch.full((3000, 3), -10.0)
+    targets = torch.arange(3).repeat(1000)
+    scores[torch.arange(3000), targets] = 0.0  # the positive never serves as its own negative
+    assert float(TripletLoss(margin=0.5)(scores, targets)) == 0.0
+
+
 def test_ranking_loss_sums_hinges_over_all_negatives():
     loss = RankingLoss(margin=0.1)(torch.tensor([[0.5, 0.45, 0.2]]), torch.tensor([0]))
     assert float(loss) == pytest.approx(0.05)
@@ -245,6 +253,8 @@ def test_infonce_is_cross_entropy_of_temperature_scaled_scores():
     torch.testing.assert_close(InfoNCELoss(0.2)(scores, targets), expected)
     with pytest.raises(ValueError, match="targets"):
         InfoNCELoss()(scores, targets[:3])
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        InfoNCELoss(0.0)
 
 
 @pytest.mark.parametrize("head", [SiameseHead(8, 3, embed_dim=4), DeviseHead(8, 3),
@@ -267,6 +277,43 @@ def test_eszsl_closed_form_fits_a_separable_problem():
     assert (head(audio, side).argmax(dim=1) == labels).all()
 
 
+def test_devise_scores_are_cosines_of_the_mapped_audio_and_the_class_vectors():
+    torch.manual_seed(0)
+    head, audio, side = DeviseHead(8, 3), torch.randn(5, 8), torch.randn(4, 3)
+    mapped = audio @ head.projection.weight.T
+    expected = F.cosine_similarity(mapped[:, None], side[None], dim=-1)
+    torch.testing.assert_close(head(audio, side), expected)
+    torch.testing.assert_close(head(audio, side * torch.tensor([[0.1], [1], [3], [9]])), expected)
+
+
+@pytest.mark.parametrize("activation", ["sigmoid", "none"])
+def test_siamese_scores_are_cosines_of_the_two_activated_projections(activation):
+    torch.manual_seed(0)
+    head = SiameseHead(8, 3, embed_dim=4, activation=activation)
+    audio, side = torch.randn(5, 8), torch.randn(4, 3)
+    act = torch.sigmoid if activation == "sigmoid" else (lambda v: v)
+    a, s = act(head.audio_projection(audio)), act(head.side_projection(side))
+    expected = F.cosine_similarity(a[:, None], s[None], dim=-1)
+    torch.testing.assert_close(head(audio, side), expected)
+    if activation == "sigmoid":
+        assert (expected > 0).all()  # sigmoid outputs share the positive orthant
+
+
+def test_eszsl_fit_is_the_papers_closed_form_and_scores_normalised_audio():
+    g = torch.Generator().manual_seed(0)
+    audio, side = torch.randn(30, 6, generator=g).double() * 3, torch.randn(4, 5, generator=g).double()
+    labels = torch.arange(4).repeat(8)[:30]
+    gamma, lam = 0.3, 2.0
+    head = EszslHead(6, 5, gamma=gamma, lam=lam).double()
+    head.fit(audio, labels, side)
+    x = F.normalize(audio, dim=-1)
+    y = 2 * F.one_hot(labels, 4).double() - 1  # {-1, +1}
+    expected = (torch.linalg.inv(x.T @ x + gamma * torch.eye(6, dtype=x.dtype)) @ x.T @ y @ side
+                @ torch.linalg.inv(side.T @ side + lam * torch.eye(5, dtype=x.dtype)))
+    torch.testing.assert_close(head.weight, expected)
+    torch.testing.assert_close(head(audio, side), x @ expected @ side.T)
+
+
 def test_conse_places_a_clip_among_the_training_classes_it_resembles():
     head = ConseHead(3, 3, top_t=2, temperature=0.1)
     with torch.no_grad():
@@ -280,6 +327,15 @@ def test_conse_places_a_clip_among_the_training_classes_it_resembles():
     mixed = head.embed_audio(audio)
     assert mixed[0, 2] == 0 and 0 < mixed[0, 1] < mixed[0, 0]  # convex mix of the two anchors
     assert head(audio, candidates).argmax() == 0
+
+
+def test_conse_mixes_only_the_top_t_training_classes():
+    head = ConseHead(3, 3, top_t=1, temperature=1.0).eval()
+    with torch.no_grad():
+        head.projection.weight.copy_(torch.eye(3))
+    head.set_anchors(torch.eye(3))
+    torch.testing.assert_close(head.embed_audio(torch.tensor([[1.0, 0.8, 0.6]])),
+                               torch.tensor([[1.0, 0.0, 0.0]]))  # the nearest anchor alone
 
 
 def test_penalty_search_matches_scoring_every_penalty_on_every_sample():
