@@ -125,3 +125,28 @@ def test_music_fsl_cnn_refuses_another_embedding_dim_and_says_to_leave_it_interp
     with pytest.raises(ValueError, match=r"512-d for 64 mel bins.*embedding_dim=256.*Leave "
                                          r"model\.backbone\.embedding_dim to its interpolation"):
         MusicFslCNN(n_mels=64, embedding_dim=256)
+
+
+@pytest.mark.parametrize(("setting", "dim"), [("freq_mask_bins", 1), ("time_mask_frames", 2)])
+def test_a_mask_is_never_wider_than_its_setting_and_reaches_it(setting, dim):
+    torch.manual_seed(0)
+    x = torch.randn(256, 16, 20)
+    out = LogMelAugment(**{setting: 4}).train()(x)
+    floor = x.amin(dim=(1, 2), keepdim=True)
+    # whole mel bins (dim 1) or frames (dim 2) set to the minimum, per excerpt
+    widths = (out == floor).all(dim=3 - dim).sum(dim=1)
+    assert widths.max() == 4 and widths.min() == 0
+
+
+def test_music_fsl_cnn_reads_linear_power_from_the_cached_log_mel():
+    torch.manual_seed(0)
+    power = MusicFslCNN(n_mels=64, input_scale="power").eval()
+    log = MusicFslCNN(n_mels=64, input_scale="log").eval()
+    log.load_state_dict(power.state_dict())
+    x = 0.5 * torch.randn(2, 64, 64)
+    torch.testing.assert_close(power(x), log(x.exp()))
+
+
+def test_music_fsl_cnn_refuses_excerpts_shorter_than_its_pools_naming_the_fix():
+    with pytest.raises(ValueError, match="at least 64 frames, got 48: raise dataset.excerpt_seconds"):
+        MusicFslCNN(n_mels=64).eval()(torch.randn(1, 64, 48))
