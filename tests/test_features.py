@@ -232,3 +232,41 @@ def test_a_second_process_waits_while_another_prepares_the_same_source(tmp_path)
     ours = prepare_and_load(source, feats, tmp_path / "cache")
     assert done.get(timeout=5) == float(ours.features.sum())
     assert len(list((tmp_path / "cache").glob("tones-*.pt"))) == 1
+
+
+def test_mel_centres_are_the_peaks_of_the_filterbank_the_features_use():
+    import torchaudio
+
+    features = MelFeatures(n_mels=64)
+    n_freqs = features.n_fft // 2 + 1
+    bank = torchaudio.functional.melscale_fbanks(n_freqs, features.f_min, features.sample_rate / 2,
+                                                 features.n_mels, features.sample_rate)
+    peaks = torch.linspace(0, features.sample_rate / 2, n_freqs)[bank.argmax(dim=0)].double()
+    bin_hz = features.sample_rate / features.n_fft
+    assert (features.mel_centres_hz() - peaks).abs().max() <= bin_hz
+
+
+def test_a_clip_longer_than_clip_seconds_keeps_its_start(tmp_path):
+    sr = 16000
+    t = np.arange(sr) / sr
+    wave = np.where(t < 0.3, 0.3 * np.sin(2 * np.pi * 440 * t), 0.0).astype(np.float32)  # note, then silence
+    sf.write(tmp_path / "long.wav", wave, sr)
+    table = features_module.compute_features([Clip(tmp_path / "long.wav", "c", 0)],
+                                             MelFeatures(clip_seconds=0.5, n_mels=32))
+    assert table[0, :, :10].max() > np.log(features_module.LOG_FLOOR) + 10  # the note is there
+
+
+def test_stereo_audio_is_averaged_to_mono(tmp_path):
+    t = np.arange(8000) / 16000
+    tone = (0.4 * np.sin(2 * np.pi * 300 * t)).astype(np.float32)
+    sf.write(tmp_path / "right.wav", np.stack([np.zeros_like(tone), tone], axis=1), 16000)
+    torch.testing.assert_close(read_audio(tmp_path / "right.wav", 16000),
+                               torch.from_numpy(tone) / 2, atol=1e-4, rtol=0)
+
+
+def test_features_do_not_depend_on_the_batch_size(source):
+    feats = MelFeatures(clip_seconds=0.5, n_mels=32)
+    in_one = features_module.compute_features(source.clips(), feats, batch_size=64)
+    in_batches = features_module.compute_features(source.clips(), feats, batch_size=3)  # 3 + 1
+    assert in_batches.shape == in_one.shape == (4, 32, feats.frames(0.5))
+    torch.testing.assert_close(in_batches, in_one)
