@@ -345,6 +345,11 @@ def test_bad_table_entry_raises_value_error(tmp_path: Path, soundfont_file: Path
     ({"variation": {"detune": 10}}, r"^Unknown dataset\.source\.variation key\(s\) \['detune'\]"),
     ({"n_folds": 0}, r"^n_folds=0: need at least one fold"),
     ({"fold_by": "dynamic"}, r"^dataset\.source\.fold_by='dynamic': use note"),
+    ({"variation": {"noise_snr_db": [55, 35]}},
+     r"^dataset\.source\.variation=.*noise_snr_db=\[low_db, high_db\]"),
+    ({"variation": {"gain_db": -1}}, r"^dataset\.source\.variation=.*need non-negative"),
+    ({"variation": {"max_onset_ms": 2000}},
+     r"^variation\.max_onset_ms=2000\.0 must be shorter than clip_seconds"),
 ])
 def test_bad_settings_raise_value_error(tmp_path: Path, soundfont_file: Path, overrides: dict,
                                         match: str) -> None:
@@ -408,3 +413,36 @@ def test_fold_overlap_counts_held_out_clips_that_replay_a_trained_note() -> None
     counts = overlap(rows, ["Oboe"], {4}, {0, 1, 2, 3})
     assert counts == {"clips": 4, "pitch": 3, "dynamic": 2, "soundfont": 1}
     assert overlap(rows, ["Flute"], {4}, {0, 1, 2, 3})["clips"] == 0
+
+
+def _spec(**overrides) -> sol._RenderSpec:
+    """Render settings for the per-note functions (nothing is rendered)."""
+    settings = {"dataset_dir": "", "soundfonts": ("a.sf2", "b.sf2"), "programs": (0,),
+                "sample_rate": 16000, "clip_seconds": 0.5, "note_seconds": 0.3,
+                "dynamics": {"pp": [20, 21]}, "variation": sol._parse_variation(None), "seed": 0,
+                "silence_threshold_db": -60.0, **overrides}
+    return sol._RenderSpec(**settings)
+
+
+def test_note_variation_draws_span_their_whole_ranges() -> None:
+    spec = _spec()
+    draws = [sol._draw_variation(np.random.default_rng([0, i]), sol.Note(i, "Flute", 73, 69, "pp", 1, ""),
+                                 spec) for i in range(300)]
+    assert {d.velocity for d in draws} == {20, 21}  # both ends of the dynamic's velocity range
+    assert {d.soundfont for d in draws} == {0, 1}
+    cents = np.array([d.bend / sol._BEND_PER_CENT for d in draws])
+    assert cents.min() < -10 and cents.max() > 10 and np.abs(cents).max() <= 15.0 + 0.1
+    onsets = [d.onset for d in draws]  # max_onset_ms 40: up to 640 samples
+    assert min(onsets) < 100 and 540 < max(onsets) <= 640
+    gains = [d.gain_db for d in draws]
+    assert min(gains) < -3 and max(gains) > 3
+
+
+def test_finish_delays_the_note_by_its_onset_and_limits_its_peak() -> None:
+    raw = np.sin(np.linspace(0, 400, 9000)).astype(np.float32)
+    quiet = sol._Variation(0, 64, 0, onset=800, gain_db=0.0, snr_db=300.0)  # no audible noise
+    audio = sol._finish(raw * 0.5, quiet, 8000, np.random.default_rng(0))
+    assert audio.shape == (8000,) and np.abs(audio[:800]).max() < 1e-6
+    np.testing.assert_allclose(audio[800:], raw[:7200] * 0.5, atol=1e-6)
+    loud = sol._finish(raw * 4, quiet, 8000, np.random.default_rng(0))
+    assert np.abs(loud).max() == pytest.approx(0.98)
