@@ -228,6 +228,27 @@ def test_validation_holds_out_part_of_each_training_class_and_all_validation_cla
     assert final.train_classes == dm.seen
 
 
+def test_every_training_class_keeps_a_training_image_whatever_the_held_out_fraction(tmp_path):
+    write_toy(tmp_path)
+    dm = _datamodule(tmp_path, "TOY", 16, val_seen_fraction=0.99)
+    assert set(dm.labels[dm.indices["train"]].tolist()) == set(dm.ids(dm.train_classes))
+
+
+def test_training_batches_are_reshuffled_every_epoch_and_repeatable(tmp_path):
+    from types import SimpleNamespace
+
+    write_toy(tmp_path)
+    dm = _datamodule(tmp_path, "TOY", 16, batch_size=1000)
+
+    def order(epoch):
+        dm.trainer = SimpleNamespace(current_epoch=epoch)
+        return torch.cat([b["index"] for b in dm.train_dataloader()])
+
+    first, second = order(0), order(1)
+    assert not torch.equal(first, second) and torch.equal(first.sort().values, second.sort().values)
+    assert torch.equal(order(0), first)
+
+
 def test_missing_files_name_the_archive_and_the_expected_paths(tmp_path):
     with pytest.raises(FileNotFoundError) as error:
         Xlsa17DataModule(tmp_path, "AWA2").prepare_data()
@@ -264,6 +285,21 @@ def test_validation_classes_must_be_trainval_classes(tmp_path):
     folder = write_toy(tmp_path)
     (folder / "valclasses1.txt").write_text("class06\nclass07\nclass11\n")  # class11 is a test class
     with pytest.raises(ValueError, match="valclasses1.txt are not the classes of trainval_loc"):
+        _datamodule(tmp_path, "TOY", 16)
+
+
+def test_overlapping_train_and_validation_class_lists_are_rejected(tmp_path):
+    folder = write_toy(tmp_path)
+    (folder / "valclasses1.txt").write_text("class05\nclass06\nclass07\nclass08\n")  # class05 trains
+    with pytest.raises(ValueError, match="trainclasses1.txt and valclasses1.txt overlap"):
+        _datamodule(tmp_path, "TOY", 16)
+
+
+def test_features_one_image_short_of_the_splits_are_rejected(tmp_path):
+    folder = write_toy(tmp_path)
+    features, labels = load_features(tmp_path, "TOY")
+    write_res101(folder, features[:-1].numpy().T.astype(np.float64), labels[:-1].numpy() + 1)
+    with pytest.raises(ValueError, match="do not belong together"):
         _datamodule(tmp_path, "TOY", 16)
 
 
