@@ -14,7 +14,7 @@ from hydra.plugins.sweeper import Sweeper
 from omegaconf import OmegaConf
 
 from fewzero.data.clips import TINYSOL_INSTRUMENTS
-from fewzero.sweeps import optuna_seed
+from fewzero.sweeps import optuna_seed, optuna_storage
 from fewzero.train import optimized_metric
 
 
@@ -49,6 +49,18 @@ def test_optuna_search_is_a_seeded_tpe_maximising_validation_with_a_study_under_
     assert optuna_seed(1234, sweeper.storage, "other") == 1234
     for key in sweeper.params:
         assert OmegaConf.select(cfg, key) is not None, f"search parameter {key} is not in the config"
+
+
+def test_a_resumed_study_moves_the_sampler_seed_on_by_its_own_stored_trials(tmp_path):
+    import optuna
+
+    storage = optuna_storage(str(tmp_path / "new" / "studies.db"), "val/acc_best")
+    assert (tmp_path / "new").is_dir()  # sqlite does not create the folder
+    for name, n_trials in (("other", 3), ("fsl", 2)):
+        optuna.create_study(study_name=name, storage=storage).optimize(
+            lambda trial: trial.suggest_float("x", 0, 1), n_trials=n_trials)
+    assert optuna_seed(1234, storage, "fsl") == 1236
+    assert optuna_seed(1234, storage, "absent") == 1234
 
 
 def test_a_search_on_a_test_metric_is_refused_as_the_sweep_starts(tmp_path):
