@@ -116,6 +116,24 @@ def test_run_summary_prints_zero_shot_figures_with_their_intervals(tmp_path, cap
     assert f"tensorboard --logdir {tmp_path / 'tensorboard'}" in out  # the run's own, wherever it is
 
 
+def test_run_summary_prints_few_shot_results_and_the_class_cv_choice(tmp_path, capsys, monkeypatch):
+    import re
+
+    from fewzero.summary import print_summary
+
+    monkeypatch.setenv("COLUMNS", "200")
+    zero_shot = {"zsl_top1": 0.5, "zsl_top3": 0.8, "seen_top1": 0.9, "calibration_gamma": 0.05,
+                 **{f"{p}_{k}": 0.3 for p in ("gzsl", "gzsl_cs") for k in "ush"}}
+    class_cv = {"mean_scores": [0.5, 0.7, 0.6], "zsl_weight": 0.25, "folds": [[1], [2]], "score": "top1"}
+    print_summary(tmp_path, {"test_episodes": {"5way_1shot": {"mean_acc": 0.6123, "ci95": 0.0101,
+                                                              "n_episodes": 600}},
+                             "zero_shot": zero_shot, "class_cv": class_cv})
+    out = capsys.readouterr().out
+    assert re.search(r"5way_1shot\s*│\s*0\.6123\s*│\s*\+-0\.0101\s*│\s*600\s*│", out)
+    assert "ZSL weight 0.25 by class cross-validation over 2 folds (mean pseudo-unseen per-class top-1 " \
+           "0.7000)" in out  # the best mean score, that of the chosen weight
+
+
 def test_bar_labels_keep_what_tells_configurations_apart():
     from fewzero.report import Configuration, bar_labels
 
