@@ -60,6 +60,9 @@ def test_training_writes_metrics_plots_checkpoints_and_hparams(tmp_path, backbon
     events = list((run / "tensorboard").glob("events.out.tfevents.*"))
     assert events and any(b"hparams" in e.read_bytes() for e in events)
     assert report["tags"] == list(cfg.tags) and "fsl" in report["tags"]
+    # the fit's training metrics too; only numbers (the tested checkpoint's path is its own key)
+    assert {"train/loss", "train/acc"} <= set(report["metrics"])
+    assert all(isinstance(v, int | float) for v in report["metrics"].values())
     assert any(b"tags" in e.read_bytes() for e in events)
     scalars = EventAccumulator(str(run / "tensorboard"))
     scalars.Reload()
@@ -194,6 +197,9 @@ def test_run_suffix_is_path_safe_and_short():
     long = run_suffix("x=" + "a" * 300)
     assert len(long) == MAX_RUN_SUFFIX + 1 and "/" not in long
     assert run_suffix("x=" + "a" * 300) != run_suffix("x=" + "a" * 299 + "b")
+    # the limit itself: a name of MAX_RUN_SUFFIX characters is kept, one more is shortened
+    assert run_suffix("x" * MAX_RUN_SUFFIX) == "_" + "x" * MAX_RUN_SUFFIX
+    assert "~" in run_suffix("x" * (MAX_RUN_SUFFIX + 1)) and len(run_suffix("x" * 200)) == MAX_RUN_SUFFIX + 1
 
 
 def test_run_directory_names_the_experiment_among_the_overrides():
@@ -417,3 +423,29 @@ def test_few_shot_benchmark_refuses_an_out_folder_with_finished_runs_before_trai
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_keep_freed_memory_is_set_on_linux():
     assert keep_freed_memory()  # mallopt accepted both settings
+
+
+def test_stage_timer_bills_training_steps_but_not_the_validation_between_them(monkeypatch):
+    from types import SimpleNamespace
+
+    from fewzero.callbacks import StageTimer
+
+    clock = iter([0.0, 1.0, 1.5, 11.5, 13.0, 20.0, 24.0])  # 10 s of validation after step 1
+    monkeypatch.setattr("fewzero.callbacks.time.perf_counter", lambda: next(clock))
+    logged: list[dict] = []
+    trainer = SimpleNamespace(global_step=2, loggers=[SimpleNamespace(
+        log_metrics=lambda metrics, step: logged.append(metrics))])
+    timer = StageTimer()
+    timer.on_train_epoch_start(trainer, None)
+    timer.on_train_batch_end(trainer, None, None, None, 0)
+    timer.on_validation_start(trainer, None)
+    timer.on_validation_end(trainer, None)
+    timer.on_train_batch_end(trainer, None, None, None, 1)
+    timer.on_train_end(trainer, None)
+    assert timer.results["train_seconds"] == pytest.approx(1.0 + 2.0)
+    assert timer.results["train_steps"] == 2
+    timer.on_test_start(trainer, None)
+    timer.on_test_end(trainer, None)
+    assert timer.results["test_seconds"] == pytest.approx(4.0)
+    assert logged == [{"time/train_steps_per_s": pytest.approx(2 / 3)},
+                      {"time/test_seconds": pytest.approx(4.0)}]
