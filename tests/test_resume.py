@@ -479,3 +479,35 @@ def test_zero_shot_run_stopped_after_its_main_fit_goes_on_to_the_uninterrupted_m
         assert _CtrlCIn.steps.get("refit_progress.ckpt", 0) == 0
         report = json.loads((checkpoints.parent / "metrics.json").read_text())
         assert report["zero_shot"] == before["zero_shot"]
+
+
+def test_the_recorded_overrides_leave_out_ckpt_path_whether_given_or_saved_by_a_script(tmp_path):
+    from fewzero.train import run_overrides, save_run_overrides
+
+    assert run_overrides(tmp_path) is None  # neither given nor saved: unknown
+    given = ["seed=1", "ckpt_path=last", "+ckpt_path=x.ckpt", "model.optimizer.lr=0.002"]
+    assert run_overrides(tmp_path, given) == ["seed=1", "model.optimizer.lr=0.002"]
+    save_run_overrides(given, tmp_path)
+    assert run_overrides(tmp_path) == ["seed=1", "model.optimizer.lr=0.002"]
+
+
+def test_a_refused_resume_puts_back_the_config_its_last_checkpoint_records(tmp_path):
+    from fewzero.train import restore_run_files
+
+    checkpoints = tmp_path / "checkpoints"
+    checkpoints.mkdir()
+    (tmp_path / ".hydra").mkdir()  # Hydra's, rewritten by the refused command
+    # an older selected checkpoint, then last.ckpt of a resume that moved to two devices
+    for name, devices in (("step=2.ckpt", 1), ("last.ckpt", 2), ("step=4.ckpt", 1)):
+        torch.save({"fewzero_run": {"config": {"trainer": {"devices": devices}},
+                                    "overrides": [f"trainer.devices={devices}"]}}, checkpoints / name)
+        time.sleep(0.01)  # distinct modification times
+    restore_run_files(tmp_path)
+    assert OmegaConf.load(tmp_path / ".hydra" / "config.yaml").trainer.devices == 2
+    assert list(OmegaConf.load(tmp_path / ".hydra" / "overrides.yaml")) == ["trainer.devices=2"]
+    (checkpoints / "last.ckpt").write_bytes(b"cut short")  # unreadable: the newest other one
+    torch.save({"fewzero_run": {"config": {"trainer": {"devices": 3}}, "overrides": None}},
+               checkpoints / "step=6.ckpt")
+    restore_run_files(tmp_path)
+    assert OmegaConf.load(tmp_path / ".hydra" / "config.yaml").trainer.devices == 3
+    assert list(OmegaConf.load(tmp_path / ".hydra" / "overrides.yaml")) == ["trainer.devices=2"]
