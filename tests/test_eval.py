@@ -1,4 +1,5 @@
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -149,7 +150,7 @@ def test_a_test_setting_of_the_other_kind_of_run_is_named_as_such(run, override,
         apply_overrides(OmegaConf.create(run), [override])
 
 
-@pytest.mark.parametrize("setting", ["hydra.job.chdir=true", "paths.output_dir=/tmp/x"])
+@pytest.mark.parametrize("setting", ["hydra.job.chdir=true", "paths.output_dir=/tmp/x", "+hydra.job.name=x"])
 def test_cli_refuses_hydra_settings_it_would_ignore(setting):
     with pytest.raises(SystemExit, match=r"hydra.run.dir=<dir>.*would do nothing"):
         main(["ckpt_path=missing.ckpt", setting])
@@ -161,6 +162,13 @@ def test_cli_names_the_checkpoints_there_are_when_the_one_given_is_missing(tmp_p
     (checkpoints / "last.ckpt").write_bytes(b"")
     with pytest.raises(SystemExit, match=r"missing.ckpt does not exist.*has \['last.ckpt'\]"):
         main([f"ckpt_path={checkpoints / 'missing.ckpt'}", f"hydra.run.dir={tmp_path / 'out'}"])
+
+
+def test_cli_reads_a_checkpoint_path_that_holds_equals_signs(tmp_path):
+    # run directories are named after their overrides: the path is split at its first '=' only
+    missing = tmp_path / "runs" / "2026-12-05_seed=1,model.x=a" / "checkpoints" / "last.ckpt"
+    with pytest.raises(SystemExit, match=r"_seed=1,model\.x=a/checkpoints/last\.ckpt does not exist"):
+        main([f"ckpt_path={missing}", f"hydra.run.dir={tmp_path / 'out'}"])
 
 
 def test_cli_without_arguments_prints_usage(capsys):
@@ -245,3 +253,33 @@ def test_checkpoint_is_re_evaluated_with_whitening_switched_off_and_on(tmp_path)
     for name in ("5way_1shot", "5way_5shot"):
         assert 0.0 <= metrics_off[f"test/{name}_acc"] <= 1.0
     assert any(metrics_on[k] != metrics_off[k] for k in metrics_on if k.endswith("_acc"))
+
+
+def test_eval_refuses_another_seen_class_test_fold_for_a_zero_shot_checkpoint(tmp_path):
+    cfg = compose_train_cfg(tmp_path, ["experiment=zsl_attribute_audio"])
+    config = tmp_path / "config.yaml"
+    OmegaConf.save(cfg, config)
+    ckpt = tmp_path / "model.ckpt"
+    ckpt.write_bytes(b"")  # refused before it is read
+    with pytest.raises(ValueError, match=r"test fold is now fold 0, but the run trained \["):
+        evaluate(ckpt, ["dataset.test_fold=0"], tmp_path / "eval", config)
+
+
+def test_cli_evaluates_an_older_checkpoint_into_a_new_directory_named_after_the_overrides_each_time(
+        tmp_path, monkeypatch):
+    from fewzero.eval import EVAL_DIR_VARIABLE
+
+    cfg = compose_train_cfg(tmp_path, ["trainer.max_steps=2", "test=false"])
+    train(cfg)  # saves the run's .hydra/config.yaml
+    ckpt = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    saved = torch.load(ckpt, weights_only=False)
+    del saved["fewzero_run"]  # written before checkpoints recorded their config
+    torch.save(saved, ckpt)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(EVAL_DIR_VARIABLE, raising=False)
+    for _ in range(2):  # e.g. from a notebook: the second must not reuse the first's directory
+        main([f"ckpt_path={ckpt}", "model.whitening=null"])
+        assert EVAL_DIR_VARIABLE not in os.environ
+    runs = sorted((tmp_path / "outputs" / "eval" / "runs").iterdir())
+    assert len(runs) == 2 and all(r.name.endswith("_model.whitening=null") for r in runs)
+    assert all((r / "metrics.json").is_file() for r in runs)
