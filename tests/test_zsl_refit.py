@@ -195,7 +195,23 @@ def test_training_on_trainval_from_the_start_is_refused_since_no_validation_woul
         train(cfg)
 
 
-def test_class_cv_chooses_the_zsl_weight_by_the_mean_over_folds_and_the_refit_keeps_it(tmp_path):
+def test_class_cv_chooses_the_zsl_weight_by_the_mean_over_folds_and_the_refit_keeps_it(tmp_path,
+                                                                                      monkeypatch):
+    import fewzero.train
+
+    # the weights each fold fit starts from and ends with: a fold trained again when the others
+    # are reused must train as it did (each fold is seeded anew)
+    fold_weights: dict[str, list[tuple[float, float]]] = {}
+    resumable_fit = fewzero.train.resumable_fit
+
+    def recording(cfg, model, datamodule, output_dir, name, *args, **kwargs):
+        start = sum(float(p.double().sum()) for p in model.parameters())
+        fit = resumable_fit(cfg, model, datamodule, output_dir, name, *args, **kwargs)
+        end = sum(float(p.double().sum()) for p in model.parameters())
+        fold_weights.setdefault(name, []).append((start, end))
+        return fit
+
+    monkeypatch.setattr(fewzero.train, "resumable_fit", recording)
     candidates = [0.0, 0.5, 5.0]
     cfg = compose_train_cfg(tmp_path, WORD + [*SELECT_FIRST_EPOCH, "model.pitch_prior.class_cv=true",
                                               f"model.pitch_prior.weight_candidates={candidates}",
@@ -224,6 +240,7 @@ def test_class_cv_chooses_the_zsl_weight_by_the_mean_over_folds_and_the_refit_ke
     assert weights[0] == best == metrics["test/prior_weight_zsl"] == cv["chosen"]["pitch_prior.weights"][0]
     assert cv["zsl_weight"] == best and cv["candidates"] == candidates
     assert (run / "plots" / "val_class_cv_prior_weight.png").stat().st_size > 0
+    assert not list((run / "checkpoints").glob("*_progress.ckpt"))  # removed once each fit was done
     assert weights[1:] == selected["state_dict"]["pitch_prior.weights"][1:].tolist()  # seen, GZSL
     gammas = (final["state_dict"]["calibration_gamma"], selected["state_dict"]["calibration_gamma"])
     assert float(gammas[0]) == float(gammas[1])
@@ -251,6 +268,8 @@ def test_class_cv_chooses_the_zsl_weight_by_the_mean_over_folds_and_the_refit_ke
     train(cfg)
     report = json.loads((run / "metrics.json").read_text())
     assert report["class_cv"]["fold_scores"][2] == cv["fold_scores"][2]
+    for name in ("class_cv_fold1_progress", "class_cv_fold2_progress"):  # each trained twice
+        assert len(fold_weights[name]) == 2 and fold_weights[name][0] == fold_weights[name][1], name
 
 
 def test_fast_dev_run_skips_class_cv_when_its_one_validation_batch_scored_no_weight(tmp_path, caplog):
