@@ -511,3 +511,25 @@ def test_a_refused_resume_puts_back_the_config_its_last_checkpoint_records(tmp_p
     restore_run_files(tmp_path)
     assert OmegaConf.load(tmp_path / ".hydra" / "config.yaml").trainer.devices == 3
     assert list(OmegaConf.load(tmp_path / ".hydra" / "overrides.yaml")) == ["trainer.devices=2"]
+
+
+def test_a_resumed_run_does_not_write_its_checkpoints_step_again(tmp_path):
+    # stopped at the end of the first epoch (step 3), whose last.ckpt holds that step already
+    settings = ["trainer.max_steps=7", "dataset.episodes.train.n_episodes=3", "test=false"]
+
+    def run(extra: list[str], sigterm_at: int | None = None) -> list[int]:
+        cfg = compose_train_cfg(tmp_path, settings + extra)
+        with open_dict(cfg):
+            cfg.callbacks.last_checkpoint._target_ = "test_resume._Saves"
+            cfg.callbacks.last_checkpoint.every_n_train_steps = 2
+            if sigterm_at is not None:
+                cfg.callbacks.sigterm = {"_target_": "test_resume._Sigterm", "at_step": sigterm_at}
+        _, objects = train(cfg)
+        return [step for step, _ in next(c for c in objects["trainer"].callbacks
+                                         if isinstance(c, _Saves)).saves]
+
+    with pytest.raises(SIGTERMException):
+        run([], sigterm_at=2)
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=False)["global_step"] == 3
+    assert run(["ckpt_path=last"]) == [4, 6, 7]  # Lightning replays step 3's epoch end: not saved
