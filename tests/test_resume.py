@@ -533,3 +533,13 @@ def test_a_resumed_run_does_not_write_its_checkpoints_step_again(tmp_path):
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=False)["global_step"] == 3
     assert run(["ckpt_path=last"]) == [4, 6, 7]  # Lightning replays step 3's epoch end: not saved
+
+
+def test_a_checkpoint_that_records_no_config_is_resumed_with_a_warning(tmp_path, caplog):
+    from fewzero.train import check_resume
+
+    ckpt = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {}}, ckpt)  # written before checkpoints recorded their run
+    with caplog.at_level(logging.WARNING, logger="fewzero.train"):
+        check_resume(compose_train_cfg(tmp_path, ["model.optimizer.lr=0.5"]), str(ckpt), tmp_path)
+    assert "records no config" in caplog.text and "without checking" in caplog.text
