@@ -543,3 +543,17 @@ def test_a_checkpoint_that_records_no_config_is_resumed_with_a_warning(tmp_path,
     with caplog.at_level(logging.WARNING, logger="fewzero.train"):
         check_resume(compose_train_cfg(tmp_path, ["model.optimizer.lr=0.5"]), str(ckpt), tmp_path)
     assert "records no config" in caplog.text and "without checking" in caplog.text
+
+
+def test_ctrl_c_names_the_progress_file_of_the_fit_it_stops(tmp_path):
+    from types import SimpleNamespace
+
+    for name in ("last", "refit_progress", "class_cv_fold1_progress"):
+        keeper = LastCheckpoint(dirpath=str(tmp_path / "checkpoints"), filename=name)
+        stop = StopOnInterrupt()
+        # several processes: the handler is left alone, what it would name is still found
+        stop.on_train_start(SimpleNamespace(callbacks=[StopOnInterrupt(), keeper], world_size=2), None)
+        assert stop.saves_to == f"{name}.ckpt"
+        assert signal.getsignal(signal.SIGINT) is not stop._stop_after_this_step
+    stop.on_train_start(SimpleNamespace(callbacks=[], world_size=2), None)  # fast_dev_run: none
+    assert stop.saves_to is None
