@@ -209,6 +209,9 @@ def test_class_cv_chooses_the_zsl_weight_by_the_mean_over_folds_and_the_refit_ke
         fit = resumable_fit(cfg, model, datamodule, output_dir, name, *args, **kwargs)
         end = sum(float(p.double().sum()) for p in model.parameters())
         fold_weights.setdefault(name, []).append((start, end))
+        # each fit keeps its progress as often as the main fit keeps last.ckpt
+        keeper = next(c for c in fit.callbacks if type(c).__name__ == "LastCheckpoint")
+        assert keeper._every_n_train_steps == cfg.callbacks.last_checkpoint.every_n_train_steps == 50
         return fit
 
     monkeypatch.setattr(fewzero.train, "resumable_fit", recording)
