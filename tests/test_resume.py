@@ -19,7 +19,7 @@ from conftest import FSL_OVERRIDES, compose_train_cfg
 from omegaconf import OmegaConf, open_dict
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from fewzero.callbacks import LastCheckpoint, StopOnInterrupt
+from fewzero.callbacks import LastCheckpoint, RngAtFirstBatch, StopOnInterrupt
 from fewzero.data.clips import TINYSOL_INSTRUMENTS
 from fewzero.models.resumable import ResumableModule
 from fewzero.train import interpreter, train
@@ -557,3 +557,21 @@ def test_ctrl_c_names_the_progress_file_of_the_fit_it_stops(tmp_path):
         assert signal.getsignal(signal.SIGINT) is not stop._stop_after_this_step
     stop.on_train_start(SimpleNamespace(callbacks=[], world_size=2), None)  # fast_dev_run: none
     assert stop.saves_to is None
+
+
+def test_the_rng_state_of_a_checkpoint_is_set_again_only_before_a_mid_epoch_first_batch():
+    """After an epoch-end checkpoint the new epoch's data-loader iterator draws from the restored
+    state, as in the uninterrupted fit, so batch 0 must keep what it drew; mid-epoch the state
+    is set again before the first batch."""
+    saved = torch.get_rng_state()
+    checkpoint = {"rng_state": {"torch": saved}}
+    for first_batch, expected_reset in ((0, False), (3, True)):
+        callback = RngAtFirstBatch()
+        callback.on_load_checkpoint(None, None, checkpoint)
+        torch.rand(5)  # the iterator's draw after loading
+        drawn = torch.get_rng_state()
+        callback.on_train_batch_start(None, None, None, first_batch)
+        assert torch.equal(torch.get_rng_state(), saved if expected_reset else drawn)
+        torch.rand(5)
+        callback.on_train_batch_start(None, None, None, first_batch + 1)  # only the first batch
+        assert not torch.equal(torch.get_rng_state(), saved)
