@@ -78,9 +78,41 @@ def test_assert_clean_rejects_an_unseen_clip_and_one_of_no_split_class(tmp_path)
         dm.assert_clean(clip)
 
 
+def test_each_validation_clip_is_scored_once_in_one_role(tmp_path):
+    dm = _datamodule(tmp_path)
+    _, indices = _batches_clips(dm.val_dataloader())
+    assert len(set(indices.tolist())) == len(indices)  # no clip in both validation roles
+    assert set(dm.labels[dm.indices["val_seen"]].tolist()) == set(dm.ids(dm.train_classes))
+    assert set(dm.labels[dm.indices["val_unseen"]].tolist()) == set(dm.ids(dm.pseudo_unseen))
+
+
+@pytest.mark.parametrize(("offset", "expected"), [("0.25", "offset"), ("100", "room")])
+def test_training_excerpts_start_no_later_than_the_offset_nor_past_the_clip(tmp_path, offset, expected):
+    dm = _datamodule(tmp_path, [f"dataset.train_max_offset_seconds={offset}"])
+    room = dm.table.features.shape[-1] - dm.excerpt_frames
+    assert 0 < dm.features.start_frame(0.25) < room
+    assert dm.train_max_start == (dm.features.start_frame(0.25) if expected == "offset" else room)
+
+
+def test_a_role_without_clips_is_refused_at_setup(tmp_path):
+    dm = hydra.utils.instantiate(compose_train_cfg(tmp_path, WORD + ["dataset.test_fold=9"]).dataset)
+    dm.prepare_data()
+    with pytest.raises(ValueError, match="No test_seen clips: check dataset.split and the folds"):
+        dm.setup("fit")
+
+
+def test_without_a_validation_fold_every_non_test_fold_trains_and_no_seen_clip_validates(tmp_path):
+    dm = _datamodule(tmp_path, ["dataset.val_fold=null"])
+    assert dm.indices["val_seen"].numel() == 0
+    seen_train = torch.isin(dm.labels, torch.tensor(dm.ids(dm.train_classes)))
+    expected = torch.nonzero(seen_train & (dm.table.folds != dm.test_fold)).flatten()
+    assert torch.equal(dm.indices["train"], expected)
+
+
 @pytest.mark.parametrize(("override", "message"), [
     ("dataset.split.unseen=[Bassoon,Violin]", "both seen and unseen"),
     ("dataset.split.pseudo_unseen=[Bassoon]", "must be seen classes"),
+    ("dataset.split.seen=[Oboe,Trombone]", "Every seen class is in dataset.split.pseudo_unseen"),
 ])
 def test_inconsistent_splits_are_rejected(tmp_path, override, message):
     cfg = compose_train_cfg(tmp_path, WORD + [override])
