@@ -2,6 +2,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from fewzero.data.datamodule import ClipExcerpts
 from fewzero.data.episodes import EpisodeDataset, EpisodeSampler, check_episode_feasible
 
 
@@ -109,3 +110,11 @@ def test_excerpt_longer_than_cached_clip_is_rejected():
                                          r"\(10 frames\): lower dataset.excerpt_seconds or raise "
                                          r"dataset.features.clip_seconds"):
         EpisodeDataset(torch.zeros(8, 3, 10), sampler, 1, excerpt_frames=11)
+
+
+def test_evaluation_excerpts_start_at_the_eval_offset():
+    features = torch.arange(4 * 2 * 10, dtype=torch.float).view(4, 2, 10)
+    dataset = ClipExcerpts(features, torch.tensor([5, 6, 7, 8]), torch.tensor([2, 0]), offset=3, length=4)
+    item = dataset[0]
+    assert torch.equal(item["x"], features[2, :, 3:7])
+    assert int(item["label"]) == 7 and int(item["index"]) == 2

@@ -220,6 +220,7 @@ def test_frequency_scaled_training_classes_stay_in_training(tmp_path):
     assert len(dm.train_class_ids) == 3 * len(real)
     assert dm.train_class_names[len(real)] == f"{cfg.dataset.split.train[0]} x0.75"
     assert min(dm.train_class_ids[len(real):]) == len(dm.class_names)  # new ids, after the real
+    assert len(set(dm.train_class_ids)) == len(dm.train_class_ids)  # one class per factor
     assert len(dm.train_features) == len(dm.table.features) + 2 * len(dm.stage_indices("train"))
     drawn = {int(c) for episode in dm.train_dataloader() for c in episode["classes"]}
     assert drawn <= set(dm.train_class_ids) and drawn - set(real)
@@ -248,15 +249,17 @@ def test_few_shot_folds_option_keeps_every_other_fold_out_of_every_stage(tmp_pat
     assert set(dm.table.folds[reference].tolist()) == {0, 1, 2}
 
 
-def test_few_shot_folds_must_exist_in_the_source(tmp_path):
-    dm = hydra.utils.instantiate(compose_train_cfg(tmp_path, ["dataset.folds=[0,7]"]).dataset)
+@pytest.mark.parametrize(("folds", "shown"), [("[0,7]", r"\[0, 7\]"), ("[]", r"\[\]")])
+def test_few_shot_folds_must_exist_in_the_source(tmp_path, folds, shown):
+    dm = hydra.utils.instantiate(compose_train_cfg(tmp_path, [f"dataset.folds={folds}"]).dataset)
     dm.prepare_data()
-    with pytest.raises(ValueError, match=r"dataset.folds=\[0, 7\] must be a non-empty subset"):
+    with pytest.raises(ValueError, match=rf"dataset.folds={shown} must be a non-empty subset"):
         dm.setup("fit")
 
 
-def test_frequency_scale_of_one_is_rejected(tmp_path):
-    cfg = compose_train_cfg(tmp_path, ["dataset.train_frequency_scales=[1.0]"])
+@pytest.mark.parametrize("scale", ["1.0", "0.0"])
+def test_frequency_scale_of_one_is_rejected(tmp_path, scale):
+    cfg = compose_train_cfg(tmp_path, [f"dataset.train_frequency_scales=[{scale}]"])
     with pytest.raises(Exception, match="train_frequency_scales must be positive and not 1.0"):
         hydra.utils.instantiate(cfg.dataset)
 
