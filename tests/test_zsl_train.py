@@ -282,6 +282,9 @@ def test_encoder_init_that_read_only_training_clips_is_accepted(tmp_path):
     check_init_checkpoint(_save_run_config(tmp_path / "clean", clean), dm, class_cv=False)
     check_init_checkpoint(_save_run_config(tmp_path / "only_violin", {
         "split": {"train": ["Violin"], "val": []}, "folds": [1]}), dm, class_cv=True)
+    # instruments this run never reads (another dataset's) may have trained on any fold
+    check_init_checkpoint(_save_run_config(tmp_path / "other_instruments", {
+        "split": {"train": ["Harp"], "val": ["Guitar"]}, "folds": None}), dm, class_cv=True)
     # the refit trains on every seen class on folds 0-3 (zsl_transfer_ceiling's setting)
     trainval = dm.for_trainval()
     folds_0_to_3 = {"split": FSL_SPLIT, "folds": [0, 1, 2, 3]}
@@ -522,3 +525,174 @@ def test_an_init_checkpoint_without_backbone_weights_says_what_to_pass(tmp_path)
     with pytest.raises(ValueError, match=r"no backbone weights.*Set model\.init_checkpoint to .*"
                                          r"or leave it null"):
         load_backbone_weights(torch.nn.Linear(2, 2), path)
+
+
+def test_training_scores_against_the_training_classes_vectors_in_training_id_order():
+    from fewzero.models.zeroshot_module import ZeroShotModule
+    from fewzero.side_info.base import ClassVectors
+
+    # seen 0, 1, 2 with 1 pseudo-unseen: training targets 0 and 1 stand for classes 0 and 2
+    side = torch.arange(12, dtype=torch.float).view(4, 3)
+    for sample_per_step in (False, True):
+        module = SimpleNamespace(side_info=SimpleNamespace(sample_per_step=sample_per_step),
+                                 vectors=ClassVectors(list("abcd"), [row[None] for row in side]),
+                                 side_matrix=side, ids={"seen": [0, 1, 2], "train": [0, 2]}, device="cpu")
+        assert torch.equal(ZeroShotModule.train_side(module), side[[0, 2]])
+
+
+def test_validation_without_held_out_seen_clips_scores_zsl_alone_and_skips_calibration():
+    from torchmetrics import MaxMetric
+
+    from fewzero.models.zeroshot_module import ZeroShotModule
+
+    labels = torch.tensor([2, 3, 2])  # pseudo-unseen clips only (dataset.val_fold=null)
+    logged = {}
+    module = SimpleNamespace(
+        _gathered_scores=lambda: (None, torch.eye(4)[labels], None, labels, None),
+        trainer=SimpleNamespace(sanity_checking=False), ids={"train": [0, 1], "pseudo_unseen": [2, 3]},
+        pitch_prior=None, calibration_gamma=torch.full((), 7.0), val_acc_best=MaxMetric(),
+        log_dict=lambda metrics, **_: logged.update(metrics))
+    ZeroShotModule.on_validation_epoch_end(module)
+    assert logged["val/acc"] == logged["val/zsl_top1"] == 1.0
+    assert "val/seen_top1" not in logged and "val/gzsl_cs_h" not in logged
+    assert float(module.calibration_gamma) == 7.0  # no seen side: no penalty chosen
+
+
+def test_a_frozen_encoder_under_a_trained_head_gets_no_gradient_and_stays_in_eval_mode(tmp_path):
+    cfg = compose_train_cfg(tmp_path, WORD + ["model.pitch_prior=null", "model.freeze_backbone=true"])
+    model = hydra.utils.instantiate(cfg.model)
+    assert model.frozen and not model.head.closed_form
+    assert not any(p.requires_grad for p in model.backbone.parameters())
+    assert any(p.requires_grad for p in model.head.parameters())
+    optimised = {id(p) for p in model.optimised_parameters()}
+    assert optimised and not optimised & {id(p) for p in model.backbone.parameters()}
+    model.train()
+    assert model.training and model.head.training and not model.backbone.training
+
+
+def test_validation_keeps_the_calibration_penalty_it_chose_on_held_out_and_pseudo_unseen_clips():
+    from torchmetrics import MaxMetric
+
+    from fewzero.models.zeroshot_module import ZeroShotModule
+    from fewzero.zsl_evaluation import calibrate_stacking
+
+    # pseudo-unseen clips (classes 2, 3) score a seen class a little higher than their own; one
+    # held-out seen clip goes to the other seen class (H 2/3, while ZSL top-1 is 1)
+    labels = torch.tensor([0, 1, 2, 3])
+    scores = torch.tensor([[1.0, 0, 0, 0], [0.7, 0.5, 0, 0], [0.6, 0, 0.5, 0], [0, 0.6, 0, 0.5]])
+    logged = {}
+    module = SimpleNamespace(
+        _gathered_scores=lambda: (None, scores, None, labels, None),
+        trainer=SimpleNamespace(sanity_checking=False), ids={"train": [0, 1], "pseudo_unseen": [2, 3]},
+        pitch_prior=None, calibration_gamma=torch.zeros(()), val_acc_best=MaxMetric(),
+        log_dict=lambda metrics, **_: logged.update(metrics))
+    ZeroShotModule.on_validation_epoch_end(module)
+    expected = calibrate_stacking(scores, labels, [0, 1], [2, 3])
+    assert expected.gamma > 0 and expected.h == pytest.approx(2 / 3)
+    assert float(module.calibration_gamma) == pytest.approx(expected.gamma)  # saved with the checkpoint
+    assert logged["val/calibration_gamma"] == pytest.approx(expected.gamma)
+    assert logged["val/acc"] == logged["val/gzsl_cs_h"] == pytest.approx(expected.h)
+    assert logged["val/zsl_top1"] == 1.0  # model selection follows H, not the ZSL figure
+
+
+def test_the_test_scores_gzsl_with_its_own_setting_scores():
+    from fewzero.models.zeroshot_module import ZeroShotModule
+
+    # seen 0, 1 and unseen 2, 3; the ZSL setting's scores name the unseen class among the unseen
+    # ones but rank seen class 0 first overall: GZSL must not be scored with them
+    labels = torch.tensor([0, 1, 2, 3])
+    zsl = torch.tensor([[1.0, 0, 0, 0], [0, 1, 0, 0], [5, 0, 1, 0], [5, 0, 0, 1]])
+    scores = {"zsl": zsl, "seen": torch.eye(4), "gzsl": torch.eye(4)}
+    logged = {}
+    module = SimpleNamespace(
+        _scores=lambda: (None, scores, labels, torch.arange(4)), calibration_gamma=torch.zeros(()),
+        trainer=SimpleNamespace(datamodule=SimpleNamespace(class_names=list("abcd")), is_global_zero=False),
+        ids={"seen": [0, 1], "unseen": [2, 3]}, pitch_prior=None,
+        log_dict=lambda metrics, **_: logged.update(metrics))
+    ZeroShotModule.on_test_epoch_end(module)
+    assert logged["test/zsl_top1"] == logged["test/seen_top1"] == 1.0
+    assert logged["test/gzsl_h"] == logged["test/gzsl_cs_h"] == 1.0
+
+
+def test_pitch_accuracy_leaves_out_clips_of_unknown_pitch():
+    from fewzero.models.zeroshot_module import ZeroShotModule
+
+    predicted = torch.tensor([60, 62, 64, 65])
+    module = SimpleNamespace(device="cpu", ids={"seen": [0], "unseen": [1]},
+                             pitch_prior=SimpleNamespace(predicted_pitches=lambda audio: predicted))
+    labels, pitches = torch.tensor([0, 0, 1, 1]), torch.tensor([60, -1, 64, 66])
+    metrics = ZeroShotModule._pitch_accuracy(module, torch.zeros(4, 2), labels, pitches)
+    assert metrics == {"pitch_exact_seen": 1.0, "pitch_exact_unseen": 0.5}
+
+
+def test_test_figures_carry_the_test_figures_and_mark_the_unseen_classes(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    from fewzero.models import zeroshot_module
+    from fewzero.models.zeroshot_module import ZeroShotModule
+    from fewzero.zsl_evaluation import ZslResults
+
+    saved = {}
+    monkeypatch.setattr(zeroshot_module, "save_figure", lambda figure, tag, *_: saved.update({tag: figure}))
+    head = SimpleNamespace(embed_audio=lambda a: a, embed_classes=lambda s: s)
+    results = ZslResults({"zsl_top1": 0.25, "zsl_top3": 0.75, "gzsl_cs_h": 0.6, "gzsl_h": 0.1},
+                         {"zsl": torch.eye(3, dtype=torch.long), "gzsl_cs": torch.eye(3, dtype=torch.long)})
+    module = SimpleNamespace(trainer=SimpleNamespace(datamodule=SimpleNamespace(class_names=["a", "b", "c"])),
+                             results=results, head=head, side_matrix=torch.randn(3, 4), device="cpu",
+                             ids={"unseen": [2], "seen": [0, 1]}, plot_dir=tmp_path, loggers=[],
+                             global_step=0)
+    ZeroShotModule._test_figures(module, torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2]))
+    assert "per-class top-1 0.250" in saved["test/confusion_zsl"].axes[0].get_title()
+    assert "H 0.600" in saved["test/confusion_gzsl_cs"].axes[0].get_title()
+    legend = [t.get_text() for t in saved["test/embeddings"].axes[0].get_legend().get_texts()]
+    assert legend == ["a", "b", "c (unseen)"]
+    plt.close("all")
+
+
+def test_the_zero_shot_report_names_the_split_and_counts_the_test_clips():
+    from fewzero.models.zeroshot_module import ZeroShotModule
+    from fewzero.zsl_evaluation import ZslResults
+
+    dm = SimpleNamespace(seen=["a", "b", "c"], unseen=["d"], pseudo_unseen=["c"], train_classes=["a", "b"],
+                         indices={"test_seen": torch.arange(3), "test_unseen": torch.arange(5)})
+    module = SimpleNamespace(results=ZslResults({"zsl_top1": 0.5}), trainer=SimpleNamespace(datamodule=dm))
+    assert ZeroShotModule.test_report(module) == {"zero_shot": {
+        "zsl_top1": 0.5, "seen": ["a", "b", "c"], "unseen": ["d"], "pseudo_unseen": ["c"],
+        "n_test_clips": {"test_seen": 3, "test_unseen": 5}}}
+
+
+def test_keeping_the_calibration_of_a_checkpoint_without_the_priors_weights_names_the_fix():
+    from fewzero.models.zeroshot_module import ZeroShotModule
+
+    gamma, weights = torch.zeros(()), torch.zeros(3)
+    module = SimpleNamespace(calibration_state=lambda: {"calibration_gamma": gamma,
+                                                        "pitch_prior.weights": weights})
+    ZeroShotModule.keep_calibration(module, {"calibration_gamma": torch.tensor(0.5),
+                                             "pitch_prior.weights": torch.ones(3)})
+    assert float(gamma) == 0.5 and weights.tolist() == [1.0, 1.0, 1.0]
+    with pytest.raises(KeyError, match=r"has no 'pitch_prior.weights'.*model.pitch_prior above all"):
+        ZeroShotModule.keep_calibration(module, {"calibration_gamma": torch.tensor(0.5)})
+
+
+def test_validation_scores_each_setting_with_its_own_weight_of_the_prior():
+    from torchmetrics import MaxMetric
+
+    from fewzero.models.zeroshot_module import ZeroShotModule
+
+    # the head sends held-out seen clip 0 to class 1; the prior, weighted 1 for "seen", puts it back
+    labels = torch.tensor([0, 1, 2, 3])
+    head = torch.eye(4)[[1, 1, 2, 3]]
+    prior = torch.zeros(4, 4)
+    prior[0, 0] = 2.0
+    weights = {"zsl": 0.0, "seen": 1.0, "gzsl": 0.0}
+    logged = {}
+    module = SimpleNamespace(
+        _gathered_scores=lambda: (None, head, prior, labels, None),
+        trainer=SimpleNamespace(sanity_checking=False), ids={"train": [0, 1], "pseudo_unseen": [2, 3]},
+        pitch_prior=SimpleNamespace(weight_for=weights.__getitem__, weight_candidates=[],
+                                    weights=torch.zeros(3)),
+        calibration_gamma=torch.zeros(()), val_acc_best=MaxMetric(),
+        log_dict=lambda metrics, **_: logged.update(metrics))
+    ZeroShotModule.on_validation_epoch_end(module)
+    assert logged["val/prior_weight_seen"] == 1.0 and logged["val/seen_top1"] == 1.0
+    assert logged["val/zsl_top1"] == 1.0
