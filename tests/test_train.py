@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from fewzero.data.datamodule import EpisodeSettings
+from fewzero.data.datamodule import EpisodeSettings, FewShotDataModule
 from fewzero.evaluation import evaluate_episodes
 from fewzero.train import compose_train_config, keep_freed_memory, train
 
@@ -346,6 +346,89 @@ def test_test_whitening_is_chosen_per_shot_count_on_validation_episodes(tmp_path
         assert chosen == pairs[on_val.index(max(on_val))]
         assert metrics[f"test/{settings.name}_acc"] == pytest.approx(
             accuracy("test", settings, *chosen), abs=1e-6)
+
+
+def test_evaluation_episodes_use_the_eval_seed_and_the_choice_probes_each_test_shot_count(tmp_path,
+                                                                                        monkeypatch):
+    calls = []
+    original = FewShotDataModule.sampler
+    monkeypatch.setattr(FewShotDataModule, "sampler", lambda self, stage, settings, seed:
+                        calls.append((stage, settings, seed)) or original(self, stage, settings, seed))
+    cfg = compose_train_cfg(tmp_path, ["seed=1", "dataset.eval_seed=0"])
+    train(cfg)
+    assert {seed for stage, _, seed in calls if stage == "train"} == {1}
+    assert {seed for stage, _, seed in calls if stage != "train"} == {0}
+    assert {stage for stage, _, _ in calls} == {"train", "val", "test"}
+    # the whitening choice scores validation episodes with each test setting's shot count
+    probes = {s.n_shot for stage, s, _ in calls
+              if stage == "val" and s.n_episodes == cfg.model.selection_episodes}
+    assert probes == {int(t.n_shot) for t in cfg.dataset.episodes.test} == {1, 5}
+
+
+def test_the_support_weight_alone_is_chosen_when_no_shrinkage_candidates_are_given(tmp_path):
+    cfg = compose_train_cfg(tmp_path, ["model.test_shrinkages=null", "model.test_support_weights=[0.0,0.5]"])
+    metrics, objects = train(cfg)
+    for name in ("5way_1shot", "5way_5shot"):
+        assert metrics[f"test/{name}_whitening_shrinkage"] == cfg.model.whitening.shrinkage
+        assert metrics[f"test/{name}_whitening_support_weight"] in (0.0, 0.5)
+    # the choice embeds the validation clips, and no others
+    dm, module = objects["datamodule"], objects["model"].eval()
+    embeddings = module._val_embeddings()
+    assert bool(embeddings[dm.stage_indices("val")].abs().sum(dim=1).gt(0).all())
+    assert not embeddings[dm.stage_indices("test")].any()
+
+
+@pytest.mark.parametrize("key, values, message", [
+    ("test_shrinkages", "[0.0,1.0]", "test_shrinkages must be positive"),
+    ("test_support_weights", "[0.5,1.5]", r"test_support_weights must lie in \[0, 1\]"),
+])
+def test_test_candidates_outside_their_range_are_refused(tmp_path, key, values, message):
+    cfg = compose_train_cfg(tmp_path, [f"model.{key}={values}"])
+    with pytest.raises(Exception, match=message):
+        hydra.utils.instantiate(cfg.model)
+
+
+def test_the_projector_lists_the_test_clips_with_their_instruments(tmp_path):
+    cfg = compose_train_cfg(tmp_path, ["dataset.episodes.train.n_episodes=2"])
+    _, objects = train(cfg)
+    dm = objects["datamodule"]
+    [metadata] = Path(cfg.paths.output_dir, "tensorboard").rglob("metadata.tsv")
+    names = metadata.read_text().splitlines()
+    assert len(names) == len(dm.stage_indices("test"))
+    assert sorted(names) == sorted(dm.class_names[int(c)] for c in dm.labels[dm.stage_indices("test")])
+    assert set(names) == set(cfg.dataset.split.test)
+
+
+def test_the_sanity_check_embeds_but_scores_no_validation_episode():
+    from types import SimpleNamespace
+
+    from fewzero.models.fewshot_module import FewShotModule
+
+    logged, embedded = [], []
+    module = SimpleNamespace(_all_embeddings=lambda: embedded.append(1) or torch.zeros(3, 2),
+                             trainer=SimpleNamespace(sanity_checking=True, datamodule=None),
+                             net=SimpleNamespace(whitening=None), log=lambda *a, **k: logged.append(a))
+    FewShotModule.on_validation_epoch_end(module)  # a few batches only: no val/acc, no best
+    assert embedded == [1] and not logged
+
+
+def test_training_episodes_pass_through_the_augmentation_once(tmp_path):
+    cfg = compose_train_cfg(tmp_path, [])
+    module = hydra.utils.instantiate(cfg.model)
+    seen = []
+
+    class Recording(torch.nn.Module):
+        def forward(self, x):
+            seen.append(x.shape)
+            return x
+
+    module.augment, module.log = Recording(), lambda *args, **kwargs: None
+    n_mels = cfg.dataset.features.n_mels
+    batch = {"support": torch.randn(2, n_mels, 50), "query": torch.randn(4, n_mels, 50),
+             "support_labels": torch.tensor([0, 1]), "query_labels": torch.tensor([0, 0, 1, 1]),
+             "classes": torch.tensor([3, 7])}
+    module.training_step(batch, 0).backward()
+    assert seen == [(6, n_mels, 50)]  # support and query together, in one pass
 
 
 def test_whitening_can_be_switched_off(tmp_path):
