@@ -517,6 +517,81 @@ def test_centering_removes_the_common_component_before_normalising(tmp_path):
     torch.testing.assert_close(source.vectors(["A", "B"]).mean, torch.tensor([[0.0, 1, 0], [0, -1, 0]]))
 
 
+class _Members(SideInformation):
+    """Side information of fixed member vectors (class A: two, B: one, C: one)."""
+
+    def __init__(self, members, **kwargs):
+        super().__init__(dim=members[0].shape[1], **kwargs)
+        self.members = members
+
+    def compute(self, class_names):
+        return self.members
+
+    def cache_config(self):
+        return {}
+
+
+def test_centering_subtracts_the_mean_of_the_class_means_whatever_their_member_counts():
+    members = [torch.tensor([[2.0, 0], [0, 2]]), torch.tensor([[3.0, 1]])]
+    vectors = _Members(members, center=True, normalize=False).vectors(["A", "B"])
+    # class means (1, 1) and (3, 1): their mean (2, 1), not the mean (5/3, 1) of the three members
+    torch.testing.assert_close(vectors.members[0], torch.tensor([[0.0, -1], [-2, 1]]))
+    torch.testing.assert_close(vectors.members[1], torch.tensor([[1.0, 0]]))
+
+
+def test_a_drawn_vector_is_any_member_of_its_class():
+    vectors = ClassVectors(["A", "B"], [torch.tensor([[1.0, 0], [0, 1], [1, 1]]), torch.tensor([[5.0, 5]])])
+    generator = torch.Generator().manual_seed(0)
+    draws = torch.stack([vectors.draw(generator) for _ in range(60)])  # (60, 2 classes, dim)
+    assert {tuple(row.tolist()) for row in draws[:, 0]} == {(1.0, 0.0), (0.0, 1.0), (1.0, 1.0)}
+    assert {tuple(row.tolist()) for row in draws[:, 1]} == {(5.0, 5.0)}
+
+
+def test_side_information_of_mixed_sizes_is_refused_naming_both():
+    source = _Members([torch.zeros(1, 3), torch.zeros(1, 4)])
+    with pytest.raises(ValueError, match=r"dimension \[3, 4\] but the config says side_info.dim=3"):
+        source.vectors(["A", "B"])
+
+
+def test_centring_comes_before_normalising_and_each_member_gets_unit_length():
+    centred = _Members([torch.tensor([[4.0, 0]]), torch.tensor([[0.0, 2]])], center=True).vectors(["A", "B"])
+    # raw mean (2, 1): (2, -1) and (-2, 1) normalised; unit vectors first would give (1, -1) / sqrt 2
+    torch.testing.assert_close(centred.mean, torch.tensor([[2.0, -1], [-2, 1]]) / 5**0.5)
+    plain = _Members([torch.tensor([[3.0, 4], [0, 6]])]).vectors(["A"])
+    torch.testing.assert_close(plain.members[0], torch.tensor([[0.6, 0.8], [0, 1]]))
+
+
+def test_sentence_vectors_follow_the_order_of_the_requested_classes(monkeypatch):
+    from fewzero.side_info import text
+
+    class LengthEncoder:  # each sentence's vector is its length
+        def encode(self, sentences, **kwargs):
+            return torch.tensor([[float(len(s))] for s in sentences])
+
+    monkeypatch.setattr(text, "load_sentence_encoder", lambda *args, **kwargs: LengthEncoder())
+    source = SentenceEmbeddings({"Viola": "four", "Bass Tuba": "twelve chars", "Violin": "x"}, dim=1,
+                                normalize=False)
+    vectors = source.compute(["Violin", "Bass Tuba", "Viola"])
+    assert [float(v) for v in vectors] == [1.0, 12.0, 4.0]
+    with pytest.raises(ValueError, match=r"side_info.descriptions class.*Add a description for each"):
+        source.compute(["Violin", "Oboe"])
+
+
+def test_a_hub_model_downloads_only_with_download_true(monkeypatch):
+    import sentence_transformers
+
+    from fewzero.side_info.text import load_sentence_encoder
+
+    calls = []
+    monkeypatch.setattr(sentence_transformers, "SentenceTransformer",
+                        lambda model, **kwargs: calls.append((model, kwargs)) or "encoder")
+    assert load_sentence_encoder("owner/model", download=True) == "encoder"
+    assert calls == [("owner/model", {"device": "cpu"})]  # not local_files_only
+    calls.clear()
+    load_sentence_encoder("owner/model", download=False)
+    assert calls[0][1].get("local_files_only") is True
+
+
 @pytest.mark.parametrize("normalize", [True, False])
 def test_the_mean_of_several_members_is_renormalised_only_under_normalize(normalize):
     class TwoImages(SideInformation):
