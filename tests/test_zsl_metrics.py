@@ -421,3 +421,14 @@ def test_clips_repeated_by_a_distributed_sampler_are_counted_once():
     gathered = torch.tensor([3, 1, 3, 2, 1, 5])  # rank 0: 3, 1, 3; rank 1: 2, 1 (padding), 5
     assert first_occurrences(gathered).tolist() == [0, 1, 3, 5]
     assert gathered[first_occurrences(gathered)].tolist() == [3, 1, 2, 5]
+
+
+def test_a_saved_figure_is_written_as_png_and_closed(tmp_path):
+    import matplotlib.pyplot as plt
+
+    from fewzero.plots import save_figure
+
+    figure = plt.figure()
+    save_figure(figure, "test/confusion_x", tmp_path / "plots", [], 0)
+    assert (tmp_path / "plots" / "test_confusion_x.png").is_file()
+    assert figure.number not in plt.get_fignums()  # many runs in one process keep no figures
