@@ -696,3 +696,16 @@ def test_validation_scores_each_setting_with_its_own_weight_of_the_prior():
     ZeroShotModule.on_validation_epoch_end(module)
     assert logged["val/prior_weight_seen"] == 1.0 and logged["val/seen_top1"] == 1.0
     assert logged["val/zsl_top1"] == 1.0
+
+
+def test_the_sanity_check_gathers_but_neither_scores_nor_calibrates():
+    from fewzero.models.zeroshot_module import ZeroShotModule
+
+    labels, logged = torch.tensor([0, 2]), {}
+    module = SimpleNamespace(
+        _gathered_scores=lambda: (None, torch.eye(4)[labels], None, labels, None),
+        trainer=SimpleNamespace(sanity_checking=True), ids={"train": [0, 1], "pseudo_unseen": [2, 3]},
+        pitch_prior=None, calibration_gamma=torch.full((), 7.0), val_acc_best=None,
+        log_dict=lambda metrics, **_: logged.update(metrics))
+    ZeroShotModule.on_validation_epoch_end(module)  # a few batches only: nothing to choose on
+    assert not logged and float(module.calibration_gamma) == 7.0
