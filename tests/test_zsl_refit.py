@@ -142,11 +142,15 @@ def test_refit_can_be_switched_off(tmp_path):
     assert objects["datamodule"].train_on == "train" and Path(report["checkpoint"]).name.startswith("step")
 
 
-def test_a_run_that_stops_before_its_first_validation_says_how_long_to_train(tmp_path):
-    cfg = compose_train_cfg(tmp_path, WORD + ["trainer.max_steps=1", "dataset.steps_per_epoch=3",
+@pytest.mark.parametrize(("every_n_epochs", "steps", "first"), [(1, 1, 3), (2, 4, 6)])
+def test_a_run_that_stops_before_its_first_validation_says_how_long_to_train(tmp_path, every_n_epochs,
+                                                                             steps, first):
+    cfg = compose_train_cfg(tmp_path, WORD + [f"trainer.max_steps={steps}", "dataset.steps_per_epoch=3",
+                                              f"trainer.check_val_every_n_epoch={every_n_epochs}",
                                               "model.pitch_prior.class_cv=false", *QUICK])
-    with pytest.raises(RuntimeError, match=r"no validation ran: training stopped after 1 steps .*"
-                                           r"first validation at step 3.*trainer.max_steps to at least 3"):
+    with pytest.raises(RuntimeError, match=rf"no validation ran: training stopped after {steps} steps .*"
+                                           rf"first validation at step {first}.*trainer.max_steps to "
+                                           rf"at least {first}"):
         train(cfg)
 
 
