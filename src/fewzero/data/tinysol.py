@@ -196,8 +196,8 @@ class TinySOL:
                              + self._index_advice(mirdata_tinysol.INDEXES[ds.version]))
         example = tracks[track_ids[0]].audio_path
         metadata_file = self.data_home / METADATA_RELPATH
-        mismatch = self._metadata_mismatch(metadata_file, index)
-        if self.download and mismatch:  # e.g. a partial download: set it aside, fetch it again
+        if self.download and (mismatch := self._metadata_mismatch(metadata_file, index)):
+            # e.g. a partial download: set it aside, fetch it again
             kept = metadata_file.with_name(f"{metadata_file.name}.{file_md5(metadata_file)}")
             log.warning("%s: moving it to %s and downloading the official one.", mismatch, kept)
             metadata_file.replace(kept)
