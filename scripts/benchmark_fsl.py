@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import random
 import time
 from datetime import datetime
@@ -28,7 +27,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from fewzero.callbacks import StageTimer
-from fewzero.cli import positive_int
+from fewzero.cli import device_name, positive_int
 from fewzero.data.episodes import EpisodeDataset
 from fewzero.eval import evaluate
 from fewzero.train import compose_train_config, save_run_overrides, train
@@ -125,7 +124,7 @@ def main() -> None:
     ours = max(cached_episodes_per_second(datamodule, args.data_episodes) for _ in range(3))
     tutorial = tutorial_episodes_per_second(datamodule, args.tutorial_episodes)
 
-    rows, device = {}, "CPU"
+    rows, device = {}, device_name()  # the last trainer's, once a backbone has trained
     for backbone in args.backbones:
         run_overrides = [*base, f"model/backbone={backbone}"]
         run_cfg = compose_train_config(run_overrides, out / backbone)
@@ -145,10 +144,7 @@ def main() -> None:
         }
         if run_cfg.model.get("whitening") is not None:
             rows[backbone]["unwhitened"] = unwhitened_results(metrics, out / backbone)
-        root = objects["trainer"].strategy.root_device
-        device = torch.cuda.get_device_name(root) if root.type == "cuda" else "CPU"
-    if device == "CPU":
-        device = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+        device = device_name(objects["trainer"])
     episodes = cfg.dataset.episodes
     train_setting = episodes.train
     tests = "; ".join(f"{t.n_episodes} episodes of {t.n_way}-way {t.n_shot}-shot ({t.n_query} "

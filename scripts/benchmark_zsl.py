@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from datetime import datetime
@@ -30,7 +29,7 @@ from typing import Any
 
 import torch
 
-from fewzero.cli import positive_int
+from fewzero.cli import device_name, positive_int
 from fewzero.train import compose_train_config, save_run_overrides, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -152,14 +151,6 @@ def run_once(overrides: list[str], run_dir: Path, also_selected: bool = False) -
             "device": device.read_text().strip() if device.exists() else "device not recorded",
             **(score_selected(overrides, run_dir, refit["selected_checkpoint"])
                if also_selected and refit else {})}
-
-
-def device_name(trainer: Any) -> str:
-    """The device a trainer ran on: the GPU's name, or the CPU and torch's thread count."""
-    root = trainer.strategy.root_device
-    if root.type == "cuda":
-        return torch.cuda.get_device_name(root)
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def by_key(overrides: list[str]) -> dict[str, list[str]]:
