@@ -4,12 +4,39 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PYTHON="${PYTHON:-python3}"
 # FluidSynth + SoundFonts (rendered SOL); instrument drawings and an SVG renderer (image ZSL)
 APT_PACKAGES=(fluidsynth musescore-general-soundfont fluid-soundfont-gm
               openclipart-svg tuxpaint-stamps-default librsvg2-bin)
 
 say() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
+
+# The interpreter: $PYTHON, else the first of python3, python3.11, python3.12, python3.13 that is
+# 3.11 or newer (Ubuntu 22.04's python3 is 3.10 even where python3.11 is installed beside it).
+if [[ -z "${PYTHON:-}" ]]; then
+    for candidate in python3 python3.11 python3.12 python3.13; do
+        if command -v "$candidate" >/dev/null 2>&1 \
+                && "$candidate" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+            PYTHON="$candidate"
+            break
+        fi
+    done
+    PYTHON="${PYTHON:-python3}"   # none is new enough: the version check below says so
+fi
+# Debian and Ubuntu ship venv/ensurepip apart from the interpreter, as python3.X-venv
+VENV_PACKAGE="python$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null \
+                      || echo 3)-venv"
+
+# What each system package is for, said when it cannot be installed
+what_needs() {
+    case "$1" in
+        fluidsynth|musescore-general-soundfont|fluid-soundfont-gm)
+            echo "the default dataset (rendered SOL) cannot be rendered and the tests that need it are skipped; real TinySOL (dataset=tinysol) still works" ;;
+        openclipart-svg|tuxpaint-stamps-default|librsvg2-bin)
+            echo "experiment=zsl_image_audio needs side_info.root=<a folder of instrument images>; everything else works" ;;
+        *-venv) echo "the project's virtualenv cannot be created" ;;
+    esac
+}
+apt_install() { DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "$@" >/dev/null; }
 
 # ---- 1. system packages: FluidSynth, the two General-MIDI SoundFonts, image side info -----
 missing=()
@@ -19,15 +46,30 @@ if command -v dpkg-query >/dev/null 2>&1; then
     done
 fi
 "$PYTHON" -m venv --help >/dev/null 2>&1 && "$PYTHON" -c "import ensurepip" 2>/dev/null \
-    || missing+=(python3-venv)
+    || missing+=("$VENV_PACKAGE")
 if ((${#missing[@]})); then
     if command -v apt-get >/dev/null 2>&1; then
         SUDO=""
         [[ $(id -u) -ne 0 ]] && command -v sudo >/dev/null 2>&1 && SUDO="sudo -n"
         if [[ $(id -u) -eq 0 || -n "$SUDO" ]]; then
             say "installing Debian packages: ${missing[*]}"
-            $SUDO apt-get update -qq
-            DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+            $SUDO apt-get update -qq || say "WARNING: apt-get update failed; installing from the package lists as they are"
+            if ! apt_install "${missing[@]}"; then
+                # apt installs all or nothing: a package this distribution lacks (or a disabled
+                # component, such as Ubuntu's universe) must not keep the others out
+                failed=()
+                for pkg in "${missing[@]}"; do
+                    if ! reason=$(apt_install "$pkg" 2>&1); then
+                        failed+=("$pkg")
+                        say "WARNING: could not install the Debian package $pkg ($(tail -n 1 <<<"$reason")):"
+                        say "  $(what_needs "$pkg")."
+                    fi
+                done
+                if ((${#failed[@]})); then
+                    say "  To install them later: apt-get install ${failed[*]} (on Ubuntu, enable the"
+                    say "  universe component first: add-apt-repository universe), then run this again."
+                fi
+            fi
         else
             say "WARNING: cannot install ${missing[*]} (not root, no passwordless sudo)."
             say "  Ask an administrator for: apt-get install ${missing[*]}"

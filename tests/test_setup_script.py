@@ -1,0 +1,114 @@
+"""scripts/setup.sh on a simulated fresh machine: apt-get, dpkg-query, id and the interpreters
+are stand-ins on PATH that record what they are asked, so nothing is installed."""
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SETUP = Path(__file__).resolve().parents[1] / "scripts" / "setup.sh"
+
+pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("sha1sum") is None,
+                                reason="needs bash and coreutils")
+
+
+def _write_tool(folder: Path, name: str, body: str) -> None:
+    tool = folder / name
+    tool.write_text("#!/usr/bin/env bash\n" + body)
+    tool.chmod(0o755)
+
+
+def _project(tmp_path: Path) -> Path:
+    """A copy of the script in a project whose .venv is already installed, so that only the
+    system-package step does anything."""
+    project = tmp_path / "project"
+    (project / "scripts").mkdir(parents=True)
+    shutil.copy(SETUP, project / "scripts" / "setup.sh")
+    (project / "pyproject.toml").write_text("[project]\nname = 'x'\n")
+    (project / ".venv" / "bin").mkdir(parents=True)
+    _write_tool(project / ".venv" / "bin", "python", "exit 0\n")
+    digest = hashlib.sha1((project / "pyproject.toml").read_bytes()).hexdigest()
+    (project / ".venv" / ".fewzero-installed").write_text(digest + "\n")
+    return project
+
+
+def _fake_machine(tmp_path: Path, unavailable: str, ensurepip: bool) -> tuple[Path, Path]:
+    """Stand-ins for a root shell on Debian where no package is installed yet and apt-get
+    cannot find `unavailable`. Returns (the folder to put first on PATH, apt-get's log)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "apt.log"
+    _write_tool(bin_dir, "dpkg-query", "exit 1\n")
+    _write_tool(bin_dir, "id", 'echo 0\n')
+    _write_tool(bin_dir, "apt-get", f"""echo "$*" >> {log}
+[[ "$1" == update ]] && exit 0
+for arg in "$@"; do
+    if [[ "$arg" == {unavailable} ]]; then echo "E: Unable to locate package $arg" >&2; exit 100; fi
+done
+exit 0
+""")
+    # python3.11 is this interpreter; `import ensurepip` answers as asked
+    probe = "exit 0" if ensurepip else "exit 1"
+    _write_tool(bin_dir, "python3.11", f"""[[ "$*" == "-c import ensurepip" ]] && {probe}
+exec {sys.executable} "$@"
+""")
+    return bin_dir, log
+
+
+def _run(project: Path, bin_dir: Path, **env: str) -> subprocess.CompletedProcess:
+    environment = {k: v for k, v in os.environ.items() if k != "PYTHON"}
+    environment.update(PATH=f"{bin_dir}{os.pathsep}/usr/bin{os.pathsep}/bin", **env)
+    return subprocess.run(["bash", str(project / "scripts" / "setup.sh")], env=environment,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_a_package_the_distribution_lacks_does_not_keep_the_others_out(tmp_path):
+    project = _project(tmp_path)
+    bin_dir, log = _fake_machine(tmp_path, unavailable="openclipart-svg", ensurepip=True)
+
+    result = _run(project, bin_dir, PYTHON=str(bin_dir / "python3.11"))
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    calls = log.read_text().splitlines()
+    # all at once first, then one by one: every other package still gets installed
+    assert calls[1].startswith("install") and "fluidsynth" in calls[1] and "openclipart-svg" in calls[1]
+    singles = [c.split()[-1] for c in calls[2:]]
+    assert singles == ["fluidsynth", "musescore-general-soundfont", "fluid-soundfont-gm",
+                       "openclipart-svg", "tuxpaint-stamps-default", "librsvg2-bin"]
+    # the warning names the package, apt's reason and what is lost without it
+    assert "could not install the Debian package openclipart-svg" in result.stdout
+    assert "Unable to locate package openclipart-svg" in result.stdout
+    assert "experiment=zsl_image_audio needs side_info.root" in result.stdout
+    assert "could not install the Debian package fluidsynth" not in result.stdout
+    assert "ready:" in result.stdout
+
+
+def test_python311_is_found_beside_an_older_python3_and_gets_its_own_venv_package(tmp_path):
+    project = _project(tmp_path)
+    bin_dir, log = _fake_machine(tmp_path, unavailable="none", ensurepip=False)
+    # Ubuntu 22.04: python3 is 3.10, python3.11 is installed beside it
+    _write_tool(bin_dir, "python3", '[[ "$1" == --version ]] && echo "Python 3.10.12"\nexit 1\n')
+
+    result = _run(project, bin_dir)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    install = [c for c in log.read_text().splitlines() if c.startswith("install")]
+    assert len(install) == 1 and install[0].split()[-1] == "python3.11-venv"
+    assert "ready:" in result.stdout
+
+
+def test_no_python_new_enough_says_which_was_found(tmp_path):
+    project = _project(tmp_path)
+    bin_dir, _ = _fake_machine(tmp_path, unavailable="none", ensurepip=True)
+    _write_tool(bin_dir, "python3", '[[ "$1" == --version ]] && echo "Python 3.10.12"\nexit 1\n')
+    for name in ("python3.11", "python3.12", "python3.13"):  # hide those the real machine has
+        _write_tool(bin_dir, name, "exit 1\n")
+
+    result = _run(project, bin_dir)
+
+    assert result.returncode == 1
+    assert "Python >= 3.11 is required (Python 3.10.12 found)" in result.stdout
