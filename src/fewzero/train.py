@@ -35,6 +35,7 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from torch.utils.tensorboard.summary import hparams as tensorboard_hparams
 
 from fewzero.callbacks import FitKey, LastCheckpoint, RngAtFirstBatch, RunRecord, StageTimer
+from fewzero.console import follow_up_trainer, quiet_lightning
 from fewzero.data.clips import config_hash
 from fewzero.models.backbones import MusicFslCNN
 from fewzero.models.pitch_prior import ZSL_SCORES
@@ -390,10 +391,11 @@ def resumable_fit(cfg: DictConfig, model: pl.LightningModule, datamodule: Any, o
         own.append(LastCheckpoint(dirpath=str(checkpoints), every_n_train_steps=every, filename=name))
     if nodes.get("stop_on_interrupt"):  # Ctrl-C stops as SIGTERM does; main prints the command
         own.append(hydra.utils.instantiate(nodes.stop_on_interrupt))
-    # without a checkpoint callback of ours, Lightning would add its own
-    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=[*callbacks, *own], logger=False,
-                                      enable_checkpointing=keeps_progress, **trainer_settings)
-    trainer.fit(model, datamodule=datamodule, ckpt_path=resume)
+    with follow_up_trainer():
+        # without a checkpoint callback of ours, Lightning would add its own
+        trainer = hydra.utils.instantiate(cfg.trainer, callbacks=[*callbacks, *own], logger=False,
+                                          enable_checkpointing=keeps_progress, **trainer_settings)
+        trainer.fit(model, datamodule=datamodule, ckpt_path=resume)
     return trainer
 
 
@@ -442,8 +444,8 @@ def class_cross_validation(cfg: DictConfig, datamodule: Any, trainer: pl.Trainer
             log.info("Class cross-validation fold %d (pseudo-unseen %s): reusing %s", k, names, path)
             fold_scores.append(saved["scores"])
             continue
-        log.info("Class cross-validation fold %d of %d: pseudo-unseen %s, %d steps", k, len(folds) - 1,
-                 names, steps)
+        log.info("Class cross-validation fold %d (folds 1-%d are trained here; fold 0 is the run's own "
+                 "validation): pseudo-unseen %s, %d steps", k, len(folds) - 1, names, steps)
         if cfg.get("seed") is not None:
             pl.seed_everything(cfg.seed, workers=True)
         fold_dm = datamodule.for_pseudo_unseen(names)
@@ -451,8 +453,9 @@ def class_cross_validation(cfg: DictConfig, datamodule: Any, trainer: pl.Trainer
         fit = resumable_fit(cfg, model, fold_dm, output_dir, f"class_cv_fold{k}_progress",
                             {"pseudo_unseen": names, "steps": steps, "config": trained_by},
                             limit_val_batches=0, num_sanity_val_steps=0, max_epochs=-1, max_steps=steps)
-        hydra.utils.instantiate(cfg.trainer, callbacks=[], logger=False, enable_checkpointing=False
-                                ).validate(model, datamodule=fold_dm, verbose=False)
+        with follow_up_trainer():
+            hydra.utils.instantiate(cfg.trainer, callbacks=[], logger=False, enable_checkpointing=False
+                                    ).validate(model, datamodule=fold_dm, verbose=False)
         scores = model.class_cv_scores(model.state_dict()).cpu()
         if fit.is_global_zero:  # scores are gathered: equal on every rank
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -523,7 +526,7 @@ def refit_on_trainval(cfg: DictConfig, datamodule: Any, trainer: pl.Trainer, out
     refit = resumable_fit(cfg, model, final_dm, output_dir, "refit_progress", key,
                           callbacks=[record] if record else [], done=path,
                           limit_val_batches=0, num_sanity_val_steps=0, **length)
-    refit.save_checkpoint(path)
+    refit.save_checkpoint(path, weights_only=False)  # all of it: a resume reads its loops
     if refit.is_global_zero:
         (path.parent / "refit_progress.ckpt").unlink(missing_ok=True)
     refit.loggers = trainer.loggers  # test metrics and figures go where the first fit's went
@@ -573,6 +576,7 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> tuple[dict[str
         and the built cfg, datamodule, model, trainer.
     """
     log_from_the_first_process_only()
+    quiet_lightning()
     output_dir = Path(cfg.paths.output_dir)
     # as composed: instantiating a node resolves interpolations it reads in place (${side_info})
     record = RunRecord(OmegaConf.to_container(cfg), run_overrides(output_dir, overrides))

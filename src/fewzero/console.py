@@ -1,0 +1,64 @@
+"""What Lightning and torch print that says nothing to a fewzero user, kept off the console.
+
+Three kinds:
+- Lightning's advertisement for its cloud logger, printed by every Trainer;
+- torch 2.11's FutureWarning about `LeafSpec`, raised inside Lightning's own code;
+- for the trainers that follow a run's main fit (class cross-validation's folds, the refit),
+  the device lines the main trainer has already printed, and "Checkpoint directory ... exists
+  and is not empty": those fits write into the run's own checkpoint folder by design.
+
+Everything else Lightning says is left as it is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from collections.abc import Iterator
+
+# where Lightning's rank_zero_info goes (pytorch_lightning's, and lightning_fabric's)
+LIGHTNING_LOGGERS = ("pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.rank_zero")
+ADVERTISEMENT = "💡 Tip:"
+DEVICE_LINES = ("GPU available", "TPU available", "HPU available", "IPU available")
+
+
+class DropMessages(logging.Filter):
+    """Drops log records whose message starts with one of `prefixes`."""
+
+    def __init__(self, prefixes: tuple[str, ...]) -> None:
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefixes)
+
+
+_ADVERTISEMENT_FILTER = DropMessages((ADVERTISEMENT,))
+
+
+def quiet_lightning() -> None:
+    """Drop Lightning's advertisement and torch's LeafSpec notice for the whole process (idempotent)."""
+    for name in LIGHTNING_LOGGERS:
+        logger = logging.getLogger(name)
+        if _ADVERTISEMENT_FILTER not in logger.filters:
+            logger.addFilter(_ADVERTISEMENT_FILTER)
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                            category=FutureWarning)
+
+
+@contextlib.contextmanager
+def follow_up_trainer() -> Iterator[None]:
+    """Around building and running a trainer that follows the run's main fit: its device lines
+    and the warning about the run's own, non-empty checkpoint folder are dropped."""
+    device_filter = DropMessages(DEVICE_LINES)
+    loggers = [logging.getLogger(name) for name in LIGHTNING_LOGGERS]
+    for logger in loggers:
+        logger.addFilter(device_filter)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+            yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(device_filter)
