@@ -619,3 +619,10 @@ def test_timbre_attribute_table_drops_what_the_pitch_prior_measures(tmp_path):
     assert not [c for c in columns if c.startswith(("register", "range"))]
     assert "size=very_large" in columns and "reed=double" in columns
     assert cfg.model.pitch_prior.table["Bass Tuba"]["range_low"] == 28  # the prior keeps its ranges
+
+
+def test_a_one_row_table_standardises_its_numbers_to_zero_not_nan():
+    vectors, columns = encode_attribute_table({"Flute": {"family": "woodwinds", "range_low": 60}},
+                                              ["family"], ["range_low"])
+    assert columns == ["family=woodwinds", "range_low"]
+    torch.testing.assert_close(vectors["Flute"], torch.tensor([1.0, 0.0]))

@@ -57,8 +57,11 @@ def encode_attribute_table(table: Mapping[str, Mapping[str, Any]], categorical: 
                          "e.g. range_low: 58), or move the attribute from side_info.numeric to "
                          "side_info.categorical.")
     vectors = {}
-    numbers = torch.tensor([[float(row[a]) for a in numeric] for row in table.values()])
-    standardised = (numbers - numbers.mean(dim=0)) / numbers.std(dim=0).clamp_min(1e-6)
+    numbers = torch.tensor([[float(row[a]) for a in numeric] for row in table.values()]).reshape(
+        len(table), len(numeric))
+    # a one-row table has no spread (std would be NaN): its numbers standardise to 0
+    spread = numbers.std(dim=0) if len(table) > 1 and numeric else torch.ones(len(numeric))
+    standardised = (numbers - numbers.mean(dim=0)) / spread.clamp_min(1e-6)
     for i, (name, row) in enumerate(table.items()):
         hot = torch.zeros(len(columns))
         for attribute in categorical:
