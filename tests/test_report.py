@@ -167,3 +167,20 @@ def test_a_table_sorted_by_a_test_metric_says_its_first_row_is_not_a_choice(tmp_
             "metric): model.head.lam=5, run(s)") in markdown
     main([str(tmp_path), "--metric", "val/zsl_top1"])
     assert "First by val/zsl_top1: model.head.lam=1, run(s)" in (tmp_path / "report.md").read_text()
+
+
+def test_run_summary_prints_paths_whole_and_as_they_are(tmp_path, capsys, monkeypatch):
+    """Paths longer than the console and run directories whose overrides look like markup
+    (`tags=[bold]`) are printed so that they can be copied: one line each, every character kept."""
+    from fewzero.summary import print_summary
+
+    monkeypatch.setenv("COLUMNS", "40")
+    run = tmp_path / ("2026-12-06_04-44-40_791866_dataset.split.unseen=[Bassoon,Viola],tags=[bold],"
+                      "model.pitch_prior.class_cv=true")
+    checkpoint = run / "checkpoints" / "step001250-val_acc0.9422.ckpt"
+    print_summary(run, {"checkpoint": str(checkpoint)})
+    lines = capsys.readouterr().out.splitlines()
+    assert f"run directory : {run}" in lines
+    assert f"metrics       : {run / 'metrics.json'}" in lines
+    assert f"checkpoint    : {checkpoint}" in lines
+    assert f"tensorboard   : tensorboard --logdir {run / 'tensorboard'}" in lines

@@ -54,9 +54,11 @@ def print_summary(output_dir: Path, report: dict[str, Any]) -> None:
         # an accuracy for few-shot runs, but zero-shot runs select on the calibrated GZSL H (or
         # on a top-1 where validation has one side only): name the metric, not what it measures
         console.print(f"best validation score (val/acc_best): {best:.4f}")
-    console.print(f"run directory : {output_dir}")
-    console.print(f"metrics       : {output_dir / 'metrics.json'}")
-    console.print(f"plots         : {output_dir / 'plots'}")
-    console.print(f"checkpoint    : {report.get('checkpoint') or '-'}")
-    # this run alone; a folder above it (outputs/) shows it beside the others
-    console.print(f"tensorboard   : tensorboard --logdir {output_dir / 'tensorboard'}")
+    # Paths are printed as they are, to be copied: never broken at the console's width (rich
+    # would insert newlines), and never read as markup (a run directory named after its
+    # overrides may hold `tags=[bold]`, which rich would swallow as a style).
+    for label, text in (("run directory", output_dir), ("metrics", output_dir / "metrics.json"),
+                        ("plots", output_dir / "plots"), ("checkpoint", report.get("checkpoint") or "-"),
+                        # this run alone; a folder above it (outputs/) shows it beside the others
+                        ("tensorboard", f"tensorboard --logdir {output_dir / 'tensorboard'}")):
+        console.print(f"{label:<14}: {text}", markup=False, soft_wrap=True)
