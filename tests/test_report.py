@@ -94,6 +94,49 @@ def test_a_failing_multirun_job_is_reported_and_the_others_finish(tmp_path):
     configs, failed = collect(sweep)
     assert len(configs) == 1 and len(failed) == 1
     assert "n_way=9 is larger than the 3 val classes" in (failed[0] / "failed.txt").read_text()
+    # the multirun ends by naming it (SweepSummary)
+    assert f"1 of 2 jobs failed; their tracebacks:\n  {failed[0] / 'failed.txt'}" in done.stdout + done.stderr
+
+
+def test_the_sweep_summary_counts_only_this_invocations_jobs(tmp_path, caplog):
+    """A sweep directory reused by a second invocation keeps the first one's runs: their
+    failures are not this multirun's."""
+    import os
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from fewzero.sweeps import SweepSummary
+
+    def job(name: str, fails: bool, age: float = 0.0) -> Path:
+        run = tmp_path / name
+        (run / ".hydra").mkdir(parents=True)
+        files = [run / ".hydra" / "config.yaml"] + ([run / "failed.txt"] if fails else [])
+        for file in files:
+            file.write_text("x")
+            if age:
+                os.utime(file, (file.stat().st_mtime - age,) * 2)
+        return run
+
+    job("0_old", fails=True, age=3600)  # an earlier invocation's
+    summary = SweepSummary()
+    config = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}})
+    summary.on_multirun_start(config)
+    job("0_new", fails=False)
+    failed = job("1_new", fails=True)
+    with caplog.at_level("INFO", logger="fewzero.sweeps"):
+        summary.on_multirun_end(config)
+    assert caplog.messages == [f"1 of 2 jobs failed; their tracebacks:\n  {failed / 'failed.txt'}\n"
+                               f"The other jobs' results are kept: python -m fewzero.report {tmp_path}"]
+
+    caplog.clear()
+    for file in tmp_path.rglob("*"):  # an hour later
+        if file.is_file():
+            os.utime(file, (file.stat().st_mtime - 3600,) * 2)
+    summary.on_multirun_start(config)
+    with caplog.at_level("INFO", logger="fewzero.sweeps"):
+        summary.on_multirun_end(config)  # nothing ran this time
+    assert caplog.messages == [f"All 0 jobs finished: python -m fewzero.report {tmp_path}"]
 
 
 def test_run_summary_prints_zero_shot_figures_with_their_intervals(tmp_path, capsys, monkeypatch):

@@ -6,14 +6,20 @@
 - `${optuna_seed:<seed>,<storage>,<study>}`: the sampler seed plus the number of trials the
   stored study already has, so a second invocation, which resumes the study, does not replay
   the random start-up trials of the first (a sampler restarted with the same seed would).
+
+And `SweepSummary`, a Hydra callback (`configs/hydra/default.yaml`) that ends a multirun by
+naming the jobs that failed.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
+from typing import Any
 
-from omegaconf import OmegaConf
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 
@@ -58,3 +64,36 @@ def optuna_seed(seed: int, storage: str, study_name: str) -> int:
 def register_resolvers() -> None:
     OmegaConf.register_new_resolver("optuna_storage", optuna_storage, replace=True)
     OmegaConf.register_new_resolver("optuna_seed", optuna_seed, replace=True)
+
+
+class SweepSummary(Callback):
+    """At the end of a multirun, say how many of its jobs failed and where their tracebacks are.
+
+    A failed job writes `failed.txt` in its run directory and the sweep goes on (`fewzero.train`),
+    so a failure early in a long sweep would otherwise scroll away. The exit status stays 0: the
+    other jobs' results are there, and `fewzero.report <sweep dir>` lists the failed runs too.
+    Jobs are those of this invocation: run directories written since it started (a sweep
+    directory reused by a second invocation keeps the first one's files).
+    """
+
+    def __init__(self) -> None:
+        self.started = time.time()
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.started = time.time()
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep = Path(config.hydra.sweep.dir)
+
+        def this_invocation(paths: Any) -> list[Path]:
+            # 2 s of leeway for a shared file system's clock (SLURM jobs)
+            return sorted(p for p in paths if p.stat().st_mtime >= self.started - 2)
+
+        jobs = this_invocation(sweep.glob("*/.hydra/config.yaml"))
+        failed = this_invocation(sweep.glob("*/failed.txt"))
+        if failed:
+            log.warning("%d of %d jobs failed; their tracebacks:\n%s\nThe other jobs' results are "
+                        "kept: python -m fewzero.report %s", len(failed), len(jobs),
+                        "\n".join(f"  {path}" for path in failed), sweep)
+        else:
+            log.info("All %d jobs finished: python -m fewzero.report %s", len(jobs), sweep)
