@@ -176,6 +176,15 @@ def test_run_summary_prints_few_shot_results_and_the_class_cv_choice(tmp_path, c
     assert "ZSL weight 0.25 by class cross-validation over 2 folds (mean pseudo-unseen per-class top-1 " \
            "0.7000)" in out  # the best mean score, that of the chosen weight
 
+    # one fold of one pseudo-unseen class scores every weight alike: nothing was chosen
+    undecided = {"mean_scores": [0.0, 0.0, 0.0], "zsl_weight": 0.1, "folds": [["Flute"]],
+                 "score": "log_likelihood", "undecided": True}
+    print_summary(tmp_path, {"zero_shot": zero_shot, "class_cv": undecided})
+    out = capsys.readouterr().out
+    assert "ZSL weight 0.1 as configured: class cross-validation over 1 fold scored every weight the " \
+           "same (pseudo-unseen per-class log-likelihood 0.0000)" in out
+    assert "by class cross-validation" not in out
+
 
 def test_bar_labels_keep_what_tells_configurations_apart():
     from fewzero.report import Configuration, bar_labels

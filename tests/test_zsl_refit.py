@@ -327,3 +327,18 @@ def test_weight_criteria_script_chooses_on_the_other_folds_and_scores_top1_on_th
         run("likelihood", 1, likelihood, "log_likelihood", steps=1500)  # other fold models
         with pytest.raises(SystemExit, match="differ in folds, selected steps or candidates"):
             criteria.main()
+
+
+def test_class_cv_on_one_pseudo_unseen_class_says_the_configured_weight_stays(tmp_path):
+    """One pseudo-unseen class scores every weight alike (ZSL among one candidate is always
+    right), as on the image split: the report and the log say nothing was chosen."""
+    cfg = compose_train_cfg(tmp_path, WORD + [*SELECT_FIRST_EPOCH, "model.pitch_prior.class_cv=true",
+                                              "dataset.split.pseudo_unseen=[Oboe]",
+                                              "dataset.split.pseudo_unseen_folds=[]",
+                                              "model.pitch_prior.weight=0.05",
+                                              "model.pitch_prior.weight_candidates=[0.0,0.05,0.5]"])
+    metrics, objects = train(cfg)
+    cv = json.loads((Path(objects["cfg"].paths.output_dir) / "metrics.json").read_text())["class_cv"]
+    assert len(cv["folds"]) == 1 and len(set(cv["mean_scores"])) == 1
+    assert cv["undecided"] is True and cv["zsl_weight"] == 0.05
+    assert metrics["test/prior_weight_zsl"] == pytest.approx(0.05)

@@ -46,8 +46,12 @@ def print_summary(output_dir: Path, report: dict[str, Any]) -> None:
         cv = report.get("class_cv")
         if cv:
             best = max(cv["mean_scores"])
-            zsl.add_row("", "", f"ZSL weight {cv['zsl_weight']:g} by class cross-validation over "
-                        f"{len(cv['folds'])} folds (mean {ZSL_SCORES[cv.get('score', 'top1')]} {best:.4f})")
+            folds = f"{len(cv['folds'])} fold{'' if len(cv['folds']) == 1 else 's'}"
+            score = f"{ZSL_SCORES[cv.get('score', 'top1')]} {best:.4f}"
+            zsl.add_row("", "", f"ZSL weight {cv['zsl_weight']:g} as configured: class cross-validation "
+                        f"over {folds} scored every weight the same ({score})" if cv.get("undecided")
+                        else f"ZSL weight {cv['zsl_weight']:g} by class cross-validation over {folds} "
+                        f"(mean {score})")
         console.print(zsl)
     best = report.get("metrics", {}).get("val/acc_best")
     if best is not None:
