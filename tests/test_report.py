@@ -31,6 +31,7 @@ def test_runs_are_grouped_over_seeds_sorted_and_failures_listed(tmp_path, capsys
     assert math.isnan(by_name["model/backbone=b"].std("test/acc"))
     assert "0.7000 ± 0.1414" in rows[1]
     assert "1 run(s) without metrics.json" in markdown
+    assert f"- {tmp_path / '3'}: unfinished: still running, or killed" in markdown
     assert (tmp_path / "report.csv").read_text().count("\n") == 3
     assert (tmp_path / "report.png").stat().st_size > 0
     assert "written:" in capsys.readouterr().out
@@ -94,6 +95,10 @@ def test_a_failing_multirun_job_is_reported_and_the_others_finish(tmp_path):
     configs, failed = collect(sweep)
     assert len(configs) == 1 and len(failed) == 1
     assert "n_way=9 is larger than the 3 val classes" in (failed[0] / "failed.txt").read_text()
+    # the report names the error
+    main([str(sweep)])
+    assert (f"- {failed[0]}: failed: ValueError: n_way=9 is larger than the 3 val classes"
+            in (sweep / "report.md").read_text())
     # the multirun ends by naming it (SweepSummary)
     assert f"1 of 2 jobs failed; their tracebacks:\n  {failed[0] / 'failed.txt'}" in done.stdout + done.stderr
 

@@ -72,6 +72,15 @@ def _overrides(run: Path) -> list[str]:
     return [o.split("=", 1)[0] if o.startswith("~") else o for o in overrides]
 
 
+def why_no_metrics(run: Path) -> str:
+    """A run without metrics.json: failed (the last line of its failed.txt, the error) or unfinished."""
+    traceback = run / "failed.txt"
+    if traceback.is_file():
+        last = next((line for line in reversed(traceback.read_text().splitlines()) if line.strip()), "")
+        return f"failed: {last.strip()} (failed.txt)"
+    return "unfinished: still running, or killed (resume it with ckpt_path=last)"
+
+
 def collect(root: Path, ignore: tuple[str, ...] = ("seed",)) -> tuple[list[Configuration], list[Path]]:
     """Group every run under `root` into configurations; also return runs with no metrics."""
     groups: dict[str, Configuration] = {}
@@ -149,7 +158,7 @@ def write_report(configs: list[Configuration], failed: list[Path], metric: str,
                   + ", ".join(str(run) for run in configs[0].runs)]
     if failed:
         lines += ["", f"{len(failed)} run(s) without metrics.json (failed or unfinished):"]
-        lines += [f"- {run}" for run in failed]
+        lines += [f"- {run}: {why_no_metrics(run)}" for run in failed]
     markdown = "\n".join(lines) + "\n"
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.md").write_text(markdown)
