@@ -50,7 +50,10 @@ fi
 if ((${#missing[@]})); then
     if command -v apt-get >/dev/null 2>&1; then
         SUDO=""
-        [[ $(id -u) -ne 0 ]] && command -v sudo >/dev/null 2>&1 && SUDO="sudo -n"
+        # sudo only where it needs no password (`sudo -n true` says so without asking for one)
+        if [[ $(id -u) -ne 0 ]] && command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
+            SUDO="sudo -n"
+        fi
         if [[ $(id -u) -eq 0 || -n "$SUDO" ]]; then
             say "installing Debian packages: ${missing[*]}"
             $SUDO apt-get update -qq || say "WARNING: apt-get update failed; installing from the package lists as they are"
@@ -73,9 +76,7 @@ if ((${#missing[@]})); then
         else
             say "WARNING: cannot install ${missing[*]} (not root, no passwordless sudo)."
             say "  Ask an administrator for: apt-get install ${missing[*]}"
-            say "  Without them the default dataset (rendered SOL) cannot be rendered; tests that"
-            say "  need a SoundFont are skipped. Real TinySOL (dataset=tinysol) still works."
-            say "  Without the image packages experiment=zsl_image_audio needs side_info.root=<images>."
+            for pkg in "${missing[@]}"; do say "  Without $pkg, $(what_needs "$pkg")."; done
         fi
     else
         say "WARNING: no apt-get here (macOS or another distribution). Install by hand:"

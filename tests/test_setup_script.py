@@ -112,3 +112,19 @@ def test_no_python_new_enough_says_which_was_found(tmp_path):
 
     assert result.returncode == 1
     assert "Python >= 3.11 is required (Python 3.10.12 found)" in result.stdout
+
+
+def test_without_root_or_sudo_it_names_each_missing_package_and_what_goes_without_it(tmp_path):
+    project = _project(tmp_path)
+    bin_dir, log = _fake_machine(tmp_path, unavailable="none", ensurepip=True)
+    _write_tool(bin_dir, "id", "echo 1000\n")
+    _write_tool(bin_dir, "sudo", "exit 1\n")  # sudo -n: a password would be needed
+
+    result = _run(project, bin_dir, PYTHON=str(bin_dir / "python3.11"))
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert not log.exists()  # apt-get was never run
+    assert "Ask an administrator for: apt-get install fluidsynth musescore-general-soundfont" in result.stdout
+    assert ("Without fluid-soundfont-gm, the default dataset (rendered SOL) cannot be rendered"
+            in result.stdout)
+    assert "Without librsvg2-bin, experiment=zsl_image_audio needs side_info.root" in result.stdout
