@@ -209,9 +209,9 @@ def test_class_cv_chooses_the_zsl_weight_by_the_mean_over_folds_and_the_refit_ke
     resumable_fit = fewzero.train.resumable_fit
 
     def recording(cfg, model, datamodule, output_dir, name, *args, **kwargs):
-        start = sum(float(p.double().sum()) for p in model.parameters())
+        start = sum(float(p.detach().double().sum()) for p in model.parameters())
         fit = resumable_fit(cfg, model, datamodule, output_dir, name, *args, **kwargs)
-        end = sum(float(p.double().sum()) for p in model.parameters())
+        end = sum(float(p.detach().double().sum()) for p in model.parameters())
         fold_weights.setdefault(name, []).append((start, end))
         # each fit keeps its progress as often as the main fit keeps last.ckpt
         keeper = next(c for c in fit.callbacks if type(c).__name__ == "LastCheckpoint")
@@ -342,3 +342,17 @@ def test_class_cv_on_one_pseudo_unseen_class_says_the_configured_weight_stays(tm
     assert len(cv["folds"]) == 1 and len(set(cv["mean_scores"])) == 1
     assert cv["undecided"] is True and cv["zsl_weight"] == 0.05
     assert metrics["test/prior_weight_zsl"] == pytest.approx(0.05)
+
+
+def test_a_setting_without_test_clips_draws_no_confusion_matrix(tmp_path):
+    """fast_dev_run tests one batch; of one clip here, so one of ZSL (unseen clips only) and the
+    GZSL setting may have none: an empty matrix is not drawn."""
+    cfg = compose_train_cfg(tmp_path, WORD + ["~logger", "~callbacks.learning_rate_monitor",
+                                              "+trainer.fast_dev_run=true", "dataset.eval_batch_size=1",
+                                              "model.plot_dir=${paths.output_dir}/plots"])
+    _, objects = train(cfg)
+    confusions = objects["model"].results.confusions
+    plots = Path(objects["cfg"].paths.output_dir) / "plots"
+    drawn = {key: (plots / f"test_confusion_{key}.png").is_file() for key in ("zsl", "gzsl_cs")}
+    assert drawn == {key: bool(confusions[key].any()) for key in drawn}
+    assert drawn["gzsl_cs"] and not drawn["zsl"]  # the one test clip is a seen one

@@ -535,6 +535,9 @@ class ZeroShotModule(ResumableModule):
         titles = {"zsl": f"ZSL, unseen candidates (per-class top-1 {metrics['zsl_top1']:.3f})",
                   "gzsl_cs": f"GZSL, all candidates, calibrated (H {metrics['gzsl_cs_h']:.3f})"}
         for key, title in titles.items():
+            if not self.results.confusions[key].any():  # no test clip in this setting (fast_dev_run)
+                log.info("No %s test clips: no confusion matrix drawn for it.", key.upper())
+                continue
             figure = confusion_figure(self.results.confusions[key], names, title)
             save_figure(figure, f"test/confusion_{key}", self.plot_dir, self.loggers, self.global_step)
         with torch.no_grad():
