@@ -10,10 +10,11 @@ APT_PACKAGES=(fluidsynth musescore-general-soundfont fluid-soundfont-gm
 
 say() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
 
-# The interpreter: $PYTHON, else the first of python3, python3.11, python3.12, python3.13 that is
-# 3.11 or newer (Ubuntu 22.04's python3 is 3.10 even where python3.11 is installed beside it).
+# The interpreter: $PYTHON, else python3.11 (what the project is tested with), else the first of
+# python3, python3.12, python3.13 that is 3.11 or newer (Ubuntu 22.04's python3 is 3.10 even where
+# python3.11 is installed beside it).
 if [[ -z "${PYTHON:-}" ]]; then
-    for candidate in python3 python3.11 python3.12 python3.13; do
+    for candidate in python3.11 python3 python3.12 python3.13; do
         if command -v "$candidate" >/dev/null 2>&1 \
                 && "$candidate" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
             PYTHON="$candidate"

@@ -128,3 +128,17 @@ def test_without_root_or_sudo_it_names_each_missing_package_and_what_goes_withou
     assert ("Without fluid-soundfont-gm, the default dataset (rendered SOL) cannot be rendered"
             in result.stdout)
     assert "Without librsvg2-bin, experiment=zsl_image_audio needs side_info.root" in result.stdout
+
+
+def test_python311_is_preferred_to_a_newer_python3(tmp_path):
+    project = _project(tmp_path)
+    bin_dir, log = _fake_machine(tmp_path, unavailable="none", ensurepip=False)
+    # Ubuntu 24.04 with python3.11 added: python3 is 3.12, new enough but not what is tested
+    _write_tool(bin_dir, "python3", 'case "$*" in *"print("*) echo 3.12;; *ensurepip*) exit 1;; '
+                                    '*) exit 0;; esac\n')
+
+    result = _run(project, bin_dir)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    install = [c for c in log.read_text().splitlines() if c.startswith("install")]
+    assert len(install) == 1 and install[0].split()[-1] == "python3.11-venv"
