@@ -186,8 +186,8 @@ def test_run_summary_prints_few_shot_results_and_the_class_cv_choice(tmp_path, c
                  "score": "log_likelihood", "undecided": True}
     print_summary(tmp_path, {"zero_shot": zero_shot, "class_cv": undecided})
     out = capsys.readouterr().out
-    assert "ZSL weight 0.1 as configured: class cross-validation over 1 fold scored every weight the " \
-           "same (pseudo-unseen per-class log-likelihood 0.0000)" in out
+    assert "ZSL weight 0.1, nearest the configured weight: class cross-validation over 1 fold scored " \
+           "every weight the same (pseudo-unseen per-class log-likelihood 0.0000)" in out
     assert "by class cross-validation" not in out
 
 

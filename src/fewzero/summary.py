@@ -48,8 +48,9 @@ def print_summary(output_dir: Path, report: dict[str, Any]) -> None:
             best = max(cv["mean_scores"])
             folds = f"{len(cv['folds'])} fold{'' if len(cv['folds']) == 1 else 's'}"
             score = f"{ZSL_SCORES[cv.get('score', 'top1')]} {best:.4f}"
-            zsl.add_row("", "", f"ZSL weight {cv['zsl_weight']:g} as configured: class cross-validation "
-                        f"over {folds} scored every weight the same ({score})" if cv.get("undecided")
+            zsl.add_row("", "", f"ZSL weight {cv['zsl_weight']:g}, nearest the configured weight: class "
+                        f"cross-validation over {folds} scored every weight the same ({score})"
+                        if cv.get("undecided")
                         else f"ZSL weight {cv['zsl_weight']:g} by class cross-validation over {folds} "
                         f"(mean {score})")
         console.print(zsl)

@@ -470,14 +470,16 @@ def class_cross_validation(cfg: DictConfig, datamodule: Any, trainer: pl.Trainer
               "fold_scores": all_scores.tolist(), "mean_scores": all_scores.mean(dim=0).tolist(),
               "zsl_weight": weight, "chosen": {k: v.tolist() for k, v in state.items()}}
     # every weight scored alike (a single pseudo-unseen class: ZSL among one candidate is always
-    # right): nothing was chosen, the configured weight stays (`choose_from_scores`)
+    # right): nothing was chosen, the candidate nearest the configured weight stays
+    # (`choose_from_scores`)
     report["undecided"] = len(set(report["mean_scores"])) == 1
     if trainer.is_global_zero:
         module.plot_class_cv(all_scores, folds, weight, trainer.loggers, steps)
     log.info("Class cross-validation over %d fold%s: mean %s %s for weights %s; %s", len(folds),
              "" if len(folds) == 1 else "s", ZSL_SCORES[report["score"]],
              [round(v, 3) for v in report["mean_scores"]], report["candidates"],
-             f"every weight scored the same, so the configured ZSL weight {weight:g} stays"
+             f"every weight scored the same, so ZSL weight {weight:g}, the candidate nearest the "
+             "configured weight, stays"
              if report["undecided"] else f"ZSL weight {weight:g}")
     return state, report
 
