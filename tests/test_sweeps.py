@@ -109,6 +109,9 @@ def test_optuna_sweep_on_two_joblib_workers_stores_its_study_and_a_second_run_re
     reports = [json.loads(p.read_text())["metrics"] for p in sweep.glob("*/metrics.json")]
     assert sorted(t.value for t in trials) == sorted(r["val/acc_best"] for r in reports)
     assert not any(k.startswith("test/") for r in reports for k in r)
+    printed = done.stdout + done.stderr
+    assert "All 2 jobs finished" in printed  # SweepSummary
+    assert "setup plugin alembic" not in printed  # Optuna's database layer kept quiet
 
     second = [a for a in first if not a.startswith(("hydra.sweeper.n_", "hydra/launcher", "hydra.launcher",
                                                     "hydra.sweep.dir"))]
