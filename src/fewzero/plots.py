@@ -17,6 +17,7 @@ from matplotlib.legend_handler import HandlerTuple  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
 from fewzero.data.episodes import EpisodeSampler  # noqa: E402
+from fewzero.models.pitch_prior import all_tied  # noqa: E402
 
 
 def _pca_2d(points: torch.Tensor) -> torch.Tensor:
@@ -166,7 +167,7 @@ def weight_choice_figure(candidates: Sequence[float], fold_scores: torch.Tensor,
         ax.plot(x, scores, marker="o", alpha=0.6, label=name)
     mean = fold_scores.mean(dim=0)
     ax.plot(x, mean.tolist(), marker="o", color="black", linewidth=2.5, label="mean")
-    tie = bool((mean == mean[0]).all())
+    tie = all_tied(mean.tolist())
     ax.axvline(list(candidates).index(chosen), color="red", linestyle="--",
                label=f"kept {chosen:g} (a tie)" if tie else f"chosen {chosen:g}")
     if tie:

@@ -11,6 +11,17 @@ from rich.table import Table
 from fewzero.models.pitch_prior import SETTINGS, ZSL_SCORES
 
 
+def class_cv_outcome(cv: dict[str, Any]) -> str:
+    """What class cross-validation (metrics.json's `class_cv`) did with the ZSL weight: chose it,
+    or, where every weight scored the same (`undecided`), kept the one nearest the configured."""
+    folds = f"{len(cv['folds'])} fold{'' if len(cv['folds']) == 1 else 's'}"
+    score = f"{ZSL_SCORES[cv.get('score', 'top1')]} {max(cv['mean_scores']):.4f}"
+    if cv.get("undecided"):
+        return (f"ZSL weight {cv['zsl_weight']:g}, nearest the configured weight: class "
+                f"cross-validation over {folds} scored every weight the same ({score})")
+    return f"ZSL weight {cv['zsl_weight']:g} by class cross-validation over {folds} (mean {score})"
+
+
 def print_summary(output_dir: Path, report: dict[str, Any]) -> None:
     """Print test accuracies (mean +- 95% CI), the best validation score and the run's paths."""
     console = Console()
@@ -45,14 +56,7 @@ def print_summary(output_dir: Path, report: dict[str, Any]) -> None:
                 f"{s} {zero_shot[f'prior_weight_{s}']:.3g}" for s in SETTINGS))
         cv = report.get("class_cv")
         if cv:
-            best = max(cv["mean_scores"])
-            folds = f"{len(cv['folds'])} fold{'' if len(cv['folds']) == 1 else 's'}"
-            score = f"{ZSL_SCORES[cv.get('score', 'top1')]} {best:.4f}"
-            zsl.add_row("", "", f"ZSL weight {cv['zsl_weight']:g}, nearest the configured weight: class "
-                        f"cross-validation over {folds} scored every weight the same ({score})"
-                        if cv.get("undecided")
-                        else f"ZSL weight {cv['zsl_weight']:g} by class cross-validation over {folds} "
-                        f"(mean {score})")
+            zsl.add_row("", "", class_cv_outcome(cv))
         console.print(zsl)
     best = report.get("metrics", {}).get("val/acc_best")
     if best is not None:

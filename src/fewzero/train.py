@@ -38,9 +38,9 @@ from fewzero.callbacks import FitKey, LastCheckpoint, RngAtFirstBatch, RunRecord
 from fewzero.console import follow_up_trainer, quiet_lightning
 from fewzero.data.clips import config_hash
 from fewzero.models.backbones import MusicFslCNN
-from fewzero.models.pitch_prior import ZSL_SCORES
+from fewzero.models.pitch_prior import ZSL_SCORES, all_tied
 from fewzero.side_info.xlsa17 import attribute_dim
-from fewzero.summary import print_summary
+from fewzero.summary import class_cv_outcome, print_summary
 from fewzero.sweeps import check_validation_metric, register_resolvers
 
 log = logging.getLogger(__name__)
@@ -469,18 +469,11 @@ def class_cross_validation(cfg: DictConfig, datamodule: Any, trainer: pl.Trainer
               "score": module.pitch_prior.zsl_score,
               "fold_scores": all_scores.tolist(), "mean_scores": all_scores.mean(dim=0).tolist(),
               "zsl_weight": weight, "chosen": {k: v.tolist() for k, v in state.items()}}
-    # every weight scored alike (a single pseudo-unseen class: ZSL among one candidate is always
-    # right): nothing was chosen, the candidate nearest the configured weight stays
-    # (`choose_from_scores`)
-    report["undecided"] = len(set(report["mean_scores"])) == 1
+    report["undecided"] = all_tied(report["mean_scores"])  # nothing chosen: the a-priori weight stays
     if trainer.is_global_zero:
         module.plot_class_cv(all_scores, folds, weight, trainer.loggers, steps)
-    log.info("Class cross-validation over %d fold%s: mean %s %s for weights %s; %s", len(folds),
-             "" if len(folds) == 1 else "s", ZSL_SCORES[report["score"]],
-             [round(v, 3) for v in report["mean_scores"]], report["candidates"],
-             f"every weight scored the same, so ZSL weight {weight:g}, the candidate nearest the "
-             "configured weight, stays"
-             if report["undecided"] else f"ZSL weight {weight:g}")
+    log.info("Class cross-validation: mean %s %s for weights %s; %s", ZSL_SCORES[report["score"]],
+             [round(v, 3) for v in report["mean_scores"]], report["candidates"], class_cv_outcome(report))
     return state, report
 
 

@@ -166,6 +166,12 @@ def best_candidate(candidates: Sequence[float], scores: Sequence[float], a_prior
     return min(tied, key=lambda w: (abs(w - a_priori), w))
 
 
+def all_tied(scores: Sequence[float]) -> bool:
+    """Every candidate scored the same (one pseudo-unseen class: ZSL among one candidate is
+    always right): validation chose nothing, and `best_candidate` keeps the a-priori weight's."""
+    return len(set(scores)) == 1
+
+
 class PitchRangePrior(nn.Module):
     """Pitch head on the audio embedding + per-class playing ranges.
 
