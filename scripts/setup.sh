@@ -91,7 +91,21 @@ fi
     say "ERROR: Python >= 3.11 is required ($("$PYTHON" --version 2>&1) found). Set PYTHON=python3.11."
     exit 1
 }
-[[ -x .venv/bin/python ]] || { say "creating .venv"; "$PYTHON" -m venv .venv; }
+# A .venv made while ensurepip was missing has a python but no pip, and would stay broken
+if [[ -x .venv/bin/python ]] && ! .venv/bin/python -m pip --version >/dev/null 2>&1; then
+    say ".venv has no pip (made before $VENV_PACKAGE was installed?): making it again"
+    rebuild_venv=1
+fi
+if [[ ! -x .venv/bin/python || -n "${rebuild_venv:-}" ]]; then
+    "$PYTHON" -c "import ensurepip" 2>/dev/null || {
+        say "ERROR: $PYTHON cannot make a virtualenv: it lacks ensurepip, which Debian and Ubuntu"
+        say "  ship as the package $VENV_PACKAGE. Install it (apt-get install $VENV_PACKAGE, as root"
+        say "  or by an administrator), then run this again."
+        exit 1
+    }
+    say "creating .venv"
+    "$PYTHON" -m venv --clear .venv
+fi
 stamp=".venv/.fewzero-installed"
 want="$(sha1sum pyproject.toml | cut -d' ' -f1)"
 if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$want" ]]; then

@@ -3,6 +3,7 @@ are stand-ins on PATH that record what they are asked, so nothing is installed."
 
 import hashlib
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -142,3 +143,46 @@ def test_python311_is_preferred_to_a_newer_python3(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     install = [c for c in log.read_text().splitlines() if c.startswith("install")]
     assert len(install) == 1 and install[0].split()[-1] == "python3.11-venv"
+
+
+def test_without_ensurepip_it_stops_before_making_a_venv_that_has_no_pip(tmp_path):
+    project = _project(tmp_path)
+    shutil.rmtree(project / ".venv")
+    bin_dir, _ = _fake_machine(tmp_path, unavailable="none", ensurepip=False)
+    _write_tool(bin_dir, "id", "echo 1000\n")
+    _write_tool(bin_dir, "sudo", "exit 1\n")
+
+    result = _run(project, bin_dir, PYTHON=str(bin_dir / "python3.11"))
+
+    assert result.returncode == 1
+    assert "lacks ensurepip, which Debian and Ubuntu" in result.stdout
+    assert "apt-get install python3.11-venv" in result.stdout
+    assert not (project / ".venv").exists()  # a re-run after the install starts clean
+
+
+def test_a_venv_without_pip_is_made_again_and_installed_into(tmp_path):
+    project = _project(tmp_path)
+    # what `python3 -m venv` leaves where ensurepip was missing: a python, no pip
+    _write_tool(project / ".venv" / "bin", "python", "exit 1\n")
+    bin_dir, _ = _fake_machine(tmp_path, unavailable="none", ensurepip=True)
+    calls = tmp_path / "python.log"
+    healthy_python = f'echo "venv-python $*" >> {calls}\nexit 0\n'
+    _write_tool(bin_dir, "python3.11", f"""case "$*" in
+    "-m venv --clear .venv")
+        echo "python3.11 $*" >> {calls}
+        rm -rf .venv && mkdir -p .venv/bin
+        printf '%s\\n' '#!/usr/bin/env bash' {shlex.quote(healthy_python)} > .venv/bin/python
+        chmod +x .venv/bin/python ;;
+    *) exec {sys.executable} "$@" ;;
+esac
+""")
+
+    result = _run(project, bin_dir)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert ".venv has no pip" in result.stdout
+    log = calls.read_text().splitlines()
+    assert log[0] == "python3.11 -m venv --clear .venv"
+    assert "venv-python -m pip install -q --no-cache-dir -e .[dev]" in log
+    digest = hashlib.sha1((project / "pyproject.toml").read_bytes()).hexdigest()
+    assert (project / ".venv" / ".fewzero-installed").read_text().strip() == digest
