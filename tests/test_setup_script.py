@@ -37,6 +37,11 @@ def _project(tmp_path: Path) -> Path:
     return project
 
 
+# what a stand-in python3.11 says when setup.sh asks its version for the venv package's name, so
+# that the tests also hold where they run on another Python (Ubuntu 24.04's 3.12)
+_ANSWERS_AS_3_11 = """[[ "$*" == *'print("%d.%d"'* ]] && { echo 3.11; exit 0; }"""
+
+
 def _fake_machine(tmp_path: Path, unavailable: str, ensurepip: bool) -> tuple[Path, Path]:
     """Stand-ins for a root shell on Debian where no package is installed yet and apt-get
     cannot find `unavailable`. Returns (the folder to put first on PATH, apt-get's log)."""
@@ -52,9 +57,10 @@ for arg in "$@"; do
 done
 exit 0
 """)
-    # python3.11 is this interpreter; `import ensurepip` answers as asked
+    # python3.11 is this interpreter, whatever its version; `import ensurepip` answers as asked
     probe = "exit 0" if ensurepip else "exit 1"
-    _write_tool(bin_dir, "python3.11", f"""[[ "$*" == "-c import ensurepip" ]] && {probe}
+    _write_tool(bin_dir, "python3.11", f"""{_ANSWERS_AS_3_11}
+[[ "$*" == "-c import ensurepip" ]] && {probe}
 exec {sys.executable} "$@"
 """)
     return bin_dir, log
@@ -167,7 +173,8 @@ def test_a_venv_without_pip_is_made_again_and_installed_into(tmp_path):
     bin_dir, _ = _fake_machine(tmp_path, unavailable="none", ensurepip=True)
     calls = tmp_path / "python.log"
     healthy_python = f'echo "venv-python $*" >> {calls}\nexit 0\n'
-    _write_tool(bin_dir, "python3.11", f"""case "$*" in
+    _write_tool(bin_dir, "python3.11", f"""{_ANSWERS_AS_3_11}
+case "$*" in
     "-m venv --clear .venv")
         echo "python3.11 $*" >> {calls}
         rm -rf .venv && mkdir -p .venv/bin
