@@ -53,7 +53,17 @@ trap unmount_all EXIT
 
 if [[ $KEEP -eq 0 || ! -x $ROOT/bin/bash ]]; then
     unmount_all
-    rm -rf "$ROOT"
+    if grep -q " $ROOT/" /proc/mounts; then
+        echo "something is still mounted under $ROOT; not removing it" >&2; exit 1
+    fi
+    rm -rf --one-file-system "$ROOT"
+    # the system, .venv (6.1 GB) and the rendered data: about 8 GB in all
+    mkdir -p "$(dirname "$ROOT")"
+    free_mb=$(df -Pm "$(dirname "$ROOT")" | awk 'NR==2 {print $4}')
+    if ((free_mb < 12000)); then
+        echo "only $free_mb MB free where $ROOT goes; a check needs about 12 GB (FRESH_ROOT=... elsewhere)" >&2
+        exit 1
+    fi
     # Debian 12's debootstrap has no script for noble; Ubuntu's scripts are all the same one
     script_dir=/usr/share/debootstrap/scripts
     [[ -e $script_dir/$SUITE ]] || ln -s gutsy "$script_dir/$SUITE"
