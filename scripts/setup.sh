@@ -101,6 +101,9 @@ if [[ ! -x .venv/bin/python || -n "${rebuild_venv:-}" ]]; then
         say "ERROR: $PYTHON cannot make a virtualenv: it lacks ensurepip, which Debian and Ubuntu"
         say "  ship as the package $VENV_PACKAGE. Install it (apt-get install $VENV_PACKAGE, as root"
         say "  or by an administrator), then run this again."
+        if [[ " ${failed[*]:-} " == *" $VENV_PACKAGE "* ]]; then
+            say "  apt could not install it here (above): on Ubuntu, enable the universe component first."
+        fi
         exit 1
     }
     say "creating .venv"

@@ -193,3 +193,18 @@ esac
     assert "venv-python -m pip install -q --no-cache-dir -e .[dev]" in log
     digest = hashlib.sha1((project / "pyproject.toml").read_bytes()).hexdigest()
     assert (project / ".venv" / ".fewzero-installed").read_text().strip() == digest
+
+
+def test_a_venv_package_apt_cannot_find_ends_with_where_to_get_it(tmp_path):
+    project = _project(tmp_path)
+    shutil.rmtree(project / ".venv")
+    # Ubuntu 24.04 with only `main` enabled: apt has no python3.11-venv to give
+    bin_dir, _ = _fake_machine(tmp_path, unavailable="python3.11-venv", ensurepip=False)
+
+    result = _run(project, bin_dir, PYTHON=str(bin_dir / "python3.11"))
+
+    assert result.returncode == 1
+    last_lines = result.stdout.strip().splitlines()[-4:]
+    assert "lacks ensurepip" in last_lines[0]
+    assert "enable the universe component first" in last_lines[-1]
+    assert not (project / ".venv").exists()
