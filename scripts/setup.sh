@@ -38,6 +38,8 @@ what_needs() {
     esac
 }
 apt_install() { DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "$@" >/dev/null; }
+# Whether $PYTHON can make a virtualenv with pip in it (Debian's python3.X-venv gives ensurepip)
+can_make_venv() { "$PYTHON" -m venv --help >/dev/null 2>&1 && "$PYTHON" -c "import ensurepip" 2>/dev/null; }
 
 # ---- 1. system packages: FluidSynth, the two General-MIDI SoundFonts, image side info -----
 missing=()
@@ -46,8 +48,7 @@ if command -v dpkg-query >/dev/null 2>&1; then
         dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")
     done
 fi
-"$PYTHON" -m venv --help >/dev/null 2>&1 && "$PYTHON" -c "import ensurepip" 2>/dev/null \
-    || missing+=("$VENV_PACKAGE")
+can_make_venv || missing+=("$VENV_PACKAGE")
 if ((${#missing[@]})); then
     if command -v apt-get >/dev/null 2>&1; then
         SUDO=""
@@ -97,7 +98,7 @@ if [[ -x .venv/bin/python ]] && ! .venv/bin/python -m pip --version >/dev/null 2
     rebuild_venv=1
 fi
 if [[ ! -x .venv/bin/python || -n "${rebuild_venv:-}" ]]; then
-    "$PYTHON" -c "import ensurepip" 2>/dev/null || {
+    can_make_venv || {   # again: step 1 may have installed it
         say "ERROR: $PYTHON cannot make a virtualenv: it lacks ensurepip, which Debian and Ubuntu"
         say "  ship as the package $VENV_PACKAGE. Install it (apt-get install $VENV_PACKAGE, as root"
         say "  or by an administrator), then run this again."
