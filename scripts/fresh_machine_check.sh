@@ -43,9 +43,11 @@ PROJECT=$(cd "$(dirname "$0")/.." && pwd)
 ROOT=${FRESH_ROOT:-/srv/fewzero-$SUITE}
 say() { printf '\033[1m[fresh %s]\033[0m %s\n' "$SUITE" "$*"; }
 
-unmount_all() {
-    for dir in dev/shm dev/pts dev sys proc; do
-        mountpoint -q "$ROOT/$dir" 2>/dev/null && umount -l "$ROOT/$dir"
+# the host's folders the chroot needs, mounted in this order (/dev/shm: multiprocessing's semaphores)
+MOUNTS=(proc sys dev dev/pts dev/shm)
+unmount_all() {   # in the reverse order
+    for ((i = ${#MOUNTS[@]} - 1; i >= 0; i--)); do
+        mountpoint -q "$ROOT/${MOUNTS[i]}" 2>/dev/null && umount -l "$ROOT/${MOUNTS[i]}"
     done
     return 0
 }
@@ -90,7 +92,7 @@ EOF
 fi
 cp /etc/resolv.conf "$ROOT/etc/resolv.conf"
 grep -q "$(hostname)" "$ROOT/etc/hosts" 2>/dev/null || echo "127.0.1.1 $(hostname)" >> "$ROOT/etc/hosts"
-for dir in proc sys dev dev/pts dev/shm; do   # /dev/shm: multiprocessing's semaphores
+for dir in "${MOUNTS[@]}"; do
     mkdir -p "$ROOT/$dir"
     mountpoint -q "$ROOT/$dir" || mount --bind "/$dir" "$ROOT/$dir"
 done
