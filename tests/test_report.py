@@ -91,7 +91,7 @@ def test_a_failing_multirun_job_is_reported_and_the_others_finish(tmp_path):
         f"hydra.sweep.dir={sweep}",
     ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 1, done.stderr[-3000:]  # both jobs ran; one failed
     configs, failed = collect(sweep)
     assert len(configs) == 1 and len(failed) == 1
     assert "n_way=9 is larger than the 3 val classes" in (failed[0] / "failed.txt").read_text()
@@ -129,10 +129,12 @@ def test_the_sweep_summary_counts_only_this_invocations_jobs(tmp_path, caplog):
     summary.on_multirun_start(config)
     job("0_new", fails=False)
     failed = job("1_new", fails=True)
-    with caplog.at_level("INFO", logger="fewzero.sweeps"):
+    with caplog.at_level("INFO", logger="fewzero.sweeps"), pytest.raises(SystemExit) as exit_:
         summary.on_multirun_end(config)
+    assert exit_.value.code == 1
     assert caplog.messages == [f"1 of 2 jobs failed; their tracebacks:\n  {failed / 'failed.txt'}\n"
-                               f"The other jobs' results are kept: python -m fewzero.report {tmp_path}"]
+                               f"The other jobs' results are kept: python -m fewzero.report {tmp_path}\n"
+                               "Exit status 1: the multirun had failed jobs."]
 
     caplog.clear()
     for file in tmp_path.rglob("*"):  # an hour later

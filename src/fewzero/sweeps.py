@@ -70,8 +70,10 @@ class SweepSummary(Callback):
     """At the end of a multirun, say how many of its jobs failed and where their tracebacks are.
 
     A failed job writes `failed.txt` in its run directory and the sweep goes on (`fewzero.train`),
-    so a failure early in a long sweep would otherwise scroll away. The exit status stays 0: the
-    other jobs' results are there, and `fewzero.report <sweep dir>` lists the failed runs too.
+    so a failure early in a long sweep would otherwise scroll away. Once every job has ended, a
+    multirun with a failed job exits with status 1 (`SystemExit`, which Hydra's callback runner
+    passes on), so a script or a scheduler that chains on success sees it; the other jobs'
+    results are kept, and `fewzero.report <sweep dir>` lists the failed runs too.
     Jobs are those of this invocation: run directories written since it started (a sweep
     directory reused by a second invocation keeps the first one's files).
     """
@@ -91,9 +93,10 @@ class SweepSummary(Callback):
 
         jobs = this_invocation(sweep.glob("*/.hydra/config.yaml"))
         failed = this_invocation(sweep.glob("*/failed.txt"))
-        if failed:
-            log.warning("%d of %d jobs failed; their tracebacks:\n%s\nThe other jobs' results are "
-                        "kept: python -m fewzero.report %s", len(failed), len(jobs),
-                        "\n".join(f"  {path}" for path in failed), sweep)
-        else:
+        if not failed:
             log.info("All %d jobs finished: python -m fewzero.report %s", len(jobs), sweep)
+            return
+        log.error("%d of %d jobs failed; their tracebacks:\n%s\nThe other jobs' results are kept: "
+                  "python -m fewzero.report %s\nExit status 1: the multirun had failed jobs.",
+                  len(failed), len(jobs), "\n".join(f"  {path}" for path in failed), sweep)
+        raise SystemExit(1)
