@@ -14,7 +14,8 @@
 #   ... --zero-shot    # also every zero-shot experiment for a few steps (debug=fast)
 #
 # Logs: <root>/log/{main,tests,zero_shot}.log; the root (default /srv/fewzero-<suite>) is kept
-# for inspection, and made afresh on the next run (--keep reuses it).
+# for inspection, and made afresh on the next run (--keep reuses it). Every step runs even when
+# one before it failed; the exit status is 1 when any failed (the last line names them), else 0.
 set -euo pipefail
 
 usage() { awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "$0"; exit "${1:-0}"; }
@@ -37,11 +38,46 @@ case "$SUITE" in
     bookworm) MIRROR=http://deb.debian.org/debian; PYTHON_PACKAGES=python3; USER_NAME=debian ;;
     *) echo "suite must be jammy, noble or bookworm, not $SUITE" >&2; exit 2 ;;
 esac
+say() { printf '\033[1m[fresh %s]\033[0m %s\n' "$SUITE" "$*"; }
+
+# A step: a command run as the user in a login shell (no environment from here), from a file (no
+# quoting on the way), timed, its log kept; one that fails is remembered and the next one runs.
+FAILED_STEPS=()
+run_logged() {   # [--any-status] name command; --any-status: a failure is not the check's
+    local record=1 name started status
+    [[ $1 == --any-status ]] && { record=0; shift; }
+    name=$1
+    printf 'cd ~/fewzero\n%s\n' "$2" > "$ROOT/tmp/fresh_$name.sh"
+    started=$(date +%s)
+    set +e
+    chroot "$ROOT" sudo -u "$USER_NAME" -H bash -l "/tmp/fresh_$name.sh" > "$ROOT/log/$name.log" 2>&1
+    status=$?
+    set -e
+    say "$name: exit status $status after $(( $(date +%s) - started )) s; log: $ROOT/log/$name.log"
+    ((status == 0 || record == 0)) || FAILED_STEPS+=("$name")
+}
+finish() {   # the last line, and the exit status: 1 when a step failed
+    if ((${#FAILED_STEPS[@]})); then
+        say "FAILED: ${FAILED_STEPS[*]} (logs in $ROOT/log)"
+        exit 1
+    fi
+    say "every step exited 0"
+}
+# every zero-shot experiment of the clone for a few steps; fails when one of them fails
+ZERO_SHOT_STEP='failed=0
+for config in configs/experiment/zsl_*.yaml; do
+    e=$(basename "$config" .yaml)
+    if .venv/bin/python -m fewzero.train experiment=$e debug=fast "~callbacks.progress_bar" > /tmp/$e.log 2>&1
+    then echo "$e: ran"; else echo "$e: FAILED"; tail -n 5 /tmp/$e.log; failed=1; fi
+done
+exit $failed'
+# sourced (tests/test_fresh_machine_check.py): the functions above, nothing run
+[[ ${BASH_SOURCE[0]} == "$0" ]] || return 0
+
 [[ $(id -u) -eq 0 ]] || { echo "needs root (debootstrap, chroot, mount)" >&2; exit 1; }
 command -v debootstrap >/dev/null || { echo "needs debootstrap: apt-get install debootstrap" >&2; exit 1; }
 PROJECT=$(cd "$(dirname "$0")/.." && pwd)
 ROOT=${FRESH_ROOT:-/srv/fewzero-$SUITE}
-say() { printf '\033[1m[fresh %s]\033[0m %s\n' "$SUITE" "$*"; }
 
 # the host's folders the chroot needs, mounted in this order (/dev/shm: multiprocessing's semaphores)
 MOUNTS=(proc sys dev dev/pts dev/shm)
@@ -119,19 +155,8 @@ git clone -q "$PROJECT" "$home/fewzero"
 chroot "$ROOT" chown -R "$USER_NAME:" "/home/$USER_NAME/fewzero"
 say "cloned $(git -C "$PROJECT" log --oneline -1)"
 
-# The README's two commands, exactly, as the user in a login shell (no environment from here)
-run_logged() {   # name, command: runs it from a file (no quoting on the way), times it, keeps its log
-    local name=$1 started status
-    printf 'cd ~/fewzero\n%s\n' "$2" > "$ROOT/tmp/fresh_$name.sh"
-    started=$(date +%s)
-    set +e
-    chroot "$ROOT" sudo -u "$USER_NAME" -H bash -l "/tmp/fresh_$name.sh" > "$ROOT/log/$name.log" 2>&1
-    status=$?
-    set -e
-    say "$name: exit status $status after $(( $(date +%s) - started )) s; log: $ROOT/log/$name.log"
-}
 if [[ $SUDO_USER_KIND == none ]]; then
-    run_logged setup_without_sudo "bash scripts/setup.sh"
+    run_logged --any-status setup_without_sudo "bash scripts/setup.sh"   # expected to stop
     grep -E "WARNING|ERROR|Ask an administrator" "$ROOT/log/setup_without_sudo.log" || true
     asked=$(sed -n 's/.*Ask an administrator for: apt-get install //p' "$ROOT/log/setup_without_sudo.log")
     [[ -n $asked ]] || { say "setup.sh without sudo did not say what to ask an administrator for"; exit 1; }
@@ -143,9 +168,7 @@ grep -E "5way_[15]shot │|best validation" "$ROOT/log/main.log" || true
 run_logged tests "bash scripts/setup.sh && .venv/bin/python -m pytest"
 grep -E "^=+ .*(passed|failed)" "$ROOT/log/tests.log" || true
 if [[ $ZERO_SHOT -eq 1 ]]; then
-    run_logged zero_shot 'for e in zsl_word_audio zsl_text_audio zsl_attribute_audio zsl_image_audio; do
-    if .venv/bin/python -m fewzero.train experiment=$e debug=fast "~callbacks.progress_bar" > /tmp/$e.log 2>&1
-    then echo "$e: ran"; else echo "$e: FAILED"; tail -n 5 /tmp/$e.log; fi
-done'
+    run_logged zero_shot "$ZERO_SHOT_STEP"
     grep -E ": (ran|FAILED)" "$ROOT/log/zero_shot.log" || true
 fi
+finish
