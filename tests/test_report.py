@@ -6,12 +6,13 @@ import pytest
 from fewzero.report import collect, main
 
 
-def _run(root, name, overrides, metrics):
+def _run(root, name, overrides, metrics, data=None):
     run = root / name
     (run / ".hydra").mkdir(parents=True)
     (run / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
     if metrics is not None:
-        (run / "metrics.json").write_text(json.dumps({"metrics": metrics}))
+        report = {"metrics": metrics, **({"data": data} if data else {})}
+        (run / "metrics.json").write_text(json.dumps(report))
 
 
 def test_runs_are_grouped_over_seeds_sorted_and_failures_listed(tmp_path, capsys):
@@ -243,3 +244,29 @@ def test_run_summary_prints_paths_whole_and_as_they_are(tmp_path, capsys, monkey
     assert f"metrics       : {run / 'metrics.json'}" in lines
     assert f"checkpoint    : {checkpoint}" in lines
     assert f"tensorboard   : tensorboard --logdir {run / 'tensorboard'}" in lines
+
+
+def test_runs_whose_rendered_data_came_from_two_fluidsynth_versions_are_named(tmp_path):
+    """Runs gathered from two hosts: one render config, audio from FluidSynth 2.2.5 and 2.3.1."""
+    def rendered(fingerprint, version):
+        return {"dir": f"/data/{fingerprint}", "fingerprint": fingerprint,
+                "fluidsynth": {"libfluidsynth": version, "pyfluidsynth": "1.3.4"}}
+
+    _run(tmp_path, "0", ["seed=0"], {"val/acc_best": 0.7}, rendered("abc", "2.3.1"))
+    _run(tmp_path, "1", ["seed=1"], {"val/acc_best": 0.8}, rendered("abc", "2.2.5"))
+    _run(tmp_path, "2", ["seed=2"], {"val/acc_best": 0.8}, rendered("abc", "2.3.1"))
+    # another render config, one version: nothing to say about it
+    _run(tmp_path, "3", ["dataset.source.seed=1"], {"val/acc_best": 0.6}, rendered("def", "2.3.1"))
+    _run(tmp_path, "4", ["seed=4"], {"val/acc_best": 0.6})  # no rendered data (e.g. TinySOL)
+    main([str(tmp_path)])
+    markdown = (tmp_path / "report.md").read_text()
+    assert ("Rendered data abc came from 2 FluidSynth versions, which render different audio"
+            in markdown)
+    assert f"- FluidSynth 2.2.5: {tmp_path / '1'}\n" in markdown
+    assert f"- FluidSynth 2.3.1: {tmp_path / '0'}, {tmp_path / '2'}\n" in markdown
+    assert "def" not in markdown.split("Rendered data", 1)[1]
+
+    (tmp_path / "1" / "metrics.json").write_text(json.dumps(  # all from one version: no note
+        {"metrics": {"val/acc_best": 0.8}, "data": rendered("abc", "2.3.1")}))
+    main([str(tmp_path)])
+    assert "FluidSynth" not in (tmp_path / "report.md").read_text()

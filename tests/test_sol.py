@@ -160,6 +160,22 @@ def test_second_prepare_reuses_without_rendering(rendered: RenderedSOL,
 
 
 @needs_fluidsynth
+def test_provenance_names_the_render_and_the_fluidsynth_that_made_it(
+        rendered: RenderedSOL, caplog: pytest.LogCaptureFixture) -> None:
+    manifest = json.loads((rendered.dataset_dir / "manifest.json").read_text())
+    provenance = rendered.provenance()
+    assert provenance == {"dir": str(rendered.dataset_dir), "fingerprint": rendered.fingerprint(),
+                          "fluidsynth": manifest["fluidsynth"]}
+    with caplog.at_level("INFO", logger=sol.__name__):
+        _source(rendered.root).prepare()  # reused: the log says which FluidSynth rendered it
+    version = manifest["fluidsynth"]["libfluidsynth"]
+    assert (f"Reusing rendered SOL at {rendered.dataset_dir} (rendered with FluidSynth {version})"
+            in caplog.text)
+    gone = _source(rendered.root, seed=7)  # never rendered
+    assert gone.provenance()["fluidsynth"] is None
+
+
+@needs_fluidsynth
 def test_changed_config_renders_into_new_folder(rendered: RenderedSOL) -> None:
     changed = _source(rendered.root, seed=1)
     assert changed.fingerprint() != rendered.fingerprint()

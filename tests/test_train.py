@@ -32,6 +32,25 @@ def test_every_experiment_composes_and_runs_a_fast_dev_run_step(tmp_path, experi
     assert 0.0 <= metrics[key] <= 1.0
 
 
+def test_a_run_on_rendered_data_records_and_prints_which_render_it_used(tmp_path, monkeypatch, capsys):
+    """metrics.json's `data` is the source's provenance (RenderedSOL: folder, fingerprint,
+    FluidSynth version), which fewzero.report compares across runs; the summary prints it."""
+    from fewzero.data.tones import SyntheticTones
+
+    render = {"dir": str(tmp_path / "render"), "fingerprint": "f00d",
+              "fluidsynth": {"libfluidsynth": "2.3.1", "pyfluidsynth": "1.3.4"}}
+    monkeypatch.setattr(SyntheticTones, "provenance", lambda self: render, raising=False)
+    cfg = compose_train_cfg(tmp_path, ["+trainer.fast_dev_run=true"])
+    train(cfg)
+    assert json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())["data"] == render
+    assert f"data          : {tmp_path / 'render'} (FluidSynth 2.3.1)" in capsys.readouterr().out
+
+    monkeypatch.delattr(SyntheticTones, "provenance")  # a source without renders: no `data`
+    cfg = compose_train_cfg(tmp_path / "plain", ["+trainer.fast_dev_run=true"])
+    train(cfg)
+    assert "data" not in json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
+
+
 def test_a_callback_set_to_null_is_switched_off(tmp_path):
     cfg = compose_train_cfg(tmp_path, ["+trainer.fast_dev_run=true", "callbacks.last_checkpoint=null"])
     _, objects = train(cfg)

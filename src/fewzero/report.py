@@ -9,7 +9,9 @@ adds, always) form one configuration, reported as mean +- std over its runs, wit
 runs where some lack a value. Writes report.md, report.csv and report.png (the chosen metric per
 configuration with std error bars), sorted best first, by default by the validation score:
 a table sorted by a test metric is for reading, not for choosing. Runs without metrics.json
-(failed or unfinished jobs) are listed by name, so a crashed job never hides silently.
+(failed or unfinished jobs) are listed by name, so a crashed job never hides silently. Runs on
+one rendered-data config whose audio another FluidSynth version rendered (runs gathered from two
+hosts) are named too: their figures differ by the data as well.
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ class Configuration:
     name: str
     runs: list[Path] = field(default_factory=list)
     metrics: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    # per run with rendered data (metrics.json's `data`): (render fingerprint, FluidSynth version)
+    renders: dict[Path, tuple[str, str]] = field(default_factory=dict)
 
     def mean(self, key: str) -> float:
         values = self.metrics.get(key, [])
@@ -96,10 +100,33 @@ def collect(root: Path, ignore: tuple[str, ...] = ("seed",)) -> tuple[list[Confi
         name = ",".join(sorted(kept)) or "(defaults)"
         group = groups.setdefault(name, Configuration(name))
         group.runs.append(run)
-        for key, value in json.loads(metrics_file.read_text()).get("metrics", {}).items():
+        report = json.loads(metrics_file.read_text())
+        for key, value in report.get("metrics", {}).items():
             if isinstance(value, int | float) and math.isfinite(value):
                 group.metrics[key].append(float(value))
+        data = report.get("data")
+        if data:
+            version = (data.get("fluidsynth") or {}).get("libfluidsynth", "unknown")
+            group.renders[run] = (data["fingerprint"], version)
     return list(groups.values()), failed
+
+
+def mixed_renders(configs: list[Configuration]) -> list[str]:
+    """Report lines for each rendered-data config whose runs' audio came from more than one
+    FluidSynth version: the same config renders different audio under each."""
+    runs_by_version: dict[str, dict[str, list[Path]]] = defaultdict(lambda: defaultdict(list))
+    for config in configs:
+        for run, (fingerprint, version) in config.renders.items():
+            runs_by_version[fingerprint][version].append(run)
+    lines = []
+    for fingerprint, by_version in sorted(runs_by_version.items()):
+        if len(by_version) > 1:
+            lines += ["", f"Rendered data {fingerprint} came from {len(by_version)} FluidSynth "
+                      "versions, which render different audio: figures across them differ by "
+                      "the data too."]
+            lines += [f"- FluidSynth {version}: " + ", ".join(str(run) for run in sorted(runs))
+                      for version, runs in sorted(by_version.items())]
+    return lines
 
 
 def split_overrides(name: str) -> list[str]:
@@ -156,6 +183,7 @@ def write_report(configs: list[Configuration], failed: list[Path], metric: str,
                   if metric.startswith("test/") else "")
         lines += ["", f"First by {metric}{caveat}: {configs[0].name}, run(s) "
                   + ", ".join(str(run) for run in configs[0].runs)]
+    lines += mixed_renders(configs)
     if failed:
         lines += ["", f"{len(failed)} run(s) without metrics.json (failed or unfinished):"]
         lines += [f"- {run}: {why_no_metrics(run)}" for run in failed]

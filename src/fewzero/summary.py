@@ -66,6 +66,11 @@ def print_summary(output_dir: Path, report: dict[str, Any]) -> None:
     # Paths are printed as they are, to be copied: never broken at the console's width (rich
     # would insert newlines), and never read as markup (a run directory named after its
     # overrides may hold `tags=[bold]`, which rich would swallow as a style).
+    data = report.get("data")
+    if data:
+        rendered_with = (data.get("fluidsynth") or {}).get("libfluidsynth", "unknown")
+        console.print(f"{'data':<14}: {data['dir']} (FluidSynth {rendered_with})",
+                      markup=False, soft_wrap=True)
     for label, text in (("run directory", output_dir), ("metrics", output_dir / "metrics.json"),
                         ("plots", output_dir / "plots"), ("checkpoint", report.get("checkpoint") or "-"),
                         # this run alone; a folder above it (outputs/) shows it beside the others

@@ -673,6 +673,9 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> tuple[dict[str
             "dataset": _dataset_name(cfg, datamodule),
             "tags": [str(t) for t in cfg.get("tags") or []],
         }
+        provenance = getattr(getattr(datamodule, "source", None), "provenance", None)
+        if provenance is not None:  # rendered data: which render (fewzero.report compares them)
+            report["data"] = provenance()
         if refit:
             report["refit_on_trainval"] = refit
         if class_cv:

@@ -554,6 +554,17 @@ class RenderedSOL:
         """The folder of this config's render."""
         return self.root / self.fingerprint()
 
+    def provenance(self) -> dict[str, Any]:
+        """Which render a run's audio came from: its folder, fingerprint and the FluidSynth that
+        rendered it (from manifest.json; None where the render is gone). FluidSynth versions
+        render different audio from one config (2.2.5 and 2.3.x do), so runs on two hosts can
+        differ by their data alone; a run's metrics.json records this to tell them apart."""
+        manifest = self.dataset_dir / "manifest.json"
+        rendered_with = (json.loads(manifest.read_text()).get("fluidsynth")
+                         if manifest.is_file() else None)
+        return {"dir": str(self.dataset_dir), "fingerprint": self.fingerprint(),
+                "fluidsynth": rendered_with}
+
     def notes(self) -> list[Note]:
         """Every (instrument, pitch, dynamic, instance) in table order."""
         notes: list[Note] = []
@@ -584,7 +595,9 @@ class RenderedSOL:
         table's classes whose notes were all silent (dropped) in `silent_classes`."""
         rows = self._rows()
         if rows is not None:
-            log.info("Reusing rendered SOL at %s", self.dataset_dir)
+            rendered_with = self.provenance()["fluidsynth"] or {}
+            log.info("Reusing rendered SOL at %s (rendered with FluidSynth %s)", self.dataset_dir,
+                     rendered_with.get("libfluidsynth", "of unknown version"))
         else:
             self._render()
             rows = self._rows() or []
