@@ -1,6 +1,7 @@
 """Faults: a run stopped (SIGTERM) or killed (SIGKILL) mid-training and resumed with
 `ckpt_path=last` ends with exactly the metrics of an uninterrupted run."""
 
+import contextlib
 import json
 import logging
 import os
@@ -10,7 +11,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 import pytest
 import pytorch_lightning as pl
@@ -203,22 +206,66 @@ def test_run_stopped_by_sigterm_then_killed_resumes_to_the_uninterrupted_metrics
     assert _report(run) == _report(tmp_path / "full")
 
 
+@contextlib.contextmanager
+def _process_group(command: list[str], log: IO[str]) -> Iterator[subprocess.Popen]:
+    """`command` started in a process group of its own (a DDP run's processes), which is
+    killed on the way out: a test that fails on a hung run leaves no processes behind."""
+    process = subprocess.Popen(command, stdout=log, stderr=log, start_new_session=True)
+    try:
+        yield process
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=60)
+
+
+def _rank_process(main: subprocess.Popen, rank: int, timeout: float = 120) -> int:
+    """The pid of DDP process `rank` (> 0), which Lightning starts as a child of `main`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and main.poll() is None:
+        children = Path(f"/proc/{main.pid}/task/{main.pid}/children").read_text().split()
+        for pid in children:
+            try:
+                environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            except OSError:  # gone already
+                continue
+            if f"LOCAL_RANK={rank}".encode() in environ:
+                return int(pid)
+        time.sleep(0.05)
+    raise AssertionError(f"no process of rank {rank} under {main.pid}")
+
+
 @pytest.mark.slow
-def test_a_killed_ddp_run_resumes_to_the_uninterrupted_metrics(tmp_path):
-    """Two gloo processes, each training on its share of the episodes: killed once the first
-    checkpoint exists, resumed, the run ends as the uninterrupted one does."""
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the DDP processes in /proc")
+def test_a_ddp_run_stopped_by_sigterm_then_killed_resumes_to_the_uninterrupted_metrics(tmp_path):
+    """Two gloo processes, each training on its share of the episodes. SIGTERM to the second
+    process alone (as when a node's tasks are signalled one by one): both stop after the same
+    step and save it together. Resumed, then killed outright (SIGKILL to both), resumed again:
+    the run ends as the uninterrupted one does."""
     ddp = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
     subprocess.run(_command(tmp_path, tmp_path / "full") + ddp, check=True, capture_output=True,
                    timeout=600)
     run = tmp_path / "interrupted"
     last = run / "checkpoints" / "last.ckpt"
-    with (tmp_path / "interrupted.log").open("w") as log:
-        first = subprocess.Popen(_command(tmp_path, run) + ddp, stdout=log, stderr=log,
-                                 start_new_session=True)  # its own group: the ranks die together
+    log_file = tmp_path / "interrupted.log"
+    with log_file.open("w") as log, _process_group(_command(tmp_path, run) + ddp, log) as first:
+        second_rank = _rank_process(first, rank=1)
         _wait_for_new(last, first, None)
-        os.killpg(first.pid, signal.SIGKILL)
-        first.wait(timeout=60)
-    assert 0 < _step(last) < 12
+        os.kill(second_rank, signal.SIGTERM)
+        assert first.wait(timeout=300) == 128 + signal.SIGTERM
+    printed = log_file.read_text()
+    stopped_at = _step(last)
+    assert 0 < stopped_at < 12
+    assert f"A stop signal reached another process: every process stops after step {stopped_at}." in printed
+    assert f"last.ckpt holds step {stopped_at}; resume with" in printed
+    assert "Traceback" not in printed  # the first process did not lose its peer mid-step
+
+    stat = last.stat()
+    with (log_file.open("a") as log,
+          _process_group(_command(tmp_path, run) + ddp + ["ckpt_path=last"], log) as second):
+        _wait_for_new(last, second, (stat.st_ino, stat.st_mtime_ns))
+    # killed outright on the way out of the block (SIGKILL to both processes)
+    assert stopped_at < _step(last) < 12
     subprocess.run(_command(tmp_path, run) + ddp + ["ckpt_path=last"], check=True,
                    capture_output=True, timeout=600)
     assert _report(run) == _report(tmp_path / "full")
@@ -548,15 +595,26 @@ def test_a_checkpoint_that_records_no_config_is_resumed_with_a_warning(tmp_path,
 def test_ctrl_c_names_the_progress_file_of_the_fit_it_stops(tmp_path):
     from types import SimpleNamespace
 
-    for name in ("last", "refit_progress", "class_cv_fold1_progress"):
-        keeper = LastCheckpoint(dirpath=str(tmp_path / "checkpoints"), filename=name)
-        stop = StopOnInterrupt()
-        # several processes: the handler is left alone, what it would name is still found
-        stop.on_train_start(SimpleNamespace(callbacks=[StopOnInterrupt(), keeper], world_size=2), None)
-        assert stop.saves_to == f"{name}.ckpt"
-        assert signal.getsignal(signal.SIGINT) is not stop._stop_after_this_step
-    stop.on_train_start(SimpleNamespace(callbacks=[], world_size=2), None)  # fast_dev_run: none
-    assert stop.saves_to is None
+    def fit(callbacks, world_size):
+        return SimpleNamespace(callbacks=callbacks, world_size=world_size, is_global_zero=True)
+
+    before = signal.signal(signal.SIGTERM, lambda *_: None)  # as Lightning's, during a fit
+    try:
+        for name in ("last", "refit_progress", "class_cv_fold1_progress"):
+            keeper = LastCheckpoint(dirpath=str(tmp_path / "checkpoints"), filename=name)
+            stop = StopOnInterrupt()
+            stop.on_train_start(fit([StopOnInterrupt(), keeper], world_size=2), None)
+            assert stop.saves_to == f"{name}.ckpt"
+            # several processes with a LastCheckpoint, whose SIGTERM handler stops them together
+            assert signal.getsignal(signal.SIGINT) == stop._stop_after_this_step
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        stop.on_train_start(fit([], world_size=2), None)  # fast_dev_run: none
+        assert stop.saves_to is None
+        # several processes that keep no checkpoint: Lightning's Ctrl-C handling is left alone
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGTERM, before)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def test_the_rng_state_of_a_checkpoint_is_set_again_only_before_a_mid_epoch_first_batch():

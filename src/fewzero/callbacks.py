@@ -107,6 +107,13 @@ class LastCheckpoint(ModelCheckpoint):
     that falls on an epoch's last batch comes before that epoch's validation, which the resumed
     run then skips (its score never counts towards `val/acc_best` or the best checkpoint). So
     that batch is left to the epoch-end save. Writes are atomic (temporary file, then moved).
+
+    SIGTERM (a cluster's preemption or time limit, `kill`; Ctrl-C with `StopOnInterrupt`) saves
+    the step it arrived at. Under DDP, Lightning's own handling raises on each process when that
+    process sees the signal, so processes stop at different steps and the save cannot be made
+    together (Lightning issue #20806). Here, under DDP, the signal is only noted; after every
+    optimiser step the processes agree (a one-element all-reduce) and, where any was signalled,
+    all stop after that same step and save it together.
     """
 
     def __init__(self, dirpath: str, every_n_train_steps: int = 0, filename: str = "last"):
@@ -114,6 +121,7 @@ class LastCheckpoint(ModelCheckpoint):
                          enable_version_counter=False,
                          every_n_train_steps=every_n_train_steps or None)
         self._resumed = False
+        self._stop_noted = False
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
@@ -121,6 +129,20 @@ class LastCheckpoint(ModelCheckpoint):
         # replays the end of an epoch that was checkpointed there).
         self._last_global_step_saved = trainer.global_step
         self._resumed = trainer.ckpt_path is not None
+        self._stop_noted = False
+        # Lightning put its SIGTERM handler in place for this fit, and puts back the one before
+        # it when the fit ends; under DDP ours replaces it for the same span
+        if (trainer.world_size > 1 and threading.current_thread() is threading.main_thread()
+                and callable(signal.getsignal(signal.SIGTERM))):  # not on Windows
+            signal.signal(signal.SIGTERM, self._note_stop)
+
+    def _note_stop(self, signum: int, frame: Any) -> None:
+        self._stop_noted = True
+
+    def _stop_agreed(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+        """DDP: whether any process noted a stop signal (every process calls this at each step)."""
+        noted = torch.tensor([float(self._stop_noted)], device=pl_module.device)
+        return bool(trainer.strategy.reduce(noted, reduce_op="sum").item() > 0)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                              batch: Any, batch_idx: int) -> None:
@@ -136,6 +158,14 @@ class LastCheckpoint(ModelCheckpoint):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
+        if trainer.world_size > 1 and self._stop_agreed(trainer, pl_module):
+            if trainer.is_global_zero:
+                log.warning("A stop signal reached %s: every process stops after step %d.",
+                            "the first process" if self._stop_noted else "another process",
+                            trainer.global_step)
+            stop = SIGTERMException()
+            stop.all_processes = True  # type: ignore[attr-defined]
+            raise stop  # on every process at once; on_exception saves this step together
         if batch_idx + 1 < trainer.num_training_batches:
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
@@ -146,8 +176,10 @@ class LastCheckpoint(ModelCheckpoint):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                      exception: BaseException) -> None:
         # SIGTERM (a cluster's preemption or time limit): Lightning stops after the current
-        # batch; save it, so nothing is lost. Single-process only: DDP ranks may already be gone.
-        if (isinstance(exception, SIGTERMException) and trainer.world_size == 1
+        # batch; save it, so nothing is lost. Under DDP only when every process stopped at this
+        # step (the stop agreed above): a save is a collective step.
+        together = trainer.world_size == 1 or getattr(exception, "all_processes", False)
+        if (isinstance(exception, SIGTERMException) and together
                 and not self._should_skip_saving_checkpoint(trainer)):
             self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
 
@@ -264,20 +296,25 @@ class StopOnInterrupt(pl.Callback):
     """Ctrl-C during training stops the run as SIGTERM does: Lightning finishes the current step,
     `LastCheckpoint` saves it, and `fewzero.train` prints the command that resumes. A second
     Ctrl-C stops at once (Lightning's own handling: up to `every_n_train_steps` steps lost).
-    Single-process runs only. Installed when training starts, after Lightning has noted the
-    handlers to restore when the fit ends, so it is gone after the fit."""
+    Under DDP (Ctrl-C reaches every process of the terminal's group) only with a
+    `LastCheckpoint`, whose handler makes the processes stop together. Installed when training
+    starts, after Lightning has noted the handlers to restore when the fit ends, so it is gone
+    after the fit."""
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # the main fit's last.ckpt, class-CV folds' and the refit's own progress files
         self.saves_to = next((f"{c.filename}.ckpt" for c in trainer.callbacks
                               if isinstance(c, LastCheckpoint)), None)
-        if (trainer.world_size == 1 and threading.current_thread() is threading.main_thread()
+        self.says = trainer.is_global_zero  # the message once, not once per process
+        if ((trainer.world_size == 1 or self.saves_to is not None)
+                and threading.current_thread() is threading.main_thread()
                 and signal.getsignal(signal.SIGINT) is signal.default_int_handler
-                and callable(signal.getsignal(signal.SIGTERM))):  # Lightning's (not on Windows)
+                and callable(signal.getsignal(signal.SIGTERM))):  # Lightning's or LastCheckpoint's
             signal.signal(signal.SIGINT, self._stop_after_this_step)
 
     def _stop_after_this_step(self, signum: int, frame: Any) -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        log.warning("Ctrl-C: %s, then stopping (Ctrl-C again stops at once).",
-                    f"saving this step to {self.saves_to}" if self.saves_to else "finishing this step")
-        signal.raise_signal(signal.SIGTERM)  # Lightning's handler: stop after this batch
+        if self.says:
+            log.warning("Ctrl-C: %s, then stopping (Ctrl-C again stops at once).",
+                        f"saving this step to {self.saves_to}" if self.saves_to else "finishing this step")
+        signal.raise_signal(signal.SIGTERM)  # the SIGTERM handler: stop after this batch
