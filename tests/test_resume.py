@@ -373,6 +373,58 @@ def test_ctrl_c_saves_the_current_step_and_prints_the_command_that_resumes(tmp_p
     assert _step(last) == 12 and (run / "metrics.json").is_file()
 
 
+@pytest.mark.slow
+def test_a_multirun_stopped_by_sigterm_prints_the_command_that_finishes_the_sweep(tmp_path):
+    """Job 1 of seeds 0,1,2 stopped mid-fit: the printed command finishes the sweep in its own
+    directory (job 0 tested again, job 1 resumed from its last.ckpt, job 2 started)."""
+    sweep = tmp_path / "sweep"
+    command = [a for a in _command(tmp_path, tmp_path / "unused") if not a.startswith("hydra.run.dir")]
+    command[3:3] = ["-m"]
+    command += ["seed=0,1,2", f"hydra.sweep.dir={sweep}"]
+    log_path = tmp_path / "stopped.log"
+    with log_path.open("w") as log:
+        first = subprocess.Popen(command, stdout=log, stderr=log)
+        deadline = time.monotonic() + 300
+        while not list(sweep.glob("1_*/checkpoints/last.ckpt")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=300) == 128 + signal.SIGTERM
+    output = log_path.read_text()
+    assert not list(sweep.glob("2_*")), "the stop ends the multirun"
+    finish = shlex.split(output.split("Finish it (stopped jobs resume, finished ones are tested again, "
+                                      "the rest start) with:\n", 1)[1].splitlines()[0])
+    assert finish[:4] == [interpreter(), "-m", "fewzero.train", "-m"]
+    assert "seed=0,1,2" in finish and "ckpt_path=auto" in finish and f"hydra.sweep.dir={sweep}" in finish
+    stopped = _step(next(sweep.glob("1_*/checkpoints/last.ckpt")))
+    done = subprocess.run(finish, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "All 3 jobs finished" in done.stdout + done.stderr
+    jobs = sorted(sweep.glob("[0-9]_*"))
+    assert len(jobs) == 3 and all((job / "metrics.json").is_file() for job in jobs)
+    assert f"Restoring states from the checkpoint path at {jobs[1] / 'checkpoints' / 'last.ckpt'}" in (
+        done.stdout + done.stderr)
+    assert 0 < stopped < 12
+    assert _step(jobs[1] / "checkpoints" / "last.ckpt") == 12  # trained to its end
+
+
+def test_the_whole_sweep_command_is_given_for_hydras_basic_sweeper_only(tmp_path):
+    from fewzero.train import sweep_resume_command
+
+    assert sweep_resume_command(tmp_path) is None  # no multirun.yaml
+    for sweeper, expected in (("hydra._internal.core_plugins.basic_sweeper.BasicSweeper", True),
+                              ("hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper", False)):
+        OmegaConf.save({"hydra": {"sweeper": {"_target_": sweeper},
+                                  "overrides": {"task": ["seed=0,1", "ckpt_path=last", "model.x='a b'"]}}},
+                       tmp_path / "multirun.yaml")
+        command = sweep_resume_command(tmp_path)
+        if not expected:  # an Optuna study resumes with its own command
+            assert command is None
+            continue
+        words = shlex.split(command)
+        assert words == [interpreter(), "-m", "fewzero.train", "-m", "seed=0,1", "model.x='a b'",
+                         "ckpt_path=auto", f"hydra.sweep.dir={tmp_path}"]
+
+
 def test_the_resume_command_parses_back_to_the_run_in_hydra(tmp_path):
     from hydra.core.override_parser.overrides_parser import OverridesParser
 

@@ -226,6 +226,24 @@ def resume_command(overrides: list[str] | None, output_dir: Path, ckpt_path: str
     return " ".join(words)
 
 
+def sweep_resume_command(sweep_dir: Path) -> str | None:
+    """The shell command that finishes the multirun in `sweep_dir` (from its multirun.yaml): its
+    command-line overrides with `ckpt_path=auto` in the same sweep directory, so each job finds
+    its own run directory: stopped jobs resume from last.ckpt, finished ones are tested again,
+    the others start. None for a sweep other than Hydra's basic one (an Optuna study is resumed
+    by its own command) or without multirun.yaml."""
+    recorded = sweep_dir / "multirun.yaml"
+    if not recorded.is_file():
+        return None
+    hydra_cfg = OmegaConf.load(recorded).hydra
+    if not str(OmegaConf.select(hydra_cfg, "sweeper._target_", default="")).endswith("BasicSweeper"):
+        return None
+    given = [str(o) for o in hydra_cfg.overrides.task if not str(o).startswith("ckpt_path=")]
+    words = [shlex.quote(interpreter()), "-m", "fewzero.train", "-m", *map(shlex.quote, given),
+             "ckpt_path=auto", shlex.quote(f"hydra.sweep.dir={hydra_quoted(str(sweep_dir))}")]
+    return " ".join(words)
+
+
 def check_resume(cfg: DictConfig, ckpt_path: str, output_dir: Path) -> None:
     """Refuse to resume `ckpt_path` with training settings (TRAINING_KEYS) other than those it
     was trained with, as recorded in it by `fewzero.callbacks.RunRecord`. (`train` then puts
@@ -702,21 +720,27 @@ def optimized_metric(cfg: DictConfig) -> str | None:
 
 
 @rank_zero_only  # DDP: the first process says it once
-def say_how_to_resume(output_dir: Path, overrides: list[str], during: str | None) -> None:
+def say_how_to_resume(output_dir: Path, overrides: list[str], during: str | None,
+                      sweep_dir: Path | None = None) -> None:
     """Log where a stopped run's progress is and the command that resumes it; `during`: the
-    phase after the main fit it stopped in (class cross-validation, the refit), if any."""
+    phase after the main fit it stopped in (class cross-validation, the refit), if any; a job of
+    a multirun in `sweep_dir` also gets the command that finishes the whole sweep."""
     last = output_dir / "checkpoints" / "last.ckpt"
     if not last.is_file():
         log.warning("Stopped before any checkpoint was written to %s: start the run again.",
                     last.parent)
-        return
-    step = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
-    if during:
-        log.warning("Stopped during %s, whose progress is saved in %s as well: the resume "
-                    "goes on from there (finished class cross-validation folds are reused).",
-                    during, last.parent)
-    log.warning("Stopped. %s holds step %d; resume with:\n  %s", last, step,
-                resume_command(run_overrides(output_dir, overrides), output_dir))
+    else:
+        step = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
+        if during:
+            log.warning("Stopped during %s, whose progress is saved in %s as well: the resume "
+                        "goes on from there (finished class cross-validation folds are reused).",
+                        during, last.parent)
+        log.warning("Stopped. %s holds step %d; resume with:\n  %s", last, step,
+                    resume_command(run_overrides(output_dir, overrides), output_dir))
+    whole_sweep = sweep_resume_command(sweep_dir) if sweep_dir is not None else None
+    if whole_sweep:
+        log.warning("The multirun stops here. Finish it (stopped jobs resume, finished ones are "
+                    "tested again, the rest start) with:\n  %s", whole_sweep)
 
 
 @hydra.main(version_base="1.3", config_path="../../configs", config_name="train")
@@ -728,7 +752,10 @@ def main(cfg: DictConfig) -> float | None:
     except SIGTERMException as stop:
         # Lightning stopped after the current batch; callbacks.last_checkpoint saved it, where
         # there is one (not in a fast_dev_run); during class CV or the refit, their own did.
-        say_how_to_resume(Path(cfg.paths.output_dir), overrides, getattr(stop, "stopped_during", None))
+        sweep_dir = (Path(HydraConfig.get().sweep.dir)
+                     if HydraConfig.get().mode == RunMode.MULTIRUN else None)
+        say_how_to_resume(Path(cfg.paths.output_dir), overrides,
+                          getattr(stop, "stopped_during", None), sweep_dir)
         raise SystemExit(128 + signal.SIGTERM) from None
     except Exception:
         if HydraConfig.get().mode != RunMode.MULTIRUN:
