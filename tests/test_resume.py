@@ -413,16 +413,18 @@ def test_the_whole_sweep_command_is_given_for_hydras_basic_sweeper_only(tmp_path
     assert sweep_resume_command(tmp_path) is None  # no multirun.yaml
     for sweeper, expected in (("hydra._internal.core_plugins.basic_sweeper.BasicSweeper", True),
                               ("hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper", False)):
-        OmegaConf.save({"hydra": {"sweeper": {"_target_": sweeper},
-                                  "overrides": {"task": ["seed=0,1", "ckpt_path=last", "model.x='a b'"]}}},
+        overrides = {"hydra": ["hydra.sweep.dir=old", "hydra.mode=MULTIRUN", "hydra/launcher=joblib"],
+                     "task": ["seed=0,1", "ckpt_path=last", "model.x='a b'"]}
+        OmegaConf.save({"hydra": {"sweeper": {"_target_": sweeper}, "overrides": overrides}},
                        tmp_path / "multirun.yaml")
         command = sweep_resume_command(tmp_path)
         if not expected:  # an Optuna study resumes with its own command
             assert command is None
             continue
         words = shlex.split(command)
-        assert words == [interpreter(), "-m", "fewzero.train", "-m", "seed=0,1", "model.x='a b'",
-                         "ckpt_path=auto", f"hydra.sweep.dir={tmp_path}"]
+        # the launcher comes along (a SLURM sweep must not go on locally); the directory is this one
+        assert words == [interpreter(), "-m", "fewzero.train", "-m", "hydra/launcher=joblib", "seed=0,1",
+                         "model.x='a b'", "ckpt_path=auto", f"hydra.sweep.dir={tmp_path}"]
 
 
 def test_the_resume_command_parses_back_to_the_run_in_hydra(tmp_path):

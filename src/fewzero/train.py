@@ -228,17 +228,20 @@ def resume_command(overrides: list[str] | None, output_dir: Path, ckpt_path: str
 
 def sweep_resume_command(sweep_dir: Path) -> str | None:
     """The shell command that finishes the multirun in `sweep_dir` (from its multirun.yaml): its
-    command-line overrides with `ckpt_path=auto` in the same sweep directory, so each job finds
-    its own run directory: stopped jobs resume from last.ckpt, finished ones are tested again,
-    the others start. None for a sweep other than Hydra's basic one (an Optuna study is resumed
-    by its own command) or without multirun.yaml."""
+    command-line overrides (the launcher's included) with `ckpt_path=auto` in the same sweep
+    directory, so each job finds its own run directory: stopped jobs resume from last.ckpt,
+    finished ones are tested again, the others start. None for a sweep other than Hydra's basic
+    one (an Optuna study is resumed by its own command) or without multirun.yaml."""
     recorded = sweep_dir / "multirun.yaml"
     if not recorded.is_file():
         return None
     hydra_cfg = OmegaConf.load(recorded).hydra
     if not str(OmegaConf.select(hydra_cfg, "sweeper._target_", default="")).endswith("BasicSweeper"):
         return None
-    given = [str(o) for o in hydra_cfg.overrides.task if not str(o).startswith("ckpt_path=")]
+    # Hydra records -m as hydra.mode=MULTIRUN; the sweep directory and ckpt_path are set anew
+    replaced = ("hydra.mode=", "hydra.sweep.dir=", "ckpt_path=")
+    given = [str(o) for o in [*hydra_cfg.overrides.hydra, *hydra_cfg.overrides.task]
+             if not str(o).startswith(replaced)]
     words = [shlex.quote(interpreter()), "-m", "fewzero.train", "-m", *map(shlex.quote, given),
              "ckpt_path=auto", shlex.quote(f"hydra.sweep.dir={hydra_quoted(str(sweep_dir))}")]
     return " ".join(words)
