@@ -176,7 +176,7 @@ def test_split_class_with_all_files_missing_is_not_called_unknown(tmp_path: Path
         ZeroShotDataModule(source, features, {"seen": ["Violin", "Accordion"], "unseen": ["Cello"]},
                            tmp_path / "cache"),
     ]
-    for module, key in zip(modules, ["dataset.split.train", "dataset.split"], strict=True):
+    for module, key in zip(modules, ["dataset.split.train", "dataset.split.unseen"], strict=True):
         with pytest.raises(ValueError, match=rf"tinysol instrument\(s\) \['Cello'\] of {key} "
                                              "have no clips") as err:
             module.setup()
@@ -203,16 +203,17 @@ def test_a_misspelt_split_class_is_refused_before_any_audio_is_decoded(
     episodes = {"train": {"n_way": 1, "n_shot": 1, "n_query": 1, "n_episodes": 1}, "val": {
         "n_way": 1, "n_shot": 1, "n_query": 1, "n_episodes": 1}, "test": []}
     features = MelFeatures(clip_seconds=0.5)
-    modules = [
-        FewShotDataModule(source, features, {"train": ["Violin"], "val": ["Accordion"],
-                                             "test": ["violin "]}, episodes, tmp_path / "cache"),
-        ZeroShotDataModule(source, features, {"seen": ["Violin", "Accordion"], "unseen": ["violin "]},
-                           tmp_path / "cache"),
+    modules = [  # with the config list that names it
+        (FewShotDataModule(source, features, {"train": ["Violin"], "val": ["Accordion"],
+                                              "test": ["violin "]}, episodes, tmp_path / "cache"),
+         "dataset.split.test"),
+        (ZeroShotDataModule(source, features, {"seen": ["Violin", "Accordion"], "unseen": ["violin "]},
+                            tmp_path / "cache"), "dataset.split.unseen"),
     ]
-    for module in modules:
+    for module, key in modules:
         for step in (module.prepare_data, module.setup):
             with pytest.raises(ValueError, match=r"Unknown tinysol instrument name\(s\) \['violin '\]"
-                                                 r".*Check the spelling"):
+                                                 rf".*Check the spelling in {key} "):
                 step()
     assert not list((tmp_path / "cache").glob("*.pt"))
     assert not no_network

@@ -157,5 +157,5 @@ def check_split(names: list[str] | tuple[str, ...], available: list[str] | tuple
             f"under {places}, or remove them from {key}."
         )
     check_instruments(names, available, what=f"{source.name} instrument",
-                      hint="Check the spelling in your dataset/split config (names are "
-                           "case-sensitive, e.g. 'Clarinet in Bb', 'Trumpet in C').")
+                      hint=f"Check the spelling in {key} (names are case-sensitive, e.g. "
+                           "'Clarinet in Bb', 'Trumpet in C').")

@@ -198,7 +198,8 @@ class ZeroShotDataModule(StreamPosition, pl.LightningDataModule):
 
     def _check_classes(self, available: list[str]) -> None:
         """Raise when the split lists a class the source has no clips of (before any decoding)."""
-        check_split(self.class_names, available, self.source)
+        for role, names in (("seen", self.seen), ("unseen", self.unseen)):
+            check_split(names, available, self.source, key=f"dataset.split.{role}")
 
     # ---- data preparation -------------------------------------------------------------
     def prepare_data(self) -> None:
