@@ -256,7 +256,8 @@ def test_a_ddp_run_stopped_by_sigterm_then_killed_resumes_to_the_uninterrupted_m
     printed = log_file.read_text()
     stopped_at = _step(last)
     assert 0 < stopped_at < 12
-    assert f"A stop signal reached another process: every process stops after step {stopped_at}." in printed
+    # (on an epoch's last step: "... after step 4 and its epoch's validation.")
+    assert f"A stop signal reached another process: every process stops after step {stopped_at}" in printed
     assert f"last.ckpt holds step {stopped_at}; resume with" in printed
     assert "Traceback" not in printed  # the first process did not lose its peer mid-step
 
@@ -269,6 +270,8 @@ def test_a_ddp_run_stopped_by_sigterm_then_killed_resumes_to_the_uninterrupted_m
     subprocess.run(_command(tmp_path, run) + ddp + ["ckpt_path=last"], check=True,
                    capture_output=True, timeout=600)
     assert _report(run) == _report(tmp_path / "full")
+    # no validation skipped: a stop on an epoch's last step waits for that epoch's validation
+    assert _logged_steps(run, "val/acc") == _logged_steps(tmp_path / "full", "val/acc")
 
 
 def test_resume_from_last_checkpoint_continues_the_step_count_and_the_stream(tmp_path, caplog):
@@ -644,6 +647,34 @@ def test_a_checkpoint_that_records_no_config_is_resumed_with_a_warning(tmp_path,
     with caplog.at_level(logging.WARNING, logger="fewzero.train"):
         check_resume(compose_train_cfg(tmp_path, ["model.optimizer.lr=0.5"]), str(ckpt), tmp_path)
     assert "records no config" in caplog.text and "without checking" in caplog.text
+
+
+def test_a_ddp_stop_comes_after_the_agreed_step_or_after_the_epoch_it_ends(tmp_path):
+    """Mid-epoch: every process raises after the step where the stop was agreed. On an epoch's
+    last step: after that epoch (its validation and saves), as the next one starts."""
+    from types import SimpleNamespace
+
+    module = SimpleNamespace(device=torch.device("cpu"))
+    # another process noted a signal: the all-reduced sum is 1 whatever this one noted
+    strategy = SimpleNamespace(reduce=lambda noted, reduce_op: noted + 1)
+    trainer = SimpleNamespace(world_size=2, num_training_batches=4, is_global_zero=True,
+                              global_step=6, strategy=strategy)
+    keeper = LastCheckpoint(dirpath=str(tmp_path))
+    with pytest.raises(SIGTERMException) as stop:
+        keeper.on_train_batch_end(trainer, module, None, None, batch_idx=1)
+    assert stop.value.all_processes  # on_exception may save: every process is there
+
+    keeper = LastCheckpoint(dirpath=str(tmp_path))
+    keeper.on_train_batch_end(trainer, module, None, None, batch_idx=3)  # the epoch's last step
+    with pytest.raises(SIGTERMException) as stop:
+        keeper.on_train_epoch_start(trainer, module)
+    assert stop.value.all_processes
+
+    alone = SimpleNamespace(reduce=lambda noted, reduce_op: noted)  # nobody was signalled
+    keeper = LastCheckpoint(dirpath=str(tmp_path))
+    keeper.on_train_batch_end(SimpleNamespace(**{**vars(trainer), "strategy": alone}), module,
+                              None, None, batch_idx=3)
+    keeper.on_train_epoch_start(trainer, module)  # goes on
 
 
 def test_ctrl_c_names_the_progress_file_of_the_fit_it_stops(tmp_path):

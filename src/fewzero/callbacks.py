@@ -113,7 +113,9 @@ class LastCheckpoint(ModelCheckpoint):
     process sees the signal, so processes stop at different steps and the save cannot be made
     together (Lightning issue #20806). Here, under DDP, the signal is only noted; after every
     optimiser step the processes agree (a one-element all-reduce) and, where any was signalled,
-    all stop after that same step and save it together.
+    all stop after that same step and save it together. On an epoch's last step they stop once
+    the epoch has ended instead (its validation, its saves), when the next epoch would start: a
+    checkpoint before that validation would have the resumed run skip it.
     """
 
     def __init__(self, dirpath: str, every_n_train_steps: int = 0, filename: str = "last"):
@@ -122,6 +124,7 @@ class LastCheckpoint(ModelCheckpoint):
                          every_n_train_steps=every_n_train_steps or None)
         self._resumed = False
         self._stop_noted = False
+        self._stop_after_epoch = False
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
@@ -129,7 +132,7 @@ class LastCheckpoint(ModelCheckpoint):
         # replays the end of an epoch that was checkpointed there).
         self._last_global_step_saved = trainer.global_step
         self._resumed = trainer.ckpt_path is not None
-        self._stop_noted = False
+        self._stop_noted = self._stop_after_epoch = False
         # Lightning put its SIGTERM handler in place for this fit, and puts back the one before
         # it when the fit ends; under DDP ours replaces it for the same span
         if (trainer.world_size > 1 and threading.current_thread() is threading.main_thread()
@@ -156,18 +159,30 @@ class LastCheckpoint(ModelCheckpoint):
             if trainer.accumulate_grad_batches == 1:
                 loop._batches_that_stepped = loop.batch_progress.total.completed
 
+    def _stop_together(self, trainer: pl.Trainer, after: str) -> None:
+        """Raise SIGTERMException on this process (every process calls this at the same point);
+        `on_exception` then saves the step together."""
+        if trainer.is_global_zero:
+            log.warning("A stop signal reached %s: every process stops after %s.",
+                        "the first process" if self._stop_noted else "another process", after)
+        stop = SIGTERMException()
+        stop.all_processes = True  # type: ignore[attr-defined]
+        raise stop
+
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
-        if trainer.world_size > 1 and self._stop_agreed(trainer, pl_module):
-            if trainer.is_global_zero:
-                log.warning("A stop signal reached %s: every process stops after step %d.",
-                            "the first process" if self._stop_noted else "another process",
-                            trainer.global_step)
-            stop = SIGTERMException()
-            stop.all_processes = True  # type: ignore[attr-defined]
-            raise stop  # on every process at once; on_exception saves this step together
-        if batch_idx + 1 < trainer.num_training_batches:
+        last_of_epoch = batch_idx + 1 >= trainer.num_training_batches
+        if trainer.world_size > 1 and not self._stop_after_epoch and self._stop_agreed(trainer, pl_module):
+            if not last_of_epoch:
+                self._stop_together(trainer, f"step {trainer.global_step}")
+            self._stop_after_epoch = True  # see on_train_epoch_start
+        if not last_of_epoch:
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # a stop agreed on the last step of the epoch before, which has been validated and saved
+        if self._stop_after_epoch:
+            self._stop_together(trainer, f"step {trainer.global_step} and its epoch's validation")
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._should_skip_saving_checkpoint(trainer):
