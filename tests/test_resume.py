@@ -385,8 +385,7 @@ def test_a_multirun_stopped_by_sigterm_prints_the_command_that_finishes_the_swee
     command[3:3] = ["-m"]
     command += ["seed=0,1,2", f"hydra.sweep.dir={sweep}"]
     log_path = tmp_path / "stopped.log"
-    with log_path.open("w") as log:
-        first = subprocess.Popen(command, stdout=log, stderr=log)
+    with log_path.open("w") as log, _process_group(command, log) as first:
         deadline = time.monotonic() + 300
         while not list(sweep.glob("1_*/checkpoints/last.ckpt")) and time.monotonic() < deadline:
             time.sleep(0.05)

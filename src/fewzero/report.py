@@ -31,6 +31,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
+from fewzero.data.sol import fluidsynth_version  # noqa: E402
+
 # the sort key when none is given: the first of these that the runs have. The validation score
 # first, so that the top row is never chosen by the test (runs re-tested alone have only tests)
 DEFAULT_METRICS = ("val/acc_best", "test/5way_5shot_acc", "test/zsl_top1")
@@ -106,8 +108,7 @@ def collect(root: Path, ignore: tuple[str, ...] = ("seed",)) -> tuple[list[Confi
                 group.metrics[key].append(float(value))
         data = report.get("data")
         if data:
-            version = (data.get("fluidsynth") or {}).get("libfluidsynth", "unknown")
-            group.renders[run] = (data["fingerprint"], version)
+            group.renders[run] = (data["fingerprint"], fluidsynth_version(data))
     return list(groups.values()), failed
 
 

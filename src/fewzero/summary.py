@@ -8,6 +8,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from fewzero.data.sol import fluidsynth_version
 from fewzero.models.pitch_prior import SETTINGS, ZSL_SCORES
 
 
@@ -68,8 +69,7 @@ def print_summary(output_dir: Path, report: dict[str, Any]) -> None:
     # overrides may hold `tags=[bold]`, which rich would swallow as a style).
     data = report.get("data")
     if data:
-        rendered_with = (data.get("fluidsynth") or {}).get("libfluidsynth", "unknown")
-        console.print(f"{'data':<14}: {data['dir']} (FluidSynth {rendered_with})",
+        console.print(f"{'data':<14}: {data['dir']} (FluidSynth {fluidsynth_version(data)})",
                       markup=False, soft_wrap=True)
     for label, text in (("run directory", output_dir), ("metrics", output_dir / "metrics.json"),
                         ("plots", output_dir / "plots"), ("checkpoint", report.get("checkpoint") or "-"),

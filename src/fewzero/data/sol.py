@@ -249,6 +249,12 @@ def _import_fluidsynth() -> ModuleType:
     return fluidsynth
 
 
+def fluidsynth_version(provenance: Mapping[str, Any] | None) -> str:
+    """The libfluidsynth version that `RenderedSOL.provenance()` (metrics.json's `data`) names;
+    "unknown" where the render's manifest was gone."""
+    return ((provenance or {}).get("fluidsynth") or {}).get("libfluidsynth", "unknown")
+
+
 def _fluidsynth_versions(fluidsynth: ModuleType) -> dict[str, str]:
     """Versions of libfluidsynth and of the pyfluidsynth binding."""
     major, minor, micro = ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
@@ -595,9 +601,8 @@ class RenderedSOL:
         table's classes whose notes were all silent (dropped) in `silent_classes`."""
         rows = self._rows()
         if rows is not None:
-            rendered_with = self.provenance()["fluidsynth"] or {}
             log.info("Reusing rendered SOL at %s (rendered with FluidSynth %s)", self.dataset_dir,
-                     rendered_with.get("libfluidsynth", "of unknown version"))
+                     fluidsynth_version(self.provenance()))
         else:
             self._render()
             rows = self._rows() or []
