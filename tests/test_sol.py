@@ -176,6 +176,23 @@ def test_provenance_names_the_render_and_the_fluidsynth_that_made_it(
 
 
 @needs_fluidsynth
+def test_reusing_a_render_made_by_another_fluidsynth_warns_and_names_the_fix(
+        rendered: RenderedSOL, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    made_by = rendered.provenance()["fluidsynth"]["libfluidsynth"]
+    for installed, warns in ((made_by, False), (None, False), ("9.9.9", True)):
+        monkeypatch.setattr(sol, "installed_fluidsynth_version", lambda v=installed: v)
+        caplog.clear()
+        with caplog.at_level("INFO", logger=sol.__name__):
+            _source(rendered.root).prepare()
+        warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert len(warnings) == warns, (installed, warnings)
+    assert (f"Rendered SOL at {rendered.dataset_dir} was made by FluidSynth {made_by}, but "
+            "FluidSynth 9.9.9 is installed" in warnings[0])
+    assert "dataset.source.root=<another folder>" in warnings[0]
+
+
+@needs_fluidsynth
 def test_changed_config_renders_into_new_folder(rendered: RenderedSOL) -> None:
     changed = _source(rendered.root, seed=1)
     assert changed.fingerprint() != rendered.fingerprint()

@@ -255,6 +255,15 @@ def fluidsynth_version(provenance: Mapping[str, Any] | None) -> str:
     return ((provenance or {}).get("fluidsynth") or {}).get("libfluidsynth", "unknown")
 
 
+def installed_fluidsynth_version() -> str | None:
+    """The libfluidsynth this machine would render with, or None where it cannot be loaded
+    (a render copied from another host is still usable without it)."""
+    try:
+        return _fluidsynth_versions(_import_fluidsynth())["libfluidsynth"]
+    except ImportError:
+        return None
+
+
 def _fluidsynth_versions(fluidsynth: ModuleType) -> dict[str, str]:
     """Versions of libfluidsynth and of the pyfluidsynth binding."""
     major, minor, micro = ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
@@ -601,8 +610,18 @@ class RenderedSOL:
         table's classes whose notes were all silent (dropped) in `silent_classes`."""
         rows = self._rows()
         if rows is not None:
+            rendered_with = fluidsynth_version(self.provenance())
             log.info("Reusing rendered SOL at %s (rendered with FluidSynth %s)", self.dataset_dir,
-                     fluidsynth_version(self.provenance()))
+                     rendered_with)
+            installed = installed_fluidsynth_version()
+            if installed is not None and rendered_with not in ("unknown", installed):
+                log.warning(
+                    "Rendered SOL at %s was made by FluidSynth %s, but FluidSynth %s is "
+                    "installed. Versions can render different audio from one config (2.2.5 and "
+                    "2.3.x do), so this run's data are that render, not what a render here would "
+                    "give. To render with FluidSynth %s, move that folder aside or set "
+                    "dataset.source.root=<another folder>.",
+                    self.dataset_dir, rendered_with, installed, installed)
         else:
             self._render()
             rows = self._rows() or []
