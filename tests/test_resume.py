@@ -49,6 +49,18 @@ class _Sigterm(pl.Callback):
             os.kill(os.getpid(), signal.SIGTERM)  # Lightning's handler takes it
 
 
+class _SigtermInLastValidation(pl.Callback):
+    """Sends the process of rank `rank` a real SIGTERM as the fit's last validation starts."""
+
+    def __init__(self, rank: int):
+        self.rank = rank
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        if (trainer.global_rank == self.rank and batch_idx == 0 and not trainer.sanity_checking
+                and trainer.global_step == trainer.max_steps):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
 class _Saves(LastCheckpoint):
     """LastCheckpoint that records (global step, validations run so far) at every write."""
 
@@ -272,6 +284,30 @@ def test_a_ddp_run_stopped_by_sigterm_then_killed_resumes_to_the_uninterrupted_m
     assert _report(run) == _report(tmp_path / "full")
     # no validation skipped: a stop on an epoch's last step waits for that epoch's validation
     assert _logged_steps(run, "val/acc") == _logged_steps(tmp_path / "full", "val/acc")
+
+
+@pytest.mark.slow
+def test_a_ddp_run_signalled_during_its_last_validation_stops_before_its_test(tmp_path):
+    """The fit's last validation, after the last step's agreement: the stop is agreed as the
+    fit ends, so the run does not go on to its test as if no signal had come; the resume tests."""
+    ddp = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
+    run = tmp_path / "run"
+    signal_it = ["+callbacks.sigterm_in_validation._target_=test_resume._SigtermInLastValidation",
+                 "+callbacks.sigterm_in_validation.rank=1"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    stopped = subprocess.run(_command(tmp_path, run) + ddp + signal_it, capture_output=True,
+                             text=True, timeout=600, env=env)
+    printed = stopped.stdout + stopped.stderr
+    assert stopped.returncode == 128 + signal.SIGTERM, printed[-3000:]
+    assert ("A stop signal reached another process: every process stops after step 12, the end "
+            "of the fit." in printed)
+    assert "last.ckpt holds step 12; resume with" in printed and "Traceback" not in printed
+    assert not (run / "metrics.json").exists()  # not tested
+    assert _step(run / "checkpoints" / "last.ckpt") == 12
+    subprocess.run(_command(tmp_path, run) + ddp + ["ckpt_path=last"], check=True,
+                   capture_output=True, timeout=600)
+    assert _report(run)["test_episodes"]  # the resume trains no more, and tests
 
 
 def test_resume_from_last_checkpoint_continues_the_step_count_and_the_stream(tmp_path, caplog):
@@ -650,7 +686,8 @@ def test_a_checkpoint_that_records_no_config_is_resumed_with_a_warning(tmp_path,
 
 def test_a_ddp_stop_comes_after_the_agreed_step_or_after_the_epoch_it_ends(tmp_path):
     """Mid-epoch: every process raises after the step where the stop was agreed. On an epoch's
-    last step: after that epoch (its validation and saves), as the next one starts."""
+    last step: after that epoch (its validation and saves), as the next one starts. On the fit's
+    last step or during its last validation: as the fit ends."""
     from types import SimpleNamespace
 
     module = SimpleNamespace(device=torch.device("cpu"))
@@ -670,10 +707,21 @@ def test_a_ddp_stop_comes_after_the_agreed_step_or_after_the_epoch_it_ends(tmp_p
     assert stop.value.all_processes
 
     alone = SimpleNamespace(reduce=lambda noted, reduce_op: noted)  # nobody was signalled
+    unsignalled = SimpleNamespace(**{**vars(trainer), "strategy": alone})
     keeper = LastCheckpoint(dirpath=str(tmp_path))
-    keeper.on_train_batch_end(SimpleNamespace(**{**vars(trainer), "strategy": alone}), module,
-                              None, None, batch_idx=3)
+    keeper.on_train_batch_end(unsignalled, module, None, None, batch_idx=3)
     keeper.on_train_epoch_start(trainer, module)  # goes on
+    keeper.on_train_end(unsignalled, module)  # the fit ends: what follows it runs
+
+    # the fit's last step, or a signal during its last validation: stop as the fit ends, not
+    # in the test, class cross-validation or refit that would follow
+    for last_step in (True, False):
+        keeper = LastCheckpoint(dirpath=str(tmp_path))
+        if last_step:
+            keeper.on_train_batch_end(trainer, module, None, None, batch_idx=3)
+        with pytest.raises(SIGTERMException) as stop:
+            keeper.on_train_end(trainer, module)
+        assert stop.value.all_processes
 
 
 def test_ctrl_c_names_the_progress_file_of_the_fit_it_stops(tmp_path):

@@ -115,7 +115,9 @@ class LastCheckpoint(ModelCheckpoint):
     optimiser step the processes agree (a one-element all-reduce) and, where any was signalled,
     all stop after that same step and save it together. On an epoch's last step they stop once
     the epoch has ended instead (its validation, its saves), when the next epoch would start: a
-    checkpoint before that validation would have the resumed run skip it.
+    checkpoint before that validation would have the resumed run skip it. A signal during a
+    validation is acted on after the next step, or, after the fit's last validation, when the
+    fit ends (before the test, class cross-validation or the refit that would follow).
     """
 
     def __init__(self, dirpath: str, every_n_train_steps: int = 0, filename: str = "last"):
@@ -183,6 +185,14 @@ class LastCheckpoint(ModelCheckpoint):
         # a stop agreed on the last step of the epoch before, which has been validated and saved
         if self._stop_after_epoch:
             self._stop_together(trainer, f"step {trainer.global_step} and its epoch's validation")
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        # a stop agreed on the fit's last step, or noted during its last validation (after the
+        # last agreement): stop here, together, rather than go on to what follows the fit (its
+        # test; class cross-validation and the refit) as if no signal had come
+        if trainer.world_size > 1 and (self._stop_after_epoch or self._stop_agreed(trainer, pl_module)):
+            self._stop_together(trainer, f"step {trainer.global_step}, the end of the fit")
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._should_skip_saving_checkpoint(trainer):
