@@ -167,7 +167,10 @@ def test_provenance_names_the_render_and_the_fluidsynth_that_made_it(
     assert provenance == {"dir": str(rendered.dataset_dir), "fingerprint": rendered.fingerprint(),
                           "fluidsynth": manifest["fluidsynth"]}
     with caplog.at_level("INFO", logger=sol.__name__):
-        _source(rendered.root).prepare()  # reused: the log says which FluidSynth rendered it
+        again = _source(rendered.root)
+        for _ in range(3):  # as a datamodule's prepare_data and setup per stage do
+            again.prepare()  # reused: the log says which FluidSynth rendered it, once
+    assert caplog.text.count("Reusing rendered SOL") == 1
     version = manifest["fluidsynth"]["libfluidsynth"]
     assert (f"Reusing rendered SOL at {rendered.dataset_dir} (rendered with FluidSynth {version})"
             in caplog.text)
@@ -193,10 +196,14 @@ def test_reusing_a_render_made_by_another_fluidsynth_warns_and_names_the_fix(
 
 
 @needs_fluidsynth
-def test_changed_config_renders_into_new_folder(rendered: RenderedSOL) -> None:
+def test_changed_config_renders_into_new_folder(rendered: RenderedSOL,
+                                               caplog: pytest.LogCaptureFixture) -> None:
     changed = _source(rendered.root, seed=1)
     assert changed.fingerprint() != rendered.fingerprint()
-    changed.prepare()
+    with caplog.at_level("INFO", logger=sol.__name__):
+        changed.prepare()
+        changed.prepare()  # the next stage: the render it just made is not announced as reused
+    assert "Rendered" in caplog.text and "Reusing" not in caplog.text
     assert changed.dataset_dir != rendered.dataset_dir
     assert (changed.dataset_dir / "manifest.json").is_file()
     assert (rendered.dataset_dir / "manifest.json").is_file()

@@ -556,3 +556,25 @@ def test_stage_timer_bills_training_steps_but_not_the_validation_between_them(mo
     assert timer.results["test_seconds"] == pytest.approx(4.0)
     assert logged == [{"time/train_steps_per_s": pytest.approx(2 / 3)},
                       {"time/test_seconds": pytest.approx(4.0)}]
+
+
+def test_the_progress_bar_names_the_last_epoch_of_a_run_measured_in_steps(tmp_path):
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import RichProgressBar
+    from pytorch_lightning.demos.boring_classes import BoringModel
+
+    from fewzero.callbacks import EpochProgressBar
+
+    def description(bar, **length):
+        trainer = pl.Trainer(callbacks=[bar], limit_train_batches=4, limit_val_batches=0,
+                             logger=False, enable_checkpointing=False, default_root_dir=tmp_path,
+                             enable_model_summary=False, **length)
+        trainer.fit(BoringModel())
+        return bar._get_train_description(1).strip()
+
+    # 10 steps of 4 a epoch end in epoch 2 (0-based), where Lightning's own bar says -2
+    assert description(RichProgressBar(), max_steps=10, max_epochs=-1) == "Epoch 1/-2"
+    assert description(EpochProgressBar(), max_steps=10, max_epochs=-1) == "Epoch 1/2"
+    assert description(EpochProgressBar(), max_steps=8, max_epochs=-1) == "Epoch 1/1"
+    assert description(EpochProgressBar(), max_steps=-1, max_epochs=3) == "Epoch 1/2"
+    assert description(EpochProgressBar(), max_steps=40, max_epochs=2) == "Epoch 1/1"  # the first bound

@@ -5,6 +5,7 @@ Ctrl-C as a clean stop."""
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import signal
 import threading
@@ -15,7 +16,7 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from fewzero.data.clips import replace_atomically
@@ -97,6 +98,31 @@ class StepSeed(pl.Callback):
                              batch: Any, batch_idx: int) -> None:
         if self.seed is not None:
             torch.manual_seed(step_seed(self.seed, trainer.global_step, trainer.global_rank))
+
+
+class EpochProgressBar(RichProgressBar):
+    """Lightning's rich progress bar, whose training line names the last epoch of a run whose
+    length is `trainer.max_steps`: "Epoch 1/3", where Lightning's reads "Epoch 1/-2" (it prints
+    max_epochs - 1, and max_epochs is -1 here)."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        last = last_epoch(self.trainer)
+        text = f"Epoch {current_epoch}" + (f"/{last}" if last is not None else "")
+        # as Lightning pads it: "Epoch N" and "Validation" in one column, without flicker
+        return f"{text:{len(self.validation_description)}}"
+
+
+def last_epoch(trainer: pl.Trainer) -> int | None:
+    """The 0-based epoch in which the fit ends: by max_epochs, or the epoch in which max_steps
+    falls (max_epochs -1 or None); None when neither bounds it or the epoch length is unknown."""
+    ends = []
+    if trainer.max_epochs is not None and trainer.max_epochs >= 0:
+        ends.append(trainer.max_epochs - 1)
+    batches = trainer.num_training_batches
+    if trainer.max_steps > 0 and 0 < batches < math.inf:
+        steps_per_epoch = math.ceil(batches / trainer.accumulate_grad_batches)
+        ends.append(math.ceil(trainer.max_steps / steps_per_epoch) - 1)
+    return min(ends) if ends else None
 
 
 class LastCheckpoint(ModelCheckpoint):

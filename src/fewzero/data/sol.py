@@ -537,6 +537,7 @@ class RenderedSOL:
         if self.n_folds < 1:
             raise ValueError(f"n_folds={self.n_folds}: need at least one fold.")
         self.silent_classes: list[str] = []  # classes of the table without an audible note
+        self._origin_told = False  # prepare() runs per stage: say once where the audio is from
 
     def __repr__(self) -> str:
         return (f"RenderedSOL(root={str(self.root)!r}, {len(self.instruments)} instruments, "
@@ -609,7 +610,7 @@ class RenderedSOL:
         """Render the dataset unless a complete render of this config already exists; note the
         table's classes whose notes were all silent (dropped) in `silent_classes`."""
         rows = self._rows()
-        if rows is not None:
+        if rows is not None and not self._origin_told:
             rendered_with = fluidsynth_version(self.provenance())
             log.info("Reusing rendered SOL at %s (rendered with FluidSynth %s)", self.dataset_dir,
                      rendered_with)
@@ -622,9 +623,10 @@ class RenderedSOL:
                     "give. To render with FluidSynth %s, move that folder aside or set "
                     "dataset.source.root=<another folder>.",
                     self.dataset_dir, rendered_with, installed, installed)
-        else:
-            self._render()
+        elif rows is None:
+            self._render()  # says so
             rows = self._rows() or []
+        self._origin_told = True
         kept = {row["instrument"] for row in rows}
         self.silent_classes = [i.name for i in self.instruments if i.name not in kept]
 
