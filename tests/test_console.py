@@ -80,6 +80,7 @@ def test_a_zero_shot_run_with_class_cv_and_refit_prints_its_device_once_and_no_l
     assert "Class cross-validation fold 2" in printed  # the follow-up trainers did run
     assert (tmp_path / "run" / "checkpoints" / "refit_trainval.ckpt").is_file()
     assert printed.count("GPU available") == 1
+    assert printed.count("Total params") == 1  # the model's summary: by the main fit only
     assert "exists and is not empty" not in printed
     assert "litlogger" not in printed
     assert "LeafSpec" not in printed

@@ -412,6 +412,10 @@ def resumable_fit(cfg: DictConfig, model: pl.LightningModule, datamodule: Any, o
         own.append(LastCheckpoint(dirpath=str(checkpoints), every_n_train_steps=every, filename=name))
     if nodes.get("stop_on_interrupt"):  # Ctrl-C stops as SIGTERM does; main prints the command
         own.append(hydra.utils.instantiate(nodes.stop_on_interrupt))
+    if nodes.get("progress_bar"):  # the run's own bar (else Lightning would add its default)
+        own.append(hydra.utils.instantiate(nodes.progress_bar))
+    # the model's summary was printed by the main fit: the same network, trained again
+    trainer_settings.setdefault("enable_model_summary", False)
     with follow_up_trainer():
         # without a checkpoint callback of ours, Lightning would add its own
         trainer = hydra.utils.instantiate(cfg.trainer, callbacks=[*callbacks, *own], logger=False,
