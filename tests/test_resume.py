@@ -310,6 +310,30 @@ def test_a_ddp_run_signalled_during_its_last_validation_stops_before_its_test(tm
     assert _report(run)["test_episodes"]  # the resume trains no more, and tests
 
 
+def test_a_run_resumed_after_its_last_validation_reports_that_validation(tmp_path):
+    """Validations at steps 4 and 8 of 10 (a max_steps run ends mid-epoch, unvalidated); stopped
+    at step 9 and resumed, the run validates no more, yet val/acc_best, val/acc and what a
+    sweeper optimises (`main`'s return) must be the uninterrupted run's, in metrics.json and in
+    the checkpoints a later resume reads."""
+    settings = [*SHORT_EPOCHS, "trainer.max_steps=10"]
+    full, _ = train(compose_train_cfg(tmp_path / "full", settings), overrides=settings)
+    assert {"val/acc_best", "val/acc"} <= set(full)
+    stopped = compose_train_cfg(tmp_path / "stopped", settings)
+    with open_dict(stopped):
+        stopped.callbacks.sigterm = {"_target_": "test_resume._Sigterm", "at_step": 8}
+    with pytest.raises(SystemExit):
+        train(stopped, overrides=settings)
+    run = Path(stopped.paths.output_dir)
+    assert _step(run / "checkpoints" / "last.ckpt") == 9
+    resumed, _ = train(compose_train_cfg(tmp_path / "stopped", [*settings, "ckpt_path=last"]))
+    assert _report(run) == _report(tmp_path / "full" / "run")
+    paths = {"test/checkpoint"}  # each run's own
+    assert {k: v for k, v in resumed.items() if k not in paths} == {
+        k: v for k, v in full.items() if k not in paths}
+    saved = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["fit_metrics"]
+    assert saved["val/acc_best"] == full["val/acc_best"]
+
+
 def test_resume_from_last_checkpoint_continues_the_step_count_and_the_stream(tmp_path, caplog):
     settings = ["trainer.max_steps=6", "test=false"]
     first = compose_train_cfg(tmp_path, settings)

@@ -563,14 +563,16 @@ def refit_on_trainval(cfg: DictConfig, datamodule: Any, trainer: pl.Trainer, out
 
 
 def fit_metrics(trainer: pl.Trainer, resumed: str | None) -> dict[str, float]:
-    """The fit's train/ and val/ metrics as logged; when the resumed checkpoint was already at
-    the end (a run killed during class cross-validation or the refit), the fit returns without
-    logging any, and they are those saved in that checkpoint (`ResumableModule`)."""
+    """The fit's train/ and val/ metrics as logged, over those saved in the resumed checkpoint
+    (`ResumableModule`): a resumed fit logs only what it ran. From a checkpoint at the end (a
+    run killed during class cross-validation or the refit) it logs nothing; after the fit's
+    last validation, no val/ metric."""
     logged = {k: _metric(v) for k, v in trainer.callback_metrics.items()
               if k.startswith(("train/", "val/"))}
-    if logged or resumed is None:
+    if resumed is None:
         return logged
-    return dict(torch.load(resumed, map_location="cpu", weights_only=False).get("fit_metrics", {}))
+    saved = torch.load(resumed, map_location="cpu", weights_only=False).get("fit_metrics", {})
+    return {**saved, **logged}
 
 
 def as_trained(datamodule: Any, ckpt_path: str) -> Any:

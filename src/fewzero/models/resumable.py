@@ -30,6 +30,7 @@ class ResumableModule(pl.LightningModule):
 
     def __init__(self) -> None:
         super().__init__()
+        self._fit_metrics_resumed: dict[str, float] = {}  # those of the checkpoint resumed from
         self.train_acc = MeanMetric()
         self.train_acc.persistent(True)
         self.val_acc_best = MaxMetric()
@@ -53,16 +54,19 @@ class ResumableModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # what fewzero.train reports of the fit, for a resume from a checkpoint at max_steps
-        # (its fit returns without logging anything): `fit_metrics`
+        # what fewzero.train reports of the fit, for a resume whose fit logs less than the
+        # uninterrupted one: from a checkpoint at max_steps, nothing; after the last
+        # validation, no val/ metric. Those of the checkpoint resumed from carry on.
         metrics = self.trainer.callback_metrics if self._trainer is not None else {}
-        checkpoint["fit_metrics"] = {k: float(v) for k, v in metrics.items()
-                                     if k.startswith(("train/", "val/")) and v.numel() == 1}
+        checkpoint["fit_metrics"] = {**self._fit_metrics_resumed, **{
+            k: float(v) for k, v in metrics.items()
+            if k.startswith(("train/", "val/")) and v.numel() == 1}}
         checkpoint["rng_state"] = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             checkpoint["rng_state"]["cuda"] = torch.cuda.get_rng_state_all()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._fit_metrics_resumed = dict(checkpoint.get("fit_metrics", {}))
         # checkpoints from before the metric states were saved load with fresh ones
         for key, value in self.state_dict().items():
             if key.startswith(("train_acc.", "val_acc_best.")):
