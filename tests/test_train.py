@@ -123,6 +123,17 @@ def test_missing_checkpoint_says_how_to_resume(tmp_path):
         train(cfg)
 
 
+def test_a_run_that_ends_before_its_first_validation_says_why_no_checkpoint_was_chosen(tmp_path, caplog):
+    """trainer.max_steps shorter than one epoch: no validation ran, so the test uses the last
+    weights, and the warning names the epoch length and max_steps (the fix)."""
+    cfg = compose_train_cfg(tmp_path, ["trainer.max_steps=1", "dataset.episodes.train.n_episodes=3"])
+    caplog.set_level("WARNING")
+    metrics, _ = train(cfg)
+    assert "val/acc_best" not in metrics and metrics["test/checkpoint"] == ""
+    assert "no validation ran" in caplog.text and "trainer.max_steps=1" in caplog.text
+    assert "dataset.episodes.train.n_episodes" in caplog.text
+
+
 def test_training_episodes_never_contain_validation_or_test_classes(tmp_path):
     cfg = compose_train_cfg(tmp_path, ["dataset.episodes.train.n_episodes=40"])
     dm = hydra.utils.instantiate(cfg.dataset)

@@ -681,7 +681,17 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> tuple[dict[str
             best = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir) or ""
             datamodule = as_trained(datamodule, best)
         if not best:
-            log.warning("No best checkpoint found: testing the current weights.")
+            monitor = getattr(trainer.checkpoint_callback, "monitor", None)
+            if cfg.get("train", True) and monitor and monitor not in trainer.callback_metrics:
+                # e.g. trainer.max_steps=200 with the default 250-step few-shot epoch
+                log.warning("No best checkpoint found: no validation ran (it follows each training "
+                            "epoch, and trainer.max_steps=%s ended training within the first: "
+                            "dataset.episodes.train.n_episodes steps for few-shot, "
+                            "dataset.steps_per_epoch for zero-shot). Testing the current weights; "
+                            "to select a checkpoint on validation, shorten the epoch or raise "
+                            "trainer.max_steps.", cfg.trainer.get("max_steps"))
+            else:
+                log.warning("No best checkpoint found: testing the current weights.")
         with warnings.catch_warnings():  # test alone: the checkpoint callbacks left out above
             warnings.filterwarnings("ignore", message="Be aware that when using `ckpt_path`")
             trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
