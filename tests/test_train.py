@@ -132,6 +132,25 @@ def test_a_run_that_ends_before_its_first_validation_says_why_no_checkpoint_was_
     assert "val/acc_best" not in metrics and metrics["test/checkpoint"] == ""
     assert "no validation ran" in caplog.text and "trainer.max_steps=1" in caplog.text
     assert "dataset.episodes.train.n_episodes" in caplog.text
+    # and as the fit started, before the time was spent
+    assert ("trainer.max_steps=1 ends 1 step(s) into an epoch of 3, and validation follows each "
+            "epoch: no step is ever validated, and the test takes the last weights" in caplog.text)
+
+
+def test_a_run_whose_last_steps_fall_between_validations_says_so_as_it_starts(tmp_path, caplog):
+    """Epochs of 4 steps, each followed by validation: 5 or 7 steps leave the end unvalidated."""
+    caplog.set_level("WARNING")
+    said = {5: "step 5 is never validated", 7: "steps 5-7 are never validated", 8: None}
+    for max_steps, expected in said.items():
+        caplog.clear()
+        train(compose_train_cfg(tmp_path / str(max_steps), [
+            f"trainer.max_steps={max_steps}", "dataset.episodes.train.n_episodes=4", "test=false"]))
+        warned = [r.getMessage() for r in caplog.records if "never validated" in r.getMessage()]
+        if expected is None:  # two whole epochs: the last step is validated
+            assert warned == []
+        else:
+            assert len(warned) == 1 and f"{expected}, and the test takes the best validated step" in warned[0]
+            assert "make trainer.max_steps a multiple of 4" in warned[0]
 
 
 def test_training_episodes_never_contain_validation_or_test_classes(tmp_path):

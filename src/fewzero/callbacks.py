@@ -244,7 +244,28 @@ class BestCheckpoint(ModelCheckpoint):
     checkpoint than the uninterrupted run. Here the best files so far are copied into this run's
     `dirpath` with their scores, so the choice goes on as if never interrupted, and the other
     run's files are never deleted when a better checkpoint replaces them.
+
+    Validation follows each training epoch, so a `trainer.max_steps` that ends within an epoch
+    leaves its last steps unvalidated: it says so as the fit starts, before the time is spent.
     """
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        batches = trainer.num_training_batches
+        if trainer.max_steps <= 0 or not 0 < batches < math.inf:
+            return
+        epoch = math.ceil(batches / trainer.accumulate_grad_batches)  # optimiser steps
+        tail = trainer.max_steps % epoch
+        if tail and trainer.is_global_zero and (trainer.max_epochs is None or trainer.max_epochs < 0):
+            first = trainer.max_steps - tail + 1
+            unvalidated = (f"step {first} is" if tail == 1 else f"steps {first}-{trainer.max_steps} are")
+            outcome = (f"{unvalidated} never validated, and the test takes the best validated step"
+                       if first > 1 else "no step is ever validated, and the test takes the last weights")
+            log.warning("trainer.max_steps=%d ends %d step(s) into an epoch of %d, and validation "
+                        "follows each epoch: %s. To validate the end, make trainer.max_steps a "
+                        "multiple of %d or change the epoch's length "
+                        "(dataset.episodes.train.n_episodes for few-shot, dataset.steps_per_epoch "
+                        "for zero-shot).", trainer.max_steps, tail, epoch, outcome, epoch)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         before = state_dict.get("dirpath", self.dirpath)
