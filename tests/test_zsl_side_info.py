@@ -91,9 +91,10 @@ def test_a_word_missing_from_the_vocabulary_is_a_clear_error(tmp_path):
     assert "or use a vectors file that contains them (side_info.path=<path>)" in str(err.value)
 
 
-def test_a_class_without_words_names_the_valid_classes(tmp_path):
+def test_a_class_without_words_is_named_as_missing_from_the_table_not_as_unknown(tmp_path):
     source = GloveVectors({"Violin": ["violin"]}, dim=4, path=str(_write_glove(tmp_path / "g.txt")))
-    with pytest.raises(ValueError, match=r"Unknown side_info.words class name\(s\) \['Oboe'\]"):
+    with pytest.raises(ValueError, match=r"side_info.words has no entry for the class\(es\) \['Oboe'\] "
+                                         r"of the split; it has entries for \['Violin'\]"):
         source.vectors(["Oboe"])
 
 
@@ -106,7 +107,7 @@ def test_a_class_without_words_names_the_valid_classes(tmp_path):
 ])
 def test_a_class_missing_from_the_side_information_names_that_fix(make, fix):
     """Not the dataset/split spelling hint: the class is in the split but lacks side information."""
-    with pytest.raises(ValueError, match=r"class name\(s\) \['Oboe'\]") as err:
+    with pytest.raises(ValueError, match=r"has no entry for the class\(es\) \['Oboe'\] of the split") as err:
         make().vectors(["Violin", "Oboe"])
     assert fix in str(err.value) and "or remove the class from dataset.split" in str(err.value)
     assert "spelling" not in str(err.value)
@@ -573,7 +574,7 @@ def test_sentence_vectors_follow_the_order_of_the_requested_classes(monkeypatch)
                                 normalize=False)
     vectors = source.compute(["Violin", "Bass Tuba", "Viola"])
     assert [float(v) for v in vectors] == [1.0, 12.0, 4.0]
-    with pytest.raises(ValueError, match=r"side_info.descriptions class.*Add a description for each"):
+    with pytest.raises(ValueError, match=r"side_info.descriptions has no entry.*Add a description for each"):
         source.compute(["Violin", "Oboe"])
 
 

@@ -7,7 +7,7 @@ import hashlib
 import json
 import os
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -118,6 +118,16 @@ def check_instruments(requested: list[str] | tuple[str, ...], available: list[st
         raise ValueError(
             f"Unknown {what} name(s) {unknown}. Valid names are: {sorted(available)}. {hint}"
         )
+
+
+def check_covered(class_names: Sequence[str], entries: Sequence[str], what: str, *, hint: str) -> None:
+    """Raise a ValueError naming every class (of the split) that the config table `what` has no
+    entry for, the classes it covers and `hint` (the fix). The class name is valid; the table
+    lacks it."""
+    missing = [name for name in class_names if name not in entries]
+    if missing:
+        raise ValueError(f"{what} has no entry for the class(es) {missing} of the split; it has "
+                         f"entries for {sorted(entries)}. {hint}")
 
 
 def check_listed_once(names: list[str] | tuple[str, ...], key: str) -> None:

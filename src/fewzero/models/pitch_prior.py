@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fewzero.data.clips import check_instruments
+from fewzero.data.clips import check_covered
 from fewzero.data.features import MelFeatures, midi_to_hz
 
 
@@ -299,7 +299,7 @@ class PitchRangePrior(nn.Module):
 
         Raises a ValueError naming the classes that have no range in the table.
         """
-        check_instruments(class_names, list(self.ranges), what="pitch_prior.table class with a range",
+        check_covered(class_names, list(self.ranges), what="The range table of model.pitch_prior",
                           hint="Give each a row with range_low and range_high (MIDI) in the table "
                                "model.pitch_prior.table points to (e.g. side_info.table), or "
                                "remove the class from dataset.split.")

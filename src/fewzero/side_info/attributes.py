@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from fewzero.data.clips import check_instruments
+from fewzero.data.clips import check_covered
 from fewzero.side_info.base import SideInformation
 
 
@@ -112,7 +112,7 @@ class AttributeTable(SideInformation):
                 f"the values only one class uses, {once}.") if once else ""
 
     def compute(self, class_names: Sequence[str]) -> list[torch.Tensor]:
-        check_instruments(class_names, list(self.table), what="side_info.table class",
+        check_covered(class_names, list(self.table), what="side_info.table",
                           hint="Add a row for each to side_info.table (a value for every "
                                "categorical and numeric attribute), or remove the class from "
                                "dataset.split.")

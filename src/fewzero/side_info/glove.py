@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fewzero.data.clips import check_instruments, file_digest
+from fewzero.data.clips import check_covered, file_digest
 from fewzero.side_info.base import SideInformation
 
 
@@ -88,7 +88,7 @@ class GloveVectors(SideInformation):
                 "md5": file_digest(self.path) if Path(self.path).is_file() else None}
 
     def compute(self, class_names: Sequence[str]) -> list[torch.Tensor]:
-        check_instruments(class_names, list(self.words), what="side_info.words class",
+        check_covered(class_names, list(self.words), what="side_info.words",
                           hint="Add an entry for each to side_info.words (class name -> lowercase "
                                "words, e.g. 'French Horn': [french, horn]), or remove the class "
                                "from dataset.split.")

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from fewzero.data.clips import check_instruments, file_digest
+from fewzero.data.clips import check_covered, file_digest
 from fewzero.side_info.base import SideInformation
 
 OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
@@ -146,7 +146,7 @@ class SentenceEmbeddings(SideInformation):
         return {"descriptions": self.descriptions, "model": model, "files": model_digests(folder)}
 
     def compute(self, class_names: Sequence[str]) -> list[torch.Tensor]:
-        check_instruments(class_names, list(self.descriptions), what="side_info.descriptions class",
+        check_covered(class_names, list(self.descriptions), what="side_info.descriptions",
                           hint="Add a description for each to side_info.descriptions (class name "
                                "-> sentence), or remove the class from dataset.split.")
         encoder = load_sentence_encoder(self.model, self.download)
