@@ -608,3 +608,13 @@ def test_the_progress_bar_names_the_last_epoch_of_a_run_measured_in_steps(tmp_pa
     assert description(EpochProgressBar(), max_steps=8, max_epochs=-1) == "Epoch 1/1"
     assert description(EpochProgressBar(), max_steps=-1, max_epochs=3) == "Epoch 1/2"
     assert description(EpochProgressBar(), max_steps=40, max_epochs=2) == "Epoch 1/1"  # the first bound
+
+
+def test_a_gpu_trainer_on_a_machine_without_a_gpu_names_the_fix(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    for trainer in ("trainer.accelerator=gpu", "trainer.accelerator=cuda"):  # trainer=gpu: gpu
+        with pytest.raises(ValueError, match="needs a GPU, and torch sees none on this machine") as err:
+            train(compose_train_cfg(tmp_path, [trainer]))
+        assert "trainer=cpu" in str(err.value) and "trainer.accelerator=auto" in str(err.value)
+    assert not (tmp_path / "run" / "checkpoints").exists()  # refused before anything ran

@@ -272,6 +272,20 @@ def check_resume(cfg: DictConfig, ckpt_path: str, output_dir: Path) -> None:
         "To train with other settings, start a new run.")
 
 
+def check_accelerator(cfg: DictConfig) -> None:
+    """Refuse a GPU trainer (`trainer=gpu`) where torch sees no GPU, naming the fix: Lightning's
+    own error ("No supported gpu backend found!") names none."""
+    accelerator = str(cfg.trainer.get("accelerator", "auto"))
+    found = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if accelerator in found and not found[accelerator] or accelerator == "gpu" and not any(found.values()):
+        raise ValueError(
+            f"trainer.accelerator={accelerator} needs a GPU, and torch sees none on this machine "
+            "(torch.cuda.is_available() is False: no NVIDIA GPU, or no driver for it; nvidia-smi "
+            "tells which). Run on the CPU with trainer=cpu, or with the default trainer "
+            "(trainer.accelerator=auto takes a GPU where there is one). To re-evaluate a GPU "
+            "run's checkpoint here, add trainer.accelerator=cpu.")
+
+
 def check_side_info_is_read(cfg: DictConfig) -> None:
     """Refuse a side_info that no other part of the config interpolates (a few-shot model
     learns from audio alone): changing it would silently change nothing."""
@@ -611,6 +625,7 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> tuple[dict[str
         resumed = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir) if cfg.get("train", True) else None
         if resumed:
             check_resume(cfg, resumed, output_dir)
+        check_accelerator(cfg)
         check_side_info_is_read(cfg)
     except Exception:  # e.g. a mistyped resume of an existing run: leave its files as they were
         restore_run_files(output_dir)
