@@ -10,7 +10,7 @@ import pytest
 from conftest import ZSL_OVERRIDES
 from pytorch_lightning.utilities.rank_zero import rank_zero_info
 
-from fewzero.console import LIGHTNING_LOGGERS, follow_up_trainer, quiet_lightning
+from fewzero.console import LIGHTNING_LOGGERS, follow_up_trainer, quiet_lightning, refusal_message
 from fewzero.data.clips import TINYSOL_INSTRUMENTS
 
 
@@ -85,3 +85,44 @@ def test_a_zero_shot_run_with_class_cv_and_refit_prints_its_device_once_and_no_l
     assert "litlogger" not in printed
     assert "LeafSpec" not in printed
     assert "`weights_only` was not set" not in printed
+
+
+def _raised(function, *args):
+    try:
+        function(*args)
+    except Exception as error:  # noqa: BLE001 - the exception is what is tested
+        return error
+    raise AssertionError("did not raise")
+
+
+def test_only_a_refusal_raised_on_purpose_by_fewzero_loses_its_traceback(monkeypatch):
+    from fewzero.data.clips import check_instruments, config_hash
+
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    refused = _raised(lambda: check_instruments(["Violaa"], ["Viola"], hint="Check it."))
+    assert refusal_message(refused) == str(refused) and "['Violaa']" in str(refused)
+    # met, not raised, by a fewzero line (json cannot encode a circular dict): a bug's traceback
+    circular: dict = {}
+    circular["self"] = circular
+    assert isinstance(_raised(config_hash, circular), ValueError)
+    assert refusal_message(_raised(config_hash, circular)) is None
+    assert refusal_message(_raised(int, "x")) is None  # not from fewzero at all
+    assert refusal_message(_raised(lambda: [][0])) is None  # not a refusal's kind
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")  # every traceback, as Hydra's own errors
+    assert refusal_message(refused) is None
+
+
+@pytest.mark.slow
+def test_a_refused_run_prints_its_message_without_a_traceback(tmp_path):
+    command = [sys.executable, "-m", "fewzero.train", "dataset/source=tones",
+               f"dataset.source.instruments=[{','.join(TINYSOL_INSTRUMENTS)}]",
+               "dataset.source.clips_per_class=12", f"paths.root_dir={tmp_path}",
+               f"hydra.run.dir={tmp_path / 'run'}", "trainer.accelerator=cpu",
+               "dataset.split.test=[Bassoon,Violaa,'Trumpet in C','Bass Tuba','Alto Saxophone']"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                            cwd=Path(__file__).resolve().parents[1])
+    printed = result.stdout + result.stderr
+    assert result.returncode == 1
+    assert "Unknown tones instrument name(s) ['Violaa']" in printed
+    assert "HYDRA_FULL_ERROR=1 shows where it was raised" in printed
+    assert "Traceback" not in printed

@@ -40,8 +40,9 @@ def test_eval_refuses_to_write_into_the_run_it_tests_or_over_another_runs_metric
         if out != run:  # another run's folder, or an earlier evaluation's
             out.mkdir()
             (out / "metrics.json").write_text("{}")
-        with pytest.raises(ValueError, match=r"would overwrite its metrics.json.*Choose another "
-                                             r"hydra.run.dir, or leave it out"):
+        # the command line prints the refusal alone, without a traceback
+        with pytest.raises(SystemExit, match=r"^fewzero.eval: .*would overwrite its metrics.json.*"
+                                             r"Choose another hydra.run.dir, or leave it out"):
             main([f"ckpt_path={ckpt}", f"hydra.run.dir={out}", "model.whitening=null"])
     assert {p: p.read_bytes() for p in before} == before
     assert (tmp_path / "other" / "metrics.json").read_text() == "{}"

@@ -8,19 +8,47 @@ Three kinds:
   and is not empty": those fits write into the run's own checkpoint folder by design.
 
 Everything else Lightning says is left as it is.
+
+And fewzero's own refusals of bad input (`refusal_message`): their message names the problem and
+the fix, so a single run prints that alone, not behind a traceback of fewzero's and Lightning's
+frames.
 """
 
 from __future__ import annotations
 
 import contextlib
+import linecache
 import logging
+import os
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 
 # where Lightning's rank_zero_info goes (pytorch_lightning's, and lightning_fabric's)
 LIGHTNING_LOGGERS = ("pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.rank_zero")
 ADVERTISEMENT = "💡 Tip:"
 DEVICE_LINES = ("GPU available", "TPU available", "HPU available", "IPU available")
+PACKAGE_DIR = Path(__file__).resolve().parent
+# the kinds of exception fewzero raises for bad input (a config, a path, a missing package)
+REFUSALS = (ValueError, FileNotFoundError, RuntimeError, ImportError)
+
+
+def refusal_message(error: BaseException) -> str | None:
+    """The message of `error` when it is one of fewzero's refusals of bad input: a REFUSALS
+    exception raised by a `raise` statement in fewzero's own code (its innermost frame). None
+    otherwise (a library's error, or one a fewzero line met without raising it on purpose,
+    such as int("x")): those keep their traceback. None too with HYDRA_FULL_ERROR=1, which asks
+    for every traceback."""
+    if os.environ.get("HYDRA_FULL_ERROR") == "1" or not isinstance(error, REFUSALS):
+        return None
+    frame = error.__traceback__
+    if frame is None:
+        return None
+    while frame.tb_next is not None:
+        frame = frame.tb_next
+    path = Path(frame.tb_frame.f_code.co_filename).resolve()
+    line = linecache.getline(str(path), frame.tb_lineno).strip()
+    return str(error) if PACKAGE_DIR in path.parents and line.startswith("raise ") else None
 
 
 class DropMessages(logging.Filter):

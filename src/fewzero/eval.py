@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import ConfigKeyError
 
 from fewzero.callbacks import RunRecord
+from fewzero.console import refusal_message
 from fewzero.train import run_suffix, train
 
 log = logging.getLogger(__name__)
@@ -227,8 +228,11 @@ def main(argv: list[str] | None = None) -> None:
             "outputs", "eval", "runs", stamp + run_suffix(",".join(sorted(overrides)))))))
     try:
         evaluate(options["ckpt_path"], overrides, output_dir, options.get("run_config"))
-    except FileNotFoundError as error:  # a checkpoint, run config or data file: the message says what
-        raise SystemExit(f"fewzero.eval: {error}") from None
+    except Exception as error:  # a refusal (a missing checkpoint, settings that would test
+        message = refusal_message(error)  # clips it learned from): its message says what to do
+        if message is None:
+            raise
+        raise SystemExit(f"fewzero.eval: {message}") from None
     finally:
         os.environ.pop(EVAL_DIR_VARIABLE, None)
 

@@ -35,7 +35,7 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from torch.utils.tensorboard.summary import hparams as tensorboard_hparams
 
 from fewzero.callbacks import FitKey, LastCheckpoint, RngAtFirstBatch, RunRecord, StageTimer
-from fewzero.console import follow_up_trainer, quiet_lightning
+from fewzero.console import follow_up_trainer, quiet_lightning, refusal_message
 from fewzero.data.clips import config_hash
 from fewzero.models.backbones import MusicFslCNN
 from fewzero.models.pitch_prior import ZSL_SCORES, all_tied
@@ -791,9 +791,14 @@ def main(cfg: DictConfig) -> float | None:
         say_how_to_resume(Path(cfg.paths.output_dir), overrides,
                           getattr(stop, "stopped_during", None), sweep_dir)
         raise SystemExit(128 + signal.SIGTERM) from None
-    except Exception:
+    except Exception as error:
         if HydraConfig.get().mode != RunMode.MULTIRUN:
-            raise
+            message = refusal_message(error)
+            if message is None:
+                raise
+            log.error("%s\n(The run was refused: its message names the fix. HYDRA_FULL_ERROR=1 "
+                      "shows where it was raised.)", message)
+            raise SystemExit(1) from None
         # One failed job must not end a sweep: record it and let the launcher go on.
         failure = Path(cfg.paths.output_dir) / "failed.txt"
         failure.parent.mkdir(parents=True, exist_ok=True)
