@@ -270,3 +270,18 @@ def test_runs_whose_rendered_data_came_from_two_fluidsynth_versions_are_named(tm
         {"metrics": {"val/acc_best": 0.8}, "data": rendered("abc", "2.3.1")}))
     main([str(tmp_path)])
     assert "FluidSynth" not in (tmp_path / "report.md").read_text()
+
+
+def test_keys_a_run_directory_name_leaves_out_make_no_other_configuration(tmp_path):
+    """Two runs of one setting, with their data and logs elsewhere: one configuration, as their
+    directory names say. A run a script made (no hydra.yaml) keeps every key but ckpt_path."""
+    for name, where in (("0", "/a"), ("1", "/b")):
+        _run(tmp_path, name, ["model/backbone=a", f"paths.data_dir={where}", f"seed={name}"],
+             {"val/acc": 0.5})
+        (tmp_path / name / ".hydra" / "hydra.yaml").write_text(
+            "hydra:\n  job:\n    config:\n      override_dirname:\n"
+            "        exclude_keys: [ckpt_path, paths.data_dir, paths.log_dir]\n")
+    _run(tmp_path, "2", ["model/backbone=a", "paths.data_dir=/c", "ckpt_path=last"], {"val/acc": 0.5})
+    configs, _ = collect(tmp_path)
+    assert sorted((c.name, len(c.runs)) for c in configs) == [
+        ("model/backbone=a", 2), ("model/backbone=a,paths.data_dir=/c", 1)]

@@ -4,10 +4,11 @@
                              [--group-ignore seed] [--out DIR]
 
 Every run directory holding `metrics.json` (and Hydra's `.hydra/overrides.yaml`) is one row;
-runs whose overrides differ only in ignored keys (default: `seed`; `ckpt_path`, which a resume
-adds, always) form one configuration, reported as mean +- std over its runs, with the count of
-runs where some lack a value. Writes report.md, report.csv and report.png (the chosen metric per
-configuration with std error bars), sorted best first, by default by the validation score:
+runs whose overrides differ only in ignored keys (default: `seed`; always `ckpt_path`, which a
+resume adds, and what run directory names leave out: `paths.*` locations) form one
+configuration, reported as mean +- std over its runs, with the count of runs where some lack a
+value. Writes report.md, report.csv and report.png (the chosen metric per configuration with
+std error bars), sorted best first, by default by the validation score:
 a table sorted by a test metric is for reading, not for choosing. Runs without metrics.json
 (failed or unfinished jobs) are listed by name, so a crashed job never hides silently. Runs on
 one rendered-data config whose audio another FluidSynth version rendered (runs gathered from two
@@ -78,6 +79,16 @@ def _overrides(run: Path) -> list[str]:
     return [o.split("=", 1)[0] if o.startswith("~") else o for o in overrides]
 
 
+def _name_excluded(run: Path) -> tuple[str, ...]:
+    """The keys the run's directory name leaves out (Hydra's `override_dirname.exclude_keys`:
+    where it ran and read its data, the checkpoint it resumed), and `ALWAYS_IGNORED`: they make
+    no other configuration either."""
+    path = run / ".hydra" / "hydra.yaml"
+    excluded = (OmegaConf.select(OmegaConf.load(path), "hydra.job.config.override_dirname.exclude_keys",
+                                 default=None) if path.is_file() else None) or []
+    return (*ALWAYS_IGNORED, *map(str, excluded))
+
+
 def why_no_metrics(run: Path) -> str:
     """A run without metrics.json: failed (the last line of its failed.txt, the error) or unfinished."""
     traceback = run / "failed.txt"
@@ -98,7 +109,7 @@ def collect(root: Path, ignore: tuple[str, ...] = ("seed",)) -> tuple[list[Confi
             failed.append(run)
             continue
         kept = [o for o in _overrides(run)
-                if o.split("=", 1)[0].lstrip("+~") not in (*ignore, *ALWAYS_IGNORED)]
+                if o.split("=", 1)[0].lstrip("+~") not in (*ignore, *_name_excluded(run))]
         name = ",".join(sorted(kept)) or "(defaults)"
         group = groups.setdefault(name, Configuration(name))
         group.runs.append(run)
