@@ -61,6 +61,19 @@ class _SigtermInLastValidation(pl.Callback):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
+class _PreemptOnce(pl.Callback):
+    """Sends this process the cluster's preemption signal (submitit's USR2) before optimiser step
+    `at_step` + 1, once per `marker` file: the requeued job is not preempted again."""
+
+    def __init__(self, at_step: int, marker: str):
+        self.at_step, self.marker = at_step, Path(marker)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.at_step and not self.marker.exists():
+            self.marker.touch()
+            os.kill(os.getpid(), signal.SIGUSR2)
+
+
 class _Saves(LastCheckpoint):
     """LastCheckpoint that records (global step, validations run so far) at every write."""
 
@@ -467,6 +480,31 @@ def test_a_multirun_stopped_by_sigterm_prints_the_command_that_finishes_the_swee
         done.stdout + done.stderr)
     assert 0 < stopped < 12
     assert _step(jobs[1] / "checkpoints" / "last.ckpt") == 12  # trained to its end
+
+
+@pytest.mark.slow
+def test_a_submitit_job_preempted_mid_fit_is_requeued_and_ends_as_the_uninterrupted_run(tmp_path):
+    """The SLURM path run on this machine (hydra/launcher=submitit_local): the preemption signal
+    (USR2, also what comes before a time limit) makes submitit requeue the job, which resumes
+    from last.ckpt with ckpt_path=auto and ends with the uninterrupted run's metrics."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    sweep = tmp_path / "sweep"
+    command = [a for a in _command(tmp_path, tmp_path / "unused") if not a.startswith("hydra.run.dir")]
+    command[3:3] = ["-m"]
+    command += ["hydra/launcher=submitit_local", "ckpt_path=auto", f"hydra.sweep.dir={sweep}",
+                "+callbacks.preempt._target_=test_resume._PreemptOnce", "+callbacks.preempt.at_step=7",
+                f"+callbacks.preempt.marker={tmp_path / 'preempted'}"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (job,) = sweep.glob("0_*")
+    log = "".join(path.read_text() for path in sweep.glob(".submitit/*/*_log.*"))
+    assert (tmp_path / "preempted").exists() and "Caught signal SIGUSR2" in log
+    assert "Requeued job" in log and "Restoring states from the checkpoint path at" in log
+    full = tmp_path / "full"
+    subprocess.run(_command(tmp_path, full), check=True, capture_output=True, timeout=600)
+    assert _report(job) == _report(full)
 
 
 def test_the_whole_sweep_command_is_given_for_hydras_basic_sweeper_only(tmp_path):

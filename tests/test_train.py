@@ -611,8 +611,10 @@ def test_the_progress_bar_names_the_last_epoch_of_a_run_measured_in_steps(tmp_pa
 
 
 def test_a_gpu_trainer_on_a_machine_without_a_gpu_names_the_fix(tmp_path, monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    from pytorch_lightning.accelerators import CUDAAccelerator, MPSAccelerator
+
+    monkeypatch.setattr(CUDAAccelerator, "is_available", staticmethod(lambda: False))
+    monkeypatch.setattr(MPSAccelerator, "is_available", staticmethod(lambda: False))
     for trainer in ("trainer.accelerator=gpu", "trainer.accelerator=cuda"):  # trainer=gpu: gpu
         with pytest.raises(ValueError, match="needs a GPU, and torch sees none on this machine") as err:
             train(compose_train_cfg(tmp_path, [trainer]))

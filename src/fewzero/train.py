@@ -275,8 +275,12 @@ def check_resume(cfg: DictConfig, ckpt_path: str, output_dir: Path) -> None:
 def check_accelerator(cfg: DictConfig) -> None:
     """Refuse a GPU trainer (`trainer=gpu`) where torch sees no GPU, naming the fix: Lightning's
     own error ("No supported gpu backend found!") names none."""
+    from pytorch_lightning.accelerators import CUDAAccelerator, MPSAccelerator
+
+    # (imported here: a submitit launcher pickles this module's functions, and a reference to
+    # torch.backends, which is not a plain module, cannot be pickled)
     accelerator = str(cfg.trainer.get("accelerator", "auto"))
-    found = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    found = {"cuda": CUDAAccelerator.is_available(), "mps": MPSAccelerator.is_available()}
     if accelerator in found and not found[accelerator] or accelerator == "gpu" and not any(found.values()):
         raise ValueError(
             f"trainer.accelerator={accelerator} needs a GPU, and torch sees none on this machine "
