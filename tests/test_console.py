@@ -108,6 +108,15 @@ def test_only_a_refusal_raised_on_purpose_by_fewzero_loses_its_traceback(monkeyp
     assert refusal_message(_raised(config_hash, circular)) is None
     assert refusal_message(_raised(int, "x")) is None  # not from fewzero at all
     assert refusal_message(_raised(lambda: [][0])) is None  # not a refusal's kind
+    # met by OmegaConf in a config resolver (xlsa17's attribute count): the wrapped refusal
+    from omegaconf import OmegaConf
+
+    from fewzero.side_info.xlsa17 import attribute_dim
+
+    OmegaConf.register_new_resolver("test_dim", attribute_dim, replace=True)
+    wrapped = _raised(lambda: OmegaConf.create({"dims": {}, "dim": "${test_dim:TOY,${dims}}"}).dim)
+    assert type(wrapped).__module__ == "omegaconf.errors"
+    assert refusal_message(wrapped).startswith("dataset.name=TOY is none of xlsa17's datasets")
     monkeypatch.setenv("HYDRA_FULL_ERROR", "1")  # every traceback, as Hydra's own errors
     assert refusal_message(refused) is None
 

@@ -66,7 +66,8 @@ def test_a_resumed_study_moves_the_sampler_seed_on_by_its_own_stored_trials(tmp_
 def test_a_search_on_a_test_metric_is_refused_as_the_sweep_starts(tmp_path):
     cfg = _compose(["hparams_search=optuna", f"paths.root_dir={tmp_path}",
                     "optimized_metric=test/5way_5shot_acc"])
-    with pytest.raises(Exception, match="only optimise a validation metric"):
+    with pytest.raises(SystemExit, match="^fewzero: optimized_metric=test/5way_5shot_acc: sweeps may "
+                                         "only optimise a validation metric"):
         OmegaConf.to_container(cfg.hydra.sweeper, resolve=True)  # as the sweeper starts
     assert not (tmp_path / "outputs" / "optuna").exists()  # no study written
 

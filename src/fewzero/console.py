@@ -35,10 +35,15 @@ REFUSALS = (ValueError, FileNotFoundError, RuntimeError, ImportError)
 
 def refusal_message(error: BaseException) -> str | None:
     """The message of `error` when it is one of fewzero's refusals of bad input: a REFUSALS
-    exception raised by a `raise` statement in fewzero's own code (its innermost frame). None
+    exception raised by a `raise` statement in fewzero's own code (its innermost frame), also
+    inside the error of OmegaConf or Hydra that met it (a config resolver's refusal). None
     otherwise (a library's error, or one a fewzero line met without raising it on purpose,
     such as int("x")): those keep their traceback. None too with HYDRA_FULL_ERROR=1, which asks
     for every traceback."""
+    # one that OmegaConf or Hydra met while resolving or building the config comes wrapped
+    while type(error).__module__.startswith(("omegaconf.", "hydra.")) and (
+            error.__cause__ or error.__context__):
+        error = error.__cause__ or error.__context__
     if os.environ.get("HYDRA_FULL_ERROR") == "1" or not isinstance(error, REFUSALS):
         return None
     frame = error.__traceback__

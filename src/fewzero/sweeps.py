@@ -35,8 +35,13 @@ def check_validation_metric(name: str | None) -> str | None:
 
 def optuna_storage(path: str, metric: str | None = None) -> str:
     """`sqlite:////absolute/path.db` for `path` (relative to the working directory), after
-    `check_validation_metric(metric)`."""
-    check_validation_metric(metric)
+    `check_validation_metric(metric)`, whose refusal ends the command with its message alone
+    (SystemExit passes through OmegaConf and Hydra; a ValueError would arrive behind two chained
+    tracebacks, some 200 lines)."""
+    try:
+        check_validation_metric(metric)
+    except ValueError as error:
+        raise SystemExit(f"fewzero: {error}") from None
     file = Path(path).resolve()
     file.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{file}"
