@@ -10,7 +10,13 @@ import pytest
 from conftest import ZSL_OVERRIDES
 from pytorch_lightning.utilities.rank_zero import rank_zero_info
 
-from fewzero.console import LIGHTNING_LOGGERS, follow_up_trainer, quiet_lightning, refusal_message
+from fewzero.console import (
+    LIGHTNING_LOGGERS,
+    follow_up_trainer,
+    quiet_lightning,
+    refusal_message,
+    stopped_by_another_process,
+)
 from fewzero.data.clips import TINYSOL_INSTRUMENTS
 
 
@@ -121,17 +127,27 @@ def test_only_a_refusal_raised_on_purpose_by_fewzero_loses_its_traceback(monkeyp
     assert refusal_message(refused) is None
 
 
+def test_only_a_later_ddp_process_that_lost_its_peer_is_said_to_be_stopped_by_another():
+    gone = RuntimeError("[../gloo/transport/tcp/pair.cc:547] Connection closed by peer [127.0.0.1]:3993")
+    assert stopped_by_another_process(gone, rank=1)
+    assert not stopped_by_another_process(gone, rank=0)  # the first process: its own traceback
+    assert not stopped_by_another_process(RuntimeError("CUDA out of memory"), rank=1)
+
+
 @pytest.mark.slow
-def test_a_refused_run_prints_its_message_without_a_traceback(tmp_path):
+@pytest.mark.parametrize("ddp", [[], ["trainer=ddp", "trainer.devices=2"]], ids=["one", "ddp"])
+def test_a_refused_run_prints_its_message_without_a_traceback(tmp_path, ddp):
     command = [sys.executable, "-m", "fewzero.train", "dataset/source=tones",
                f"dataset.source.instruments=[{','.join(TINYSOL_INSTRUMENTS)}]",
                "dataset.source.clips_per_class=12", f"paths.root_dir={tmp_path}",
                f"hydra.run.dir={tmp_path / 'run'}", "trainer.accelerator=cpu",
-               "dataset.split.test=[Bassoon,Violaa,'Trumpet in C','Bass Tuba','Alto Saxophone']"]
+               "dataset.split.test=[Bassoon,Violaa,'Trumpet in C','Bass Tuba','Alto Saxophone']", *ddp]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600,
                             cwd=Path(__file__).resolve().parents[1])
     printed = result.stdout + result.stderr
     assert result.returncode == 1
     assert "Unknown tones instrument name(s) ['Violaa']" in printed
     assert "HYDRA_FULL_ERROR=1 shows where it was raised" in printed
-    assert "Traceback" not in printed
+    assert "Traceback" not in printed  # under DDP neither the first process's nor the second's
+    if ddp:
+        assert "The process of rank 1 stopped: another process ended first" in printed

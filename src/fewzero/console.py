@@ -33,6 +33,16 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 REFUSALS = (ValueError, FileNotFoundError, RuntimeError, ImportError)
 
 
+# what a DDP process's collective call raises when another process has ended (gloo; NCCL)
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+
+
+def stopped_by_another_process(error: BaseException, rank: int) -> bool:
+    """Whether `error` is a DDP process (rank > 0) finding that another process has ended, e.g.
+    the first one, refused bad input: its traceback would follow, and hide, that message."""
+    return rank > 0 and isinstance(error, RuntimeError) and any(s in str(error) for s in PEER_GONE)
+
+
 def refusal_message(error: BaseException) -> str | None:
     """The message of `error` when it is one of fewzero's refusals of bad input: a REFUSALS
     exception raised by a `raise` statement in fewzero's own code (its innermost frame), also

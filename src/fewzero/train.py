@@ -35,7 +35,12 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from torch.utils.tensorboard.summary import hparams as tensorboard_hparams
 
 from fewzero.callbacks import FitKey, LastCheckpoint, RngAtFirstBatch, RunRecord, StageTimer
-from fewzero.console import follow_up_trainer, quiet_lightning, refusal_message
+from fewzero.console import (
+    follow_up_trainer,
+    quiet_lightning,
+    refusal_message,
+    stopped_by_another_process,
+)
 from fewzero.data.clips import config_hash
 from fewzero.models.backbones import MusicFslCNN
 from fewzero.models.pitch_prior import ZSL_SCORES, all_tied
@@ -798,6 +803,9 @@ def main(cfg: DictConfig) -> float | None:
     except Exception as error:
         if HydraConfig.get().mode != RunMode.MULTIRUN:
             message = refusal_message(error)
+            if message is None and stopped_by_another_process(error, rank_zero_only.rank):
+                raise SystemExit(f"(The process of rank {rank_zero_only.rank} stopped: another "
+                                 "process ended first, and its message says why.)") from None
             if message is None:
                 raise
             log.error("%s\n(The run was refused: its message names the fix. HYDRA_FULL_ERROR=1 "
