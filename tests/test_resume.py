@@ -485,14 +485,15 @@ def test_a_multirun_stopped_by_sigterm_prints_the_command_that_finishes_the_swee
 @pytest.mark.slow
 def test_a_submitit_job_preempted_mid_fit_is_requeued_and_ends_as_the_uninterrupted_run(tmp_path):
     """The SLURM path run on this machine (hydra/launcher=submitit_local): the preemption signal
-    (USR2, also what comes before a time limit) makes submitit requeue the job, which resumes
-    from last.ckpt with ckpt_path=auto and ends with the uninterrupted run's metrics."""
+    (USR2, also what comes before a time limit) mid-epoch, between periodic writes. The step it
+    came at is saved, then submitit requeues the job, which resumes from that step with
+    ckpt_path=auto and ends with the uninterrupted run's metrics."""
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     sweep = tmp_path / "sweep"
     command = [a for a in _command(tmp_path, tmp_path / "unused") if not a.startswith("hydra.run.dir")]
     command[3:3] = ["-m"]
     command += ["hydra/launcher=submitit_local", "ckpt_path=auto", f"hydra.sweep.dir={sweep}",
-                "+callbacks.preempt._target_=test_resume._PreemptOnce", "+callbacks.preempt.at_step=7",
+                "+callbacks.preempt._target_=test_resume._PreemptOnce", "+callbacks.preempt.at_step=6",
                 f"+callbacks.preempt.marker={tmp_path / 'preempted'}"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
@@ -502,6 +503,9 @@ def test_a_submitit_job_preempted_mid_fit_is_requeued_and_ends_as_the_uninterrup
     log = "".join(path.read_text() for path in sweep.glob(".submitit/*/*_log.*"))
     assert (tmp_path / "preempted").exists() and "Caught signal SIGUSR2" in log
     assert "Requeued job" in log and "Restoring states from the checkpoint path at" in log
+    # step 7: after the periodic write at 6, before the epoch's end at 8
+    assert "last.ckpt holds step 7; submitit requeues the job, which resumes from there" in log
+    assert "The multirun stops here" not in log  # it does not: the job comes back
     full = tmp_path / "full"
     subprocess.run(_command(tmp_path, full), check=True, capture_output=True, timeout=600)
     assert _report(job) == _report(full)
@@ -827,3 +831,17 @@ def test_the_rng_state_of_a_checkpoint_is_set_again_only_before_a_mid_epoch_firs
         torch.rand(5)
         callback.on_train_batch_start(None, None, None, first_batch + 1)  # only the first batch
         assert not torch.equal(torch.get_rng_state(), saved)
+
+
+def test_a_preempted_submitit_job_is_told_whether_its_requeue_resumes(tmp_path, caplog):
+    from fewzero.train import say_how_to_resume
+
+    (tmp_path / "checkpoints").mkdir()
+    torch.save({"global_step": 7}, tmp_path / "checkpoints" / "last.ckpt")
+    with caplog.at_level(logging.WARNING, logger="fewzero.train"):
+        say_how_to_resume(tmp_path, ["seed=1", "ckpt_path=auto"], None, requeued=True)
+        assert "holds step 7; submitit requeues the job, which resumes from there" in caplog.text
+        caplog.clear()
+        say_how_to_resume(tmp_path, ["seed=1"], None, requeued=True)  # would train from step 0
+    assert ("Preempted, and the requeued job starts afresh without ckpt_path=auto in the sweep's "
+            "command." in caplog.text and "holds step 7; resume with:" in caplog.text)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import shutil
 import signal
 import threading
@@ -153,6 +154,8 @@ class LastCheckpoint(ModelCheckpoint):
         self._resumed = False
         self._stop_noted = False
         self._stop_after_epoch = False
+        self._preemption: tuple[int, Any] | None = None  # (signal, submitit's handler of it)
+        self._preempted = False
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
@@ -166,12 +169,38 @@ class LastCheckpoint(ModelCheckpoint):
         if (trainer.world_size > 1 and threading.current_thread() is threading.main_thread()
                 and callable(signal.getsignal(signal.SIGTERM))):  # not on Windows
             signal.signal(signal.SIGTERM, self._note_stop)
+        # A submitit job (hydra/launcher=slurm): submitit's handler of the preemption and
+        # time-limit signal requeues the job and ends it at once, losing the steps since the
+        # last write. Here the signal is noted as SIGTERM is, the step saved, and then the
+        # handler called (`requeue`).
+        self._preempted = False
+        self._preemption = submitit_preemption()
+        if self._preemption is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(self._preemption[0], self._note_preemption)
+        else:
+            self._preemption = None
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().teardown(trainer, pl_module, stage)
+        if self._preemption is not None:  # submitit's handler again, outside the fit
+            signal.signal(*self._preemption)
 
     def _note_stop(self, signum: int, frame: Any) -> None:
         self._stop_noted = True
 
+    def _note_preemption(self, signum: int, frame: Any) -> None:
+        self._stop_noted = self._preempted = True
+
+    def _agrees_on_stops(self, trainer: pl.Trainer) -> bool:
+        """Whether the stop signals noted here decide when this fit stops: under DDP, and for
+        submitit's preemption signal (a single process leaves SIGTERM to Lightning)."""
+        return trainer.world_size > 1 or self._preemption is not None
+
     def _stop_agreed(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
-        """DDP: whether any process noted a stop signal (every process calls this at each step)."""
+        """Whether any process noted a stop signal (under DDP every process calls this at each
+        step, and they exchange it)."""
+        if trainer.world_size == 1:  # no exchange, and no wait for the device
+            return self._stop_noted
         noted = torch.tensor([float(self._stop_noted)], device=pl_module.device)
         return bool(trainer.strategy.reduce(noted, reduce_op="sum").item() > 0)
 
@@ -195,12 +224,15 @@ class LastCheckpoint(ModelCheckpoint):
                         "the first process" if self._stop_noted else "another process", after)
         stop = SIGTERMException()
         stop.all_processes = True  # type: ignore[attr-defined]
+        # the saved run then calls submitit's handler, which requeues the job (`requeue`)
+        stop.preemption = self._preemption if self._preempted else None  # type: ignore[attr-defined]
         raise stop
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
         last_of_epoch = batch_idx + 1 >= trainer.num_training_batches
-        if trainer.world_size > 1 and not self._stop_after_epoch and self._stop_agreed(trainer, pl_module):
+        if (self._agrees_on_stops(trainer) and not self._stop_after_epoch
+                and self._stop_agreed(trainer, pl_module)):
             if not last_of_epoch:
                 self._stop_together(trainer, f"step {trainer.global_step}")
             self._stop_after_epoch = True  # see on_train_epoch_start
@@ -217,7 +249,8 @@ class LastCheckpoint(ModelCheckpoint):
         # a stop agreed on the fit's last step, or noted during its last validation (after the
         # last agreement): stop here, together, rather than go on to what follows the fit (its
         # test; class cross-validation and the refit) as if no signal had come
-        if trainer.world_size > 1 and (self._stop_after_epoch or self._stop_agreed(trainer, pl_module)):
+        if self._agrees_on_stops(trainer) and (self._stop_after_epoch
+                                               or self._stop_agreed(trainer, pl_module)):
             self._stop_together(trainer, f"step {trainer.global_step}, the end of the fit")
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -233,6 +266,26 @@ class LastCheckpoint(ModelCheckpoint):
         if (isinstance(exception, SIGTERMException) and together
                 and not self._should_skip_saving_checkpoint(trainer)):
             self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+def submitit_preemption() -> tuple[int, Any] | None:
+    """(signal, handler) where submitit handles its preemption signal in this process (a job of
+    a submitit launcher: SUBMITIT_PREEMPT_SIGNAL, USR2 by default), else None."""
+    signum = getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"), None)
+    if signum is None:  # not on Windows
+        return None
+    handler = signal.getsignal(signum)
+    owner = type(getattr(handler, "__self__", None)).__module__
+    return (signum, handler) if owner.startswith("submitit.") else None
+
+
+def requeue(stop: BaseException) -> None:
+    """After a stop by submitit's preemption signal has been saved: call submitit's handler,
+    which requeues the job (from the first process) and ends this one."""
+    preemption = getattr(stop, "preemption", None)
+    if preemption is not None:
+        signum, handler = preemption
+        handler(signum, None)
 
 
 class BestCheckpoint(ModelCheckpoint):

@@ -34,7 +34,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from torch.utils.tensorboard.summary import hparams as tensorboard_hparams
 
-from fewzero.callbacks import FitKey, LastCheckpoint, RngAtFirstBatch, RunRecord, StageTimer
+from fewzero.callbacks import FitKey, LastCheckpoint, RngAtFirstBatch, RunRecord, StageTimer, requeue
 from fewzero.console import (
     follow_up_trainer,
     quiet_lightning,
@@ -764,10 +764,11 @@ def optimized_metric(cfg: DictConfig) -> str | None:
 
 @rank_zero_only  # DDP: the first process says it once
 def say_how_to_resume(output_dir: Path, overrides: list[str], during: str | None,
-                      sweep_dir: Path | None = None) -> None:
+                      sweep_dir: Path | None = None, requeued: bool = False) -> None:
     """Log where a stopped run's progress is and the command that resumes it; `during`: the
     phase after the main fit it stopped in (class cross-validation, the refit), if any; a job of
-    a multirun in `sweep_dir` also gets the command that finishes the whole sweep."""
+    a multirun in `sweep_dir` also gets the command that finishes the whole sweep. `requeued`:
+    a submitit job that its launcher requeues, which resumes by itself with ckpt_path=auto."""
     last = output_dir / "checkpoints" / "last.ckpt"
     if not last.is_file():
         log.warning("Stopped before any checkpoint was written to %s: start the run again.",
@@ -778,9 +779,15 @@ def say_how_to_resume(output_dir: Path, overrides: list[str], during: str | None
             log.warning("Stopped during %s, whose progress is saved in %s as well: the resume "
                         "goes on from there (finished class cross-validation folds are reused).",
                         during, last.parent)
-        log.warning("Stopped. %s holds step %d; resume with:\n  %s", last, step,
+        if requeued and "ckpt_path=auto" in overrides:
+            log.warning("Preempted. %s holds step %d; submitit requeues the job, which resumes "
+                        "from there (ckpt_path=auto).", last, step)
+            return
+        log.warning("%s. %s holds step %d; resume with:\n  %s", "Preempted, and the requeued "
+                    "job starts afresh without ckpt_path=auto in the sweep's command" if requeued
+                    else "Stopped", last, step,
                     resume_command(run_overrides(output_dir, overrides), output_dir))
-    whole_sweep = sweep_resume_command(sweep_dir) if sweep_dir is not None else None
+    whole_sweep = sweep_resume_command(sweep_dir) if sweep_dir is not None and not requeued else None
     if whole_sweep:
         log.warning("The multirun stops here. Finish it (stopped jobs resume, finished ones are "
                     "tested again, the rest start) with:\n  %s", whole_sweep)
@@ -797,8 +804,9 @@ def main(cfg: DictConfig) -> float | None:
         # there is one (not in a fast_dev_run); during class CV or the refit, their own did.
         sweep_dir = (Path(HydraConfig.get().sweep.dir)
                      if HydraConfig.get().mode == RunMode.MULTIRUN else None)
-        say_how_to_resume(Path(cfg.paths.output_dir), overrides,
-                          getattr(stop, "stopped_during", None), sweep_dir)
+        say_how_to_resume(Path(cfg.paths.output_dir), overrides, getattr(stop, "stopped_during", None),
+                          sweep_dir, requeued=getattr(stop, "preemption", None) is not None)
+        requeue(stop)  # a submitit job's preemption: submitit requeues it and ends this process
         raise SystemExit(128 + signal.SIGTERM) from None
     except Exception as error:
         if HydraConfig.get().mode != RunMode.MULTIRUN:
