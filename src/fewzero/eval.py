@@ -228,8 +228,9 @@ def main(argv: list[str] | None = None) -> None:
             "outputs", "eval", "runs", stamp + run_suffix(",".join(sorted(overrides)))))))
     try:
         evaluate(options["ckpt_path"], overrides, output_dir, options.get("run_config"))
-    except Exception as error:  # a refusal (a missing checkpoint, settings that would test
-        message = refusal_message(error)  # clips it learned from): its message says what to do
+    except Exception as error:  # a refusal (settings that would test clips it learned from), or
+        # a missing checkpoint, run config or data file: the message says what to do
+        message = str(error) if isinstance(error, FileNotFoundError) else refusal_message(error)
         if message is None:
             raise
         raise SystemExit(f"fewzero.eval: {message}") from None

@@ -300,9 +300,9 @@ class PitchRangePrior(nn.Module):
         Raises a ValueError naming the classes that have no range in the table.
         """
         check_covered(class_names, list(self.ranges), what="The range table of model.pitch_prior",
-                          hint="Give each a row with range_low and range_high (MIDI) in the table "
-                               "model.pitch_prior.table points to (e.g. side_info.table), or "
-                               "remove the class from dataset.split.")
+                      hint="Give each a row with range_low and range_high (MIDI) in the table "
+                           "model.pitch_prior.table points to (e.g. side_info.table), or "
+                           "remove the class from dataset.split.")
         pitches = self.pitches
         inside = torch.stack([(pitches >= self.ranges[n][0]) & (pitches <= self.ranges[n][1])
                               for n in class_names]).float()

@@ -113,9 +113,9 @@ class AttributeTable(SideInformation):
 
     def compute(self, class_names: Sequence[str]) -> list[torch.Tensor]:
         check_covered(class_names, list(self.table), what="side_info.table",
-                          hint="Add a row for each to side_info.table (a value for every "
-                               "categorical and numeric attribute), or remove the class from "
-                               "dataset.split.")
+                      hint="Add a row for each to side_info.table (a value for every "
+                           "categorical and numeric attribute), or remove the class from "
+                           "dataset.split.")
         vectors, _ = encode_attribute_table(self.table, self.categorical, self.numeric,
                                             self.numeric_weight)
         return [vectors[name][None] for name in class_names]

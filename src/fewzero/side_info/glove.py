@@ -89,9 +89,9 @@ class GloveVectors(SideInformation):
 
     def compute(self, class_names: Sequence[str]) -> list[torch.Tensor]:
         check_covered(class_names, list(self.words), what="side_info.words",
-                          hint="Add an entry for each to side_info.words (class name -> lowercase "
-                               "words, e.g. 'French Horn': [french, horn]), or remove the class "
-                               "from dataset.split.")
+                      hint="Add an entry for each to side_info.words (class name -> lowercase "
+                           "words, e.g. 'French Horn': [french, horn]), or remove the class "
+                           "from dataset.split.")
         wanted = {w for name in class_names for w in self.words[name]}
         if self.path:
             if not Path(self.path).is_file():

@@ -147,8 +147,8 @@ class SentenceEmbeddings(SideInformation):
 
     def compute(self, class_names: Sequence[str]) -> list[torch.Tensor]:
         check_covered(class_names, list(self.descriptions), what="side_info.descriptions",
-                          hint="Add a description for each to side_info.descriptions (class name "
-                               "-> sentence), or remove the class from dataset.split.")
+                      hint="Add a description for each to side_info.descriptions (class name "
+                           "-> sentence), or remove the class from dataset.split.")
         encoder = load_sentence_encoder(self.model, self.download)
         sentences = [self.descriptions[name] for name in class_names]
         embeddings = encoder.encode(sentences, convert_to_tensor=True, show_progress_bar=False)
