@@ -620,3 +620,14 @@ def test_a_gpu_trainer_on_a_machine_without_a_gpu_names_the_fix(tmp_path, monkey
             train(compose_train_cfg(tmp_path, [trainer]))
         assert "trainer=cpu" in str(err.value) and "trainer.accelerator=auto" in str(err.value)
     assert not (tmp_path / "run" / "checkpoints").exists()  # refused before anything ran
+
+
+def test_the_model_summary_counts_the_audio_encoders_flops_per_excerpt(tmp_path):
+    from pytorch_lightning.utilities.model_summary import ModelSummary
+
+    for experiment in ([], ["experiment=zsl_attribute_audio"]):
+        _, objects = train(compose_train_cfg(tmp_path / str(len(experiment)), [*experiment, "test=false"]))
+        model, datamodule = objects["model"], objects["datamodule"]
+        assert tuple(model.example_input_array.shape) == (1, datamodule.features.n_mels,
+                                                          datamodule.excerpt_frames)
+        assert ModelSummary(model).total_flops > 0  # was 0: the summary had no input to run

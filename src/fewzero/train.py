@@ -44,6 +44,7 @@ from fewzero.console import (
 from fewzero.data.clips import config_hash
 from fewzero.models.backbones import MusicFslCNN
 from fewzero.models.pitch_prior import ZSL_SCORES, all_tied
+from fewzero.models.resumable import ResumableModule
 from fewzero.side_info.xlsa17 import attribute_dim
 from fewzero.summary import class_cv_outcome, print_summary
 from fewzero.sweeps import check_validation_metric, register_resolvers
@@ -293,6 +294,15 @@ def check_accelerator(cfg: DictConfig) -> None:
             "tells which). Run on the CPU with trainer=cpu, or with the default trainer "
             "(trainer.accelerator=auto takes a GPU where there is one). To re-evaluate a GPU "
             "run's checkpoint here, add trainer.accelerator=cpu.")
+
+
+def give_example_input(model: pl.LightningModule, datamodule: Any) -> None:
+    """A zero excerpt of the datamodule's shape as the model's `example_input_array`, (1, n_mels,
+    frames), for modules whose forward embeds audio: Lightning's model summary then counts the
+    audio encoder's FLOPs per excerpt ("Total FLOPs: 0" without it) and its in/out sizes."""
+    features, frames = getattr(datamodule, "features", None), getattr(datamodule, "excerpt_frames", None)
+    if isinstance(model, ResumableModule) and hasattr(features, "n_mels") and frames:
+        model.example_input_array = torch.zeros(1, features.n_mels, frames)
 
 
 def check_side_info_is_read(cfg: DictConfig) -> None:
@@ -564,6 +574,7 @@ def refit_on_trainval(cfg: DictConfig, datamodule: Any, trainer: pl.Trainer, out
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True)
     model = hydra.utils.instantiate(cfg.model)
+    give_example_input(model, final_dm)
     model.keep_calibration({**chosen, **(chosen_elsewhere or {})})
     log.info("Refitting on all training data for %d %s (selected: %s)",
              epochs if unit == "epochs" else steps, unit, selected_path)
@@ -658,6 +669,7 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> tuple[dict[str
     datamodule = hydra.utils.instantiate(cfg.dataset)
     log.info("Building model <%s>", cfg.model._target_)
     model = hydra.utils.instantiate(cfg.model)
+    give_example_input(model, datamodule)
     # an entry set to null (callbacks.progress_bar=null) is switched off, like one removed with ~
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
     if not cfg.get("train", True):

@@ -80,6 +80,9 @@ class FewShotModule(ResumableModule):
         self.whitening_choice_seconds = 0.0
 
     # ---- training ---------------------------------------------------------------------
+    def audio_encoder(self) -> nn.Module:
+        return self.net.backbone
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         support, query = batch["support"], batch["query"]
         x = self.augment(torch.cat([support, query]))  # one backbone pass for the whole episode

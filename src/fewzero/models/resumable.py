@@ -36,6 +36,16 @@ class ResumableModule(pl.LightningModule):
         self.val_acc_best = MaxMetric()
         self.val_acc_best.persistent(True)
 
+    def audio_encoder(self) -> nn.Module:
+        """The network that embeds audio excerpts (the backbone)."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(batch, n_mels, frames) log-mel excerpts -> (batch, dim) embeddings by the audio
+        encoder. What Lightning's model summary runs on `example_input_array`, a zero excerpt of
+        the datamodule's shape (`fewzero.train`), to give the encoder's FLOPs per excerpt."""
+        return self.audio_encoder()(x)
+
     def optimised_parameters(self) -> list[nn.Parameter]:
         """What the optimizer is given: every parameter (frozen ones included, as they always
         were: an optimizer's saved state lists its parameters, so resumes depend on it)."""

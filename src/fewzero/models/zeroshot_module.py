@@ -201,6 +201,9 @@ class ZeroShotModule(ResumableModule):
         self.results: ZslResults | None = None
 
     # ---- class side information -------------------------------------------------------
+    def audio_encoder(self) -> nn.Module:
+        return self.backbone
+
     def setup(self, stage: str) -> None:
         dm = self.trainer.datamodule
         if self.init_checkpoint:
