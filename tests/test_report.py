@@ -102,6 +102,10 @@ def test_a_failing_multirun_job_is_reported_and_the_others_finish(tmp_path):
             in (sweep / "report.md").read_text())
     # the multirun ends by naming it (SweepSummary)
     assert f"1 of 2 jobs failed; their tracebacks:\n  {failed[0] / 'failed.txt'}" in done.stdout + done.stderr
+    # a refusal: its message on the console, the traceback in failed.txt only
+    assert "This job was refused: n_way=9 is larger than the 3 val classes" in done.stdout + done.stderr
+    assert "Traceback" not in done.stdout + done.stderr
+    assert "Traceback" in (failed[0] / "failed.txt").read_text()
 
 
 def test_the_sweep_summary_counts_only_this_invocations_jobs(tmp_path, caplog):

@@ -835,7 +835,12 @@ def main(cfg: DictConfig) -> float | None:
         failure = Path(cfg.paths.output_dir) / "failed.txt"
         failure.parent.mkdir(parents=True, exist_ok=True)
         failure.write_text(traceback.format_exc())
-        log.exception("This job failed (traceback in %s); the multirun continues.", failure)
+        message = refusal_message(error)
+        if message is None:
+            log.exception("This job failed (traceback in %s); the multirun continues.", failure)
+        else:  # on the console as a single run gives it; the traceback is in the file all the same
+            log.error("This job was refused: %s\n(traceback in %s; the multirun continues.)",
+                      message, failure)
         return None
     if objective is None:
         return None
