@@ -598,15 +598,14 @@ def refit_on_trainval(cfg: DictConfig, datamodule: Any, trainer: pl.Trainer, out
 
 def fit_metrics(trainer: pl.Trainer, resumed: str | None) -> dict[str, float]:
     """The fit's train/ and val/ metrics as logged, over those saved in the resumed checkpoint
-    (`ResumableModule`): a resumed fit logs only what it ran. From a checkpoint at the end (a
-    run killed during class cross-validation or the refit) it logs nothing; after the fit's
-    last validation, no val/ metric."""
+    (`ResumableModule.resumed_fit_metrics`, read when the fit restored it): a resumed fit logs
+    only what it ran. From a checkpoint at the end (a run killed during class cross-validation
+    or the refit) it logs nothing; after the fit's last validation, no val/ metric."""
     logged = {k: _metric(v) for k, v in trainer.callback_metrics.items()
               if k.startswith(("train/", "val/"))}
     if resumed is None:
         return logged
-    saved = torch.load(resumed, map_location="cpu", weights_only=False).get("fit_metrics", {})
-    return {**saved, **logged}
+    return {**getattr(trainer.lightning_module, "resumed_fit_metrics", {}), **logged}
 
 
 def as_trained(datamodule: Any, ckpt_path: str) -> Any:

@@ -30,7 +30,8 @@ class ResumableModule(pl.LightningModule):
 
     def __init__(self) -> None:
         super().__init__()
-        self._fit_metrics_resumed: dict[str, float] = {}  # those of the checkpoint resumed from
+        # the fit's metrics saved in the checkpoint it resumed from (`fewzero.train.fit_metrics`)
+        self.resumed_fit_metrics: dict[str, float] = {}
         self.train_acc = MeanMetric()
         self.train_acc.persistent(True)
         self.val_acc_best = MaxMetric()
@@ -68,7 +69,7 @@ class ResumableModule(pl.LightningModule):
         # uninterrupted one: from a checkpoint at max_steps, nothing; after the last
         # validation, no val/ metric. Those of the checkpoint resumed from carry on.
         metrics = self.trainer.callback_metrics if self._trainer is not None else {}
-        checkpoint["fit_metrics"] = {**self._fit_metrics_resumed, **{
+        checkpoint["fit_metrics"] = {**self.resumed_fit_metrics, **{
             k: float(v) for k, v in metrics.items()
             if k.startswith(("train/", "val/")) and v.numel() == 1}}
         checkpoint["rng_state"] = {"torch": torch.get_rng_state()}
@@ -76,7 +77,7 @@ class ResumableModule(pl.LightningModule):
             checkpoint["rng_state"]["cuda"] = torch.cuda.get_rng_state_all()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._fit_metrics_resumed = dict(checkpoint.get("fit_metrics", {}))
+        self.resumed_fit_metrics = dict(checkpoint.get("fit_metrics", {}))
         # checkpoints from before the metric states were saved load with fresh ones
         for key, value in self.state_dict().items():
             if key.startswith(("train_acc.", "val_acc_best.")):
