@@ -113,16 +113,21 @@ class EpochProgressBar(RichProgressBar):
         return f"{text:{len(self.validation_description)}}"
 
 
+def steps_per_epoch(trainer: pl.Trainer) -> int | None:
+    """Optimiser steps in one of the fit's epochs; None when its length is unknown (infinite)."""
+    batches = trainer.num_training_batches
+    return math.ceil(batches / trainer.accumulate_grad_batches) if 0 < batches < math.inf else None
+
+
 def last_epoch(trainer: pl.Trainer) -> int | None:
     """The 0-based epoch in which the fit ends: by max_epochs, or the epoch in which max_steps
     falls (max_epochs -1 or None); None when neither bounds it or the epoch length is unknown."""
     ends = []
     if trainer.max_epochs is not None and trainer.max_epochs >= 0:
         ends.append(trainer.max_epochs - 1)
-    batches = trainer.num_training_batches
-    if trainer.max_steps > 0 and 0 < batches < math.inf:
-        steps_per_epoch = math.ceil(batches / trainer.accumulate_grad_batches)
-        ends.append(math.ceil(trainer.max_steps / steps_per_epoch) - 1)
+    epoch = steps_per_epoch(trainer)
+    if trainer.max_steps > 0 and epoch:
+        ends.append(math.ceil(trainer.max_steps / epoch) - 1)
     return min(ends) if ends else None
 
 
@@ -304,10 +309,9 @@ class BestCheckpoint(ModelCheckpoint):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
-        batches = trainer.num_training_batches
-        if trainer.max_steps <= 0 or not 0 < batches < math.inf:
+        epoch = steps_per_epoch(trainer)
+        if trainer.max_steps <= 0 or not epoch:
             return
-        epoch = math.ceil(batches / trainer.accumulate_grad_batches)  # optimiser steps
         tail = trainer.max_steps % epoch
         if tail and trainer.is_global_zero and (trainer.max_epochs is None or trainer.max_epochs < 0):
             first = trainer.max_steps - tail + 1
