@@ -452,7 +452,7 @@ def test_ctrl_c_saves_the_current_step_and_prints_the_command_that_resumes(tmp_p
 @pytest.mark.slow
 def test_a_multirun_stopped_by_sigterm_prints_the_command_that_finishes_the_sweep(tmp_path):
     """Job 1 of seeds 0,1,2 stopped mid-fit: the printed command finishes the sweep in its own
-    directory (job 0 tested again, job 1 resumed from its last.ckpt, job 2 started)."""
+    directory (job 0 kept as it finished, job 1 resumed from its last.ckpt, job 2 started)."""
     sweep = tmp_path / "sweep"
     command = [a for a in _command(tmp_path, tmp_path / "unused") if not a.startswith("hydra.run.dir")]
     command[3:3] = ["-m"]
@@ -466,11 +466,13 @@ def test_a_multirun_stopped_by_sigterm_prints_the_command_that_finishes_the_swee
         assert first.wait(timeout=300) == 128 + signal.SIGTERM
     output = log_path.read_text()
     assert not list(sweep.glob("2_*")), "the stop ends the multirun"
-    finish = shlex.split(output.split("Finish it (stopped jobs resume, finished ones are tested again, "
+    finish = shlex.split(output.split("Finish it (stopped jobs resume, finished ones keep their results, "
                                       "the rest start) with:\n", 1)[1].splitlines()[0])
     assert finish[:4] == [interpreter(), "-m", "fewzero.train", "-m"]
     assert "seed=0,1,2" in finish and "ckpt_path=auto" in finish and f"hydra.sweep.dir={sweep}" in finish
     stopped = _step(next(sweep.glob("1_*/checkpoints/last.ckpt")))
+    finished = next(sweep.glob("0_*/metrics.json"))
+    written = finished.stat().st_mtime_ns
     done = subprocess.run(finish, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "All 3 jobs finished" in done.stdout + done.stderr
@@ -480,6 +482,8 @@ def test_a_multirun_stopped_by_sigterm_prints_the_command_that_finishes_the_swee
         done.stdout + done.stderr)
     assert 0 < stopped < 12
     assert _step(jobs[1] / "checkpoints" / "last.ckpt") == 12  # trained to its end
+    assert finished.stat().st_mtime_ns == written  # job 0: neither trained nor tested again
+    assert f"{jobs[0]} finished with these settings already" in done.stdout + done.stderr
 
 
 @pytest.mark.slow
@@ -582,6 +586,37 @@ def test_ckpt_path_auto_resumes_when_there_is_a_last_checkpoint_and_starts_afres
     last.parent.mkdir()
     last.write_bytes(b"")
     assert resolve_ckpt_path("auto", tmp_path) == str(last) == resolve_ckpt_path("last", tmp_path)
+
+
+def test_ckpt_path_auto_leaves_a_run_that_finished_with_the_same_settings_as_it_was(tmp_path, caplog):
+    """A sweep's finishing command (ckpt_path=auto) neither trains nor tests a finished job again:
+    its metrics.json is read back. Any other setting, or a later last.ckpt (a kill mid-fit of a
+    new attempt), makes it a run to resume as before."""
+    from fewzero.train import finished_report
+
+    settings = ["trainer.max_steps=4", "dataset.episodes.train.n_episodes=2", "ckpt_path=auto"]
+    first, _ = train(compose_train_cfg(tmp_path, settings), overrides=settings)
+    run = tmp_path / "run"
+    written = (run / "metrics.json").stat().st_mtime_ns
+    report = json.loads((run / "metrics.json").read_text())
+    with caplog.at_level(logging.INFO, logger="fewzero.train"):
+        again, objects = train(compose_train_cfg(tmp_path, settings), overrides=settings)
+    assert "finished with these settings already" in caplog.text
+    assert again == first and set(objects) == {"cfg"}
+    assert (run / "metrics.json").stat().st_mtime_ns == written
+
+    last = run / "checkpoints" / "last.ckpt"
+    # ckpt_path is not a setting: the sweep's first command may not have had ckpt_path=auto
+    assert finished_report(compose_train_cfg(tmp_path, settings[:-1]), last, run) == report
+    other_test = [*settings, "dataset.episodes.test=[{n_way: 5, n_shot: 1, n_query: 5, n_episodes: 3}]"]
+    assert finished_report(compose_train_cfg(tmp_path, other_test), last, run) is None
+    os.utime(last, ns=(written + 10**9, written + 10**9))  # saved after the results were written
+    assert finished_report(compose_train_cfg(tmp_path, settings), last, run) is None
+    os.utime(last, ns=(written, written))
+    tagged = [*settings, "tags=[again]"]  # a setting a resume may change: tested again
+    retested, _ = train(compose_train_cfg(tmp_path, tagged), overrides=tagged)
+    assert json.loads((run / "metrics.json").read_text())["tags"] == ["again"]
+    assert retested == first  # resumed at its end and tested again, not retrained
 
 
 ZSL_SHORT = ["trainer.deterministic=true", "seed=5", "trainer.max_steps=8", "dataset.steps_per_epoch=4",

@@ -151,6 +151,29 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
     return str(path)
 
 
+def finished_report(cfg: DictConfig, last: str | Path, output_dir: Path) -> dict[str, Any] | None:
+    """The metrics.json of the run in `output_dir` if that run finished with `cfg`'s settings:
+    written after `last` (its last.ckpt), which records this very config (`ckpt_path` aside: a
+    sweep's first command may lack the `auto` of the command that finishes it). None otherwise,
+    e.g. after a kill mid-fit, or when any setting differs (test settings included)."""
+    path = output_dir / "metrics.json"
+    if not path.is_file() or path.stat().st_mtime < Path(last).stat().st_mtime:
+        return None
+    try:
+        record = RunRecord.read(last)
+    except Exception:  # a file cut short by a kill: the resume says so
+        return None
+    if record is None:
+        return None
+
+    def settings(config: dict[str, Any]) -> dict[str, Any]:
+        return {key: value for key, value in config.items() if key != "ckpt_path"}
+
+    if settings(record["config"]) != settings(OmegaConf.to_container(cfg)):
+        return None
+    return json.loads(path.read_text())
+
+
 def flatten_config(node: Any, prefix: str = "", sep: str = ".") -> dict[str, Any]:
     """A config container's leaves as {"a.b.c": value}: dicts are walked (an empty one has no
     leaves), lists and scalars are leaves."""
@@ -236,8 +259,9 @@ def sweep_resume_command(sweep_dir: Path) -> str | None:
     """The shell command that finishes the multirun in `sweep_dir` (from its multirun.yaml): its
     command-line overrides (the launcher's included) with `ckpt_path=auto` in the same sweep
     directory, so each job finds its own run directory: stopped jobs resume from last.ckpt,
-    finished ones are tested again, the others start. None for a sweep other than Hydra's basic
-    one (an Optuna study is resumed by its own command) or without multirun.yaml."""
+    finished ones keep their results (`finished_report`), the others start. None for a sweep
+    other than Hydra's basic one (an Optuna study is resumed by its own command) or without
+    multirun.yaml."""
     recorded = sweep_dir / "multirun.yaml"
     if not recorded.is_file():
         return None
@@ -631,9 +655,12 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> tuple[dict[str
     with `save_run_overrides`. They are recorded in the checkpoints and named by the message
     that refuses a resume with other settings (`check_resume`).
 
+    With `ckpt_path=auto`, a run directory whose run already finished with these settings
+    (`finished_report`) is left as it is: its metrics.json is read back, nothing is built.
+
     Returns:
         (metrics, objects): final metrics by key (`val/acc_best`, `test/5way_5shot_acc`, ...)
-        and the built cfg, datamodule, model, trainer.
+        and the built cfg, datamodule, model, trainer (the cfg alone for a finished run).
     """
     log_from_the_first_process_only()
     quiet_lightning()
@@ -642,13 +669,25 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> tuple[dict[str
     record = RunRecord(OmegaConf.to_container(cfg), run_overrides(output_dir, overrides))
     try:
         resumed = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir) if cfg.get("train", True) else None
-        if resumed:
+        finished = (finished_report(cfg, resumed, output_dir)
+                    if resumed and cfg.get("ckpt_path") == "auto" else None)
+        if resumed and finished is None:
             check_resume(cfg, resumed, output_dir)
         check_accelerator(cfg)
         check_side_info_is_read(cfg)
     except Exception:  # e.g. a mistyped resume of an existing run: leave its files as they were
         restore_run_files(output_dir)
         raise
+    if finished is not None:  # e.g. a job of a sweep that a stop interrupted, finished before
+        log.info("%s finished with these settings already: its results stand, neither trained nor "
+                 "tested again (to test it again: ckpt_path=last, or remove its metrics.json).",
+                 output_dir)
+        if rank_zero_only.rank == 0:
+            print_summary(output_dir, finished)
+        results = dict(finished.get("metrics", {}))
+        if finished.get("checkpoint") is not None:
+            results["test/checkpoint"] = finished["checkpoint"]
+        return results, {"cfg": cfg}
     saved_config = output_dir / ".hydra" / "config.yaml"
     if cfg.get("train", True) and not saved_config.exists():
         # Hydra writes it for `python -m fewzero.train`; a run composed by a script (the
@@ -800,8 +839,8 @@ def say_how_to_resume(output_dir: Path, overrides: list[str], during: str | None
                     resume_command(run_overrides(output_dir, overrides), output_dir))
     whole_sweep = sweep_resume_command(sweep_dir) if sweep_dir is not None and not requeued else None
     if whole_sweep:
-        log.warning("The multirun stops here. Finish it (stopped jobs resume, finished ones are "
-                    "tested again, the rest start) with:\n  %s", whole_sweep)
+        log.warning("The multirun stops here. Finish it (stopped jobs resume, finished ones keep "
+                    "their results, the rest start) with:\n  %s", whole_sweep)
 
 
 @hydra.main(version_base="1.3", config_path="../../configs", config_name="train")
