@@ -140,6 +140,30 @@ def test_eval_refuses_to_test_on_clips_the_checkpoint_learned_from(run, override
             check_tested_clips_unheard(trained, tested)
 
 
+ZSL_TABLE_RUN = {"dataset": {"split": {"seen": ["A", "B"], "unseen": ["C"]}, "test_fold": 4, "source": {
+    "_target_": "Rendered", "seed": 0,
+    "instruments": [{"name": "A", "program": 1}, {"name": "B", "program": 2}, {"name": "C", "program": 3}]}}}
+
+
+@pytest.mark.parametrize("instruments, refused", [
+    # appended: rendered SOL renders and deals the run's instruments as before
+    ("[{name: A, program: 1}, {name: B, program: 2}, {name: C, program: 3}, {name: D, program: 4}]", None),
+    ("[{name: D, program: 4}, {name: A, program: 1}, {name: B, program: 2}, {name: C, program: 3}]",
+     "of another fold dealing.*a new instrument goes after the run's dataset.source.instruments"),
+    ("[{name: A, program: 5}, {name: B, program: 2}, {name: C, program: 3}, {name: D, program: 4}]",
+     "of another fold dealing"),
+])
+def test_an_instrument_appended_to_the_source_is_tested_as_a_new_unseen_class(instruments, refused):
+    trained = OmegaConf.create(ZSL_TABLE_RUN)
+    tested = apply_overrides(trained, [f"dataset.source.instruments={instruments}",
+                                       "dataset.split.unseen=[C,D]"])
+    if refused is None:
+        check_tested_clips_unheard(trained, tested)
+    else:
+        with pytest.raises(ValueError, match=f"learned from, not on new ones: .*{refused}"):
+            check_tested_clips_unheard(trained, tested)
+
+
 @pytest.mark.parametrize("run, override, kind", [
     (ZSL_RUN, "dataset.episodes.test=[{n_way: 2}]", "few-shot test settings.*zero-shot audio kind"),
     (ZSL_RUN, "+dataset.episodes.test=[{n_way: 2}]", "few-shot test settings.*zero-shot audio kind"),
@@ -206,6 +230,22 @@ def test_zero_shot_checkpoint_is_re_evaluated_on_other_candidate_sets(tmp_path):
     assert (tmp_path / "eval" / "metrics.json").is_file()
     with pytest.raises(ValueError, match=r"unseen names \['Oboe'\], seen classes of the run"):
         evaluate(ckpt, ["dataset.split.unseen=[Oboe,Viola]"], tmp_path / "eval_seen")
+
+
+def test_zero_shot_checkpoint_is_re_evaluated_with_an_instrument_the_run_never_had(tmp_path):
+    """The zero-shot journey: a class added to the source after training is tested as unseen."""
+    cfg = compose_train_cfg(tmp_path, ["experiment=zsl_word_audio", "test=false"])
+    train(cfg)
+    names = [*cfg.dataset.source.instruments, "Piccolo"]
+    unseen = [*cfg.dataset.split.unseen, "Piccolo"]
+    metrics, objects = evaluate(
+        Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt",
+        [f"dataset.source.instruments=[{','.join(repr(n) for n in names)}]",
+         f"dataset.split.unseen=[{','.join(repr(n) for n in unseen)}]",
+         "+side_info.words.Piccolo=[piccolo]"], tmp_path / "eval")
+    assert objects["datamodule"].unseen == unseen
+    assert objects["datamodule"].indices["test_unseen"].numel() == 12 * len(unseen)
+    assert 0.0 <= metrics["test/zsl_top1"] <= 1.0
 
 
 def test_refit_conse_checkpoint_is_re_evaluated_against_the_classes_it_was_trained_on(tmp_path):

@@ -121,6 +121,22 @@ def apply_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
 SOURCE_LOCATION_KEYS = {"root", "num_workers", "data_home", "index_path", "download", "allow_missing"}
 
 
+def refolds(source: DictConfig | dict, new_source: DictConfig | dict) -> bool:
+    """Whether `new_source` may deal the clips of `source`'s classes to other folds (or render
+    them otherwise): another source of the same kind with a setting changed beyond where its files
+    are. Instruments appended to the end of the `instruments` table (a new class to test) change
+    nothing of the others: rendered SOL seeds each note by its place in the table and deals each
+    class's notes to folds by the class's name, as the synthetic tones do by place."""
+    if source.get("_target_") != new_source.get("_target_"):
+        return False
+    old, new = source.get("instruments"), new_source.get("instruments")
+    appended = (old is not None and new is not None and len(new) >= len(old)
+                and list(new)[:len(old)] == list(old))
+    return any(source.get(key) != new_source.get(key)
+               for key in set(source) | set(new_source)
+               if key not in SOURCE_LOCATION_KEYS and not (key == "instruments" and appended))
+
+
 def check_tested_clips_unheard(trained: DictConfig, tested: DictConfig) -> None:
     """Refuse overrides under which the test would score clips that trained or selected the
     checkpoint. `trained`: the run's config; `tested`: it with the eval overrides. A zero-shot run
@@ -131,9 +147,7 @@ def check_tested_clips_unheard(trained: DictConfig, tested: DictConfig) -> None:
     kind, before, after = run_kind(trained), trained.dataset, tested.dataset
     split, new_split = before.get("split") or {}, after.get("split") or {}
     source, new_source = before.get("source") or {}, after.get("source") or {}
-    refolded = (source.get("_target_") == new_source.get("_target_") and any(
-        source.get(key) != new_source.get(key)
-        for key in set(source) | set(new_source) if key not in SOURCE_LOCATION_KEYS))
+    refolded = refolds(source, new_source)
     problems = []
     if kind == "zero-shot audio":
         seen = list(split["seen"])
@@ -149,7 +163,10 @@ def check_tested_clips_unheard(trained: DictConfig, tested: DictConfig) -> None:
                             + (" of another fold dealing (dataset.source)" if refolded else "")
                             + f", but the run trained {heard} on every fold except its fold "
                             f"{before.get('test_fold')}; keep dataset.test_fold="
-                            f"{before.get('test_fold')} and the run's dataset.source")
+                            f"{before.get('test_fold')} and the run's dataset.source"
+                            + (" (a new instrument goes after the run's dataset.source.instruments, "
+                               "which stay as they were)" if refolded and source.get("instruments")
+                               != new_source.get("instruments") else ""))
     elif kind == "few-shot":
         learned = [*split.get("train", []), *split.get("val", [])]
         folds, new_folds = before.get("folds"), after.get("folds")
