@@ -40,6 +40,9 @@ def test_classes_without_a_range_or_outside_the_span_are_named():
         _prior().range_likelihoods(["low", "nameless"])
     assert "Give each a row with range_low and range_high" in str(err.value)  # not a spelling hint
     assert "model.pitch_prior.table" in str(err.value) and "spelling" not in str(err.value)
+    # beside GloVe, text or images the table is physical_facts.table, not side_info.table (which
+    # those side informations do not have: a row put there broke their constructor)
+    assert "physical_facts.table with model/pitch_prior=range_formant_attributes" in str(err.value)
     narrow = PitchRangePrior(audio_dim=2, table=TABLE, low_pitch=60, high_pitch=70)
     with pytest.raises(ValueError, match=r"\['low'\] lie outside pitch_prior's span 60..70"):
         narrow.range_likelihoods(["low"])

@@ -301,8 +301,12 @@ class PitchRangePrior(nn.Module):
         """
         check_covered(class_names, list(self.ranges), what="The range table of model.pitch_prior",
                       hint="Give each a row with range_low and range_high (MIDI) in the table "
-                           "model.pitch_prior.table points to (e.g. side_info.table), or "
-                           "remove the class from dataset.split.")
+                           "model.pitch_prior.table points to: side_info.table with "
+                           "side_info=attributes, physical_facts.table with "
+                           "model/pitch_prior=range_formant_attributes (a row of ranges and "
+                           "formants is enough there, e.g. '+physical_facts.table={Piccolo: "
+                           "{range_low: 74, range_high: 108}}'), or remove the class from "
+                           "dataset.split.")
         pitches = self.pitches
         inside = torch.stack([(pitches >= self.ranges[n][0]) & (pitches <= self.ranges[n][1])
                               for n in class_names]).float()
