@@ -293,6 +293,21 @@ def test_a_split_class_that_rendered_no_audible_note_is_named_so_before_decoding
     assert "Unknown" not in message and "spelling" not in message
 
 
+def test_a_split_class_missing_from_the_table_is_named_with_how_to_render_it(
+        tmp_path: Path, soundfont_file: Path) -> None:
+    from fewzero.data.clips import check_split
+
+    source = RenderedSOL(tmp_path, TABLE, [str(soundfont_file)])
+    with pytest.raises(ValueError) as err:
+        check_split(["Flute", "Piccolo"], ["Flute", "Violin"], source, key="dataset.split.unseen")
+    message = str(err.value)
+    assert message.startswith("Unknown sol instrument name(s) ['Piccolo']")
+    assert "Check the spelling in dataset.split.unseen" in message  # a misspelt name
+    # or the instrument the user means to study, which the table does not render yet
+    assert "add an entry {name, program (0-based GM), low, high} after the others in " \
+           "dataset.source.instruments" in message
+
+
 def test_is_silent_uses_the_peak_in_dbfs() -> None:
     tone = np.sin(np.linspace(0, 200, 1000)).astype(np.float32)
     assert sol._is_silent(np.zeros(1000, dtype=np.float32), -60.0)

@@ -145,7 +145,9 @@ def check_split(names: list[str] | tuple[str, ...], available: list[str] | tuple
 
     A class the source knows but found no audio file of (its `missing_classes`, {class: folder
     of its files}, e.g. TinySOL with allow_missing=true) is named as such, and so is one whose
-    every note rendered silent (its `silent_classes`, rendered SOL); others are unknown.
+    every note rendered silent (its `silent_classes`, rendered SOL); others are unknown, and
+    their error ends with the source's `unknown_class_hint` where it has one (how rendered SOL
+    renders a new instrument).
     """
     check_listed_once(names, key)
     silent = [name for name in names
@@ -168,4 +170,6 @@ def check_split(names: list[str] | tuple[str, ...], available: list[str] | tuple
         )
     check_instruments(names, available, what=f"{source.name} instrument",
                       hint=f"Check the spelling in {key} (names are case-sensitive, e.g. "
-                           "'Clarinet in Bb', 'Trumpet in C').")
+                           "'Clarinet in Bb', 'Trumpet in C')."
+                           + (f" {source.unknown_class_hint}"
+                              if getattr(source, "unknown_class_hint", "") else ""))

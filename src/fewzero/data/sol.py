@@ -503,6 +503,11 @@ class RenderedSOL:
     """
 
     name = "sol"
+    # appended to the error for a class of the split that the table lacks (`check_split`): it may
+    # be misspelt, or an instrument not rendered yet
+    unknown_class_hint = ("To render another instrument, add an entry {name, program (0-based GM), "
+                          "low, high} after the others in dataset.source.instruments (README, "
+                          "\"Adding an instrument\").")
 
     def __init__(self, root: str | Path, instruments: list[dict], soundfonts: list[str],
                  sample_rate: int = 16000, clip_seconds: float = 2.0, note_seconds: float = 1.5,
