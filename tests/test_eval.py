@@ -3,6 +3,7 @@ import os
 import shutil
 from pathlib import Path
 
+import hydra
 import pytest
 import torch
 from conftest import compose_train_cfg
@@ -245,6 +246,27 @@ def test_zero_shot_checkpoint_is_re_evaluated_with_an_instrument_the_run_never_h
          "+side_info.words.Piccolo=[piccolo]"], tmp_path / "eval")
     assert objects["datamodule"].unseen == unseen
     assert objects["datamodule"].indices["test_unseen"].numel() == 12 * len(unseen)
+    assert 0.0 <= metrics["test/zsl_top1"] <= 1.0
+
+
+def test_an_attribute_row_added_for_a_new_class_leaves_the_seen_vectors_the_run_trained_with(tmp_path):
+    cfg = compose_train_cfg(tmp_path, ["experiment=zsl_attribute_audio", "test=false"])
+    train(cfg)
+    seen = list(cfg.dataset.split.seen)
+    trained_vectors = hydra.utils.instantiate(cfg.side_info).vectors(seen).mean  # (n_seen, dim)
+    names = [*cfg.dataset.source.instruments, "Piccolo"]
+    unseen = [*cfg.dataset.split.unseen, "Piccolo"]
+    row = ("{family: woodwinds, hornbostel_sachs: aerophone_edge, excitation: edge_tone, reed: none, "
+           "pitch_control: keys, bore: conical, material: metal, register: soprano, size: small, "
+           "range_low: 74, range_high: 108}")
+    metrics, objects = evaluate(
+        Path(cfg.paths.output_dir) / "checkpoints" / "refit_trainval.ckpt",
+        [f"dataset.source.instruments=[{','.join(repr(n) for n in names)}]",
+         f"dataset.split.unseen=[{','.join(repr(n) for n in unseen)}]",
+         f"+side_info.table={{Piccolo: {row}}}"], tmp_path / "eval")
+    assert objects["datamodule"].seen == seen and objects["datamodule"].unseen == unseen
+    # the range_low/range_high columns are standardised over the run's 14 rows, as in training
+    torch.testing.assert_close(objects["model"].side_matrix[:len(seen)], trained_vectors)
     assert 0.0 <= metrics["test/zsl_top1"] <= 1.0
 
 

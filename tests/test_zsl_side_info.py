@@ -184,6 +184,25 @@ def test_numeric_attributes_are_standardised_over_the_table_and_weighted():
                                torch.tensor([[-2.0, 0.0], [0.0, 0.0], [2.0, 0.0]]))
 
 
+def test_numeric_attributes_can_be_standardised_over_some_rows_only():
+    """A row added for a new class leaves the other rows' vectors as they were when the numbers
+    are standardised over those rows (fewzero.eval does so with a run's own rows)."""
+    table = {name: {"low": low} for name, low in (("A", 30), ("B", 50), ("C", 70))}
+    grown = {**table, "D": {"low": 110}}
+    before, _ = encode_attribute_table(table, [], ["low"])
+    after, _ = encode_attribute_table(grown, [], ["low"], standardize_on=["A", "B", "C"])
+    for name in "ABC":
+        torch.testing.assert_close(after[name], before[name])
+    torch.testing.assert_close(after["D"], torch.tensor([3.0]))  # (110 - 50) / 20
+    moved, _ = encode_attribute_table(grown, [], ["low"])  # over every row: A, B, C move
+    assert not torch.equal(moved["A"], before["A"])
+    kept = AttributeTable(grown, [], ["low"], dim=1, standardize_on=["A", "B", "C"], normalize=False)
+    torch.testing.assert_close(kept.vectors(["A", "D"]).mean, torch.tensor([[-1.0], [3.0]]))
+    assert "standardize_on" not in AttributeTable(table, [], ["low"], dim=1).cache_config()
+    with pytest.raises(ValueError, match=r"standardize_on names \['E'\], which side_info.table has no row"):
+        encode_attribute_table(grown, [], ["low"], standardize_on=["A", "E"])
+
+
 def test_a_value_that_only_follows_another_in_a_list_gets_its_own_column():
     table = {"A": {"register": ["bass", "tenor"]}, "B": {"register": "bass"}}
     vectors, columns = encode_attribute_table(table, ["register"], [])

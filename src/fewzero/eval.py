@@ -184,6 +184,27 @@ def check_tested_clips_unheard(trained: DictConfig, tested: DictConfig) -> None:
                          "a run whose split keeps them out.")
 
 
+def keep_attribute_scaling(trained: DictConfig, tested: DictConfig) -> None:
+    """Standardise an attribute table's numeric columns over the run's own rows when the eval
+    overrides add rows (new classes to test): over every row, as training does, an added row
+    would move every class's vector, the seen classes' too, away from those the checkpoint
+    trained with. `trained`: the run's config; `tested`: it with the overrides, changed in place
+    (`side_info.standardize_on`, unless the overrides set it)."""
+    side_info = tested.get("side_info") or {}
+    if (side_info.get("_target_") != "fewzero.side_info.attributes.AttributeTable"
+            or not side_info.get("numeric") or side_info.get("standardize_on") is not None):
+        return
+    before = trained.get("side_info") or {}
+    rows = list(before.get("standardize_on") or before.get("table") or {})
+    added = [name for name in side_info.get("table") or {} if name not in rows]
+    if rows and added:
+        with open_dict(tested):
+            tested.side_info.standardize_on = rows
+        log.info("side_info.table rows %s are new to the run: its numeric columns %s are "
+                 "standardised over the run's rows, as in training.", added,
+                 list(side_info.numeric))
+
+
 def check_output_dir(ckpt: Path, output_dir: Path) -> None:
     """Refuse an output directory that is the checkpoint's own run directory or already holds a
     metrics.json: the evaluation would overwrite that run's metrics.json, .hydra/config.yaml
@@ -213,6 +234,7 @@ def evaluate(ckpt_path: str | Path, overrides: list[str], output_dir: str | Path
     trained = load_run_config(ckpt, Path(run_config) if run_config else None)
     cfg = apply_overrides(trained, overrides)
     check_tested_clips_unheard(trained, cfg)
+    keep_attribute_scaling(trained, cfg)
     with open_dict(cfg):
         cfg.train, cfg.test, cfg.ckpt_path = False, True, str(ckpt.resolve())
         cfg.paths.output_dir = str(output_dir)

@@ -2,7 +2,9 @@
 
 Categorical attributes become one-hot (multi-hot for lists) columns over the values that occur
 in the whole table, so a class's vector does not depend on which other classes are requested;
-numeric attributes (e.g. the written range in MIDI numbers) are standardised over the table.
+numeric attributes (e.g. the written range in MIDI numbers) are standardised over the table, or
+over the rows `standardize_on` names (`fewzero.eval` names a run's own rows, so that rows added
+for new classes leave the vectors the checkpoint trained with as they were).
 """
 
 from __future__ import annotations
@@ -30,14 +32,16 @@ def _is_number(value: Any) -> bool:
 
 
 def encode_attribute_table(table: Mapping[str, Mapping[str, Any]], categorical: Sequence[str],
-                           numeric: Sequence[str], numeric_weight: float = 1.0
+                           numeric: Sequence[str], numeric_weight: float = 1.0,
+                           standardize_on: Sequence[str] | None = None
                            ) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Encode every row of `table`.
+    """Encode every row of `table`; numeric columns are standardised with the mean and spread of
+    the rows `standardize_on` names (None: every row).
 
     Returns:
         ({class name: (dim,) vector}, column names of length dim).
     Raises a ValueError naming the class and attribute when a value is missing, or a numeric
-    one is not a number.
+    one is not a number, or the rows of `standardize_on` the table lacks.
     """
     missing = [f"side_info.table.{name}.{a}" for name, row in table.items()
                for a in (*categorical, *numeric) if a not in row]
@@ -56,12 +60,18 @@ def encode_attribute_table(table: Mapping[str, Mapping[str, Any]], categorical: 
                          "Write numbers there (ranges are MIDI note numbers, "
                          "e.g. range_low: 58), or move the attribute from side_info.numeric to "
                          "side_info.categorical.")
+    names = list(table) if standardize_on is None else list(standardize_on)
+    absent = [name for name in names if name not in table]
+    if absent:
+        raise ValueError(f"side_info.standardize_on names {absent}, which side_info.table has no "
+                         "row for: name rows of the table, or set it to null (every row).")
     vectors = {}
     numbers = torch.tensor([[float(row[a]) for a in numeric] for row in table.values()]).reshape(
-        len(table), len(numeric))
-    # a one-row table has no spread (std would be NaN): its numbers standardise to 0
-    spread = numbers.std(dim=0) if len(table) > 1 and numeric else torch.ones(len(numeric))
-    standardised = (numbers - numbers.mean(dim=0)) / spread.clamp_min(1e-6)
+        len(table), len(numeric))  # (n_rows, n_numeric)
+    reference = numbers[[list(table).index(name) for name in names]]
+    # one row has no spread (std would be NaN): its numbers standardise to 0
+    spread = reference.std(dim=0) if len(reference) > 1 and numeric else torch.ones(len(numeric))
+    standardised = (numbers - reference.mean(dim=0)) / spread.clamp_min(1e-6)
     for i, (name, row) in enumerate(table.items()):
         hot = torch.zeros(len(columns))
         for attribute in categorical:
@@ -80,21 +90,26 @@ class AttributeTable(SideInformation):
         numeric: attribute names used as standardised numbers.
         numeric_weight: scale of the numeric columns relative to a one-hot column.
         dim: number of encoded columns (checked).
+        standardize_on: the rows whose mean and spread standardise the numeric columns; None
+            (the configs' default): every row.
     """
 
     kind = "attributes"
 
     def __init__(self, table: Mapping[str, Mapping[str, Any]], categorical: Sequence[str],
                  numeric: Sequence[str] = (), numeric_weight: float = 1.0, dim: int = 0,
-                 **kwargs: Any):
+                 standardize_on: Sequence[str] | None = None, **kwargs: Any):
         super().__init__(dim, **kwargs)
         self.table = {name: dict(row) for name, row in dict(table).items()}
         self.categorical, self.numeric = list(categorical), list(numeric)
         self.numeric_weight = numeric_weight
+        self.standardize_on = None if standardize_on is None else list(standardize_on)
 
     def cache_config(self) -> dict[str, Any]:
-        return {"table": self.table, "categorical": self.categorical, "numeric": self.numeric,
-                "numeric_weight": self.numeric_weight}
+        config = {"table": self.table, "categorical": self.categorical, "numeric": self.numeric,
+                  "numeric_weight": self.numeric_weight}
+        # only when set: the vectors cached without it keep their key
+        return config if self.standardize_on is None else {**config, "standardize_on": self.standardize_on}
 
     def columns(self) -> list[str]:
         """Names of the vector's columns, e.g. `reed=double`, `range_low`."""
@@ -117,5 +132,5 @@ class AttributeTable(SideInformation):
                            "categorical and numeric attribute), or remove the class from "
                            "dataset.split.")
         vectors, _ = encode_attribute_table(self.table, self.categorical, self.numeric,
-                                            self.numeric_weight)
+                                            self.numeric_weight, self.standardize_on)
         return [vectors[name][None] for name in class_names]
