@@ -328,6 +328,23 @@ def test_eval_refuses_another_seen_class_test_fold_for_a_zero_shot_checkpoint(tm
         evaluate(ckpt, ["dataset.test_fold=0"], tmp_path / "eval", config)
 
 
+@pytest.mark.parametrize("dim", [None, 40])
+def test_eval_refuses_an_attribute_value_the_runs_table_never_used(tmp_path, dim):
+    cfg = compose_train_cfg(tmp_path, ["experiment=zsl_attribute_audio"])
+    config = tmp_path / "config.yaml"
+    OmegaConf.save(cfg, config)
+    ckpt = tmp_path / "model.ckpt"
+    ckpt.write_bytes(b"")  # refused before it is read
+    overrides = ["+side_info.table={Piccolo: {family: woodwinds, hornbostel_sachs: aerophone_edge, "
+                 "excitation: edge_tone, reed: none, pitch_control: keys, bore: conical, material: "
+                 "metal, register: soprano, size: very_small, range_low: 74, range_high: 108}}"]
+    # the dim error's 'Set side_info.dim=40' cannot help: the checkpoint's head has 39 columns
+    with pytest.raises(ValueError, match=r"\['side_info.table.Piccolo.size=very_small'\] are attribute "
+                                         r"values the run's side_info.table never used.*"
+                                         r"side_info.dim=39 columns only"):
+        evaluate(ckpt, overrides + ([f"side_info.dim={dim}"] if dim else []), tmp_path / "eval", config)
+
+
 def test_cli_evaluates_an_older_checkpoint_into_a_new_directory_named_after_the_overrides_each_time(
         tmp_path, monkeypatch):
     from fewzero.eval import EVAL_DIR_VARIABLE

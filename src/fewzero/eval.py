@@ -28,6 +28,7 @@ from omegaconf.errors import ConfigKeyError
 
 from fewzero.callbacks import RunRecord
 from fewzero.console import refusal_message
+from fewzero.side_info.attributes import new_values
 from fewzero.train import run_suffix, train
 
 log = logging.getLogger(__name__)
@@ -184,6 +185,25 @@ def check_tested_clips_unheard(trained: DictConfig, tested: DictConfig) -> None:
                          "a run whose split keeps them out.")
 
 
+def check_attribute_columns_kept(trained: DictConfig, tested: DictConfig) -> None:
+    """Refuse attribute values the run's table never used (in rows added for new classes, say):
+    each adds a column to the attribute vectors, for which the checkpoint's head has no weights,
+    so no side_info.dim can make the checkpoint load. `trained`: the run's config; `tested`: it
+    with the eval overrides."""
+    side_info, before = tested.get("side_info") or {}, trained.get("side_info") or {}
+    if (side_info.get("_target_") != "fewzero.side_info.attributes.AttributeTable"
+            or before.get("_target_") != side_info.get("_target_")):
+        return
+    unused = new_values(side_info.table, before.table, list(side_info.categorical))
+    if unused:
+        raise ValueError(
+            f"{unused} are attribute values the run's side_info.table never used: each would add a "
+            f"column to the attribute vectors, and the checkpoint's head reads the run's "
+            f"side_info.dim={before.get('dim')} columns only. Describe the class with values the "
+            "run's table has, or train a run whose side_info.table has the row (its class left "
+            "out of dataset.split until the test).")
+
+
 def keep_attribute_scaling(trained: DictConfig, tested: DictConfig) -> None:
     """Standardise an attribute table's numeric columns over the run's own rows when the eval
     overrides add rows (new classes to test): over every row, as training does, an added row
@@ -234,6 +254,7 @@ def evaluate(ckpt_path: str | Path, overrides: list[str], output_dir: str | Path
     trained = load_run_config(ckpt, Path(run_config) if run_config else None)
     cfg = apply_overrides(trained, overrides)
     check_tested_clips_unheard(trained, cfg)
+    check_attribute_columns_kept(trained, cfg)
     keep_attribute_scaling(trained, cfg)
     with open_dict(cfg):
         cfg.train, cfg.test, cfg.ckpt_path = False, True, str(ckpt.resolve())

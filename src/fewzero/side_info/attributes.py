@@ -31,6 +31,16 @@ def _is_number(value: Any) -> bool:
     return not isinstance(value, bool)
 
 
+def new_values(table: Mapping[str, Mapping[str, Any]], reference: Mapping[str, Mapping[str, Any]],
+               categorical: Sequence[str]) -> list[str]:
+    """`side_info.table.<class>.<attribute>=<value>` for every categorical value of `table` that
+    no row of `reference` has: each is a column that the encoding of `reference` lacks."""
+    known = {(a, v) for row in reference.values() for a in categorical if a in row
+             for v in _values(row[a])}
+    return [f"side_info.table.{name}.{a}={v}" for name, row in table.items() for a in categorical
+            if a in row for v in dict.fromkeys(_values(row[a])) if (a, v) not in known]
+
+
 def encode_attribute_table(table: Mapping[str, Mapping[str, Any]], categorical: Sequence[str],
                            numeric: Sequence[str], numeric_weight: float = 1.0,
                            standardize_on: Sequence[str] | None = None
