@@ -201,6 +201,8 @@ def test_numeric_attributes_can_be_standardised_over_some_rows_only():
     assert "standardize_on" not in AttributeTable(table, [], ["low"], dim=1).cache_config()
     with pytest.raises(ValueError, match=r"standardize_on names \['E'\], which side_info.table has no row"):
         encode_attribute_table(grown, [], ["low"], standardize_on=["A", "E"])
+    with pytest.raises(ValueError, match=r"standardize_on names no row"):
+        encode_attribute_table(grown, [], ["low"], standardize_on=[])
 
 
 def test_a_value_that_only_follows_another_in_a_list_gets_its_own_column():

@@ -216,8 +216,9 @@ def keep_attribute_scaling(trained: DictConfig, tested: DictConfig) -> None:
         return
     before = trained.get("side_info") or {}
     rows = list(before.get("standardize_on") or before.get("table") or {})
-    added = [name for name in side_info.get("table") or {} if name not in rows]
-    if rows and added:
+    table = side_info.get("table") or {}
+    added = [name for name in table if name not in rows]
+    if rows and added and all(name in table for name in rows):
         with open_dict(tested):
             tested.side_info.standardize_on = rows
         log.info("side_info.table rows %s are new to the run: its numeric columns %s are "

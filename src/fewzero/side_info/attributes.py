@@ -72,9 +72,9 @@ def encode_attribute_table(table: Mapping[str, Mapping[str, Any]], categorical: 
                          "side_info.categorical.")
     names = list(table) if standardize_on is None else list(standardize_on)
     absent = [name for name in names if name not in table]
-    if absent:
-        raise ValueError(f"side_info.standardize_on names {absent}, which side_info.table has no "
-                         "row for: name rows of the table, or set it to null (every row).")
+    if absent or not names:
+        raise ValueError(f"side_info.standardize_on names {absent or 'no row'}, which side_info.table "
+                         "has no row for: name rows of the table, or set it to null (every row).")
     vectors = {}
     numbers = torch.tensor([[float(row[a]) for a in numeric] for row in table.values()]).reshape(
         len(table), len(numeric))  # (n_rows, n_numeric)
