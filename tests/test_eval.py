@@ -130,6 +130,10 @@ FSL_RUN = {"dataset": {"split": {"train": ["A", "B"], "val": ["C"], "test": ["D"
     (FSL_RUN, ["dataset.split.test=[A,D]", "dataset.folds=[3,4]", "dataset.source.seed=1"],
      r"test names \['A'\]"),  # another dealing of the same recordings to folds
     (FSL_RUN, ["dataset.split.test=[A,D]", "dataset.folds=null"], r"test names \['A'\]"),
+    # another kind of source (real TinySOL for a run on rendered SOL): a class the run trained
+    # is still no test class
+    (ZSL_RUN, ["dataset/source=tinysol", "dataset.split.unseen=[D,C]"], r"unseen names \['C'\]"),
+    (FSL_RUN, ["dataset/source=tinysol", "dataset.split.test=[A,D]"], r"test names \['A'\]"),
 ])
 def test_eval_refuses_to_test_on_clips_the_checkpoint_learned_from(run, overrides, refused):
     trained = OmegaConf.create(run)
@@ -173,6 +177,37 @@ def test_an_instrument_appended_to_the_source_is_tested_as_a_new_unseen_class(in
 ])
 def test_a_test_setting_of_the_other_kind_of_run_is_named_as_such(run, override, kind):
     with pytest.raises(ValueError, match=kind):
+        apply_overrides(OmegaConf.create(run), [override])
+
+
+def test_a_dataset_source_group_replaces_the_runs_source_and_its_keys_apply_on_top():
+    run = {"paths": {"data_dir": "/data"}, **ZSL_RUN}
+    # given after the keys it sets: a group is applied first, as Hydra composes
+    tested = apply_overrides(OmegaConf.create(run), ["dataset.source.allow_missing=true",
+                                                     "dataset/source=tinysol"])
+    source = tested.dataset.source
+    assert source._target_ == "fewzero.data.tinysol.TinySOL"
+    assert "root" not in source and "fold_by" not in source  # rendered SOL's keys are gone
+    assert source.allow_missing is True and source.data_home == "/data/tinysol"
+    assert tested.dataset.split == run["dataset"]["split"]  # the rest stays the run's
+    # a section switched off with null is still a key=value override
+    assert apply_overrides(OmegaConf.create({"model": {"whitening": {"shrinkage": 1.0}}}),
+                           ["model.whitening=null"]).model.whitening is None
+
+
+@pytest.mark.parametrize("run, override, refused", [
+    (ZSL_RUN, "dataset=tinysol_zsl", r"dataset=tinysol_zsl would replace the run's whole dataset "
+                                     r"section.*write dataset/source=tinysol"),
+    (ZSL_RUN, "dataset.source=tinysol", r"whole dataset.source section.*To use "
+                                        r"configs/dataset/source/tinysol.yaml write dataset/source=tinysol"),
+    (ZSL_RUN, "dataset/source=TinySOL", r"no .*TinySOL.yaml. The options of dataset/source are "
+                                        r"\['sol', 'tinysol', 'tones'\]"),
+    (ZSL_RUN, "model/backbone=music_fsl_cnn", "takes the config groups dataset/source, dataset/split only"),
+    (ZSL_RUN, "dataset/split=fsl_cv1", "a split of the few-shot kind.*zero-shot audio kind"),
+    (FSL_RUN, "dataset/split=word_audio", "a split of the zero-shot audio kind.*few-shot kind"),
+])
+def test_a_config_group_eval_cannot_apply_is_named_with_what_to_write(run, override, refused):
+    with pytest.raises(ValueError, match=refused):
         apply_overrides(OmegaConf.create(run), [override])
 
 

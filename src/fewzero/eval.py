@@ -3,10 +3,14 @@
     python -m fewzero.eval ckpt_path=outputs/train/runs/<run>/checkpoints/<file>.ckpt \
         'dataset.episodes.test=[{n_way: 5, n_shot: 5, n_query: 15, n_episodes: 5000}]'
 
+    python -m fewzero.eval ckpt_path=<zero-shot run>/checkpoints/<file>.ckpt \
+        dataset/source=tinysol dataset.source.index_path=/path/to/tinysol_index_6.0.json
+
 The model is rebuilt from the run's saved config (`<run>/.hydra/config.yaml`, or the one the
 checkpoint records when it was moved out of its run), the overrides
 (`key=value`, values in YAML; a key the run's config lacks is refused unless written
-`+key=value`) are applied on top, and the same metrics.json, figures and
+`+key=value`; of the config groups, `dataset/source=<name>` and `dataset/split=<name>`, which
+replace that part of the run's config first) are applied on top, and the same metrics.json, figures and
 TensorBoard logs as in training are written to a new directory under outputs/eval/runs/, or to
 `hydra.run.dir=<dir>` as for `fewzero.train` (the one Hydra setting it reads: it is not a Hydra
 application), which may be neither the checkpoint's run directory nor one holding a metrics.json.
@@ -23,13 +27,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import ConfigKeyError
 
 from fewzero.callbacks import RunRecord
 from fewzero.console import refusal_message
 from fewzero.side_info.attributes import new_values
-from fewzero.train import run_suffix, train
+from fewzero.train import CONFIG_DIR, run_suffix, train
 
 log = logging.getLogger(__name__)
 USAGE = ("usage: python -m fewzero.eval ckpt_path=<file.ckpt> [run_config=<config.yaml>] "
@@ -95,12 +99,109 @@ def check_settings_fit_the_run(cfg: DictConfig, overrides: list[str]) -> None:
                              f"run of the {kind} kind. Its test is set with {own}.")
 
 
+# config groups fewzero.eval takes as `group=option`: the data a checkpoint is tested on. Any
+# other group (dataset=..., model/backbone=...) would rebuild another model or dataset than the
+# checkpoint's run had
+EVAL_GROUPS = ("dataset/source", "dataset/split")
+
+
+def _options(group: str) -> list[str]:
+    """The options of a config group (the names of configs/<group>/*.yaml)."""
+    return sorted(path.stem for path in (CONFIG_DIR / group).glob("*.yaml"))
+
+
+def _group_config(group: str, option: str) -> DictConfig:
+    """configs/<group>/<option>.yaml (one of EVAL_GROUPS), which holds a plain config node."""
+    path = CONFIG_DIR / group / f"{option}.yaml"
+    if not path.is_file():
+        raise ValueError(f"{group}={option}: there is no {path}. The options of {group} are "
+                         f"{_options(group)}.")
+    node = OmegaConf.load(path)
+    if not isinstance(node, DictConfig) or "defaults" in node:
+        raise ValueError(f"{group}={option}: {path} is not a plain {group} config (it composes "
+                         "others), which fewzero.eval cannot apply. Set its keys with "
+                         f"{group.replace('/', '.')}.<key>=<value> instead.")
+    return node
+
+
+def _section_refusal(key: str, value: str) -> str:
+    """Why `key=value` (a string for a whole section of the run's config, e.g. dataset=tinysol_zsl
+    or dataset.source=tinysol) is refused, and what to write instead."""
+    group = key.replace(".", "/")
+    head = (f"{key}={value} would replace the run's whole {key} section with a string, but "
+            "fewzero.eval rebuilds the checkpoint's own run and changes it only through key=value "
+            f"overrides and the config groups {', '.join(EVAL_GROUPS)} (the data it is tested on). ")
+    if group in EVAL_GROUPS:
+        return head + f"To use configs/{group}/{value}.yaml write {group}={value}."
+    composed = CONFIG_DIR / group / f"{value}.yaml"
+    source = OmegaConf.load(composed).get("defaults") if composed.is_file() else None
+    choice = next((entry["source"] for entry in source or [] if isinstance(entry, DictConfig)
+                   and "source" in entry), None)
+    if group == "dataset" and choice is not None:
+        return head + (f"To test on the audio of {key}={value} write dataset/source={choice}, "
+                       "with its dataset.source.* settings (the run's features, split and "
+                       "episodes or folds stay as the checkpoint was trained with; change them "
+                       "with dataset.* overrides).")
+    return head + f"Set its keys instead ({key}.<key>=<value>)."
+
+
+def _is_scalar(value: str) -> bool:
+    """Whether an override's value (YAML) is a string, number or boolean: not null (which
+    switches a section off, e.g. model.whitening=null), a mapping or a list."""
+    try:
+        parsed = OmegaConf.from_dotlist([f"value={value}"])["value"]
+    except Exception:  # left to apply_overrides, which names what it cannot read
+        return False
+    return parsed is not None and not isinstance(parsed, DictConfig | ListConfig)
+
+
+def apply_group_choices(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, list[str]]:
+    """`cfg` with each config group override of EVAL_GROUPS (`dataset/source=tinysol`) applied as
+    Hydra composes it: its node (`dataset.source`) replaced by configs/<group>/<option>.yaml,
+    before any key=value override (which may then set its keys); and the other overrides.
+
+    Refused, with what to write instead: another config group (`model/backbone=...`), and a string
+    for a whole section of the run's config (`dataset=tinysol_zsl`, `dataset.source=tinysol`),
+    which OmegaConf would otherwise put in place of the section.
+    """
+    rest = []
+    for override in overrides:
+        key, _, value = override.partition("=")
+        bare = key.lstrip("+~")
+        if "/" in bare:
+            if bare not in EVAL_GROUPS or key != bare:
+                raise ValueError(
+                    f"{override}: fewzero.eval rebuilds the checkpoint's own run and takes the "
+                    f"config groups {', '.join(EVAL_GROUPS)} only (the data it is tested on); "
+                    "any other setting is changed with key=value overrides.")
+            node = bare.replace("/", ".")
+            if OmegaConf.select(cfg, node) is None:
+                raise ValueError(f"{override}: the run's config has no {node} to replace.")
+            cfg = copy.deepcopy(cfg)
+            OmegaConf.update(cfg, node, _group_config(bare, value), merge=False, force_add=True)
+            continue
+        current = (OmegaConf.select(cfg, bare, throw_on_resolution_failure=False)
+                   if key == bare else None)
+        if isinstance(current, DictConfig) and _is_scalar(value):
+            raise ValueError(_section_refusal(bare, value))
+        rest.append(override)
+    return cfg, rest
+
+
 def apply_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     """`cfg` with `key=value` overrides (values in YAML) applied; a key the config lacks is an
     error, as in `fewzero.train` (a misspelt key would otherwise be added and read by nothing),
-    unless written `+key=value`, which adds it. A setting of the other kind of run (few-shot
-    episodes on a zero-shot checkpoint, say) is an error either way."""
+    unless written `+key=value`, which adds it. Config group overrides of EVAL_GROUPS
+    (`dataset/source=tinysol`) replace their node first (`apply_group_choices`). A setting of the
+    other kind of run (few-shot episodes or split on a zero-shot checkpoint, say) is an error
+    either way."""
     check_settings_fit_the_run(cfg, overrides)
+    kind = run_kind(cfg)
+    cfg, overrides = apply_group_choices(cfg, overrides)
+    if run_kind(cfg) != kind:
+        raise ValueError(f"The overrides make the run's dataset.split a split of the {run_kind(cfg)} "
+                         f"kind, but the checkpoint comes from a run of the {kind} kind. Its test "
+                         f"is set with {KIND_SETTINGS.get(kind, ((), 'dataset.* keys'))[1]}.")
     added = [o[1:] for o in overrides if o.startswith("+")]
     changed = [o for o in overrides if not o.startswith("+")]
     cfg = copy.deepcopy(cfg)  # the struct flag set below stays off the caller's config
