@@ -130,8 +130,9 @@ FSL_RUN = {"dataset": {"split": {"train": ["A", "B"], "val": ["C"], "test": ["D"
     (FSL_RUN, ["dataset.split.test=[A,D]", "dataset.folds=[3,4]", "dataset.source.seed=1"],
      r"test names \['A'\]"),  # another dealing of the same recordings to folds
     (FSL_RUN, ["dataset.split.test=[A,D]", "dataset.folds=null"], r"test names \['A'\]"),
-    # another kind of source (real TinySOL for a run on rendered SOL): a class the run trained
-    # is still no test class
+    # another kind of source (real TinySOL for a run on rendered SOL): other recordings, so any
+    # fold may be the seen classes' test fold; a class the run trained is still no test class
+    (ZSL_RUN, ["dataset/source=tinysol", "dataset.test_fold=0"], None),
     (ZSL_RUN, ["dataset/source=tinysol", "dataset.split.unseen=[D,C]"], r"unseen names \['C'\]"),
     (FSL_RUN, ["dataset/source=tinysol", "dataset.split.test=[A,D]"], r"test names \['A'\]"),
 ])

@@ -245,7 +245,9 @@ def check_tested_clips_unheard(trained: DictConfig, tested: DictConfig) -> None:
     (`dataset.split.seen`) trained and validated its seen classes on every fold but its
     `test_fold`; a few-shot run its `split.train` and `split.val` instruments on `dataset.folds`
     (null: all). Checked on class names and folds; another `dataset.source` of the same kind with
-    other fold settings counts as other folds."""
+    other fold settings counts as other folds, and one of another kind (another `_target_`,
+    e.g. real TinySOL for a run on rendered SOL) as other recordings, whose every fold is new to
+    the seen classes (a class the run trained is still no unseen or few-shot test class)."""
     kind, before, after = run_kind(trained), trained.dataset, tested.dataset
     split, new_split = before.get("split") or {}, after.get("split") or {}
     source, new_source = before.get("source") or {}, after.get("source") or {}
@@ -258,7 +260,10 @@ def check_tested_clips_unheard(trained: DictConfig, tested: DictConfig) -> None:
             problems.append(f"dataset.split.unseen names {heard}, seen classes of the run (it "
                             f"trained or validated on them); its unseen classes were "
                             f"{list(split.get('unseen', []))}")
-        moved = after.get("test_fold") != before.get("test_fold") or refolded
+        # another kind of source (dataset/source=tinysol for a run on rendered SOL) holds other
+        # recordings: none of its folds was heard, so any may be the seen classes' test fold
+        other_source = source.get("_target_") != new_source.get("_target_")
+        moved = (after.get("test_fold") != before.get("test_fold") and not other_source) or refolded
         heard = [name for name in new_split.get("seen", []) if name in seen]
         if moved and heard:
             problems.append(f"the seen classes' test fold is now fold {after.get('test_fold')}"
