@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import compose_train_cfg
 from omegaconf import OmegaConf
+from tinysol_fixture import make_mini_tinysol
 
 from fewzero.eval import apply_overrides, check_output_dir, check_tested_clips_unheard, evaluate, main
 from fewzero.train import train
@@ -304,6 +305,33 @@ def test_an_attribute_row_added_for_a_new_class_leaves_the_seen_vectors_the_run_
     # the range_low/range_high columns are standardised over the run's 14 rows, as in training
     torch.testing.assert_close(objects["model"].side_matrix[:len(seen)], trained_vectors)
     assert 0.0 <= metrics["test/zsl_top1"] <= 1.0
+
+
+def test_zero_shot_checkpoint_is_tested_on_real_tinysol_through_dataset_source(tmp_path, caplog):
+    """The cross-dataset journey: a run trained on one source (tones here, rendered SOL for a
+    user) tested on a partial TinySOL (the generated mini one): the run's features, the other
+    source's folds all new to it, and the seen classes without a test-fold clip named."""
+    cfg = compose_train_cfg(tmp_path, ["experiment=zsl_word_audio", "test=false"])
+    train(cfg)
+    mini = make_mini_tinysol(tmp_path / "mini")
+    home = mini.build_home(tmp_path / "tinysol")
+    overrides = ["dataset/source=tinysol", f"dataset.source.data_home={home}",
+                 f"dataset.source.index_path={mini.index}", "dataset.source.allow_missing=true",
+                 # classes with clips on disk; of the seen ones, Flute has none in fold 1
+                 "dataset.split.seen=[Accordion,Violin,Flute]", "dataset.split.unseen=[Bassoon,Bass Tuba]",
+                 "dataset.split.pseudo_unseen=[Flute]", "dataset.split.pseudo_unseen_folds=[]",
+                 "dataset.test_fold=1"]  # every TinySOL fold is new to the run
+    with caplog.at_level("WARNING", logger="fewzero.data.zsl_datamodule"):
+        metrics, objects = evaluate(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt",
+                                    overrides, tmp_path / "eval")
+    dm = objects["datamodule"]
+    assert type(dm.source).__name__ == "TinySOL" and dm.features == hydra.utils.instantiate(
+        cfg.dataset.features)  # the run's log-mel settings, not another dataset config's
+    assert dm.untested_classes() == {"seen": ["Flute"], "unseen": []}
+    assert ("Seen class(es) ['Flute'] of dataset.split.seen have no test clip in fold 1 "
+            "(dataset.test_fold) of tinysol" in caplog.text
+            and "over ['Accordion', 'Violin'] only" in caplog.text)
+    assert 0.0 <= metrics["test/zsl_top1"] <= 1.0 and 0.0 <= metrics["test/seen_top1"] <= 1.0
 
 
 def test_refit_conse_checkpoint_is_re_evaluated_against_the_classes_it_was_trained_on(tmp_path):

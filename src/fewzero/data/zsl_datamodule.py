@@ -220,7 +220,29 @@ class ZeroShotDataModule(StreamPosition, pl.LightningDataModule):
         for role in ("train", "test_seen", "test_unseen"):
             if len(self.indices[role]) == 0:
                 raise ValueError(f"No {role} clips: check dataset.split and the folds of the source.")
+        self._warn_untested_classes()
         log.info("ZSL clips: %s", {r: len(i) for r, i in self.indices.items()})
+
+    def untested_classes(self) -> dict[str, list[str]]:
+        """{"seen": [...], "unseen": [...]}: the split's classes without a test clip (a seen class
+        with no clip in the test fold, as when only part of TinySOL is on disk). Each stays a
+        candidate, but the per-class means of its side (seen top-1 and GZSL s, or the unseen
+        figures) are over the other classes only."""
+        return {role: [name for name, i in zip(names, self.ids(names), strict=True)
+                       if not bool((self.labels[self.indices[f"test_{role}"]] == i).any())]
+                for role, names in (("seen", self.seen), ("unseen", self.unseen))}
+
+    def _warn_untested_classes(self) -> None:
+        """Warn, naming them, about split classes with no test clip (`untested_classes`): the
+        test's per-class means leave them out, which no figure of the summary shows."""
+        for role, names in self.untested_classes().items():
+            if names:
+                where = f"fold {self.test_fold} (dataset.test_fold)" if role == "seen" else "any fold"
+                tested = [n for n in (self.seen if role == "seen" else self.unseen) if n not in names]
+                log.warning("%s class(es) %s of dataset.split.%s have no test clip in %s of %s: they "
+                            "stay candidates, but the %s figures are per-class means over %s only.",
+                            role.capitalize(), names, role, where, self.source.name,
+                            "seen top-1 and GZSL s" if role == "seen" else "ZSL and GZSL u", tested)
 
     def _role_indices(self) -> dict[str, torch.Tensor]:
         folds = self.table.folds
