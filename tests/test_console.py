@@ -7,6 +7,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import ZSL_OVERRIDES
 from pytorch_lightning.utilities.rank_zero import rank_zero_info
 
@@ -125,6 +126,18 @@ def test_only_a_refusal_raised_on_purpose_by_fewzero_loses_its_traceback(monkeyp
     assert refusal_message(wrapped).startswith("dataset.name=TOY is none of xlsa17's datasets")
     monkeypatch.setenv("HYDRA_FULL_ERROR", "1")  # every traceback, as Hydra's own errors
     assert refusal_message(refused) is None
+
+
+def test_a_method_a_plugin_left_unimplemented_keeps_its_traceback(monkeypatch):
+    """A CompatibilityHead subclass without embed_audio reaches the base's `raise
+    NotImplementedError` in fewzero's code: not a refusal (it printed an empty message alone)."""
+    from fewzero.models.zsl_heads import CompatibilityHead
+
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    head = CompatibilityHead(audio_dim=4, side_dim=3)
+    unimplemented = _raised(head.embed_audio, torch.zeros(2, 4))
+    assert isinstance(unimplemented, NotImplementedError)
+    assert refusal_message(unimplemented) is None
 
 
 def test_only_a_later_ddp_process_that_lost_its_peer_is_said_to_be_stopped_by_another():

@@ -48,13 +48,17 @@ def refusal_message(error: BaseException) -> str | None:
     exception raised by a `raise` statement in fewzero's own code (its innermost frame), also
     inside the error of OmegaConf or Hydra that met it (a config resolver's refusal). None
     otherwise (a library's error, or one a fewzero line met without raising it on purpose,
-    such as int("x")): those keep their traceback. None too with HYDRA_FULL_ERROR=1, which asks
+    such as int("x"), a `raise NotImplementedError` of a base class whose method a plugin left
+    out, or one without a message): those keep their traceback. None too with HYDRA_FULL_ERROR=1, which asks
     for every traceback."""
     # one that OmegaConf or Hydra met while resolving or building the config comes wrapped
     while type(error).__module__.startswith(("omegaconf.", "hydra.")) and (
             error.__cause__ or error.__context__):
         error = error.__cause__ or error.__context__
-    if os.environ.get("HYDRA_FULL_ERROR") == "1" or not isinstance(error, REFUSALS):
+    if (os.environ.get("HYDRA_FULL_ERROR") == "1" or not isinstance(error, REFUSALS)
+            or isinstance(error, NotImplementedError) or not str(error)):
+        # NotImplementedError (a RuntimeError) is a method a subclass left out, not bad input,
+        # and a message-less error has nothing to print without its traceback
         return None
     frame = error.__traceback__
     if frame is None:
