@@ -17,7 +17,11 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from fewzero.data.clips import check_split
 from fewzero.data.datamodule import FewShotDataModule
 from fewzero.data.features import MelFeatures
-from fewzero.models.zeroshot_module import check_init_checkpoint, load_backbone_weights
+from fewzero.models.zeroshot_module import (
+    check_init_checkpoint,
+    has_shared_space,
+    load_backbone_weights,
+)
 from fewzero.report import collect
 from fewzero.train import _flat_hparams, train
 
@@ -516,6 +520,60 @@ def test_a_closed_form_head_refuses_to_train_its_encoder(tmp_path):
     # Hydra passes the model's ValueError on, or wraps it with the config key (full_key: model)
     with pytest.raises((ValueError, InstantiationException),
                        match="model.freeze_backbone=false: EszslHead is a closed-form"):
+        hydra.utils.instantiate(cfg.model)
+
+
+class _PairHead(torch.nn.Module):
+    """A researcher's head that is no `CompatibilityHead`: scores every (audio, class) pair with
+    a bilinear form, so it has no shared space to draw.
+
+    audio (batch, audio_dim), side (n_classes, side_dim) -> scores (batch, n_classes).
+    """
+
+    def __init__(self, audio_dim: int, side_dim: int):
+        super().__init__()
+        self.bilinear = torch.nn.Bilinear(audio_dim, side_dim, 1)
+
+    def forward(self, audio: torch.Tensor, side: torch.Tensor) -> torch.Tensor:
+        pairs = (audio[:, None].expand(-1, len(side), -1), side[None].expand(len(audio), -1, -1))
+        return self.bilinear(*(p.contiguous() for p in pairs)).squeeze(-1)
+
+
+class _AudioOnlyHead(_PairHead):
+    """A mistaken head: forward(audio) only, (batch, audio_dim) -> (batch, 1)."""
+
+    def forward(self, audio: torch.Tensor) -> torch.Tensor:
+        return audio[:, :1]
+
+
+def test_a_head_of_a_researchers_own_without_a_shared_space_trains_and_tests(tmp_path, caplog):
+    # model=devise: its head config (audio_dim, side_dim) fits _PairHead's arguments
+    cfg = compose_train_cfg(tmp_path, WORD + ["model=devise", "model.head._target_=test_zsl_train._PairHead"])
+    with caplog.at_level("INFO", logger="fewzero.models.zeroshot_module"):
+        metrics, _ = train(cfg)  # was: AttributeError 'closed_form', then NotImplementedError
+    assert 0.0 <= metrics["test/zsl_top1"] <= 1.0
+    pngs = {p.name for p in Path(cfg.paths.output_dir, "plots").glob("*.png")}
+    assert "test_confusion_zsl.png" in pngs and "test_embeddings.png" not in pngs
+    assert "_PairHead has no shared space" in caplog.text
+
+
+def test_only_a_head_with_embed_audio_and_embed_classes_of_its_own_has_a_shared_space():
+    from fewzero.models.zsl_heads import CompatibilityHead, DeviseHead
+
+    class ForwardOnly(CompatibilityHead):  # the base's embed_* raise NotImplementedError
+        def forward(self, audio: torch.Tensor, side: torch.Tensor) -> torch.Tensor:
+            return audio[:, :1] * side[:, 0]
+
+    assert has_shared_space(DeviseHead(4, 3))
+    assert not has_shared_space(ForwardOnly(4, 3)) and not has_shared_space(_PairHead(4, 3))
+
+
+def test_a_head_that_cannot_be_called_with_audio_and_side_is_refused_as_it_is_built(tmp_path):
+    cfg = compose_train_cfg(tmp_path, WORD + ["model=devise",
+                                              "model.head._target_=test_zsl_train._AudioOnlyHead"])
+    with pytest.raises((ValueError, InstantiationException),
+                       match=r"model.head \(test_zsl_train._AudioOnlyHead\) is called as head\(audio, "
+                             r"side\).*its forward\(audio: torch.Tensor\) -> torch.Tensor cannot"):
         hydra.utils.instantiate(cfg.model)
 
 

@@ -9,6 +9,7 @@ and reports ZSL, seen and GZSL metrics (see `fewzero.zsl_evaluation`).
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -112,6 +113,35 @@ def check_init_checkpoint(path: str | Path, dm: Any, class_cv: bool = False) -> 
             + ", or leave model.init_checkpoint=null.")
 
 
+def is_closed_form(head: nn.Module) -> bool:
+    """Whether `head` is fitted in closed form on frozen embeddings (`CompatibilityHead.closed_form`;
+    False for a head of another kind)."""
+    return bool(getattr(head, "closed_form", False))
+
+
+def has_shared_space(head: nn.Module) -> bool:
+    """Whether `head` maps audio and class vectors into one space (`embed_audio`, `embed_classes`
+    of its own), which the test's embedding figure draws. A head that scores pairs otherwise (its
+    own `forward`, say an MLP on each (audio, class) pair) has none."""
+    return all(callable(getattr(head, name, None))
+               and getattr(type(head), name, None) is not getattr(CompatibilityHead, name)
+               for name in ("embed_audio", "embed_classes"))
+
+
+def check_head_signature(head: nn.Module) -> None:
+    """Refuse a head whose forward cannot be called as head(audio, side), before any training."""
+    try:
+        inspect.signature(head.forward).bind(None, None)
+    except TypeError:
+        name = f"{type(head).__module__}.{type(head).__qualname__}"
+        raise ValueError(
+            f"model.head ({name}) is called as head(audio, side): audio (batch, audio_dim) "
+            "embeddings and side (n_classes, side_dim) class vectors, returning scores (batch, "
+            f"n_classes); its forward{inspect.signature(head.forward)} cannot take them. Give its "
+            "forward those two arguments, or subclass fewzero.models.zsl_heads.CompatibilityHead "
+            "and write its embed_audio and embed_classes.") from None
+
+
 def first_occurrences(indices: torch.Tensor) -> torch.Tensor:
     """Positions of the first occurrence of each value of (n,) `indices`, in their order."""
     unique, inverse = torch.unique(indices, return_inverse=True)
@@ -131,7 +161,10 @@ class ZeroShotModule(ResumableModule):
 
     Args:
         backbone: audio encoder, (batch, n_mels, frames) -> (batch, audio_dim).
-        head: a `CompatibilityHead` sized (audio_dim, ${side_info.dim}).
+        head: a `CompatibilityHead` sized (audio_dim, ${side_info.dim}), or any module called as
+            head(audio (batch, audio_dim), side (n_classes, side_dim)) -> scores (batch,
+            n_classes). The test's embedding figure needs its `embed_audio` and `embed_classes`
+            (a shared space; `has_shared_space`) and is left out without them.
         loss: criterion on (batch, n_train_classes) scores and (batch,) targets.
         side_info: a `SideInformation` source; its vectors of the datamodule's classes are built
             in `setup` (cached on disk).
@@ -156,7 +189,7 @@ class ZeroShotModule(ResumableModule):
             left of an instrument's sound when its size changes; the prior judges the register.
     """
 
-    def __init__(self, backbone: nn.Module, head: CompatibilityHead, loss: nn.Module,
+    def __init__(self, backbone: nn.Module, head: nn.Module, loss: nn.Module,
                  side_info: SideInformation, optimizer: Callable[..., Any],
                  scheduler: Callable[..., Any] | None = None, augment: nn.Module | None = None,
                  init_checkpoint: str | None = None, freeze_backbone: bool | None = None,
@@ -167,18 +200,19 @@ class ZeroShotModule(ResumableModule):
             raise ValueError("model.transpose_semitones must be 0 (off) or a positive number of "
                              f"semitones; got {transpose_semitones}.")
         self.transpose_semitones = int(transpose_semitones)
+        check_head_signature(head)
         self.backbone, self.head, self.loss, self.side_info = backbone, head, loss, side_info
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.augment = augment if augment is not None else nn.Identity()
         self.init_checkpoint = init_checkpoint
         if init_checkpoint:
             load_backbone_weights(self.backbone, init_checkpoint)
-        if head.closed_form and freeze_backbone is False:
+        if is_closed_form(head) and freeze_backbone is False:
             raise ValueError(f"model.freeze_backbone=false: {type(head).__name__} is a closed-form "
                              "head, fitted on the embeddings of a frozen encoder, so the encoder "
                              "cannot train with it. Set model.freeze_backbone=true, or fine-tune with "
                              "a trained head (model=devise, bilinear, conse or siamese).")
-        self.frozen = head.closed_form if freeze_backbone is None else bool(freeze_backbone)
+        self.frozen = is_closed_form(head) if freeze_backbone is None else bool(freeze_backbone)
         if self.frozen:
             self.backbone.requires_grad_(False)
             if not init_checkpoint and any(True for _ in self.backbone.parameters()):
@@ -188,7 +222,7 @@ class ZeroShotModule(ResumableModule):
                             "trained encoder.", type(self.backbone).__name__, type(head).__name__)
         self.plot_dir = Path(plot_dir) if plot_dir else None
         self.pitch_prior = pitch_prior
-        if pitch_prior is not None and head.closed_form:
+        if pitch_prior is not None and is_closed_form(head):
             raise ValueError("model.pitch_prior needs a trained head (siamese, devise, bilinear, "
                              "conse): a closed-form head on a frozen encoder has no training loss "
                              "to add the pitch head's to. Set model.pitch_prior=null (experiments "
@@ -350,7 +384,7 @@ class ZeroShotModule(ResumableModule):
         x, semitones = self._transposed(batch["x"])
         with torch.set_grad_enabled(not self.frozen):
             audio = self.backbone(self.augment(x))
-        if self.head.closed_form:
+        if is_closed_form(self.head):
             self._closed_form_data.append((audio.detach(), targets))
             return None
         scores = self.head(audio, self.train_side())
@@ -384,7 +418,7 @@ class ZeroShotModule(ResumableModule):
 
     def _fit_closed_form(self) -> None:
         """Fit a closed-form head on every training batch embedded so far (once per new data)."""
-        if self.head.closed_form and len(self._closed_form_data) > self._closed_form_fitted_on:
+        if is_closed_form(self.head) and len(self._closed_form_data) > self._closed_form_fitted_on:
             audio, targets = (torch.cat(t) for t in zip(*self._closed_form_data, strict=True))
             self.head.fit(audio, targets, self.side_matrix[self.ids["train"]])
             self._closed_form_fitted_on = len(self._closed_form_data)
@@ -543,6 +577,10 @@ class ZeroShotModule(ResumableModule):
                 continue
             figure = confusion_figure(self.results.confusions[key], names, title)
             save_figure(figure, f"test/confusion_{key}", self.plot_dir, self.loggers, self.global_step)
+        if not has_shared_space(self.head):
+            log.info("%s has no shared space of audio and class vectors (embed_audio, "
+                     "embed_classes): no test embedding figure is drawn.", type(self.head).__name__)
+            return
         with torch.no_grad():
             audio_points = self.head.embed_audio(audio.to(self.device)).cpu()
             class_points = self.head.embed_classes(self.side_matrix).cpu()
