@@ -631,3 +631,64 @@ def test_the_model_summary_counts_the_audio_encoders_flops_per_excerpt(tmp_path)
         assert tuple(model.example_input_array.shape) == (1, datamodule.features.n_mels,
                                                           datamodule.excerpt_frames)
         assert ModelSummary(model).total_flops > 0  # was 0: the summary had no input to run
+
+
+class _MelMean(torch.nn.Module):
+    """A researcher's own backbone that names its output size `out_dim`: the time-averaged
+    log-mel, projected. (batch, n_mels, frames) -> (batch, out_dim).
+
+    `embedding_dim` is what its config claims the output size is; the class ignores it.
+    """
+
+    def __init__(self, n_mels: int, out_dim: int = 8, embedding_dim: int | None = None):
+        super().__init__()
+        self.projection = torch.nn.Linear(n_mels, out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.projection(x.mean(dim=-1))
+
+
+class _Unflattened(_MelMean):
+    """The mistake of returning (batch, out_dim, 1) instead of (batch, out_dim)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x)[:, :, None]
+
+
+def _own_backbone(target: str, **settings: int) -> list[str]:
+    """Overrides that replace model.backbone with `target` (a Hydra dict override would merge the
+    default backbone's keys into it)."""
+    extra = "".join(f", {key}: {value}" for key, value in settings.items())
+    return ["~model.backbone",
+            f"+model.backbone={{_target_: {target}, n_mels: ${{dataset.features.n_mels}}{extra}}}"]
+
+
+def test_a_backbone_config_without_embedding_dim_names_its_readers_and_the_fix(tmp_path):
+    own = _own_backbone("test_train._MelMean", out_dim=8)
+    with pytest.raises(ValueError, match=r"model.backbone \(test_train._MelMean\) has no embedding_dim"
+                                         r".*\['model.whitening.dim'\] read as "
+                                         r"\$\{model.backbone.embedding_dim\}"
+                                         r".*'model.whitening.dim=\$\{model.backbone.out_dim\}'"):
+        train(compose_train_cfg(tmp_path / "refused", own))  # was OmegaConf's InterpolationKeyError
+    # the fix the message names trains
+    fixed = [*own, "model.whitening.dim=${model.backbone.out_dim}"]
+    metrics, objects = train(compose_train_cfg(tmp_path / "fixed", fixed))
+    assert objects["model"].net.whitening.matrix.shape == (8, 8)
+    assert 0.0 <= metrics["test/5way_5shot_acc"] <= 1.0
+
+
+@pytest.mark.parametrize(("target", "settings", "message"), [
+    ("test_train._Unflattened", {"out_dim": 8, "embedding_dim": 8},
+     r"must return one tensor of \(batch, embedding_dim\) embeddings; for one excerpt of shape "
+     r"\(1, \d+, \d+\) it returned \(1, 8, 1\)"),
+    ("test_train._MelMean", {"out_dim": 8, "embedding_dim": 16},
+     r"returns 8-d embeddings, but its config says embedding_dim=16, which sizes "
+     r"\['model.whitening.dim'\]. Set model.backbone.embedding_dim=8"),
+])
+def test_a_backbone_that_returns_another_shape_than_its_config_says_is_refused_before_training(
+        tmp_path, target, settings, message):
+    # was: a whole training epoch, then a shape error at validation (or a whitening refusal
+    # that named no fix)
+    with pytest.raises(ValueError, match=message):
+        train(compose_train_cfg(tmp_path, _own_backbone(target, **settings)))
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -329,6 +329,70 @@ def give_example_input(model: pl.LightningModule, datamodule: Any) -> None:
         model.example_input_array = torch.zeros(1, features.n_mels, frames)
 
 
+BACKBONE_SIZE = "${model.backbone.embedding_dim}"
+
+
+def backbone_size_readers(cfg: DictConfig) -> list[str]:
+    """The model settings sized by the backbone's `embedding_dim` (`${model.backbone.embedding_dim}`
+    in their value: the whitening, a zero-shot head, the pitch prior), by full key."""
+    model = OmegaConf.to_container(cfg.get("model") or DictConfig({}), resolve=False)
+    return [key for key, value in flatten_config(model, "model").items()
+            if isinstance(value, str) and BACKBONE_SIZE in value]
+
+
+def check_backbone_declares_its_size(cfg: DictConfig) -> None:
+    """Refuse, before anything is built, a `model.backbone` config without `embedding_dim` (the
+    size of the embeddings it returns) when other model settings read it: OmegaConf's
+    "Interpolation key 'model.backbone.embedding_dim' not found" named neither reader nor fix."""
+    backbone = (cfg.get("model") or {}).get("backbone")
+    if not backbone or "embedding_dim" in backbone:
+        return
+    readers = backbone_size_readers(cfg)
+    if readers:
+        raise ValueError(
+            f"model.backbone ({backbone.get('_target_')}) has no embedding_dim, the size of the "
+            f"(batch, embedding_dim) embeddings it returns, which {readers} read as "
+            f"{BACKBONE_SIZE}. Add embedding_dim: <its output size> to the backbone's config and "
+            "take it as an argument of its class, as fewzero's backbones do; or, where the class "
+            "names the size otherwise (out_dim, say), set those keys to it: "
+            + " ".join(f"'{key}=${{model.backbone.out_dim}}'" for key in readers) + ".")
+
+
+def check_audio_encoder_output(model: pl.LightningModule, cfg: DictConfig) -> None:
+    """Run the audio encoder once on the example excerpt (`give_example_input`) and refuse an
+    output that is not (1, embedding_dim), before any training: a backbone of a user's own that
+    returned (batch, dim, 1), or another size than its config's `embedding_dim`, trained a whole
+    epoch and then failed in a shape error. In eval mode and without gradient (as Lightning's
+    model summary runs it): no statistic, weight or random number changes."""
+    example = getattr(model, "example_input_array", None)
+    if not isinstance(model, ResumableModule) or not isinstance(example, torch.Tensor):
+        return
+    encoder = model.audio_encoder()
+    training = encoder.training
+    encoder.eval()
+    try:
+        with torch.no_grad():
+            output = encoder(example)
+    finally:
+        encoder.train(training)
+    backbone = (cfg.get("model") or {}).get("backbone") or {}
+    name = backbone.get("_target_", type(encoder).__name__)
+    size = backbone.get("embedding_dim", getattr(encoder, "embedding_dim", None))
+    shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+    if not isinstance(output, torch.Tensor) or output.ndim != 2 or len(output) != 1:
+        raise ValueError(
+            f"model.backbone ({name}) must return one tensor of (batch, embedding_dim) embeddings; "
+            f"for one excerpt of shape {tuple(example.shape)} it returned {shape}. End its forward "
+            "with a (batch, embedding_dim) tensor (e.g. x.flatten(1) for (batch, dim, 1)).")
+    if size is not None and output.shape[1] != size:
+        readers = backbone_size_readers(cfg)
+        raise ValueError(
+            f"model.backbone ({name}) returns {output.shape[1]}-d embeddings, but its config says "
+            f"embedding_dim={size}" + (f", which sizes {readers}" if readers else "")
+            + f". Set model.backbone.embedding_dim={output.shape[1]} (in its config), or make the "
+            f"backbone return {size} values per excerpt.")
+
+
 def check_side_info_is_read(cfg: DictConfig) -> None:
     """Refuse a side_info that no other part of the config interpolates (a few-shot model
     learns from audio alone): changing it would silently change nothing."""
@@ -675,6 +739,7 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> tuple[dict[str
             check_resume(cfg, resumed, output_dir)
         check_accelerator(cfg)
         check_side_info_is_read(cfg)
+        check_backbone_declares_its_size(cfg)
     except Exception:  # e.g. a mistyped resume of an existing run: leave its files as they were
         restore_run_files(output_dir)
         raise
@@ -708,6 +773,7 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> tuple[dict[str
     log.info("Building model <%s>", cfg.model._target_)
     model = hydra.utils.instantiate(cfg.model)
     give_example_input(model, datamodule)
+    check_audio_encoder_output(model, cfg)
     # an entry set to null (callbacks.progress_bar=null) is switched off, like one removed with ~
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
     if not cfg.get("train", True):
