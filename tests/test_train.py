@@ -692,3 +692,17 @@ def test_a_backbone_that_returns_another_shape_than_its_config_says_is_refused_b
     with pytest.raises(ValueError, match=message):
         train(compose_train_cfg(tmp_path, _own_backbone(target, **settings)))
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize(("target", "problem"), [
+    ("test_train._MelMeen", r"test_train has no '_MelMeen' \(close: _MelMean"),
+    ("my_absent_plugins.MelMean", r"no module named 'my_absent_plugins' is on the Python path"),
+])
+def test_a_target_that_does_not_import_names_why_and_pythonpath_before_anything_is_built(
+        tmp_path, target, problem):
+    # was Hydra's "Error locating target ..., set env var HYDRA_FULL_ERROR=1", after the datamodule
+    cfg = compose_train_cfg(tmp_path, [f"model.backbone._target_={target}"])
+    with pytest.raises(ValueError, match=rf"model.backbone._target_={target} cannot be imported: "
+                                         rf"{problem}.*PYTHONPATH=/path/to/folder"):
+        train(cfg)
+    assert not (tmp_path / "run" / "checkpoints").exists()

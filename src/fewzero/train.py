@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import difflib
 import hashlib
+import importlib
 import json
 import logging
 import math
@@ -327,6 +329,47 @@ def give_example_input(model: pl.LightningModule, datamodule: Any) -> None:
     features, frames = getattr(datamodule, "features", None), getattr(datamodule, "excerpt_frames", None)
     if isinstance(model, ResumableModule) and hasattr(features, "n_mels") and frames:
         model.example_input_array = torch.zeros(1, features.n_mels, frames)
+
+
+def import_problem(target: str) -> str | None:
+    """Why the dotted path `target` (a `_target_`) cannot be imported, or None when it can. A
+    module that is found but fails to import (a package it imports is missing, a bug in it)
+    raises its own error, with its traceback."""
+    parts = target.split(".")
+    found, name = None, ""
+    for part in parts:
+        if found is not None and hasattr(found, part):
+            found, name = getattr(found, part), f"{name}.{part}"
+            continue
+        module = f"{name}.{part}" if name else part
+        try:
+            found, name = importlib.import_module(module), module
+        except ModuleNotFoundError as error:
+            if error.name != module:
+                raise
+            if found is None:
+                return f"no module named {part!r} is on the Python path"
+            close = difflib.get_close_matches(part, [n for n in dir(found) if not n.startswith("__")])
+            return f"{name} has no {part!r}" + (f" (close: {', '.join(close)})" if close else "")
+    return None
+
+
+def check_targets_import(cfg: DictConfig) -> None:
+    """Refuse, before anything is built, a `_target_` that cannot be imported (a class of the
+    user's own whose folder is not on PYTHONPATH, a misspelt module or class): Hydra's "Error
+    locating target" said neither why nor what to do."""
+    config = OmegaConf.to_container(cfg, resolve=False)
+    for key, value in flatten_config(config).items():
+        if not (key == "_target_" or key.endswith("._target_")) or not isinstance(value, str) \
+                or "${" in value:
+            continue
+        problem = import_problem(value)
+        if problem is not None:
+            raise ValueError(
+                f"{key}={value} cannot be imported: {problem}. Check the spelling of the module and "
+                "the class; a module of your own is found through PYTHONPATH: run with the folder "
+                "that holds it there (PYTHONPATH=/path/to/folder .venv/bin/python -m fewzero.train "
+                "..., and the same for fewzero.eval and resumes).")
 
 
 BACKBONE_SIZE = "${model.backbone.embedding_dim}"
@@ -739,6 +782,7 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> tuple[dict[str
             check_resume(cfg, resumed, output_dir)
         check_accelerator(cfg)
         check_side_info_is_read(cfg)
+        check_targets_import(cfg)
         check_backbone_declares_its_size(cfg)
     except Exception:  # e.g. a mistyped resume of an existing run: leave its files as they were
         restore_run_files(output_dir)
