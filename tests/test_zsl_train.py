@@ -585,6 +585,19 @@ def test_an_init_checkpoint_without_backbone_weights_says_what_to_pass(tmp_path)
         load_backbone_weights(torch.nn.Linear(2, 2), path)
 
 
+def test_an_init_checkpoint_of_another_encoder_names_its_runs_backbone(tmp_path):
+    fsl = compose_train_cfg(tmp_path / "fsl", ["trainer.max_steps=1", "test=false"])
+    train(fsl)  # its run directory holds .hydra/config.yaml, as a Hydra run's does
+    ckpt = Path(fsl.paths.output_dir) / "checkpoints" / "last.ckpt"
+    # was load_state_dict's RuntimeError listing every missing and unexpected key
+    with pytest.raises(ValueError, match=r"holds the weights of another audio encoder than this run's "
+                                         r"model.backbone \(torch.nn.modules.linear.Linear\): 2 of its "
+                                         r"weights are missing.*its run's model.backbone was "
+                                         r"\{'_target_': 'fewzero.models.backbones.TimbreCNN'.*"
+                                         r"leave model.init_checkpoint=null"):
+        load_backbone_weights(torch.nn.Linear(2, 2), ckpt)
+
+
 def test_training_scores_against_the_training_classes_vectors_in_training_id_order():
     from fewzero.models.zeroshot_module import ZeroShotModule
     from fewzero.side_info.base import ClassVectors

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
 from fewzero.data.features import MelFeatures
@@ -35,6 +36,26 @@ from fewzero.zsl_evaluation import (
 log = logging.getLogger(__name__)
 
 
+def checkpoint_backbone(path: str | Path) -> str:
+    """"; its run's model.backbone was ..." for a message: the backbone config of the run that
+    wrote checkpoint `path` (and its model/backbone option, from the run's .hydra/hydra.yaml),
+    or "" when the run's config cannot be found."""
+    from fewzero.eval import load_run_config  # here: fewzero.eval imports the training entry point
+
+    try:
+        backbone = load_run_config(Path(path)).get("model", {}).get("backbone")
+    except (FileNotFoundError, ValueError):
+        return ""
+    if backbone is None:
+        return ""
+    hydra_file = Path(path).resolve().parent.parent / ".hydra" / "hydra.yaml"
+    choice = (OmegaConf.load(hydra_file).hydra.runtime.choices.get("model/backbone")
+              if hydra_file.is_file() else None)
+    return ("; its run's model.backbone was "
+            + (f"model/backbone={choice}: " if choice else "")
+            + str(OmegaConf.to_container(backbone)))
+
+
 def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
     """Initialise `backbone` from a fewzero checkpoint (few-shot `net.backbone.*` or zero-shot
     `backbone.*` weights)."""
@@ -42,6 +63,17 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
     for prefix in ("net.backbone.", "backbone."):
         weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         if weights:
+            own = backbone.state_dict()
+            shapes = [k for k in weights.keys() & own.keys() if weights[k].shape != own[k].shape]
+            if own.keys() != weights.keys() or shapes:
+                raise ValueError(
+                    f"model.init_checkpoint={path} holds the weights of another audio encoder than "
+                    f"this run's model.backbone ({type(backbone).__module__}."
+                    f"{type(backbone).__qualname__}): {len(own.keys() - weights.keys())} of its "
+                    f"weights are missing, {len(weights.keys() - own.keys())} are unknown to it and "
+                    f"{len(shapes)} have other shapes{checkpoint_backbone(path)}. Build "
+                    "model.backbone as the checkpoint's run did (the same model/backbone option and "
+                    "settings, e.g. its n_mels), or leave model.init_checkpoint=null.")
             backbone.load_state_dict(weights)
             log.info("Initialised the audio encoder from %s (%s*)", path, prefix)
             return
