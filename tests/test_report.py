@@ -248,6 +248,10 @@ def test_run_summary_prints_paths_whole_and_as_they_are(tmp_path, capsys, monkey
     assert f"metrics       : {run / 'metrics.json'}" in lines
     assert f"checkpoint    : {checkpoint}" in lines
     assert f"tensorboard   : tensorboard --logdir {run / 'tensorboard'}" in lines
+    assert "plots         : -" in lines  # no plots folder (model.plot_dir=null): none is named
+    (run / "plots").mkdir(parents=True)
+    print_summary(run, {"checkpoint": str(checkpoint)})
+    assert f"plots         : {run / 'plots'}" in capsys.readouterr().out.splitlines()
 
 
 def test_runs_whose_rendered_data_came_from_two_fluidsynth_versions_are_named(tmp_path):

@@ -71,8 +71,10 @@ def print_summary(output_dir: Path, report: dict[str, Any]) -> None:
     if data:
         console.print(f"{'data':<14}: {data['dir']} (FluidSynth {fluidsynth_version(data)})",
                       markup=False, soft_wrap=True)
+    plots = output_dir / "plots"  # none with model.plot_dir=null: no PNG was written
     for label, text in (("run directory", output_dir), ("metrics", output_dir / "metrics.json"),
-                        ("plots", output_dir / "plots"), ("checkpoint", report.get("checkpoint") or "-"),
+                        ("plots", plots if plots.is_dir() else "-"),
+                        ("checkpoint", report.get("checkpoint") or "-"),
                         # this run alone; a folder above it (outputs/) shows it beside the others
                         ("tensorboard", f"tensorboard --logdir {output_dir / 'tensorboard'}")):
         console.print(f"{label:<14}: {text}", markup=False, soft_wrap=True)
