@@ -160,6 +160,35 @@ def test_some_missing_without_allow_missing(tmp_path: Path, mini: MiniTinySOL,
     assert not no_network
 
 
+def test_a_partial_tinysol_is_reported_once_though_prepare_data_and_setup_both_prepare_it(
+        tmp_path: Path, mini: MiniTinySOL, no_network: list[str],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A run prepares its source in prepare_data and again in setup (and again for the refit's
+    fit): the missing files and the unofficial index are said once; a changed count again."""
+    home = mini.build_home(tmp_path / "tinysol")
+    source = TinySOL(home, index_path=mini.index, allow_missing=True)
+    module = ZeroShotDataModule(source, MelFeatures(clip_seconds=0.5),
+                                {"seen": ["Violin", "Accordion"], "unseen": ["Bassoon"]},
+                                tmp_path / "cache", excerpt_seconds=0.25)
+    n_total, n_present = len(mini.tracks()), len(mini.sample_files())
+    with caplog.at_level(logging.INFO, logger="fewzero.data.tinysol"):
+        module.prepare_data()
+        module.setup()
+        module.for_trainval().prepare_data()
+    said = Counter(r.getMessage().split(" under ")[0].split(" has md5 ")[0] for r in caplog.records
+                   if r.name == "fewzero.data.tinysol")
+    assert said == {f"TinySOL: {n_total - n_present} of {n_total} audio files missing": 1,
+                    f"TinySOL index {mini.index}": 1, f"TinySOL: {n_present} clips from {home}": 1}
+    caplog.clear()
+    next(home.glob("audio/**/*.wav")).unlink()  # a file lost since: said again, with the count
+    with caplog.at_level(logging.WARNING, logger="fewzero.data.tinysol"):
+        source.prepare()
+    assert [r.getMessage().split(" under ")[0] for r in caplog.records
+            if r.name == "fewzero.data.tinysol"] == [
+        f"TinySOL: {n_total - n_present + 1} of {n_total} audio files missing"]
+    assert not no_network
+
+
 def test_split_class_with_all_files_missing_is_not_called_unknown(tmp_path: Path,
                                                                   mini: MiniTinySOL,
                                                                   no_network: list[str]) -> None:

@@ -151,6 +151,17 @@ class TinySOL:
         self._track_ids: list[str] = []
         self.n_missing = 0
         self.missing_classes: dict[str, Path] = {}  # class -> folder, when none of its files exist
+        self._told: set[str] = set()  # what `_tell` has logged
+
+    def _tell(self, level: int, message: str, *args: Any) -> None:
+        """Log what `prepare()` found (files missing, an unofficial index or metadata, the clips
+        used) the first time this source finds it: a run prepares its source in `prepare_data`
+        and again in `setup` (and again for each later fit), which found the same. Changed
+        findings (another number of files missing, say) are logged again."""
+        text = message % args
+        if text not in self._told:
+            self._told.add(text)
+            log.log(level, text)
 
     def __repr__(self) -> str:
         return (f"TinySOL(data_home={str(self.data_home)!r}, index_path="
@@ -234,8 +245,8 @@ class TinySOL:
             )
         mismatch = self._metadata_mismatch(metadata_file, index)
         if mismatch:
-            log.warning("%s; using it anyway. To use the official one, delete it and re-run with "
-                        "dataset.source.download=true.", mismatch)
+            self._tell(logging.WARNING, "%s; using it anyway. To use the official one, delete "
+                       "it and re-run with dataset.source.download=true.", mismatch)
         _check_metadata_rows(metadata_file)
 
         try:
@@ -251,10 +262,10 @@ class TinySOL:
             raise ValueError(f"Unexpected instrument names in {metadata_file}: {exc}") from exc
 
         if self.n_missing:
-            log.warning("TinySOL: %d of %d audio files missing under %s; using the %d present "
-                        "(allow_missing=true).", self.n_missing, n_total, self.data_home,
-                        len(clips))
-        log.info("TinySOL: %d clips from %s", len(clips), self.data_home)
+            self._tell(logging.WARNING, "TinySOL: %d of %d audio files missing under %s; using "
+                       "the %d present (allow_missing=true).", self.n_missing, n_total,
+                       self.data_home, len(clips))
+        self._tell(logging.INFO, "TinySOL: %d clips from %s", len(clips), self.data_home)
         self._identity = {
             "index_md5": hashlib.md5(index_bytes).hexdigest(),
             "index_version": index_version,
@@ -289,9 +300,9 @@ class TinySOL:
                 )
             checksum = file_md5(self.index_path)
             if checksum != official.remote.checksum:
-                log.warning("TinySOL index %s has md5 %s, not that of mirdata's official index "
-                            "%s (%s); using it anyway.", self.index_path, checksum,
-                            official.filename, official.remote.checksum)
+                self._tell(logging.WARNING, "TinySOL index %s has md5 %s, not that of mirdata's "
+                           "official index %s (%s); using it anyway.", self.index_path, checksum,
+                           official.filename, official.remote.checksum)
             return self.index_path
 
         downloaded = self.data_home / official.filename
