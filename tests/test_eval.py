@@ -427,3 +427,30 @@ def test_cli_evaluates_an_older_checkpoint_into_a_new_directory_named_after_the_
     runs = sorted((tmp_path / "outputs" / "eval" / "runs").iterdir())
     assert len(runs) == 2 and all(r.name.endswith("_model.whitening=null") for r in runs)
     assert all((r / "metrics.json").is_file() for r in runs)
+
+
+def test_a_refused_eval_leaves_no_directory_of_its_own_behind(tmp_path, monkeypatch):
+    """Refused after it made its directory (a refusal of train's checks, or as the test starts):
+    the directory it made, holding only its config and TensorBoard's first events, would stand
+    as an unfinished run in outputs/ and fewzero.report. A directory it did not make stays."""
+    from fewzero.eval import EVAL_DIR_VARIABLE
+
+    cfg = compose_train_cfg(tmp_path, ["trainer.max_steps=2", "test=false"])
+    train(cfg)
+    ckpt = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(EVAL_DIR_VARIABLE, raising=False)
+    with pytest.raises(SystemExit, match=r"^fewzero.eval: model.backbone._target_=nope.Nope cannot "
+                                         "be imported"):
+        main([f"ckpt_path={ckpt}", "model.backbone._target_=nope.Nope"])
+    assert list((tmp_path / "outputs" / "eval" / "runs").iterdir()) == []
+    out = tmp_path / "eval"
+    with pytest.raises(SystemExit, match=r"^fewzero.eval: n_way=50 is larger than the 5 test classes"):
+        main([f"ckpt_path={ckpt}", f"hydra.run.dir={out}",
+              "dataset.episodes.test=[{n_way: 50, n_shot: 1, n_query: 1, n_episodes: 1}]"])
+    assert not out.exists()
+    mine = tmp_path / "mine"  # the user's own directory, given as hydra.run.dir
+    mine.mkdir()
+    with pytest.raises(SystemExit, match="cannot be imported"):
+        main([f"ckpt_path={ckpt}", f"hydra.run.dir={mine}", "model.backbone._target_=nope.Nope"])
+    assert (mine / ".hydra" / "config.yaml").is_file()

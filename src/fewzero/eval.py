@@ -14,6 +14,7 @@ replace that part of the run's config first) are applied on top, and the same me
 TensorBoard logs as in training are written to a new directory under outputs/eval/runs/, or to
 `hydra.run.dir=<dir>` as for `fewzero.train` (the one Hydra setting it reads: it is not a Hydra
 application), which may be neither the checkpoint's run directory nor one holding a metrics.json.
+A refused evaluation prints why and leaves no new directory behind.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import copy
 import logging
 import os
 import pickle
+import shutil
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -371,6 +373,20 @@ def evaluate(ckpt_path: str | Path, overrides: list[str], output_dir: str | Path
     return train(cfg)
 
 
+def remove_refused_output_dir(output_dir: Path) -> bool:
+    """Remove `output_dir`, a directory the refused command created, when it holds only what
+    `evaluate` writes before the test: its config (`.hydra/`) and TensorBoard's event files
+    (a refusal as the test starts). Left, it would stand among the runs as one that never
+    finished (`fewzero.report`). Anything else in it is kept, with the directory. Returns
+    whether it was removed."""
+    written = [p for p in output_dir.rglob("*") if p.is_symlink() or not p.is_dir()]
+    if not all(p.relative_to(output_dir).parts[0] == ".hydra"
+               or p.name.startswith("events.out.tfevents.") for p in written):
+        return False
+    shutil.rmtree(output_dir)
+    return True
+
+
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     asked = any(a in ("-h", "--help") for a in args)
@@ -393,13 +409,17 @@ def main(argv: list[str] | None = None) -> None:
         # DDP's other processes run this command again: they find the first one's directory here
         output_dir = Path(os.environ.setdefault(EVAL_DIR_VARIABLE, str(Path(
             "outputs", "eval", "runs", stamp + run_suffix(",".join(sorted(overrides)))))))
+    # a directory of its own (not a user's, or the first DDP process's for the others)
+    created = not output_dir.exists()
     try:
         evaluate(options["ckpt_path"], overrides, output_dir, options.get("run_config"))
     except Exception as error:  # a refusal (settings that would test clips it learned from), or
         # a missing checkpoint, run config or data file: the message says what to do
         message = str(error) if isinstance(error, FileNotFoundError) else refusal_message(error)
         if message is None:
-            raise
+            raise  # a bug: its traceback, and the directory as it was left
+        if created and output_dir.is_dir():
+            remove_refused_output_dir(output_dir)
         raise SystemExit(f"fewzero.eval: {message}") from None
     finally:
         os.environ.pop(EVAL_DIR_VARIABLE, None)
