@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ZSL_OVERRIDES
+from conftest import FSL_OVERRIDES, ZSL_OVERRIDES
 from pytorch_lightning.utilities.rank_zero import rank_zero_info
 
 from fewzero.console import (
@@ -92,6 +92,29 @@ def test_a_zero_shot_run_with_class_cv_and_refit_prints_its_device_once_and_no_l
     assert "litlogger" not in printed
     assert "LeafSpec" not in printed
     assert "`weights_only` was not set" not in printed
+
+
+@pytest.mark.slow
+def test_a_run_that_validates_no_step_says_so_once_with_the_fix(tmp_path):
+    """trainer.max_steps within the first epoch: the warning as the fit starts gives the account
+    and the fix; the test's "no best checkpoint" refers to it. Lightning's "could not find the
+    monitored key ... Did you call `log('val/acc', value)`?" (as if the model forgot to log it)
+    and "optimized_metric ... was not logged" once followed it, four accounts of one thing."""
+    command = [sys.executable, "-m", "fewzero.train", "dataset/source=tones",
+               f"dataset.source.instruments=[{','.join(TINYSOL_INSTRUMENTS)}]",
+               "dataset.source.clips_per_class=12", f"paths.root_dir={tmp_path}",
+               f"hydra.run.dir={tmp_path / 'run'}", "trainer.accelerator=cpu", "~callbacks.progress_bar",
+               "trainer.max_steps=1", "dataset.episodes.train.n_episodes=3", *FSL_OVERRIDES[1:]]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stderr[-3000:]
+    printed = result.stdout + result.stderr
+    assert printed.count("no step is ever validated") == 1
+    assert printed.count("dataset.episodes.train.n_episodes") == 1  # the fix, said once
+    assert ("No best checkpoint found: no step was validated (see the warning on trainer.max_steps "
+            "as the fit started). Testing the current weights." in printed)
+    assert "could not find the monitored key" not in printed
+    assert "was not logged" not in printed
 
 
 def _raised(function, *args):

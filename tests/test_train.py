@@ -125,16 +125,32 @@ def test_missing_checkpoint_says_how_to_resume(tmp_path):
 
 def test_a_run_that_ends_before_its_first_validation_says_why_no_checkpoint_was_chosen(tmp_path, caplog):
     """trainer.max_steps shorter than one epoch: no validation ran, so the test uses the last
-    weights, and the warning names the epoch length and max_steps (the fix)."""
+    weights. The warning as the fit starts names the epoch length and max_steps (the fix); the
+    test's own warning refers to it rather than giving the account a second time."""
     cfg = compose_train_cfg(tmp_path, ["trainer.max_steps=1", "dataset.episodes.train.n_episodes=3"])
     caplog.set_level("WARNING")
     metrics, _ = train(cfg)
     assert "val/acc_best" not in metrics and metrics["test/checkpoint"] == ""
-    assert "no validation ran" in caplog.text and "trainer.max_steps=1" in caplog.text
-    assert "dataset.episodes.train.n_episodes" in caplog.text
-    # and as the fit started, before the time was spent
+    # as the fit started, before the time was spent
     assert ("trainer.max_steps=1 ends 1 step(s) into an epoch of 3, and validation follows each "
             "epoch: no step is ever validated, and the test takes the last weights" in caplog.text)
+    said = [r.getMessage() for r in caplog.records if "valid" in r.getMessage()]
+    assert len(said) == 2 and sum("dataset.episodes.train.n_episodes" in m for m in said) == 1
+    assert said[1] == ("No best checkpoint found: no step was validated (see the warning on "
+                       "trainer.max_steps as the fit started). Testing the current weights.")
+
+
+def test_a_run_whose_start_could_not_tell_it_ends_unvalidated_says_why_at_its_test(tmp_path, caplog):
+    """With trainer.max_epochs set the fit's start does not warn: the test's warning then gives
+    the whole account, with the fix."""
+    cfg = compose_train_cfg(tmp_path, ["trainer.max_steps=1", "trainer.max_epochs=1",
+                                       "dataset.episodes.train.n_episodes=3"])
+    caplog.set_level("WARNING")
+    metrics, _ = train(cfg)
+    assert metrics["test/checkpoint"] == ""
+    said = [r.getMessage() for r in caplog.records if "valid" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("No best checkpoint found: no validation ran")
+    assert "trainer.max_steps=1" in said[0] and "dataset.episodes.train.n_episodes" in said[0]
 
 
 def test_a_run_whose_last_steps_fall_between_validations_says_so_as_it_starts(tmp_path, caplog):

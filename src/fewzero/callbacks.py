@@ -305,16 +305,24 @@ class BestCheckpoint(ModelCheckpoint):
 
     Validation follows each training epoch, so a `trainer.max_steps` that ends within an epoch
     leaves its last steps unvalidated: it says so as the fit starts, before the time is spent.
+    `no_step_validated` then says whether that warning was that no step is ever validated (the
+    test's own "no best checkpoint" warning refers to it instead of explaining it again).
     """
+
+    no_step_validated = False
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
+        self.no_step_validated = False
         epoch = steps_per_epoch(trainer)
         if trainer.max_steps <= 0 or not epoch:
             return
         tail = trainer.max_steps % epoch
-        if tail and trainer.is_global_zero and (trainer.max_epochs is None or trainer.max_epochs < 0):
+        if tail and (trainer.max_epochs is None or trainer.max_epochs < 0):
             first = trainer.max_steps - tail + 1
+            self.no_step_validated = first == 1  # on every process: each tests
+            if not trainer.is_global_zero:
+                return
             unvalidated = (f"step {first} is" if tail == 1 else f"steps {first}-{trainer.max_steps} are")
             outcome = (f"{unvalidated} never validated, and the test takes the best validated step"
                        if first > 1 else "no step is ever validated, and the test takes the last weights")
@@ -323,6 +331,13 @@ class BestCheckpoint(ModelCheckpoint):
                         "multiple of %d or change the epoch's length "
                         "(dataset.episodes.train.n_episodes for few-shot, dataset.steps_per_epoch "
                         "for zero-shot).", trainer.max_steps, tail, epoch, outcome, epoch)
+
+    def _save_topk_checkpoint(self, trainer: pl.Trainer, monitor_candidates: dict[str, Any]) -> None:
+        if self.no_step_validated and self.monitor not in monitor_candidates:
+            # nothing to rank, as said when the fit started: Lightning would add "could not find
+            # the monitored key ... Did you call `log(...)`?", as if the model failed to log it
+            return
+        super()._save_topk_checkpoint(trainer, monitor_candidates)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         before = state_dict.get("dirpath", self.dirpath)

@@ -866,8 +866,14 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> tuple[dict[str
             datamodule = as_trained(datamodule, best)
         if not best:
             monitor = getattr(trainer.checkpoint_callback, "monitor", None)
-            if cfg.get("train", True) and monitor and monitor not in trainer.callback_metrics:
-                # e.g. trainer.max_steps=200 with the default 250-step few-shot epoch
+            unvalidated = cfg.get("train", True) and monitor and monitor not in trainer.callback_metrics
+            if unvalidated and getattr(trainer.checkpoint_callback, "no_step_validated", False):
+                # said, with the fix, as the fit started (BestCheckpoint): not again here
+                log.warning("No best checkpoint found: no step was validated (see the warning on "
+                            "trainer.max_steps as the fit started). Testing the current weights.")
+            elif unvalidated:
+                # e.g. trainer.max_steps=200 with the default 250-step few-shot epoch, where the
+                # fit's start could not tell (trainer.max_epochs set)
                 log.warning("No best checkpoint found: no validation ran (it follows each training "
                             "epoch, and trainer.max_steps=%s ended training within the first: "
                             "dataset.episodes.train.n_episodes steps for few-shot, "
@@ -993,8 +999,12 @@ def main(cfg: DictConfig) -> float | None:
     if objective is None:
         return None
     if objective not in metrics:
-        log.warning("optimized_metric=%s was not logged (validation metrics: %s); returning None.",
-                    objective, sorted(k for k in metrics if k.startswith("val/")))
+        validated = sorted(k for k in metrics if k.startswith("val/"))
+        # a single run that validated nothing has said so (as its fit started, and at its test),
+        # and nothing reads what it returns
+        if validated or HydraConfig.get().mode == RunMode.MULTIRUN:
+            log.warning("optimized_metric=%s was not logged (validation metrics: %s); returning "
+                        "None.", objective, validated)
         return None
     return float(metrics[objective])
 
