@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from fewzero.callbacks import StageTimer
-from fewzero.cli import device_name, positive_int
+from fewzero.cli import device_name, positive_int, run_script
 from fewzero.data.episodes import EpisodeDataset
 from fewzero.eval import evaluate
 from fewzero.train import compose_train_config, save_run_overrides, train
@@ -198,4 +198,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from fewzero.cli import device_name, positive_int
+from fewzero.cli import device_name, positive_int, run_script
 from fewzero.train import compose_train_config, save_run_overrides, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -283,4 +283,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

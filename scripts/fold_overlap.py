@@ -22,6 +22,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from fewzero.cli import run_script
+
 SPLITS = Path(__file__).resolve().parents[1] / "configs" / "dataset" / "split"
 
 
@@ -59,4 +61,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -36,6 +36,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from fewzero.cli import run_script
 from fewzero.models.pitch_prior import FormantLikelihood, PitchRangePrior
 from fewzero.train import compose_train_config
 from fewzero.zsl_evaluation import topk_accuracy
@@ -198,4 +199,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -37,6 +37,7 @@ from pathlib import Path
 import hydra
 import torch
 
+from fewzero.cli import run_script
 from fewzero.models.pitch_prior import FormantLikelihood, PitchRangePrior
 from fewzero.models.zeroshot_module import check_init_checkpoint
 from fewzero.side_info.attributes import AttributeTable, encode_attribute_table
@@ -229,4 +230,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

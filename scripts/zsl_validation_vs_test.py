@@ -29,6 +29,8 @@ import json
 import statistics
 from pathlib import Path
 
+from fewzero.cli import run_script
+
 
 def recipe_runs(folder: Path) -> list[dict[str, float]]:
     """One dict per seed of a recipe folder: class_cv, val_h, unseen, h, and fold<k> (the class-CV
@@ -127,4 +129,4 @@ def fold_agreement(runs: list[list[dict[str, float]]]) -> list[str]:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

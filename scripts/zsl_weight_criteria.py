@@ -22,6 +22,7 @@ import json
 import statistics
 from pathlib import Path
 
+from fewzero.cli import run_script
 from fewzero.models.pitch_prior import best_candidate
 from fewzero.train import compose_train_config
 
@@ -99,4 +100,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

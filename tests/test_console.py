@@ -1,6 +1,7 @@
 """What a run prints: Lightning's noise is dropped, everything else is left alone."""
 
 import logging
+import re
 import subprocess
 import sys
 import warnings
@@ -161,6 +162,56 @@ def test_a_method_a_plugin_left_unimplemented_keeps_its_traceback(monkeypatch):
     unimplemented = _raised(head.embed_audio, torch.zeros(2, 4))
     assert isinstance(unimplemented, NotImplementedError)
     assert refusal_message(unimplemented) is None
+
+
+def test_a_script_prints_a_refusal_alone_and_keeps_a_bugs_traceback(monkeypatch):
+    """`run_script`, which every script of scripts/ runs its main() with: fewzero's refusals,
+    the script's own (a `raise` in its folder, here this test file's), a missing file and Hydra's
+    refusal of a config print their message after the script's name; a bug is raised as it was."""
+    from hydra.errors import MissingConfigException
+
+    from fewzero.cli import run_script
+    from fewzero.data.clips import check_instruments
+
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+
+    def own_refusal():
+        raise ValueError("experiment=x has no pitch prior: add the override model/pitch_prior=range.")
+
+    def missing_experiment():
+        raise MissingConfigException("In 'train': Could not find 'experiment/nope'")
+
+    refusals = {lambda: check_instruments(["Violaa"], ["Viola"], hint="Check it."): "['Violaa']",
+                own_refusal: "has no pitch prior", missing_experiment: "Could not find 'experiment/nope'",
+                lambda: open("/nonexistent/file.csv"): "No such file or directory: '/nonexistent/file.csv'"}
+    for main, message in refusals.items():
+        with pytest.raises(SystemExit, match=rf"^test_console.py: .*{re.escape(message)}"):
+            run_script(main)
+
+    def unimplemented():
+        raise NotImplementedError
+
+    for bug, kind in [(unimplemented, NotImplementedError), (lambda: int("x"), ValueError),
+                      (lambda: [][0], IndexError)]:
+        with pytest.raises(kind):
+            run_script(bug)
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")  # every traceback, as for fewzero.train
+    with pytest.raises(ValueError, match="has no pitch prior"):
+        run_script(own_refusal)
+
+
+def test_a_script_run_from_the_shell_prints_its_refusal_without_a_traceback():
+    """zsl_prior_folds.py refuses an experiment without a pitch prior (its own ValueError), and
+    Hydra an experiment that does not exist: once with a traceback of the script's frames."""
+    script = Path(__file__).resolve().parents[1] / "scripts" / "zsl_prior_folds.py"
+    for experiment, message in [("zsl_word_audio", "experiment=zsl_word_audio has no pitch prior: "
+                                                   "add the override"),
+                                ("zsl_nope", "In 'train': Could not find 'experiment/zsl_nope'")]:
+        result = subprocess.run([sys.executable, str(script), "--experiment", experiment],
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 1
+        assert f"\nzsl_prior_folds.py: {message}" in "\n" + result.stderr
+        assert "Traceback" not in result.stdout + result.stderr
 
 
 def test_only_a_later_ddp_process_that_lost_its_peer_is_said_to_be_stopped_by_another():

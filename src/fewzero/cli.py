@@ -1,13 +1,34 @@
-"""Helpers shared by the command-line scripts (`scripts/benchmark_*.py`): argument types and
-the device a benchmark names."""
+"""Helpers shared by the command-line scripts (`scripts/*.py`): how they run (`run_script`),
+argument types and the device a benchmark names."""
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import platform
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
+
+from fewzero.console import command_refusal
+
+
+def run_script(main: Callable[[], object]) -> None:
+    """Run a script's `main()` as `fewzero.eval` runs its own: a refusal of bad input (a
+    checkpoint whose run read the test fold, an unknown experiment, a missing file; see
+    `fewzero.console.command_refusal`), raised by fewzero's code or by the script's own, prints
+    its message alone after the script's name and exits with status 1. Anything else, a bug,
+    keeps its traceback; HYDRA_FULL_ERROR=1 shows every traceback."""
+    script = Path(inspect.getfile(main)).resolve()
+    try:
+        main()
+    except Exception as error:
+        message = command_refusal(error, own_code=[script.parent])
+        if message is None:
+            raise
+        raise SystemExit(f"{script.name}: {message}") from None
 
 
 def positive_int(text: str) -> int:

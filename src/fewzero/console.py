@@ -21,8 +21,10 @@ import linecache
 import logging
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+
+from hydra.errors import ConfigCompositionException, OverrideParseException
 
 # where Lightning's rank_zero_info goes (pytorch_lightning's, and lightning_fabric's)
 LIGHTNING_LOGGERS = ("pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.rank_zero")
@@ -43,14 +45,15 @@ def stopped_by_another_process(error: BaseException, rank: int) -> bool:
     return rank > 0 and isinstance(error, RuntimeError) and any(s in str(error) for s in PEER_GONE)
 
 
-def refusal_message(error: BaseException) -> str | None:
+def refusal_message(error: BaseException, own_code: Sequence[Path] = ()) -> str | None:
     """The message of `error` when it is one of fewzero's refusals of bad input: a REFUSALS
     exception raised by a `raise` statement in fewzero's own code (its innermost frame), also
     inside the error of OmegaConf or Hydra that met it (a config resolver's refusal). None
     otherwise (a library's error, or one a fewzero line met without raising it on purpose,
     such as int("x"), a `raise NotImplementedError` of a base class whose method a plugin left
     out, or one without a message): those keep their traceback. None too with HYDRA_FULL_ERROR=1, which asks
-    for every traceback."""
+    for every traceback. `own_code`: further folders whose `raise` statements refuse bad input
+    (a script's own, scripts/)."""
     # one that OmegaConf or Hydra met while resolving or building the config comes wrapped
     while type(error).__module__.startswith(("omegaconf.", "hydra.")) and (
             error.__cause__ or error.__context__):
@@ -67,7 +70,21 @@ def refusal_message(error: BaseException) -> str | None:
         frame = frame.tb_next
     path = Path(frame.tb_frame.f_code.co_filename).resolve()
     line = linecache.getline(str(path), frame.tb_lineno).strip()
-    return str(error) if PACKAGE_DIR in path.parents and line.startswith("raise ") else None
+    ours = any(folder.resolve() in path.parents for folder in (PACKAGE_DIR, *own_code))
+    return str(error) if ours and line.startswith("raise ") else None
+
+
+def command_refusal(error: BaseException, own_code: Sequence[Path] = ()) -> str | None:
+    """What a command (`fewzero.eval`, a script of scripts/) prints instead of `error` and its
+    traceback: a refusal's message (`refusal_message`), a missing file's (FileNotFoundError,
+    wherever raised: a path the command line names), or Hydra's for a config it cannot compose
+    (an unknown experiment, a key the config lacks: `fewzero.train` prints those alone too).
+    None for anything else, a bug, which keeps its traceback, and with HYDRA_FULL_ERROR=1."""
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        return None
+    if isinstance(error, FileNotFoundError | ConfigCompositionException | OverrideParseException):
+        return str(error) or None
+    return refusal_message(error, own_code)
 
 
 class DropMessages(logging.Filter):

@@ -33,7 +33,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import ConfigKeyError
 
 from fewzero.callbacks import RunRecord
-from fewzero.console import refusal_message
+from fewzero.console import command_refusal
 from fewzero.side_info.attributes import new_values
 from fewzero.train import CONFIG_DIR, run_suffix, train
 
@@ -415,7 +415,7 @@ def main(argv: list[str] | None = None) -> None:
         evaluate(options["ckpt_path"], overrides, output_dir, options.get("run_config"))
     except Exception as error:  # a refusal (settings that would test clips it learned from), or
         # a missing checkpoint, run config or data file: the message says what to do
-        message = str(error) if isinstance(error, FileNotFoundError) else refusal_message(error)
+        message = command_refusal(error)
         if message is None:
             raise  # a bug: its traceback, and the directory as it was left
         if created and output_dir.is_dir():
