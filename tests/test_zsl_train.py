@@ -340,6 +340,28 @@ def test_transfer_ceiling_script_scores_every_unseen_class(tmp_path):
     assert all(0.0 <= a <= 1.0 for a in unseen_top1)
 
 
+def test_transfer_ceiling_script_prints_a_refused_checkpoint_without_a_traceback(tmp_path, monkeypatch):
+    """A checkpoint whose run read the seen classes' test fold, or none at all: the message
+    alone, after the script's name (as fewzero.eval), and exit status 1."""
+    from fewzero.cli import run_script
+
+    ceiling_script = load_script("zsl_transfer_ceiling")
+    fsl = compose_train_cfg(tmp_path / "fsl", ["trainer.max_steps=1", "test=false"])  # every fold
+    train(fsl)
+    ckpt = Path(fsl.paths.output_dir) / "checkpoints" / "last.ckpt"
+    zsl = [*tone_overrides(tmp_path / "zsl", zero_shot=True),
+           f"dataset.features.n_mels={fsl.dataset.features.n_mels}"]
+    for given, refused in [(ckpt, r"comes from a run that trained or selected on clips .* fold 4 "
+                                  r"\(the seen classes' test fold\)"),
+                           (tmp_path / "missing.ckpt", r"does not exist\. Set it to a fewzero "
+                                                       r"run's checkpoint")]:
+        monkeypatch.setattr("sys.argv", ["zsl_transfer_ceiling.py", str(given), *zsl,
+                                         "--experiments", "zsl_attribute_audio"])
+        with pytest.raises(SystemExit, match=rf"^zsl_transfer_ceiling.py: model.init_checkpoint="
+                                             rf"{re.escape(str(given))} {refused}"):
+            run_script(ceiling_script.main)
+
+
 def test_zsl_benchmark_reports_the_runs_own_length_and_batch_and_refuses_mixed_settings(
         tmp_path, monkeypatch):
     benchmark = load_script("benchmark_zsl")

@@ -56,9 +56,18 @@ def checkpoint_backbone(path: str | Path) -> str:
             + str(OmegaConf.to_container(backbone)))
 
 
+def check_init_checkpoint_exists(path: str | Path) -> None:
+    """Refuse a `model.init_checkpoint` that is no file, naming it (torch.load's error named
+    neither the setting nor the fix, behind a traceback)."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"model.init_checkpoint={path} does not exist. Set it to a fewzero "
+                                "run's checkpoint (<run>/checkpoints/<file>.ckpt), or leave it null.")
+
+
 def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
     """Initialise `backbone` from a fewzero checkpoint (few-shot `net.backbone.*` or zero-shot
     `backbone.*` weights)."""
+    check_init_checkpoint_exists(path)
     state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
     for prefix in ("net.backbone.", "backbone."):
         weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
@@ -109,6 +118,7 @@ def check_init_checkpoint(path: str | Path, dm: Any, class_cv: bool = False) -> 
     all_folds = set(dm.table.folds.unique().tolist())
     heard = clips_behind_checkpoint(path, all_folds)
     if heard is None:
+        check_init_checkpoint_exists(path)  # rather than "cannot check" about no file at all
         log.warning("model.init_checkpoint=%s: no .hydra/config.yaml in its run directory, so "
                     "fewzero cannot check that its training never used this run's test or "
                     "validation clips (unseen classes %s, fold %s of the seen ones).",
