@@ -10,6 +10,7 @@ from conftest import compose_train_cfg
 from omegaconf import OmegaConf
 from tinysol_fixture import make_mini_tinysol
 
+from fewzero.data.clips import TINYSOL_INSTRUMENTS
 from fewzero.eval import apply_overrides, check_output_dir, check_tested_clips_unheard, evaluate, main
 from fewzero.train import train
 
@@ -363,6 +364,34 @@ def test_refit_conse_checkpoint_is_re_evaluated_against_the_classes_it_was_train
         assert len(objects["model"].head.anchors) == len(objects["datamodule"].seen)  # all 9
         for key in keys:
             assert metrics[key] == pytest.approx(trained[key], abs=1e-6), (name, key)
+
+
+def test_zero_shot_run_started_from_a_few_shot_checkpoint_is_re_evaluated_without_that_file(tmp_path):
+    """The run's checkpoint holds the encoder's weights, so fewzero.eval needs not the init file
+    again; what the init checkpoint's run read is recorded in it, so a test on clips that run
+    heard (a class it trained, added as unseen) is refused all the same."""
+    names = [*TINYSOL_INSTRUMENTS, "Piccolo"]
+    fsl = compose_train_cfg(tmp_path / "fsl", [
+        "trainer.max_steps=1", "test=false", "dataset.folds=[0,1,2]", "dataset.episodes.val.n_way=2",
+        f"dataset.source.instruments=[{','.join(repr(n) for n in names)}]",
+        "dataset.split.train=[Accordion,Cello,Clarinet in Bb,Contrabass,Flute,Piccolo]",
+        "dataset.split.val=[French Horn,Violin]"], clips_per_class=20)
+    train(fsl)
+    init = Path(fsl.paths.output_dir) / "checkpoints" / "last.ckpt"
+    cfg = compose_train_cfg(tmp_path / "zsl", [
+        "experiment=zsl_word_audio", "model=eszsl", "model.pitch_prior=null",
+        f"model.init_checkpoint={init}", f"dataset.features.n_mels={fsl.dataset.features.n_mels}"])
+    trained, _ = train(cfg)
+    shutil.move(init.parent.parent, tmp_path / "fsl_moved")  # the few-shot run is gone from there
+    metrics, _ = evaluate(trained["test/checkpoint"], [], tmp_path / "eval")
+    for key in ("test/zsl_top1", "test/seen_top1", "test/gzsl_cs_h"):
+        assert metrics[key] == pytest.approx(trained[key], abs=1e-6), key
+    unseen = [*cfg.dataset.split.unseen, "Piccolo"]
+    with pytest.raises(ValueError, match=r"init_checkpoint=.*unseen classes \(test only\) \['Piccolo'\]"):
+        evaluate(trained["test/checkpoint"], [
+            f"dataset.source.instruments=[{','.join(repr(n) for n in names)}]",
+            f"dataset.split.unseen=[{','.join(repr(n) for n in unseen)}]",
+            "+side_info.words.Piccolo=[piccolo]"], tmp_path / "eval_piccolo")
 
 
 def test_checkpoint_is_re_evaluated_with_whitening_switched_off_and_on(tmp_path):

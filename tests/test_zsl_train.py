@@ -605,6 +605,10 @@ def test_an_init_checkpoint_without_backbone_weights_says_what_to_pass(tmp_path)
     with pytest.raises(ValueError, match=r"no backbone weights.*Set model\.init_checkpoint to .*"
                                          r"or leave it null"):
         load_backbone_weights(torch.nn.Linear(2, 2), path)
+    # was torch.load's bare "No such file or directory", without the setting or the file
+    with pytest.raises(FileNotFoundError, match=r"model\.init_checkpoint=.*moved\.ckpt does not exist\. "
+                                                r"Set it to a fewzero run's checkpoint"):
+        load_backbone_weights(torch.nn.Linear(2, 2), tmp_path / "moved.ckpt")
 
 
 def test_an_init_checkpoint_of_another_encoder_names_its_runs_backbone(tmp_path):

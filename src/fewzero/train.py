@@ -727,6 +727,22 @@ def refit_on_trainval(cfg: DictConfig, datamodule: Any, trainer: pl.Trainer, out
     return final_dm, model, refit, info
 
 
+def build_model(cfg: DictConfig, output_dir: Path) -> pl.LightningModule:
+    """`cfg.model` built. For a test alone (`train=false`, as `fewzero.eval` runs it) of a
+    checkpoint that records the `model.init_checkpoint` its run started from (zero-shot runs),
+    from that record (`ZeroShotModule`'s `init_record`): the checkpoint's weights replace those
+    the init file holds, which may have moved since, and the check that refuses an init
+    checkpoint whose run heard a tested clip reads what the record says that run read."""
+    tested = None if cfg.get("train", True) else resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
+    record = (torch.load(tested, map_location="cpu", weights_only=False).get("init_checkpoint")
+              if tested else None)
+    if record is None:
+        return hydra.utils.instantiate(cfg.model)
+    log.info("%s records its run's model.init_checkpoint (%s): the model is built without reading "
+             "that file, whose weights the checkpoint's replace.", tested, record["path"])
+    return hydra.utils.instantiate(cfg.model, init_record=record)
+
+
 def fit_metrics(trainer: pl.Trainer, resumed: str | None) -> dict[str, float]:
     """The fit's train/ and val/ metrics as logged, over those saved in the resumed checkpoint
     (`ResumableModule.resumed_fit_metrics`, read when the fit restored it): a resumed fit logs
@@ -815,7 +831,7 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> tuple[dict[str
     log.info("Building datamodule <%s>", cfg.dataset._target_)
     datamodule = hydra.utils.instantiate(cfg.dataset)
     log.info("Building model <%s>", cfg.model._target_)
-    model = hydra.utils.instantiate(cfg.model)
+    model = build_model(cfg, output_dir)
     give_example_input(model, datamodule)
     check_audio_encoder_output(model, cfg)
     # an entry set to null (callbacks.progress_bar=null) is switched off, like one removed with ~

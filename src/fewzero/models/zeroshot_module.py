@@ -91,11 +91,11 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
                      "fewzero few-shot or zero-shot run, or leave it null.")
 
 
-def clips_behind_checkpoint(path: str | Path, all_folds: set[int]) -> dict[str, set[int]] | None:
-    """{class: folds} whose clips trained or selected a fewzero checkpoint, read from the run's
-    saved config (`<run>/.hydra/config.yaml`): a few-shot run's train and validation instruments
-    on its `dataset.folds` (every fold of `all_folds` when null), a zero-shot run's seen classes
-    on every fold but its test fold. None when that config is not next to the checkpoint."""
+def checkpoint_reading(path: str | Path) -> dict[str, Any] | None:
+    """What the run that wrote fewzero checkpoint `path` read, from its saved config
+    (`<run>/.hydra/config.yaml`, else the one the checkpoint records): its `dataset.split`,
+    `dataset.folds` and `dataset.test_fold` (those it has), as plain containers, for
+    `clips_heard`. None when neither config can be found."""
     from fewzero.eval import load_run_config  # here: fewzero.eval imports the training entry point
 
     try:
@@ -103,6 +103,16 @@ def clips_behind_checkpoint(path: str | Path, all_folds: set[int]) -> dict[str, 
     except FileNotFoundError:
         return None
     dataset = config.get("dataset", {})
+    return {key: OmegaConf.to_container(dataset[key], resolve=True)
+            if OmegaConf.is_config(dataset[key]) else dataset[key]
+            for key in ("split", "folds", "test_fold") if key in dataset}
+
+
+def clips_heard(dataset: dict[str, Any], all_folds: set[int]) -> dict[str, set[int]]:
+    """{class: folds} whose clips trained or selected a checkpoint whose run read `dataset`
+    (`checkpoint_reading`): a few-shot run's train and validation instruments on its
+    `dataset.folds` (every fold of `all_folds` when null), a zero-shot run's seen classes on
+    every fold but its test fold."""
     split = dataset.get("split") or {}
     if "seen" in split:
         return {name: all_folds - {dataset.get("test_fold", 4)} for name in split["seen"]}
@@ -115,10 +125,20 @@ def check_init_checkpoint(path: str | Path, dm: Any, class_cv: bool = False) -> 
     or validation: an unseen class, the seen classes' test fold, a pseudo-unseen class (with
     `class_cv`, any class a fold of class cross-validation holds out) or the validation fold.
     `dm`: the run's set-up `ZeroShotDataModule`; what is allowed is its `pretraining_clips`."""
+    reading = checkpoint_reading(path)
+    if reading is None:  # no run config beside it: refuse a missing file rather than "cannot check"
+        check_init_checkpoint_exists(path)
+    check_init_reading(reading, path, dm, class_cv)
+
+
+def check_init_reading(reading: dict[str, Any] | None, path: str | Path, dm: Any,
+                       class_cv: bool = False) -> None:
+    """`check_init_checkpoint` on what the run of init checkpoint `path` read (`reading`, from
+    `checkpoint_reading`; None: unknown, which is warned about), e.g. as a run recorded it in its
+    own checkpoints: `path` may have moved since."""
     all_folds = set(dm.table.folds.unique().tolist())
-    heard = clips_behind_checkpoint(path, all_folds)
+    heard = None if reading is None else clips_heard(reading, all_folds)
     if heard is None:
-        check_init_checkpoint_exists(path)  # rather than "cannot check" about no file at all
         log.warning("model.init_checkpoint=%s: no .hydra/config.yaml in its run directory, so "
                     "fewzero cannot check that its training never used this run's test or "
                     "validation clips (unseen classes %s, fold %s of the seen ones).",
@@ -213,7 +233,12 @@ class ZeroShotModule(ResumableModule):
         optimizer, scheduler: partials, as in `FewShotModule` (unused by closed-form heads).
         augment: optional training-only augmentation of the log-mel excerpts.
         init_checkpoint: optional fewzero checkpoint (few-shot or zero-shot) to start the
-            encoder from.
+            encoder from. What its run read (`checkpoint_reading`) is recorded with the path in
+            every checkpoint of this run (`checkpoint["init_checkpoint"]`).
+        init_record: such a record, given when a checkpoint is tested alone (`fewzero.eval`,
+            through `fewzero.train.build_model`): it stands for `init_checkpoint`, whose file is
+            not read then (it may have moved since): the tested checkpoint's weights replace
+            those it would load, and `setup` checks the recorded reading against the test's data.
         freeze_backbone: keep the encoder fixed (eval mode). None: fixed for closed-form heads
             (which fit on a frozen encoder, so False is refused for them), trained otherwise.
         plot_dir: where test figures are written as PNG (also sent to TensorBoard).
@@ -236,7 +261,7 @@ class ZeroShotModule(ResumableModule):
                  scheduler: Callable[..., Any] | None = None, augment: nn.Module | None = None,
                  init_checkpoint: str | None = None, freeze_backbone: bool | None = None,
                  plot_dir: str | None = None, pitch_prior: PitchRangePrior | None = None,
-                 transpose_semitones: int = 0):
+                 transpose_semitones: int = 0, init_record: dict[str, Any] | None = None):
         super().__init__()
         if transpose_semitones < 0:
             raise ValueError("model.transpose_semitones must be 0 (off) or a positive number of "
@@ -246,9 +271,15 @@ class ZeroShotModule(ResumableModule):
         self.backbone, self.head, self.loss, self.side_info = backbone, head, loss, side_info
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.augment = augment if augment is not None else nn.Identity()
-        self.init_checkpoint = init_checkpoint
-        if init_checkpoint:
+        # what the init checkpoint's run read (None: unknown), for the check in `setup`
+        self.init_reading: dict[str, Any] | None = None
+        if init_record is not None:
+            record = OmegaConf.to_container(init_record) if OmegaConf.is_config(init_record) else init_record
+            init_checkpoint, self.init_reading = record["path"], record["reading"]
+        elif init_checkpoint:
             load_backbone_weights(self.backbone, init_checkpoint)
+            self.init_reading = checkpoint_reading(init_checkpoint)
+        self.init_checkpoint = init_checkpoint
         if is_closed_form(head) and freeze_backbone is False:
             raise ValueError(f"model.freeze_backbone=false: {type(head).__name__} is a closed-form "
                              "head, fitted on the embeddings of a frozen encoder, so the encoder "
@@ -283,7 +314,7 @@ class ZeroShotModule(ResumableModule):
     def setup(self, stage: str) -> None:
         dm = self.trainer.datamodule
         if self.init_checkpoint:
-            check_init_checkpoint(self.init_checkpoint, dm, self.class_cv)
+            check_init_reading(self.init_reading, self.init_checkpoint, dm, self.class_cv)
         if self.transpose_semitones and not isinstance(getattr(dm, "features", None), MelFeatures):
             raise ValueError("model.transpose_semitones scales log-mel excerpts in frequency, and "
                              f"{type(dm).__name__} gives no log-mel features: set "
@@ -386,6 +417,9 @@ class ZeroShotModule(ResumableModule):
         # which classes the head was trained against ("trainval": the refit, every seen class);
         # re-evaluation rebuilds the datamodule in that role (`fewzero.train.as_trained`)
         checkpoint["datamodule_train_on"] = self.trainer.datamodule.train_on
+        if self.init_checkpoint:  # so that a test of this checkpoint needs not that file
+            checkpoint["init_checkpoint"] = {"path": str(self.init_checkpoint),
+                                             "reading": self.init_reading}
         if self._closed_form_data:
             audio, targets = zip(*self._closed_form_data, strict=True)
             checkpoint["closed_form_data"] = {"audio": torch.cat(audio).cpu(),
