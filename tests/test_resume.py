@@ -432,20 +432,35 @@ def test_resume_with_other_training_settings_is_refused_and_the_runs_config_kept
 
 @pytest.mark.slow
 def test_ctrl_c_saves_the_current_step_and_prints_the_command_that_resumes(tmp_path):
+    """A run with a config group of the user's own (--config-dir) and a class of theirs on
+    PYTHONPATH: the printed command keeps the folder, says which PYTHONPATH, and resumes."""
     run = tmp_path / "interrupted"
     last = run / "checkpoints" / "last.ckpt"
     log_path = tmp_path / "interrupted.log"
+    (tmp_path / "myconf" / "local").mkdir(parents=True)
+    (tmp_path / "myconf" / "local" / "mine.yaml").write_text("# @package _global_\ntags: [mine]\n")
+    (tmp_path / "plugins").mkdir()
+    (tmp_path / "plugins" / "myplugin.py").write_text(
+        "import pytorch_lightning as pl\n\n\nclass Nothing(pl.Callback):\n    pass\n")
+    pythonpath = os.pathsep.join([str(tmp_path / "plugins"), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": pythonpath}
+    started = [*_command(tmp_path, run)[:3], "--config-dir", str(tmp_path / "myconf"), "local=mine",
+               "+callbacks.mine._target_=myplugin.Nothing", *_command(tmp_path, run)[3:]]
     with log_path.open("w") as log:
         # as from a terminal; the child must not inherit a SIGINT the test runner ignores
-        _stop_once_saved(subprocess.Popen(_command(tmp_path, run), stdout=log, stderr=log,
+        _stop_once_saved(subprocess.Popen(started, stdout=log, stderr=log, env=env,
                                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)),
                          last, signal.SIGINT)
     output = log_path.read_text()
     assert "Ctrl-C: saving this step" in output and "Traceback" not in output
     assert f"last.ckpt holds step {_step(last)}; resume with:" in output
-    command = shlex.split(output.split("resume with:\n", 1)[1].splitlines()[0])
-    assert command[:3] == [interpreter(), "-m", "fewzero.train"] and f"hydra.run.dir={run}" in command
-    subprocess.run(command, check=True, capture_output=True, timeout=600)
+    printed = output.split("resume with:\n", 1)[1].splitlines()
+    command = shlex.split(printed[0])
+    assert command[:5] == [interpreter(), "-m", "fewzero.train", "--config-dir", str(tmp_path / "myconf")]
+    assert "local=mine" in command and f"hydra.run.dir={run}" in command
+    assert printed[1].startswith(f"(with PYTHONPATH={shlex.quote(pythonpath)} set again: this run "
+                                 "imported ") and "myplugin" in printed[1]
+    subprocess.run(command, check=True, capture_output=True, timeout=600, env=env)
     assert _step(last) == 12 and (run / "metrics.json").is_file()
 
 
@@ -523,7 +538,8 @@ def test_the_whole_sweep_command_is_given_for_hydras_basic_sweeper_only(tmp_path
                               ("hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper", False)):
         overrides = {"hydra": ["hydra.sweep.dir=old", "hydra.mode=MULTIRUN", "hydra/launcher=joblib"],
                      "task": ["seed=0,1", "ckpt_path=last", "model.x='a b'"]}
-        OmegaConf.save({"hydra": {"sweeper": {"_target_": sweeper}, "overrides": overrides}},
+        OmegaConf.save({"hydra": {**_hydra_node("/x/configs", "/my conf"),
+                                  "sweeper": {"_target_": sweeper}, "overrides": overrides}},
                        tmp_path / "multirun.yaml")
         command = sweep_resume_command(tmp_path)
         if not expected:  # an Optuna study resumes with its own command
@@ -531,8 +547,55 @@ def test_the_whole_sweep_command_is_given_for_hydras_basic_sweeper_only(tmp_path
             continue
         words = shlex.split(command)
         # the launcher comes along (a SLURM sweep must not go on locally); the directory is this one
-        assert words == [interpreter(), "-m", "fewzero.train", "-m", "hydra/launcher=joblib", "seed=0,1",
+        # and the options its config was composed with: a folder of the user's own config groups
+        assert words == [interpreter(), "-m", "fewzero.train", "-m", "--config-path", "/x/configs",
+                         "--config-dir", "/my conf", "hydra/launcher=joblib", "seed=0,1",
                          "model.x='a b'", "ckpt_path=auto", f"hydra.sweep.dir={tmp_path}"]
+
+
+def _hydra_node(main: str, config_dir: str | None = None, config_name: str = "train",
+                hydra_overrides: tuple[str, ...] = ()) -> dict:
+    """The parts of a run's Hydra config (HydraConfig.get(), multirun.yaml) that say how its
+    config was composed, as Hydra writes them for `--config-path main --config-dir config_dir`."""
+    sources = [{"path": "hydra.conf", "schema": "pkg", "provider": "hydra"},
+               {"path": main, "schema": "file", "provider": "main"},
+               {"path": "", "schema": "structured", "provider": "schema"}]
+    if config_dir is not None:
+        sources.insert(2, {"path": config_dir, "schema": "file", "provider": "command-line"})
+    return {"runtime": {"config_sources": sources}, "job": {"config_name": config_name},
+            "overrides": {"hydra": ["hydra.mode=RUN", *hydra_overrides], "task": []}}
+
+
+def test_the_options_a_run_was_composed_with_come_back_in_its_resume_command(tmp_path):
+    from fewzero.train import CONFIG_DIR, composing_options
+
+    assert composing_options(None) == []  # composed by a script
+    assert composing_options(OmegaConf.create(_hydra_node(str(CONFIG_DIR)))) == []  # the defaults
+    node = _hydra_node("/my/configs", "/my conf", "mine", ("hydra.searchpath=[file:///extra]",))
+    assert composing_options(OmegaConf.create(node)) == [
+        "--config-path", "/my/configs", "--config-dir", "/my conf", "--config-name", "mine",
+        "hydra.searchpath=[file:///extra]"]
+
+
+def test_a_resume_command_names_the_pythonpath_a_class_of_the_users_own_came_from(tmp_path, monkeypatch):
+    import importlib
+
+    from fewzero.train import pythonpath_hint
+
+    plugins = tmp_path / "my plugins"
+    plugins.mkdir()
+    (plugins / "leftover_plugin.py").write_text("class Head:\n    pass\n")
+    monkeypatch.setenv("PYTHONPATH", str(plugins))
+    assert pythonpath_hint() == ""  # nothing imported from there
+    monkeypatch.syspath_prepend(str(plugins))
+    try:
+        importlib.import_module("leftover_plugin")
+        assert pythonpath_hint() == (f"\n(with PYTHONPATH='{plugins}' set again: this run imported "
+                                     "leftover_plugin from there)")
+        monkeypatch.delenv("PYTHONPATH")
+        assert pythonpath_hint() == ""
+    finally:
+        sys.modules.pop("leftover_plugin", None)
 
 
 def test_the_resume_command_parses_back_to_the_run_in_hydra(tmp_path):
@@ -542,9 +605,9 @@ def test_the_resume_command_parses_back_to_the_run_in_hydra(tmp_path):
 
     run = tmp_path / "runs" / "2026-12-05_seed=1,model.x=a  b"  # named after its overrides
     overrides = ["seed=1", "model.x='a  b'", "hparams_search=optuna"]
-    words = shlex.split(resume_command(overrides, run))
-    assert words[:3] == [interpreter(), "-m", "fewzero.train"]
-    parsed = {o.key_or_group: o.value() for o in OverridesParser.create().parse_overrides(words[3:])}
+    words = shlex.split(resume_command(overrides, run, options=["--config-dir", "/my conf"]))
+    assert words[:5] == [interpreter(), "-m", "fewzero.train", "--config-dir", "/my conf"]
+    parsed = {o.key_or_group: o.value() for o in OverridesParser.create().parse_overrides(words[5:])}
     # hparams_search would start a new sweep instead of resuming this job
     assert parsed == {"seed": 1, "model.x": "a  b", "ckpt_path": "last", "hydra.run.dir": str(run)}
 

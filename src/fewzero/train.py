@@ -14,6 +14,7 @@ import importlib
 import json
 import logging
 import math
+import os
 import re
 import shlex
 import signal
@@ -111,6 +112,7 @@ register_resolvers()  # ${optuna_storage:...}, ${optuna_seed:...} (hparams_searc
 
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+CONFIG_NAME = "train"  # the primary config of `python -m fewzero.train` (`main`)
 
 
 def compose_train_config(overrides: list[str], output_dir: str | Path) -> DictConfig:
@@ -122,7 +124,7 @@ def compose_train_config(overrides: list[str], output_dir: str | Path) -> DictCo
     from omegaconf import open_dict
 
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=overrides)
+        cfg = compose(CONFIG_NAME, overrides=overrides)
     with open_dict(cfg):
         cfg.paths.output_dir = str(output_dir)
     return cfg
@@ -244,22 +246,67 @@ def restore_run_files(output_dir: Path) -> None:
         return
 
 
-def resume_command(overrides: list[str] | None, output_dir: Path, ckpt_path: str = "last") -> str:
+def composing_options(hydra_cfg: DictConfig | None) -> list[str]:
+    """What of a run's command line, besides its overrides, its config was composed with, as
+    words of a command: `--config-path` (another primary config folder), `--config-name`
+    (another primary config than train.yaml), `--config-dir` (a folder of config groups of the
+    user's own, README "Components of your own") and `hydra.searchpath=...`. A resume without
+    them would not compose. `hydra_cfg`: the run's Hydra config (`HydraConfig.get()`, or the
+    `hydra` node of a sweep's multirun.yaml); None (a run composed by a script) gives none."""
+    if hydra_cfg is None:
+        return []
+    words = []
+    for source in OmegaConf.select(hydra_cfg, "runtime.config_sources", default=None) or []:
+        file = source.schema == "file"
+        where = source.path if file else f"{source.schema}://{source.path}"
+        if source.provider == "main" and not (file and Path(source.path).resolve() == CONFIG_DIR):
+            words += ["--config-path", where]
+        elif source.provider == "command-line":  # Hydra's own name for the --config-dir folder
+            words += ["--config-dir", where]
+    name = OmegaConf.select(hydra_cfg, "job.config_name", default=None)
+    if name is not None and name != CONFIG_NAME:
+        words += ["--config-name", str(name)]
+    return words + [str(o) for o in OmegaConf.select(hydra_cfg, "overrides.hydra", default=None) or []
+                    if str(o).lstrip("+~").startswith("hydra.searchpath=")]
+
+
+def pythonpath_hint() -> str:
+    """A line to give with a resume command when this process imported a module from a folder
+    of `PYTHONPATH` (classes of a user's own that the config names by `_target_`): the resume
+    must find them again. "" otherwise."""
+    value = os.environ.get("PYTHONPATH", "")
+    folders = [Path(p).resolve() for p in value.split(os.pathsep) if p]
+    if not folders:
+        return ""
+    found = sorted({name.partition(".")[0] for name, module in list(sys.modules.items())
+                    if isinstance(getattr(module, "__file__", None), str)
+                    and any(Path(module.__file__).resolve().is_relative_to(f) for f in folders)})
+    if not found:
+        return ""
+    return (f"\n(with PYTHONPATH={shlex.quote(value)} set again: this run imported "
+            f"{', '.join(found)} from there)")
+
+
+def resume_command(overrides: list[str] | None, output_dir: Path, ckpt_path: str = "last",
+                   options: Sequence[str] = ()) -> str:
     """The shell command that resumes the run in `output_dir` from `ckpt_path`: its overrides
-    without `hparams_search` (which would start a new sweep, and changes no training setting)."""
+    without `hparams_search` (which would start a new sweep, and changes no training setting),
+    after `options`, those its config was composed with besides (`composing_options`)."""
     given = ([o for o in overrides if not o.lstrip("+~").startswith("hparams_search=")]
              if overrides is not None else None)
-    words = [shlex.quote(interpreter()), "-m", "fewzero.train", *(shlex.quote(o) for o in given or []),
+    words = [shlex.quote(interpreter()), "-m", "fewzero.train", *map(shlex.quote, options),
+             *(shlex.quote(o) for o in given or []),
              shlex.quote(f"ckpt_path={hydra_quoted(ckpt_path)}"),
              shlex.quote(f"hydra.run.dir={hydra_quoted(str(output_dir))}")]
     if given is None:
-        words.insert(3, "<the run's overrides>")
+        words.insert(3 + len(options), "<the run's overrides>")
     return " ".join(words)
 
 
 def sweep_resume_command(sweep_dir: Path) -> str | None:
     """The shell command that finishes the multirun in `sweep_dir` (from its multirun.yaml): its
-    command-line overrides (the launcher's included) with `ckpt_path=auto` in the same sweep
+    command-line overrides (the launcher's included) and the options its config was composed
+    with (`composing_options`), with `ckpt_path=auto` in the same sweep
     directory, so each job finds its own run directory: stopped jobs resume from last.ckpt,
     finished ones keep their results (`finished_report`), the others start. None for a sweep
     other than Hydra's basic one (an Optuna study is resumed by its own command) or without
@@ -271,10 +318,12 @@ def sweep_resume_command(sweep_dir: Path) -> str | None:
     if not str(OmegaConf.select(hydra_cfg, "sweeper._target_", default="")).endswith("BasicSweeper"):
         return None
     # Hydra records -m as hydra.mode=MULTIRUN; the sweep directory and ckpt_path are set anew
-    replaced = ("hydra.mode=", "hydra.sweep.dir=", "ckpt_path=")
+    # (and hydra.searchpath comes with the options)
+    replaced = ("hydra.mode=", "hydra.sweep.dir=", "ckpt_path=", "hydra.searchpath=")
     given = [str(o) for o in [*hydra_cfg.overrides.hydra, *hydra_cfg.overrides.task]
-             if not str(o).startswith(replaced)]
-    words = [shlex.quote(interpreter()), "-m", "fewzero.train", "-m", *map(shlex.quote, given),
+             if not str(o).lstrip("+~").startswith(replaced)]
+    words = [shlex.quote(interpreter()), "-m", "fewzero.train", "-m",
+             *map(shlex.quote, [*composing_options(hydra_cfg), *given]),
              "ckpt_path=auto", shlex.quote(f"hydra.sweep.dir={hydra_quoted(str(sweep_dir))}")]
     return " ".join(words)
 
@@ -288,6 +337,7 @@ def check_resume(cfg: DictConfig, ckpt_path: str, output_dir: Path) -> None:
         log.warning("%s records no config (written before fewzero recorded it): resuming without "
                     "checking that these are the run's own settings.", ckpt_path)
         return
+    options = composing_options(HydraConfig.get() if HydraConfig.initialized() else None)
     then = flatten_config(training_settings(record["config"]))
     now = flatten_config(training_settings(cfg))
     changed = sorted(key for key in then.keys() | now.keys()
@@ -300,7 +350,7 @@ def check_resume(cfg: DictConfig, ckpt_path: str, output_dir: Path) -> None:
     raise ValueError(
         f"ckpt_path={ckpt_path} was trained with other settings than this command gives:\n"
         f"{differences}\nA resume continues the same run, so it needs the run's own settings:\n"
-        f"  {resume_command(record['overrides'], output_dir, str(cfg.ckpt_path))}\n"
+        f"  {resume_command(record['overrides'], output_dir, str(cfg.ckpt_path), options)}\n"
         "To train with other settings, start a new run.")
 
 
@@ -946,11 +996,14 @@ def optimized_metric(cfg: DictConfig) -> str | None:
 
 @rank_zero_only  # DDP: the first process says it once
 def say_how_to_resume(output_dir: Path, overrides: list[str], during: str | None,
-                      sweep_dir: Path | None = None, requeued: bool = False) -> None:
+                      sweep_dir: Path | None = None, requeued: bool = False,
+                      options: Sequence[str] = ()) -> None:
     """Log where a stopped run's progress is and the command that resumes it; `during`: the
     phase after the main fit it stopped in (class cross-validation, the refit), if any; a job of
     a multirun in `sweep_dir` also gets the command that finishes the whole sweep. `requeued`:
-    a submitit job that its launcher requeues, which resumes by itself with ckpt_path=auto."""
+    a submitit job that its launcher requeues, which resumes by itself with ckpt_path=auto.
+    `options`: those the run's config was composed with besides its overrides
+    (`composing_options`). Each command comes with the PYTHONPATH it needs (`pythonpath_hint`)."""
     last = output_dir / "checkpoints" / "last.ckpt"
     if not last.is_file():
         log.warning("Stopped before any checkpoint was written to %s: start the run again.",
@@ -965,17 +1018,18 @@ def say_how_to_resume(output_dir: Path, overrides: list[str], during: str | None
             log.warning("Preempted. %s holds step %d; submitit requeues the job, which resumes "
                         "from there (ckpt_path=auto).", last, step)
             return
-        log.warning("%s. %s holds step %d; resume with:\n  %s", "Preempted, and the requeued "
+        log.warning("%s. %s holds step %d; resume with:\n  %s%s", "Preempted, and the requeued "
                     "job starts afresh without ckpt_path=auto in the sweep's command" if requeued
                     else "Stopped", last, step,
-                    resume_command(run_overrides(output_dir, overrides), output_dir))
+                    resume_command(run_overrides(output_dir, overrides), output_dir, options=options),
+                    pythonpath_hint())
     whole_sweep = sweep_resume_command(sweep_dir) if sweep_dir is not None and not requeued else None
     if whole_sweep:
         log.warning("The multirun stops here. Finish it (stopped jobs resume, finished ones keep "
-                    "their results, the rest start) with:\n  %s", whole_sweep)
+                    "their results, the rest start) with:\n  %s%s", whole_sweep, pythonpath_hint())
 
 
-@hydra.main(version_base="1.3", config_path="../../configs", config_name="train")
+@hydra.main(version_base="1.3", config_path="../../configs", config_name=CONFIG_NAME)
 def main(cfg: DictConfig) -> float | None:
     objective = optimized_metric(cfg)
     overrides = list(HydraConfig.get().overrides.task)
@@ -987,7 +1041,8 @@ def main(cfg: DictConfig) -> float | None:
         sweep_dir = (Path(HydraConfig.get().sweep.dir)
                      if HydraConfig.get().mode == RunMode.MULTIRUN else None)
         say_how_to_resume(Path(cfg.paths.output_dir), overrides, getattr(stop, "stopped_during", None),
-                          sweep_dir, requeued=getattr(stop, "preemption", None) is not None)
+                          sweep_dir, requeued=getattr(stop, "preemption", None) is not None,
+                          options=composing_options(HydraConfig.get()))
         requeue(stop)  # a submitit job's preemption: submitit requeues it and ends this process
         raise SystemExit(128 + signal.SIGTERM) from None
     except Exception as error:
