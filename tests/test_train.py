@@ -639,14 +639,30 @@ def test_a_gpu_trainer_on_a_machine_without_a_gpu_names_the_fix(tmp_path, monkey
 
 
 def test_the_model_summary_counts_the_audio_encoders_flops_per_excerpt(tmp_path):
+    from pytorch_lightning.callbacks import ModelSummary as SummaryCallback
     from pytorch_lightning.utilities.model_summary import ModelSummary
 
-    for experiment in ([], ["experiment=zsl_attribute_audio"]):
+    from fewzero.callbacks import EncoderModelSummary, EncoderSummary
+
+    for experiment, encoder in (([], "net.backbone"), (["experiment=zsl_attribute_audio"], "backbone")):
         _, objects = train(compose_train_cfg(tmp_path / str(len(experiment)), [*experiment, "test=false"]))
-        model, datamodule = objects["model"], objects["datamodule"]
-        assert tuple(model.example_input_array.shape) == (1, datamodule.features.n_mels,
-                                                          datamodule.excerpt_frames)
+        model, datamodule, trainer = objects["model"], objects["datamodule"], objects["trainer"]
+        example = [1, datamodule.features.n_mels, datamodule.excerpt_frames]
+        assert list(model.example_input_array.shape) == example
         assert ModelSummary(model).total_flops > 0  # was 0: the summary had no input to run
+        if not experiment:  # the main fit's trainer (a zero-shot run's is the refit's, which has none)
+            assert [type(c) for c in trainer.callbacks if isinstance(c, SummaryCallback)] == [
+                EncoderModelSummary]
+        # the summary printed as the fit starts (Lightning's default gave the few-shot `net` row
+        # 0 FLOPs and "?" sizes: the example runs through net.backbone alone, which had no row)
+        summary = EncoderSummary(model)
+        row = summary.layer_names.index(encoder)
+        assert sum(summary.flop_counts[encoder].values()) == summary.total_flops > 0
+        assert summary.in_sizes[row] == example and summary.out_sizes[row][0] == 1
+        # that row alone is added, after its parent's: no other submodule is listed
+        nested = [name for name in summary.layer_names if "." in name]
+        assert nested == ([encoder] if "." in encoder else [])
+        assert summary.layer_names[row - 1] == encoder.split(".")[0] or "." not in encoder
 
 
 class _MelMean(torch.nn.Module):

@@ -17,10 +17,13 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
+from pytorch_lightning.callbacks import ModelCheckpoint, RichModelSummary, RichProgressBar
 from pytorch_lightning.utilities.exceptions import SIGTERMException
+from pytorch_lightning.utilities.model_summary.model_summary import LayerSummary
+from pytorch_lightning.utilities.model_summary.model_summary import ModelSummary as Summary
 
 from fewzero.data.clips import replace_atomically
+from fewzero.models.resumable import ResumableModule
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +102,47 @@ class StepSeed(pl.Callback):
                              batch: Any, batch_idx: int) -> None:
         if self.seed is not None:
             torch.manual_seed(step_seed(self.seed, trainer.global_step, trainer.global_rank))
+
+
+class EncoderSummary(Summary):
+    """Lightning's model summary, plus a row for the audio encoder of a `ResumableModule` where
+    it is nested deeper than the rows listed (a few-shot model's `net.backbone`, under `net`
+    with the default `max_depth=1`), after its parent's. The example input runs through the
+    encoder alone (the module's `forward`), so that row is where the summary measures FLOPs and
+    in/out sizes; the parent's own forward never runs (0 FLOPs, "?" sizes). A zero-shot model's
+    encoder (`backbone`) is a row already: nothing is added, no other submodule listed."""
+
+    def summarize(self) -> dict[str, LayerSummary]:
+        nested = self._nested_encoder()
+        if nested is None:
+            return super().summarize()
+        row = LayerSummary(nested[1])  # its hook sees the example input's forward run there
+        summary = super().summarize()
+        row.detach_hook()
+        rows = list(summary.items())
+        parent = nested[0].split(".")[0]
+        at = next((i + 1 for i, (name, _) in enumerate(rows) if name == parent), len(rows))
+        return dict([*rows[:at], (nested[0], row), *rows[at:]])
+
+    def _nested_encoder(self) -> tuple[str, torch.nn.Module] | None:
+        """(name, module) of the model's audio encoder when the listed rows leave it out."""
+        if not isinstance(self._model, ResumableModule) or self._max_depth < 1:
+            return None
+        encoder = self._model.audio_encoder()
+        name = next((n for n, m in self._model.named_modules() if m is encoder and n), None)
+        return (name, encoder) if name is not None and name.count(".") >= self._max_depth else None
+
+
+class EncoderModelSummary(RichModelSummary):
+    """Lightning's default model summary as a fit starts (rich's table), by `EncoderSummary`:
+    `fewzero.train` gives it in place of Lightning's own (`trainer.enable_model_summary`)."""
+
+    def _summary(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
+        from pytorch_lightning.strategies.deepspeed import DeepSpeedStrategy
+
+        if isinstance(trainer.strategy, DeepSpeedStrategy):  # its own summary (ZeRO stage 3)
+            return super()._summary(trainer, pl_module)
+        return EncoderSummary(pl_module, max_depth=self._max_depth)
 
 
 class EpochProgressBar(RichProgressBar):

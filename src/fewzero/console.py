@@ -98,11 +98,14 @@ class DropMessages(logging.Filter):
         return not record.getMessage().startswith(self.prefixes)
 
 
-_ADVERTISEMENT_FILTER = DropMessages((ADVERTISEMENT,))
+# Lightning's advertisement, and its note that a model summary callback was given (fewzero.train
+# gives its own in place of Lightning's default: `fewzero.callbacks.EncoderModelSummary`)
+_ADVERTISEMENT_FILTER = DropMessages((ADVERTISEMENT, "Trainer already configured with model summary"))
 
 
 def quiet_lightning() -> None:
-    """Drop Lightning's advertisement and torch's LeafSpec notice for the whole process (idempotent)."""
+    """Drop Lightning's advertisement (and note on a given model summary) and torch's LeafSpec
+    notice for the whole process (idempotent)."""
     for name in LIGHTNING_LOGGERS:
         logger = logging.getLogger(name)
         if _ADVERTISEMENT_FILTER not in logger.filters:

@@ -37,7 +37,15 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from torch.utils.tensorboard.summary import hparams as tensorboard_hparams
 
-from fewzero.callbacks import FitKey, LastCheckpoint, RngAtFirstBatch, RunRecord, StageTimer, requeue
+from fewzero.callbacks import (
+    EncoderModelSummary,
+    FitKey,
+    LastCheckpoint,
+    RngAtFirstBatch,
+    RunRecord,
+    StageTimer,
+    requeue,
+)
 from fewzero.console import (
     follow_up_trainer,
     quiet_lightning,
@@ -890,6 +898,9 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> tuple[dict[str
         # a test alone writes no checkpoint, and the one it tests must not restore a run's
         # checkpoint choice (BestCheckpoint would copy, or look for, the training run's files)
         callbacks = [c for c in callbacks if not isinstance(c, pl.callbacks.ModelCheckpoint)]
+    if (cfg.trainer.get("enable_model_summary") is not False and not cfg.trainer.get("barebones")
+            and not any(isinstance(c, pl.callbacks.ModelSummary) for c in callbacks)):
+        callbacks.append(EncoderModelSummary())  # Lightning's default one, with the encoder's row
     callbacks.append(record)
     loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
     trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
