@@ -152,6 +152,24 @@ def test_a_class_listed_twice_in_a_few_shot_split_is_refused_naming_the_stage_be
                     key="dataset.split.val")
 
 
+@pytest.mark.parametrize(("overrides", "message"), [
+    (WORD + ["dataset/split=fsl_tutorial"],
+     r"keys \['train', 'val', 'test'\], a few-shot split, but a zero-shot dataset reads \['seen', "
+     r"'unseen'\].*dataset/split=word_audio or image_audio"),
+    (["dataset/split=word_audio"],
+     r"a zero-shot split, but a few-shot dataset reads \['train', 'val', 'test'\].*"
+     r"dataset/split=fsl_tutorial or fsl_cv1 or fsl_cv2"),
+    (WORD + ["+dataset.split.pseudo_unseen_fold=[[Cello]]"],
+     r"dataset.split has \['pseudo_unseen_fold'\], which nothing reads \(misspelt\?\)"),
+])
+def test_a_split_of_the_other_kind_or_with_a_misspelt_key_is_refused_naming_the_keys(tmp_path, overrides,
+                                                                                      message):
+    """Not a KeyError on 'seen' or 'train', nor a misspelt optional key silently ignored."""
+    cfg = compose_train_cfg(tmp_path, overrides)
+    with pytest.raises(InstantiationException, match=message):
+        hydra.utils.instantiate(cfg.dataset)
+
+
 def test_unknown_instrument_in_the_split_is_a_clear_error(tmp_path):
     cfg = compose_train_cfg(tmp_path, WORD + ["dataset.split.unseen=[Kazoo]"])
     dm = hydra.utils.instantiate(cfg.dataset)

@@ -7,10 +7,10 @@ import hashlib
 import json
 import os
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 # TinySOL's 14 instrument names ("Instrument (in full)"), the class names of every source.
 TINYSOL_INSTRUMENTS: tuple[str, ...] = (
@@ -128,6 +128,37 @@ def check_covered(class_names: Sequence[str], entries: Sequence[str], what: str,
     if missing:
         raise ValueError(f"{what} has no entry for the class(es) {missing} of the split; it has "
                          f"entries for {sorted(entries)}. {hint}")
+
+
+# (required, optional) keys of dataset.split, and the shipped splits, by kind of dataset
+SPLIT_KEYS = {"few-shot": (("train", "val", "test"), ()),
+              "zero-shot": (("seen", "unseen"), ("pseudo_unseen", "pseudo_unseen_folds"))}
+SHIPPED_SPLITS = {"few-shot": ("fsl_tutorial", "fsl_cv1", "fsl_cv2"),
+                  "zero-shot": ("word_audio", "image_audio")}
+
+
+def check_split_keys(split: Mapping[str, Any], kind: str) -> None:
+    """Raise a ValueError when `split` (the config's dataset.split) lacks a key the `kind` of
+    dataset ("few-shot" or "zero-shot", `SPLIT_KEYS`) needs or has one it does not read: a split
+    of the other kind (`dataset/split=fsl_tutorial` in a zero-shot run), or a misspelt key
+    (`pseudo_unseen_fold`), which would otherwise be ignored."""
+    required, optional = SPLIT_KEYS[kind]
+    keys = list(split)
+    missing = [k for k in required if k not in keys]
+    unknown = [k for k in keys if k not in (*required, *optional)]
+    if not missing and not unknown:
+        return
+    other = next(o for o in SPLIT_KEYS if o != kind)
+    wanted = f"a {kind} dataset reads {list(required)}" + (f" (and optionally {list(optional)})"
+                                                             if optional else "")
+    if set(SPLIT_KEYS[other][0]) <= set(keys):
+        raise ValueError(f"dataset.split has the keys {keys}, a {other} split, but {wanted}. Choose "
+                         f"a {kind} split: dataset/split={' or '.join(SHIPPED_SPLITS[kind])} "
+                         "(configs/dataset/split), or one of your own with those keys.")
+    problems = ([f"lacks {missing}"] if missing else []) + (
+        [f"has {unknown}, which nothing reads (misspelt?)"] if unknown else [])
+    raise ValueError(f"dataset.split {' and '.join(problems)}: {wanted}. Fix its keys (as in "
+                     f"configs/dataset/split/{SHIPPED_SPLITS[kind][0]}.yaml).")
 
 
 def check_listed_once(names: list[str] | tuple[str, ...], key: str) -> None:
