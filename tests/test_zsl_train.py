@@ -124,6 +124,20 @@ def test_inconsistent_splits_are_rejected(tmp_path, override, message):
         hydra.utils.instantiate(cfg.dataset)
 
 
+def test_a_split_that_makes_pseudo_unseen_classes_unseen_names_every_key_and_the_fix(tmp_path):
+    """Seven unseen classes, two of them the word-audio split's pseudo-unseen Oboe and fold-1
+    Cello: one message names both keys and says the classes are unseen, not misspelt."""
+    cfg = compose_train_cfg(tmp_path, WORD + [
+        "dataset.split.seen=[French Horn,Violin,Flute,Contrabass,Trombone,Accordion,Clarinet in Bb]",
+        "dataset.split.unseen=[Bassoon,Viola,Trumpet in C,Bass Tuba,Alto Saxophone,Cello,Oboe]"])
+    with pytest.raises(InstantiationException) as error:
+        hydra.utils.instantiate(cfg.dataset)
+    assert re.search(r"dataset.split.pseudo_unseen \['Oboe'\] and dataset.split.pseudo_unseen_folds\[0\] "
+                     r"\['Cello'\] must be seen classes", str(error.value))
+    assert "['Cello', 'Oboe'] are unseen (dataset.split.unseen)" in str(error.value)
+    assert "dataset.split.pseudo_unseen=[...]" in str(error.value) and "spelling" not in str(error.value)
+
+
 @pytest.mark.parametrize(("override", "key"), [
     ("dataset.split.seen=[Violin,Flute,Cello,Oboe,Trombone,Cello]", "seen"),
     ("dataset.split.unseen=[Bassoon,Viola,Bassoon]", "unseen"),

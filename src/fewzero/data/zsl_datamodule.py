@@ -127,17 +127,32 @@ class ZeroShotDataModule(StreamPosition, pl.LightningDataModule):
             check_listed_once(names, f"dataset.split.{key}")
         shared = sorted(set(self.seen) & set(self.unseen))
         if shared:
-            raise ValueError(f"Instrument(s) {shared} are both seen and unseen: edit dataset.split.")
-        for key, pseudo in [("pseudo_unseen", self.pseudo_unseen), *folds]:
-            outside = sorted(set(pseudo) - set(self.seen))
-            if outside:
-                raise ValueError(f"dataset.split.{key} {outside} must be seen classes (they are "
-                                 f"held out of training for validation), but dataset.split.seen is "
-                                 f"{self.seen}: check the spelling in both (names are "
-                                 "case-sensitive, e.g. 'Clarinet in Bb').")
+            raise ValueError(f"Instrument(s) {shared} are both seen and unseen: list each in one of "
+                             "dataset.split.seen and dataset.split.unseen (overriding one list leaves "
+                             "the other as the split file has it).")
+        held_out = [("pseudo_unseen", self.pseudo_unseen), *folds]
+        for key, pseudo in held_out:
             if not set(self.seen) - set(pseudo):
                 raise ValueError(f"Every seen class is in dataset.split.{key}: nothing is left to "
                                  "train on.")
+        outside = [(key, sorted(set(pseudo) - set(self.seen))) for key, pseudo in held_out]
+        outside = [(key, names) for key, names in outside if names]
+        if outside:
+            named = sorted({name for _, names in outside for name in names})
+            unseen = [name for name in named if name in self.unseen]
+            unknown = [name for name in named if name not in self.unseen]
+            fixes = []
+            if unseen:
+                fixes.append(f"{unseen} are unseen (dataset.split.unseen), so a split that changes the "
+                             "seen or unseen classes names its pseudo-unseen ones too, among its seen "
+                             "classes: dataset.split.pseudo_unseen=[...] and dataset.split."
+                             "pseudo_unseen_folds=[[...], ...] (or [] for no further fold)")
+            if unknown:
+                fixes.append(f"check the spelling of {unknown} in both (names are case-sensitive, "
+                             "e.g. 'Clarinet in Bb')")
+            raise ValueError(" and ".join(f"dataset.split.{key} {names}" for key, names in outside)
+                             + " must be seen classes (they are held out of training for validation), "
+                             f"but dataset.split.seen is {self.seen}: " + "; ".join(fixes) + ".")
         if self.pseudo_unseen_folds and not self.pseudo_unseen:
             raise ValueError("dataset.split.pseudo_unseen_folds are extra folds of class "
                              "cross-validation besides dataset.split.pseudo_unseen (fold 0): set it too.")
