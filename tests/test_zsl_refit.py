@@ -191,6 +191,28 @@ def test_class_cv_needs_the_refit_that_uses_its_choice(tmp_path):
         train(cfg)
 
 
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["dataset.split.seen=[Violin,Flute]", "dataset.split.pseudo_unseen=[Flute]",
+      "dataset.split.pseudo_unseen_folds=[]"],
+     r"The validation phase would train on one class, \['Violin'\]"),
+    (["dataset.split.seen=[Violin,Flute,Oboe]", "dataset.split.pseudo_unseen=[Oboe]",
+      "dataset.split.pseudo_unseen_folds=[[Flute,Violin]]"],
+     r"Class cross-validation fold 1 would train on one class, \['Oboe'\] \(dataset.split.seen minus "
+     r"dataset.split.pseudo_unseen_folds\[0\]\)"),
+    (["dataset.split.pseudo_unseen=[]", "dataset.split.pseudo_unseen_folds=[]"],
+     "dataset.split.pseudo_unseen is empty, so no fold could be scored"),
+    (["dataset.val_fold=null"], "dataset.val_fold is null, so no fold could be scored"),
+])
+def test_a_split_leaving_a_fit_one_class_or_class_cv_nothing_to_score_is_refused_before_training(
+        tmp_path, overrides, message):
+    """Not a fit whose loss is constant (it learns nothing, and validation chooses among noise),
+    nor a refusal after the whole validation phase has trained."""
+    cfg = compose_train_cfg(tmp_path, WORD + overrides)
+    with pytest.raises(ValueError, match=message):
+        train(cfg)
+    assert not list((tmp_path / "run").rglob("*.ckpt"))
+
+
 def test_training_on_trainval_from_the_start_is_refused_since_no_validation_would_choose(tmp_path):
     cfg = compose_train_cfg(tmp_path, WORD + ["dataset.train_on=trainval", "dataset.refit_on_trainval=false",
                                               "model.pitch_prior=null"])

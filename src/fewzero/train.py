@@ -919,6 +919,8 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> tuple[dict[str
     if getattr(model, "class_cv", False) and cfg.get("train", True) and not refits:
         raise ValueError("Class cross-validation (model.pitch_prior.class_cv=true) hands its choice to "
                          "the refit on trainval: set dataset.refit_on_trainval=true or class_cv=false.")
+    if cfg.get("train", True) and hasattr(datamodule, "check_trainable"):  # a zero-shot split
+        datamodule.check_trainable(getattr(model, "class_cv", False))
     if cfg.get("train", True):
         trainer.fit(model, datamodule=datamodule, ckpt_path=resumed)
         metrics.update(fit_metrics(trainer, resumed))

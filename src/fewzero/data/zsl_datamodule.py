@@ -177,6 +177,33 @@ class ZeroShotDataModule(StreamPosition, pl.LightningDataModule):
         (fold 0), then its pseudo_unseen_folds."""
         return [list(self.pseudo_unseen)] + [list(fold) for fold in self.pseudo_unseen_folds]
 
+    def check_trainable(self, class_cv: bool = False) -> None:
+        """Raise, before any training, where a fit of this run would train on fewer than two
+        classes (a zero-shot loss then tells no class from another: the fit learns nothing and
+        validation chooses among noise), or where class cross-validation (`class_cv`) could score
+        no fold: without pseudo-unseen classes or without a validation fold of seen clips."""
+        fits = [("The validation phase", "dataset.split.seen minus dataset.split.pseudo_unseen",
+                 self.train_classes)]
+        if class_cv:
+            fits += [(f"Class cross-validation fold {k}", f"dataset.split.seen minus "
+                      f"dataset.split.pseudo_unseen_folds[{k - 1}]", [n for n in self.seen if n not in fold])
+                     for k, fold in enumerate(self.class_cv_folds[1:], start=1)]
+        if self.refit_on_trainval:
+            fits.append(("The refit on trainval", "dataset.split.seen", self.seen))
+        for fit, what, classes in fits:
+            if len(classes) < 2:
+                raise ValueError(f"{fit} would train on one class, {classes} ({what}): a zero-shot "
+                                 "model learns to tell its training classes apart, and with one its "
+                                 "loss is constant. List more seen classes, or fewer pseudo-unseen ones.")
+        if class_cv and (not self.pseudo_unseen or self.val_fold is None):
+            missing = ("dataset.split.pseudo_unseen is empty" if not self.pseudo_unseen
+                       else "dataset.val_fold is null")
+            raise ValueError("Class cross-validation (model.pitch_prior.class_cv=true) scores the prior's "
+                             "weights on each fold's pseudo-unseen classes beside the held-out seen "
+                             f"fold, but {missing}, so no fold could be scored. Name pseudo-unseen "
+                             "classes among the seen ones (dataset.split.pseudo_unseen=[...]) with "
+                             "dataset.val_fold=3, or set model.pitch_prior.class_cv=false.")
+
     def pretraining_clips(self, class_cv: bool = False) -> dict[str, set[int]]:
         """{class: folds}: the clips an encoder that starts this run (`model.init_checkpoint`)
         may have been trained or selected on, which are those this run itself trains on: never
