@@ -421,6 +421,23 @@ def test_eval_refuses_another_seen_class_test_fold_for_a_zero_shot_checkpoint(tm
         evaluate(ckpt, ["dataset.test_fold=0"], tmp_path / "eval", config)
 
 
+@pytest.mark.parametrize("seen", ["[Violin,Flute,Bassoon]", "[Violin,Flute,Bass Tuba]"])
+def test_eval_refuses_a_seen_class_the_zero_shot_run_never_trained_on(tmp_path, seen):
+    """An unseen class of the run (Bassoon) or one it never listed (Bass Tuba, left out of its
+    split) is no seen class: seen top-1 and GZSL s would be over a class the model never heard."""
+    cfg = compose_train_cfg(tmp_path, ["experiment=zsl_attribute_audio",
+                                       "dataset.split.unseen=[Bassoon,Viola,Trumpet in C]"])
+    config = tmp_path / "config.yaml"
+    OmegaConf.save(cfg, config)
+    ckpt = tmp_path / "model.ckpt"
+    ckpt.write_bytes(b"")  # refused before it is read
+    with pytest.raises(ValueError, match=rf"dataset.split.seen names \['{seen[14:-1]}'\], which the run "
+                                         r"never trained on .*list it in dataset.split.unseen"):
+        evaluate(ckpt, [f"dataset.split.seen={seen}", "dataset.split.unseen=[Viola]",
+                        "dataset.split.pseudo_unseen=[]", "dataset.split.pseudo_unseen_folds=[]"],
+                 tmp_path / "eval", config)
+
+
 @pytest.mark.parametrize("dim", [None, 40])
 def test_eval_refuses_an_attribute_value_the_runs_table_never_used(tmp_path, dim):
     cfg = compose_train_cfg(tmp_path, ["experiment=zsl_attribute_audio"])

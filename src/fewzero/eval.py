@@ -293,6 +293,24 @@ def check_tested_clips_unheard(trained: DictConfig, tested: DictConfig) -> None:
                          "a run whose split keeps them out.")
 
 
+def check_seen_classes_trained(trained: DictConfig, tested: DictConfig) -> None:
+    """Refuse a zero-shot test whose `dataset.split.seen` names a class the run never trained on:
+    its seen top-1 and GZSL s would then be figures of a class the model never heard, reported as
+    seen, and GZSL would lower its scores by the penalty meant for trained classes. `trained`: the
+    run's config; `tested`: it with the eval overrides."""
+    if run_kind(trained) != "zero-shot audio":
+        return
+    seen = list(trained.dataset.split.seen)
+    untrained = [name for name in (tested.dataset.get("split") or {}).get("seen", []) if name not in seen]
+    if untrained:
+        raise ValueError(f"dataset.split.seen names {untrained}, which the run never trained on (its "
+                         f"seen classes were {seen}): the test would report seen top-1 and GZSL s over "
+                         "classes the model never heard, and lower their scores by the calibration "
+                         "penalty meant for trained ones. A class the run never trained on is unseen "
+                         "to it: list it in dataset.split.unseen, and dataset.split.seen among the "
+                         "run's seen classes.")
+
+
 def check_attribute_columns_kept(trained: DictConfig, tested: DictConfig) -> None:
     """Refuse attribute values the run's table never used (in rows added for new classes, say):
     each adds a column to the attribute vectors, for which the checkpoint's head has no weights,
@@ -363,6 +381,7 @@ def evaluate(ckpt_path: str | Path, overrides: list[str], output_dir: str | Path
     trained = load_run_config(ckpt, Path(run_config) if run_config else None)
     cfg = apply_overrides(trained, overrides)
     check_tested_clips_unheard(trained, cfg)
+    check_seen_classes_trained(trained, cfg)
     check_attribute_columns_kept(trained, cfg)
     keep_attribute_scaling(trained, cfg)
     with open_dict(cfg):
