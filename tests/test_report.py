@@ -1,5 +1,6 @@
 import json
 import math
+import re
 
 import pytest
 
@@ -169,6 +170,29 @@ def test_run_summary_prints_zero_shot_figures_with_their_intervals(tmp_path, cap
     # a zero-shot run's val/acc_best is its calibrated H, not an accuracy
     assert "best validation score (val/acc_best): 0.8000" in out and "validation accuracy" not in out
     assert f"tensorboard --logdir {tmp_path / 'tensorboard'}" in out  # the run's own, wherever it is
+
+
+@pytest.mark.parametrize(("unseen", "note"), [
+    (["D", "E", "F", "G", "H"], None),
+    (["D", "E", "F"], "(top-3 among 3 candidates: always right)"),
+    (["D"], "(one unseen candidate: always right)"),
+])
+def test_run_summary_counts_each_settings_candidates_and_names_a_zsl_figure_that_cannot_be_wrong(
+        tmp_path, capsys, monkeypatch, unseen, note):
+    """A split of one's own with 3 unseen classes reports ZSL top-3 1.0 +-0.000 whatever the
+    model: the summary says so, and how many classes each setting chose among."""
+    from fewzero.summary import print_summary
+
+    monkeypatch.setenv("COLUMNS", "200")  # one table row per line
+    zero_shot = {"zsl_top1": 0.5, "zsl_top3": 1.0, "seen_top1": 0.9, "calibration_gamma": 0.0,
+                 **{f"{p}_{k}": 0.5 for p in ("gzsl", "gzsl_cs") for k in "ush"},
+                 "seen": ["A", "B", "C"], "unseen": unseen}
+    print_summary(tmp_path, {"zero_shot": zero_shot})
+    out = capsys.readouterr().out
+    assert re.search(rf"ZSL +│ unseen \({len(unseen)}\) +│", out)
+    assert re.search(r"seen +│ seen \(3\) +│", out)
+    assert re.search(rf"GZSL +│ all \({3 + len(unseen)}\) +│", out)
+    assert (note is None and "always right" not in out) or (note is not None and note in out)
 
 
 def test_run_summary_prints_few_shot_results_and_the_class_cv_choice(tmp_path, capsys, monkeypatch):

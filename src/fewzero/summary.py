@@ -23,6 +23,16 @@ def class_cv_outcome(cv: dict[str, Any]) -> str:
     return f"ZSL weight {cv['zsl_weight']:g} by class cross-validation over {folds} (mean {score})"
 
 
+def trivially_right(n_unseen: int | None) -> str:
+    """A note for the ZSL figures that cannot be wrong with `n_unseen` candidates (top-3 among
+    at most 3, top-1 among 1), or ""."""
+    if n_unseen is None or n_unseen > 3:
+        return ""
+    if n_unseen == 1:
+        return " (one unseen candidate: always right)"
+    return f" (top-3 among {n_unseen} candidates: always right)"
+
+
 def print_summary(output_dir: Path, report: dict[str, Any]) -> None:
     """Print test accuracies (mean +- 95% CI), the best validation score and the run's paths."""
     console = Console()
@@ -42,15 +52,24 @@ def print_summary(output_dir: Path, report: dict[str, Any]) -> None:
             ci = zero_shot.get(f"{key}_ci95")
             return f"{zero_shot[key]:.4f}" + (f" +-{ci:.3f}" if ci is not None else "")
 
+        # how many candidates each setting chose among (a split of one's own may have few: ZSL
+        # among 3 unseen classes always has the right one in its top 3)
+        n = {side: len(zero_shot[side]) for side in ("seen", "unseen") if side in zero_shot}
+        n["all"] = sum(n.values()) if len(n) == 2 else None
+
+        def among(side: str) -> str:
+            return side if n.get(side) is None else f"{side} ({n[side]})"
+
         zsl = Table(title="zero-shot (per-class mean top-1; +- 95% interval over the test clips)")
         zsl.add_column("setting")
         zsl.add_column("candidates")
         zsl.add_column("result", justify="right")
-        zsl.add_row("ZSL", "unseen", f"top-1 {value('zsl_top1')}, top-3 {value('zsl_top3')}")
-        zsl.add_row("seen", "seen", f"top-1 {value('seen_top1')}")
+        zsl.add_row("ZSL", among("unseen"), f"top-1 {value('zsl_top1')}, top-3 {value('zsl_top3')}"
+                    + trivially_right(n.get("unseen")))
+        zsl.add_row("seen", among("seen"), f"top-1 {value('seen_top1')}")
         for name, prefix in (("GZSL", "gzsl"), ("GZSL calibrated", "gzsl_cs")):
-            zsl.add_row(name, "all", ", ".join(f"{label} {value(f'{prefix}_{label.lower()}')}"
-                                               for label in "usH"))
+            zsl.add_row(name, among("all"), ", ".join(f"{label} {value(f'{prefix}_{label.lower()}')}"
+                                                      for label in "usH"))
         zsl.add_row("", "", f"penalty {zero_shot['calibration_gamma']:.4f} (from validation)")
         if "prior_weight_zsl" in zero_shot:
             zsl.add_row("", "", "prior weight: " + ", ".join(
