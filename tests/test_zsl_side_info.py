@@ -407,6 +407,23 @@ def test_a_class_without_an_image_folder_is_told_the_folder_rule_and_what_was_fo
     assert "None" not in str(err.value)
 
 
+def test_a_split_class_without_drawings_is_told_the_classes_that_have_some(tmp_path):
+    """A split of one's own for the image experiment with the tutorial's clarinet: the message
+    names the classes with images and the shipped split's substitute."""
+    from fewzero.side_info.image import ImageEmbeddings
+
+    files = {}
+    for name in ("Violin", "Oboe"):
+        files[name] = [str(tmp_path / f"{name}.png")]
+        _draw_instrument(tmp_path / f"{name}.png", "brown")
+    source = ImageEmbeddings(encoder=None, files={**files, "Cello": []})
+    with pytest.raises(FileNotFoundError, match=r"No images for \['Clarinet in Bb'\]: side_info.files has "
+                                                r"images of \['Oboe', 'Violin'\] only \(the offline "
+                                                r"drawings have no clarinet: the image-audio split tests "
+                                                r"Oboe in its place\)\. Choose the split's classes"):
+        source.image_paths(["Violin", "Clarinet in Bb"])
+
+
 def test_a_class_listed_in_files_reads_those_and_the_others_their_folder(tmp_path):
     from fewzero.side_info.image import ImageEmbeddings
 

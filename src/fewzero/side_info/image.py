@@ -210,7 +210,12 @@ class ImageEmbeddings(SideInformation):
                                     "(scripts/setup.sh) or fix side_info.files.")
         empty = [name for name, ps in paths.items() if not ps]
         if empty and self.root is None:
-            raise FileNotFoundError(f"No images for {empty}: list their files in side_info.files "
+            clarinet = (" (the offline drawings have no clarinet: the image-audio split tests "
+                        "Oboe in its place)" if "Clarinet in Bb" in empty else "")
+            drawn = sorted(name for name, files in self.files.items() if files)
+            raise FileNotFoundError(f"No images for {empty}: side_info.files has images of "
+                                    f"{drawn} only{clarinet}. Choose the split's "
+                                    "classes among those, list their files in side_info.files "
                                     "(class -> image files), or set side_info.root=<folder> that "
                                     "holds one sub-folder of images per class.")
         if empty:
