@@ -60,6 +60,44 @@ def test_no_unseen_or_test_fold_clip_reaches_a_training_or_validation_batch(tmp_
         == {dm.val_fold}
 
 
+# a split of one's own: unseen from one family (brass), more seen classes, folds of its own that
+# overlap, and an instrument (Viola) in neither list
+BRASS_SPLIT = ["dataset.split.seen=[Violin,Flute,Contrabass,Cello,Clarinet in Bb,Oboe,Accordion,Bassoon,"
+               "Alto Saxophone]",
+               "dataset.split.unseen=[French Horn,Trombone,Trumpet in C,Bass Tuba]",
+               "dataset.split.pseudo_unseen=[Oboe,Cello]",
+               "dataset.split.pseudo_unseen_folds=[[Cello,Bassoon],[Accordion,Contrabass,Flute]]"]
+
+
+def test_with_a_split_of_ones_own_no_unseen_or_unlisted_clip_reaches_any_fit_or_validation(tmp_path):
+    """Every fit the run makes (validation phase, each class cross-validation fold, the refit)
+    trains and validates on seen clips outside the test fold only, and each fit's training never
+    on its pseudo-unseen classes or the validation fold."""
+    dm = _datamodule(tmp_path, ["dataset.steps_per_epoch=30", "dataset.batch_size=16", *BRASS_SPLIT])
+    unseen = set(dm.ids(dm.unseen))
+    assert dm.labels.eq(-1).any()  # Viola's clips, in neither list
+    fits = [dm] + [dm.for_pseudo_unseen(fold) for fold in dm.class_cv_folds[1:]] + [dm.for_trainval()]
+    for fit in fits:
+        labels, indices = _batches_clips(fit.train_dataloader())
+        assert set(labels.tolist()) == set(fit.ids(fit.train_classes))
+        assert not set(labels.tolist()) & (unseen | {-1})
+        held_out = {fit.test_fold} | ({fit.val_fold} if fit.train_on == "train" else set())
+        assert not set(fit.table.folds[indices].tolist()) & held_out
+        assert not set(labels.tolist()) & set(fit.ids(fit.pseudo_unseen if fit.train_on == "train" else []))
+        if fit.train_on == "train":
+            labels, indices = _batches_clips(fit.val_dataloader())
+            assert set(labels.tolist()) <= set(fit.ids(fit.seen))
+            assert fit.test_fold not in set(fit.table.folds[indices].tolist())
+    assert len(fits) == 4 and fits[1].pseudo_unseen == ["Cello", "Bassoon"]
+
+
+def test_instruments_in_neither_list_of_the_split_are_named_in_the_log(tmp_path, caplog):
+    with caplog.at_level("INFO", logger="fewzero.data.zsl_datamodule"):
+        _datamodule(tmp_path, ["dataset.split.unseen=[Bassoon,Viola]"])
+    assert ("tones instrument(s) ['Alto Saxophone', 'Bass Tuba', 'Trumpet in C'] are in neither "
+            "dataset.split.seen nor dataset.split.unseen: none of their clips is used.") in caplog.text
+
+
 def test_test_batches_hold_every_unseen_clip_and_only_the_seen_test_fold(tmp_path):
     dm = _datamodule(tmp_path)
     labels, indices = _batches_clips(dm.test_dataloader())

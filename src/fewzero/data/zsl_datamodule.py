@@ -264,6 +264,10 @@ class ZeroShotDataModule(StreamPosition, pl.LightningDataModule):
             if len(self.indices[role]) == 0:
                 raise ValueError(f"No {role} clips: check dataset.split and the folds of the source.")
         self._warn_untested_classes()
+        left_out = sorted(set(self.table.instruments) - set(self.class_names))
+        if left_out:  # never a training, validation or test clip (their label is -1)
+            log.info("%s instrument(s) %s are in neither dataset.split.seen nor dataset.split.unseen: "
+                     "none of their clips is used.", self.source.name, left_out)
         log.info("ZSL clips: %s", {r: len(i) for r, i in self.indices.items()})
 
     def untested_classes(self) -> dict[str, list[str]]:
