@@ -178,6 +178,11 @@ def test_class_cv_folds_hold_out_other_seen_classes_and_nothing_else_changes(tmp
      r"\['Clarinet in Bb'\] must be seen .*seen is \[.*'Clarinet',.*check the spelling"),
     ("dataset.split.pseudo_unseen_folds=[[]]", "has an empty fold"),
     ("dataset.split.pseudo_unseen=[]", "besides dataset.split.pseudo_unseen"),
+    ("dataset.split.pseudo_unseen_folds=[[Trombone,Oboe],[Cello]]",
+     r"dataset.split.pseudo_unseen and dataset.split.pseudo_unseen_folds\[0\] hold the same classes "
+     r"\['Oboe', 'Trombone'\]"),
+    ("dataset.split.pseudo_unseen_folds=[[Cello,Flute],[Flute,Cello]]",
+     r"pseudo_unseen_folds\[0\] and dataset.split.pseudo_unseen_folds\[1\] hold the same classes"),
 ])
 def test_bad_class_cv_folds_are_rejected(tmp_path, override, message):
     with pytest.raises(Exception, match=message):

@@ -159,6 +159,14 @@ class ZeroShotDataModule(StreamPosition, pl.LightningDataModule):
         if any(not fold for fold in self.pseudo_unseen_folds):
             raise ValueError("dataset.split.pseudo_unseen_folds has an empty fold: every fold needs "
                              "at least one pseudo-unseen class.")
+        keyed = list(zip(["dataset.split.pseudo_unseen"] + [f"dataset.split.{key}" for key, _ in folds],
+                         [set(fold) for fold in self.class_cv_folds], strict=True))
+        for i, (key, fold) in enumerate(keyed):
+            same = [other for other, classes in keyed[i + 1:] if classes == fold]
+            if same:
+                raise ValueError(f"{key} and {same[0]} hold the same classes {sorted(fold)}: class "
+                                 "cross-validation would train that fold twice and count it twice in "
+                                 "its mean. Remove one of them, or give it other classes.")
 
     # ---- ids ---------------------------------------------------------------------------
     def ids(self, names: Sequence[str]) -> list[int]:
