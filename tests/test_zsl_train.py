@@ -213,10 +213,21 @@ def test_a_class_listed_twice_in_a_few_shot_split_is_refused_naming_the_stage_be
      r"dataset/split=fsl_tutorial or fsl_cv1 or fsl_cv2"),
     (WORD + ["+dataset.split.pseudo_unseen_fold=[[Cello]]"],
      r"dataset.split has \['pseudo_unseen_fold'\], which nothing reads \(misspelt\?\)"),
+    # a name where a list belongs: not its letters as classes ("lists ['o', 's'] more than once")
+    (WORD + ["dataset.split.unseen=Bassoon"],
+     r"dataset.split.unseen must be a list of class names, e.g. .*dataset.split.unseen=\[Violin,.*got "
+     r".*Bassoon"),
+    (WORD + ["dataset.split.unseen=null"], "dataset.split.unseen must be a list of class names"),
+    (WORD + ["dataset.split.pseudo_unseen_folds=[Cello,Flute]"],
+     r"pseudo_unseen_folds must be a list of folds, each a list of class names"),
+    (["dataset.split.test=Bassoon"], "dataset.split.test must be a list of class names"),
+    (WORD + ["dataset.split.unseen=[]"], "dataset.split.unseen is empty: a zero-shot split needs at least "
+                                         "one unseen class to test"),
 ])
-def test_a_split_of_the_other_kind_or_with_a_misspelt_key_is_refused_naming_the_keys(tmp_path, overrides,
-                                                                                      message):
-    """Not a KeyError on 'seen' or 'train', nor a misspelt optional key silently ignored."""
+def test_a_split_of_the_other_kind_or_of_the_wrong_shape_is_refused_naming_the_keys(tmp_path, overrides,
+                                                                                     message):
+    """Not a KeyError on 'seen' or 'train', a misspelt optional key silently ignored, a name's
+    letters read as classes, nor an empty unseen list found only once the audio is loaded."""
     cfg = compose_train_cfg(tmp_path, overrides)
     with pytest.raises(InstantiationException, match=message):
         hydra.utils.instantiate(cfg.dataset)

@@ -137,28 +137,50 @@ SHIPPED_SPLITS = {"few-shot": ("fsl_tutorial", "fsl_cv1", "fsl_cv2"),
                   "zero-shot": ("word_audio", "image_audio")}
 
 
-def check_split_keys(split: Mapping[str, Any], kind: str) -> None:
+def check_split_shape(split: Mapping[str, Any], kind: str) -> None:
     """Raise a ValueError when `split` (the config's dataset.split) lacks a key the `kind` of
     dataset ("few-shot" or "zero-shot", `SPLIT_KEYS`) needs or has one it does not read: a split
     of the other kind (`dataset/split=fsl_tutorial` in a zero-shot run), or a misspelt key
-    (`pseudo_unseen_fold`), which would otherwise be ignored."""
+    (`pseudo_unseen_fold`), which would otherwise be ignored; or when a key does not hold a list
+    of class names (`pseudo_unseen_folds`: a list of such lists), as `dataset.split.unseen=Bassoon`
+    does, whose letters would be read as classes; or, zero-shot, when seen or unseen is empty."""
+    if not isinstance(split, Mapping):
+        raise ValueError(f"dataset.split must be a mapping of class lists (as in "
+                         f"configs/dataset/split/{SHIPPED_SPLITS[kind][0]}.yaml); got {split!r}.")
     required, optional = SPLIT_KEYS[kind]
     keys = list(split)
     missing = [k for k in required if k not in keys]
     unknown = [k for k in keys if k not in (*required, *optional)]
-    if not missing and not unknown:
-        return
     other = next(o for o in SPLIT_KEYS if o != kind)
     wanted = f"a {kind} dataset reads {list(required)}" + (f" (and optionally {list(optional)})"
                                                              if optional else "")
-    if set(SPLIT_KEYS[other][0]) <= set(keys):
+    if (missing or unknown) and set(SPLIT_KEYS[other][0]) <= set(keys):
         raise ValueError(f"dataset.split has the keys {keys}, a {other} split, but {wanted}. Choose "
                          f"a {kind} split: dataset/split={' or '.join(SHIPPED_SPLITS[kind])} "
                          "(configs/dataset/split), or one of your own with those keys.")
-    problems = ([f"lacks {missing}"] if missing else []) + (
-        [f"has {unknown}, which nothing reads (misspelt?)"] if unknown else [])
-    raise ValueError(f"dataset.split {' and '.join(problems)}: {wanted}. Fix its keys (as in "
-                     f"configs/dataset/split/{SHIPPED_SPLITS[kind][0]}.yaml).")
+    if missing or unknown:
+        problems = ([f"lacks {missing}"] if missing else []) + (
+            [f"has {unknown}, which nothing reads (misspelt?)"] if unknown else [])
+        raise ValueError(f"dataset.split {' and '.join(problems)}: {wanted}. Fix its keys (as in "
+                         f"configs/dataset/split/{SHIPPED_SPLITS[kind][0]}.yaml).")
+
+    def is_list(value: Any) -> bool:
+        return isinstance(value, Sequence) and not isinstance(value, str)
+
+    def names(value: Any) -> bool:
+        return is_list(value) and all(isinstance(name, str) for name in value)
+
+    for key, value in split.items():
+        if key == "pseudo_unseen_folds":
+            if value is not None and not (is_list(value) and all(names(fold) for fold in value)):
+                raise ValueError(f"dataset.split.pseudo_unseen_folds must be a list of folds, each a "
+                                 f"list of class names, e.g. [[Cello,Flute],[Accordion]]; got {value!r}.")
+        elif not (names(value) or (value is None and key == "pseudo_unseen")):
+            raise ValueError(f"dataset.split.{key} must be a list of class names, e.g. "
+                             f"'dataset.split.{key}=[Violin,\"Clarinet in Bb\"]'; got {value!r}.")
+        elif kind == "zero-shot" and key in required and not value:
+            raise ValueError(f"dataset.split.{key} is empty: a zero-shot split needs at least one "
+                             f"{key} class{' to train on' if key == 'seen' else ' to test'}.")
 
 
 def check_listed_once(names: list[str] | tuple[str, ...], key: str) -> None:

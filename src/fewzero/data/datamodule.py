@@ -13,7 +13,7 @@ import torch
 from pytorch_lightning.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from fewzero.data.clips import ClipSource, check_listed_once, check_split, check_split_keys
+from fewzero.data.clips import ClipSource, check_listed_once, check_split, check_split_shape
 from fewzero.data.episodes import EpisodeDataset, EpisodeSampler
 from fewzero.data.features import FeatureTable, MelFeatures, prepare_and_load, prepare_cache
 
@@ -174,7 +174,7 @@ class FewShotDataModule(StreamPosition, pl.LightningDataModule):
         super().__init__()
         self.folds = None if folds is None else sorted({int(f) for f in folds})
         self.source, self.features = source, features
-        check_split_keys(split, "few-shot")
+        check_split_shape(split, "few-shot")
         self.split = {stage: list(split[stage]) for stage in ("train", "val", "test")}
         self.train_settings = _settings(episodes["train"])
         self.val_settings = _settings(episodes["val"])

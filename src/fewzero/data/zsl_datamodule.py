@@ -31,7 +31,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from fewzero.data.clips import ClipSource, check_listed_once, check_split, check_split_keys
+from fewzero.data.clips import ClipSource, check_listed_once, check_split, check_split_shape
 from fewzero.data.datamodule import ClipExcerpts, StepResumedLoader, StreamPosition, process_share, processes
 from fewzero.data.episodes import crop_frames, excerpt_room
 from fewzero.data.features import FeatureTable, MelFeatures, prepare_and_load, prepare_cache
@@ -104,7 +104,7 @@ class ZeroShotDataModule(StreamPosition, pl.LightningDataModule):
             raise ValueError(f"dataset.train_on must be 'train' or 'trainval'; got {train_on!r}")
         self.train_on, self.refit_on_trainval = train_on, refit_on_trainval
         self.source, self.features = source, features
-        check_split_keys(split, "zero-shot")
+        check_split_shape(split, "zero-shot")
         self.seen, self.unseen = list(split["seen"]), list(split["unseen"])
         self.pseudo_unseen = list(split.get("pseudo_unseen") or [])
         self.pseudo_unseen_folds = [list(fold) for fold in split.get("pseudo_unseen_folds") or []]
