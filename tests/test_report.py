@@ -195,6 +195,25 @@ def test_run_summary_counts_each_settings_candidates_and_names_a_zsl_figure_that
     assert (note is None and "always right" not in out) or (note is not None and note in out)
 
 
+@pytest.mark.parametrize(("metrics", "said"), [
+    ({"val/acc_best": 0.8, "val/gzsl_cs_h": 0.8}, "penalty 0.0500 (from validation)"),
+    ({}, "penalty 0.0500 (from validation)"),  # a test alone (fewzero.eval): its run's validation
+    ({"val/acc_best": 0.8, "val/seen_top1": 0.8}, "penalty 0.0500 (not chosen: validation had no "
+                                                  "pseudo-unseen or no held-out seen clips)"),
+])
+def test_run_summary_says_when_validation_chose_no_calibration_penalty(tmp_path, capsys, monkeypatch,
+                                                                       metrics, said):
+    """A split with dataset.split.pseudo_unseen=[] validates on seen clips alone: the penalty
+    is the default, not a validation choice."""
+    from fewzero.summary import print_summary
+
+    monkeypatch.setenv("COLUMNS", "200")  # one table row per line
+    zero_shot = {"zsl_top1": 0.5, "zsl_top3": 1.0, "seen_top1": 0.9, "calibration_gamma": 0.05,
+                 **{f"{p}_{k}": 0.5 for p in ("gzsl", "gzsl_cs") for k in "ush"}}
+    print_summary(tmp_path, {"zero_shot": zero_shot, "metrics": metrics})
+    assert said in capsys.readouterr().out
+
+
 def test_run_summary_prints_few_shot_results_and_the_class_cv_choice(tmp_path, capsys, monkeypatch):
     import re
 

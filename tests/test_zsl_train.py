@@ -98,6 +98,20 @@ def test_instruments_in_neither_list_of_the_split_are_named_in_the_log(tmp_path,
             "dataset.split.seen nor dataset.split.unseen: none of their clips is used.") in caplog.text
 
 
+@pytest.mark.parametrize(("override", "side"), [
+    ("dataset.split.pseudo_unseen=[]", "dataset.split.pseudo_unseen is empty, so validation scores one "
+                                       "side only (seen clips of the validation fold)"),
+    ("dataset.val_fold=null", "dataset.val_fold is null, so validation scores one side only "
+                              "(pseudo-unseen clips)"),
+])
+def test_a_split_whose_validation_has_one_side_warns_that_no_penalty_is_chosen(tmp_path, caplog, override,
+                                                                               side):
+    dm = _datamodule(tmp_path, ["dataset.split.pseudo_unseen_folds=[]", override])
+    with caplog.at_level("WARNING", logger="fewzero.data.zsl_datamodule"):
+        dm.check_trainable(class_cv=False)
+    assert f"{side}: no GZSL calibration penalty is chosen (it stays 0)" in caplog.text
+
+
 def test_test_batches_hold_every_unseen_clip_and_only_the_seen_test_fold(tmp_path):
     dm = _datamodule(tmp_path)
     labels, indices = _batches_clips(dm.test_dataloader())

@@ -189,7 +189,8 @@ class ZeroShotDataModule(StreamPosition, pl.LightningDataModule):
         """Raise, before any training, where a fit of this run would train on fewer than two
         classes (a zero-shot loss then tells no class from another: the fit learns nothing and
         validation chooses among noise), or where class cross-validation (`class_cv`) could score
-        no fold: without pseudo-unseen classes or without a validation fold of seen clips."""
+        no fold: without pseudo-unseen classes or without a validation fold of seen clips. Without
+        class cross-validation, warn there instead: validation then has one side only."""
         fits = [("The validation phase", "dataset.split.seen minus dataset.split.pseudo_unseen",
                  self.train_classes)]
         if class_cv:
@@ -203,9 +204,15 @@ class ZeroShotDataModule(StreamPosition, pl.LightningDataModule):
                 raise ValueError(f"{fit} would train on one class, {classes} ({what}): a zero-shot "
                                  "model learns to tell its training classes apart, and with one its "
                                  "loss is constant. List more seen classes, or fewer pseudo-unseen ones.")
-        if class_cv and (not self.pseudo_unseen or self.val_fold is None):
-            missing = ("dataset.split.pseudo_unseen is empty" if not self.pseudo_unseen
-                       else "dataset.val_fold is null")
+        missing = ("dataset.split.pseudo_unseen is empty" if not self.pseudo_unseen
+                   else "dataset.val_fold is null" if self.val_fold is None else None)
+        if missing and not class_cv:
+            log.warning("%s, so validation scores one side only (%s): no GZSL calibration penalty is "
+                        "chosen (it stays 0), the checkpoint is chosen by that side's top-1 alone, and a "
+                        "pitch prior keeps its configured weights.", missing,
+                        "seen clips of the validation fold" if self.val_fold is not None
+                        else "pseudo-unseen clips")
+        if class_cv and missing:
             raise ValueError("Class cross-validation (model.pitch_prior.class_cv=true) scores the prior's "
                              "weights on each fold's pseudo-unseen classes beside the held-out seen "
                              f"fold, but {missing}, so no fold could be scored. Name pseudo-unseen "
