@@ -112,6 +112,20 @@ def test_a_split_whose_validation_has_one_side_warns_that_no_penalty_is_chosen(t
     assert f"{side}: no GZSL calibration penalty is chosen (it stays 0)" in caplog.text
 
 
+def test_class_cv_over_folds_of_one_class_each_warns_that_it_cannot_choose(tmp_path, caplog):
+    dm = _datamodule(tmp_path, ["dataset.split.pseudo_unseen=[Oboe]",
+                                "dataset.split.pseudo_unseen_folds=[[Cello],[Flute]]"])
+    with caplog.at_level("WARNING", logger="fewzero.data.zsl_datamodule"):
+        dm.check_trainable(class_cv=True)
+    assert ("Every fold of class cross-validation holds one pseudo-unseen class (['Oboe', 'Cello', "
+            "'Flute']): ZSL among one candidate is always right") in caplog.text
+    assert "the 2 extra fits choose nothing" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="fewzero.data.zsl_datamodule"):  # the word-audio split's
+        _datamodule(tmp_path).check_trainable(class_cv=True)
+    assert not caplog.text
+
+
 def test_test_batches_hold_every_unseen_clip_and_only_the_seen_test_fold(tmp_path):
     dm = _datamodule(tmp_path)
     labels, indices = _batches_clips(dm.test_dataloader())

@@ -212,6 +212,14 @@ class ZeroShotDataModule(StreamPosition, pl.LightningDataModule):
                         "pitch prior keeps its configured weights.", missing,
                         "seen clips of the validation fold" if self.val_fold is not None
                         else "pseudo-unseen clips")
+        folds = self.class_cv_folds
+        if class_cv and len(folds) > 1 and all(len(fold) == 1 for fold in folds):
+            log.warning("Every fold of class cross-validation holds one pseudo-unseen class (%s): ZSL "
+                        "among one candidate is always right, so no fold can tell the prior's weights "
+                        "apart and the %d extra fits choose nothing (the configured weight stays). "
+                        "Give folds of two classes or more (dataset.split.pseudo_unseen and "
+                        "pseudo_unseen_folds), or set model.pitch_prior.class_cv=false.",
+                        [name for fold in folds for name in fold], len(folds) - 1)
         if class_cv and missing:
             raise ValueError("Class cross-validation (model.pitch_prior.class_cv=true) scores the prior's "
                              "weights on each fold's pseudo-unseen classes beside the held-out seen "
