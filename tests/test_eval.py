@@ -205,6 +205,8 @@ def test_a_dataset_source_group_replaces_the_runs_source_and_its_keys_apply_on_t
                                         r"configs/dataset/source/tinysol.yaml write dataset/source=tinysol"),
     (ZSL_RUN, "dataset/source=TinySOL", r"no .*TinySOL.yaml. The options of dataset/source are "
                                         r"\['sol', 'tinysol', 'tones'\]"),
+    (ZSL_RUN, "dataset/split=brass_unseen", r"no .*brass_unseen.yaml.*fewzero.eval reads no --config-dir: "
+                                            r"give one of your own key by key, e.g. 'dataset.split.<key>"),
     (ZSL_RUN, "model/backbone=music_fsl_cnn", "takes the config groups dataset/source, dataset/split only"),
     (ZSL_RUN, "dataset/split=fsl_cv1", "a split of the few-shot kind.*zero-shot audio kind"),
     (FSL_RUN, "dataset/split=word_audio", "a split of the zero-shot audio kind.*few-shot kind"),
@@ -212,6 +214,15 @@ def test_a_dataset_source_group_replaces_the_runs_source_and_its_keys_apply_on_t
 def test_a_config_group_eval_cannot_apply_is_named_with_what_to_write(run, override, refused):
     with pytest.raises(ValueError, match=refused):
         apply_overrides(OmegaConf.create(run), [override])
+
+
+@pytest.mark.parametrize("args", [["--config-dir", "/my/conf"], ["--config-dir=/my/conf"],
+                                  ["-cd", "/my/conf"]])
+def test_cli_refuses_a_config_dir_and_says_how_to_give_a_split_of_ones_own(args):
+    """Not the usage text alone: the run's saved config holds what its --config-dir gave it."""
+    with pytest.raises(SystemExit, match=r"takes no --config-dir: it rebuilds the checkpoint's run from "
+                                         r"the config that run saved.*'dataset.split.unseen=\[...\]'"):
+        main(["ckpt_path=missing.ckpt", *args, "dataset/split=mine"])
 
 
 @pytest.mark.parametrize("setting", ["hydra.job.chdir=true", "paths.output_dir=/tmp/x", "+hydra.job.name=x"])

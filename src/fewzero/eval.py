@@ -117,7 +117,8 @@ def _group_config(group: str, option: str) -> DictConfig:
     path = CONFIG_DIR / group / f"{option}.yaml"
     if not path.is_file():
         raise ValueError(f"{group}={option}: there is no {path}. The options of {group} are "
-                         f"{_options(group)}.")
+                         f"{_options(group)} (fewzero.eval reads no --config-dir: give one of your "
+                         f"own key by key, e.g. '{group.replace('/', '.')}.<key>=[...]').")
     node = OmegaConf.load(path)
     if not isinstance(node, DictConfig) or "defaults" in node:
         raise ValueError(f"{group}={option}: {path} is not a plain {group} config (it composes "
@@ -408,6 +409,11 @@ def remove_refused_output_dir(output_dir: Path) -> bool:
 
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
+    if any(a in ("--config-dir", "-cd") or a.startswith("--config-dir=") for a in args):
+        raise SystemExit("fewzero.eval takes no --config-dir: it rebuilds the checkpoint's run from the "
+                         "config that run saved, which holds what its --config-dir gave it (components "
+                         "and split of your own). To test on a split of your own, give its lists: "
+                         "'dataset.split.seen=[...]' 'dataset.split.unseen=[...]'.")
     asked = any(a in ("-h", "--help") for a in args)
     if asked or not args or any("=" not in a for a in args):
         print(USAGE + "\n\n" + __doc__)
