@@ -738,3 +738,45 @@ def test_a_target_that_does_not_import_names_why_and_pythonpath_before_anything_
                                          rf"{problem}.*PYTHONPATH=/path/to/folder"):
         train(cfg)
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "64-true"])
+def test_a_few_shot_run_trains_validates_and_tests_in_mixed_or_double_precision(tmp_path, precision):
+    # 64-true was a dtype error in the model summary's float32 example excerpt, then in the
+    # whitening's reference embeddings (embedded outside Lightning's loops) and its choice
+    cfg = compose_train_cfg(tmp_path, [f"trainer.precision={precision}"])
+    metrics, objects = train(cfg)
+    assert objects["trainer"].precision == precision
+    assert 0.0 < metrics["val/acc_best"] <= 1.0
+    assert all(0.0 <= metrics[f"test/{name}_acc"] <= 1.0 for name in ("5way_1shot", "5way_5shot"))
+    if precision == "64-true":
+        assert next(objects["model"].parameters()).dtype == torch.float64
+
+
+def test_the_whitening_is_fitted_on_clips_embedded_as_the_evaluated_ones_are(tmp_path, monkeypatch):
+    """Under bf16-mixed Lightning embeds the validation and test clips under autocast; the
+    reference clips of the whitening (embedded outside its loops) were embedded in float32."""
+    from fewzero.models.fewshot_module import FewShotModule
+
+    dtypes = []
+    embed = FewShotModule._embed_loader
+
+    def recording(self, loader):
+        hook = self.net.backbone.register_forward_hook(lambda m, i, out: dtypes.append(out.dtype))
+        try:
+            return embed(self, loader)
+        finally:
+            hook.remove()
+
+    monkeypatch.setattr(FewShotModule, "_embed_loader", recording)
+    train(compose_train_cfg(tmp_path, ["trainer.precision=bf16-mixed", "test=false"]))
+    assert dtypes and set(dtypes) == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("precision", ["16-true", "bf16-true"])
+def test_precisions_with_16_bit_weights_are_refused_naming_the_mixed_ones(tmp_path, precision):
+    # was: NotImplementedError ("cdist" not implemented for 'BFloat16') in the first training step
+    with pytest.raises(ValueError, match=rf"trainer.precision={precision} keeps every weight and "
+                                         r"buffer in 16 bits.*trainer.precision=bf16-mixed"):
+        train(compose_train_cfg(tmp_path, [f"trainer.precision={precision}"]))
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -824,7 +824,7 @@ def test_pitch_accuracy_leaves_out_clips_of_unknown_pitch():
     from fewzero.models.zeroshot_module import ZeroShotModule
 
     predicted = torch.tensor([60, 62, 64, 65])
-    module = SimpleNamespace(device="cpu", ids={"seen": [0], "unseen": [1]},
+    module = SimpleNamespace(device="cpu", dtype=torch.float32, ids={"seen": [0], "unseen": [1]},
                              pitch_prior=SimpleNamespace(predicted_pitches=lambda audio: predicted))
     labels, pitches = torch.tensor([0, 0, 1, 1]), torch.tensor([60, -1, 64, 66])
     metrics = ZeroShotModule._pitch_accuracy(module, torch.zeros(4, 2), labels, pitches)
@@ -845,8 +845,8 @@ def test_test_figures_carry_the_test_figures_and_mark_the_unseen_classes(tmp_pat
                          {"zsl": torch.eye(3, dtype=torch.long), "gzsl_cs": torch.eye(3, dtype=torch.long)})
     module = SimpleNamespace(trainer=SimpleNamespace(datamodule=SimpleNamespace(class_names=["a", "b", "c"])),
                              results=results, head=head, side_matrix=torch.randn(3, 4), device="cpu",
-                             ids={"unseen": [2], "seen": [0, 1]}, plot_dir=tmp_path, loggers=[],
-                             global_step=0)
+                             dtype=torch.float32, ids={"unseen": [2], "seen": [0, 1]}, plot_dir=tmp_path,
+                             loggers=[], global_step=0)
     ZeroShotModule._test_figures(module, torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2]))
     assert "per-class top-1 0.250" in saved["test/confusion_zsl"].axes[0].get_title()
     assert "H 0.600" in saved["test/confusion_gzsl_cs"].axes[0].get_title()
@@ -915,3 +915,20 @@ def test_the_sanity_check_gathers_but_neither_scores_nor_calibrates():
         log_dict=lambda metrics, **_: logged.update(metrics))
     ZeroShotModule.on_validation_epoch_end(module)  # a few batches only: nothing to choose on
     assert not logged and float(module.calibration_gamma) == 7.0
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "64-true"])
+def test_a_zero_shot_run_validates_refits_and_tests_in_mixed_or_double_precision(tmp_path, precision):
+    # bf16-mixed was a dtype error as validation scored the autocast (bfloat16) embeddings with
+    # the float32 head; 64-true one in the model summary, then in the test's pitch accuracy
+    cfg = compose_train_cfg(tmp_path, WORD + [f"trainer.precision={precision}"])
+    metrics, objects = train(cfg)
+    run = Path(cfg.paths.output_dir)
+    report = json.loads((run / "metrics.json").read_text())
+    assert report["class_cv"] and report["refit_on_trainval"]["steps"] > 0
+    for key in ("zsl_top1", "seen_top1", "gzsl_cs_h", "pitch_exact_seen"):
+        assert 0.0 <= report["zero_shot"][key] <= 1.0
+    # the test applies the penalty validation chose, as chosen
+    best = torch.load(report["refit_on_trainval"]["selected_checkpoint"], weights_only=False)
+    assert report["zero_shot"]["calibration_gamma"] == pytest.approx(
+        float(best["state_dict"]["calibration_gamma"]))

@@ -83,7 +83,7 @@ def evaluate_episodes(embeddings: torch.Tensor, sampler: EpisodeSampler, n_episo
     """
     per_episode = whitening is not None and whitening.adapts(sampler.n_shot)
     if whitening is not None:
-        embeddings = (embeddings @ whitening.adaptation_basis() if per_episode
+        embeddings = (embeddings @ whitening.adaptation_basis().to(embeddings) if per_episode
                       else whitening(embeddings))
     accuracies = torch.empty(n_episodes)
     confusion = torch.zeros(n_classes, n_classes, dtype=torch.long)

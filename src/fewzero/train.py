@@ -362,6 +362,32 @@ def check_resume(cfg: DictConfig, ckpt_path: str, output_dir: Path) -> None:
         "To train with other settings, start a new run.")
 
 
+# trainer.precision values that keep every weight and buffer in 16 bits (Lightning's "true" half
+# precisions); "16-mixed" and "bf16-mixed" train under autocast with float32 weights
+HALF_WEIGHT_PRECISIONS = ("16-true", "bf16-true", "transformer-engine", "transformer-engine-float16")
+
+
+def check_trainer_settings(cfg: DictConfig) -> None:
+    """Refuse, before anything is built, Lightning trainer settings that fewzero's training and
+    evaluation cannot honour, naming the settings that do what was asked:
+
+    - a `trainer.precision` with 16-bit weights: the few-shot distance (torch.cdist) has no
+      16-bit CPU kernel, the calibration penalty and prior weights that validation chose are
+      rounded in 16-bit buffers before the test, and 16-true trains into NaN without a gradient
+      scaler. (bf16-mixed and 16-mixed work: autocast with float32 weights.)
+    """
+    trainer = cfg.get("trainer") or {}
+    precision = str(trainer.get("precision", "32-true"))
+    if precision in HALF_WEIGHT_PRECISIONS:
+        raise ValueError(
+            f"trainer.precision={precision} keeps every weight and buffer in 16 bits: the few-shot "
+            "distance (torch.cdist) has no 16-bit kernel on the CPU, the calibration penalty and "
+            "the pitch prior's weights that validation chose would be rounded before the test, and "
+            "16-true training overflows into NaN without a gradient scaler. Use "
+            "trainer.precision=bf16-mixed (autocast with float32 weights; 16-mixed on a GPU), or "
+            "32-true (the default) or 64-true.")
+
+
 def check_accelerator(cfg: DictConfig) -> None:
     """Refuse a GPU trainer (`trainer=gpu`) where torch sees no GPU, naming the fix: Lightning's
     own error ("No supported gpu backend found!") names none."""
@@ -855,6 +881,7 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> tuple[dict[str
         if resumed and finished is None:
             check_resume(cfg, resumed, output_dir)
         check_accelerator(cfg)
+        check_trainer_settings(cfg)
         check_side_info_is_read(cfg)
         check_targets_import(cfg)
         check_backbone_declares_its_size(cfg)

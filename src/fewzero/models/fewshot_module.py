@@ -119,10 +119,13 @@ class FewShotModule(ResumableModule):
     def _embed_loader(self, loader: Iterable[dict[str, torch.Tensor]]
                       ) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
         """(n, dim) CPU backbone embeddings of every batch of `loader`, and the batches. Outside
-        Lightning's loops, so every DDP rank embeds the same clips."""
-        batches = list(loader)
-        return torch.cat([self.net.backbone(b["x"].to(self.device)).float().cpu()
-                          for b in batches]), batches
+        Lightning's loops, so every DDP rank embeds the same clips; in the trainer's precision, as
+        those loops embed the validation and test clips (`trainer.precision=bf16-mixed`: under
+        autocast; `64-true`: float64 excerpts for the float64 weights)."""
+        batches, precision = list(loader), self.trainer.precision_plugin
+        with precision.forward_context():
+            return torch.cat([self.net.backbone(precision.convert_input(b["x"].to(self.device))).float().cpu()
+                              for b in batches]), batches
 
     def _fit_whitening(self) -> None:
         """Refit the whitening on the training instruments' clips with the current backbone

@@ -44,8 +44,10 @@ class ResumableModule(pl.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(batch, n_mels, frames) log-mel excerpts -> (batch, dim) embeddings by the audio
         encoder. What Lightning's model summary runs on `example_input_array`, a zero excerpt of
-        the datamodule's shape (`fewzero.train`), to give the encoder's FLOPs per excerpt."""
-        return self.audio_encoder()(x)
+        the datamodule's shape (`fewzero.train`), to give the encoder's FLOPs per excerpt. The
+        excerpt is cast to the module's dtype: a float32 zero excerpt met float64 weights under
+        `trainer.precision=64-true` (Lightning converts the module, not the example input)."""
+        return self.audio_encoder()(x.to(self.dtype) if x.is_floating_point() else x)
 
     def optimised_parameters(self) -> list[nn.Parameter]:
         """What the optimizer is given: every parameter (frozen ones included, as they always

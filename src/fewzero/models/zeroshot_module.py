@@ -530,6 +530,9 @@ class ZeroShotModule(ResumableModule):
             # the distributed sampler pads each rank's share with repeated clips: count each once
             once = first_occurrences(indices)
             audio, labels, indices, peaks = (t[once] for t in (audio, labels, indices, peaks))
+        # embedded under autocast with trainer.precision=bf16-mixed (bfloat16); the head, the
+        # prior and the calibration score them in the module's own dtype (autocast is off here)
+        audio = audio.to(self.dtype)
         scores = self.head(audio, self.side_matrix)
         prior = None
         if self.pitch_prior is not None:
@@ -635,7 +638,7 @@ class ZeroShotModule(ResumableModule):
         Args: audio (n, audio_dim), labels (n,), pitches (n,) metadata MIDI numbers (-1 unknown).
         """
         with torch.no_grad():
-            predicted = self.pitch_prior.predicted_pitches(audio.to(self.device)).cpu()
+            predicted = self.pitch_prior.predicted_pitches(audio.to(self.device, self.dtype)).cpu()
         metrics = {}
         for setting in ("seen", "unseen"):
             clips = torch.isin(labels, torch.tensor(self.ids[setting], dtype=torch.long)) & (pitches >= 0)
@@ -658,7 +661,7 @@ class ZeroShotModule(ResumableModule):
                      "embed_classes): no test embedding figure is drawn.", type(self.head).__name__)
             return
         with torch.no_grad():
-            audio_points = self.head.embed_audio(audio.to(self.device)).cpu()
+            audio_points = self.head.embed_audio(audio.to(self.device, self.dtype)).cpu()
             class_points = self.head.embed_classes(self.side_matrix).cpu()
         figure = zsl_embedding_figure(audio_points, labels, class_points, names, self.ids["unseen"],
                                       "Test audio and class vectors in the shared space (PCA)")
