@@ -14,7 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from fewzero.data.datamodule import EpisodeSettings, FewShotDataModule
 from fewzero.evaluation import evaluate_episodes
-from fewzero.train import compose_train_config, keep_freed_memory, train
+from fewzero.train import check_trainer_settings, compose_train_config, keep_freed_memory, train
 
 # Audio experiments; the xlsa17_* ones run on precomputed features (tests/test_xlsa17.py).
 EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml")
@@ -779,4 +779,40 @@ def test_precisions_with_16_bit_weights_are_refused_naming_the_mixed_ones(tmp_pa
     with pytest.raises(ValueError, match=rf"trainer.precision={precision} keeps every weight and "
                                          r"buffer in 16 bits.*trainer.precision=bf16-mixed"):
         train(compose_train_cfg(tmp_path, [f"trainer.precision={precision}"]))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_gradient_accumulation_is_refused_naming_what_gives_more_examples_per_step(tmp_path):
+    # was: accepted, and each epoch started the seeded episode stream at the step count, so
+    # half of every epoch's episodes were those the epoch before had read
+    with pytest.raises(ValueError, match=r"trainer.accumulate_grad_batches=2: .*read again .*"
+                                         r"dataset.episodes.train.n_way or n_query"):
+        train(compose_train_cfg(tmp_path, ["+trainer.accumulate_grad_batches=2"]))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("stage", ["val", "test"])
+def test_a_limit_that_would_leave_evaluation_clips_unembedded_is_refused_before_training(tmp_path,
+                                                                                        stage):
+    # was: the clips past the limit stayed zero vectors in the episodes (a 5-shot test of 0.58
+    # where all clips gave 0.72), reported as the full test
+    with pytest.raises(ValueError, match=rf"trainer.limit_{stage}_batches=1 would embed only part "
+                                         rf".*dataset.episodes.{stage}"):
+        train(compose_train_cfg(tmp_path, [f"+trainer.limit_{stage}_batches=1"]))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    for whole in ("1.0", "0"):  # every clip, or none (no validation, no test): accepted
+        check_trainer_settings(compose_train_cfg(tmp_path, [f"+trainer.limit_{stage}_batches={whole}"]))
+
+
+@pytest.mark.parametrize(("setting", "message"), [
+    ("+trainer.overfit_batches=1", r"trainer.overfit_batches=1: .*never repeats one.*debug=fast"),
+    ("+trainer.enable_checkpointing=false",
+     r"trainer.enable_checkpointing=false: .*callbacks.last_checkpoint=null"),
+])
+def test_trainer_settings_that_fewzeros_checkpoints_or_stream_cannot_honour_name_the_fix(
+        tmp_path, setting, message):
+    # overfit_batches trained on new episodes every epoch and validated on 1 batch of clips;
+    # enable_checkpointing=false was Lightning's "found `ModelCheckpoint` in callbacks list"
+    with pytest.raises(ValueError, match=message):
+        train(compose_train_cfg(tmp_path, [setting]))
     assert not (tmp_path / "run" / "checkpoints").exists()

@@ -375,6 +375,15 @@ def check_trainer_settings(cfg: DictConfig) -> None:
       16-bit CPU kernel, the calibration penalty and prior weights that validation chose are
       rounded in 16-bit buffers before the test, and 16-true trains into NaN without a gradient
       scaler. (bf16-mixed and 16-mixed work: autocast with float32 weights.)
+    - `limit_val_batches`, `limit_test_batches` other than all or none: every evaluation score
+      is over all of the stage's clips (few-shot episodes read unembedded clips as zeros).
+    - `trainer.overfit_batches`: the training stream never repeats a batch, and validation
+      would be limited.
+    - `trainer.enable_checkpointing=false`: the validation-selected checkpoint is what the test
+      scores and the zero-shot refit starts from.
+    - `trainer.accumulate_grad_batches` above 1: the seeded training stream, the epochs, exact
+      resumes and the refit's length count one episode or batch per process per optimiser step;
+      with k batches a step every epoch replayed (k - 1) / k of the episodes the one before read.
     """
     trainer = cfg.get("trainer") or {}
     precision = str(trainer.get("precision", "32-true"))
@@ -386,6 +395,45 @@ def check_trainer_settings(cfg: DictConfig) -> None:
             "16-true training overflows into NaN without a gradient scaler. Use "
             "trainer.precision=bf16-mixed (autocast with float32 weights; 16-mixed on a GPU), or "
             "32-true (the default) or 64-true.")
+    for stage, clips in (("val", "validation"), ("test", "test")):
+        limit = trainer.get(f"limit_{stage}_batches")
+        if limit is None or limit == 0 or isinstance(limit, float) and limit == 1.0:
+            continue
+        raise ValueError(
+            f"trainer.limit_{stage}_batches={limit} would embed only part of the {clips} clips, and "
+            f"every {clips} score is over all of them: few-shot episodes draw from every clip (the "
+            "ones left out would count as zero vectors), and zero-shot figures would cover the first "
+            "batches' classes only while metrics.json gave the full clip counts. Each clip is embedded "
+            f"once, so a limit saves little: leave trainer.limit_{stage}_batches unset (or 1.0; 0 skips "
+            f"the {'validation' if stage == 'val' else 'test'}), and for a shorter few-shot "
+            f"evaluation lower dataset.episodes.{stage}"
+            + (".n_episodes." if stage == "val" else "[*].n_episodes (or run with test=false)."))
+    overfit = trainer.get("overfit_batches", 0)
+    if overfit:
+        raise ValueError(
+            f"trainer.overfit_batches={overfit}: Lightning repeats the first training batches every "
+            "epoch for it, and fewzero's seeded training stream never repeats one (each epoch reads "
+            "on where the last stopped), while the limit it puts on validation would leave most "
+            "validation clips unembedded. Leave it unset; for a quick check of a config or an "
+            "install run with debug=fast.")
+    if trainer.get("enable_checkpointing", True) is False:
+        raise ValueError(
+            "trainer.enable_checkpointing=false: fewzero's checkpoints choose the model the test "
+            "scores (callbacks.model_checkpoint keeps the validation-selected one, which the "
+            "zero-shot refit also needs) and let a stopped run resume (callbacks.last_checkpoint). "
+            "Leave trainer.enable_checkpointing unset; to write no resume checkpoint, set "
+            "callbacks.last_checkpoint=null.")
+    accumulate = trainer.get("accumulate_grad_batches", 1)
+    if accumulate != 1:
+        raise ValueError(
+            f"trainer.accumulate_grad_batches={accumulate}: fewzero trains on one episode (few-shot) "
+            "or one batch (zero-shot) per process per optimiser step; its seeded training stream, "
+            "its epochs, exact resumes and the zero-shot refit's length count on that, and with "
+            f"{accumulate} batches a step every epoch would read again {accumulate - 1} in "
+            f"{accumulate} of the episodes the one before read. Leave it at 1; for more examples "
+            "per step raise dataset.episodes.train.n_way or n_query (few-shot) or "
+            "dataset.batch_size (zero-shot), or train on more processes (trainer=ddp "
+            "trainer.devices=<n>).")
 
 
 def check_accelerator(cfg: DictConfig) -> None:
