@@ -816,3 +816,12 @@ def test_trainer_settings_that_fewzeros_checkpoints_or_stream_cannot_honour_name
     with pytest.raises(ValueError, match=message):
         train(compose_train_cfg(tmp_path, [setting]))
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_cosine_schedule_without_a_length_is_refused_when_training_by_epochs(tmp_path):
+    # was: T_max=${trainer.max_steps}=-1, and the learning rate was 0 on every other step
+    by_epochs = ["trainer.max_steps=-1", "trainer.max_epochs=2"]
+    with pytest.raises(ValueError, match=r"model.scheduler.T_max=-1: .*model.scheduler=null"):
+        train(compose_train_cfg(tmp_path, by_epochs))
+    _, objects = train(compose_train_cfg(tmp_path / "fixed", [*by_epochs, "model.scheduler.T_max=4"]))
+    assert objects["trainer"].global_step == 4  # two epochs of two episodes
