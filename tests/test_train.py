@@ -7,7 +7,7 @@ from pathlib import Path
 import hydra
 import pytest
 import torch
-from conftest import CONFIG_DIR, compose_train_cfg, skip_without_side_info_files
+from conftest import CONFIG_DIR, compose_train_cfg, skip_without_side_info_files, tone_overrides
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -825,3 +825,15 @@ def test_a_cosine_schedule_without_a_length_is_refused_when_training_by_epochs(t
         train(compose_train_cfg(tmp_path, by_epochs))
     _, objects = train(compose_train_cfg(tmp_path / "fixed", [*by_epochs, "model.scheduler.T_max=4"]))
     assert objects["trainer"].global_step == 4  # two epochs of two episodes
+
+
+@pytest.mark.parametrize("experiment", ["fsl_protonet", "zsl_attribute_audio"])
+def test_switching_the_trainers_progress_bar_off_leaves_the_runs_own_bar_out(tmp_path, experiment):
+    # was Lightning's MisconfigurationException ("found `EpochProgressBar` in callbacks list")
+    overrides = [o for o in tone_overrides(tmp_path, experiment.startswith("zsl"))
+                 if "progress_bar" not in o]
+    cfg = compose_train_config([*overrides, f"experiment={experiment}", "+trainer.fast_dev_run=true",
+                                "+trainer.enable_progress_bar=false"], tmp_path / "run")
+    assert cfg.callbacks.progress_bar is not None
+    _, objects = train(cfg)
+    assert objects["trainer"].progress_bar_callback is None

@@ -650,6 +650,12 @@ def _metric(value: Any) -> float:
     return float(value.item() if isinstance(value, torch.Tensor) else value)
 
 
+def shows_progress_bar(cfg: DictConfig) -> bool:
+    """False with `trainer.enable_progress_bar=false`, which switches `callbacks.progress_bar` off
+    too: Lightning refused the two together ("found `EpochProgressBar` in callbacks list")."""
+    return (cfg.get("trainer") or {}).get("enable_progress_bar", True) is not False
+
+
 def _selected_checkpoint(trainer: pl.Trainer) -> tuple[str, int, int, dict[str, torch.Tensor]]:
     """(path, epochs, steps, state dict) of the validation-selected checkpoint. A `fast_dev_run`
     saves none: its current weights stand in for the selected ones (path "")."""
@@ -708,8 +714,8 @@ def resumable_fit(cfg: DictConfig, model: pl.LightningModule, datamodule: Any, o
         own.append(LastCheckpoint(dirpath=str(checkpoints), every_n_train_steps=every, filename=name))
     if nodes.get("stop_on_interrupt"):  # Ctrl-C stops as SIGTERM does; main prints the command
         own.append(hydra.utils.instantiate(nodes.stop_on_interrupt))
-    if nodes.get("progress_bar"):  # the run's own bar (else Lightning would add its default)
-        own.append(hydra.utils.instantiate(nodes.progress_bar))
+    if nodes.get("progress_bar") and shows_progress_bar(cfg):
+        own.append(hydra.utils.instantiate(nodes.progress_bar))  # else Lightning adds its own
     # the model's summary was printed by the main fit: the same network, trained again
     trainer_settings.setdefault("enable_model_summary", False)
     with follow_up_trainer():
@@ -969,6 +975,8 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> tuple[dict[str
     check_audio_encoder_output(model, cfg)
     # an entry set to null (callbacks.progress_bar=null) is switched off, like one removed with ~
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+    if not shows_progress_bar(cfg):  # Lightning refuses a progress bar callback beside it
+        callbacks = [c for c in callbacks if not isinstance(c, pl.callbacks.ProgressBar)]
     if not cfg.get("train", True):
         # a test alone writes no checkpoint, and the one it tests must not restore a run's
         # checkpoint choice (BestCheckpoint would copy, or look for, the training run's files)
