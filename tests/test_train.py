@@ -51,6 +51,15 @@ def test_a_run_on_rendered_data_records_and_prints_which_render_it_used(tmp_path
     assert "data" not in json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
 
 
+def test_a_fast_dev_run_says_its_figures_are_no_results(tmp_path, capsys):
+    # was: one batch of test clips scored, printed and saved as the run's results
+    cfg = compose_train_cfg(tmp_path, ["+trainer.fast_dev_run=true"])
+    train(cfg)
+    report = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
+    assert "validation and test scored only the clips of their first batch" in report["fast_dev_run"]
+    assert "trainer.fast_dev_run: one batch per stage" in capsys.readouterr().out
+
+
 def test_a_callback_set_to_null_is_switched_off(tmp_path):
     cfg = compose_train_cfg(tmp_path, ["+trainer.fast_dev_run=true", "callbacks.last_checkpoint=null"])
     _, objects = train(cfg)

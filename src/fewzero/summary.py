@@ -36,6 +36,9 @@ def trivially_right(n_unseen: int | None) -> str:
 def print_summary(output_dir: Path, report: dict[str, Any]) -> None:
     """Print test accuracies (mean +- 95% CI), the best validation score and the run's paths."""
     console = Console()
+    if report.get("fast_dev_run"):  # before the figures it qualifies
+        console.print(f"trainer.fast_dev_run: {report['fast_dev_run']}", style="bold yellow",
+                      markup=False)
     table = Table(title=f"fewzero results ({report.get('dataset', '')})")
     table.add_column("protocol")
     table.add_column("accuracy", justify="right")

@@ -70,6 +70,11 @@ TRAINING_KEYS = ("model", "dataset", "loss", "side_info", "physical_facts", "tra
 RESUME_MAY_CHANGE = ("trainer.accelerator", "trainer.devices", "trainer.num_nodes", "trainer.strategy",
                      "trainer.sync_batchnorm", "trainer.enable_progress_bar", "trainer.log_every_n_steps",
                      "dataset.num_workers")
+# metrics.json's and the summary's word on a trainer.fast_dev_run (Lightning's limits: one batch
+# of every stage)
+FAST_DEV_RUN_NOTE = ("one batch per stage: validation and test scored only the clips of their "
+                     "first batch (dataset.eval_batch_size), so these figures check that the run "
+                     "works and are no results")
 
 
 def keep_freed_memory() -> bool:
@@ -1065,6 +1070,8 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> tuple[dict[str
         provenance = getattr(getattr(datamodule, "source", None), "provenance", None)
         if provenance is not None:  # rendered data: which render (fewzero.report compares them)
             report["data"] = provenance()
+        if cfg.trainer.get("fast_dev_run"):
+            report["fast_dev_run"] = FAST_DEV_RUN_NOTE
         if refit:
             report["refit_on_trainval"] = refit
         if class_cv:
