@@ -277,8 +277,8 @@ def test_a_split_class_that_rendered_no_audible_note_is_named_so_before_decoding
 
     table = [TABLE[0], {"name": "Accordion (high)", "program": 21, "low": 109, "high": 109}]
     source = _source(tmp_path / "sol", instruments=table, n_folds=2)
-    episodes = {"train": {"n_way": 1, "n_shot": 1, "n_query": 1, "n_episodes": 1},
-                "val": {"n_way": 1, "n_shot": 1, "n_query": 1, "n_episodes": 1}, "test": []}
+    setting = {"n_way": 2, "n_shot": 1, "n_query": 1, "n_episodes": 1}
+    episodes = {"train": setting, "val": setting, "test": [setting]}
     module = FewShotDataModule(source, MelFeatures(clip_seconds=0.5),
                                {"train": ["Flute"], "val": [], "test": ["Accordion (high)"]},
                                episodes, tmp_path / "cache")

@@ -196,8 +196,8 @@ def test_split_class_with_all_files_missing_is_not_called_unknown(tmp_path: Path
     home = mini.build_home(tmp_path / "tinysol")
     assert "Cello" not in PRESENT_INSTRUMENTS
     source = TinySOL(home, index_path=mini.index, allow_missing=True)
-    episodes = {"train": {"n_way": 2, "n_shot": 1, "n_query": 1, "n_episodes": 1}, "val": {
-        "n_way": 1, "n_shot": 1, "n_query": 1, "n_episodes": 1}, "test": []}
+    setting = {"n_way": 2, "n_shot": 1, "n_query": 1, "n_episodes": 1}
+    episodes = {"train": setting, "val": setting, "test": [setting]}
     features = MelFeatures(clip_seconds=0.5)
     modules = [
         FewShotDataModule(source, features, {"train": ["Violin", "Cello"], "val": ["Accordion"],
@@ -229,8 +229,8 @@ def test_a_misspelt_split_class_is_refused_before_any_audio_is_decoded(
 
     monkeypatch.setattr(features_module, "compute_features", lambda *a, **k: pytest.fail("decoded"))
     source = TinySOL(mini.build_home(tmp_path / "tinysol"), index_path=mini.index, allow_missing=True)
-    episodes = {"train": {"n_way": 1, "n_shot": 1, "n_query": 1, "n_episodes": 1}, "val": {
-        "n_way": 1, "n_shot": 1, "n_query": 1, "n_episodes": 1}, "test": []}
+    setting = {"n_way": 2, "n_shot": 1, "n_query": 1, "n_episodes": 1}
+    episodes = {"train": setting, "val": setting, "test": [setting]}
     features = MelFeatures(clip_seconds=0.5)
     modules = [  # with the config list that names it
         (FewShotDataModule(source, features, {"train": ["Violin"], "val": ["Accordion"],

@@ -234,6 +234,38 @@ def test_two_test_settings_of_one_name_are_refused_naming_both(tmp_path):
         hydra.utils.instantiate(cfg.dataset)
 
 
+@pytest.mark.parametrize(("override", "refused"), [
+    # one class to choose from: every query right, accuracy 1.0 whatever the model (was reported)
+    ("dataset.episodes.test=[{n_way: 1, n_shot: 1, n_query: 5, n_episodes: 6}]",
+     r"dataset.episodes.test\[0\] has n_way=1: .*accuracy 1.0 whatever the model"),
+    ("dataset.episodes.val.n_way=1", r"dataset.episodes.val has n_way=1"),  # chose no checkpoint
+    ("dataset.episodes.val.n_episodes=0", r"dataset.episodes.val has n_episodes=0"),  # val/acc nan
+    ("dataset.episodes.train.n_episodes=0", r"dataset.episodes.train has n_episodes=0"),  # no step
+    ("dataset.episodes.test=[{n_way: 5, n_shot: 1, n_query: 5, n_episodes: 6},"
+     "{n_way: 3, n_shot: 1, n_query: 5, n_episodes: 0}]",
+     r"dataset.episodes.test\[1\] has n_episodes=0"),  # reported nan
+    ("dataset.episodes.test=[{n_way: 4.5, n_shot: 1, n_query: 5, n_episodes: 6}]",
+     r"dataset.episodes.test\[0\].n_way must be a whole number; got 4.5"),  # was tested 4-way
+    ("dataset.episodes.test=[{n_way: 5, n_shot: 1, n_querry: 5, n_episodes: 6}]",
+     r"test\[0\] lacks \['n_query'\] and has \['n_querry'\], which nothing reads"),
+    ("dataset.episodes.test=[]", r"dataset.episodes.test is empty"),  # failed after training
+])
+def test_an_episode_setting_that_measures_nothing_or_is_misspelt_is_refused_naming_its_key(
+        tmp_path, override, refused):
+    cfg = compose_train_cfg(tmp_path, [override])
+    with pytest.raises(Exception, match=refused):  # before any audio is read
+        hydra.utils.instantiate(cfg.dataset)
+
+
+def test_a_test_setting_given_alone_instead_of_in_a_list_names_the_list_form(tmp_path):
+    cfg = compose_train_cfg(tmp_path)
+    with open_dict(cfg):  # a config file or ~key +key= can give a mapping where a list belongs
+        cfg.dataset.episodes.test = {"n_way": 5, "n_shot": 1, "n_query": 5, "n_episodes": 6}
+    with pytest.raises(Exception, match=r"dataset.episodes.test must be a list of episode settings"
+                                        r".*'dataset.episodes.test=\[\{n_way"):
+        hydra.utils.instantiate(cfg.dataset)
+
+
 @pytest.mark.parametrize("trainer", ["cpu", "gpu", "ddp"])
 def test_trainer_configs_compose(trainer):
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):

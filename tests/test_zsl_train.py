@@ -222,8 +222,8 @@ def test_a_class_listed_twice_in_the_zero_shot_split_is_refused(tmp_path, overri
 def test_a_class_listed_twice_in_a_few_shot_split_is_refused_naming_the_stage_before_setup(tmp_path, stage):
     split = {"train": ["Violin", "Flute"], "val": ["Oboe", "Viola"], "test": ["Bassoon", "Cello"]}
     split[stage] = split[stage] + split[stage][:1]
-    episodes = {"train": {"n_way": 2, "n_shot": 1, "n_query": 1, "n_episodes": 1},
-                "val": {"n_way": 2, "n_shot": 1, "n_query": 1, "n_episodes": 1}, "test": []}
+    setting = {"n_way": 2, "n_shot": 1, "n_query": 1, "n_episodes": 1}
+    episodes = {"train": setting, "val": setting, "test": [setting]}
     with pytest.raises(ValueError, match=rf"dataset.split.{stage} lists \['{split[stage][0]}'\] more "
                                          "than once: list each class once"):
         FewShotDataModule(SimpleNamespace(name="tones"), MelFeatures(), split, episodes, tmp_path)

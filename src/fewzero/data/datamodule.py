@@ -34,8 +34,54 @@ class EpisodeSettings:
         return f"{self.n_way}way_{self.n_shot}shot"
 
 
-def _settings(value: Mapping[str, Any]) -> EpisodeSettings:
-    return EpisodeSettings(**{k: int(v) for k, v in dict(value).items()})
+EPISODE_KEYS = ("n_way", "n_shot", "n_query", "n_episodes")
+EPISODE_EXAMPLE = "{n_way: 5, n_shot: 1, n_query: 15, n_episodes: 1000}"
+# the least of each count an episode protocol can measure anything with
+EPISODE_MINIMA = {"n_way": 2, "n_shot": 1, "n_query": 1, "n_episodes": 1}
+
+
+def _settings(value: Any, key: str) -> EpisodeSettings:
+    """The episode protocol at config key `key` (e.g. "dataset.episodes.test[1]"), or a ValueError
+    naming the key and the fix: a mapping of the four whole counts of EPISODE_KEYS, each at least
+    its EPISODE_MINIMA (a 1-way episode has one class to choose from: every query is right, so
+    its accuracy is 1.0 whatever the model, and its training loss 0; no episodes score nothing)."""
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{key} must be a mapping of {', '.join(EPISODE_KEYS)}, e.g. "
+                         f"{EPISODE_EXAMPLE}; got {value!r}.")
+    missing = [k for k in EPISODE_KEYS if k not in value]
+    unknown = [k for k in value if k not in EPISODE_KEYS]
+    if missing or unknown:
+        problems = ([f"lacks {missing}"] if missing else []) + (
+            [f"has {unknown}, which nothing reads (misspelt?)"] if unknown else [])
+        raise ValueError(f"{key} {' and '.join(problems)}: an episode setting has exactly the keys "
+                         f"{list(EPISODE_KEYS)}, e.g. {EPISODE_EXAMPLE}.")
+    counts = {}
+    for name in EPISODE_KEYS:
+        number = value[name]
+        whole = (isinstance(number, int) and not isinstance(number, bool)) or (
+            isinstance(number, float) and number.is_integer())
+        if not whole:
+            raise ValueError(f"{key}.{name} must be a whole number; got {number!r}.")
+        counts[name] = int(number)
+    low = {name: n for name, n in counts.items() if n < EPISODE_MINIMA[name]}
+    if low:
+        why = (" A 1-way episode has one class to choose from: every query is right (accuracy 1.0 "
+               "whatever the model) and the training loss is 0." if counts["n_way"] < 2 else "")
+        raise ValueError(f"{key} has {', '.join(f'{n}={v}' for n, v in low.items())}: an episode "
+                         f"setting needs n_way >= 2, n_shot, n_query and n_episodes >= 1.{why} "
+                         f"Set them, e.g. {EPISODE_EXAMPLE}.")
+    return EpisodeSettings(**counts)
+
+
+def _test_settings(value: Any) -> list[EpisodeSettings]:
+    """dataset.episodes.test: a non-empty list of episode settings (`_settings`)."""
+    if isinstance(value, Mapping) or isinstance(value, str) or not isinstance(value, Sequence):
+        raise ValueError(f"dataset.episodes.test must be a list of episode settings, one per test "
+                         f"protocol, e.g. 'dataset.episodes.test=[{EPISODE_EXAMPLE}]'; got {value!r}.")
+    if not value:
+        raise ValueError("dataset.episodes.test is empty: list at least one episode setting, e.g. "
+                         f"'dataset.episodes.test=[{EPISODE_EXAMPLE}]' (test=false runs check them too).")
+    return [_settings(s, f"dataset.episodes.test[{i}]") for i, s in enumerate(value)]
 
 
 class ClipExcerpts(Dataset):
@@ -176,9 +222,9 @@ class FewShotDataModule(StreamPosition, pl.LightningDataModule):
         self.source, self.features = source, features
         check_split_shape(split, "few-shot")
         self.split = {stage: list(split[stage]) for stage in ("train", "val", "test")}
-        self.train_settings = _settings(episodes["train"])
-        self.val_settings = _settings(episodes["val"])
-        self.test_settings = [_settings(s) for s in episodes["test"]]
+        self.train_settings = _settings(episodes["train"], "dataset.episodes.train")
+        self.val_settings = _settings(episodes["val"], "dataset.episodes.val")
+        self.test_settings = _test_settings(episodes["test"])
         self.cache_dir = Path(cache_dir)
         self.excerpt_seconds = excerpt_seconds
         self.excerpt_frames = features.frames(excerpt_seconds)
