@@ -198,6 +198,55 @@ def test_training_episodes_never_contain_validation_or_test_classes(tmp_path):
     assert not set(dm.class_ids["val"]) & set(dm.class_ids["test"])
 
 
+# a split of one's own: classes moved between the shipped split's stages (Oboe trains, Bassoon
+# validates, Cello tests), one test class fewer, and Accordion in no list
+OWN_SPLIT = ["dataset.split.train=[Oboe,Clarinet in Bb,Contrabass,Flute,French Horn]",
+             "dataset.split.val=[Trombone,Violin,Bassoon]",
+             "dataset.split.test=[Cello,Viola,Trumpet in C,Bass Tuba]",
+             "dataset.episodes.test=[{n_way: 4, n_shot: 1, n_query: 5, n_episodes: 6},"
+             "{n_way: 3, n_shot: 5, n_query: 5, n_episodes: 6}]"]
+
+
+def test_with_a_split_of_ones_own_no_test_or_unlisted_clip_trains_validates_or_fits_the_whitening(
+        tmp_path):
+    """Training episodes, validation clips, the whitening's reference clips and the episodes that
+    choose the test whitening (validation, at each test shot count) hold clips of their own
+    stage's classes only: never a test clip, nor one of a class in no list."""
+    cfg = compose_train_cfg(tmp_path, ["dataset.episodes.train.n_episodes=30", *OWN_SPLIT])
+    dm = hydra.utils.instantiate(cfg.dataset)
+    dm.prepare_data()
+    dm.setup("fit")
+    names = {stage: {dm.class_names[i] for i in ids} for stage, ids in dm.class_ids.items()}
+    assert names["test"] == {"Cello", "Viola", "Trumpet in C", "Bass Tuba"}
+    held_out = set(dm.class_ids["test"]) | {dm.class_names.index("Accordion")}
+    loader = dm.train_dataloader()
+    for i in range(len(loader.dataset)):
+        ep = loader.dataset.sampler.episode(loader.dataset.first_episode + i)
+        clips = torch.cat([ep.support, ep.query], dim=1).flatten()
+        assert set(dm.train_labels[clips].tolist()) <= set(dm.class_ids["train"])
+    for stage, loader in (("train", dm.reference_dataloader()), ("val", dm.val_dataloader())):
+        labels = {int(label) for batch in loader for label in batch["label"]}
+        assert labels == set(dm.class_ids[stage]) and not labels & held_out
+    for settings in dm.test_settings:  # as FewShotModule._select_whitening draws them
+        probe = EpisodeSettings(min(settings.n_way, len(dm.split["val"])), settings.n_shot,
+                                dm.val_settings.n_query, 20)
+        sampler = dm.sampler("val", probe, dm.eval_seed)
+        for i in range(probe.n_episodes):
+            ep = sampler.episode(i)
+            clips = torch.cat([ep.support, ep.query], dim=1).flatten()
+            assert set(dm.labels[clips].tolist()) <= set(dm.class_ids["val"])
+
+
+def test_instruments_in_no_list_of_a_few_shot_split_are_named_in_the_log(tmp_path, caplog):
+    cfg = compose_train_cfg(tmp_path, OWN_SPLIT)
+    dm = hydra.utils.instantiate(cfg.dataset)
+    dm.prepare_data()
+    with caplog.at_level("INFO", logger="fewzero.data.datamodule"):
+        dm.setup("fit")
+    assert ("tones instrument(s) ['Accordion', 'Alto Saxophone'] are in none of dataset.split.train, "
+            "val and test: none of their clips is used.") in caplog.text
+
+
 def test_side_info_that_nothing_reads_is_refused(tmp_path):
     cfg = compose_train_cfg(tmp_path, ["side_info=attributes"])  # a few-shot run
     with pytest.raises(ValueError, match="nothing in this run reads it: .*FewShotModule learns from audio"):

@@ -293,6 +293,11 @@ class FewShotDataModule(StreamPosition, pl.LightningDataModule):
         if self.folds is not None:
             self._keep_folds()
         self.class_ids = {s: [name_to_id[n] for n in names] for s, names in self.split.items()}
+        listed = {name for names in self.split.values() for name in names}
+        left_out = [name for name in self.class_names if name not in listed]
+        if left_out:  # no stage's classes: never a training, validation, reference or test clip
+            log.info("%s instrument(s) %s are in none of dataset.split.train, val and test: none of "
+                     "their clips is used.", self.source.name, left_out)
         self._build_training_pool()
         # Fail now, with the fix, rather than at the first validation or test epoch.
         self.sampler("train", self.train_settings, self.seed)
