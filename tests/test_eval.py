@@ -127,10 +127,14 @@ FSL_RUN = {"dataset": {"split": {"train": ["A", "B"], "val": ["C"], "test": ["D"
     (ZSL_RUN, ["dataset.test_fold=0"], r"test fold is now fold 0, but the run trained \['A', 'B', 'C'\]"),
     (ZSL_RUN, ["dataset.source.fold_by=pitch"], "of another fold dealing"),
     (ZSL_RUN, ["dataset.test_fold=0", "dataset.split.seen=[D]", "dataset.split.unseen=[E]"], None),
-    (FSL_RUN, ["dataset.split.test=[C,D]"], r"test names \['C'\].*folds \[0, 1, 2\]"),
-    (FSL_RUN, ["dataset.split.test=[A,D]", "dataset.folds=[3,4]"], None),  # clips never read
+    (FSL_RUN, ["dataset.split.test=[C,D]"], r"test names \['C'\].*must be new to the model"),
+    # clips of folds the run never read, of a class it trained on: no new class to the model
+    (FSL_RUN, ["dataset.split.test=[A,D]", "dataset.folds=[3,4]"], r"test names \['A'\]"),
+    (FSL_RUN, ["dataset.split.train=[B]", "dataset.split.test=[A,D]", "dataset.folds=[3,4]"],
+     r"test names \['A'\]"),
     (FSL_RUN, ["dataset.split.test=[A,D]", "dataset.folds=[3,4]", "dataset.source.seed=1"],
      r"test names \['A'\]"),  # another dealing of the same recordings to folds
+    (FSL_RUN, ["dataset.split.test=[D]", "dataset.folds=[3,4]"], None),  # its own test class
     (FSL_RUN, ["dataset.split.test=[A,D]", "dataset.folds=null"], r"test names \['A'\]"),
     # another kind of source (real TinySOL for a run on rendered SOL): other recordings, so any
     # fold may be the seen classes' test fold; a class the run trained is still no test class

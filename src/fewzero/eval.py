@@ -246,11 +246,12 @@ def check_tested_clips_unheard(trained: DictConfig, tested: DictConfig) -> None:
     """Refuse overrides under which the test would score clips that trained or selected the
     checkpoint. `trained`: the run's config; `tested`: it with the eval overrides. A zero-shot run
     (`dataset.split.seen`) trained and validated its seen classes on every fold but its
-    `test_fold`; a few-shot run its `split.train` and `split.val` instruments on `dataset.folds`
-    (null: all). Checked on class names and folds; another `dataset.source` of the same kind with
-    other fold settings counts as other folds, and one of another kind (another `_target_`,
-    e.g. real TinySOL for a run on rendered SOL) as other recordings, whose every fold is new to
-    the seen classes (a class the run trained is still no unseen or few-shot test class)."""
+    `test_fold`; a few-shot run its `split.train` and `split.val` instruments, which are no test
+    class of it on any folds or source. Checked on class names and folds; another
+    `dataset.source` of the same kind with other fold settings counts as other folds, and one of
+    another kind (another `_target_`, e.g. real TinySOL for a run on rendered SOL) as other
+    recordings, whose every fold is new to the seen classes (a class the run trained is still no
+    unseen or few-shot test class)."""
     kind, before, after = run_kind(trained), trained.dataset, tested.dataset
     split, new_split = before.get("split") or {}, after.get("split") or {}
     source, new_source = before.get("source") or {}, after.get("source") or {}
@@ -278,19 +279,18 @@ def check_tested_clips_unheard(trained: DictConfig, tested: DictConfig) -> None:
                                "which stay as they were)" if refolded and source.get("instruments")
                                != new_source.get("instruments") else ""))
     elif kind == "few-shot":
+        # a few-shot test class is new to the model: one it trained or validated on is refused on
+        # any folds and source (the embedding learned to tell it apart, whichever clips it heard)
         learned = [*split.get("train", []), *split.get("val", [])]
-        folds, new_folds = before.get("folds"), after.get("folds")
-        shared = (refolded or folds is None or new_folds is None
-                  or bool(set(folds) & set(new_folds)))
         heard = [name for name in new_split.get("test", []) if name in learned]
-        if shared and heard:
+        if heard:
             problems.append(f"dataset.split.test names {heard}, which the run trained or validated "
                             f"on (dataset.split.train {list(split.get('train', []))}, val "
-                            f"{list(split.get('val', []))}"
-                            + (f", folds {list(folds)})" if folds is not None else ", every fold)"))
+                            f"{list(split.get('val', []))}): a few-shot test class must be new to "
+                            "the model, whatever the folds or source it is tested on")
     if problems:
-        raise ValueError("These overrides would test the checkpoint on clips it learned from, not "
-                         "on new ones: " + "; ".join(problems) + ". Test other classes, or train "
+        raise ValueError("These overrides would test the checkpoint on classes or clips it learned "
+                         "from, not on new ones: " + "; ".join(problems) + ". Test other classes, or train "
                          "a run whose split keeps them out.")
 
 
