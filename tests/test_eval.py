@@ -225,7 +225,8 @@ def test_a_config_group_eval_cannot_apply_is_named_with_what_to_write(run, overr
 def test_cli_refuses_a_config_dir_and_says_how_to_give_a_split_of_ones_own(args):
     """Not the usage text alone: the run's saved config holds what its --config-dir gave it."""
     with pytest.raises(SystemExit, match=r"takes no --config-dir: it rebuilds the checkpoint's run from "
-                                         r"the config that run saved.*'dataset.split.unseen=\[...\]'"):
+                                         r"the config that run saved.*'dataset.split.test=\[...\]' for a "
+                                         r"few-shot checkpoint.*'dataset.split.unseen=\[...\]'"):
         main(["ckpt_path=missing.ckpt", *args, "dataset/split=mine"])
 
 

@@ -413,7 +413,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("fewzero.eval takes no --config-dir: it rebuilds the checkpoint's run from the "
                          "config that run saved, which holds what its --config-dir gave it (components "
                          "and split of your own). To test on a split of your own, give its lists: "
-                         "'dataset.split.seen=[...]' 'dataset.split.unseen=[...]'.")
+                         "'dataset.split.test=[...]' for a few-shot checkpoint, "
+                         "'dataset.split.seen=[...]' 'dataset.split.unseen=[...]' for a zero-shot one.")
     asked = any(a in ("-h", "--help") for a in args)
     if asked or not args or any("=" not in a for a in args):
         print(USAGE + "\n\n" + __doc__)
