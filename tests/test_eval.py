@@ -12,7 +12,8 @@ from tinysol_fixture import make_mini_tinysol
 
 from fewzero.data.clips import TINYSOL_INSTRUMENTS
 from fewzero.eval import apply_overrides, check_output_dir, check_tested_clips_unheard, evaluate, main
-from fewzero.train import train
+from fewzero.report import collect
+from fewzero.train import save_run_overrides, train
 
 
 def test_checkpoint_is_re_evaluated_with_other_episode_settings(tmp_path):
@@ -31,6 +32,36 @@ def test_checkpoint_is_re_evaluated_with_other_episode_settings(tmp_path):
     assert "hydra" not in OmegaConf.load(out / ".hydra" / "config.yaml")  # not taken as an override
     assert (out / "plots" / "test_embeddings_3way_2shot.png").is_file()
     assert report["checkpoint"] == str(ckpt.resolve())
+
+
+def test_evaluations_of_other_test_classes_or_runs_are_reported_as_other_configurations(tmp_path):
+    """Each evaluation records the run's overrides with its own (those of one key replaced), so
+    fewzero.report pools evaluations over seeds as it pools runs, and never averages evaluations
+    of other test classes, or of runs trained otherwise, as one configuration."""
+    cfg = compose_train_cfg(tmp_path, ["trainer.max_steps=2", "test=false"])
+    run = Path(cfg.paths.output_dir)
+    run_settings = ["seed=0", "paths.log_dir=/elsewhere",
+                    "dataset.episodes.test=[{n_way: 5, n_shot: 1, n_query: 5, n_episodes: 6}]"]
+    save_run_overrides(run_settings, run)  # as Hydra writes them for a run, and what its name leaves out
+    OmegaConf.save({"hydra": {"job": {"config": {"override_dirname": {"exclude_keys": ["paths.log_dir"]}}}}},
+                   run / ".hydra" / "hydra.yaml")
+    train(cfg)
+    ckpt = run / "checkpoints" / "last.ckpt"
+    setting = "dataset.episodes.test=[{n_way: 2, n_shot: 1, n_query: 3, n_episodes: 4}]"
+    tests = {"brass": "dataset.split.test=[Trumpet in C,Bass Tuba]",
+             "reeds": "dataset.split.test=[Bassoon,Alto Saxophone]"}
+    for name, classes in tests.items():
+        evaluate(ckpt, [classes, setting], tmp_path / "evals" / name)
+    assert list(OmegaConf.load(tmp_path / "evals" / "brass" / ".hydra" / "overrides.yaml")) == [
+        "seed=0", tests["brass"], setting]
+    configs, _ = collect(tmp_path / "evals")
+    assert sorted(c.name for c in configs) == sorted(  # over seeds, as for runs
+        ",".join(sorted([classes, setting])) for classes in tests.values())
+    moved = tmp_path / "moved.ckpt"  # out of its run: the overrides its checkpoint records
+    shutil.copy(ckpt, moved)
+    evaluate(moved, [setting], tmp_path / "moved_eval")
+    assert list(OmegaConf.load(tmp_path / "moved_eval" / ".hydra" / "overrides.yaml")) == [
+        *run_settings[:2], setting]
 
 
 def test_eval_refuses_to_write_into_the_run_it_tests_or_over_another_runs_metrics(tmp_path):

@@ -34,8 +34,9 @@ from omegaconf.errors import ConfigKeyError
 
 from fewzero.callbacks import RunRecord
 from fewzero.console import command_refusal
+from fewzero.report import name_excluded
 from fewzero.side_info.attributes import new_values
-from fewzero.train import CONFIG_DIR, run_suffix, train
+from fewzero.train import CONFIG_DIR, run_suffix, save_run_overrides, train
 
 log = logging.getLogger(__name__)
 USAGE = ("usage: python -m fewzero.eval ckpt_path=<file.ckpt> [run_config=<config.yaml>] "
@@ -368,6 +369,32 @@ def check_output_dir(ckpt: Path, output_dir: Path) -> None:
             "outputs/eval/runs/).")
 
 
+def override_key(override: str) -> str:
+    """The key an override sets (`+`, `~` and the value left out): `dataset.split.test`."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def evaluation_overrides(ckpt: Path, overrides: list[str]) -> list[str]:
+    """What makes an evaluation what it is, for `fewzero.report` to group evaluations by (over
+    seeds, like training runs): the overrides of the checkpoint's run (its
+    `.hydra/overrides.yaml`, else those its checkpoint records; none if neither says), with
+    those of a key the evaluation sets replaced by the evaluation's `overrides`. Without them
+    every evaluation read as "(defaults)", and evaluations of other test classes or of runs
+    trained otherwise were averaged as one configuration."""
+    run_dir = ckpt.resolve().parent.parent
+    path = run_dir / ".hydra" / "overrides.yaml"
+    if path.is_file():
+        run = [str(o) for o in OmegaConf.load(path)]
+    else:
+        try:
+            run = (RunRecord.read(ckpt) or {}).get("overrides") or []
+        except (EOFError, RuntimeError, pickle.UnpicklingError):
+            run = []
+    # nor what the run's directory name left out (paths.log_dir, ...): no other configuration
+    left_out = {override_key(o) for o in overrides} | set(name_excluded(run_dir))
+    return [o for o in run if override_key(o) not in left_out] + list(overrides)
+
+
 def evaluate(ckpt_path: str | Path, overrides: list[str], output_dir: str | Path,
              run_config: str | Path | None = None) -> tuple[dict[str, float], dict[str, Any]]:
     """Test `ckpt_path` with the run's config plus `overrides`; results go to `output_dir`."""
@@ -390,6 +417,7 @@ def evaluate(ckpt_path: str | Path, overrides: list[str], output_dir: str | Path
         cfg.paths.output_dir = str(output_dir)
     Path(output_dir, ".hydra").mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, Path(output_dir, ".hydra", "config.yaml"))
+    save_run_overrides(evaluation_overrides(ckpt, overrides), output_dir)
     return train(cfg)
 
 

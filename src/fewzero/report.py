@@ -3,7 +3,8 @@
     python -m fewzero.report outputs/train/multiruns/<time> [--metric val/acc_best]
                              [--group-ignore seed] [--out DIR]
 
-Every run directory holding `metrics.json` (and Hydra's `.hydra/overrides.yaml`) is one row;
+Every run directory holding `metrics.json` (and Hydra's `.hydra/overrides.yaml`; an evaluation's
+holds its run's overrides with its own) is one row;
 runs whose overrides differ only in ignored keys (default: `seed`; always `ckpt_path`, which a
 resume adds, and what run directory names leave out: `paths.*` locations) form one
 configuration, reported as mean +- std over its runs, with the count of runs where some lack a
@@ -79,7 +80,7 @@ def _overrides(run: Path) -> list[str]:
     return [o.split("=", 1)[0] if o.startswith("~") else o for o in overrides]
 
 
-def _name_excluded(run: Path) -> tuple[str, ...]:
+def name_excluded(run: Path) -> tuple[str, ...]:
     """The keys the run's directory name leaves out (Hydra's `override_dirname.exclude_keys`:
     where it ran and read its data, the checkpoint it resumed), and `ALWAYS_IGNORED`: they make
     no other configuration either."""
@@ -109,7 +110,7 @@ def collect(root: Path, ignore: tuple[str, ...] = ("seed",)) -> tuple[list[Confi
             failed.append(run)
             continue
         kept = [o for o in _overrides(run)
-                if o.split("=", 1)[0].lstrip("+~") not in (*ignore, *_name_excluded(run))]
+                if o.split("=", 1)[0].lstrip("+~") not in (*ignore, *name_excluded(run))]
         name = ",".join(sorted(kept)) or "(defaults)"
         group = groups.setdefault(name, Configuration(name))
         group.runs.append(run)
