@@ -15,6 +15,15 @@ def test_sampler_raises_when_n_way_exceeds_classes():
         EpisodeSampler(_labels([10, 10, 10]), [0, 1, 2], ["a", "b", "c"], 4, 1, 1, 0, split="val")
 
 
+@pytest.mark.parametrize("class_ids", [[], [0]])
+def test_a_split_of_fewer_than_two_classes_is_told_to_list_more_not_to_lower_n_way(class_ids):
+    names = ["a", "b"][: len(class_ids)]
+    with pytest.raises(ValueError, match=r"larger than the \d val classes .*\. List at least 3 classes "
+                                         r"in dataset.split.val \(validation episodes choose") as err:
+        EpisodeSampler(_labels([10]), class_ids, names, 3, 1, 1, 0, split="val")
+    assert "Lower n_way" not in str(err.value)
+
+
 def test_sampler_raises_when_class_has_too_few_items():
     with pytest.raises(ValueError, match=r"fewer than n_shot \+ n_query.*'b': 3"):
         EpisodeSampler(_labels([10, 3, 10]), [0, 1, 2], ["a", "b", "c"], 2, 2, 2, 0)

@@ -20,11 +20,14 @@ def check_episode_feasible(class_counts: dict[str, int], n_way: int, n_shot: int
         raise ValueError(f"{split} episodes need n_way, n_shot and n_query >= 1; got n_way={n_way}, "
                          f"n_shot={n_shot}, n_query={n_query}.")
     if n_way > len(class_counts):
-        raise ValueError(
-            f"n_way={n_way} is larger than the {len(class_counts)} {split} classes "
-            f"{sorted(class_counts)}. Lower n_way for the {split} split or add classes to it "
-            f"(dataset.split.{split})."
-        )
+        # an episode of one class measures nothing: below two classes, only more classes help
+        fix = (f"Lower n_way for the {split} split or add classes to it (dataset.split.{split})."
+               if len(class_counts) >= 2 else
+               f"List at least {n_way} classes in dataset.split.{split}"
+               + (" (validation episodes choose the checkpoint and the test whitening)."
+                  if split == "val" else "."))
+        raise ValueError(f"n_way={n_way} is larger than the {len(class_counts)} {split} classes "
+                         f"{sorted(class_counts)}. {fix}")
     need = n_shot + n_query
     short = {name: count for name, count in class_counts.items() if count < need}
     if short:
