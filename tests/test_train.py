@@ -522,6 +522,24 @@ def test_evaluation_episodes_use_the_eval_seed_and_the_choice_probes_each_test_s
     assert probes == {int(t.n_shot) for t in cfg.dataset.episodes.test} == {1, 5}
 
 
+def test_test_settings_whose_whitening_choice_lacks_validation_clips_are_refused_before_training(
+        tmp_path):
+    """8 shots + 2 queries fit the 12 clips of each test class, but the whitening is chosen on
+    validation episodes of 8 shots and validation's 5 queries: 13 clips, more than a validation
+    class has. That choice runs at the test; it failed only after the whole training."""
+    setting = "dataset.episodes.test=[{n_way: 3, n_shot: 8, n_query: 2, n_episodes: 4}]"
+    cfg = compose_train_cfg(tmp_path, [setting])
+    with pytest.raises(ValueError, match=r"The test whitening of 3way_8shot .* 3-way validation episodes "
+                                         r"with its 8 shots and the 5 queries of dataset.episodes.val, and "
+                                         r"val classes with fewer than n_shot \+ n_query = 8 \+ 5 = 13 "
+                                         r"clips: .*model.test_shrinkages=null"):
+        train(cfg)
+    assert not (tmp_path / "run" / "checkpoints").exists()  # not one training step
+    metrics, _ = train(compose_train_cfg(tmp_path / "kept", [
+        setting, "model.test_shrinkages=null", "model.test_support_weights=null"]))
+    assert 0.0 <= metrics["test/3way_8shot_acc"] <= 1.0
+
+
 def test_the_support_weight_alone_is_chosen_when_no_shrinkage_candidates_are_given(tmp_path):
     cfg = compose_train_cfg(tmp_path, ["model.test_shrinkages=null", "model.test_support_weights=[0.0,0.5]"])
     metrics, objects = train(cfg)

@@ -141,6 +141,36 @@ class FewShotModule(ResumableModule):
         full[torch.cat([b["index"] for b in batches])] = embeddings
         return full
 
+    def _selects_whitening(self) -> bool:
+        """Whether the test chooses the whitening's shrinkage or support weight on validation."""
+        return self.net.whitening is not None and bool(self.test_shrinkages or self.test_support_weights)
+
+    def _whitening_probe(self, settings: EpisodeSettings) -> EpisodeSettings:
+        """The validation episodes that choose the test whitening of `settings`: its shots,
+        validation's queries, n_way capped at the number of validation instruments."""
+        dm = self.trainer.datamodule
+        return EpisodeSettings(min(settings.n_way, len(dm.split["val"])), settings.n_shot,
+                               dm.val_settings.n_query, self.selection_episodes)
+
+    def setup(self, stage: str) -> None:
+        """Refuse, before training or testing, test settings whose whitening choice cannot draw
+        its validation episodes (more shots than a validation class has clips, less its
+        validation queries): that choice runs at the test, after the whole training."""
+        if not self._selects_whitening():
+            return
+        dm = self.trainer.datamodule
+        for settings in dm.test_settings:
+            probe = self._whitening_probe(settings)
+            try:
+                dm.sampler("val", probe, dm.eval_seed)
+            except ValueError as error:
+                raise ValueError(
+                    f"The test whitening of {settings.name} (model.test_shrinkages, "
+                    f"model.test_support_weights) is chosen on {probe.n_way}-way validation "
+                    f"episodes with its {probe.n_shot} shots and the {probe.n_query} queries of "
+                    f"dataset.episodes.val, and {error} Or keep the whitening's own values: "
+                    "model.test_shrinkages=null model.test_support_weights=null.") from None
+
     def _select_whitening(self, settings: EpisodeSettings, val_embeddings: torch.Tensor
                           ) -> tuple[float, float]:
         """The (shrinkage, support_weight) candidate pair with the best mean accuracy on
@@ -149,8 +179,7 @@ class FewShotModule(ResumableModule):
         One-shot supports only try the first support weight (the others give the same scores).
         The whitening must be fitted; `val_embeddings` are not whitened (`_val_embeddings`)."""
         dm, whitening = self.trainer.datamodule, self.net.whitening
-        probe = EpisodeSettings(min(settings.n_way, len(dm.split["val"])), settings.n_shot,
-                                dm.val_settings.n_query, self.selection_episodes)
+        probe = self._whitening_probe(settings)
         sampler, distance = dm.sampler("val", probe, dm.eval_seed), self.net.distance.cpu_copy()
         weights = self.test_support_weights or [whitening.support_weight]
         shrinkages = self.test_shrinkages or [whitening.shrinkage]
@@ -193,7 +222,7 @@ class FewShotModule(ResumableModule):
         dm = self.trainer.datamodule
         distance = self.net.distance.cpu_copy()
         whitening = self.net.whitening
-        selects = whitening is not None and bool(self.test_shrinkages or self.test_support_weights)
+        selects = self._selects_whitening()
         if whitening is not None:
             self._fit_whitening()
             defaults = whitening.shrinkage, whitening.support_weight
