@@ -12,6 +12,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from fewzero import plots
 from fewzero.data.datamodule import EpisodeSettings, FewShotDataModule
 from fewzero.evaluation import evaluate_episodes
 from fewzero.train import check_trainer_settings, compose_train_config, keep_freed_memory, train
@@ -538,6 +539,22 @@ def test_test_settings_whose_whitening_choice_lacks_validation_clips_are_refused
     metrics, _ = train(compose_train_cfg(tmp_path / "kept", [
         setting, "model.test_shrinkages=null", "model.test_support_weights=null"]))
     assert 0.0 <= metrics["test/3way_8shot_acc"] <= 1.0
+
+
+def test_the_embedding_figure_shows_only_episodes_the_test_scored(tmp_path, monkeypatch):
+    from fewzero.models import fewshot_module
+
+    shown = []
+
+    def figure(embeddings, sampler, class_names, episode_ids, title):
+        shown.append(list(episode_ids))
+        return plots.episode_embedding_figure(embeddings, sampler, class_names, episode_ids, title)
+
+    monkeypatch.setattr(fewshot_module, "episode_embedding_figure", figure)
+    train(compose_train_cfg(tmp_path, ["model.plot_episodes=3", "dataset.episodes.test=["
+                                       "{n_way: 5, n_shot: 1, n_query: 5, n_episodes: 6},"
+                                       "{n_way: 3, n_shot: 2, n_query: 5, n_episodes: 2}]"]))
+    assert shown == [[0, 1]]  # the setting with the most shots, of 2 episodes: not a third
 
 
 def test_the_support_weight_alone_is_chosen_when_no_shrinkage_candidates_are_given(tmp_path):

@@ -46,7 +46,8 @@ class FewShotModule(ResumableModule):
             `whitening.support_weight`. A list left empty keeps the whitening's own value.
         selection_episodes: validation episodes per candidate pair and shot count.
         plot_dir: where test figures are written as PNG (also sent to TensorBoard).
-        plot_episodes: how many test episodes the embedding figure shows.
+        plot_episodes: how many test episodes the embedding figure shows (the first ones, at
+            most the setting's n_episodes).
 
     After a test, `whitening_choice_seconds` is the wall time the test spent choosing the
     whitening on validation episodes (embedding the validation clips included; 0 without a
@@ -266,8 +267,9 @@ class FewShotModule(ResumableModule):
             if settings.name in unadapted:  # its stars are not quite the prototypes it scored with
                 title += (f"\nwhitened without the per-episode support adaptation (support weight "
                           f"{unadapted[settings.name]:g}) that scoring used")
-            figure = episode_embedding_figure(embeddings, sampler, dm.class_names,
-                                              list(range(self.plot_episodes)), title)
+            # episodes the test scored only: a setting of fewer episodes than plot_episodes
+            shown = list(range(min(self.plot_episodes, settings.n_episodes)))
+            figure = episode_embedding_figure(embeddings, sampler, dm.class_names, shown, title)
             self._save_figure(figure, f"test/embeddings_{settings.name}")
         if self.trainer.is_global_zero:
             self._add_projector_embeddings(embeddings, dm)
