@@ -34,9 +34,9 @@ from omegaconf.errors import ConfigKeyError
 
 from fewzero.callbacks import RunRecord
 from fewzero.console import command_refusal
-from fewzero.report import name_excluded
+from fewzero.report import name_excluded, override_key
 from fewzero.side_info.attributes import new_values
-from fewzero.train import CONFIG_DIR, run_suffix, save_run_overrides, train
+from fewzero.train import CONFIG_DIR, run_overrides, run_suffix, save_run_overrides, train
 
 log = logging.getLogger(__name__)
 USAGE = ("usage: python -m fewzero.eval ckpt_path=<file.ckpt> [run_config=<config.yaml>] "
@@ -95,7 +95,7 @@ def check_settings_fit_the_run(cfg: DictConfig, overrides: list[str]) -> None:
     kind = run_kind(cfg)
     for other, (prefixes, _) in KIND_SETTINGS.items():
         wrong = [o for o in overrides if other != kind
-                 and o.lstrip("+~").split("=", 1)[0].startswith(prefixes)]
+                 and override_key(o).startswith(prefixes)]
         if wrong:
             own = KIND_SETTINGS.get(kind, ((), "dataset.* keys of the run's .hydra/config.yaml"))[1]
             raise ValueError(f"{wrong} set {other} test settings, but the checkpoint comes from a "
@@ -369,11 +369,6 @@ def check_output_dir(ckpt: Path, output_dir: Path) -> None:
             "outputs/eval/runs/).")
 
 
-def override_key(override: str) -> str:
-    """The key an override sets (`+`, `~` and the value left out): `dataset.split.test`."""
-    return override.split("=", 1)[0].lstrip("+~")
-
-
 def evaluation_overrides(ckpt: Path, overrides: list[str]) -> list[str]:
     """What makes an evaluation what it is, for `fewzero.report` to group evaluations by (over
     seeds, like training runs): the overrides of the checkpoint's run (its
@@ -382,10 +377,8 @@ def evaluation_overrides(ckpt: Path, overrides: list[str]) -> list[str]:
     every evaluation read as "(defaults)", and evaluations of other test classes or of runs
     trained otherwise were averaged as one configuration."""
     run_dir = ckpt.resolve().parent.parent
-    path = run_dir / ".hydra" / "overrides.yaml"
-    if path.is_file():
-        run = [str(o) for o in OmegaConf.load(path)]
-    else:
+    run = run_overrides(run_dir)
+    if run is None:
         try:
             run = (RunRecord.read(ckpt) or {}).get("overrides") or []
         except (EOFError, RuntimeError, pickle.UnpicklingError):

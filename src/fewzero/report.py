@@ -80,6 +80,11 @@ def _overrides(run: Path) -> list[str]:
     return [o.split("=", 1)[0] if o.startswith("~") else o for o in overrides]
 
 
+def override_key(override: str) -> str:
+    """The key an override sets (`+`, `~` and the value left out): `dataset.split.test`."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
 def name_excluded(run: Path) -> tuple[str, ...]:
     """The keys the run's directory name leaves out (Hydra's `override_dirname.exclude_keys`:
     where it ran and read its data, the checkpoint it resumed), and `ALWAYS_IGNORED`: they make
@@ -110,7 +115,7 @@ def collect(root: Path, ignore: tuple[str, ...] = ("seed",)) -> tuple[list[Confi
             failed.append(run)
             continue
         kept = [o for o in _overrides(run)
-                if o.split("=", 1)[0].lstrip("+~") not in (*ignore, *name_excluded(run))]
+                if override_key(o) not in (*ignore, *name_excluded(run))]
         name = ",".join(sorted(kept)) or "(defaults)"
         group = groups.setdefault(name, Configuration(name))
         group.runs.append(run)
