@@ -137,6 +137,16 @@ SHIPPED_SPLITS = {"few-shot": ("fsl_tutorial", "fsl_cv1", "fsl_cv2"),
                   "zero-shot": ("word_audio", "image_audio")}
 
 
+def key_problems(keys: Sequence[str], required: Sequence[str], optional: Sequence[str] = ()) -> list[str]:
+    """What is wrong with a config mapping's `keys` against those it must have (`required`) and
+    may have (`optional`), for a message: ["lacks [...]", "has [...], which nothing reads
+    (misspelt?)"], or [] when nothing is."""
+    missing = [k for k in required if k not in keys]
+    unknown = [k for k in keys if k not in (*required, *optional)]
+    return ([f"lacks {missing}"] if missing else []) + (
+        [f"has {unknown}, which nothing reads (misspelt?)"] if unknown else [])
+
+
 def check_split_shape(split: Mapping[str, Any], kind: str) -> None:
     """Raise a ValueError when `split` (the config's dataset.split) lacks a key the `kind` of
     dataset ("few-shot" or "zero-shot", `SPLIT_KEYS`) needs or has one it does not read: a split
@@ -149,18 +159,15 @@ def check_split_shape(split: Mapping[str, Any], kind: str) -> None:
                          f"configs/dataset/split/{SHIPPED_SPLITS[kind][0]}.yaml); got {split!r}.")
     required, optional = SPLIT_KEYS[kind]
     keys = list(split)
-    missing = [k for k in required if k not in keys]
-    unknown = [k for k in keys if k not in (*required, *optional)]
+    problems = key_problems(keys, required, optional)
     other = next(o for o in SPLIT_KEYS if o != kind)
     wanted = f"a {kind} dataset reads {list(required)}" + (f" (and optionally {list(optional)})"
                                                              if optional else "")
-    if (missing or unknown) and set(SPLIT_KEYS[other][0]) <= set(keys):
+    if problems and set(SPLIT_KEYS[other][0]) <= set(keys):
         raise ValueError(f"dataset.split has the keys {keys}, a {other} split, but {wanted}. Choose "
                          f"a {kind} split: dataset/split={' or '.join(SHIPPED_SPLITS[kind])} "
                          "(configs/dataset/split), or one of your own with those keys.")
-    if missing or unknown:
-        problems = ([f"lacks {missing}"] if missing else []) + (
-            [f"has {unknown}, which nothing reads (misspelt?)"] if unknown else [])
+    if problems:
         raise ValueError(f"dataset.split {' and '.join(problems)}: {wanted}. Fix its keys (as in "
                          f"configs/dataset/split/{SHIPPED_SPLITS[kind][0]}.yaml).")
 

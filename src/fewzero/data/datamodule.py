@@ -13,7 +13,7 @@ import torch
 from pytorch_lightning.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from fewzero.data.clips import ClipSource, check_listed_once, check_split, check_split_shape
+from fewzero.data.clips import ClipSource, check_listed_once, check_split, check_split_shape, key_problems
 from fewzero.data.episodes import EpisodeDataset, EpisodeSampler
 from fewzero.data.features import FeatureTable, MelFeatures, prepare_and_load, prepare_cache
 
@@ -48,11 +48,8 @@ def _settings(value: Any, key: str) -> EpisodeSettings:
     if not isinstance(value, Mapping):
         raise ValueError(f"{key} must be a mapping of {', '.join(EPISODE_KEYS)}, e.g. "
                          f"{EPISODE_EXAMPLE}; got {value!r}.")
-    missing = [k for k in EPISODE_KEYS if k not in value]
-    unknown = [k for k in value if k not in EPISODE_KEYS]
-    if missing or unknown:
-        problems = ([f"lacks {missing}"] if missing else []) + (
-            [f"has {unknown}, which nothing reads (misspelt?)"] if unknown else [])
+    problems = key_problems(list(value), EPISODE_KEYS)
+    if problems:
         raise ValueError(f"{key} {' and '.join(problems)}: an episode setting has exactly the keys "
                          f"{list(EPISODE_KEYS)}, e.g. {EPISODE_EXAMPLE}.")
     counts = {}
