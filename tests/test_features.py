@@ -270,3 +270,31 @@ def test_features_do_not_depend_on_the_batch_size(source):
     in_batches = features_module.compute_features(source.clips(), feats, batch_size=3)  # 3 + 1
     assert in_batches.shape == in_one.shape == (4, 32, feats.frames(0.5))
     torch.testing.assert_close(in_batches, in_one)
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    ({"n_fft": 512, "n_mels": 256}, r"25 of the n_mels=256 mel filters .* hold no bin: their bands would "
+                                    r"be constant\. Lower dataset\.features\.n_mels \(126 has no empty "
+                                    r"filter\), raise dataset\.features\.n_fft \(2048 has none\) or widen"),
+    ({"f_min": 100.0, "f_max": 101.0, "n_mels": 1},
+     r"1 of the n_mels=1 mel filters .* Raise dataset\.features\.n_fft \(16384 has none\) or widen f_min"),
+    ({"f_max": 10000.0}, r"dataset\.features\.f_max=10000\.0 is above the Nyquist frequency \(8000 Hz\) "
+                         r"of sample_rate=16000.*at most 8000, or null"),
+    ({"sample_rate": 8000, "f_max": 8000.0}, r"f_max=8000\.0 is above the Nyquist frequency \(4000 Hz\)"),
+    ({"f_min": 8000.0, "f_max": 4000.0}, r"dataset\.features\.f_min=8000\.0 must be at least 0 and below "
+                                         r"f_max \(4000 Hz\)"),
+    ({"f_min": 500.0, "f_max": 500.0}, r"f_min=500\.0 must be at least 0 and below f_max"),
+    ({"hop_length": 0}, r"dataset\.features\.hop_length must be a positive whole number; got 0"),
+    ({"n_mels": 64.5}, r"dataset\.features\.n_mels must be a positive whole number; got 64\.5"),
+    ({"clip_seconds": 0.0}, r"dataset\.features\.clip_seconds must be positive"),
+])
+def test_feature_settings_that_make_empty_or_no_mel_bands_are_refused_naming_the_fix(settings, message):
+    with pytest.raises(ValueError, match=message):
+        MelFeatures(**settings)
+
+
+@pytest.mark.parametrize("settings", [{}, {"n_mels": 40}, {"n_mels": 256, "n_fft": 2048},
+                                      {"sample_rate": 8000}, {"sample_rate": 22050}, {"f_max": 8000.0},
+                                      {"hop_length": 512, "n_fft": 2048}])
+def test_feature_settings_whose_every_mel_band_holds_bins_are_accepted(settings):
+    MelFeatures(**settings)  # torchaudio's filterbank of these has no all-zero filter

@@ -7,6 +7,7 @@ arithmetic on the cached tensor (see `fewzero.data.episodes`).
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -54,6 +55,49 @@ class MelFeatures:
     n_mels: int = 64
     f_min: float = 20.0
     f_max: float | None = None
+
+    def __post_init__(self) -> None:
+        """Refuse, before any audio is decoded, settings that make no spectrogram or one with
+        mel bands that hold nothing (constant rows every backbone and prior would read)."""
+        for key in ("sample_rate", "n_fft", "hop_length", "n_mels"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or value != int(value) or value <= 0:
+                raise ValueError(f"dataset.features.{key} must be a positive whole number; got {value!r}.")
+        if not self.clip_seconds > 0:
+            raise ValueError(f"dataset.features.clip_seconds must be positive; got {self.clip_seconds!r}.")
+        nyquist = self.sample_rate / 2
+        f_max = nyquist if self.f_max is None else self.f_max
+        if f_max > nyquist:
+            raise ValueError(f"dataset.features.f_max={self.f_max} is above the Nyquist frequency "
+                             f"({nyquist:g} Hz) of sample_rate={self.sample_rate}: the bands above it "
+                             f"would hold nothing. Set f_max at most {nyquist:g}, or null (Nyquist).")
+        if not 0 <= self.f_min < f_max:
+            raise ValueError(f"dataset.features.f_min={self.f_min} must be at least 0 and below f_max "
+                             f"({f_max:g} Hz); the default is 20.0.")
+        empty = self._empty_filters(self.n_fft, self.n_mels)
+        if empty:
+            fits = next((n for n in range(self.n_mels - 1, 0, -1)
+                         if not self._empty_filters(self.n_fft, n)), None)
+            n_fft = next((2 ** k for k in range(int(self.n_fft).bit_length(), 24)
+                          if not self._empty_filters(2 ** k, self.n_mels)), None)
+            fixes = ([f"lower dataset.features.n_mels ({fits} has no empty filter)"] if fits else []) + (
+                [f"raise dataset.features.n_fft ({n_fft} has none)"] if n_fft else [])
+            fixes = ", ".join(fixes) + (" or " if fixes else "") + "widen f_min..f_max"
+            raise ValueError(f"{empty} of the n_mels={self.n_mels} mel filters between f_min={self.f_min:g} "
+                             f"and {f_max:g} Hz are narrower than the FFT bins of n_fft={self.n_fft} "
+                             f"({self.sample_rate / self.n_fft:g} Hz apart) and hold no bin: their bands "
+                             f"would be constant. {fixes[0].upper()}{fixes[1:]}.")
+
+    def _empty_filters(self, n_fft: int, n_mels: int) -> int:
+        """How many of the mel filters for `n_fft` and `n_mels` (this object's other settings)
+        cover no FFT bin: all zero in torchaudio's filterbank (whose warning about them the
+        caller's message replaces)."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            bank = torchaudio.functional.melscale_fbanks(
+                n_fft // 2 + 1, self.f_min, self.f_max if self.f_max is not None else self.sample_rate / 2,
+                n_mels, self.sample_rate)
+        return int((bank.amax(dim=0) == 0).sum())
 
     @property
     def frames_per_second(self) -> float:
