@@ -281,7 +281,7 @@ def test_a_split_class_that_rendered_no_audible_note_is_named_so_before_decoding
     episodes = {"train": setting, "val": setting, "test": [setting]}
     module = FewShotDataModule(source, MelFeatures(clip_seconds=0.5),
                                {"train": ["Flute"], "val": [], "test": ["Accordion (high)"]},
-                               episodes, tmp_path / "cache")
+                               episodes, tmp_path / "cache", excerpt_seconds=0.25)
     monkeypatch.setattr(features_module, "compute_features", lambda *a, **k: pytest.fail("decoded"))
     with pytest.raises(ValueError) as err:
         module.prepare_data()

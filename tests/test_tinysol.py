@@ -201,9 +201,10 @@ def test_split_class_with_all_files_missing_is_not_called_unknown(tmp_path: Path
     features = MelFeatures(clip_seconds=0.5)
     modules = [
         FewShotDataModule(source, features, {"train": ["Violin", "Cello"], "val": ["Accordion"],
-                                             "test": ["Bassoon"]}, episodes, tmp_path / "cache"),
+                                             "test": ["Bassoon"]}, episodes, tmp_path / "cache",
+                          excerpt_seconds=0.25),
         ZeroShotDataModule(source, features, {"seen": ["Violin", "Accordion"], "unseen": ["Cello"]},
-                           tmp_path / "cache"),
+                           tmp_path / "cache", excerpt_seconds=0.25),
     ]
     for module, key in zip(modules, ["dataset.split.train", "dataset.split.unseen"], strict=True):
         with pytest.raises(ValueError, match=rf"tinysol instrument\(s\) \['Cello'\] of {key} "
@@ -215,8 +216,8 @@ def test_split_class_with_all_files_missing_is_not_called_unknown(tmp_path: Path
         assert f"{home}/audio/Strings/Violoncello/ordinario (Cello)" in message
         assert f"or remove them from {key}." in message
     with pytest.raises(ValueError, match=r"Unknown tinysol instrument name\(s\) \['Cello '\]"):
-        ZeroShotDataModule(source, features, {"seen": ["Violin"], "unseen": ["Cello "]},
-                           tmp_path / "cache").setup()  # a misspelt name is still unknown
+        ZeroShotDataModule(source, features, {"seen": ["Violin"], "unseen": ["Cello "]}, tmp_path / "cache",
+                           excerpt_seconds=0.25).setup()  # a misspelt name is still unknown
     assert not no_network
 
 
@@ -234,10 +235,11 @@ def test_a_misspelt_split_class_is_refused_before_any_audio_is_decoded(
     features = MelFeatures(clip_seconds=0.5)
     modules = [  # with the config list that names it
         (FewShotDataModule(source, features, {"train": ["Violin"], "val": ["Accordion"],
-                                              "test": ["violin "]}, episodes, tmp_path / "cache"),
+                                              "test": ["violin "]}, episodes, tmp_path / "cache",
+                           excerpt_seconds=0.25),
          "dataset.split.test"),
         (ZeroShotDataModule(source, features, {"seen": ["Violin", "Accordion"], "unseen": ["violin "]},
-                            tmp_path / "cache"), "dataset.split.unseen"),
+                            tmp_path / "cache", excerpt_seconds=0.25), "dataset.split.unseen"),
     ]
     for module, key in modules:
         for step in (module.prepare_data, module.setup):

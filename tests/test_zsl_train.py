@@ -164,6 +164,35 @@ def test_training_excerpts_start_no_later_than_the_offset_nor_past_the_clip(tmp_
     assert dm.train_max_start == (dm.features.start_frame(0.25) if expected == "offset" else room)
 
 
+@pytest.mark.parametrize("experiment", [[], WORD], ids=["few-shot", "zero-shot"])
+@pytest.mark.parametrize(("setting", "message"), [
+    ("dataset.excerpt_seconds=3.0", r"Excerpts of 241 frames are longer than the cached clips \(161 "
+                                    r"frames\): lower dataset.excerpt_seconds"),
+    ("dataset.excerpt_seconds=0", r"dataset.excerpt_seconds must be positive; got 0"),
+    ("dataset.eval_offset_seconds=1.5", r"dataset.eval_offset_seconds=1.5 puts validation and test "
+                                        r"excerpts of dataset.excerpt_seconds=1.0 outside the cached "
+                                        r"dataset.features.clip_seconds=2.0 .*between 0 and 1\."),
+    ("dataset.eval_offset_seconds=-0.5", r"dataset.eval_offset_seconds=-0.5 puts"),
+    ("dataset.train_max_offset_seconds=-0.5", r"dataset.train_max_offset_seconds=-0.5 must be at least 0"),
+])
+def test_excerpt_settings_outside_the_cached_clip_are_refused_before_any_audio_is_decoded(
+        tmp_path, experiment, setting, message):
+    """Refused when the datamodule is built. Evaluation excerpts past the clip's end were cut
+    short (41 frames, training's 81) and a negative training offset turned random crops off."""
+    cfg = compose_train_cfg(tmp_path, experiment + [setting])
+    with pytest.raises(InstantiationException, match=message):
+        hydra.utils.instantiate(cfg.dataset)
+
+
+@pytest.mark.parametrize("experiment", [[], WORD], ids=["few-shot", "zero-shot"])
+def test_evaluation_excerpts_may_end_exactly_at_the_end_of_the_cached_clip(tmp_path, experiment):
+    dm = hydra.utils.instantiate(compose_train_cfg(tmp_path, experiment + [
+        "dataset.eval_offset_seconds=1.0"]).dataset)
+    dm.prepare_data()
+    dm.setup("fit")
+    assert next(iter(dm.val_dataloader()))["x"].shape[-1] == dm.excerpt_frames == 81
+
+
 def test_a_role_without_clips_is_refused_at_setup(tmp_path):
     dm = hydra.utils.instantiate(compose_train_cfg(tmp_path, WORD + ["dataset.test_fold=9"]).dataset)
     dm.prepare_data()

@@ -14,7 +14,7 @@ from pytorch_lightning.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from fewzero.data.clips import ClipSource, check_listed_once, check_split, check_split_shape, key_problems
-from fewzero.data.episodes import EpisodeDataset, EpisodeSampler
+from fewzero.data.episodes import EpisodeDataset, EpisodeSampler, excerpt_room
 from fewzero.data.features import FeatureTable, MelFeatures, prepare_and_load, prepare_cache
 
 log = logging.getLogger(__name__)
@@ -99,6 +99,33 @@ class ClipExcerpts(Dataset):
         index = int(self.indices[i])
         x = self.features[index, :, self.offset : self.offset + self.length]
         return {"x": x, "label": self.labels[index], "index": torch.tensor(index)}
+
+
+def excerpt_frames(features: MelFeatures, excerpt_seconds: float, eval_offset_seconds: float,
+                   train_max_offset_seconds: float | None) -> tuple[int, int, int | None]:
+    """The dataset's excerpt settings in frames of `features`: (excerpt length, evaluation start,
+    latest training start or None: anywhere). Raise a ValueError naming the key and the fix, before
+    any audio is decoded, when an excerpt is empty or longer than the cached clips, or when
+    evaluation excerpts would run past the clip's end (cut short: shorter than training's) or
+    start before it."""
+    if not excerpt_seconds > 0:
+        raise ValueError(f"dataset.excerpt_seconds must be positive; got {excerpt_seconds!r}.")
+    length = features.frames(excerpt_seconds)
+    room = excerpt_room(length, features.frames(features.clip_seconds))
+    eval_offset = features.start_frame(eval_offset_seconds)
+    if not 0 <= eval_offset <= room:
+        raise ValueError(
+            f"dataset.eval_offset_seconds={eval_offset_seconds} puts validation and test excerpts of "
+            f"dataset.excerpt_seconds={excerpt_seconds} outside the cached "
+            f"dataset.features.clip_seconds={features.clip_seconds} (they would be cut short, unlike "
+            f"training's): set it between 0 and {room / features.frames_per_second:g}.")
+    if train_max_offset_seconds is not None and train_max_offset_seconds < 0:
+        raise ValueError(f"dataset.train_max_offset_seconds={train_max_offset_seconds} must be at "
+                         "least 0 (0: every training excerpt starts at the clip's start), or null "
+                         "(anywhere in the clip).")
+    train_max_start = (None if train_max_offset_seconds is None
+                       else features.start_frame(train_max_offset_seconds))
+    return length, eval_offset, train_max_start
 
 
 def processes(trainer: pl.Trainer | None) -> int:
@@ -224,10 +251,8 @@ class FewShotDataModule(StreamPosition, pl.LightningDataModule):
         self.test_settings = _test_settings(episodes["test"])
         self.cache_dir = Path(cache_dir)
         self.excerpt_seconds = excerpt_seconds
-        self.excerpt_frames = features.frames(excerpt_seconds)
-        self.eval_offset = features.start_frame(eval_offset_seconds)
-        self.train_max_start = (None if train_max_offset_seconds is None
-                                else features.start_frame(train_max_offset_seconds))
+        self.excerpt_frames, self.eval_offset, self.train_max_start = excerpt_frames(
+            features, excerpt_seconds, eval_offset_seconds, train_max_offset_seconds)
         self.seed, self.eval_seed = seed, eval_seed
         self.num_workers, self.eval_batch_size = num_workers, eval_batch_size
         self.train_frequency_scales = [float(f) for f in train_frequency_scales]

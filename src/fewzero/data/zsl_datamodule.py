@@ -32,7 +32,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from fewzero.data.clips import ClipSource, check_listed_once, check_split, check_split_shape
-from fewzero.data.datamodule import ClipExcerpts, StepResumedLoader, StreamPosition, process_share, processes
+from fewzero.data.datamodule import (
+    ClipExcerpts,
+    StepResumedLoader,
+    StreamPosition,
+    excerpt_frames,
+    process_share,
+    processes,
+)
 from fewzero.data.episodes import crop_frames, excerpt_room
 from fewzero.data.features import FeatureTable, MelFeatures, prepare_and_load, prepare_cache
 
@@ -111,10 +118,8 @@ class ZeroShotDataModule(StreamPosition, pl.LightningDataModule):
         self._check_split()
         self.class_names = self.seen + self.unseen
         self.cache_dir = Path(cache_dir)
-        self.excerpt_frames = features.frames(excerpt_seconds)
-        self.eval_offset = features.start_frame(eval_offset_seconds)
-        self.train_max_start = (None if train_max_offset_seconds is None
-                                else features.start_frame(train_max_offset_seconds))
+        self.excerpt_frames, self.eval_offset, self.train_max_start = excerpt_frames(
+            features, excerpt_seconds, eval_offset_seconds, train_max_offset_seconds)
         self.val_fold, self.test_fold = val_fold, test_fold
         self.batch_size, self.steps_per_epoch = batch_size, steps_per_epoch
         self.seed, self.num_workers, self.eval_batch_size = seed, num_workers, eval_batch_size
