@@ -393,7 +393,8 @@ def test_bad_table_entry_raises_value_error(tmp_path: Path, soundfont_file: Path
 
 
 @pytest.mark.parametrize(("overrides", "match"), [
-    ({"sample_rate": 4000}, r"^sample_rate=4000: FluidSynth renders at 8000\.\.96000 Hz"),
+    ({"sample_rate": 4000}, r"^sample_rate=4000: FluidSynth renders at 8000\.\.96000 Hz; pick a rate in "
+                            r"that range \(dataset\.features\.sample_rate, which rendered SOL follows\)"),
     ({"note_seconds": 3.0}, r"^Need 0 < note_seconds \(3\.0\) <= clip_seconds \(2\.0\)"),
     ({"dynamics": {"pp": [50, 20]}},
      r"^dataset\.source\.dynamics\.pp=\[50, 20\]: .*1 <= min <= max <= 127"),
@@ -417,6 +418,17 @@ def test_a_soundfont_edited_in_place_gets_a_new_fingerprint(tmp_path: Path, soun
     edited = soundfont_file.read_bytes().replace(b"not", b"NOT")  # same name, same size
     soundfont_file.write_bytes(edited)
     assert RenderedSOL(tmp_path, TABLE, [str(soundfont_file)]).fingerprint() != before
+
+
+@pytest.mark.parametrize("experiment", [[], ["experiment=zsl_attribute_audio"]])
+def test_rendered_sol_is_rendered_at_the_feature_sample_rate(tmp_path: Path, experiment: list[str]) -> None:
+    """At 16 kHz, upsampled to dataset.features.sample_rate=22050, the 13 of 128 mel bands above
+    8 kHz held nothing; the renderer now plays the notes at the features' rate."""
+    from fewzero.train import compose_train_config
+
+    assert compose_train_config(experiment, tmp_path).dataset.source.sample_rate == 16000
+    cfg = compose_train_config([*experiment, "dataset.features.sample_rate=22050"], tmp_path)
+    assert cfg.dataset.source.sample_rate == 22050
 
 
 def test_omegaconf_config_gives_the_same_fingerprint(tmp_path: Path,

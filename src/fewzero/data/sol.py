@@ -532,7 +532,8 @@ class RenderedSOL:
         self.num_workers = int(num_workers)
         if not 8000 <= self.sample_rate <= 96000:
             raise ValueError(f"sample_rate={self.sample_rate}: FluidSynth renders at "
-                             "8000..96000 Hz; pick a rate in that range.")
+                             "8000..96000 Hz; pick a rate in that range (dataset.features.sample_rate, "
+                             "which rendered SOL follows).")
         if not 0 < self.note_seconds <= self.clip_seconds:
             raise ValueError(f"Need 0 < note_seconds ({self.note_seconds}) <= clip_seconds "
                              f"({self.clip_seconds}).")
