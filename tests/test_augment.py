@@ -150,3 +150,14 @@ def test_music_fsl_cnn_reads_linear_power_from_the_cached_log_mel():
 def test_music_fsl_cnn_refuses_excerpts_shorter_than_its_pools_naming_the_fix():
     with pytest.raises(ValueError, match="at least 64 frames, got 48: raise dataset.excerpt_seconds"):
         MusicFslCNN(n_mels=64).eval()(torch.randn(1, 64, 48))
+
+
+def test_timbre_cnn_refuses_fewer_mel_bins_or_frames_than_its_pools_halve_naming_the_fix():
+    """Under 8 bins or frames the third pooling failed inside torch ("Output size is too small")."""
+    with pytest.raises(ValueError, match=r"3 poolings need at least 8 mel bins; got n_mels=4\. Raise "
+                                         r"dataset\.features\.n_mels"):
+        TimbreCNN(n_mels=4, channels=(16, 32, 64, 128))
+    with pytest.raises(ValueError, match=r"at least 8 frames, got 7: raise dataset\.excerpt_seconds or "
+                                         r"lower dataset\.features\.hop_length"):
+        TimbreCNN(n_mels=8, channels=(16, 32, 64, 128)).eval()(torch.randn(2, 8, 7))
+    assert TimbreCNN(n_mels=8, channels=(16, 32, 64, 128)).eval()(torch.randn(2, 8, 8)).shape == (2, 256)

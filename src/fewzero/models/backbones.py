@@ -115,6 +115,10 @@ class TimbreCNN(nn.Module):
         super().__init__()
         self.n_mels, self.embedding_dim = n_mels, embedding_dim
         self.keep_frequency = keep_frequency
+        self.min_size = 2 ** (len(channels) - 1)  # each block but the last halves both axes
+        if n_mels < self.min_size:
+            raise ValueError(f"timbre_cnn's {len(channels) - 1} poolings need at least {self.min_size} "
+                             f"mel bins; got n_mels={n_mels}. Raise dataset.features.n_mels.")
         self.input_norm = nn.BatchNorm1d(n_mels)
         blocks, in_channels = [], 1
         for i, out_channels in enumerate(channels):
@@ -131,6 +135,10 @@ class TimbreCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_input(x, self.n_mels)
+        if x.shape[-1] < self.min_size:
+            raise ValueError(f"timbre_cnn needs excerpts of at least {self.min_size} frames, got "
+                             f"{x.shape[-1]}: raise dataset.excerpt_seconds or lower "
+                             "dataset.features.hop_length.")
         x = self.blocks(self.input_norm(x).unsqueeze(1))  # (batch, C, F', T')
         if not self.keep_frequency:
             x = x.flatten(2)[:, :, None, :]  # (batch, C, 1, F' * T'): pool over both axes
