@@ -10,6 +10,7 @@ from conftest import compose_train_cfg
 from omegaconf import OmegaConf
 from tinysol_fixture import make_mini_tinysol
 
+from fewzero import eval as eval_module
 from fewzero.data.clips import TINYSOL_INSTRUMENTS
 from fewzero.eval import apply_overrides, check_output_dir, check_tested_clips_unheard, evaluate, main
 from fewzero.report import collect
@@ -547,3 +548,30 @@ def test_a_refused_eval_leaves_no_directory_of_its_own_behind(tmp_path, monkeypa
     with pytest.raises(SystemExit, match="cannot be imported"):
         main([f"ckpt_path={ckpt}", f"hydra.run.dir={mine}", "model.backbone._target_=nope.Nope"])
     assert (mine / ".hydra" / "config.yaml").is_file()
+
+
+@pytest.mark.parametrize(("override", "refused"), [
+    ("dataset.features.hop_length=160", r"dataset\.features\.hop_length=160 \(the run's: 200\)"),
+    ("dataset.features.n_mels=64", r"dataset\.features\.n_mels=64 \(the run's: 128\)"),
+    ("dataset.features.sample_rate=22050", r"dataset\.features\.sample_rate=22050 \(the run's: 16000\)"),
+    ("dataset.features.clip_seconds=1.5", None),  # how much is cached, not what the model hears
+    ("dataset.eval_offset_seconds=0.5", None),
+])
+def test_eval_refuses_log_mel_settings_other_than_the_runs_before_building_anything(
+        tmp_path, monkeypatch, override, refused):
+    """Another hop length scored the checkpoint silently on spectrograms it never saw; another
+    n_mels failed in load_state_dict after caching new features."""
+    cfg = compose_train_cfg(tmp_path, ["test=false"])
+    ckpt = Path(cfg.paths.output_dir) / "checkpoints" / "x.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"")  # never read: the run's config is beside it
+    (ckpt.parent.parent / ".hydra").mkdir()
+    OmegaConf.save(cfg, ckpt.parent.parent / ".hydra" / "config.yaml")
+    monkeypatch.setattr(eval_module, "train", lambda cfg: ({}, {"cfg": cfg}))
+    if refused is None:
+        _, objects = evaluate(ckpt, [override], tmp_path / "eval")
+        assert objects["cfg"].dataset.features.n_mels == cfg.dataset.features.n_mels
+    else:
+        with pytest.raises(ValueError, match=refused + r": the checkpoint learned log-mel features of "
+                                                       r"the run's settings.*only clip_seconds may change"):
+            evaluate(ckpt, [override], tmp_path / "eval")

@@ -295,6 +295,25 @@ def check_tested_clips_unheard(trained: DictConfig, tested: DictConfig) -> None:
                          "a run whose split keeps them out.")
 
 
+def check_features_kept(trained: DictConfig, tested: DictConfig) -> None:
+    """Refuse log-mel settings other than the run's: the checkpoint learned its own front end, and
+    other settings would either fail to load it (another n_mels: other weight shapes) or score it,
+    without a word, on spectrograms it never saw (another hop, FFT, sample rate or band). Only
+    `clip_seconds`, how much of each clip is cached, may change. `trained`: the run's config;
+    `tested`: it with the eval overrides."""
+    before, after = trained.dataset.get("features"), tested.dataset.get("features")
+    if before is None or after is None:
+        return
+    changed = [f"dataset.features.{key}={after.get(key)} (the run's: {before.get(key)})"
+               for key in sorted(set(before) | set(after))
+               if key != "clip_seconds" and before.get(key) != after.get(key)]
+    if changed:
+        raise ValueError(f"{', '.join(changed)}: the checkpoint learned log-mel features of the run's "
+                         "settings and would be tested on others it never saw. Leave dataset.features "
+                         "as the run had it (only clip_seconds may change), or train a run with "
+                         "these settings.")
+
+
 def check_seen_classes_trained(trained: DictConfig, tested: DictConfig) -> None:
     """Refuse a zero-shot test whose `dataset.split.seen` names a class the run never trained on:
     its seen top-1 and GZSL s would then be figures of a class the model never heard, reported as
@@ -402,6 +421,7 @@ def evaluate(ckpt_path: str | Path, overrides: list[str], output_dir: str | Path
     trained = load_run_config(ckpt, Path(run_config) if run_config else None)
     cfg = apply_overrides(trained, overrides)
     check_tested_clips_unheard(trained, cfg)
+    check_features_kept(trained, cfg)
     check_seen_classes_trained(trained, cfg)
     check_attribute_columns_kept(trained, cfg)
     keep_attribute_scaling(trained, cfg)
