@@ -418,6 +418,20 @@ def test_encoder_init_that_heard_a_test_or_validation_clip_is_refused(tmp_path, 
         check_init_checkpoint(ckpt, dm, class_cv)
 
 
+def test_encoder_init_from_a_run_of_other_log_mel_settings_is_refused(tmp_path):
+    """A few-shot run of hop 160 loaded into a run of hop 200 (same weight shapes) started the
+    encoder on spectrograms it never saw; only clip_seconds may differ."""
+    dm = _datamodule(tmp_path)
+    clean = {"split": {"train": ["Accordion", "Cello"], "val": ["Violin"]}, "folds": [0, 1, 2]}
+    features = OmegaConf.to_container(compose_train_cfg(tmp_path, WORD).dataset.features)
+    other_hop = _save_run_config(tmp_path / "hop", {**clean, "features": {**features, "hop_length": 160}})
+    with pytest.raises(ValueError, match=r"holds an encoder trained on log-mel features of other settings: "
+                                         r"dataset\.features\.hop_length=200 \(the checkpoint's run: 160\)"):
+        check_init_checkpoint(other_hop, dm)
+    check_init_checkpoint(_save_run_config(tmp_path / "longer", {
+        **clean, "features": {**features, "clip_seconds": 3.0}}), dm)
+
+
 def test_encoder_init_that_read_only_training_clips_is_accepted(tmp_path):
     dm = _datamodule(tmp_path)
     clean = {"split": {"train": ["Accordion", "Cello"], "val": ["Violin"]}, "folds": [0, 1, 2]}

@@ -34,6 +34,7 @@ from omegaconf.errors import ConfigKeyError
 
 from fewzero.callbacks import RunRecord
 from fewzero.console import command_refusal
+from fewzero.data.features import feature_changes
 from fewzero.report import name_excluded, override_key
 from fewzero.side_info.attributes import new_values
 from fewzero.train import CONFIG_DIR, run_overrides, run_suffix, save_run_overrides, train
@@ -304,9 +305,7 @@ def check_features_kept(trained: DictConfig, tested: DictConfig) -> None:
     before, after = trained.dataset.get("features"), tested.dataset.get("features")
     if before is None or after is None:
         return
-    changed = [f"dataset.features.{key}={after.get(key)} (the run's: {before.get(key)})"
-               for key in sorted(set(before) | set(after))
-               if key != "clip_seconds" and before.get(key) != after.get(key)]
+    changed = feature_changes(before, after)
     if changed:
         raise ValueError(f"{', '.join(changed)}: the checkpoint learned log-mel features of the run's "
                          "settings and would be tested on others it never saw. Leave dataset.features "

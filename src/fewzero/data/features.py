@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import soundfile as sf
@@ -159,6 +160,15 @@ class MelFeatures:
             f_max=self.f_max,
             power=2.0,
         )
+
+
+def feature_changes(before: Mapping[str, Any], after: Mapping[str, Any]) -> list[str]:
+    """"key=after (before)" for each log-mel setting two feature configs differ on, but
+    `clip_seconds` (how much of each clip is cached, not what an encoder hears): an encoder
+    trained on `before` would read other spectrograms under `after`."""
+    return [f"dataset.features.{key}={after.get(key)} (the checkpoint's run: {before.get(key)})"
+            for key in sorted(set(before) | set(after))
+            if key not in ("clip_seconds", "_target_") and before.get(key) != after.get(key)]
 
 
 @dataclass

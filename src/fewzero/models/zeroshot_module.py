@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from fewzero.data.features import MelFeatures
+from fewzero.data.features import MelFeatures, feature_changes
 from fewzero.models.pitch_prior import SETTINGS, ZSL_SCORES, PitchRangePrior
 from fewzero.models.resumable import ResumableModule
 from fewzero.models.zsl_heads import CompatibilityHead
@@ -95,7 +96,8 @@ def checkpoint_reading(path: str | Path) -> dict[str, Any] | None:
     """What the run that wrote fewzero checkpoint `path` read, from its saved config
     (`<run>/.hydra/config.yaml`, else the one the checkpoint records): its `dataset.split`,
     `dataset.folds` and `dataset.test_fold` (those it has), as plain containers, for
-    `clips_heard`. None when neither config can be found."""
+    `clips_heard`, and its `dataset.features`, for `check_init_reading`. None when neither config
+    can be found."""
     from fewzero.eval import load_run_config  # here: fewzero.eval imports the training entry point
 
     try:
@@ -105,7 +107,7 @@ def checkpoint_reading(path: str | Path) -> dict[str, Any] | None:
     dataset = config.get("dataset", {})
     return {key: OmegaConf.to_container(dataset[key], resolve=True)
             if OmegaConf.is_config(dataset[key]) else dataset[key]
-            for key in ("split", "folds", "test_fold") if key in dataset}
+            for key in ("split", "folds", "test_fold", "features") if key in dataset}
 
 
 def clips_heard(dataset: dict[str, Any], all_folds: set[int]) -> dict[str, set[int]]:
@@ -136,6 +138,16 @@ def check_init_reading(reading: dict[str, Any] | None, path: str | Path, dm: Any
     """`check_init_checkpoint` on what the run of init checkpoint `path` read (`reading`, from
     `checkpoint_reading`; None: unknown, which is warned about), e.g. as a run recorded it in its
     own checkpoints: `path` may have moved since."""
+    theirs = (reading or {}).get("features")
+    if theirs is not None and isinstance(getattr(dm, "features", None), MelFeatures):
+        # another n_mels is refused by the weight shapes; another hop, FFT, sample rate or band
+        # would load and start the encoder on spectrograms it never saw
+        changed = feature_changes(theirs, asdict(dm.features))
+        if changed:
+            raise ValueError(f"model.init_checkpoint={path} holds an encoder trained on log-mel "
+                             f"features of other settings: {', '.join(changed)}. Set "
+                             "dataset.features as its run had them (the few-shot and zero-shot "
+                             "datasets then share one cache), or leave model.init_checkpoint=null.")
     all_folds = set(dm.table.folds.unique().tolist())
     heard = None if reading is None else clips_heard(reading, all_folds)
     if heard is None:
