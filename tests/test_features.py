@@ -298,3 +298,17 @@ def test_feature_settings_that_make_empty_or_no_mel_bands_are_refused_naming_the
                                       {"hop_length": 512, "n_fft": 2048}])
 def test_feature_settings_whose_every_mel_band_holds_bins_are_accepted(settings):
     MelFeatures(**settings)  # torchaudio's filterbank of these has no all-zero filter
+
+
+def test_clips_shorter_than_clip_seconds_are_named_with_a_warning(tmp_path, source, caplog):
+    """Raising clip_seconds past the audio (3 s of 2 s renders) padded every clip with silence
+    that excerpts read, without a word; clips that fill clip_seconds are not named."""
+    with caplog.at_level("WARNING", logger="fewzero.data.features"):
+        prepare_and_load(source, MelFeatures(clip_seconds=0.5, n_mels=32), tmp_path)
+        assert not caplog.messages
+        prepare_and_load(source, MelFeatures(clip_seconds=1.0, n_mels=32), tmp_path)
+    assert caplog.messages == [
+        "4 of 4 audio files are shorter than dataset.features.clip_seconds=1 (the shortest 0.60 s): "
+        "their cached features end in silence (the log floor), which excerpts reaching past their end "
+        "read as if it were sound. Lower clip_seconds, or for rendered SOL raise "
+        "dataset.source.clip_seconds with it."]

@@ -266,6 +266,7 @@ def compute_features(clips: list[Clip], features: MelFeatures, batch_size: int =
     batch: list[torch.Tensor] = []
     failures: list[str] = []
     silent: list[str] = []
+    short: list[float] = []  # seconds of each clip that ends more than a hop before clip_seconds
     with progress_bar() as progress:
         task = progress.add_task(description, total=len(clips))
         for clip in clips:
@@ -274,6 +275,8 @@ def compute_features(clips: list[Clip], features: MelFeatures, batch_size: int =
                 audio = read_audio(clip.path, features.sample_rate)
                 if not audio.any():
                     silent.append(str(clip.path))
+                if audio.shape[0] < n_samples - features.hop_length:
+                    short.append(audio.shape[0] / features.sample_rate)
                 batch.append(_fit_length(audio, n_samples))
             except RuntimeError as err:
                 failures.append(str(err))
@@ -287,6 +290,12 @@ def compute_features(clips: list[Clip], features: MelFeatures, batch_size: int =
     if failures:
         raise RuntimeError(f"{len(failures)} of {len(clips)} audio files failed to decode or to "
                            f"match their md5:{_first_ten(failures)}")
+    if short:
+        log.warning("%d of %d audio files are shorter than dataset.features.clip_seconds=%g (the "
+                    "shortest %.2f s): their cached features end in silence (the log floor), which "
+                    "excerpts reaching past their end read as if it were sound. Lower clip_seconds, "
+                    "or for rendered SOL raise dataset.source.clip_seconds with it.", len(short),
+                    len(clips), features.clip_seconds, min(short))
     if silent:
         log.warning("%d of %d audio files are silent (every sample 0); their features are kept. "
                     "Replace those that should hold a note:%s", len(silent), len(clips),
