@@ -285,6 +285,9 @@ def test_features_do_not_depend_on_the_batch_size(source):
                                          r"f_max \(4000 Hz\)"),
     ({"f_min": 500.0, "f_max": 500.0}, r"f_min=500\.0 must be at least 0 and below f_max"),
     ({"hop_length": 0}, r"dataset\.features\.hop_length must be a positive whole number; got 0"),
+    ({"hop_length": 2048}, r"dataset\.features\.hop_length=2048 is longer than the FFT window "
+                           r"\(n_fft=1024\): the audio between windows would never be analysed\. Set "
+                           r"hop_length at most 1024"),
     ({"n_mels": 64.5}, r"dataset\.features\.n_mels must be a positive whole number; got 64\.5"),
     ({"clip_seconds": 0.0}, r"dataset\.features\.clip_seconds must be positive"),
 ])

@@ -64,6 +64,11 @@ class MelFeatures:
             value = getattr(self, key)
             if isinstance(value, bool) or value != int(value) or value <= 0:
                 raise ValueError(f"dataset.features.{key} must be a positive whole number; got {value!r}.")
+        if self.hop_length > self.n_fft:
+            raise ValueError(f"dataset.features.hop_length={self.hop_length} is longer than the FFT window "
+                             f"(n_fft={self.n_fft}): the audio between windows would never be analysed. "
+                             f"Set hop_length at most {self.n_fft} (a quarter of it is usual), or raise "
+                             "n_fft.")
         if not self.clip_seconds > 0:
             raise ValueError(f"dataset.features.clip_seconds must be positive; got {self.clip_seconds!r}.")
         nyquist = self.sample_rate / 2
