@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from fewzero.cli import device_name, positive_int, run_script
 from fewzero.train import compose_train_config, save_run_overrides, train
@@ -239,10 +240,15 @@ def main() -> None:
             "task_name=benchmark", "~callbacks.progress_bar", "+trainer.enable_progress_bar=false",
             *args.overrides]
     results: dict[str, list[dict[str, Any]]] = {}
-    for name in args.recipes:
-        _, overrides = RECIPES[name]
-        results[name] = [run_once([*overrides, *base, f"seed={seed}"], out / name / f"seed{seed}",
-                                  args.also_selected) for seed in args.seeds]
+    try:
+        for name in args.recipes:
+            _, overrides = RECIPES[name]
+            results[name] = [run_once([*overrides, *base, f"seed={seed}"], out / name / f"seed{seed}",
+                                      args.also_selected) for seed in args.seeds]
+    except SIGTERMException as stop:  # fewzero.cli.run_script says it stopped, and this
+        stop.rerun = (f"Run it again with --out {out}: its finished runs are reused, the stopped one "
+                      "is trained again from the start.")
+        raise
 
     columns = COLUMNS | (SELECTED_COLUMNS if args.also_selected else {})
     device = " and ".join(sorted({r["device"] for rs in results.values() for r in rs}))

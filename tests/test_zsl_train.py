@@ -561,6 +561,31 @@ def test_zsl_benchmark_compares_overrides_in_any_order_and_records_them_once_the
     assert not (typo / "benchmark_overrides.json").exists()
 
 
+def test_zsl_benchmark_stopped_by_sigterm_exits_143_and_names_the_out_folder_to_rerun(
+        tmp_path, monkeypatch, capsys):
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+    from fewzero.cli import run_script
+
+    benchmark = load_script("benchmark_zsl")
+
+    def stopped(cfg):  # stands in for a fit that SIGTERM or Ctrl-C stopped
+        raise SIGTERMException
+
+    monkeypatch.setattr(benchmark, "train", stopped)
+    own = ("+trainer.enable_progress_bar", "~callbacks.progress_bar")
+    tones = [o for o in tone_overrides(tmp_path, zero_shot=True) if not o.startswith(own)]
+    out = tmp_path / "bench"
+    monkeypatch.setattr("sys.argv", ["benchmark_zsl.py", "--seeds", "0", "--recipes", "attribute_plain",
+                                     "--out", str(out), *tones])
+    with pytest.raises(SystemExit) as stop:
+        run_script(benchmark.main)
+    assert stop.value.code == 143  # was None: status 0, as if the benchmark had finished
+    assert f"benchmark_zsl.py: stopped by SIGTERM or Ctrl-C before it finished. Run it again with " \
+           f"--out {out}" in capsys.readouterr().err
+    assert not (out / "benchmark.md").exists()
+
+
 @pytest.mark.parametrize("args, message", [
     (["--max-steps", "0"], "argument --max-steps: 0 is not above 0"),  # was taken for "not given"
     (["--batch-size", "0"], "argument --batch-size: 0 is not above 0"),

@@ -6,11 +6,14 @@ from __future__ import annotations
 import argparse
 import inspect
 import platform
+import signal
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from fewzero.console import command_refusal
 
@@ -20,10 +23,19 @@ def run_script(main: Callable[[], object]) -> None:
     checkpoint whose run read the test fold, an unknown experiment, a missing file; see
     `fewzero.console.command_refusal`), raised by fewzero's code or by the script's own, prints
     its message alone after the script's name and exits with status 1. Anything else, a bug,
-    keeps its traceback; HYDRA_FULL_ERROR=1 shows every traceback."""
+    keeps its traceback; HYDRA_FULL_ERROR=1 shows every traceback.
+
+    A fit or test that SIGTERM or Ctrl-C stopped (`fewzero.callbacks.StopOnInterrupt`) ends the
+    script with status 143, as `fewzero.train`'s: Lightning's SIGTERMException is a SystemExit
+    without a code, which would exit 0 as if the script had finished. The message says so, and
+    how to go on: the exception's `rerun`, where the script set one."""
     script = Path(inspect.getfile(main)).resolve()
     try:
         main()
+    except SIGTERMException as stop:
+        rerun = getattr(stop, "rerun", "Run the command again.")
+        print(f"{script.name}: stopped by SIGTERM or Ctrl-C before it finished. {rerun}", file=sys.stderr)
+        raise SystemExit(128 + signal.SIGTERM) from None
     except Exception as error:
         message = command_refusal(error, own_code=[script.parent])
         if message is None:
