@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from fewzero.callbacks import StageTimer
-from fewzero.cli import device_name, positive_int, run_script
+from fewzero.cli import device_name, output_folder, positive_int, run_script
 from fewzero.data.episodes import EpisodeDataset
 from fewzero.eval import evaluate
 from fewzero.train import compose_train_config, save_run_overrides, train
@@ -102,7 +102,7 @@ def main() -> None:
     parser.add_argument("--backbones", nargs="*", default=list(BACKBONES), choices=backbone_configs(),
                         metavar="BACKBONE", help="backbones (configs/model/backbone) to train and test; "
                         "none (just --backbones): data pipeline only. Hydra overrides go before it.")
-    parser.add_argument("--out", type=Path, default=None,
+    parser.add_argument("--out", type=output_folder, default=None,
                         help="output folder (default: outputs/benchmarks/fsl_<date>_<time>)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run")
     args = parser.parse_args()

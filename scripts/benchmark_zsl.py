@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from fewzero.cli import device_name, positive_int, run_script
+from fewzero.cli import device_name, output_folder, positive_int, run_script
 from fewzero.train import compose_train_config, save_run_overrides, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -220,7 +220,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=positive_int, default=None,
                         help="training batch of every run (default: the dataset's own, 32)")
     parser.add_argument("--recipes", nargs="+", default=DEFAULT_RECIPES, choices=list(RECIPES))
-    parser.add_argument("--out", type=Path, default=None, help="output folder (resumes runs)")
+    parser.add_argument("--out", type=output_folder, default=None,
+                        help="output folder (resumes runs)")
     parser.add_argument("--also-selected", action="store_true",
                         help="also test each validation-selected checkpoint without the refit")
     parser.add_argument("--threads", type=positive_int, default=None,

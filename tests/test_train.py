@@ -698,6 +698,23 @@ def test_few_shot_benchmark_refuses_an_out_folder_with_finished_runs_before_trai
     assert "holds finished runs" in capsys.readouterr().err and finished.read_text() == "{}"
 
 
+@pytest.mark.parametrize("script", ["benchmark_fsl", "benchmark_zsl"])
+def test_benchmarks_refuse_an_out_that_is_a_file_before_any_work(script, tmp_path, monkeypatch, capsys):
+    from conftest import load_script, tone_overrides
+
+    benchmark = load_script(script)
+    tones = [o for o in tone_overrides(tmp_path, zero_shot=script == "benchmark_zsl")
+             if not o.startswith(("+trainer.enable_progress_bar", "~callbacks.progress_bar"))]
+    taken = tmp_path / "results.md"
+    taken.write_text("mine\n")
+    for out in (taken, taken / "runs"):  # was NotADirectoryError's traceback, as a run wrote
+        monkeypatch.setattr("sys.argv", [f"{script}.py", "--out", str(out), *tones])
+        with pytest.raises(SystemExit):
+            benchmark.main()
+        assert f"argument --out: {taken} is a file, not a folder" in capsys.readouterr().err
+    assert taken.read_text() == "mine\n" and sorted(p.name for p in tmp_path.iterdir()) == ["results.md"]
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_keep_freed_memory_is_set_on_linux():
     assert keep_freed_memory()  # mallopt accepted both settings

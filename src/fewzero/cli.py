@@ -43,15 +43,30 @@ def run_script(main: Callable[[], object]) -> None:
         raise SystemExit(f"{script.name}: {message}") from None
 
 
-def positive_int(text: str) -> int:
-    """argparse type: a whole number above 0."""
+def whole_number(text: str) -> int:
+    """argparse type: a whole number."""
     try:
-        value = int(text)
+        return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number above 0."""
+    value = whole_number(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} is not above 0")
     return value
+
+
+def output_folder(text: str) -> Path:
+    """argparse type: a folder to write into, existing or not; not a file, nor inside one (the
+    runs would fail as their first file is written, after the work before it)."""
+    path = Path(text)
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise argparse.ArgumentTypeError(f"{existing} is a file, not a folder: pass a folder")
+    return path
 
 
 def device_name(trainer: Any | None = None) -> str:
