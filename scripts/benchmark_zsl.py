@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from fewzero.cli import device_name, output_folder, positive_int, run_script
+from fewzero.cli import device_name, output_folder, positive_int, run_script, seed
 from fewzero.train import compose_train_config, save_run_overrides, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -214,7 +214,7 @@ def mean_std(values: list[float]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=seed, nargs="+", default=[0, 1, 2])
     parser.add_argument("--max-steps", type=positive_int, default=None,
                         help="training steps of every run (default: each experiment's own, 1500)")
     parser.add_argument("--batch-size", type=positive_int, default=None,

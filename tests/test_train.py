@@ -664,6 +664,20 @@ def test_few_shot_benchmark_describes_its_own_test_episodes_and_keeps_its_runs_r
     assert "invalid choice: 'trainer=gpu'" in capsys.readouterr().err
 
 
+def test_few_shot_benchmark_refuses_a_seed_lightning_would_refuse_before_any_work(tmp_path, monkeypatch,
+                                                                                capsys):
+    from conftest import load_script, tone_overrides
+
+    benchmark = load_script("benchmark_fsl")
+    # was Lightning's traceback as the first backbone started training, after the data pipeline
+    monkeypatch.setattr("sys.argv", ["benchmark_fsl.py", "--seed", "-1", "--out", str(tmp_path / "b"),
+                                     *tone_overrides(tmp_path), "--backbones"])
+    with pytest.raises(SystemExit):
+        benchmark.main()
+    assert "argument --seed: -1 is not a seed: seeds go from 0 to 4294967295" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
+
+
 @pytest.mark.parametrize("option", ["--max-steps", "--data-episodes", "--tutorial-episodes"])
 @pytest.mark.parametrize("value", ["0", "-1"])
 def test_few_shot_benchmark_refuses_counts_below_one_before_any_work(option, value, tmp_path,

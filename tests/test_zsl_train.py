@@ -592,6 +592,8 @@ def test_zsl_benchmark_stopped_by_sigterm_exits_143_and_names_the_out_folder_to_
     (["--threads", "0"], "argument --threads: 0 is not above 0"),
     (["--threads", "-2"], "argument --threads: -2 is not above 0"),  # was torch's traceback
     (["--seeds", "1", "1"], r"--seeds lists \[1\] more than once"),
+    (["--seeds", "0", "-1"], r"argument --seeds: -1 is not a seed: seeds go from 0 to 4294967295"),
+    (["--seeds", "4294967296"], "argument --seeds: 4294967296 is not a seed"),  # were Lightning's
 ])
 def test_zsl_benchmark_refuses_bad_arguments_before_any_run(tmp_path, monkeypatch, capsys, args,
                                                             message):

@@ -59,6 +59,15 @@ def positive_int(text: str) -> int:
     return value
 
 
+def seed(text: str) -> int:
+    """argparse type: a training seed, a whole number Lightning accepts (0 to 2**32 - 1); it
+    refuses others only once a run has started, with a traceback, after its folder is written."""
+    value = whole_number(text)
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"{value} is not a seed: seeds go from 0 to {2**32 - 1}")
+    return value
+
+
 def output_folder(text: str) -> Path:
     """argparse type: a folder to write into, existing or not; not a file, nor inside one (the
     runs would fail as their first file is written, after the work before it)."""
