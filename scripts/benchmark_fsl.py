@@ -106,6 +106,9 @@ def main() -> None:
                         help="output folder (default: outputs/benchmarks/fsl_<date>_<time>)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run")
     args = parser.parse_args()
+    repeated = sorted({b for b in args.backbones if args.backbones.count(b) > 1})
+    if repeated:  # one run folder per backbone: a repeat would train into it again, then stop
+        parser.error(f"--backbones lists {', '.join(repeated)} more than once: list each backbone once.")
 
     stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     out = args.out or ROOT / "outputs" / "benchmarks" / f"fsl_{stamp}"

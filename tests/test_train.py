@@ -664,8 +664,8 @@ def test_few_shot_benchmark_describes_its_own_test_episodes_and_keeps_its_runs_r
     assert "invalid choice: 'trainer=gpu'" in capsys.readouterr().err
 
 
-def test_few_shot_benchmark_refuses_a_seed_lightning_would_refuse_before_any_work(tmp_path, monkeypatch,
-                                                                                capsys):
+def test_few_shot_benchmark_refuses_a_bad_seed_or_a_repeated_backbone_before_any_work(
+        tmp_path, monkeypatch, capsys):
     from conftest import load_script, tone_overrides
 
     benchmark = load_script("benchmark_fsl")
@@ -675,6 +675,15 @@ def test_few_shot_benchmark_refuses_a_seed_lightning_would_refuse_before_any_wor
     with pytest.raises(SystemExit):
         benchmark.main()
     assert "argument --seed: -1 is not a seed: seeds go from 0 to 4294967295" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
+    # a backbone listed twice trained twice into one folder, then failed at the second's
+    # unwhitened test (its folder held the first's metrics.json)
+    monkeypatch.setattr("sys.argv", ["benchmark_fsl.py", "--out", str(tmp_path / "b"),
+                                     *tone_overrides(tmp_path),
+                                     "--backbones", "timbre_cnn", "music_fsl_cnn", "timbre_cnn"])
+    with pytest.raises(SystemExit):
+        benchmark.main()
+    assert "--backbones lists timbre_cnn more than once" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
 
 
