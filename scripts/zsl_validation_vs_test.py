@@ -30,6 +30,7 @@ import statistics
 from pathlib import Path
 
 from fewzero.cli import run_script
+from fewzero.report import collect
 
 
 def recipe_runs(folder: Path) -> list[dict[str, float]]:
@@ -48,6 +49,10 @@ def recipe_runs(folder: Path) -> list[dict[str, float]]:
                      **{f"fold{k}": scores[chosen] for k, scores in enumerate(cv["fold_scores"])}})
     if not runs:
         raise SystemExit(f"No seed*/metrics.json under {folder}: run scripts/benchmark_zsl.py first.")
+    settings = [c.name for c in collect(folder)[0]]  # the runs' overrides but the seed
+    if len(settings) > 1:  # e.g. seeds added to an --out later, with another --max-steps
+        raise SystemExit(f"The runs in {folder} differ in more than the seed ({' | '.join(settings)}): "
+                         "a recipe's mean is over seeds of one setting; pass folders whose runs share it.")
     return runs
 
 

@@ -23,7 +23,7 @@ from fewzero.models.zeroshot_module import (
     load_backbone_weights,
 )
 from fewzero.report import collect
-from fewzero.train import _flat_hparams, train
+from fewzero.train import _flat_hparams, save_run_overrides, train
 
 WORD = ["experiment=zsl_attribute_audio"]  # word-audio split; attribute table needs no package
 
@@ -637,6 +637,7 @@ def test_validation_vs_test_script_ranks_recipes_and_correlates_them(tmp_path, m
                       "metrics": {"val/acc_best": 0.5 + unseen / 10},
                       "zero_shot": {"zsl_top1": unseen + 0.002 * seed, "gzsl_cs_h": unseen / 2}}
             (run / "metrics.json").write_text(json.dumps(report))
+            save_run_overrides(["experiment=zsl_attribute_audio", f"seed={seed}"], run)  # as the benchmark
     monkeypatch.setattr("sys.argv", ["zsl_validation_vs_test.py", *map(str, folders)])
     script.main()
     table = capsys.readouterr().out
@@ -650,6 +651,14 @@ def test_validation_vs_test_script_ranks_recipes_and_correlates_them(tmp_path, m
     assert math.isnan(script.spearman([0.0, 0.0, 0.0], [1.0, 2.0, 3.0]))  # a fold no recipe moves
     monkeypatch.setattr("sys.argv", ["zsl_validation_vs_test.py", str(tmp_path / "missing")])
     with pytest.raises(SystemExit, match="run scripts/benchmark_zsl.py first"):
+        script.main()
+    # a seed added to a recipe's folder later, trained for other steps: its mean mixed both
+    save_run_overrides(["experiment=zsl_attribute_audio", "trainer.max_steps=200", "seed=1"],
+                       folders[0] / "seed1")
+    monkeypatch.setattr("sys.argv", ["zsl_validation_vs_test.py", *map(str, folders)])
+    with pytest.raises(SystemExit, match=rf"The runs in {re.escape(str(folders[0]))} differ in more "
+                                         r"than the seed \(experiment=zsl_attribute_audio \| "
+                                         r"experiment=zsl_attribute_audio,trainer.max_steps=200\)"):
         script.main()
 
 
