@@ -56,6 +56,19 @@ def recipe_runs(folder: Path) -> list[dict[str, float]]:
     return runs
 
 
+def check_same_folds(folders: list[Path]) -> None:
+    """Exit unless every run's class cross-validation held out the same classes in each fold
+    (metrics.json's "class_cv" -> "folds"), so that fold k is one set of classes for every
+    recipe: recipes of one split."""
+    first: dict[str, Path] = {}
+    for path in (p for folder in folders for p in sorted(folder.glob("seed*/metrics.json"))):
+        first.setdefault(json.dumps(json.loads(path.read_text())["class_cv"]["folds"]), path)
+    if len(first) > 1:
+        held_out = "; ".join(f"{json.loads(folds)} in {path}" for folds, path in first.items())
+        raise SystemExit(f"The runs' class cross-validations hold out other classes ({held_out}): "
+                         "compare recipes of one split.")
+
+
 def ranks(values: list[float]) -> list[float]:
     """1-based ranks, ties sharing their mean rank."""
     order = sorted(range(len(values)), key=values.__getitem__)
@@ -87,6 +100,7 @@ def main() -> None:
     parser.add_argument("recipes", nargs="+", type=Path, help="benchmark folders <out>/<recipe>")
     args = parser.parse_args()
     runs = {folder: recipe_runs(folder) for folder in args.recipes}
+    check_same_folds(args.recipes)
     means = {folder: {key: statistics.mean(run[key] for run in rs) for key in rs[0]}
              for folder, rs in runs.items()}
     lines = ["| recipe | seeds | class-CV score | val H | unseen top-1 (test) | H (test) |",
@@ -106,15 +120,13 @@ def main() -> None:
 
 
 def fold_agreement(runs: list[list[dict[str, float]]]) -> list[str]:
-    """Table lines (validation figures only; `runs`: each recipe's runs from `recipe_runs`):
+    """Table lines (validation figures only; `runs`: each recipe's runs from `recipe_runs`, whose
+    folds `check_same_folds` has found alike):
     Spearman's rank correlation over recipes between every pair of class-CV folds' mean scores,
     and between each fold and the mean of the others; then, per fold (and for unseen top-1), the
     spread of the recipes' means beside the seed noise of a mean, sqrt(mean seed variance / n
     seeds): where the two are alike, that fold's ranking is mostly noise."""
     folds = sorted((key for key in runs[0][0] if key.startswith("fold")), key=lambda k: int(k[4:]))
-    if any(set(folds) - set(run) for recipe in runs for run in recipe):
-        raise SystemExit("The recipes' class cross-validations have different folds: compare "
-                         "recipes of one split.")
     column = {key: [statistics.mean(run[key] for run in recipe) for recipe in runs]
               for key in [*folds, "unseen"]}
     lines = ["| class-CV folds (validation only) | Spearman over recipes |", "| --- | --- |"]

@@ -624,6 +624,8 @@ def test_validation_vs_test_script_ranks_recipes_and_correlates_them(tmp_path, m
     script = load_script("zsl_validation_vs_test")
     assert script.ranks([0.3, 0.1, 0.3, 0.2]) == [3.5, 1.0, 3.5, 2.0]  # ties share their mean rank
     # four recipes, two seeds each: class CV falls as unseen top-1 rises; val H follows H
+    FOLDS = [["Oboe", "Trombone"], ["Cello", "Clarinet in Bb", "French Horn"],
+             ["Accordion", "Contrabass", "Flute"]]
     folders = []
     for k, (cv, unseen) in enumerate([(-0.4, 0.3), (-0.5, 0.4), (-0.6, 0.5), (-0.7, 0.6)]):
         folders.append(tmp_path / f"recipe{k}")
@@ -631,7 +633,7 @@ def test_validation_vs_test_script_ranks_recipes_and_correlates_them(tmp_path, m
             run = folders[-1] / f"seed{seed}"
             run.mkdir(parents=True)
             # fold 1 ranks the recipes as fold 0 does, fold 2 the other way round
-            report = {"class_cv": {"candidates": [0.0, 0.2], "zsl_weight": 0.2,
+            report = {"class_cv": {"candidates": [0.0, 0.2], "zsl_weight": 0.2, "folds": FOLDS,
                                    "mean_scores": [-9.0, cv + 0.02 * seed],
                                    "fold_scores": [[-9.0, cv], [-9.0, 2 * cv], [-9.0, -cv / 2]]},
                       "metrics": {"val/acc_best": 0.5 + unseen / 10},
@@ -652,10 +654,21 @@ def test_validation_vs_test_script_ranks_recipes_and_correlates_them(tmp_path, m
     monkeypatch.setattr("sys.argv", ["zsl_validation_vs_test.py", str(tmp_path / "missing")])
     with pytest.raises(SystemExit, match="run scripts/benchmark_zsl.py first"):
         script.main()
+    # a recipe of another partition into as many folds: its fold 1 was another fold 1
+    other = folders[1] / "seed1" / "metrics.json"
+    report = json.loads(other.read_text())
+    report["class_cv"]["folds"] = [FOLDS[0], ["Cello", "Clarinet in Bb", "Flute"],
+                                   ["Accordion", "Contrabass", "French Horn"]]
+    other.write_text(json.dumps(report))
+    monkeypatch.setattr("sys.argv", ["zsl_validation_vs_test.py", *map(str, folders)])
+    with pytest.raises(SystemExit, match=r"hold out other classes \(.* in .*recipe0/seed0/metrics.json; "
+                                         r"\[\['Oboe', 'Trombone'\], \['Cello', 'Clarinet in Bb', "
+                                         r"'Flute'\].* in .*recipe1/seed1/metrics.json\): compare"):
+        script.main()
+    other.write_text(json.dumps(report | {"class_cv": report["class_cv"] | {"folds": FOLDS}}))
     # a seed added to a recipe's folder later, trained for other steps: its mean mixed both
     save_run_overrides(["experiment=zsl_attribute_audio", "trainer.max_steps=200", "seed=1"],
                        folders[0] / "seed1")
-    monkeypatch.setattr("sys.argv", ["zsl_validation_vs_test.py", *map(str, folders)])
     with pytest.raises(SystemExit, match=rf"The runs in {re.escape(str(folders[0]))} differ in more "
                                          r"than the seed \(experiment=zsl_attribute_audio \| "
                                          r"experiment=zsl_attribute_audio,trainer.max_steps=200\)"):
