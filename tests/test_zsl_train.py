@@ -432,6 +432,16 @@ def test_encoder_init_from_a_run_of_other_log_mel_settings_is_refused(tmp_path):
         **clean, "features": {**features, "clip_seconds": 3.0}}), dm)
 
 
+def test_encoder_init_from_a_folder_is_refused_by_name(tmp_path):
+    dm = _datamodule(tmp_path)
+    run = _save_run_config(tmp_path / "init_run", {"split": FSL_SPLIT, "folds": [0, 1, 2]}).parent.parent
+    for folder in (run, tmp_path / "empty"):  # was torch.load's IsADirectoryError, behind a traceback
+        folder.mkdir(exist_ok=True)
+        with pytest.raises(FileNotFoundError, match=rf"^model.init_checkpoint={re.escape(str(folder))} is "
+                                                    r"a folder, not a checkpoint\. Set it to"):
+            check_init_checkpoint(folder, dm)
+
+
 def test_encoder_init_that_read_only_training_clips_is_accepted(tmp_path):
     dm = _datamodule(tmp_path)
     clean = {"split": {"train": ["Accordion", "Cello"], "val": ["Violin"]}, "folds": [0, 1, 2]}

@@ -61,7 +61,8 @@ def check_init_checkpoint_exists(path: str | Path) -> None:
     """Refuse a `model.init_checkpoint` that is no file, naming it (torch.load's error named
     neither the setting nor the fix, behind a traceback)."""
     if not Path(path).is_file():
-        raise FileNotFoundError(f"model.init_checkpoint={path} does not exist. Set it to a fewzero "
+        what = "is a folder, not a checkpoint" if Path(path).is_dir() else "does not exist"
+        raise FileNotFoundError(f"model.init_checkpoint={path} {what}. Set it to a fewzero "
                                 "run's checkpoint (<run>/checkpoints/<file>.ckpt), or leave it null.")
 
 
@@ -127,6 +128,8 @@ def check_init_checkpoint(path: str | Path, dm: Any, class_cv: bool = False) -> 
     or validation: an unseen class, the seen classes' test fold, a pseudo-unseen class (with
     `class_cv`, any class a fold of class cross-validation holds out) or the validation fold.
     `dm`: the run's set-up `ZeroShotDataModule`; what is allowed is its `pretraining_clips`."""
+    if Path(path).is_dir():  # a run's folder, say: torch.load's IsADirectoryError otherwise
+        check_init_checkpoint_exists(path)
     reading = checkpoint_reading(path)
     if reading is None:  # no run config beside it: refuse a missing file rather than "cannot check"
         check_init_checkpoint_exists(path)
