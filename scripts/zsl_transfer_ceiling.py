@@ -41,7 +41,7 @@ from fewzero.cli import run_script
 from fewzero.models.pitch_prior import FormantLikelihood, PitchRangePrior
 from fewzero.models.zeroshot_module import check_init_checkpoint
 from fewzero.side_info.attributes import AttributeTable, encode_attribute_table
-from fewzero.train import compose_train_config
+from fewzero.train import CONFIG_DIR, compose_train_config
 from fewzero.zsl_evaluation import topk_accuracy
 
 
@@ -205,8 +205,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", type=Path, help="fewzero checkpoint whose encoder is used")
-    parser.add_argument("--experiments", nargs="+",
-                        default=["zsl_word_audio", "zsl_text_audio", "zsl_attribute_audio"])
+    parser.add_argument("--experiments", nargs="+", metavar="EXPERIMENT",
+                        default=["zsl_word_audio", "zsl_text_audio", "zsl_attribute_audio"],
+                        choices=sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("zsl_*.yaml")),
+                        help="zero-shot audio experiments (configs/experiment/zsl_*); Hydra "
+                             "overrides go before it")
     parser.add_argument("--remove-pitch", type=int, default=0, metavar="K",
                         help="project the K leading pitch-probe directions out of the embeddings")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every experiment")

@@ -524,6 +524,17 @@ def test_transfer_ceiling_script_prints_a_refused_checkpoint_without_a_traceback
             run_script(ceiling_script.main)
 
 
+def test_transfer_ceiling_script_takes_no_override_for_an_experiment(tmp_path, monkeypatch, capsys):
+    ceiling_script = load_script("zsl_transfer_ceiling")
+    # an override after --experiments was composed as experiment=<override>: Hydra's
+    # "mismatched input '='", naming neither the option nor the fix
+    monkeypatch.setattr("sys.argv", ["zsl_transfer_ceiling.py", str(tmp_path / "last.ckpt"),
+                                     "--experiments", "zsl_word_audio", "dataset.folds=[0,1,2,3]"])
+    with pytest.raises(SystemExit):
+        ceiling_script.main()
+    assert "argument --experiments: invalid choice: 'dataset.folds=[0,1,2,3]'" in capsys.readouterr().err
+
+
 def test_zsl_benchmark_reports_the_runs_own_length_and_batch_and_refuses_mixed_settings(
         tmp_path, monkeypatch):
     benchmark = load_script("benchmark_zsl")
