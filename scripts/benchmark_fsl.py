@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from fewzero.callbacks import StageTimer
-from fewzero.cli import device_name, output_folder, positive_int, run_script, seed
+from fewzero.cli import device_name, output_folder, positive_int, run_script, training_seed
 from fewzero.data.episodes import EpisodeDataset
 from fewzero.eval import evaluate
 from fewzero.train import compose_train_config, save_run_overrides, train
@@ -96,7 +96,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--max-steps", type=positive_int, default=1500)
-    parser.add_argument("--seed", type=seed, default=0)
+    parser.add_argument("--seed", type=training_seed, default=0)
     parser.add_argument("--data-episodes", type=positive_int, default=500)
     parser.add_argument("--tutorial-episodes", type=positive_int, default=10)
     parser.add_argument("--backbones", nargs="*", default=list(BACKBONES), choices=backbone_configs(),

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from fewzero.cli import device_name, output_folder, positive_int, run_script, seed
+from fewzero.cli import device_name, output_folder, positive_int, run_script, training_seed
 from fewzero.train import compose_train_config, save_run_overrides, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -214,7 +214,7 @@ def mean_std(values: list[float]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=seed, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=training_seed, nargs="+", default=[0, 1, 2])
     parser.add_argument("--max-steps", type=positive_int, default=None,
                         help="training steps of every run (default: each experiment's own, 1500)")
     parser.add_argument("--batch-size", type=positive_int, default=None,
@@ -244,8 +244,16 @@ def main() -> None:
     try:
         for name in args.recipes:
             _, overrides = RECIPES[name]
-            results[name] = [run_once([*overrides, *base, f"seed={seed}"], out / name / f"seed{seed}",
-                                      args.also_selected) for seed in args.seeds]
+            results[name] = []
+            for seed in args.seeds:
+                run_dir = out / name / f"seed{seed}"
+                try:
+                    results[name].append(run_once([*overrides, *base, f"seed={seed}"], run_dir,
+                                                  args.also_selected))
+                except Exception as error:  # which of the runs: the error's own message rarely says
+                    error.add_note(f"(the run of recipe {name}, seed {seed}, in {run_dir}; the runs "
+                                   f"finished before it are reused by a rerun with --out {out})")
+                    raise
     except SIGTERMException as stop:  # fewzero.cli.run_script says it stopped, and this
         stop.rerun = (f"Run it again with --out {out}: its finished runs are reused, the stopped one "
                       "is trained again from the start.")

@@ -607,6 +607,26 @@ def test_zsl_benchmark_stopped_by_sigterm_exits_143_and_names_the_out_folder_to_
     assert not (out / "benchmark.md").exists()
 
 
+def test_zsl_benchmark_refusal_names_the_run_it_stopped_at(tmp_path, monkeypatch):
+    from fewzero.cli import run_script
+
+    benchmark = load_script("benchmark_zsl")
+    own = ("+trainer.enable_progress_bar", "~callbacks.progress_bar")
+    tones = [o for o in tone_overrides(tmp_path, zero_shot=True) if not o.startswith(own)]
+    out = tmp_path / "bench"
+    # one step, then no validation to choose the refit's length: refused after training
+    monkeypatch.setattr("sys.argv", ["benchmark_zsl.py", "--seeds", "0", "--recipes", "attribute_plain",
+                                     "--out", str(out), *tones, "trainer.max_steps=1"])
+    with pytest.raises(SystemExit) as refused:
+        run_script(benchmark.main)
+    message = str(refused.value.code)
+    assert message.startswith("benchmark_zsl.py: Refitting on trainval needs the validation-selected")
+    # which of the recipes and seeds: the refusal alone did not say
+    run = out / "attribute_plain" / "seed0"
+    assert message.endswith(f"\n(the run of recipe attribute_plain, seed 0, in {run}; the runs "
+                            f"finished before it are reused by a rerun with --out {out})")
+
+
 @pytest.mark.parametrize("args, message", [
     (["--max-steps", "0"], "argument --max-steps: 0 is not above 0"),  # was taken for "not given"
     (["--batch-size", "0"], "argument --batch-size: 0 is not above 0"),

@@ -23,7 +23,9 @@ def run_script(main: Callable[[], object]) -> None:
     checkpoint whose run read the test fold, an unknown experiment, a missing file; see
     `fewzero.console.command_refusal`), raised by fewzero's code or by the script's own, prints
     its message alone after the script's name and exits with status 1. Anything else, a bug,
-    keeps its traceback; HYDRA_FULL_ERROR=1 shows every traceback.
+    keeps its traceback; HYDRA_FULL_ERROR=1 shows every traceback. Notes the script added to the
+    error (`add_note`: which of its runs failed, say) follow the message, as they follow a
+    traceback.
 
     A fit or test that SIGTERM or Ctrl-C stopped (`fewzero.callbacks.StopOnInterrupt`) ends the
     script with status 143, as `fewzero.train`'s: Lightning's SIGTERMException is a SystemExit
@@ -40,7 +42,8 @@ def run_script(main: Callable[[], object]) -> None:
         message = command_refusal(error, own_code=[script.parent])
         if message is None:
             raise
-        raise SystemExit(f"{script.name}: {message}") from None
+        notes = "".join(f"\n{note}" for note in getattr(error, "__notes__", []))  # e.g. which run
+        raise SystemExit(f"{script.name}: {message}{notes}") from None
 
 
 def whole_number(text: str) -> int:
@@ -59,7 +62,7 @@ def positive_int(text: str) -> int:
     return value
 
 
-def seed(text: str) -> int:
+def training_seed(text: str) -> int:
     """argparse type: a training seed, a whole number Lightning accepts (0 to 2**32 - 1); it
     refuses others only once a run has started, with a traceback, after its folder is written."""
     value = whole_number(text)
