@@ -231,6 +231,15 @@ def main() -> None:
     repeated = sorted({seed for seed in args.seeds if args.seeds.count(seed) > 1})
     if repeated:  # one run folder per seed: a repeat would count the same run twice
         parser.error(f"--seeds lists {repeated} more than once: list each seed once.")
+    given = by_key(args.overrides)
+    for name in args.recipes:  # the row keeps the recipe's label: it must still be that recipe
+        own = by_key(RECIPES[name][1])
+        replaced = sorted(key for key in own.keys() & given.keys() if given[key][-1] != own[key][-1])
+        if replaced:
+            parser.error(f"recipe {name} sets {', '.join(own[key][-1] for key in replaced)} itself, which "
+                         f"{', '.join(given[key][-1] for key in replaced)} would replace while its row "
+                         "kept the recipe's label: leave the override out, or add a recipe of your own "
+                         "to RECIPES.")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
 

@@ -649,6 +649,29 @@ def test_zsl_benchmark_refuses_bad_arguments_before_any_run(tmp_path, monkeypatc
     assert not (tmp_path / "bench").exists()
 
 
+def test_zsl_benchmark_refuses_an_override_that_replaces_a_recipes_own_setting(tmp_path, monkeypatch,
+                                                                              capsys):
+    benchmark = load_script("benchmark_zsl")
+    monkeypatch.setattr(benchmark, "run_once", lambda *a: pytest.fail("stop before training"))
+    # word_tutorial's row says "siamese + triplet": model=devise trained DeViSE under that label
+    for overrides, message in [(["model=devise"], "recipe word_tutorial sets model=siamese itself, which "
+                                                  "model=devise would replace"),
+                               (["experiment=zsl_text_audio"], "recipe word_tutorial sets "
+                                                               "experiment=zsl_word_audio itself")]:
+        monkeypatch.setattr("sys.argv", ["benchmark_zsl.py", "--seeds", "0", "--recipes", "word_tutorial",
+                                         "--out", str(tmp_path / "bench"), *overrides])
+        with pytest.raises(SystemExit):
+            benchmark.main()
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "bench").exists()
+    # the same setting again is no replacement (and an override of another key is the user's)
+    monkeypatch.setattr("sys.argv", ["benchmark_zsl.py", "--seeds", "0", "--recipes", "word_tutorial",
+                                     "--out", str(tmp_path / "bench"), "model=siamese",
+                                     "trainer.max_steps=3"])
+    with pytest.raises(pytest.fail.Exception, match="stop before training"):
+        benchmark.main()
+
+
 def test_every_zsl_benchmark_recipe_composes_with_the_real_configs(tmp_path):
     benchmark = load_script("benchmark_zsl")
     for name, (_, overrides) in benchmark.RECIPES.items():
