@@ -1,6 +1,7 @@
 """How much of a seen class's held-out folds replays notes its training folds play.
 
-Reads a rendered SOL (or TinySOL-shaped) `metadata.csv` and a zero-shot split, and counts, for
+Reads a rendered SOL `metadata.csv` (columns instrument, fold, pitch, dynamics, soundfont) and a
+zero-shot split, and counts, for
 the clips each zero-shot role holds out of training, how many share their instrument and pitch
 (and also their dynamic, and also their SoundFont) with a clip the model trains on:
 
@@ -25,6 +26,7 @@ from omegaconf import OmegaConf
 from fewzero.cli import run_script
 
 SPLITS = Path(__file__).resolve().parents[1] / "configs" / "dataset" / "split"
+COLUMNS = ("instrument", "fold", "pitch", "dynamics", "soundfont")
 
 
 def overlap(rows: list[dict], classes: list[str], held_out: set[int], trained: set[int]) -> dict:
@@ -40,13 +42,29 @@ def overlap(rows: list[dict], classes: list[str], held_out: set[int], trained: s
     return {"clips": len(test), "pitch": counts[0], "dynamic": counts[1], "soundfont": counts[2]}
 
 
+def read_metadata(path: Path) -> list[dict]:
+    """The rows of a render's metadata.csv (`path`, or the one in folder `path`), which must have
+    the COLUMNS `overlap` compares: a missing one read as "" everywhere would count every clip
+    as sharing it."""
+    if path.is_dir():  # a render's folder
+        path = path / "metadata.csv"
+    with path.open(newline="") as file:
+        reader = csv.DictReader(file)
+        missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{path} has no column {', '.join(missing)} (its columns: "
+                             f"{', '.join(reader.fieldnames or [])}): pass a render's metadata.csv, "
+                             "data/rendered_sol/<fingerprint>/metadata.csv.")
+        return list(reader)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("metadata", type=Path, help="a render's metadata.csv")
+    parser.add_argument("metadata", type=Path, help="a render's metadata.csv (or its folder)")
     parser.add_argument("--split", default="word_audio", help=f"a split in {SPLITS}")
     args = parser.parse_args()
-    rows = list(csv.DictReader(args.metadata.open()))
+    rows = read_metadata(args.metadata)
     split = OmegaConf.load(SPLITS / f"{args.split}.yaml")
     seen = list(split.seen)
     training = [c for c in seen if c not in set(split.get("pseudo_unseen") or [])]

@@ -482,6 +482,25 @@ def test_fold_overlap_counts_held_out_clips_that_replay_a_trained_note() -> None
     assert overlap(rows, ["Flute"], {4}, {0, 1, 2, 3})["clips"] == 0
 
 
+def test_fold_overlap_reads_a_render_folder_and_refuses_metadata_without_its_columns(
+        tmp_path, monkeypatch, capsys) -> None:
+    from conftest import load_script
+
+    script = load_script("fold_overlap")
+    header = "path,instrument,pitch,dynamics,fold,soundfont"
+    rows = ["a.wav,Oboe,60,pp,0,x.sf2", "b.wav,Oboe,60,pp,4,y.sf2", "c.wav,Oboe,62,ff,3,x.sf2"]
+    (tmp_path / "metadata.csv").write_text("\n".join([header, *rows]) + "\n")
+    monkeypatch.setattr("sys.argv", ["fold_overlap.py", str(tmp_path)])  # the render's folder
+    script.main()  # was IsADirectoryError's traceback
+    table = capsys.readouterr().out
+    assert "| test_seen: fold 4 vs folds 0-3 | 1 | 1 (100.0%) | 1 (100.0%) | 0 (0.0%) |" in table
+    # without a soundfont column every clip "shared" the trained clips' (empty) SoundFont: 100%
+    (tmp_path / "metadata.csv").write_text("\n".join(line.rsplit(",", 1)[0] for line in [header, *rows]))
+    with pytest.raises(ValueError, match=r"metadata.csv has no column soundfont \(its columns: path, "
+                                         r"instrument, pitch, dynamics, fold\): pass a render's"):
+        script.main()
+
+
 def _spec(**overrides) -> sol._RenderSpec:
     """Render settings for the per-note functions (nothing is rendered)."""
     settings = {"dataset_dir": "", "soundfonts": ("a.sf2", "b.sf2"), "programs": (0,),
