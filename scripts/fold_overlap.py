@@ -62,7 +62,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("metadata", type=Path, help="a render's metadata.csv (or its folder)")
-    parser.add_argument("--split", default="word_audio", help=f"a split in {SPLITS}")
+    parser.add_argument("--split", default="word_audio", help=f"a zero-shot split in {SPLITS}",
+                        choices=sorted(p.stem for p in SPLITS.glob("*.yaml") if "seen" in OmegaConf.load(p)))
     args = parser.parse_args()
     rows = read_metadata(args.metadata)
     split = OmegaConf.load(SPLITS / f"{args.split}.yaml")

@@ -499,6 +499,12 @@ def test_fold_overlap_reads_a_render_folder_and_refuses_metadata_without_its_col
     with pytest.raises(ValueError, match=r"metadata.csv has no column soundfont \(its columns: path, "
                                          r"instrument, pitch, dynamics, fold\): pass a render's"):
         script.main()
+    # a few-shot split (train / val / test) stopped with OmegaConf's "Missing key seen" traceback
+    monkeypatch.setattr("sys.argv", ["fold_overlap.py", str(tmp_path), "--split", "fsl_tutorial"])
+    with pytest.raises(SystemExit):
+        script.main()
+    assert "argument --split: invalid choice: 'fsl_tutorial' (choose from 'image_audio', 'word_audio')" \
+        in capsys.readouterr().err
 
 
 def _spec(**overrides) -> sol._RenderSpec:
