@@ -1,9 +1,9 @@
 """How much of a seen class's held-out folds replays notes its training folds play.
 
 Reads a rendered SOL `metadata.csv` (columns instrument, fold, pitch, dynamics, soundfont) and a
-zero-shot split, and counts, for
-the clips each zero-shot role holds out of training, how many share their instrument and pitch
-(and also their dynamic, and also their SoundFont) with a clip the model trains on:
+zero-shot split, and counts, for the clips each zero-shot role holds out of training, how many
+share their instrument and pitch (and also their dynamic, and also their SoundFont) with a clip
+the model trains on:
 
 - validation phase: `val_seen` (fold 3 of the training classes) against folds 0-2;
 - refit: `test_seen` (fold 4 of every seen class) against folds 0-3.
