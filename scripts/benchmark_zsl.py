@@ -13,7 +13,7 @@ wall time) to outputs/benchmarks/zsl_<time>/.
     .venv/bin/python scripts/benchmark_zsl.py                         # 3 seeds, every recipe
                                                   # (each at its experiment's own trainer.max_steps)
     .venv/bin/python scripts/benchmark_zsl.py --max-steps 300 --recipes word_tutorial word_ours
-    .venv/bin/python scripts/benchmark_zsl.py --out outputs/benchmarks/zsl_x   # resume a run
+    .venv/bin/python scripts/benchmark_zsl.py --out outputs/benchmarks/zsl_x   # reuse its finished runs
     .venv/bin/python scripts/benchmark_zsl.py --recipes word_ours word_devise word_bilinear
 """
 
@@ -221,7 +221,8 @@ def main() -> None:
                         help="training batch of every run (default: the dataset's own, 32)")
     parser.add_argument("--recipes", nargs="+", default=DEFAULT_RECIPES, choices=list(RECIPES))
     parser.add_argument("--out", type=output_folder, default=None,
-                        help="output folder (resumes runs)")
+                        help="output folder; its finished runs are reused, a stopped one trains again "
+                             "from the start")
     parser.add_argument("--also-selected", action="store_true",
                         help="also test each validation-selected checkpoint without the refit")
     parser.add_argument("--threads", type=positive_int, default=None,
