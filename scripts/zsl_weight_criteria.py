@@ -80,6 +80,10 @@ def main() -> None:
             report.setdefault("candidates", args.candidates)
         if top1.get("score", "top1") != "top1":
             raise SystemExit(f"{args.top1_recipe / seed} scored weights by {top1['score']}, not top1.")
+        if other.get("score", "top1") == "top1":  # its rows and mean would merge with top1's
+            raise SystemExit(f"{args.other_recipe / seed} scored weights by top1 as well: the second "
+                             "recipe must score them another way (model.pitch_prior.zsl_score, e.g. "
+                             "attribute_ours's log_likelihood).")
         if (top1["folds"], top1["steps"], top1["candidates"]) != (other["folds"], other["steps"],
                                                                   other["candidates"]):
             raise SystemExit(f"{seed}: the two runs differ in folds, selected steps or candidates, so "

@@ -354,6 +354,10 @@ def test_weight_criteria_script_chooses_on_the_other_folds_and_scores_top1_on_th
         run("likelihood", 1, likelihood, "log_likelihood", steps=1500)  # other fold models
         with pytest.raises(SystemExit, match="differ in folds, selected steps or candidates"):
             criteria.main()
+        # two top-1 recipes (or one folder twice): their rows and mean merged under "top1"
+        mp.setattr("sys.argv", [*monkey_argv[:2], str(tmp_path / "top1")])
+        with pytest.raises(SystemExit, match=r"top1/seed0 scored weights by top1 as well: the second"):
+            criteria.main()
 
 
 def test_class_cv_on_one_pseudo_unseen_class_says_the_configured_weight_stays(tmp_path):
