@@ -557,6 +557,21 @@ def test_the_embedding_figure_shows_only_episodes_the_test_scored(tmp_path, monk
     assert shown == [[0, 1]]  # the setting with the most shots, of 2 episodes: not a third
 
 
+def test_the_embedding_figures_draw_one_dimensional_embeddings():
+    # was: TypeError "Axes.scatter() missing 1 required positional argument: 'y'" at the test of
+    # a run with model.backbone.embedding_dim=1, after its whole training (PCA gave one column)
+    from fewzero.data.episodes import EpisodeSampler
+
+    labels = torch.arange(3).repeat_interleave(4)
+    sampler = EpisodeSampler(labels, [0, 1, 2], ["a", "b", "c"], 3, 2, 2, 0, split="test")
+    embeddings = torch.randn(len(labels), 1)
+    figure = plots.episode_embedding_figure(embeddings, sampler, ["a", "b", "c"], [0, 1], "t")
+    assert len(figure.axes) == 2
+    plots.plt.close(figure)
+    figure = plots.zsl_embedding_figure(embeddings, labels, torch.randn(3, 1), ["a", "b", "c"], [2], "t")
+    plots.plt.close(figure)
+
+
 def test_the_support_weight_alone_is_chosen_when_no_shrinkage_candidates_are_given(tmp_path):
     cfg = compose_train_cfg(tmp_path, ["model.test_shrinkages=null", "model.test_support_weights=[0.0,0.5]"])
     metrics, objects = train(cfg)

@@ -21,10 +21,12 @@ from fewzero.models.pitch_prior import all_tied  # noqa: E402
 
 
 def _pca_2d(points: torch.Tensor) -> torch.Tensor:
-    """(n, dim) -> (n, 2) projection on the first two principal components."""
+    """(n, dim) -> (n, 2) projection on the first two principal components; a second column of
+    zeros where there is one component only (a 1-d embedding, `embedding_dim=1`, or one point)."""
     centred = points - points.mean(dim=0, keepdim=True)
     _, _, v = torch.linalg.svd(centred, full_matrices=False)
-    return centred @ v[:2].T
+    projected = centred @ v[:2].T
+    return torch.nn.functional.pad(projected, (0, 2 - projected.shape[1]))
 
 
 def episode_embedding_figure(embeddings: torch.Tensor, sampler: EpisodeSampler,
