@@ -415,10 +415,19 @@ def test_few_shot_folds_must_exist_in_the_source(tmp_path, folds, shown):
         dm.setup("fit")
 
 
-@pytest.mark.parametrize("scale", ["1.0", "0.0"])
+@pytest.mark.parametrize("scale", ["1.0", "0.0", "nan", "inf"])
 def test_frequency_scale_of_one_is_rejected(tmp_path, scale):
     cfg = compose_train_cfg(tmp_path, [f"dataset.train_frequency_scales=[{scale}]"])
     with pytest.raises(Exception, match="train_frequency_scales must be positive and not 1.0"):
+        hydra.utils.instantiate(cfg.dataset)
+
+
+def test_a_frequency_scale_listed_twice_is_refused(tmp_path):
+    # was: accepted, and each training instrument became two classes of the same scaled clips
+    # ("Cello x0.75" twice), so an episode could ask to tell a class from its own copy
+    cfg = compose_train_cfg(tmp_path, ["dataset.train_frequency_scales=[0.75,1.5,0.75]"])
+    with pytest.raises(Exception, match=r"dataset.train_frequency_scales lists \[0.75\] more than once: "
+                                         r"list each factor once"):
         hydra.utils.instantiate(cfg.dataset)
 
 

@@ -190,12 +190,12 @@ def check_split_shape(split: Mapping[str, Any], kind: str) -> None:
                              f"{key} class{' to train on' if key == 'seen' else ' to test'}.")
 
 
-def check_listed_once(names: list[str] | tuple[str, ...], key: str) -> None:
-    """Raise a ValueError naming every class that the config list `key` repeats (a repeat would
-    give the class two ids, or two places in an episode)."""
+def check_listed_once(names: Sequence[Any], key: str, what: str = "class") -> None:
+    """Raise a ValueError naming every `what` (a class, by default) that the config list `key`
+    repeats (a repeat would give the class two ids, or two places in an episode)."""
     repeated = sorted(name for name, count in Counter(names).items() if count > 1)
     if repeated:
-        raise ValueError(f"{key} lists {repeated} more than once: list each class once.")
+        raise ValueError(f"{key} lists {repeated} more than once: list each {what} once.")
 
 
 def check_split(names: list[str] | tuple[str, ...], available: list[str] | tuple[str, ...],

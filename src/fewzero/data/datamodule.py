@@ -256,9 +256,11 @@ class FewShotDataModule(StreamPosition, pl.LightningDataModule):
         self.seed, self.eval_seed = seed, eval_seed
         self.num_workers, self.eval_batch_size = num_workers, eval_batch_size
         self.train_frequency_scales = [float(f) for f in train_frequency_scales]
-        if any(f <= 0 or f == 1.0 for f in self.train_frequency_scales):
+        if any(not 0 < f < float("inf") or f == 1.0 for f in self.train_frequency_scales):
             raise ValueError(f"dataset.train_frequency_scales must be positive and not 1.0 (the "
                              f"instruments themselves); got {self.train_frequency_scales}.")
+        # a factor twice would make two training classes of the same clips, under two labels
+        check_listed_once(self.train_frequency_scales, "dataset.train_frequency_scales", "factor")
         self.table: FeatureTable | None = None
         self._check_split()
         self._check_test_names()
