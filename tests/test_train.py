@@ -15,7 +15,13 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from fewzero import plots
 from fewzero.data.datamodule import EpisodeSettings, FewShotDataModule
 from fewzero.evaluation import evaluate_episodes
-from fewzero.train import check_trainer_settings, compose_train_config, keep_freed_memory, train
+from fewzero.train import (
+    check_optimisation_settings,
+    check_trainer_settings,
+    compose_train_config,
+    keep_freed_memory,
+    train,
+)
 
 # Audio experiments; the xlsa17_* ones run on precomputed features (tests/test_xlsa17.py).
 EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml")
@@ -1014,6 +1020,51 @@ def test_a_cosine_schedule_without_a_length_is_refused_when_training_by_epochs(t
         train(compose_train_cfg(tmp_path, by_epochs))
     _, objects = train(compose_train_cfg(tmp_path / "fixed", [*by_epochs, "model.scheduler.T_max=4"]))
     assert objects["trainer"].global_step == 4  # two epochs of two episodes
+
+
+STEP_LR = ["model.scheduler._target_=torch.optim.lr_scheduler.StepLR", "~model.scheduler.T_max"]
+ONE_CYCLE = ["model.scheduler._target_=torch.optim.lr_scheduler.OneCycleLR", "~model.scheduler.T_max",
+             "+model.scheduler.max_lr=0.01"]
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    # were torch's errors behind a traceback once the fit had started, naming no key
+    (["model.optimizer.lr=-0.001"], r"model.optimizer \(torch.optim.AdamW\) cannot be built with its "
+                                    r"settings: Invalid learning rate: -0.001\. Set the model.optimizer"),
+    (["model.optimizer.weight_decay=-0.1"], r"model.optimizer .*Invalid weight_decay value: -0.1"),
+    (["model.optimizer._target_=torch.optim.SGD", "+model.optimizer.betas=[0.9,0.99]"],
+     r"model.optimizer \(torch.optim.SGD\) .*unexpected keyword argument 'betas'"),
+    (["~model.optimizer._partial_"], r"model.optimizer .* needs _partial_: true.*"
+                                     r"\+model.optimizer._partial_=true"),
+    (STEP_LR, r"model.scheduler \(torch.optim.lr_scheduler.StepLR\) .*'step_size'"),
+    # was Lightning's "The lr scheduler dict must include a monitor"
+    (["model.scheduler._target_=torch.optim.lr_scheduler.ReduceLROnPlateau", "~model.scheduler.T_max"],
+     r"ReduceLROnPlateau\) waits on a metric.*model.scheduler=null"),
+    # was accepted: after step 3 the learning rate climbed back to the full rate
+    (["model.scheduler.T_max=3"], r"model.scheduler.T_max=3 is shorter than the run \(trainer.max_steps=4\)"
+                                  r".*climbs back up.*model.scheduler.T_max=4"),
+    # was torch's "Tried to step 4 times. The specified number of total steps is 3", in training
+    ([*ONE_CYCLE, "+model.scheduler.total_steps=3"],
+     r"model.scheduler.total_steps=3 is shorter than the run.*torch stops the run"),
+])
+def test_optimisers_and_schedules_the_run_cannot_follow_are_refused_before_anything_is_built(
+        tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        train(compose_train_cfg(tmp_path, overrides))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("overrides", [
+    ["model.optimizer._target_=torch.optim.SGD", "~model.optimizer.weight_decay",
+     "+model.optimizer.momentum=0.9"],
+    ["model.scheduler=null"],
+    ["model.scheduler.T_max=10"],  # longer than the run: the schedule is cut short, as asked
+    [*STEP_LR, "+model.scheduler.step_size=2"],
+    [*ONE_CYCLE, "+model.scheduler.total_steps=4"],
+    ["model=eszsl", "experiment=zsl_word_audio"],
+])
+def test_optimisers_and_schedules_the_run_can_follow_pass_the_check(tmp_path, overrides):
+    check_optimisation_settings(compose_train_cfg(tmp_path, overrides))
 
 
 @pytest.mark.parametrize("experiment", ["fsl_protonet", "zsl_attribute_audio"])

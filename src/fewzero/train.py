@@ -441,6 +441,79 @@ def check_trainer_settings(cfg: DictConfig) -> None:
             "trainer.devices=<n>).")
 
 
+def _built(node: Any, key: str, **arguments: Any) -> Any:
+    """The partial at config key `key` (`model.optimizer`, `model.scheduler`) called with
+    `arguments`; a ValueError naming the key and the class for what the class refuses."""
+    if not node.get("_partial_", False):
+        raise ValueError(f"{key} ({node.get('_target_')}) needs _partial_: true: fewzero builds it "
+                         f"itself, given the {' and '.join(arguments)}. Add +{key}._partial_=true.")
+    try:
+        return hydra.utils.instantiate(node)(**arguments)
+    except Exception as error:  # what the class said of its settings (torch: "Invalid ...")
+        while type(error).__module__.startswith(("omegaconf.", "hydra.")) and error.__cause__:
+            error = error.__cause__  # type: ignore[assignment]
+        raise ValueError(
+            f"{key} ({node.get('_target_')}) cannot be built with its settings: {error}. Set the "
+            f"{key}.* key it names to a value the class takes (a learning rate or weight decay "
+            f"below 0 is refused by torch; {key}.<key> for a key the config has, +{key}.<key> "
+            "for one it lacks, ~ to remove one).") from error
+
+
+def check_optimisation_settings(cfg: DictConfig) -> None:
+    """Refuse, before anything is built, an optimizer or learning-rate schedule the training
+    cannot run as asked, by building both on one stand-in parameter:
+
+    - settings their class refuses (a negative learning rate, a key it does not take, a missing
+      one): torch's own error came with a traceback once the fit had started, not naming the key;
+    - `ReduceLROnPlateau`: the schedule is stepped every optimiser step, and no metric exists
+      at every step (validation scores come once an epoch);
+    - a schedule whose length in steps (`T_max`, `total_steps`) is not positive, or, when the
+      run trains by steps, shorter than `trainer.max_steps`: the cosine schedule climbs back
+      to the full learning rate after `T_max` steps (a restart nobody asked for), and OneCycleLR
+      stops the run with an error at its step `total_steps` + 1.
+
+    Only for a run that trains (`train=true`); models without `optimizer` go unchecked."""
+    model = cfg.get("model") or {}
+    if not cfg.get("train", True) or not model.get("optimizer"):
+        return
+    optimizer = _built(model.optimizer, "model.optimizer", params=[torch.nn.Parameter(torch.zeros(1))])
+    if not model.get("scheduler"):
+        return
+    scheduler = _built(model.scheduler, "model.scheduler", optimizer=optimizer)
+    name = model.scheduler.get("_target_")
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        raise ValueError(
+            f"model.scheduler ({name}) waits on a metric, and fewzero steps the schedule after every "
+            "optimiser step, where no validation score exists (validation follows each epoch). Use a "
+            "schedule by steps (torch.optim.lr_scheduler.StepLR with +model.scheduler.step_size="
+            "<steps>, CosineAnnealingLR, the default, LinearLR, ...), or model.scheduler=null for a "
+            "constant learning rate.")
+    max_steps = cfg.trainer.get("max_steps", -1)
+    for key in ("T_max", "total_steps"):
+        length = getattr(scheduler, key, None)  # the schedule's length in optimiser steps
+        if length is None:
+            continue
+        if length <= 0:
+            raise ValueError(
+                f"model.scheduler.{key}={length}: the learning-rate schedule needs its length in "
+                "optimiser steps, which the configs take from trainer.max_steps, and a run that trains "
+                "by epochs (trainer.max_steps=-1 trainer.max_epochs=N) leaves it without one (with "
+                "T_max=-1 the learning rate would be 0 on every other step). Set "
+                f"model.scheduler.{key}=<the run's steps: max_epochs x the epoch's steps, "
+                "dataset.episodes.train.n_episodes for few-shot, dataset.steps_per_epoch for "
+                "zero-shot>, or model.scheduler=null for a constant learning rate, or train by "
+                "steps with trainer.max_steps.")
+        if max_steps is not None and max_steps > 0 and length < max_steps:
+            then = ("climbs back up towards the full learning rate (a warm restart, which "
+                    "torch.optim.lr_scheduler.CosineAnnealingWarmRestarts gives on purpose)"
+                    if key == "T_max" else "has no learning rate: torch stops the run with an error")
+            raise ValueError(
+                f"model.scheduler.{key}={length} is shorter than the run (trainer.max_steps="
+                f"{max_steps}), and after step {length} the schedule ({name}) {then}. Set "
+                f"model.scheduler.{key}={max_steps} (the configs' {key}: ${{trainer.max_steps}}) or "
+                "more.")
+
+
 def check_accelerator(cfg: DictConfig) -> None:
     """Refuse a GPU trainer (`trainer=gpu`) where torch sees no GPU, naming the fix: Lightning's
     own error ("No supported gpu backend found!") names none."""
@@ -941,6 +1014,7 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> tuple[dict[str
             check_resume(cfg, resumed, output_dir)
         check_accelerator(cfg)
         check_trainer_settings(cfg)
+        check_optimisation_settings(cfg)
         check_side_info_is_read(cfg)
         check_targets_import(cfg)
         check_backbone_declares_its_size(cfg)

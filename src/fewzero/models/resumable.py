@@ -63,18 +63,8 @@ class ResumableModule(pl.LightningModule):
         optimizer = self.optimizer_factory(params=params)
         if self.scheduler_factory is None:
             return optimizer
-        scheduler = self.scheduler_factory(optimizer=optimizer)
-        length = getattr(scheduler, "T_max", None)  # a cosine schedule's length in steps
-        if length is not None and length <= 0:
-            raise ValueError(
-                f"model.scheduler.T_max={length}: the cosine learning-rate schedule needs its length "
-                "in optimiser steps, which the configs take from trainer.max_steps, and a run that "
-                "trains by epochs (trainer.max_steps=-1 trainer.max_epochs=N) leaves it without one "
-                "(with T_max=-1 the learning rate would be 0 on every other step). Set "
-                "model.scheduler.T_max=<the run's steps: max_epochs x the epoch's steps, "
-                "dataset.episodes.train.n_episodes for few-shot, dataset.steps_per_epoch for "
-                "zero-shot>, or model.scheduler=null for a constant learning rate, or train by "
-                "steps with trainer.max_steps.")
+        scheduler = self.scheduler_factory(optimizer=optimizer)  # its length: checked by
+        # fewzero.train.check_optimisation_settings before anything was built
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
