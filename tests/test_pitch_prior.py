@@ -516,6 +516,7 @@ def test_transposed_training_scales_each_excerpt_and_moves_its_pitch_label_as_mu
     assert (metadata >= 0).any()
     expected = torch.where(metadata >= 0, metadata + semitones, metadata)
     assert torch.equal(seen["pitches"], expected)
-    with pytest.raises(ValueError, match="transpose_semitones"):
-        type(model)(model.backbone, model.head, model.loss, model.side_info, model.optimizer_factory,
-                    transpose_semitones=-1)
+    for wrong in (-1, 1.5, True):  # 1.5 and True were taken as 1 semitone
+        with pytest.raises(ValueError, match=rf"model.transpose_semitones={wrong}: must be a whole number"):
+            type(model)(model.backbone, model.head, model.loss, model.side_info, model.optimizer_factory,
+                        transpose_semitones=wrong)

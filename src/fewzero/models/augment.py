@@ -9,13 +9,13 @@ import torch
 from torch import nn
 
 
-def _non_negative(value: object, name: str, whole: bool) -> float:
-    """`value` of the config key model.augment.`name`, checked to be a finite number >= 0 (a
-    whole number when `whole`); else a ValueError naming the key."""
+def non_negative(value: object, key: str, whole: bool) -> float:
+    """`value` of the config key `key` (model.augment.gain_db, ...), checked to be a finite number
+    >= 0 (a whole number when `whole`); else a ValueError naming the key."""
     if (isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value)
             or value < 0 or (whole and not float(value).is_integer())):
         kind = "a whole number" if whole else "a finite number"
-        raise ValueError(f"model.augment.{name}={value!r}: must be {kind} >= 0 (0 turns it off).")
+        raise ValueError(f"{key}={value!r}: must be {kind} >= 0 (0 turns it off).")
     return float(value)
 
 
@@ -36,10 +36,11 @@ class LogMelAugment(nn.Module):
     def __init__(self, gain_db: float = 0.0, max_shift_bins: int = 0, freq_mask_bins: int = 0,
                  time_mask_frames: int = 0):
         super().__init__()
-        self.gain = _non_negative(gain_db, "gain_db", whole=False) * math.log(10) / 10
-        self.max_shift_bins = int(_non_negative(max_shift_bins, "max_shift_bins", whole=True))
-        self.freq_mask_bins = int(_non_negative(freq_mask_bins, "freq_mask_bins", whole=True))
-        self.time_mask_frames = int(_non_negative(time_mask_frames, "time_mask_frames", whole=True))
+        self.gain = non_negative(gain_db, "model.augment.gain_db", whole=False) * math.log(10) / 10
+        self.max_shift_bins = int(non_negative(max_shift_bins, "model.augment.max_shift_bins", whole=True))
+        self.freq_mask_bins = int(non_negative(freq_mask_bins, "model.augment.freq_mask_bins", whole=True))
+        self.time_mask_frames = int(non_negative(time_mask_frames, "model.augment.time_mask_frames",
+                                                 whole=True))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:

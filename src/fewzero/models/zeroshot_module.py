@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from fewzero.data.features import MelFeatures, feature_changes
+from fewzero.models.augment import non_negative
 from fewzero.models.pitch_prior import SETTINGS, ZSL_SCORES, PitchRangePrior
 from fewzero.models.resumable import ResumableModule
 from fewzero.models.zsl_heads import CompatibilityHead
@@ -278,10 +279,9 @@ class ZeroShotModule(ResumableModule):
                  plot_dir: str | None = None, pitch_prior: PitchRangePrior | None = None,
                  transpose_semitones: int = 0, init_record: dict[str, Any] | None = None):
         super().__init__()
-        if transpose_semitones < 0:
-            raise ValueError("model.transpose_semitones must be 0 (off) or a positive number of "
-                             f"semitones; got {transpose_semitones}.")
-        self.transpose_semitones = int(transpose_semitones)
+        # a whole number of semitones: 1.5 was taken as 1
+        self.transpose_semitones = int(non_negative(transpose_semitones, "model.transpose_semitones",
+                                                    whole=True))
         check_head_signature(head)
         self.backbone, self.head, self.loss, self.side_info = backbone, head, loss, side_info
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
