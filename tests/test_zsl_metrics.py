@@ -242,6 +242,18 @@ def test_triplet_loss_is_zero_when_every_other_class_is_beaten_by_the_margin():
     assert float(TripletLoss(margin=0.5)(scores, targets)) == 0.0
 
 
+@pytest.mark.parametrize(("build", "message"), [
+    # were accepted: a negative margin left a negative class scoring above the positive unpenalised
+    (lambda: TripletLoss(margin=-0.5), r"loss.margin=-0.5: must be a finite number >= 0"),
+    (lambda: RankingLoss(margin=-0.1), r"loss.margin=-0.1: must be a finite number >= 0"),
+    # was accepted, and every loss was nan (0 was refused, naming no key: see the test below)
+    (lambda: InfoNCELoss(temperature=float("nan")), r"loss.temperature=nan: .*finite number > 0"),
+])
+def test_loss_settings_that_would_train_on_a_wrong_objective_are_refused_naming_the_key(build, message):
+    with pytest.raises(ValueError, match=message):
+        build()
+
+
 def test_ranking_loss_sums_hinges_over_all_negatives():
     loss = RankingLoss(margin=0.1)(torch.tensor([[0.5, 0.45, 0.2]]), torch.tensor([0]))
     assert float(loss) == pytest.approx(0.05)
@@ -253,7 +265,7 @@ def test_infonce_is_cross_entropy_of_temperature_scaled_scores():
     torch.testing.assert_close(InfoNCELoss(0.2)(scores, targets), expected)
     with pytest.raises(ValueError, match="targets"):
         InfoNCELoss()(scores, targets[:3])
-    with pytest.raises(ValueError, match="temperature must be > 0"):
+    with pytest.raises(ValueError, match=r"loss.temperature=0.0: .*must be a finite number > 0"):
         InfoNCELoss(0.0)
 
 

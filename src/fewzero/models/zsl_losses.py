@@ -6,6 +6,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from fewzero.models.augment import non_negative
+
 
 def _positive(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """(batch, 1) score of each sample's own class."""
@@ -23,7 +25,8 @@ class TripletLoss(nn.Module):
 
     def __init__(self, margin: float = 0.5):
         super().__init__()
-        self.margin = margin
+        # a negative margin would leave a negative class scoring above the positive unpenalised
+        self.margin = non_negative(margin, "loss.margin", whole=False)
 
     def forward(self, scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         positive = _positive(scores, targets)
@@ -50,7 +53,8 @@ class RankingLoss(nn.Module):
         if reduction not in ("sum", "max", "warp"):
             raise ValueError(f"reduction must be 'sum' (DeViSE), 'max' (SJE) or 'warp' (ALE); got "
                              f"{reduction!r}")
-        self.margin, self.reduction = margin, reduction
+        self.margin = non_negative(margin, "loss.margin", whole=False)  # as TripletLoss's
+        self.reduction = reduction
 
     def forward(self, scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         hinge = F.relu(self.margin - _positive(scores, targets) + scores)
@@ -72,8 +76,9 @@ class InfoNCELoss(nn.Module):
 
     def __init__(self, temperature: float = 0.1):
         super().__init__()
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0; got {temperature}")
+        if not 0 < temperature < float("inf"):  # nan too
+            raise ValueError(f"loss.temperature={temperature}: the scores are divided by it, so it "
+                             "must be a finite number > 0 (lower: a sharper softmax).")
         self.temperature = temperature
 
     def forward(self, scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
