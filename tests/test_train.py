@@ -1022,6 +1022,16 @@ def test_a_cosine_schedule_without_a_length_is_refused_when_training_by_epochs(t
     assert objects["trainer"].global_step == 4  # two epochs of two episodes
 
 
+@pytest.mark.parametrize("seed", ["null", "abc", "-1", "4294967296", "1.5", "true"])
+def test_a_seed_that_is_not_a_whole_number_in_numpys_range_is_refused_before_anything_is_built(
+        tmp_path, seed):
+    # were, with a traceback: null a TypeError in the episode sampler, abc and 4294967296 in
+    # Lightning's seed_everything, -1 in numpy's SeedSequence at the first training step
+    with pytest.raises(ValueError, match=r"seed=.*: every run is seeded .* from 0 to 4294967295"):
+        train(compose_train_cfg(tmp_path, [f"seed={seed}"]))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 STEP_LR = ["model.scheduler._target_=torch.optim.lr_scheduler.StepLR", "~model.scheduler.T_max"]
 ONE_CYCLE = ["model.scheduler._target_=torch.optim.lr_scheduler.OneCycleLR", "~model.scheduler.T_max",
              "+model.scheduler.max_lr=0.01"]

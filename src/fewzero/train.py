@@ -441,6 +441,20 @@ def check_trainer_settings(cfg: DictConfig) -> None:
             "trainer.devices=<n>).")
 
 
+def check_seed(cfg: DictConfig) -> None:
+    """Refuse, before anything is built, a `seed` that is not a whole number in [0, 2**32 - 1]:
+    the training episodes or batches, excerpt offsets and every step's random draws are drawn
+    from it (null failed in the episode sampler, "abc" and -1 in Lightning's or numpy's seeding,
+    each with a traceback)."""
+    seed = cfg.get("seed")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise ValueError(
+            f"seed={seed!r}: every run is seeded (its training episodes or batches, excerpt offsets "
+            "and each step's dropout and augmentation draws come from the seed, so that a run "
+            "repeats and resumes exactly), and it must be a whole number from 0 to 4294967295. Set "
+            "seed=<such a number>; for runs over several seeds, -m seed=0,1,2.")
+
+
 def _built(node: Any, key: str, **arguments: Any) -> Any:
     """The partial at config key `key` (`model.optimizer`, `model.scheduler`) called with
     `arguments`; a ValueError naming the key and the class for what the class refuses."""
@@ -1014,6 +1028,7 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> tuple[dict[str
             check_resume(cfg, resumed, output_dir)
         check_accelerator(cfg)
         check_trainer_settings(cfg)
+        check_seed(cfg)
         check_optimisation_settings(cfg)
         check_side_info_is_read(cfg)
         check_targets_import(cfg)
