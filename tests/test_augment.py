@@ -3,6 +3,7 @@ import torch
 
 from fewzero.models.augment import LogMelAugment
 from fewzero.models.backbones import MusicFslCNN, TimbreCNN
+from fewzero.models.zsl_heads import BilinearHead, SiameseHead
 
 
 def test_augment_is_identity_in_eval_mode():
@@ -84,6 +85,22 @@ def test_backbones_map_log_mel_to_their_embedding_size():
     assert tutorial(x).shape == (3, 512)
     # the tutorial's network has exactly this many parameters (music_fsl.backbone.Backbone)
     assert sum(p.numel() for p in tutorial.parameters()) == 521_408
+
+
+@pytest.mark.parametrize(("build", "message"), [
+    # were accepted: a 0-d embedding or shared space trained nothing and scored chance (0.200
+    # 5-way), and a dropout of 1 zeroed the backbone's or head's input in every training step
+    (lambda: TimbreCNN(n_mels=32, embedding_dim=0), r"model.backbone.embedding_dim=0: .*whole number >= 1"),
+    (lambda: SiameseHead(8, 4, embed_dim=0), r"model.head.embed_dim=0: .*whole number >= 1"),
+    (lambda: TimbreCNN(n_mels=32, dropout=1.0), r"model.backbone.dropout=1.0: .*\[0, 1\)"),
+    (lambda: BilinearHead(8, 4, dropout=1.0), r"model.head.dropout=1.0: .*\[0, 1\)"),
+    # were torch's "dropout probability has to be between 0 and 1", naming no key
+    (lambda: TimbreCNN(n_mels=32, dropout=1.5), r"model.backbone.dropout=1.5: "),
+    (lambda: BilinearHead(8, 4, dropout=-0.1), r"model.head.dropout=-0.1: "),
+])
+def test_model_sizes_and_dropouts_that_cannot_train_are_refused_naming_the_key(build, message):
+    with pytest.raises(ValueError, match=message):
+        build()
 
 
 def test_timbre_cnn_layout_and_pool_order_do_not_change_its_function():

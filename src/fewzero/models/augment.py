@@ -3,20 +3,11 @@
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 from torch import nn
 
-
-def non_negative(value: object, key: str, whole: bool) -> float:
-    """`value` of the config key `key` (model.augment.gain_db, ...), checked to be a finite number
-    >= 0 (a whole number when `whole`); else a ValueError naming the key."""
-    if (isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value)
-            or value < 0 or (whole and not float(value).is_integer())):
-        kind = "a whole number" if whole else "a finite number"
-        raise ValueError(f"{key}={value!r}: must be {kind} >= 0 (0 turns it off).")
-    return float(value)
+from fewzero.models.settings import non_negative
 
 
 class LogMelAugment(nn.Module):

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fewzero.models.settings import dropout_probability, size
+
 
 def _check_input(x: torch.Tensor, n_mels: int) -> None:
     if x.ndim != 3 or x.shape[1] != n_mels:
@@ -113,7 +115,9 @@ class TimbreCNN(nn.Module):
     def __init__(self, n_mels: int = 64, channels: tuple[int, ...] = (32, 64, 128, 128),
                  embedding_dim: int = 256, dropout: float = 0.1, keep_frequency: bool = True):
         super().__init__()
-        self.n_mels, self.embedding_dim = n_mels, embedding_dim
+        self.n_mels = n_mels
+        self.embedding_dim = size(embedding_dim, "model.backbone.embedding_dim")
+        dropout = dropout_probability(dropout, "model.backbone.dropout")
         self.keep_frequency = keep_frequency
         self.min_size = 2 ** (len(channels) - 1)  # each block but the last halves both axes
         if n_mels < self.min_size:

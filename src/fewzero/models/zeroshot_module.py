@@ -21,9 +21,9 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from fewzero.data.features import MelFeatures, feature_changes
-from fewzero.models.augment import non_negative
 from fewzero.models.pitch_prior import SETTINGS, ZSL_SCORES, PitchRangePrior
 from fewzero.models.resumable import ResumableModule
+from fewzero.models.settings import non_negative
 from fewzero.models.zsl_heads import CompatibilityHead
 from fewzero.plots import confusion_figure, save_figure, weight_choice_figure, zsl_embedding_figure
 from fewzero.side_info.base import ClassVectors, SideInformation

@@ -12,6 +12,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from fewzero.models.settings import dropout_probability, size
+
 
 def _check_dims(audio: torch.Tensor, side: torch.Tensor, audio_dim: int, side_dim: int) -> None:
     if audio.ndim != 2 or audio.shape[1] != audio_dim or side.ndim != 2 or side.shape[1] != side_dim:
@@ -60,6 +62,7 @@ class SiameseHead(CompatibilityHead):
         if activation not in ("sigmoid", "none"):
             raise ValueError(f"activation must be 'sigmoid' (tutorial) or 'none'; got {activation!r}")
         self.activation = torch.sigmoid if activation == "sigmoid" else nn.Identity()
+        embed_dim = size(embed_dim, "model.head.embed_dim")
         self.audio_projection = nn.Linear(audio_dim, embed_dim)
         self.side_projection = nn.Linear(side_dim, embed_dim)
 
@@ -98,7 +101,7 @@ class BilinearHead(CompatibilityHead):
 
     def __init__(self, audio_dim: int, side_dim: int, dropout: float = 0.0):
         super().__init__(audio_dim, side_dim)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = nn.Dropout(dropout_probability(dropout, "model.head.dropout"))
         self.projection = nn.Linear(audio_dim, side_dim, bias=False)
 
     def embed_audio(self, audio: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from fewzero.models.augment import non_negative
+from fewzero.models.settings import non_negative
 
 
 def _positive(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

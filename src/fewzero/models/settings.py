@@ -1,0 +1,38 @@
+"""Checks of numeric model settings, each refusing a bad value with a message that names its
+config key (`model.augment.gain_db`, `loss.margin`, ...)."""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+
+def _is_number(value: object) -> bool:
+    return not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
+
+
+def non_negative(value: object, key: str, whole: bool) -> float:
+    """`value` of the config key `key`, checked to be a finite number >= 0 (a whole number when
+    `whole`); else a ValueError naming the key."""
+    if not _is_number(value) or value < 0 or (whole and not float(value).is_integer()):
+        kind = "a whole number" if whole else "a finite number"
+        raise ValueError(f"{key}={value!r}: must be {kind} >= 0 (0 turns it off).")
+    return float(value)
+
+
+def size(value: object, key: str) -> int:
+    """`value` of the config key `key`, the size of a layer's output, checked to be a whole
+    number >= 1 (a 0-d embedding trained nothing and scored chance); else a ValueError."""
+    if not _is_number(value) or value < 1 or not float(value).is_integer():
+        raise ValueError(f"{key}={value!r}: a layer's output size must be a whole number >= 1.")
+    return int(value)
+
+
+def dropout_probability(value: object, key: str) -> float:
+    """`value` of the config key `key`, checked to lie in [0, 1): a dropout of 1 zeroes every
+    value in training, so nothing before it learns; else a ValueError."""
+    if not _is_number(value) or not 0 <= value < 1:
+        raise ValueError(f"{key}={value!r}: a dropout probability must lie in [0, 1) (1 would "
+                         "zero every value in training, so nothing before it would learn; 0 turns "
+                         "it off).")
+    return float(value)
