@@ -391,6 +391,11 @@ def test_choosing_a_weight_keeps_the_configured_one_where_validation_cannot_tell
         _prior(weight_candidates=[])
     with pytest.raises(ValueError, match=r"zsl_score must be one of \['top1', 'log_likelihood'\]"):
         _prior(zsl_score="accuracy")
+    # were named pitch_prior.*, a key the config does not have; a nan weight was accepted
+    for wrong in ({"weight": -1.0}, {"weight": float("nan")}, {"weight_candidates": [0.1, float("nan")]},
+                  {"loss_weight": float("nan")}):
+        with pytest.raises(ValueError, match=r"model.pitch_prior needs weight >= 0"):
+            _prior(**wrong)
 
 
 def test_a_checkpoint_from_before_the_weight_buffer_loads_with_the_configured_weight(tmp_path):

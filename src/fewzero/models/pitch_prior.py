@@ -215,19 +215,23 @@ class PitchRangePrior(nn.Module):
                  in_training: bool = False, zsl_score: str = "top1"):
         super().__init__()
         if not low_pitch < high_pitch:
-            raise ValueError(f"pitch_prior.low_pitch ({low_pitch}) must be below high_pitch ({high_pitch}).")
+            raise ValueError(f"model.pitch_prior.low_pitch ({low_pitch}) must be below high_pitch "
+                             f"({high_pitch}).")
         candidates = list(weight_candidates) if weight_candidates is not None else None
-        if weight < 0 or loss_weight < 0 or not 0 < floor < 1 or min(candidates or [0]) < 0:
-            raise ValueError("pitch_prior needs weight >= 0 (weight_candidates too), loss_weight >= 0 "
-                             "and 0 < floor < 1; got "
+        # (written so that nan fails too: nan < 0 is false, and nan weights gave nan scores)
+        if not (weight >= 0 and loss_weight >= 0 and 0 < floor < 1
+                and all(c >= 0 for c in candidates or [])):
+            raise ValueError("model.pitch_prior needs weight >= 0 (weight_candidates too), "
+                             "loss_weight >= 0 and 0 < floor < 1; got "
                              f"weight={weight}, loss_weight={loss_weight}, floor={floor}, "
                              f"weight_candidates={candidates}.")
         if candidates is not None and not candidates:
-            raise ValueError("pitch_prior.weight_candidates is empty: give weights or null.")
+            raise ValueError("model.pitch_prior.weight_candidates is empty: give weights or null.")
         if zsl_score not in ZSL_SCORES:
-            raise ValueError(f"pitch_prior.zsl_score must be one of {list(ZSL_SCORES)}; got {zsl_score!r}.")
+            raise ValueError(f"model.pitch_prior.zsl_score must be one of {list(ZSL_SCORES)}; got "
+                             f"{zsl_score!r}.")
         if class_cv and candidates is None:
-            raise ValueError("pitch_prior.class_cv chooses among weight_candidates: give them "
+            raise ValueError("model.pitch_prior.class_cv chooses among weight_candidates: give them "
                              "(e.g. [0.0,0.1,0.4,1.6]) or set class_cv=false.")
         if table is None:
             raise ValueError("model.pitch_prior needs each class's playing range: use "
