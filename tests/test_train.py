@@ -921,15 +921,20 @@ def test_a_backbone_that_returns_another_shape_than_its_config_says_is_refused_b
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-@pytest.mark.parametrize(("target", "problem"), [
-    ("test_train._MelMeen", r"test_train has no '_MelMeen' \(close: _MelMean"),
-    ("my_absent_plugins.MelMean", r"no module named 'my_absent_plugins' is on the Python path"),
+@pytest.mark.parametrize(("key", "target", "problem"), [
+    ("model.backbone", "test_train._MelMeen", r"test_train has no '_MelMeen' \(close: _MelMean"),
+    ("model.backbone", "my_absent_plugins.MelMean",
+     r"no module named 'my_absent_plugins' is on the Python path"),
+    # not "cannot be built with its settings" of the optimisation check, which builds them
+    ("model.optimizer", "my_absent_plugins.Lion", r"no module named 'my_absent_plugins'"),
+    ("model.scheduler", "torch.optim.lr_scheduler.CosineAnealingLR",
+     r"torch.optim.lr_scheduler has no 'CosineAnealingLR' \(close: CosineAnnealingLR"),
 ])
 def test_a_target_that_does_not_import_names_why_and_pythonpath_before_anything_is_built(
-        tmp_path, target, problem):
+        tmp_path, key, target, problem):
     # was Hydra's "Error locating target ..., set env var HYDRA_FULL_ERROR=1", after the datamodule
-    cfg = compose_train_cfg(tmp_path, [f"model.backbone._target_={target}"])
-    with pytest.raises(ValueError, match=rf"model.backbone._target_={target} cannot be imported: "
+    cfg = compose_train_cfg(tmp_path, [f"{key}._target_={target}"])
+    with pytest.raises(ValueError, match=rf"{key}._target_={target} cannot be imported: "
                                          rf"{problem}.*PYTHONPATH=/path/to/folder"):
         train(cfg)
     assert not (tmp_path / "run" / "checkpoints").exists()

@@ -441,13 +441,19 @@ def check_trainer_settings(cfg: DictConfig) -> None:
             "trainer.devices=<n>).")
 
 
+def is_seed(value: object) -> bool:
+    """Whether `value` is a seed every generator of a run takes: a whole number in [0, 2**32 - 1]
+    (Lightning's and numpy's range)."""
+    return not isinstance(value, bool) and isinstance(value, int) and 0 <= value < 2**32
+
+
 def check_seed(cfg: DictConfig) -> None:
     """Refuse, before anything is built, a `seed` that is not a whole number in [0, 2**32 - 1]:
     the training episodes or batches, excerpt offsets and every step's random draws are drawn
     from it (null failed in the episode sampler, "abc" and -1 in Lightning's or numpy's seeding,
     each with a traceback)."""
     seed = cfg.get("seed")
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+    if not is_seed(seed):
         raise ValueError(
             f"seed={seed!r}: every run is seeded (its training episodes or batches, excerpt offsets "
             "and each step's dropout and augmentation draws come from the seed, so that a run "
@@ -1029,9 +1035,9 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> tuple[dict[str
         check_accelerator(cfg)
         check_trainer_settings(cfg)
         check_seed(cfg)
-        check_optimisation_settings(cfg)
         check_side_info_is_read(cfg)
         check_targets_import(cfg)
+        check_optimisation_settings(cfg)  # after the import check, which names a missing class
         check_backbone_declares_its_size(cfg)
     except Exception:  # e.g. a mistyped resume of an existing run: leave its files as they were
         restore_run_files(output_dir)
