@@ -550,6 +550,34 @@ def test_a_refused_eval_leaves_no_directory_of_its_own_behind(tmp_path, monkeypa
     assert (mine / ".hydra" / "config.yaml").is_file()
 
 
+def test_an_eval_stopped_by_sigterm_exits_143_and_leaves_no_directory_of_its_own(tmp_path, monkeypatch,
+                                                                                   capsys):
+    """Lightning stops the test after a batch with a SIGTERMException, a SystemExit without a
+    code: fewzero.eval exited 0, as if it had finished, and left a directory without results."""
+    import signal
+
+    from fewzero.eval import EVAL_DIR_VARIABLE
+    from fewzero.models.fewshot_module import FewShotModule
+
+    cfg = compose_train_cfg(tmp_path, ["trainer.max_steps=2", "test=false"])
+    train(cfg)
+    ckpt = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    test_step = FewShotModule.test_step
+
+    def stopped(self, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # Lightning's handler takes it, stops after the batch
+        return test_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(FewShotModule, "test_step", stopped)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(EVAL_DIR_VARIABLE, raising=False)
+    with pytest.raises(SystemExit) as stop:
+        main([f"ckpt_path={ckpt}", "dataset.eval_batch_size=4"])  # Lightning stops before a last batch
+    assert stop.value.code == 128 + signal.SIGTERM
+    assert "fewzero.eval: stopped by SIGTERM before the test finished" in capsys.readouterr().err
+    assert list((tmp_path / "outputs" / "eval" / "runs").iterdir()) == []
+
+
 @pytest.mark.parametrize(("override", "refused"), [
     ("dataset.features.hop_length=160", r"dataset\.features\.hop_length=160 \(the checkpoint's run: 200\)"),
     ("dataset.features.n_mels=64", r"dataset\.features\.n_mels=64 \(the checkpoint's run: 128\)"),

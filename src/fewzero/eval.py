@@ -24,6 +24,7 @@ import logging
 import os
 import pickle
 import shutil
+import signal
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -31,6 +32,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import ConfigKeyError
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from fewzero.callbacks import RunRecord
 from fewzero.console import command_refusal
@@ -433,15 +435,15 @@ def evaluate(ckpt_path: str | Path, overrides: list[str], output_dir: str | Path
     return train(cfg)
 
 
-def remove_refused_output_dir(output_dir: Path) -> bool:
-    """Remove `output_dir`, a directory the refused command created, when it holds only what
-    `evaluate` writes before the test: its config (`.hydra/`) and TensorBoard's event files
-    (a refusal as the test starts). Left, it would stand among the runs as one that never
-    finished (`fewzero.report`). Anything else in it is kept, with the directory. Returns
-    whether it was removed."""
+def remove_unfinished_output_dir(output_dir: Path) -> bool:
+    """Remove `output_dir`, a directory the command created and did not finish (refused, or
+    stopped), when it holds only what `evaluate` writes before the test's results: its config
+    (`.hydra/`) and TensorBoard's files (event files, Lightning's hparams.yaml). Left, it would
+    stand among the runs as one that never finished (`fewzero.report`). Anything else in it is
+    kept, with the directory. Returns whether it was removed."""
     written = [p for p in output_dir.rglob("*") if p.is_symlink() or not p.is_dir()]
     if not all(p.relative_to(output_dir).parts[0] == ".hydra"
-               or p.name.startswith("events.out.tfevents.") for p in written):
+               or p.name.startswith("events.out.tfevents.") or p.name == "hparams.yaml" for p in written):
         return False
     shutil.rmtree(output_dir)
     return True
@@ -479,13 +481,20 @@ def main(argv: list[str] | None = None) -> None:
     created = not output_dir.exists()
     try:
         evaluate(options["ckpt_path"], overrides, output_dir, options.get("run_config"))
+    except SIGTERMException:  # Lightning stopped the test after a batch: a SystemExit with no
+        # code, which would exit 0 as if the evaluation had finished
+        kept = not (created and output_dir.is_dir() and remove_unfinished_output_dir(output_dir))
+        print("fewzero.eval: stopped by SIGTERM before the test finished, so it has no "
+              "results" + (f" ({output_dir} holds no metrics.json)" if kept and output_dir.is_dir()
+                           else "") + ". Run the same command again.", file=sys.stderr)
+        raise SystemExit(128 + signal.SIGTERM) from None
     except Exception as error:  # a refusal (settings that would test clips it learned from), or
         # a missing checkpoint, run config or data file: the message says what to do
         message = command_refusal(error)
         if message is None:
             raise  # a bug: its traceback, and the directory as it was left
         if created and output_dir.is_dir():
-            remove_refused_output_dir(output_dir)
+            remove_unfinished_output_dir(output_dir)
         raise SystemExit(f"fewzero.eval: {message}") from None
     finally:
         os.environ.pop(EVAL_DIR_VARIABLE, None)
