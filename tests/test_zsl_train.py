@@ -44,6 +44,24 @@ def _batches_clips(loader):
     return torch.cat(labels), torch.cat(indices)
 
 
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["dataset.val_fold=4"], r"dataset.val_fold and dataset.test_fold are both fold 4"),
+    (["dataset.test_fold=null"], r"dataset.test_fold: null is no fold of tones; give one of its folds 0..4"),
+    (["dataset.val_fold=-1"], r"dataset.val_fold: -1 is no fold of tones"),
+    (["dataset.val_fold=7"], r"dataset.val_fold: 7 is no fold of tones"),
+    (["+dataset.source.n_folds=4"], r"dataset.test_fold: 4 is no fold of tones; give one of its "
+                                    r"folds 0..3, or more folds with dataset.source.n_folds \(now 4\)"),
+])
+def test_impossible_fold_settings_are_refused_before_any_clip_is_made(tmp_path, overrides, message):
+    # Before: val_fold=test_fold failed only after the cache was built, test_fold=null crashed
+    # (TypeError), and a val_fold the source lacks (or test_fold past n_folds) left validation
+    # silently without seen clips (or failed late with "No test_seen clips").
+    cfg = compose_train_cfg(tmp_path, WORD + overrides)
+    with pytest.raises(InstantiationException, match=message):
+        hydra.utils.instantiate(cfg.dataset)
+    assert not list(tmp_path.rglob("*.wav"))
+
+
 def test_no_unseen_or_test_fold_clip_reaches_a_training_or_validation_batch(tmp_path):
     dm = _datamodule(tmp_path, ["dataset.steps_per_epoch=30", "dataset.batch_size=16"])
     unseen, train_ids = set(dm.ids(dm.unseen)), set(dm.ids(dm.train_classes))
@@ -194,7 +212,9 @@ def test_evaluation_excerpts_may_end_exactly_at_the_end_of_the_cached_clip(tmp_p
 
 
 def test_a_role_without_clips_is_refused_at_setup(tmp_path):
-    dm = hydra.utils.instantiate(compose_train_cfg(tmp_path, WORD + ["dataset.test_fold=9"]).dataset)
+    # 4 tones per class deal folds 0..3: test fold 4 is one of the source's folds, but empty
+    cfg = compose_train_cfg(tmp_path, WORD, clips_per_class=4)
+    dm = hydra.utils.instantiate(cfg.dataset)
     dm.prepare_data()
     with pytest.raises(ValueError, match="No test_seen clips: check dataset.split and the folds"):
         dm.setup("fit")

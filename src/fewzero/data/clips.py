@@ -190,6 +190,23 @@ def check_split_shape(split: Mapping[str, Any], kind: str) -> None:
                              f"{key} class{' to train on' if key == 'seen' else ' to test'}.")
 
 
+def check_fold(source: ClipSource, key: str, fold: Any) -> int:
+    """Return the fold number `fold` that the config key `key` names, raising a ValueError naming
+    the key and the source's folds when it is not one of them (no integer, negative, or past the
+    source's `n_folds` where the source has one): such a fold holds no clip, so the role it
+    gives (a test or validation fold, a fold read) would be silently empty."""
+    n_folds = getattr(source, "n_folds", None)
+    valid = (f"one of its folds 0..{n_folds - 1}" + (
+        " (TinySOL's official folds)" if source.name == "tinysol"
+        else f", or more folds with dataset.source.n_folds (now {n_folds})")
+             if n_folds is not None else "a fold number (0, 1, ...)")
+    if isinstance(fold, bool) or not isinstance(fold, int) or fold < 0 or (
+            n_folds is not None and fold >= n_folds):
+        shown = "null" if fold is None else repr(fold)
+        raise ValueError(f"{key}: {shown} is no fold of {source.name}; give {valid}.")
+    return fold
+
+
 def check_listed_once(names: Sequence[Any], key: str, what: str = "class") -> None:
     """Raise a ValueError naming every `what` (a class, by default) that the config list `key`
     repeats (a repeat would give the class two ids, or two places in an episode)."""

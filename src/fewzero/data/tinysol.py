@@ -139,6 +139,7 @@ class TinySOL:
     """
 
     name = "tinysol"
+    n_folds = len(FOLDS)  # clips carry their official fold, 0..4
 
     def __init__(self, data_home: str | Path, index_path: str | Path | None = None,
                  download: bool = False, allow_missing: bool = False) -> None:

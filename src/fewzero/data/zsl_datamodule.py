@@ -31,7 +31,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from fewzero.data.clips import ClipSource, check_listed_once, check_split, check_split_shape
+from fewzero.data.clips import ClipSource, check_fold, check_listed_once, check_split, check_split_shape
 from fewzero.data.datamodule import (
     ClipExcerpts,
     StepResumedLoader,
@@ -120,7 +120,13 @@ class ZeroShotDataModule(StreamPosition, pl.LightningDataModule):
         self.cache_dir = Path(cache_dir)
         self.excerpt_frames, self.eval_offset, self.train_max_start = excerpt_frames(
             features, excerpt_seconds, eval_offset_seconds, train_max_offset_seconds)
-        self.val_fold, self.test_fold = val_fold, test_fold
+        self.test_fold = check_fold(source, "dataset.test_fold", test_fold)
+        self.val_fold = None if val_fold is None else check_fold(source, "dataset.val_fold", val_fold)
+        if self.val_fold == self.test_fold:
+            raise ValueError(f"dataset.val_fold and dataset.test_fold are both fold {test_fold}: "
+                             "validation would choose the model on the seen classes' test clips. "
+                             "Give them different folds (defaults: val_fold=3, test_fold=4), or "
+                             "dataset.val_fold=null for no seen-class validation fold.")
         self.batch_size, self.steps_per_epoch = batch_size, steps_per_epoch
         self.seed, self.num_workers, self.eval_batch_size = seed, num_workers, eval_batch_size
         self.table: FeatureTable | None = None
