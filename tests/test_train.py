@@ -413,12 +413,14 @@ def test_few_shot_folds_option_keeps_every_other_fold_out_of_every_stage(tmp_pat
     assert set(dm.table.folds[reference].tolist()) == {0, 1, 2}
 
 
-@pytest.mark.parametrize(("folds", "shown"), [("[0,7]", r"\[0, 7\]"), ("[]", r"\[\]")])
-def test_few_shot_folds_must_exist_in_the_source(tmp_path, folds, shown):
-    dm = hydra.utils.instantiate(compose_train_cfg(tmp_path, [f"dataset.folds={folds}"]).dataset)
-    dm.prepare_data()
-    with pytest.raises(ValueError, match=rf"dataset.folds={shown} must be a non-empty subset"):
-        dm.setup("fit")
+@pytest.mark.parametrize(("folds", "message"), [
+    ("[0,7]", r"dataset.folds: 7 is no fold of tones; give one of its folds 0..4"),
+    ("[-1]", r"dataset.folds: -1 is no fold of tones"),
+    ("[]", r"dataset.folds=\[\] reads no clip")])
+def test_few_shot_folds_must_exist_in_the_source_before_any_clip_is_made(tmp_path, folds, message):
+    with pytest.raises(Exception, match=message):
+        hydra.utils.instantiate(compose_train_cfg(tmp_path, [f"dataset.folds={folds}"]).dataset)
+    assert not list(tmp_path.rglob("*.wav"))
 
 
 @pytest.mark.parametrize("scale", ["1.0", "0.0", "nan", "inf"])

@@ -13,7 +13,14 @@ import torch
 from pytorch_lightning.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from fewzero.data.clips import ClipSource, check_listed_once, check_split, check_split_shape, key_problems
+from fewzero.data.clips import (
+    ClipSource,
+    check_fold,
+    check_listed_once,
+    check_split,
+    check_split_shape,
+    key_problems,
+)
 from fewzero.data.episodes import EpisodeDataset, EpisodeSampler, excerpt_room
 from fewzero.data.features import FeatureTable, MelFeatures, prepare_and_load, prepare_cache
 
@@ -242,8 +249,12 @@ class FewShotDataModule(StreamPosition, pl.LightningDataModule):
                  num_workers: int = 0, eval_batch_size: int = 256,
                  train_frequency_scales: Sequence[float] = (), folds: Sequence[int] | None = None):
         super().__init__()
-        self.folds = None if folds is None else sorted({int(f) for f in folds})
         self.source, self.features = source, features
+        if folds is not None and not list(folds):
+            raise ValueError("dataset.folds=[] reads no clip: list the folds to read, e.g. [0,1,2], "
+                             "or null for every fold.")
+        self.folds = None if folds is None else sorted(
+            {check_fold(source, "dataset.folds", f) for f in folds})
         check_split_shape(split, "few-shot")
         self.split = {stage: list(split[stage]) for stage in ("train", "val", "test")}
         self.train_settings = _settings(episodes["train"], "dataset.episodes.train")
