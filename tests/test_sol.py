@@ -377,6 +377,17 @@ def soundfont_file(tmp_path: Path) -> Path:
     return path
 
 
+def test_soundfonts_given_as_one_string_or_listing_one_twice_are_refused(
+        tmp_path: Path, soundfont_file: Path) -> None:
+    # Before: a path without brackets was read character by character ("SoundFont not found:
+    # /"), and a SoundFont listed twice rendered silently with it drawn for 2 notes in 3.
+    with pytest.raises(ValueError, match=r"must be a list of paths: dataset\.source\.soundfonts=\["):
+        RenderedSOL(tmp_path, TABLE, str(soundfont_file))
+    with pytest.raises(ValueError, match=r"dataset\.source\.soundfonts lists .* more than once"):
+        RenderedSOL(tmp_path, TABLE, [str(soundfont_file), str(soundfont_file.parent / ".." /
+                                                                 "soundfonts" / soundfont_file.name)])
+
+
 @pytest.mark.parametrize(("entry", "match"), [
     ({"name": "Oboe", "program": 68, "low": 58}, r"instruments\[1\].*missing keys \['high'\]"),
     ({"name": "Oboe", "program": 68, "low": 93, "high": 58}, r"instruments\[1\].*low <= high"),

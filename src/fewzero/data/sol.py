@@ -36,7 +36,14 @@ from typing import Any
 import numpy as np
 import soundfile as sf
 
-from fewzero.data.clips import TINYSOL_INSTRUMENTS, Clip, config_hash, file_digest, replace_atomically
+from fewzero.data.clips import (
+    TINYSOL_INSTRUMENTS,
+    Clip,
+    check_listed_once,
+    config_hash,
+    file_digest,
+    replace_atomically,
+)
 from fewzero.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -229,10 +236,17 @@ def _parse_variation(variation: Mapping[str, Any] | None) -> dict[str, Any]:
 
 
 def _check_soundfonts(soundfonts: Sequence[str | Path]) -> list[Path]:
-    """Return the SoundFont paths, raising FileNotFoundError with install advice if missing."""
+    """Return the SoundFont paths, raising FileNotFoundError with install advice if missing, and
+    a ValueError for one path given without brackets (its characters would be read as paths) or
+    a SoundFont listed twice (drawn twice as often, a render unlike the one with it once)."""
+    if isinstance(soundfonts, str | Path):
+        raise ValueError(f"dataset.source.soundfonts={str(soundfonts)!r} must be a list of paths: "
+                         f"dataset.source.soundfonts=[{soundfonts}].")
     paths = [Path(path).expanduser() for path in soundfonts]
     if not paths:
         raise ValueError(f"dataset.source.soundfonts is empty: {_SETUP_ADVICE}.")
+    check_listed_once([str(path.resolve()) for path in paths], "dataset.source.soundfonts",
+                      "SoundFont")
     for path in paths:
         if not path.is_file():
             raise FileNotFoundError(f"SoundFont not found: {path}; {_SETUP_ADVICE}.")
