@@ -62,6 +62,20 @@ def test_impossible_fold_settings_are_refused_before_any_clip_is_made(tmp_path, 
     assert not list(tmp_path.rglob("*.wav"))
 
 
+def test_training_classes_without_a_validation_fold_clip_are_named(tmp_path, caplog):
+    # 4 tones per class deal folds 0..3: validation fold 4 holds no clip of any class. Before,
+    # validation's seen side then silently scored none of them (as with classes of few pitches
+    # under dataset.source.fold_by=pitch); the test side's gap was already warned about.
+    cfg = compose_train_cfg(tmp_path, WORD + ["dataset.val_fold=4", "dataset.test_fold=0"],
+                            clips_per_class=4)
+    dm = hydra.utils.instantiate(cfg.dataset)
+    dm.prepare_data()
+    dm.setup("fit")
+    assert len(dm.indices["val_seen"]) == 0
+    assert (f"Training class(es) {dm.train_classes} have no clip in fold 4 (dataset.val_fold) of "
+            "tones") in caplog.text
+
+
 def test_no_unseen_or_test_fold_clip_reaches_a_training_or_validation_batch(tmp_path):
     dm = _datamodule(tmp_path, ["dataset.steps_per_epoch=30", "dataset.batch_size=16"])
     unseen, train_ids = set(dm.ids(dm.unseen)), set(dm.ids(dm.train_classes))

@@ -315,7 +315,21 @@ class ZeroShotDataModule(StreamPosition, pl.LightningDataModule):
 
     def _warn_untested_classes(self) -> None:
         """Warn, naming them, about split classes with no test clip (`untested_classes`): the
-        test's per-class means leave them out, which no figure of the summary shows."""
+        test's per-class means leave them out, which no figure of the summary shows; and about
+        training classes with no clip in the validation fold, which the checkpoint choice and
+        the calibration penalty's seen side never score (a class of few pitches under
+        dataset.source.fold_by=pitch with many folds has clips in its first folds only)."""
+        if self.train_on == "train" and self.val_fold is not None:
+            in_val = self.labels[self.indices["val_seen"]]
+            unvalidated = [name for name, i in zip(self.train_classes, self.ids(self.train_classes),
+                                                   strict=True) if not bool((in_val == i).any())]
+            if unvalidated:
+                log.warning("Training class(es) %s have no clip in fold %d (dataset.val_fold) of %s: "
+                            "validation's seen side (the checkpoint choice, the calibration penalty) "
+                            "never scores them. Rendered SOL: give each a clip there (more pitches or "
+                            "instances in its dataset.source.instruments entry, fewer "
+                            "dataset.source.n_folds, or dataset.source.fold_by=note).",
+                            unvalidated, self.val_fold, self.source.name)
         for role, names in self.untested_classes().items():
             if names:
                 where = f"fold {self.test_fold} (dataset.test_fold)" if role == "seen" else "any fold"
