@@ -406,17 +406,21 @@ def test_bad_table_entry_raises_value_error(tmp_path: Path, soundfont_file: Path
 @pytest.mark.parametrize(("overrides", "match"), [
     ({"sample_rate": 4000}, r"^sample_rate=4000: FluidSynth renders at 8000\.\.96000 Hz; pick a rate in "
                             r"that range \(dataset\.features\.sample_rate, which rendered SOL follows\)"),
-    ({"note_seconds": 3.0}, r"^Need 0 < note_seconds \(3\.0\) <= clip_seconds \(2\.0\)"),
+    ({"note_seconds": 3.0}, r"^Need 0 < dataset\.source\.note_seconds \(3\.0\) <= "
+                            r"dataset\.source\.clip_seconds \(2\.0\).*lower note_seconds with"),
+    ({"clip_seconds": 1.0}, r"^Need 0 < dataset\.source\.note_seconds \(1\.5\) <= "
+                            r"dataset\.source\.clip_seconds \(1\.0\)"),
     ({"dynamics": {"pp": [50, 20]}},
      r"^dataset\.source\.dynamics\.pp=\[50, 20\]: .*1 <= min <= max <= 127"),
     ({"variation": {"detune": 10}}, r"^Unknown dataset\.source\.variation key\(s\) \['detune'\]"),
-    ({"n_folds": 0}, r"^n_folds=0: need at least one fold"),
+    ({"n_folds": 0}, r"^dataset\.source\.n_folds=0: need at least one fold"),
     ({"fold_by": "dynamic"}, r"^dataset\.source\.fold_by='dynamic': use note"),
     ({"variation": {"noise_snr_db": [55, 35]}},
      r"^dataset\.source\.variation=.*noise_snr_db=\[low_db, high_db\]"),
     ({"variation": {"gain_db": -1}}, r"^dataset\.source\.variation=.*need non-negative"),
     ({"variation": {"max_onset_ms": 2000}},
-     r"^variation\.max_onset_ms=2000\.0 must be shorter than clip_seconds"),
+     r"^dataset\.source\.variation\.max_onset_ms=2000\.0 must be shorter than "
+     r"dataset\.source\.clip_seconds"),
 ])
 def test_bad_settings_raise_value_error(tmp_path: Path, soundfont_file: Path, overrides: dict,
                                         match: str) -> None:

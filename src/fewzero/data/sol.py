@@ -549,13 +549,16 @@ class RenderedSOL:
                              "8000..96000 Hz; pick a rate in that range (dataset.features.sample_rate, "
                              "which rendered SOL follows).")
         if not 0 < self.note_seconds <= self.clip_seconds:
-            raise ValueError(f"Need 0 < note_seconds ({self.note_seconds}) <= clip_seconds "
-                             f"({self.clip_seconds}).")
+            raise ValueError(f"Need 0 < dataset.source.note_seconds ({self.note_seconds}) <= "
+                             f"dataset.source.clip_seconds ({self.clip_seconds}): the note is "
+                             "released inside its clip; lower note_seconds with clip_seconds.")
         if self.variation["max_onset_ms"] / 1000 >= self.clip_seconds:
-            raise ValueError(f"variation.max_onset_ms={self.variation['max_onset_ms']} must be "
-                             f"shorter than clip_seconds={self.clip_seconds}.")
+            raise ValueError(f"dataset.source.variation.max_onset_ms="
+                             f"{self.variation['max_onset_ms']} must be shorter than "
+                             f"dataset.source.clip_seconds={self.clip_seconds}.")
         if self.n_folds < 1:
-            raise ValueError(f"n_folds={self.n_folds}: need at least one fold.")
+            raise ValueError(f"dataset.source.n_folds={self.n_folds}: need at least one fold "
+                             "(default 5).")
         self.silent_classes: list[str] = []  # classes of the table without an audible note
         self._origin_told = False  # prepare() runs per stage: say once where the audio is from
 
