@@ -428,7 +428,8 @@ def test_zero_shot_run_started_from_a_few_shot_checkpoint_is_re_evaluated_withou
     init = Path(fsl.paths.output_dir) / "checkpoints" / "last.ckpt"
     cfg = compose_train_cfg(tmp_path / "zsl", [
         "experiment=zsl_word_audio", "model=eszsl", "model.pitch_prior=null",
-        f"model.init_checkpoint={init}", f"dataset.features.n_mels={fsl.dataset.features.n_mels}"])
+        f"model.init_checkpoint={init}", f"dataset.features.n_mels={fsl.dataset.features.n_mels}"],
+        clips_per_class=20)  # the few-shot run's source (less its appended Piccolo)
     trained, _ = train(cfg)
     shutil.move(init.parent.parent, tmp_path / "fsl_moved")  # the few-shot run is gone from there
     metrics, _ = evaluate(trained["test/checkpoint"], [], tmp_path / "eval")

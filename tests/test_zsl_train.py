@@ -19,6 +19,7 @@ from fewzero.data.datamodule import FewShotDataModule
 from fewzero.data.features import MelFeatures
 from fewzero.models.zeroshot_module import (
     check_init_checkpoint,
+    check_init_source,
     has_shared_space,
     load_backbone_weights,
 )
@@ -452,6 +453,33 @@ def test_encoder_init_that_heard_a_test_or_validation_clip_is_refused(tmp_path, 
         check_init_checkpoint(ckpt, dm, class_cv)
 
 
+def test_encoder_init_from_a_run_that_dealt_the_source_to_other_folds_is_refused_before_rendering(tmp_path):
+    """Rendered SOL renders every note alike whatever its fold settings, so a few-shot run on folds
+    0-2 under one dealing has heard most clips of fold 4 under another. Before, only fold numbers
+    were compared, and such an encoder started the zero-shot run unrefused."""
+    cfg = compose_train_cfg(tmp_path / "zsl", WORD)
+    ours = OmegaConf.to_container(cfg.dataset.source, resolve=True)
+    clean = {"split": {"train": ["Accordion", "Cello"], "val": ["Violin"]}, "folds": [0, 1, 2]}
+
+    def init_run(name, source):
+        ckpt = _save_run_config(tmp_path / name, {**clean, "source": source})
+        ckpt.parent.mkdir()
+        ckpt.write_bytes(b"")  # never read: the check refuses first
+        return compose_train_cfg(tmp_path / "zsl", WORD + [f"model.init_checkpoint={ckpt}"])
+
+    with pytest.raises(ValueError, match=r"dealt this source's clips to folds otherwise "
+                                         r"\(dataset\.source\.n_folds, dataset\.source\.seed differ\)"):
+        train(init_run("refolded", {**ours, "n_folds": 4, "seed": 1}))
+    assert not list((tmp_path / "zsl").rglob("*.wav"))
+    check_init_source(init_run("elsewhere", {**ours, "root": str(tmp_path / "other_root")}))
+    check_init_source(init_run("other_kind", {**ours, "_target_": "fewzero.data.tinysol.TinySOL"}))
+    more = [*ours["instruments"], "Piccolo"]
+    check_init_source(init_run("more_instruments", {**ours, "instruments": more}))
+    check_init_source(init_run("fewer_instruments", {**ours, "instruments": ours["instruments"][:5]}))
+    with pytest.raises(ValueError, match=r"\(dataset\.source\.instruments differ\)"):
+        check_init_source(init_run("reordered", {**ours, "instruments": ours["instruments"][::-1]}))
+
+
 def test_encoder_init_from_a_run_of_other_log_mel_settings_is_refused(tmp_path):
     """A few-shot run of hop 160 loaded into a run of hop 200 (same weight shapes) started the
     encoder on spectrograms it never saw; only clip_seconds may differ."""
@@ -508,7 +536,7 @@ def test_few_shot_run_on_training_folds_starts_a_zero_shot_run_and_the_default_o
     def zsl_run(*overrides: str) -> None:
         train(compose_train_cfg(tmp_path / "zsl", WORD + [
             f"model.init_checkpoint={ckpt}", f"dataset.features.n_mels={fsl.dataset.features.n_mels}",
-            "+trainer.fast_dev_run=true", *overrides]))
+            "+trainer.fast_dev_run=true", *overrides], clips_per_class=20))  # the same source
 
     zsl_run("model.pitch_prior.class_cv=false")
     with pytest.raises(ValueError, match="held out by a fold of class cross-validation"):

@@ -56,6 +56,7 @@ from fewzero.data.clips import config_hash
 from fewzero.models.backbones import MusicFslCNN
 from fewzero.models.pitch_prior import ZSL_SCORES, all_tied
 from fewzero.models.resumable import ResumableModule
+from fewzero.models.zeroshot_module import check_init_source
 from fewzero.side_info.xlsa17 import attribute_dim
 from fewzero.summary import class_cv_outcome, print_summary
 from fewzero.sweeps import check_validation_metric, register_resolvers
@@ -1039,6 +1040,7 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> tuple[dict[str
         check_targets_import(cfg)
         check_optimisation_settings(cfg)  # after the import check, which names a missing class
         check_backbone_declares_its_size(cfg)
+        check_init_source(cfg)
     except Exception:  # e.g. a mistyped resume of an existing run: leave its files as they were
         restore_run_files(output_dir)
         raise

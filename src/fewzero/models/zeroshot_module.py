@@ -109,7 +109,36 @@ def checkpoint_reading(path: str | Path) -> dict[str, Any] | None:
     dataset = config.get("dataset", {})
     return {key: OmegaConf.to_container(dataset[key], resolve=True)
             if OmegaConf.is_config(dataset[key]) else dataset[key]
-            for key in ("split", "folds", "test_fold", "features") if key in dataset}
+            for key in ("split", "folds", "test_fold", "features", "source") if key in dataset}
+
+
+def check_init_source(cfg: Any) -> None:
+    """Refuse, before any data are made, a `model.init_checkpoint` whose run read this run's
+    `dataset.source` with its clips dealt to folds otherwise (another n_folds, fold_by or seed:
+    `fewzero.eval.refolds`). The fold check (`check_init_reading`) compares fold numbers, which
+    then name other clips: rendered SOL renders each note alike under any fold setting, so a
+    few-shot run on folds [0, 1, 2] of fold_by=note has trained on most of the clips that fold 4
+    of fold_by=pitch tests. A run of another kind of source (other recordings) is not refused."""
+    path = (cfg.get("model") or {}).get("init_checkpoint")
+    if not path or not Path(path).is_file():
+        return  # none, or a missing file, which the encoder's loading names
+    theirs = (checkpoint_reading(path) or {}).get("source")
+    if theirs is None:
+        return
+    from fewzero.eval import SOURCE_LOCATION_KEYS, refolds  # fewzero.eval imports fewzero.train
+
+    ours = OmegaConf.to_container(cfg.dataset.source, resolve=True)
+    # instruments appended to either table change nothing of the others' folds
+    if refolds(theirs, ours) and refolds(ours, theirs):
+        changed = sorted(key for key in set(theirs) | set(ours)
+                         if key not in SOURCE_LOCATION_KEYS and theirs.get(key) != ours.get(key))
+        raise ValueError(
+            f"model.init_checkpoint={path} comes from a run that dealt this source's clips to folds "
+            f"otherwise ({', '.join(f'dataset.source.{key}' for key in changed)} differ): the folds "
+            "it trained on are not this run's, and its encoder may have heard this run's test or "
+            "validation clips. Set dataset.source as its run had it (either table may have more "
+            "instruments after the other's), start from a run on this run's dataset.source, or leave "
+            "model.init_checkpoint=null.")
 
 
 def clips_heard(dataset: dict[str, Any], all_folds: set[int]) -> dict[str, set[int]]:
