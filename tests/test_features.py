@@ -313,5 +313,5 @@ def test_clips_shorter_than_clip_seconds_are_named_with_a_warning(tmp_path, sour
     assert caplog.messages == [
         "4 of 4 audio files are shorter than dataset.features.clip_seconds=1 (the shortest 0.60 s): "
         "their cached features end in silence (the log floor), which excerpts reaching past their end "
-        "read as if it were sound. Lower clip_seconds, or for rendered SOL raise "
-        "dataset.source.clip_seconds with it."]
+        "read as if it were sound. Lower dataset.features.clip_seconds to the clips' length, or "
+        "for rendered SOL raise dataset.source.clip_seconds to it."]

@@ -298,8 +298,9 @@ def compute_features(clips: list[Clip], features: MelFeatures, batch_size: int =
     if short:
         log.warning("%d of %d audio files are shorter than dataset.features.clip_seconds=%g (the "
                     "shortest %.2f s): their cached features end in silence (the log floor), which "
-                    "excerpts reaching past their end read as if it were sound. Lower clip_seconds, "
-                    "or for rendered SOL raise dataset.source.clip_seconds with it.", len(short),
+                    "excerpts reaching past their end read as if it were sound. Lower "
+                    "dataset.features.clip_seconds to the clips' length, or for rendered SOL "
+                    "raise dataset.source.clip_seconds to it.", len(short),
                     len(clips), features.clip_seconds, min(short))
     if silent:
         log.warning("%d of %d audio files are silent (every sample 0); their features are kept. "
