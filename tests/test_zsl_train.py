@@ -52,6 +52,11 @@ def _batches_clips(loader):
     (["dataset.val_fold=7"], r"dataset.val_fold: 7 is no fold of tones"),
     (["+dataset.source.n_folds=4"], r"dataset.test_fold: 4 is no fold of tones; give one of its "
                                     r"folds 0..3, or more folds with dataset.source.n_folds \(now 4\)"),
+    (["+dataset.source.n_folds=2", "dataset.val_fold=0", "dataset.test_fold=1"],
+     r"tones has 2 fold\(s\), and dataset.test_fold=1 and dataset.val_fold=0 hold them all out: no "
+     r"fold is left to train on. Give the source more folds \(dataset.source.n_folds=3 or more"),
+    (["+dataset.source.n_folds=1", "dataset.val_fold=null", "dataset.test_fold=0"],
+     r"tones has 1 fold\(s\), and dataset.test_fold=0 holds them all out"),
 ])
 def test_impossible_fold_settings_are_refused_before_any_clip_is_made(tmp_path, overrides, message):
     # Before: val_fold=test_fold failed only after the cache was built, test_fold=null crashed

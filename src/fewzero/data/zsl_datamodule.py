@@ -127,6 +127,16 @@ class ZeroShotDataModule(StreamPosition, pl.LightningDataModule):
                              "validation would choose the model on the seen classes' test clips. "
                              "Give them different folds (defaults: val_fold=3, test_fold=4), or "
                              "dataset.val_fold=null for no seen-class validation fold.")
+        held_out = {self.test_fold} | ({self.val_fold} - {None} if train_on == "train" else set())
+        n_folds = getattr(source, "n_folds", None)
+        if n_folds is not None and n_folds <= len(held_out):
+            raise ValueError(f"{source.name} has {n_folds} fold(s), and dataset.test_fold="
+                             f"{self.test_fold}" + (f" and dataset.val_fold={self.val_fold}"
+                                                     if len(held_out) > 1 else "")
+                             + f" hold{'' if len(held_out) > 1 else 's'} them all out: no fold is "
+                             "left to train on. Give the source "
+                             f"more folds (dataset.source.n_folds={len(held_out) + 1} or more; "
+                             "default 5).")
         self.batch_size, self.steps_per_epoch = batch_size, steps_per_epoch
         self.seed, self.num_workers, self.eval_batch_size = seed, num_workers, eval_batch_size
         self.table: FeatureTable | None = None
