@@ -39,7 +39,7 @@ import torch
 
 from fewzero.cli import run_script
 from fewzero.models.pitch_prior import FormantLikelihood, PitchRangePrior
-from fewzero.models.zeroshot_module import check_init_checkpoint
+from fewzero.models.zeroshot_module import check_init_checkpoint, check_init_source
 from fewzero.side_info.attributes import AttributeTable, encode_attribute_table
 from fewzero.train import CONFIG_DIR, compose_train_config
 from fewzero.zsl_evaluation import topk_accuracy
@@ -148,7 +148,9 @@ def ceiling(checkpoint: Path, experiment: str, overrides: list[str], remove_pitc
             ) -> tuple[list[str], list[str]]:
     """One experiment's row and per-unseen-class lines (Markdown)."""
     cfg = compose_train_config([f"experiment={experiment}", "dataset.refit_on_trainval=false",
-                                "dataset.train_on=trainval", *overrides], "outputs/ceiling")
+                                "dataset.train_on=trainval", f"model.init_checkpoint={checkpoint}",
+                                *overrides], "outputs/ceiling")
+    check_init_source(cfg)
     dm = hydra.utils.instantiate(cfg.dataset)
     dm.prepare_data()
     dm.setup("fit")

@@ -580,11 +580,13 @@ def test_transfer_ceiling_script_prints_a_refused_checkpoint_without_a_traceback
     ckpt = Path(fsl.paths.output_dir) / "checkpoints" / "last.ckpt"
     zsl = [*tone_overrides(tmp_path / "zsl", zero_shot=True),
            f"dataset.features.n_mels={fsl.dataset.features.n_mels}"]
-    for given, refused in [(ckpt, r"comes from a run that trained or selected on clips .* fold 4 "
-                                  r"\(the seen classes' test fold\)"),
-                           (tmp_path / "missing.ckpt", r"does not exist\. Set it to a fewzero "
-                                                       r"run's checkpoint")]:
-        monkeypatch.setattr("sys.argv", ["zsl_transfer_ceiling.py", str(given), *zsl,
+    for given, more, refused in [
+            (ckpt, [], r"comes from a run that trained or selected on clips .* fold 4 "
+                       r"\(the seen classes' test fold\)"),
+            (ckpt, ["+dataset.source.n_folds=6"], r"comes from a run that dealt this source's clips "
+                                                  r"to folds otherwise \(dataset\.source\.n_folds differ\)"),
+            (tmp_path / "missing.ckpt", [], r"does not exist\. Set it to a fewzero run's checkpoint")]:
+        monkeypatch.setattr("sys.argv", ["zsl_transfer_ceiling.py", str(given), *zsl, *more,
                                          "--experiments", "zsl_attribute_audio"])
         with pytest.raises(SystemExit, match=rf"^zsl_transfer_ceiling.py: model.init_checkpoint="
                                              rf"{re.escape(str(given))} {refused}"):
