@@ -413,7 +413,9 @@ def test_bad_table_entry_raises_value_error(tmp_path: Path, soundfont_file: Path
     ({"dynamics": {"pp": [50, 20]}},
      r"^dataset\.source\.dynamics\.pp=\[50, 20\]: .*1 <= min <= max <= 127"),
     ({"variation": {"detune": 10}}, r"^Unknown dataset\.source\.variation key\(s\) \['detune'\]"),
-    ({"n_folds": 0}, r"^dataset\.source\.n_folds=0: need at least one fold"),
+    ({"n_folds": 0}, r"^dataset\.source\.n_folds=0: the clips are dealt to a whole number of folds, "
+                     r"at least one"),
+    ({"n_folds": 2.5}, r"^dataset\.source\.n_folds=2\.5: the clips"),  # was read as 2
     ({"fold_by": "dynamic"}, r"^dataset\.source\.fold_by='dynamic': use note"),
     ({"variation": {"noise_snr_db": [55, 35]}},
      r"^dataset\.source\.variation=.*noise_snr_db=\[low_db, high_db\]"),

@@ -535,6 +535,9 @@ class RenderedSOL:
         self.clip_seconds = float(clip_seconds)
         self.note_seconds = float(note_seconds)
         self.dynamics = _parse_dynamics(dynamics)
+        if isinstance(n_folds, bool) or not float(n_folds).is_integer() or n_folds < 1:
+            raise ValueError(f"dataset.source.n_folds={n_folds!r}: the clips are dealt to a whole "
+                             "number of folds, at least one (default 5).")  # 2.5 was read as 2
         self.n_folds = int(n_folds)
         if fold_by not in ("note", "pitch"):
             raise ValueError(f"dataset.source.fold_by={fold_by!r}: use note (each rendered note "
@@ -556,9 +559,6 @@ class RenderedSOL:
             raise ValueError(f"dataset.source.variation.max_onset_ms="
                              f"{self.variation['max_onset_ms']} must be shorter than "
                              f"dataset.source.clip_seconds={self.clip_seconds}.")
-        if self.n_folds < 1:
-            raise ValueError(f"dataset.source.n_folds={self.n_folds}: need at least one fold "
-                             "(default 5).")
         self.silent_classes: list[str] = []  # classes of the table without an audible note
         self._origin_told = False  # prepare() runs per stage: say once where the audio is from
 
