@@ -36,6 +36,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from fewzero.callbacks import RunRecord
 from fewzero.console import command_refusal
+from fewzero.data.clips import refolds
 from fewzero.data.features import feature_changes
 from fewzero.report import name_excluded, override_key
 from fewzero.side_info.attributes import new_values
@@ -223,27 +224,6 @@ def apply_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(added))
     OmegaConf.set_struct(cfg, False)
     return cfg
-
-
-# dataset.source settings that only say where the files are or how to read them: any other change
-# (seed, n_folds, fold_by, ...) may deal the same recordings to other folds
-SOURCE_LOCATION_KEYS = {"root", "num_workers", "data_home", "index_path", "download", "allow_missing"}
-
-
-def refolds(source: DictConfig | dict, new_source: DictConfig | dict) -> bool:
-    """Whether `new_source` may deal the clips of `source`'s classes to other folds (or render
-    them otherwise): another source of the same kind with a setting changed beyond where its files
-    are. Instruments appended to the end of the `instruments` table (a new class to test) change
-    nothing of the others: rendered SOL seeds each note by its place in the table and deals each
-    class's notes to folds by the class's name, as the synthetic tones do by place."""
-    if source.get("_target_") != new_source.get("_target_"):
-        return False
-    old, new = source.get("instruments"), new_source.get("instruments")
-    appended = (old is not None and new is not None and len(new) >= len(old)
-                and list(new)[:len(old)] == list(old))
-    return any(source.get(key) != new_source.get(key)
-               for key in set(source) | set(new_source)
-               if key not in SOURCE_LOCATION_KEYS and not (key == "instruments" and appended))
 
 
 def check_tested_clips_unheard(trained: DictConfig, tested: DictConfig) -> None:

@@ -137,6 +137,34 @@ SHIPPED_SPLITS = {"few-shot": ("fsl_tutorial", "fsl_cv1", "fsl_cv2"),
                   "zero-shot": ("word_audio", "image_audio")}
 
 
+# dataset.source settings that only say where the files are or how to read them: any other change
+# (seed, n_folds, fold_by, ...) may deal the same recordings to other folds
+SOURCE_LOCATION_KEYS = {"root", "num_workers", "data_home", "index_path", "download", "allow_missing"}
+
+
+def refolding_keys(source: Mapping[str, Any], new_source: Mapping[str, Any]) -> list[str]:
+    """The `dataset.source` keys under which `new_source` may deal the clips of `source`'s classes
+    to other folds (or render them otherwise), sorted; [] when it deals them alike. Only another
+    source of the same kind (`_target_`) refolds, and only by a setting beyond where its files
+    are. Instruments appended to the end of the `instruments` table (a new class to test) change
+    nothing of the others: rendered SOL seeds each note by its place in the table and deals each
+    class's notes to folds by the class's name, as the synthetic tones do by place."""
+    if source.get("_target_") != new_source.get("_target_"):
+        return []
+    old, new = source.get("instruments"), new_source.get("instruments")
+    appended = (old is not None and new is not None and len(new) >= len(old)
+                and list(new)[:len(old)] == list(old))
+    return sorted(key for key in set(source) | set(new_source)
+                  if key not in SOURCE_LOCATION_KEYS and not (key == "instruments" and appended)
+                  and source.get(key) != new_source.get(key))
+
+
+def refolds(source: Mapping[str, Any], new_source: Mapping[str, Any]) -> bool:
+    """Whether `new_source` may deal the clips of `source`'s classes to other folds
+    (`refolding_keys`)."""
+    return bool(refolding_keys(source, new_source))
+
+
 def key_problems(keys: Sequence[str], required: Sequence[str], optional: Sequence[str] = ()) -> list[str]:
     """What is wrong with a config mapping's `keys` against those it must have (`required`) and
     may have (`optional`), for a message: ["lacks [...]", "has [...], which nothing reads

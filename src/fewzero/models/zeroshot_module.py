@@ -20,6 +20,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+from fewzero.data.clips import refolding_keys
 from fewzero.data.features import MelFeatures, feature_changes
 from fewzero.models.pitch_prior import SETTINGS, ZSL_SCORES, PitchRangePrior
 from fewzero.models.resumable import ResumableModule
@@ -115,7 +116,7 @@ def checkpoint_reading(path: str | Path) -> dict[str, Any] | None:
 def check_init_source(cfg: Any) -> None:
     """Refuse, before any data are made, a `model.init_checkpoint` whose run read this run's
     `dataset.source` with its clips dealt to folds otherwise (another n_folds, fold_by or seed:
-    `fewzero.eval.refolds`). The fold check (`check_init_reading`) compares fold numbers, which
+    `fewzero.data.clips.refolding_keys`). The fold check (`check_init_reading`) compares fold numbers, which
     then name other clips: rendered SOL renders each note alike under any fold setting, so a
     few-shot run on folds [0, 1, 2] of fold_by=note has trained on most of the clips that fold 4
     of fold_by=pitch tests. A run of another kind of source (other recordings) is not refused."""
@@ -125,16 +126,14 @@ def check_init_source(cfg: Any) -> None:
     theirs = (checkpoint_reading(path) or {}).get("source")
     if theirs is None:
         return
-    from fewzero.eval import SOURCE_LOCATION_KEYS, refolds  # fewzero.eval imports fewzero.train
-
     ours = OmegaConf.to_container(cfg.dataset.source, resolve=True)
-    # instruments appended to either table change nothing of the others' folds
-    if refolds(theirs, ours) and refolds(ours, theirs):
-        changed = sorted(key for key in set(theirs) | set(ours)
-                         if key not in SOURCE_LOCATION_KEYS and theirs.get(key) != ours.get(key))
+    # instruments appended to either table change nothing of the others' folds: a key counts
+    # when it refolds both ways
+    changed = set(refolding_keys(theirs, ours)) & set(refolding_keys(ours, theirs))
+    if changed:
         raise ValueError(
             f"model.init_checkpoint={path} comes from a run that dealt this source's clips to folds "
-            f"otherwise ({', '.join(f'dataset.source.{key}' for key in changed)} differ): the folds "
+            f"otherwise ({', '.join(f'dataset.source.{key}' for key in sorted(changed))} differ): the folds "
             "it trained on are not this run's, and its encoder may have heard this run's test or "
             "validation clips. Set dataset.source as its run had it (either table may have more "
             "instruments after the other's), start from a run on this run's dataset.source, or leave "
