@@ -34,6 +34,8 @@ class LogMelAugment(nn.Module):
                                                  whole=True))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(batch, n_mels, frames) natural-log mel excerpts -> the same shape, augmented; in eval
+        mode `x` itself."""
         if not self.training:
             return x
         batch, n_mels, n_frames = x.shape
@@ -62,6 +64,8 @@ class LogMelAugment(nn.Module):
 
     @staticmethod
     def _mask(x: torch.Tensor, floor: torch.Tensor, max_width: int, dim: int) -> torch.Tensor:
+        """x (batch, n_mels, frames) with, in each excerpt, one span of 0..max_width positions of
+        axis `dim` (1: mel bins, 2: frames) set to the excerpt's floor ((batch, 1, 1) minima)."""
         if max_width <= 0:
             return x
         size = x.shape[dim]

@@ -20,7 +20,11 @@ def _check_input(x: torch.Tensor, n_mels: int) -> None:
 
 
 class ConvGroupNormBlock(nn.Module):
-    """Conv2d -> GroupNorm -> ReLU -> MaxPool2d, as in the tutorial's `music_fsl` ConvBlock."""
+    """Conv2d -> GroupNorm -> ReLU -> MaxPool2d, as in the tutorial's `music_fsl` ConvBlock.
+
+    Shapes: (batch, in_channels, F, T) -> (batch, out_channels, F // pool, T // pool) ("same"
+    padding; the pool drops a remainder).
+    """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, num_groups: int,
                  pool: int):
@@ -88,6 +92,9 @@ class ConvBNBlock(nn.Module):
 
     Pooling runs before the ReLU: the two commute (max of rectified = rectified max), and
     rectifying after the pool touches a quarter of the values.
+
+    Shapes: (batch, in_channels, F, T) -> (batch, out_channels, F // 2, T // 2) with `pool`,
+    (batch, out_channels, F, T) without.
     """
 
     def __init__(self, in_channels: int, out_channels: int, pool: bool):
