@@ -85,6 +85,10 @@ class FewShotModule(ResumableModule):
         return self.net.backbone
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """One episode per step, as `EpisodeDataset` yields it (no batch axis): support
+        (n_way * n_shot, n_mels, frames), support_labels (n_way * n_shot,) in 0..n_way-1, query
+        (n_way * n_query, n_mels, frames), query_labels (n_way * n_query,), classes (n_way,).
+        Returns the 0-d loss on the (n_way * n_query, n_way) query logits."""
         support, query = batch["support"], batch["query"]
         x = self.augment(torch.cat([support, query]))  # one backbone pass for the whole episode
         embeddings = self.net.backbone(x)
@@ -100,6 +104,7 @@ class FewShotModule(ResumableModule):
 
     # ---- evaluation: embed every clip once, then run episodes on the embeddings -------
     def _collect(self, batch: dict[str, torch.Tensor]) -> None:
+        """Keep the (batch, dim) backbone embeddings of batch["x"] and their batch["index"]."""
         self._embeddings.append(self.net.backbone(batch["x"]).detach())
         self._indices.append(batch["index"])
 
@@ -195,6 +200,8 @@ class FewShotModule(ResumableModule):
         return max(scores, key=scores.__getitem__)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        """Embed a batch of `ClipExcerpts`: x (batch, n_mels, frames) fixed excerpts, label
+        (batch,) class ids, index (batch,) clip indices. Episodes are scored at the epoch's end."""
         self._collect(batch)
 
     def on_validation_epoch_end(self) -> None:
@@ -216,6 +223,7 @@ class FewShotModule(ResumableModule):
         self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True, sync_dist=True)
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        """As `validation_step`, on the test clips: x (batch, n_mels, frames), index (batch,)."""
         self._collect(batch)
 
     def on_test_epoch_end(self) -> None:
@@ -275,7 +283,8 @@ class FewShotModule(ResumableModule):
             self._add_projector_embeddings(embeddings, dm)
 
     def _add_projector_embeddings(self, embeddings: torch.Tensor, dm: Any) -> None:
-        """Test-clip embeddings with their instrument names for TensorBoard's PROJECTOR tab."""
+        """Test-clip embeddings with their instrument names for TensorBoard's PROJECTOR tab;
+        `embeddings` (n_clips_total, dim) holds a row per clip of `dm` (the test clips' are read)."""
         index = dm.stage_indices("test")
         names = [dm.class_names[int(label)] for label in dm.labels[index]]
         for logger in self.loggers:

@@ -123,7 +123,7 @@ class WithinClassWhitening(nn.Module):
         self._support_weight = float(value)
 
     def _ridge(self) -> torch.Tensor:
-        """What shrinkage adds to every eigenvalue: shrinkage times their mean."""
+        """What shrinkage adds to every eigenvalue: shrinkage times their mean (0-d, float64)."""
         return self._shrinkage * self._eigen[0].mean()
 
     @torch.no_grad()
@@ -147,6 +147,8 @@ class WithinClassWhitening(nn.Module):
         return self._support_weight > 0 and n_shot > 1 and self._eigen is not None
 
     def _fitted_eigen(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training within-class covariance's (eigenvalues (dim,), ascending, clamped at 0;
+        eigenvectors (dim, dim), one per column), in float64; a RuntimeError before `fit`."""
         if self._eigen is None:
             raise RuntimeError("Fit the whitening (fit(embeddings, labels)) before adapting it.")
         return self._eigen
@@ -191,11 +193,13 @@ class WithinClassWhitening(nn.Module):
         directions, factor_minus_one = directions.to(support.dtype), factor_minus_one.to(support.dtype)
 
         def whiten(x: torch.Tensor) -> torch.Tensor:
+            """(batch, dim) embeddings in `adaptation_basis` coordinates -> (batch, dim) whitened."""
             return self._normalise(x + ((x @ directions.T) * factor_minus_one) @ directions)
 
         return whiten
 
     def _normalise(self, whitened: torch.Tensor) -> torch.Tensor:
+        """(batch, dim) -> (batch, dim): every row scaled to unit length with `length_norm`."""
         return nn.functional.normalize(whitened, dim=-1) if self.length_norm else whitened
 
     def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
@@ -223,6 +227,8 @@ class PrototypicalNetwork(nn.Module):
         self._adapted: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def _whitened(self, z: torch.Tensor) -> torch.Tensor:
+        """(batch, dim) backbone embeddings -> (batch, dim): whitened by the episode's
+        support-adapted map where there is one, else by `whitening`, else as they are."""
         whiten = self._adapted if self._adapted is not None else self.whitening
         return whiten(z) if whiten is not None else z
 
