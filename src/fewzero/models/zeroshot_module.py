@@ -498,6 +498,10 @@ class ZeroShotModule(ResumableModule):
         return self
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
+        """A batch of `BalancedExcerpts`: x (batch, n_mels, frames) log-mel excerpts, label (batch,)
+        class ids, index (batch,) clip indices (xlsa17's `FeatureBatches`: x (batch, feature_dim)
+        features, index image indices). Returns the 0-d loss on (batch, n_train_classes) scores,
+        or None for a closed-form head, which only keeps the (batch, audio_dim) embeddings here."""
         self.trainer.datamodule.assert_clean(batch["index"], training=True)
         targets = self.to_train[batch["label"]]
         x, semitones = self._transposed(batch["x"])
@@ -556,7 +560,9 @@ class ZeroShotModule(ResumableModule):
         return self.pitch_prior is not None and self.pitch_prior.formants is not None
 
     def _collect(self, batch: dict[str, torch.Tensor]) -> None:
-        """Embed an evaluation batch; with a formant likelihood, also its clips' spectral peaks."""
+        """Embed an evaluation batch (as `validation_step` takes it): keep the (batch, audio_dim)
+        embeddings, labels, clip indices and (batch,) spectral peaks in Hz (zeros without a
+        formant likelihood)."""
         x = batch["x"]
         peaks = self.pitch_prior.formants.spectral_peaks(x) if self._uses_formants else x.new_zeros(len(x))
         self._collected.append((self.backbone(x).detach(), batch["label"], batch["index"], peaks))
@@ -605,6 +611,9 @@ class ZeroShotModule(ResumableModule):
         self._fit_closed_form()
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        """A batch of `ClipExcerpts`: x (batch, n_mels, frames) fixed excerpts, label (batch,) class
+        ids, index (batch,) clip indices (xlsa17's `FeatureBatches`: x (batch, feature_dim), index
+        image indices); embedded here, scored at the epoch's end."""
         self.trainer.datamodule.assert_clean(batch["index"])
         self._collect(batch)
 
@@ -657,6 +666,7 @@ class ZeroShotModule(ResumableModule):
         self.log_dict(metrics, prog_bar=False, sync_dist=True)  # equal on every rank (gathered scores)
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        """As `validation_step`, on the test clips: x (batch, n_mels, frames), index (batch,)."""
         self._collect(batch)
 
     def on_test_epoch_end(self) -> None:
@@ -690,6 +700,8 @@ class ZeroShotModule(ResumableModule):
         return metrics
 
     def _test_figures(self, audio: torch.Tensor, labels: torch.Tensor) -> None:
+        """The test's confusion matrices and, for a head with a shared space, its embedding figure,
+        from audio (n, audio_dim) test embeddings and labels (n,) class ids."""
         names, metrics = self.trainer.datamodule.class_names, self.results.metrics
         titles = {"zsl": f"ZSL, unseen candidates (per-class top-1 {metrics['zsl_top1']:.3f})",
                   "gzsl_cs": f"GZSL, all candidates, calibrated (H {metrics['gzsl_cs_h']:.3f})"}

@@ -29,6 +29,7 @@ class TripletLoss(nn.Module):
         self.margin = non_negative(margin, "loss.margin", whole=False)
 
     def forward(self, scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """scores (batch, n_classes), targets (batch,) -> 0-d mean hinge over the batch."""
         positive = _positive(scores, targets)
         n_classes = scores.shape[1]
         offset = torch.randint(1, n_classes, targets.shape, device=targets.device)
@@ -57,6 +58,7 @@ class RankingLoss(nn.Module):
         self.reduction = reduction
 
     def forward(self, scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """scores (batch, n_classes), targets (batch,) -> 0-d mean of the per-sample losses."""
         hinge = F.relu(self.margin - _positive(scores, targets) + scores)
         hinge = hinge.scatter(1, targets[:, None], 0.0)  # the positive is not its own negative
         if self.reduction == "max":
@@ -82,5 +84,6 @@ class InfoNCELoss(nn.Module):
         self.temperature = temperature
 
     def forward(self, scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """scores (batch, n_classes), targets (batch,) -> 0-d mean cross-entropy."""
         _positive(scores, targets)
         return F.cross_entropy(scores / self.temperature, targets)
