@@ -91,6 +91,8 @@ def _test_settings(value: Any) -> list[EpisodeSettings]:
 class ClipExcerpts(Dataset):
     """Fixed excerpts (frames [offset, offset + length)) of selected clips, for embedding once.
 
+    Built from features (n_clips, n_mels, clip_frames) and labels (n_clips,) of every cached clip
+    and the (n,) indices of the clips it serves, in that order.
     Items: {"x": (n_mels, length), "label": class id, "index": clip index}.
     """
 

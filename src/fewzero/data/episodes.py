@@ -106,7 +106,8 @@ def crop_frames(features: torch.Tensor, index: torch.Tensor, starts: torch.Tenso
 
 
 class EpisodeDataset(Dataset):
-    """Map-style dataset whose item `i` is episode `first_episode + i`.
+    """Map-style dataset whose item `i` is episode `first_episode + i`, cut from `features`
+    (n_clips, F, clip_frames), the rows the sampler's clip indices point to.
 
     Each item is a dict:
         support: (n_way * n_shot, F, excerpt_frames), class-major order.

@@ -225,7 +225,8 @@ def load_features(root: str | Path, name: str, feature_file: str = FEATURE_FILE
 
 class FeatureBatches(Dataset):
     """Indexed by a batch of image indices (use with a `BatchSampler`): one whole batch per item,
-    {"x": (batch, dim), "label": (batch,), "index": (batch,)}."""
+    {"x": (batch, dim), "label": (batch,), "index": (batch,)}, from features (n_images, dim) and
+    labels (n_images,) of every image."""
 
     def __init__(self, features: torch.Tensor, labels: torch.Tensor):
         self.features, self.labels = features, labels
@@ -362,6 +363,8 @@ class Xlsa17DataModule(pl.LightningDataModule):
                              "files consistent.)")
 
     def _role_indices(self) -> dict[str, torch.Tensor]:
+        """(n_role,) image indices of each role: train, val_seen, val_unseen, test_seen and
+        test_unseen (the validation ones empty when training on trainval)."""
         s = self.splits
         trainval = s.trainval
         empty = trainval[:0]

@@ -51,8 +51,9 @@ class BalancedExcerpts(Dataset):
 
     Item `i` is drawn with its own generator seeded with `seed + first_item + i` (a class, then
     a clip of that class, then a start frame in [0, max_start]), so the stream is the same
-    whichever worker or resume produces it. Items: {"x": (n_mels, length), "label": class id,
-    "index": clip index}.
+    whichever worker or resume produces it. Built from features (n_clips, n_mels, clip_frames)
+    and labels (n_clips,) of every cached clip and the (n,) indices of the training clips.
+    Items: {"x": (n_mels, length), "label": class id, "index": clip index}.
     """
 
     def __init__(self, features: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor,
@@ -350,6 +351,9 @@ class ZeroShotDataModule(StreamPosition, pl.LightningDataModule):
                             "seen top-1 and GZSL s" if role == "seen" else "ZSL and GZSL u", tested)
 
     def _role_indices(self) -> dict[str, torch.Tensor]:
+        """(n_role,) clip indices of each role: train, val_seen, val_unseen, test_seen and
+        test_unseen (the validation ones empty when training on trainval; val_seen also with
+        val_fold null)."""
         folds = self.table.folds
 
         def where(names: Sequence[str], fold_mask: torch.Tensor) -> torch.Tensor:
