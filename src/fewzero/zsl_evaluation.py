@@ -164,6 +164,8 @@ def _gzsl_for(gammas: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor,
     is_unseen = torch.isin(labels, torch.as_tensor(list(unseen), dtype=torch.long))
 
     def mean_over_classes(mask: torch.Tensor) -> torch.Tensor:
+        """(G,) per-class mean accuracy at each penalty over the classes of the samples that `mask`
+        (n,) selects; NaN where it selects none."""
         classes = labels[mask].unique()
         if len(classes) == 0:
             return torch.full(gammas.shape, float("nan"))

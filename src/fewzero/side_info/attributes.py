@@ -137,6 +137,7 @@ class AttributeTable(SideInformation):
                 f"the values only one class uses, {once}.") if once else ""
 
     def compute(self, class_names: Sequence[str]) -> list[torch.Tensor]:
+        """Per class one (1, dim) row: its encoded attributes (`columns`)."""
         check_covered(class_names, list(self.table), what="side_info.table",
                       hint="Add a row for each to side_info.table (a value for every "
                            "categorical and numeric attribute), or remove the class from "

@@ -88,6 +88,7 @@ class GloveVectors(SideInformation):
                 "md5": file_digest(self.path) if Path(self.path).is_file() else None}
 
     def compute(self, class_names: Sequence[str]) -> list[torch.Tensor]:
+        """Per class one (1, dim) row: the mean GloVe vector of its words."""
         check_covered(class_names, list(self.words), what="side_info.words",
                       hint="Add an entry for each to side_info.words (class name -> lowercase "
                            "words, e.g. 'French Horn': [french, horn]), or remove the class "

@@ -113,7 +113,8 @@ class EfficientNetLite0Encoder(nn.Module):
 
 
 class ResNet101Encoder(nn.Module):
-    """torchvision ResNet-101 (ImageNet, the tutorial's) without its classifier: -> (n, 2048).
+    """torchvision ResNet-101 (ImageNet, the tutorial's) without its classifier:
+    (n, 3, 224, 224) -> (n, 2048).
 
     Weights: `weights_path`; else torchvision's IMAGENET1K_V1 file in the torch hub cache
     (`$TORCH_HOME/hub/checkpoints/resnet101-63fe2227.pth`), downloaded only with `download=true`.
@@ -261,6 +262,7 @@ class ImageEmbeddings(SideInformation):
                 "file, or point side_info.root / side_info.files elsewhere.") from err
 
     def compute(self, class_names: Sequence[str]) -> list[torch.Tensor]:
+        """Per class (n_images, dim): one embedding per image of `image_paths`, in its order."""
         encoder = self.encoder
         members = []
         for name, paths in self.image_paths(class_names).items():

@@ -146,6 +146,7 @@ class SentenceEmbeddings(SideInformation):
         return {"descriptions": self.descriptions, "model": model, "files": model_digests(folder)}
 
     def compute(self, class_names: Sequence[str]) -> list[torch.Tensor]:
+        """Per class one (1, dim) row: the sentence embedding of its description."""
         check_covered(class_names, list(self.descriptions), what="side_info.descriptions",
                       hint="Add a description for each to side_info.descriptions (class name "
                            "-> sentence), or remove the class from dataset.split.")

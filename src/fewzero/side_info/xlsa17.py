@@ -56,5 +56,6 @@ class Xlsa17Attributes(SideInformation):
         return {"root": str(self.root.resolve()), "name": self.name, "key": self.attribute_key}
 
     def compute(self, class_names: Sequence[str]) -> list[torch.Tensor]:
+        """Per class one (1, n_attributes) row of att_splits.mat's `attribute_key`."""
         splits = load_splits(self.root, self.name, None, attribute_key=self.attribute_key)
         return [splits.attributes[i][None] for i in splits.ids(list(class_names))]
