@@ -97,6 +97,13 @@ def test_backbones_map_log_mel_to_their_embedding_size():
     # were torch's "dropout probability has to be between 0 and 1", naming no key
     (lambda: TimbreCNN(n_mels=32, dropout=1.5), r"model.backbone.dropout=1.5: "),
     (lambda: BilinearHead(8, 4, dropout=-0.1), r"model.head.dropout=-0.1: "),
+    # were torch's TypeError ("empty(): argument 'size' failed to unpack") or RuntimeError
+    # ("expected weight to be at least 1", "negative dimension -4"), naming no key
+    (lambda: TimbreCNN(n_mels=32, channels=[]), r"model.backbone.channels=\[\]: .*at least one"),
+    (lambda: TimbreCNN(n_mels=32, channels=[16, 0]), r"model.backbone.channels\[1\]=0: .*whole number >= 1"),
+    (lambda: TimbreCNN(n_mels=32, channels=[-4, 8]), r"model.backbone.channels\[0\]=-4: "),
+    (lambda: TimbreCNN(n_mels=32, channels=[16.5, 32]), r"model.backbone.channels\[0\]=16.5: "),
+    (lambda: TimbreCNN(n_mels=32, channels=16), r"model.backbone.channels=16: .*one output size per layer"),
 ])
 def test_model_sizes_and_dropouts_that_cannot_train_are_refused_naming_the_key(build, message):
     with pytest.raises(ValueError, match=message):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fewzero.models.settings import dropout_probability, size
+from fewzero.models.settings import dropout_probability, size, sizes
 
 
 def _check_input(x: torch.Tensor, n_mels: int) -> None:
@@ -126,6 +126,7 @@ class TimbreCNN(nn.Module):
         self.embedding_dim = size(embedding_dim, "model.backbone.embedding_dim")
         dropout = dropout_probability(dropout, "model.backbone.dropout")
         self.keep_frequency = keep_frequency
+        channels = sizes(channels, "model.backbone.channels")
         self.min_size = 2 ** (len(channels) - 1)  # each block but the last halves both axes
         if n_mels < self.min_size:
             raise ValueError(f"timbre_cnn's {len(channels) - 1} poolings need at least {self.min_size} "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Sequence
 
 
 def _is_number(value: object) -> bool:
@@ -26,6 +27,16 @@ def size(value: object, key: str) -> int:
     if not _is_number(value) or value < 1 or not float(value).is_integer():
         raise ValueError(f"{key}={value!r}: a layer's output size must be a whole number >= 1.")
     return int(value)
+
+
+def sizes(values: object, key: str) -> list[int]:
+    """`values` of the config key `key`, one layer's output size per layer (a CNN's channels),
+    checked to name at least one layer and each to be a `size`; else a ValueError naming the key
+    (and the entry, `key[i]`)."""
+    if not isinstance(values, Sequence) or isinstance(values, str) or not values:
+        raise ValueError(f"{key}={values!r}: must list one output size per layer, at least one "
+                         "(e.g. [16, 32, 64, 128]).")
+    return [size(value, f"{key}[{i}]") for i, value in enumerate(values)]
 
 
 def dropout_probability(value: object, key: str) -> float:
