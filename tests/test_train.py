@@ -1094,3 +1094,21 @@ def test_switching_the_trainers_progress_bar_off_leaves_the_runs_own_bar_out(tmp
     assert cfg.callbacks.progress_bar is not None
     _, objects = train(cfg)
     assert objects["trainer"].progress_bar_callback is None
+
+
+@pytest.mark.parametrize("experiment", ["fsl_protonet", "zsl_attribute_audio"])
+@pytest.mark.parametrize(("setting", "message"), [
+    ("model.augment.freq_mask_bins=128", r"model.augment.freq_mask_bins=128 would blank whole "
+                                         r"excerpts: they have 128 mel bins"),
+    ("model.augment.time_mask_frames=81", r"model.augment.time_mask_frames=81 would blank whole "
+                                          r"excerpts: they have 81 frames per excerpt"),
+])
+def test_an_augmentation_wider_than_the_excerpts_is_refused_before_the_data_are_prepared(
+        tmp_path, monkeypatch, experiment, setting, message):
+    # was refused at the first training batch, after the clips were rendered and cached
+    from fewzero.data.zsl_datamodule import ZeroShotDataModule
+
+    for module in (FewShotDataModule, ZeroShotDataModule):
+        monkeypatch.setattr(module, "prepare_data", lambda self: pytest.fail("data prepared"))
+    with pytest.raises(ValueError, match=message):
+        train(compose_train_cfg(tmp_path, [f"experiment={experiment}", setting]))

@@ -562,6 +562,16 @@ def give_example_input(model: pl.LightningModule, datamodule: Any) -> None:
         model.example_input_array = torch.zeros(1, features.n_mels, frames)
 
 
+def check_augment_fits(model: pl.LightningModule, cfg: DictConfig) -> None:
+    """Refuse, before any data are rendered or cached, a `model.augment` shift or mask width that
+    is not below its axis in the datamodule's excerpts (the example excerpt of
+    `give_example_input`): the augmentation's own check (`LogMelAugment.check_fits`) came at the
+    first training batch, after the data were prepared. Only for a run that trains."""
+    augment, example = getattr(model, "augment", None), getattr(model, "example_input_array", None)
+    if cfg.get("train", True) and hasattr(augment, "check_fits") and isinstance(example, torch.Tensor):
+        augment.check_fits(*example.shape[1:])
+
+
 def import_problem(target: str) -> str | None:
     """Why the dotted path `target` (a `_target_`) cannot be imported, or None when it can. A
     module that is found but fails to import (a package it imports is missing, a bug in it)
@@ -1074,6 +1084,7 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> tuple[dict[str
     log.info("Building model <%s>", cfg.model._target_)
     model = build_model(cfg, output_dir)
     give_example_input(model, datamodule)
+    check_augment_fits(model, cfg)
     check_audio_encoder_output(model, cfg)
     # an entry set to null (callbacks.progress_bar=null) is switched off, like one removed with ~
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]

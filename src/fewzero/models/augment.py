@@ -20,7 +20,8 @@ class LogMelAugment(nn.Module):
         freq_mask_bins: width up to which one band of mel bins is set to the excerpt minimum.
         time_mask_frames: width up to which one span of frames is set to the excerpt minimum.
     The excerpt minimum is taken after the gain. Shifts and mask widths must be smaller than
-    their axis, else whole excerpts could be blanked (checked on each training batch).
+    their axis, else whole excerpts could be blanked (`check_fits`: fewzero.train runs it on the
+    datamodule's excerpt shape before any data are prepared, and each training batch again).
     Uses the global torch RNG (seeded by `seed_everything`), so runs are repeatable.
     """
 
@@ -39,9 +40,7 @@ class LogMelAugment(nn.Module):
         if not self.training:
             return x
         batch, n_mels, n_frames = x.shape
-        self._check_fits("max_shift_bins", n_mels, "mel bins")
-        self._check_fits("freq_mask_bins", n_mels, "mel bins")
-        self._check_fits("time_mask_frames", n_frames, "frames per excerpt")
+        self.check_fits(n_mels, n_frames)
         if self.gain > 0:
             x = x + (torch.rand(batch, 1, 1, device=x.device) * 2 - 1) * self.gain
         floor = x.amin(dim=(1, 2), keepdim=True)
@@ -55,12 +54,16 @@ class LogMelAugment(nn.Module):
         x = self._mask(x, floor, self.freq_mask_bins, dim=1)
         return self._mask(x, floor, self.time_mask_frames, dim=2)
 
-    def _check_fits(self, name: str, size: int, axis: str) -> None:
-        """Raise a ValueError naming model.augment.`name` when it is not below `size`."""
-        value = getattr(self, name)
-        if value >= size:
-            raise ValueError(f"model.augment.{name}={value} would blank whole excerpts: they have "
-                             f"{size} {axis}. Set it below {size} (0 turns it off).")
+    def check_fits(self, n_mels: int, n_frames: int) -> None:
+        """Raise a ValueError naming the model.augment key whose shift or mask width is not below
+        its axis in excerpts of (n_mels, n_frames): it would blank whole excerpts."""
+        for name, size, axis in (("max_shift_bins", n_mels, "mel bins"),
+                                 ("freq_mask_bins", n_mels, "mel bins"),
+                                 ("time_mask_frames", n_frames, "frames per excerpt")):
+            value = getattr(self, name)
+            if value >= size:
+                raise ValueError(f"model.augment.{name}={value} would blank whole excerpts: they "
+                                 f"have {size} {axis}. Set it below {size} (0 turns it off).")
 
     @staticmethod
     def _mask(x: torch.Tensor, floor: torch.Tensor, max_width: int, dim: int) -> torch.Tensor:
