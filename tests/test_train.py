@@ -21,6 +21,7 @@ from fewzero.train import (
     compose_train_config,
     keep_freed_memory,
     train,
+    warn_of_a_learning_rate_of_zero,
 )
 
 # Audio experiments; the xlsa17_* ones run on precomputed features (tests/test_xlsa17.py).
@@ -1112,3 +1113,28 @@ def test_an_augmentation_wider_than_the_excerpts_is_refused_before_the_data_are_
         monkeypatch.setattr(module, "prepare_data", lambda self: pytest.fail("data prepared"))
     with pytest.raises(ValueError, match=message):
         train(compose_train_cfg(tmp_path, [f"experiment={experiment}", setting]))
+
+
+LR_ZERO = "model.optimizer.lr=0"
+
+
+def test_a_learning_rate_of_zero_is_warned_of_once_naming_the_key(tmp_path, caplog):
+    # was silent: the run scored its initial weights as if trained (debug=fast on rendered SOL:
+    # the same code path as a trained run, no message)
+    caplog.set_level("WARNING")
+    train(compose_train_cfg(tmp_path, [LR_ZERO, "test=false"]))
+    said = [r.getMessage() for r in caplog.records if "the learning rate is 0" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("model.optimizer.lr=0: ")
+
+
+@pytest.mark.parametrize("overrides", [
+    [],  # the default learning rate
+    [*ONE_CYCLE, "+model.scheduler.total_steps=4", LR_ZERO],  # OneCycleLR sets its own rates
+    [LR_ZERO, "+model.scheduler.eta_min=0.0001"],  # the cosine schedule climbs to eta_min
+    ["experiment=zsl_attribute_audio", "model=eszsl", "model.pitch_prior=null", LR_ZERO],  # unused
+])
+def test_a_learning_rate_that_trains_or_goes_unused_is_not_warned_of(tmp_path, caplog, overrides):
+    cfg = compose_train_cfg(tmp_path, overrides)
+    caplog.set_level("WARNING")
+    warn_of_a_learning_rate_of_zero(hydra.utils.instantiate(cfg.model), cfg)
+    assert "the learning rate is 0" not in caplog.text

@@ -480,6 +480,35 @@ def _built(node: Any, key: str, **arguments: Any) -> Any:
             "for one it lacks, ~ to remove one).") from error
 
 
+def _stand_in_optimisation(cfg: DictConfig) -> tuple[torch.optim.Optimizer, Any]:
+    """`model.optimizer` built on one stand-in parameter, and `model.scheduler` on it (None
+    without one): what the run's would do, step by step."""
+    model = cfg.model
+    optimizer = _built(model.optimizer, "model.optimizer", params=[torch.nn.Parameter(torch.zeros(1))])
+    if not model.get("scheduler"):
+        return optimizer, None
+    return optimizer, _built(model.scheduler, "model.scheduler", optimizer=optimizer)
+
+
+def warn_of_a_learning_rate_of_zero(model: pl.LightningModule, cfg: DictConfig) -> None:
+    """Warn (once, as the run's model is built) when the model has parameters to optimise and the
+    learning rate is 0 from the first step on (`model.optimizer.lr=0`, with no schedule that
+    raises it): nothing learns, and the run's figures are those of its initial weights (BatchNorm
+    statistics and fitted whitening aside), reported as if trained. Not refused: an untrained
+    encoder is a baseline a study may want. Closed-form heads on a frozen encoder (ESZSL, SAE)
+    optimise nothing, so their optimizer settings go unused and unchecked."""
+    if (not cfg.get("train", True) or not (cfg.get("model") or {}).get("optimizer")
+            or not isinstance(model, ResumableModule) or not model.optimised_parameters()):
+        return
+    optimizer, scheduler = _stand_in_optimisation(cfg)
+    rates = [group["lr"] for group in optimizer.param_groups] + [getattr(scheduler, "eta_min", 0)]
+    if not any(rates):
+        log.warning("model.optimizer.lr=%s: the learning rate is 0, so training changes no weight "
+                    "(BatchNorm statistics aside) and validation and test score the initial, random "
+                    "ones. Set model.optimizer.lr above 0 (the configs' 0.001), unless an untrained "
+                    "model is what this run is for.", cfg.model.optimizer.get("lr"))
+
+
 def check_optimisation_settings(cfg: DictConfig) -> None:
     """Refuse, before anything is built, an optimizer or learning-rate schedule the training
     cannot run as asked, by building both on one stand-in parameter:
@@ -497,10 +526,9 @@ def check_optimisation_settings(cfg: DictConfig) -> None:
     model = cfg.get("model") or {}
     if not cfg.get("train", True) or not model.get("optimizer"):
         return
-    optimizer = _built(model.optimizer, "model.optimizer", params=[torch.nn.Parameter(torch.zeros(1))])
-    if not model.get("scheduler"):
+    _, scheduler = _stand_in_optimisation(cfg)
+    if scheduler is None:
         return
-    scheduler = _built(model.scheduler, "model.scheduler", optimizer=optimizer)
     name = model.scheduler.get("_target_")
     if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
         raise ValueError(
@@ -1085,6 +1113,7 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> tuple[dict[str
     model = build_model(cfg, output_dir)
     give_example_input(model, datamodule)
     check_augment_fits(model, cfg)
+    warn_of_a_learning_rate_of_zero(model, cfg)
     check_audio_encoder_output(model, cfg)
     # an entry set to null (callbacks.progress_bar=null) is switched off, like one removed with ~
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
