@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FSL_OVERRIDES, ZSL_OVERRIDES
+from conftest import FSL_OVERRIDES, ZSL_OVERRIDES, compose_train_cfg
 from pytorch_lightning.utilities.rank_zero import rank_zero_info
 
 from fewzero.console import (
@@ -18,8 +18,11 @@ from fewzero.console import (
     quiet_lightning,
     refusal_message,
     stopped_by_another_process,
+    without_optimiser_notes,
 )
 from fewzero.data.clips import TINYSOL_INSTRUMENTS
+from fewzero.models.zeroshot_module import ZeroShotModule
+from fewzero.train import train
 
 
 class _Lines(logging.Handler):
@@ -58,6 +61,41 @@ def test_follow_up_trainers_drop_device_lines_and_the_checkpoint_folder_warning_
                                "GPU available: True (cuda), used: True"]
     assert [str(w.message) for w in caught] == ["something else",
                                                 "Checkpoint directory /other exists and is not empty."]
+
+
+TRAINING_STEP_NOTE = "`training_step` returned `None`. If this was on purpose, ignore this warning..."
+OPTIMIZER_NOTE = "`LightningModule.configure_optimizers` returned `None`, this fit will run with no optimizer"
+
+
+def test_the_notes_of_a_fit_without_optimiser_are_dropped_for_a_model_that_optimises_nothing_only():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for optimises_nothing in (True, False):
+            with without_optimiser_notes(optimises_nothing):
+                warnings.warn(TRAINING_STEP_NOTE, stacklevel=1)
+                warnings.warn(OPTIMIZER_NOTE, stacklevel=1)
+                warnings.warn("something else", stacklevel=1)
+        warnings.warn(TRAINING_STEP_NOTE, stacklevel=1)  # after the fit: through again
+    assert [str(w.message) for w in caught] == ["something else", TRAINING_STEP_NOTE, OPTIMIZER_NOTE,
+                                                "something else", TRAINING_STEP_NOTE]
+
+
+def test_a_closed_form_run_warns_of_no_none_it_returns_by_design_and_of_everything_else(tmp_path,
+                                                                                        monkeypatch):
+    """ESZSL and SAE embed their training batches and take no gradient step: Lightning warned at
+    every fit (the main one and the refit) that training_step and configure_optimizers returned
+    None."""
+    monkeypatch.setattr(ZeroShotModule, "on_train_start",
+                        lambda self: warnings.warn("a warning of the model's own", stacklevel=1),
+                        raising=False)
+    cfg = compose_train_cfg(tmp_path, ["experiment=zsl_attribute_audio", "model=eszsl",
+                                       "model.pitch_prior=null"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(cfg)
+    said = [str(w.message) for w in caught]
+    assert said.count("a warning of the model's own") == 2  # the main fit and the refit
+    assert not [m for m in said if "returned `None`" in m]
 
 
 def test_quiet_lightning_drops_the_cloud_logger_advertisement_once_added(lightning_lines):

@@ -1,11 +1,14 @@
 """What Lightning and torch print that says nothing to a fewzero user, kept off the console.
 
-Three kinds:
+Four kinds:
 - Lightning's advertisement for its cloud logger, printed by every Trainer;
 - torch 2.11's FutureWarning about `LeafSpec`, raised inside Lightning's own code;
 - for the trainers that follow a run's main fit (class cross-validation's folds, the refit),
   the device lines the main trainer has already printed, and "Checkpoint directory ... exists
-  and is not empty": those fits write into the run's own checkpoint folder by design.
+  and is not empty": those fits write into the run's own checkpoint folder by design;
+- in the fits of a model that optimises nothing (a closed-form head on a frozen encoder: ESZSL,
+  SAE), Lightning's warnings that `configure_optimizers` and `training_step` returned None, as
+  they do by design there.
 
 Everything else Lightning says is left as it is.
 
@@ -112,6 +115,24 @@ def quiet_lightning() -> None:
             logger.addFilter(_ADVERTISEMENT_FILTER)
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
                             category=FutureWarning)
+
+
+# what Lightning warns of in a fit whose model optimises nothing (`without_optimiser_notes`)
+NO_OPTIMISER_NOTES = (r"`LightningModule.configure_optimizers` returned `None`",
+                      r"`training_step` returned `None`")
+
+
+@contextlib.contextmanager
+def without_optimiser_notes(optimises_nothing: bool) -> Iterator[None]:
+    """Around a fit: when its model optimises nothing (`optimises_nothing`: a closed-form head on a
+    frozen encoder, whose `configure_optimizers` and `training_step` return None by design),
+    Lightning's warnings of those two Nones are dropped. Every other warning, and those two for
+    any other model, are left as they are."""
+    with warnings.catch_warnings():
+        if optimises_nothing:
+            for note in NO_OPTIMISER_NOTES:
+                warnings.filterwarnings("ignore", message=note, category=UserWarning)
+        yield
 
 
 @contextlib.contextmanager

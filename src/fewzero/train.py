@@ -51,6 +51,7 @@ from fewzero.console import (
     quiet_lightning,
     refusal_message,
     stopped_by_another_process,
+    without_optimiser_notes,
 )
 from fewzero.data.clips import config_hash
 from fewzero.models.backbones import MusicFslCNN
@@ -480,6 +481,12 @@ def _built(node: Any, key: str, **arguments: Any) -> Any:
             "for one it lacks, ~ to remove one).") from error
 
 
+def optimises_nothing(model: pl.LightningModule) -> bool:
+    """Whether `model` gives its optimizer no parameter (`ResumableModule.optimised_parameters`: a
+    closed-form head on a frozen encoder, ESZSL or SAE), so that its fits take no gradient step."""
+    return isinstance(model, ResumableModule) and not model.optimised_parameters()
+
+
 def _stand_in_optimisation(cfg: DictConfig) -> tuple[torch.optim.Optimizer, Any]:
     """`model.optimizer` built on one stand-in parameter, and `model.scheduler` on it (None
     without one): what the run's would do, step by step."""
@@ -498,7 +505,7 @@ def warn_of_a_learning_rate_of_zero(model: pl.LightningModule, cfg: DictConfig) 
     encoder is a baseline a study may want. Closed-form heads on a frozen encoder (ESZSL, SAE)
     optimise nothing, so their optimizer settings go unused and unchecked."""
     if (not cfg.get("train", True) or not (cfg.get("model") or {}).get("optimizer")
-            or not isinstance(model, ResumableModule) or not model.optimised_parameters()):
+            or not isinstance(model, ResumableModule) or optimises_nothing(model)):
         return
     optimizer, scheduler = _stand_in_optimisation(cfg)
     rates = [group["lr"] for group in optimizer.param_groups] + [getattr(scheduler, "eta_min", 0)]
@@ -859,7 +866,8 @@ def resumable_fit(cfg: DictConfig, model: pl.LightningModule, datamodule: Any, o
         # without a checkpoint callback of ours, Lightning would add its own
         trainer = hydra.utils.instantiate(cfg.trainer, callbacks=[*callbacks, *own], logger=False,
                                           enable_checkpointing=keeps_progress, **trainer_settings)
-        trainer.fit(model, datamodule=datamodule, ckpt_path=resume)
+        with without_optimiser_notes(optimises_nothing(model)):
+            trainer.fit(model, datamodule=datamodule, ckpt_path=resume)
     return trainer
 
 
@@ -1147,7 +1155,8 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> tuple[dict[str
     if cfg.get("train", True) and hasattr(datamodule, "check_trainable"):  # a zero-shot split
         datamodule.check_trainable(getattr(model, "class_cv", False))
     if cfg.get("train", True):
-        trainer.fit(model, datamodule=datamodule, ckpt_path=resumed)
+        with without_optimiser_notes(optimises_nothing(model)):
+            trainer.fit(model, datamodule=datamodule, ckpt_path=resumed)
         metrics.update(fit_metrics(trainer, resumed))
         if refits:
             selected, chosen_by_cv = _selected_checkpoint(trainer), None  # loaded once for both
