@@ -1026,6 +1026,11 @@ def test_a_cosine_schedule_without_a_length_is_refused_when_training_by_epochs(t
     by_epochs = ["trainer.max_steps=-1", "trainer.max_epochs=2"]
     with pytest.raises(ValueError, match=r"model.scheduler.T_max=-1: .*model.scheduler=null"):
         train(compose_train_cfg(tmp_path, by_epochs))
+    # was accepted: the learning rate climbed back after step 3 (checked as the fit starts,
+    # where the epochs' length is known)
+    with pytest.raises(ValueError, match=r"model.scheduler.T_max=3 is shorter than the run \(trainer."
+                                         r"max_epochs=2 epochs of 2 steps\).*T_max=4 or more"):
+        train(compose_train_cfg(tmp_path / "short", [*by_epochs, "model.scheduler.T_max=3"]))
     _, objects = train(compose_train_cfg(tmp_path / "fixed", [*by_epochs, "model.scheduler.T_max=4"]))
     assert objects["trainer"].global_step == 4  # two epochs of two episodes
 

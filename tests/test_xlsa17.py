@@ -18,6 +18,7 @@ import torch
 from conftest import CONFIG_DIR, SHARED_DATA
 
 from fewzero.data.xlsa17 import XLSA17_URL, Xlsa17DataModule, load_features, load_splits
+from fewzero.models.zeroshot_module import ZeroShotModule
 from fewzero.plots import confusion_figure
 from fewzero.report import collect
 from fewzero.side_info.xlsa17 import Xlsa17Attributes
@@ -584,3 +585,36 @@ def test_training_on_trainval_from_the_start_is_refused_since_no_validation_woul
                               "dataset.refit_on_trainval=false", *NO_LOGGER])
     with pytest.raises(ValueError, match="dataset.train_on=trainval trains with no validation data"):
         train(cfg)
+
+
+COSINE = "model.scheduler={_target_: torch.optim.lr_scheduler.CosineAnnealingLR, _partial_: true, T_max: %d}"
+
+
+@pytest.mark.parametrize(("t_max", "refused"), [
+    # the fit's own 3 epochs of 4 batches: its learning rate climbed back from step 6 on
+    (5, r"model.scheduler.T_max=5 is shorter than the run \(trainer.max_epochs=3 epochs of 4 steps, "
+        r"and the refit on trainval, which repeats up to 3 epochs of 7 steps\).*climbs back up.*"
+        r"model.scheduler.T_max=21 or more, or model.scheduler=null"),
+    # the fit's length: the refit (2 selected epochs of 7 batches) climbed back from step 13 on
+    (12, r"model.scheduler.T_max=12 is shorter than the run .*Set model.scheduler.T_max=21 "),
+    (21, None),
+])
+def test_a_schedule_shorter_than_the_epochs_of_the_fit_or_its_refit_is_refused_as_the_fit_starts(
+        tmp_path, monkeypatch, t_max, refused):
+    """xlsa17's fits are counted in epochs (trainer.max_steps=-1), so the check by max_steps
+    before anything is built let any T_max through."""
+    write_toy(tmp_path)
+    rates = []
+    monkeypatch.setattr(ZeroShotModule, "on_train_batch_start", lambda self, batch, i: rates.append(
+        self.trainer.optimizers[0].param_groups[0]["lr"]), raising=False)
+    cfg = _toy_cfg(tmp_path, ["experiment=xlsa17_devise", "trainer.max_epochs=3", "dataset.batch_size=32",
+                              "model.optimizer.lr=0.01", COSINE % t_max, *NO_LOGGER])
+    if refused is not None:
+        with pytest.raises(ValueError, match=refused):
+            train(cfg)
+        assert rates == []  # before any step
+        return
+    _, objects = train(cfg)
+    fit, refit = rates[:12], rates[12:]
+    assert len(refit) == objects["trainer"].global_step > 12  # the refit's epochs are longer
+    assert all(part == sorted(part, reverse=True) for part in (fit, refit))  # never climbs back

@@ -45,6 +45,7 @@ from fewzero.callbacks import (
     RunRecord,
     StageTimer,
     requeue,
+    steps_per_epoch,
 )
 from fewzero.console import (
     follow_up_trainer,
@@ -516,7 +517,7 @@ def warn_of_a_learning_rate_of_zero(model: pl.LightningModule, cfg: DictConfig) 
                     "model is what this run is for.", cfg.model.optimizer.get("lr"))
 
 
-def check_optimisation_settings(cfg: DictConfig) -> None:
+def check_optimisation_settings(cfg: DictConfig, steps: int | None = None, counted: str = "") -> None:
     """Refuse, before anything is built, an optimizer or learning-rate schedule the training
     cannot run as asked, by building both on one stand-in parameter:
 
@@ -524,8 +525,10 @@ def check_optimisation_settings(cfg: DictConfig) -> None:
       one): torch's own error came with a traceback once the fit had started, not naming the key;
     - `ReduceLROnPlateau`: the schedule is stepped every optimiser step, and no metric exists
       at every step (validation scores come once an epoch);
-    - a schedule whose length in steps (`T_max`, `total_steps`) is not positive, or, when the
-      run trains by steps, shorter than `trainer.max_steps`: the cosine schedule climbs back
+    - a schedule whose length in steps (`T_max`, `total_steps`) is not positive, or shorter
+      than the run: than `trainer.max_steps`, or `steps` where given (the most optimiser steps
+      one of the run's fits takes, `counted` saying how: `ScheduleLengthCheck` gives them once
+      the epochs' length is known, for fits counted in epochs). The cosine schedule climbs back
       to the full learning rate after `T_max` steps (a restart nobody asked for), and OneCycleLR
       stops the run with an error at its step `total_steps` + 1.
 
@@ -545,6 +548,8 @@ def check_optimisation_settings(cfg: DictConfig) -> None:
             "<steps>, CosineAnnealingLR, the default, LinearLR, ...), or model.scheduler=null for a "
             "constant learning rate.")
     max_steps = cfg.trainer.get("max_steps", -1)
+    if steps is None and max_steps is not None and max_steps > 0:
+        steps, counted = max_steps, f"trainer.max_steps={max_steps}"
     for key in ("T_max", "total_steps"):
         length = getattr(scheduler, key, None)  # the schedule's length in optimiser steps
         if length is None:
@@ -559,15 +564,60 @@ def check_optimisation_settings(cfg: DictConfig) -> None:
                 "dataset.episodes.train.n_episodes for few-shot, dataset.steps_per_epoch for "
                 "zero-shot>, or model.scheduler=null for a constant learning rate, or train by "
                 "steps with trainer.max_steps.")
-        if max_steps is not None and max_steps > 0 and length < max_steps:
+        if steps is not None and length < steps:
             then = ("climbs back up towards the full learning rate (a warm restart, which "
                     "torch.optim.lr_scheduler.CosineAnnealingWarmRestarts gives on purpose)"
                     if key == "T_max" else "has no learning rate: torch stops the run with an error")
+            fix = (f" (the configs' {key}: ${{trainer.max_steps}}) or more" if steps == max_steps
+                   else " or more, or model.scheduler=null for a constant learning rate")
             raise ValueError(
-                f"model.scheduler.{key}={length} is shorter than the run (trainer.max_steps="
-                f"{max_steps}), and after step {length} the schedule ({name}) {then}. Set "
-                f"model.scheduler.{key}={max_steps} (the configs' {key}: ${{trainer.max_steps}}) or "
-                "more.")
+                f"model.scheduler.{key}={length} is shorter than the run ({counted}), and after step "
+                f"{length} the schedule ({name}) {then}. Set model.scheduler.{key}={steps}{fix}.")
+
+
+def epoch_counted_steps(trainer: pl.Trainer) -> tuple[int, str] | None:
+    """The most optimiser steps one fit of the run takes, and how they are counted, where epochs
+    count them: the fit's own (trainer.max_steps=-1, max_epochs=N) and a refit on trainval that
+    repeats the selected number of epochs on more data (xlsa17: `refit_length` "epochs"), up to
+    as many epochs as this fit has. None where trainer.max_steps bounds every fit (checked before
+    anything was built), in a fast_dev_run, or where the epoch's length is unknown."""
+    epoch, datamodule = steps_per_epoch(trainer), trainer.datamodule
+    refits_by_epochs = (getattr(datamodule, "refit_on_trainval", False)
+                        and hasattr(datamodule, "for_trainval")
+                        and getattr(datamodule, "refit_length", "epochs") == "epochs")
+    if not epoch or trainer.fast_dev_run or trainer.max_steps > 0 and not refits_by_epochs:
+        return None
+    bounds = []
+    if trainer.max_steps > 0:
+        bounds.append((trainer.max_steps, f"trainer.max_steps={trainer.max_steps}"))
+    if trainer.max_epochs is not None and trainer.max_epochs >= 0:
+        bounds.append((trainer.max_epochs * epoch,
+                       f"trainer.max_epochs={trainer.max_epochs} epochs of {epoch} steps"))
+    if not bounds:
+        return None
+    steps, counted = min(bounds)
+    if refits_by_epochs:
+        epochs, refit_epoch = math.ceil(steps / epoch), len(datamodule.for_trainval().train_dataloader())
+        if epochs * refit_epoch > steps:
+            steps, counted = epochs * refit_epoch, (f"{counted}, and the refit on trainval, which repeats "
+                                                    f"up to {epochs} epochs of {refit_epoch} steps")
+    return steps, counted
+
+
+class ScheduleLengthCheck(pl.Callback):
+    """As the run's fit starts (its epochs' length known, no step taken), refuse a learning-rate
+    schedule shorter than fits counted in epochs (`epoch_counted_steps`), as
+    `check_optimisation_settings` refuses one shorter than trainer.max_steps before anything is
+    built: with xlsa17's epochs, a cosine schedule climbed back to the full rate in the fit or
+    in the longer refit on trainval."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self.cfg = cfg
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        counted = epoch_counted_steps(trainer)
+        if counted is not None:
+            check_optimisation_settings(self.cfg, *counted)
 
 
 def check_accelerator(cfg: DictConfig) -> None:
@@ -965,7 +1015,8 @@ def refit_on_trainval(cfg: DictConfig, datamodule: Any, trainer: pl.Trainer, out
     every training item once, so more data means more steps, as in the paper) or "steps" (epochs
     of a fixed number of batches: the refit takes as many optimiser steps). The trainer and model
     configs are unchanged, so a learning-rate schedule follows the same course as in the run that
-    chose the checkpoint.
+    chose the checkpoint, step by step (in epochs of more data, for more steps: `ScheduleLengthCheck`
+    refused a schedule shorter than those as the run's fit started).
 
     Returns (datamodule, model, trainer, info); the refitted model is saved as
     `<output_dir>/checkpoints/refit_trainval.ckpt` (info["checkpoint"]) and is what gets tested.
@@ -1135,6 +1186,8 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> tuple[dict[str
             and not any(isinstance(c, pl.callbacks.ModelSummary) for c in callbacks)):
         callbacks.append(EncoderModelSummary())  # Lightning's default one, with the encoder's row
     callbacks.append(record)
+    if cfg.get("train", True) and (cfg.get("model") or {}).get("scheduler"):
+        callbacks.append(ScheduleLengthCheck(cfg))
     loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
     trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
 
