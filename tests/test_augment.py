@@ -185,3 +185,13 @@ def test_timbre_cnn_refuses_fewer_mel_bins_or_frames_than_its_pools_halve_naming
                                          r"lower dataset\.features\.hop_length"):
         TimbreCNN(n_mels=8, channels=(16, 32, 64, 128)).eval()(torch.randn(2, 8, 7))
     assert TimbreCNN(n_mels=8, channels=(16, 32, 64, 128)).eval()(torch.randn(2, 8, 8)).shape == (2, 256)
+
+
+def test_backbones_take_a_whole_number_of_mel_bins_written_as_a_float_as_dataset_features_does():
+    """dataset.features.n_mels=128.0 is taken as 128 (MelFeatures); model.backbone.n_mels, which
+    interpolates it, failed in TimbreCNN with torch's TypeError, and music_fsl_cnn took 64.5."""
+    x = torch.randn(2, 64, 64)
+    for net in (TimbreCNN(n_mels=64.0, embedding_dim=8), MusicFslCNN(n_mels=64.0)):
+        assert type(net.n_mels) is int and net.eval()(x).shape == (2, net.embedding_dim)
+    with pytest.raises(ValueError, match=r"model.backbone.n_mels=64.5: "):
+        MusicFslCNN(n_mels=64.5)

@@ -1,5 +1,6 @@
 import hashlib
 import os
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -301,6 +302,24 @@ def test_feature_settings_that_make_empty_or_no_mel_bands_are_refused_naming_the
                                       {"hop_length": 512, "n_fft": 2048}])
 def test_feature_settings_whose_every_mel_band_holds_bins_are_accepted(settings):
     MelFeatures(**settings)  # torchaudio's filterbank of these has no all-zero filter
+
+
+@pytest.mark.parametrize("key", ["sample_rate", "n_fft", "hop_length", "n_mels"])
+def test_a_whole_number_written_as_a_float_is_taken_as_that_int_with_the_same_cache_key(key):
+    """hop_length=200.0 was accepted, then failed in torch's STFT (a TypeError) once the clips were
+    rendered; n_fft=1024.0 and n_mels=128.0 in the filterbank check's; sample_rate=16000.0 made
+    a cache of its own for the same features."""
+    as_int = MelFeatures(hop_length=200, n_mels=128)
+    as_float = MelFeatures(**{"hop_length": 200, "n_mels": 128, key: float(getattr(as_int, key))})
+    assert as_float == as_int and type(getattr(as_float, key)) is int
+    assert config_hash(asdict(as_float)) == config_hash(asdict(as_int))
+    assert as_float.frames(1.0) == 81 and as_float.transform()(torch.zeros(16000)).shape == (128, 81)
+
+
+@pytest.mark.parametrize("value", ["200", float("inf"), float("nan"), None])
+def test_a_spectrogram_size_that_is_no_number_is_refused_naming_the_key(value):
+    with pytest.raises(ValueError, match=r"dataset\.features\.hop_length must be a positive whole number"):
+        MelFeatures(hop_length=value)
 
 
 def test_clips_shorter_than_clip_seconds_are_named_with_a_warning(tmp_path, source, caplog):

@@ -7,6 +7,8 @@ arithmetic on the cached tensor (see `fewzero.data.episodes`).
 from __future__ import annotations
 
 import logging
+import math
+import numbers
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -59,11 +61,15 @@ class MelFeatures:
 
     def __post_init__(self) -> None:
         """Refuse, before any audio is decoded, settings that make no spectrogram or one with
-        mel bands that hold nothing (constant rows every backbone and prior would read)."""
+        mel bands that hold nothing (constant rows every backbone and prior would read). A whole
+        number written as a float (hop_length=200.0) is taken as that int: torch's STFT and
+        filterbank take ints only, and the cache key is the same as for 200."""
         for key in ("sample_rate", "n_fft", "hop_length", "n_mels"):
             value = getattr(self, key)
-            if isinstance(value, bool) or value != int(value) or value <= 0:
+            if (isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value)
+                    or value != int(value) or value <= 0):
                 raise ValueError(f"dataset.features.{key} must be a positive whole number; got {value!r}.")
+            object.__setattr__(self, key, int(value))  # frozen: set once, here
         if self.hop_length > self.n_fft:
             raise ValueError(f"dataset.features.hop_length={self.hop_length} is longer than the FFT window "
                              f"(n_fft={self.n_fft}): the audio between windows would never be analysed. "

@@ -56,6 +56,7 @@ class MusicFslCNN(nn.Module):
 
     def __init__(self, n_mels: int = 64, input_scale: str = "power", embedding_dim: int | None = None):
         super().__init__()
+        n_mels = size(n_mels, "model.backbone.n_mels")  # 128.0, as dataset.features takes it: 128
         if n_mels < 64:
             raise ValueError(f"music_fsl_cnn needs at least 64 mel bins; got n_mels={n_mels}")
         self.embedding_dim = self.output_dim(n_mels)
@@ -122,7 +123,7 @@ class TimbreCNN(nn.Module):
     def __init__(self, n_mels: int = 64, channels: tuple[int, ...] = (32, 64, 128, 128),
                  embedding_dim: int = 256, dropout: float = 0.1, keep_frequency: bool = True):
         super().__init__()
-        self.n_mels = n_mels
+        self.n_mels = n_mels = size(n_mels, "model.backbone.n_mels")  # 128.0: 128, as dataset.features
         self.embedding_dim = size(embedding_dim, "model.backbone.embedding_dim")
         dropout = dropout_probability(dropout, "model.backbone.dropout")
         self.keep_frequency = keep_frequency
