@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from fewzero.callbacks import StageTimer
-from fewzero.cli import device_name, output_folder, positive_int, run_script, training_seed
+from fewzero.cli import device_name, naming_the_run, output_folder, positive_int, run_script, training_seed
 from fewzero.data.episodes import EpisodeDataset
 from fewzero.eval import evaluate
 from fewzero.train import compose_train_config, save_run_overrides, train
@@ -129,10 +129,11 @@ def main() -> None:
 
     rows, device = {}, device_name()  # the last trainer's, once a backbone has trained
     for backbone in args.backbones:
-        run_overrides = [*base, f"model/backbone={backbone}"]
-        run_cfg = compose_train_config(run_overrides, out / backbone)
-        save_run_overrides(run_overrides, out / backbone)
-        metrics, objects = train(run_cfg)
+        with naming_the_run(f"(the run of backbone {backbone}, seed {cfg.seed}, in {out / backbone})"):
+            run_overrides = [*base, f"model/backbone={backbone}"]
+            run_cfg = compose_train_config(run_overrides, out / backbone)
+            save_run_overrides(run_overrides, out / backbone)
+            metrics, objects = train(run_cfg)
         timer = next(c for c in objects["trainer"].callbacks if isinstance(c, StageTimer))
         test_episodes = sum(s.n_episodes for s in objects["datamodule"].test_settings)
         results = objects["model"].test_results
@@ -146,7 +147,9 @@ def main() -> None:
             **accuracy_fields(results),
         }
         if run_cfg.model.get("whitening") is not None:
-            rows[backbone]["unwhitened"] = unwhitened_results(metrics, out / backbone)
+            with naming_the_run(f"(the test without whitening of backbone {backbone}'s run, seed "
+                                f"{cfg.seed}, in {out / f'{backbone}_unwhitened'})"):
+                rows[backbone]["unwhitened"] = unwhitened_results(metrics, out / backbone)
         device = device_name(objects["trainer"])
     episodes = cfg.dataset.episodes
     train_setting = episodes.train

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from fewzero.cli import device_name, output_folder, positive_int, run_script, training_seed
+from fewzero.cli import device_name, naming_the_run, output_folder, positive_int, run_script, training_seed
 from fewzero.train import compose_train_config, save_run_overrides, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -257,13 +257,10 @@ def main() -> None:
             results[name] = []
             for seed in args.seeds:
                 run_dir = out / name / f"seed{seed}"
-                try:
+                with naming_the_run(f"(the run of recipe {name}, seed {seed}, in {run_dir}; the runs "
+                                    f"finished before it are reused by a rerun with --out {out})"):
                     results[name].append(run_once([*overrides, *base, f"seed={seed}"], run_dir,
                                                   args.also_selected))
-                except Exception as error:  # which of the runs: the error's own message rarely says
-                    error.add_note(f"(the run of recipe {name}, seed {seed}, in {run_dir}; the runs "
-                                   f"finished before it are reused by a rerun with --out {out})")
-                    raise
     except SIGTERMException as stop:  # fewzero.cli.run_script says it stopped, and this
         stop.rerun = (f"Run it again with --out {out}: its finished runs are reused, the stopped one "
                       "is trained again from the start.")

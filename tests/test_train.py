@@ -754,6 +754,27 @@ def test_few_shot_benchmark_refuses_an_out_folder_with_finished_runs_before_trai
     assert "holds finished runs" in capsys.readouterr().err and finished.read_text() == "{}"
 
 
+def test_few_shot_benchmark_refusal_names_the_run_it_stopped_at(tmp_path, monkeypatch):
+    from conftest import load_script, tone_overrides
+
+    from fewzero.cli import run_script
+
+    benchmark = load_script("benchmark_fsl")
+    own = ("+trainer.enable_progress_bar", "~callbacks.progress_bar", "trainer.max_steps=")
+    tones = [o for o in tone_overrides(tmp_path) if not o.startswith(own)]
+    out = tmp_path / "bench"
+    # composes for the data pipeline, then refused as the backbone's run starts
+    monkeypatch.setattr("sys.argv", ["benchmark_fsl.py", "--max-steps", "1", "--data-episodes", "1",
+                                     "--tutorial-episodes", "1", "--out", str(out), *tones,
+                                     "model.backbone.dropout=1.0", "--backbones", "timbre_cnn"])
+    with pytest.raises(SystemExit) as refused:
+        run_script(benchmark.main)
+    message = str(refused.value.code)
+    assert message.startswith("benchmark_fsl.py: model.backbone.dropout=1.0: a dropout probability")
+    # which backbone, seed and folder: the refusal alone did not say
+    assert message.endswith(f"\n(the run of backbone timbre_cnn, seed 0, in {out / 'timbre_cnn'})")
+
+
 @pytest.mark.parametrize("script", ["benchmark_fsl", "benchmark_zsl"])
 def test_benchmarks_refuse_an_out_that_is_a_file_before_any_work(script, tmp_path, monkeypatch, capsys):
     from conftest import load_script, tone_overrides

@@ -8,7 +8,8 @@ import inspect
 import platform
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,17 @@ def run_script(main: Callable[[], object]) -> None:
             raise
         notes = "".join(f"\n{note}" for note in getattr(error, "__notes__", []))  # e.g. which run
         raise SystemExit(f"{script.name}: {message}{notes}") from None
+
+
+@contextmanager
+def naming_the_run(note: str) -> Iterator[None]:
+    """Add `note` (which of a script's runs this is: its settings and folder) to an error raised
+    inside, whose own message rarely says; `run_script` prints it after the message."""
+    try:
+        yield
+    except Exception as error:
+        error.add_note(note)
+        raise
 
 
 def whole_number(text: str) -> int:
