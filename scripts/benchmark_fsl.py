@@ -27,7 +27,15 @@ import torch
 from torch.utils.data import DataLoader
 
 from fewzero.callbacks import StageTimer
-from fewzero.cli import device_name, naming_the_run, output_folder, positive_int, run_script, training_seed
+from fewzero.cli import (
+    device_name,
+    naming_the_run,
+    output_folder,
+    positive_int,
+    run_script,
+    table_in_the_way,
+    training_seed,
+)
 from fewzero.data.episodes import EpisodeDataset
 from fewzero.eval import evaluate
 from fewzero.train import compose_train_config, save_run_overrides, train
@@ -116,6 +124,10 @@ def main() -> None:
                 for p in (out / b / "metrics.json", out / f"{b}_unwhitened" / "metrics.json") if p.exists()]
     if finished:  # fewzero.eval would refuse to write the unwhitened test over one, after training
         parser.error(f"--out {out} holds finished runs ({', '.join(finished)}): pass another --out.")
+    table = table_in_the_way(out)
+    if table:  # from another benchmark, or this one's of other backbones: it would be lost
+        parser.error(f"--out {out} holds a benchmark table (benchmark.md: {table!r}), which this one's "
+                     "would overwrite: pass another --out.")
     base = [f"trainer.max_steps={args.max_steps}", f"seed={args.seed}", "task_name=benchmark",
             *args.overrides]
 

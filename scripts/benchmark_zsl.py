@@ -30,7 +30,15 @@ from typing import Any
 import torch
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from fewzero.cli import device_name, naming_the_run, output_folder, positive_int, run_script, training_seed
+from fewzero.cli import (
+    device_name,
+    naming_the_run,
+    output_folder,
+    positive_int,
+    run_script,
+    table_in_the_way,
+    training_seed,
+)
 from fewzero.train import compose_train_config, save_run_overrides, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -246,6 +254,10 @@ def main() -> None:
 
     stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     out = args.out or ROOT / "outputs" / "benchmarks" / f"zsl_{stamp}"
+    table = table_in_the_way(out, own="### Zero-shot benchmark")
+    if table:  # the few-shot benchmark's, say: its runs are not this one's to rewrite the table of
+        parser.error(f"--out {out} holds another benchmark's table (benchmark.md: {table!r}), which "
+                     "this one's would overwrite: pass another --out, or move that table away.")
     base = [*([f"trainer.max_steps={args.max_steps}"] if args.max_steps is not None else []),
             *([f"dataset.batch_size={args.batch_size}"] if args.batch_size is not None else []),
             "task_name=benchmark", "~callbacks.progress_bar", "+trainer.enable_progress_bar=false",

@@ -792,6 +792,42 @@ def test_benchmarks_refuse_an_out_that_is_a_file_before_any_work(script, tmp_pat
     assert taken.read_text() == "mine\n" and sorted(p.name for p in tmp_path.iterdir()) == ["results.md"]
 
 
+@pytest.mark.parametrize("script, other", [("benchmark_fsl", "### Zero-shot benchmark, RenderedSOL"),
+                                           ("benchmark_fsl", "### Few-shot benchmark, RenderedSOL"),
+                                           ("benchmark_zsl", "### Few-shot benchmark, RenderedSOL")])
+def test_benchmarks_refuse_an_out_holding_a_table_theirs_would_overwrite(script, other, tmp_path,
+                                                                         monkeypatch, capsys):
+    from conftest import load_script, tone_overrides
+
+    benchmark = load_script(script)
+    monkeypatch.setattr(benchmark, "train", lambda *a: pytest.fail("stop before training"))
+    tones = [o for o in tone_overrides(tmp_path, zero_shot=script == "benchmark_zsl")
+             if not o.startswith(("+trainer.enable_progress_bar", "~callbacks.progress_bar"))]
+    out = tmp_path / "bench"
+    out.mkdir()
+    # both write <out>/benchmark.md: the second benchmark given one --out replaced the first's table
+    (out / "benchmark.md").write_text(f"{other}, CPU, 2026-12-06\n\n| a | b |\n")
+    monkeypatch.setattr("sys.argv", [f"{script}.py", "--out", str(out), *tones])
+    with pytest.raises(SystemExit):
+        benchmark.main()
+    assert f"--out {out} holds " in capsys.readouterr().err
+    assert (out / "benchmark.md").read_text().startswith(other) and len(list(out.iterdir())) == 1
+
+
+def test_zsl_benchmark_rerun_over_its_own_out_may_rewrite_its_own_table(tmp_path, monkeypatch):
+    from conftest import load_script, tone_overrides
+
+    benchmark = load_script("benchmark_zsl")
+    monkeypatch.setattr(benchmark, "run_once", lambda *a: pytest.fail("reached the runs"))
+    out = tmp_path / "bench"
+    out.mkdir()
+    (out / "benchmark.md").write_text("### Zero-shot benchmark, RenderedSOL, CPU, 2026-12-06\n")
+    monkeypatch.setattr("sys.argv", ["benchmark_zsl.py", "--seeds", "0", "--recipes", "attribute_plain",
+                                     "--out", str(out), *tone_overrides(tmp_path, zero_shot=True)])
+    with pytest.raises(pytest.fail.Exception, match="reached the runs"):  # its finished runs are reused
+        benchmark.main()
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_keep_freed_memory_is_set_on_linux():
     assert keep_freed_memory()  # mallopt accepted both settings

@@ -95,6 +95,17 @@ def output_folder(text: str) -> Path:
     return path
 
 
+def table_in_the_way(out: Path, own: str | None = None) -> str | None:
+    """The heading of the benchmark table (`benchmark.md`) in `out` that a benchmark writing its
+    own there would overwrite: None when there is none, or when it starts with `own` (the table
+    of the same benchmark's runs, which a rerun over the same --out is meant to rewrite)."""
+    table = out / "benchmark.md"
+    if not table.is_file():
+        return None
+    heading = next(iter(table.read_text().splitlines()), "")
+    return None if own is not None and heading.startswith(own) else heading
+
+
 def device_name(trainer: Any | None = None) -> str:
     """The device a trainer ran on: the GPU's name, or the CPU and torch's thread count (also
     without a trainer)."""
