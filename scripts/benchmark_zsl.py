@@ -14,6 +14,7 @@ wall time) to outputs/benchmarks/zsl_<time>/.
                                                   # (each at its experiment's own trainer.max_steps)
     .venv/bin/python scripts/benchmark_zsl.py --max-steps 300 --recipes word_tutorial word_ours
     .venv/bin/python scripts/benchmark_zsl.py --out outputs/benchmarks/zsl_x   # reuse its finished runs
+                                                  # (and resume one a stop left unfinished)
     .venv/bin/python scripts/benchmark_zsl.py --recipes word_ours word_devise word_bilinear
 """
 
@@ -126,9 +127,11 @@ def run_once(overrides: list[str], run_dir: Path, also_selected: bool = False) -
 
     Returns the test metrics ("zero_shot" of metrics.json) plus `val_gzsl_cs_h_best` (the
     validation score of the selected checkpoint), `val_zsl_top1_last` (pseudo-unseen top-1 at
-    the last validation), `refit_steps`, `seconds` (wall time of train + refit + test) and
-    `device` (where it trained), and from the run's config `max_steps`, `batch_size`, `source`,
+    the last validation), `refit_steps`, `seconds` (wall time of train + refit + test: of a run
+    resumed after a stop, the sum of its parts), `parts` (how many) and `device` (where it
+    trained, its last part), and from the run's config `max_steps`, `batch_size`, `source`,
     `backbone` and `excerpt_seconds`.
+    A run a stop left unfinished (a last.ckpt, no metrics.json) is resumed from its last.ckpt.
     also_selected: after a refit, also test the validation-selected checkpoint itself (in
     `<run_dir>/selected/`, no training) and add its metrics as `selected_<name>`.
     A run folder records its overrides; reusing it with other ones (another --max-steps, say) is
@@ -137,13 +140,21 @@ def run_once(overrides: list[str], run_dir: Path, also_selected: bool = False) -
     done, timing = run_dir / "metrics.json", run_dir / "benchmark_seconds.txt"
     device = run_dir / "benchmark_device.txt"
     check_same_overrides(overrides, run_dir)
-    cfg = compose_train_config(overrides, run_dir)  # a mistyped override stops here: nothing written
+    # a run a stop (SIGTERM, Ctrl-C) left unfinished goes on from its last.ckpt, as `fewzero.train
+    # ckpt_path=last` would (its class cross-validation and refit from their own progress files)
+    resumes = not done.exists() and (run_dir / "checkpoints" / "last.ckpt").is_file()
+    # a mistyped override stops here: nothing written
+    cfg = compose_train_config([*overrides, *(["ckpt_path=last"] if resumes else [])], run_dir)
     if not done.exists():
         record_overrides(overrides, run_dir)
         save_run_overrides(overrides, run_dir)
+        # wall time, one line per part: the stopped parts' (when resumed from them) and this one's
+        parts = timing.read_text().split() if resumes and timing.exists() else []
         start = time.perf_counter()
-        _, objects = train(cfg)
-        timing.write_text(f"{time.perf_counter() - start:.1f}\n")
+        try:
+            _, objects = train(cfg)
+        finally:  # stopped or not: a resume adds its own part
+            timing.write_text("".join(f"{p}\n" for p in [*parts, f"{time.perf_counter() - start:.1f}"]))
         device.write_text(device_name(objects["trainer"]) + "\n")
     report = json.loads(done.read_text())
     metrics, refit = report["metrics"], report.get("refit_on_trainval", {})
@@ -156,7 +167,8 @@ def run_once(overrides: list[str], run_dir: Path, also_selected: bool = False) -
             "source": cfg.dataset.source._target_.rsplit(".", 1)[-1],
             "backbone": cfg.model.backbone._target_.rsplit(".", 1)[-1],
             "excerpt_seconds": cfg.dataset.excerpt_seconds,
-            "seconds": float(timing.read_text()) if timing.exists() else float("nan"),
+            "seconds": sum(map(float, timing.read_text().split())) if timing.exists() else float("nan"),
+            "parts": len(timing.read_text().split()) if timing.exists() else 1,
             "device": device.read_text().strip() if device.exists() else "device not recorded",
             **(score_selected(overrides, run_dir, refit["selected_checkpoint"])
                if also_selected and refit else {})}
@@ -229,8 +241,8 @@ def main() -> None:
                         help="training batch of every run (default: the dataset's own, 32)")
     parser.add_argument("--recipes", nargs="+", default=DEFAULT_RECIPES, choices=list(RECIPES))
     parser.add_argument("--out", type=output_folder, default=None,
-                        help="output folder; its finished runs are reused, a stopped one trains again "
-                             "from the start")
+                        help="output folder; its finished runs are reused, a stopped one goes on from "
+                             "its last checkpoint")
     parser.add_argument("--also-selected", action="store_true",
                         help="also test each validation-selected checkpoint without the refit")
     parser.add_argument("--threads", type=positive_int, default=None,
@@ -275,7 +287,7 @@ def main() -> None:
                                                   args.also_selected))
     except SIGTERMException as stop:  # fewzero.cli.run_script says it stopped, and this
         stop.rerun = (f"Run it again with --out {out}: its finished runs are reused, the stopped one "
-                      "is trained again from the start.")
+                      "goes on from its last checkpoint.")
         raise
 
     columns = COLUMNS | (SELECTED_COLUMNS if args.also_selected else {})
@@ -305,8 +317,11 @@ def main() -> None:
         cells = [mean_std([r.get(key, float("nan")) for r in runs]) for key in columns.values()]
         lines.append(f"| {RECIPES[name][0]} | " + " | ".join(cells) + " |")
     seconds = [r["seconds"] for rs in results.values() for r in rs]
+    resumed = sum(r["parts"] > 1 for rs in results.values() for r in rs)
     lines += ["", f"Wall time per run (train + refit + test): mean {statistics.mean(seconds):.0f} s, "
-              f"total {sum(seconds) / 60:.1f} min over {len(seconds)} runs."]
+              f"total {sum(seconds) / 60:.1f} min over {len(seconds)} runs"
+              + (f" ({resumed} resumed after a stop: the wall times of the parts summed, each part's "
+                 "start included)." if resumed else ".")]
     table = "\n".join(lines)
     print(table)
     out.mkdir(parents=True, exist_ok=True)

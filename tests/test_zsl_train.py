@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import compose_train_cfg, load_script, tone_overrides
 from hydra.errors import InstantiationException
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from fewzero.data.clips import check_split
@@ -674,6 +674,52 @@ def test_zsl_benchmark_stopped_by_sigterm_exits_143_and_names_the_out_folder_to_
     assert f"benchmark_zsl.py: stopped by SIGTERM or Ctrl-C before it finished. Run it again with " \
            f"--out {out}" in capsys.readouterr().err
     assert not (out / "benchmark.md").exists()
+
+
+def test_zsl_benchmark_stopped_mid_fit_resumes_the_run_on_rerun_and_sums_its_wall_time(
+        tmp_path, monkeypatch, capsys):
+    from fewzero.cli import run_script
+
+    benchmark = load_script("benchmark_zsl")
+    own = ("+trainer.enable_progress_bar", "~callbacks.progress_bar")
+    tones = [o for o in tone_overrides(tmp_path, zero_shot=True) if not o.startswith(own)]
+
+    def main(out):
+        monkeypatch.setattr("sys.argv", ["benchmark_zsl.py", "--seeds", "0", "--recipes",
+                                         "attribute_plain", "--out", str(out), *tones])
+        run_script(benchmark.main)
+
+    main(tmp_path / "uninterrupted")
+    started_from = []
+
+    def stopped_after_step_3(cfg):  # a real SIGTERM before step 3 (of 4): last.ckpt holds step 3
+        started_from.append(cfg.get("ckpt_path"))
+        with open_dict(cfg):
+            cfg.callbacks.sigterm = {"_target_": "test_resume._Sigterm", "at_step": 2}
+        return train(cfg)
+
+    out = tmp_path / "bench"
+    monkeypatch.setattr(benchmark, "train", stopped_after_step_3)
+    with pytest.raises(SystemExit) as stop:
+        main(out)
+    assert stop.value.code == 143
+    assert "the stopped one goes on from its last checkpoint" in capsys.readouterr().err
+    monkeypatch.setattr(benchmark, "train",
+                        lambda cfg: started_from.append(cfg.get("ckpt_path")) or train(cfg))
+    main(out)
+    # was started afresh (ckpt_path unset), training the stopped steps again
+    assert started_from == [None, "last"]
+    run, whole = out / "attribute_plain" / "seed0", tmp_path / "uninterrupted" / "attribute_plain" / "seed0"
+    assert json.loads((run / "metrics.json").read_text())["zero_shot"] == \
+        json.loads((whole / "metrics.json").read_text())["zero_shot"]
+    # the table's wall time is both parts', and says the run was resumed
+    parts = [float(p) for p in (run / "benchmark_seconds.txt").read_text().split()]
+    assert len(parts) == 2
+    row = json.loads((out / "benchmark.json").read_text())["runs"]["attribute_plain"][0]
+    assert row["seconds"] == sum(parts) and row["parts"] == 2
+    table = (out / "benchmark.md").read_text()
+    assert "over 1 runs (1 resumed after a stop: the wall times of the parts summed" in table
+    assert "resumed" not in (tmp_path / "uninterrupted" / "benchmark.md").read_text()
 
 
 def test_zsl_benchmark_refusal_names_the_run_it_stopped_at(tmp_path, monkeypatch):
