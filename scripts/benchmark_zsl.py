@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from fewzero.cli import (
@@ -120,6 +121,41 @@ DEFAULT_RECIPES = ["word_tutorial", "word_ours", "image_tutorial", "image_ours",
                    "attribute_ours"]
 COLUMNS = {"val H": "val_gzsl_cs_h_best", "seen": "seen_top1", "unseen": "zsl_top1", "u": "gzsl_cs_u",
            "s": "gzsl_cs_s", "H": "gzsl_cs_h", "H (no cal.)": "gzsl_h"}
+
+
+def labelled_settings(cfg: DictConfig) -> dict[str, Any]:
+    """What a recipe's row label names, as `cfg` composes it: the side information (its class,
+    size and image encoder), the head, the loss, the encoder's transposition, and the pitch prior
+    (its class, formant term, whether validation chooses its weights, by class cross-validation,
+    and whether the head trains with it). Settings the labels leave out (the prior's zsl_score,
+    detach, the split, ...) are not here: an override of those is the user's to add."""
+    raw = OmegaConf.to_container(cfg, resolve=False)
+    side_info, model, prior = raw.get("side_info") or {}, raw["model"], raw["model"].get("pitch_prior")
+    settings = {"side_info": side_info.get("_target_"), "side_info.dim": side_info.get("dim"),
+                "side_info.encoder": (side_info.get("encoder") or {}).get("_target_"),
+                "model.head": (model.get("head") or {}).get("_target_"), "loss": raw["loss"].get("_target_"),
+                "model.transpose_semitones": model.get("transpose_semitones"),
+                "model.pitch_prior": prior and prior.get("_target_")}
+    if prior:  # "weight 0.1", or "chosen on validation" (per setting, or by class cross-validation)
+        chosen = prior.get("weight_candidates") is not None
+        settings |= {"model.pitch_prior.formants": bool(prior.get("formants")),
+                     "model.pitch_prior.weight": "chosen on validation" if chosen else prior.get("weight"),
+                     "model.pitch_prior.class_cv": prior.get("class_cv"),
+                     "model.pitch_prior.in_training": prior.get("in_training")}
+    return settings
+
+
+def relabelled(recipe: str, overrides: list[str], out: Path) -> dict[str, tuple[Any, Any]]:
+    """{setting: (the recipe's, with `overrides`)} for each `labelled_settings` entry that
+    `overrides` change, by whatever key (model=devise, side_info=attributes, model.pitch_prior=null
+    or a key of the experiment file the recipe names): the row would keep a label that no longer
+    describes its runs."""
+    own = labelled_settings(compose_train_config(RECIPES[recipe][1], out))
+    given = labelled_settings(compose_train_config([*RECIPES[recipe][1], *overrides], out))
+    changed = {key: (own.get(key), given.get(key)) for key in own | given if own.get(key) != given.get(key)}
+    if "model.pitch_prior" in changed:  # a prior added, removed or replaced: its settings go with it
+        changed = {k: v for k, v in changed.items() if not k.startswith("model.pitch_prior.")}
+    return changed
 
 
 def run_once(overrides: list[str], run_dir: Path, also_selected: bool = False) -> dict[str, Any]:
@@ -261,6 +297,13 @@ def main() -> None:
                          f"{', '.join(given[key][-1] for key in replaced)} would replace while its row "
                          "kept the recipe's label: leave the override out, or add a recipe of your own "
                          "to RECIPES.")
+    for name in args.recipes if args.overrides else []:
+        changed = relabelled(name, args.overrides, args.out or ROOT / "outputs" / "benchmarks")
+        if changed:
+            parser.error(f"the overrides change what recipe {name}'s row label names (" + "; ".join(
+                f"{key}: {own} -> {given}" for key, (own, given) in changed.items()) + "), while the "
+                "row kept its label: leave them out, pick the recipe that sets them, or add a recipe "
+                "of your own to RECIPES.")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
 
@@ -308,7 +351,9 @@ def main() -> None:
            if any(r["refit_steps"] for rs in results.values() for r in rs)
            else "Tested model: the validation-selected checkpoint (no refit).")
         + (" Columns marked (no refit): the validation-selected checkpoint itself, tested on the "
-           "same clips." if args.also_selected else ""),
+           "same clips." if args.also_selected else "")
+        # what the labels leave out (the split, the prior's zsl_score, ...): the reader's to know
+        + (f" Every run also had `{' '.join(args.overrides)}`." if args.overrides else ""),
         "",
         "| recipe | " + " | ".join(columns) + " |",
         "| --- |" + " --- |" * len(columns),

@@ -619,6 +619,7 @@ def test_zsl_benchmark_reports_the_runs_own_length_and_batch_and_refuses_mixed_s
     assert table.startswith("### Zero-shot benchmark, SyntheticTones, CPU (")
     assert "4 training steps of 8 excerpts of 1.0 s, TimbreCNN encoder" in table
     assert benchmark.RECIPES["attribute_plain"][0] in table
+    assert f"Every run also had `{' '.join(tones)}`." in table  # what the row label leaves out
     assert "(1 seed)" in table and "±" not in table.split("| attribute", 1)[1]  # no spread of one
     runs = json.loads((out / "benchmark.json").read_text())["runs"]
     assert runs["attribute_plain"][0]["max_steps"] == 4 and runs["attribute_plain"][0]["batch_size"] == 8
@@ -783,6 +784,44 @@ def test_zsl_benchmark_refuses_an_override_that_replaces_a_recipes_own_setting(t
     monkeypatch.setattr("sys.argv", ["benchmark_zsl.py", "--seeds", "0", "--recipes", "word_tutorial",
                                      "--out", str(tmp_path / "bench"), "model=siamese",
                                      "trainer.max_steps=3"])
+    with pytest.raises(pytest.fail.Exception, match="stop before training"):
+        benchmark.main()
+
+
+@pytest.mark.parametrize("recipe, overrides, message", [
+    # the experiment file's settings, not the recipe's: the row kept "GloVe 50-d", "ConSE", "prior"
+    ("word_ours", ["side_info=attributes"],
+     "side_info: fewzero.side_info.glove.GloveVectors -> fewzero.side_info.attributes.AttributeTable; "
+     "side_info.dim: 50 -> 39"),
+    ("word_ours", ["model=devise"], "model.head: fewzero.models.zsl_heads.ConseHead -> "
+                                    "fewzero.models.zsl_heads.DeviseHead"),
+    ("attribute_ours", ["model.pitch_prior=null"], "model.pitch_prior: "
+                                                   "fewzero.models.pitch_prior.PitchRangePrior -> None)"),
+    ("attribute_fixed", ["model.pitch_prior.weight=0.2"], "model.pitch_prior.weight: 0.1 -> 0.2"),
+    ("image_ours", ["side_info/encoder=resnet101"], "side_info.encoder: "
+                                                    "fewzero.side_info.image.EfficientNetLite0Encoder ->"),
+])
+def test_zsl_benchmark_refuses_an_override_that_changes_what_a_row_label_names(
+        recipe, overrides, message, tmp_path, monkeypatch, capsys):
+    benchmark = load_script("benchmark_zsl")
+    monkeypatch.setattr(benchmark, "run_once", lambda *a: pytest.fail("stop before training"))
+    monkeypatch.setattr("sys.argv", ["benchmark_zsl.py", "--seeds", "0", "--recipes", recipe,
+                                     "--out", str(tmp_path / "bench"), *overrides])
+    with pytest.raises(SystemExit):
+        benchmark.main()
+    err = capsys.readouterr().err
+    assert f"the overrides change what recipe {recipe}'s row label names (" in err and message in err
+    assert not (tmp_path / "bench").exists()
+
+
+def test_zsl_benchmark_takes_overrides_the_row_labels_leave_out(tmp_path, monkeypatch):
+    benchmark = load_script("benchmark_zsl")
+    monkeypatch.setattr(benchmark, "run_once", lambda *a: pytest.fail("stop before training"))
+    # as docs/benchmarks.md's commands pass them: the table says so (Every run also had ...)
+    monkeypatch.setattr("sys.argv", ["benchmark_zsl.py", "--seeds", "0", "--recipes", "attribute_onefold",
+                                     "attribute_ours", "attribute_pitch", "--out", str(tmp_path / "bench"),
+                                     "dataset/split=image_audio", "model.pitch_prior.zsl_score=top1",
+                                     "model.pitch_prior.detach=true", "trainer.max_steps=3"])
     with pytest.raises(pytest.fail.Exception, match="stop before training"):
         benchmark.main()
 
