@@ -319,6 +319,34 @@ def test_zero_shot_checkpoint_is_re_evaluated_on_other_candidate_sets(tmp_path):
         evaluate(ckpt, ["dataset.split.unseen=[Oboe,Viola]"], tmp_path / "eval_seen")
 
 
+@pytest.mark.parametrize(("validation", "said"), [
+    ([], "penalty 0.0500 (from validation)"),
+    (["dataset.split.pseudo_unseen=[]", "dataset.split.pseudo_unseen_folds=[]"],
+     "penalty 0.0000 (not chosen: its run's validation scored one side only, as "
+     "dataset.split.pseudo_unseen is empty)"),
+    (["dataset.val_fold=null"], "penalty 0.0000 (not chosen: its run's validation scored one side only, "
+                                "as dataset.val_fold is null)"),
+])
+def test_zero_shot_evaluation_says_whether_its_runs_validation_chose_the_penalty(
+        tmp_path, capsys, monkeypatch, validation, said):
+    """A test alone logs no validation: the summary said "(from validation)" for a checkpoint
+    whose run validated one side only, where the penalty stayed 0."""
+    cfg = compose_train_cfg(tmp_path, ["experiment=zsl_word_audio", "test=false",
+                                       "dataset.refit_on_trainval=false", *validation])
+    train(cfg)
+    ckpt = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    if not validation:  # a chosen penalty of its own, so that "0.0000" could not pass for it
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        state["state_dict"]["calibration_gamma"].fill_(0.05)
+        torch.save(state, ckpt)
+    monkeypatch.setenv("COLUMNS", "200")  # one table row per line
+    capsys.readouterr()
+    evaluate(ckpt, [], tmp_path / "eval")
+    assert said in capsys.readouterr().out
+    report = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert ("penalty_not_chosen" in report) == bool(validation)
+
+
 def test_zero_shot_checkpoint_is_re_evaluated_with_an_instrument_the_run_never_had(tmp_path):
     """The zero-shot journey: a class added to the source after training is tested as unseen."""
     cfg = compose_train_cfg(tmp_path, ["experiment=zsl_word_audio", "test=false"])
@@ -596,7 +624,7 @@ def test_eval_refuses_log_mel_settings_other_than_the_runs_before_building_anyth
     ckpt.write_bytes(b"")  # never read: the run's config is beside it
     (ckpt.parent.parent / ".hydra").mkdir()
     OmegaConf.save(cfg, ckpt.parent.parent / ".hydra" / "config.yaml")
-    monkeypatch.setattr(eval_module, "train", lambda cfg: ({}, {"cfg": cfg}))
+    monkeypatch.setattr(eval_module, "train", lambda cfg, **_: ({}, {"cfg": cfg}))
     if refused is None:
         _, objects = evaluate(ckpt, [override], tmp_path / "eval")
         assert objects["cfg"].dataset.features.n_mels == cfg.dataset.features.n_mels

@@ -38,6 +38,7 @@ from fewzero.callbacks import RunRecord
 from fewzero.console import command_refusal
 from fewzero.data.clips import refolds
 from fewzero.data.features import feature_changes
+from fewzero.data.zsl_datamodule import one_sided_validation
 from fewzero.report import name_excluded, override_key
 from fewzero.side_info.attributes import new_values
 from fewzero.train import CONFIG_DIR, run_overrides, run_suffix, save_run_overrides, train
@@ -412,7 +413,20 @@ def evaluate(ckpt_path: str | Path, overrides: list[str], output_dir: str | Path
     Path(output_dir, ".hydra").mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, Path(output_dir, ".hydra", "config.yaml"))
     save_run_overrides(evaluation_overrides(ckpt, overrides), output_dir)
-    return train(cfg)
+    return train(cfg, report_extra={k: v for k, v in
+                                    {"penalty_not_chosen": penalty_not_chosen(trained)}.items() if v})
+
+
+def penalty_not_chosen(trained: DictConfig) -> str | None:
+    """Why the GZSL calibration penalty of a checkpoint was not chosen on validation: its
+    zero-shot run's validation scored one side only (no pseudo-unseen classes, or no held-out
+    seen fold), so the penalty stayed 0 (`one_sided_validation`); None otherwise (chosen, or a
+    run of another kind). `trained`: the run's config."""
+    dataset = trained.dataset
+    if not str(dataset.get("_target_", "")).endswith(".ZeroShotDataModule"):
+        return None
+    missing = one_sided_validation(dataset.split.get("pseudo_unseen"), dataset.get("val_fold"))
+    return missing and f"its run's validation scored one side only, as {missing}"
 
 
 def remove_unfinished_output_dir(output_dir: Path) -> bool:

@@ -1105,12 +1105,15 @@ def as_trained(datamodule: Any, ckpt_path: str) -> Any:
     return datamodule.for_trainval()
 
 
-def train(cfg: DictConfig, overrides: list[str] | None = None) -> tuple[dict[str, float], dict[str, Any]]:
+def train(cfg: DictConfig, overrides: list[str] | None = None, report_extra: dict[str, Any] | None = None
+          ) -> tuple[dict[str, float], dict[str, Any]]:
     """Fit (optionally resuming), test the best checkpoint, write metrics.json and hparams.
 
     `overrides`: the command line's (`main` passes Hydra's); None reads those a script saved
     with `save_run_overrides`. They are recorded in the checkpoints and named by the message
     that refuses a resume with other settings (`check_resume`).
+    `report_extra`: entries added to metrics.json, which the summary reads (`fewzero.eval`'s
+    `penalty_not_chosen`: what the tested checkpoint's run did not choose on validation).
 
     With `ckpt_path=auto`, a run directory whose run already finished with these settings
     (`finished_report`) is left as it is: its metrics.json is read back, nothing is built.
@@ -1277,6 +1280,7 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> tuple[dict[str
             report["class_cv"] = class_cv
         if hasattr(model, "test_report"):  # e.g. zero-shot: {"zero_shot": {...}}
             report.update(model.test_report())
+        report.update(report_extra or {})
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "metrics.json").write_text(json.dumps(report, indent=2))
         numeric = {k: v for k, v in metrics.items()

@@ -76,6 +76,14 @@ class BalancedExcerpts(Dataset):
         return {"x": x, "label": self.labels[index[0]], "index": index[0]}
 
 
+def one_sided_validation(pseudo_unseen: Sequence[str] | None, val_fold: int | None) -> str | None:
+    """Why a zero-shot validation with these settings (`dataset.split.pseudo_unseen`,
+    `dataset.val_fold`) scores one side only, and so chooses no GZSL calibration penalty: which
+    setting leaves a side out. None when it scores both."""
+    return ("dataset.split.pseudo_unseen is empty" if not pseudo_unseen
+            else "dataset.val_fold is null" if val_fold is None else None)
+
+
 class ZeroShotDataModule(StreamPosition, pl.LightningDataModule):
     """Batches of (excerpt, class id) for ZSL over cached log-mel features.
 
@@ -226,8 +234,7 @@ class ZeroShotDataModule(StreamPosition, pl.LightningDataModule):
                 raise ValueError(f"{fit} would train on one class, {classes} ({what}): a zero-shot "
                                  "model learns to tell its training classes apart, and with one its "
                                  "loss is constant. List more seen classes, or fewer pseudo-unseen ones.")
-        missing = ("dataset.split.pseudo_unseen is empty" if not self.pseudo_unseen
-                   else "dataset.val_fold is null" if self.val_fold is None else None)
+        missing = one_sided_validation(self.pseudo_unseen, self.val_fold)
         if missing and not class_cv:
             log.warning("%s, so validation scores one side only (%s): no GZSL calibration penalty is "
                         "chosen (it stays 0), the checkpoint is chosen by that side's top-1 alone, and a "
