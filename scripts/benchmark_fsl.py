@@ -24,6 +24,7 @@ from pathlib import Path
 import hydra
 import librosa
 import torch
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader
 
 from fewzero.callbacks import StageTimer
@@ -140,29 +141,34 @@ def main() -> None:
     tutorial = tutorial_episodes_per_second(datamodule, args.tutorial_episodes)
 
     rows, device = {}, device_name()  # the last trainer's, once a backbone has trained
-    for backbone in args.backbones:
-        with naming_the_run(f"(the run of backbone {backbone}, seed {cfg.seed}, in {out / backbone})"):
-            run_overrides = [*base, f"model/backbone={backbone}"]
-            run_cfg = compose_train_config(run_overrides, out / backbone)
-            save_run_overrides(run_overrides, out / backbone)
-            metrics, objects = train(run_cfg)
-        timer = next(c for c in objects["trainer"].callbacks if isinstance(c, StageTimer))
-        test_episodes = sum(s.n_episodes for s in objects["datamodule"].test_settings)
-        results = objects["model"].test_results
-        choice = objects["model"].whitening_choice_seconds  # on validation episodes, before the test's
-        rows[backbone] = {
-            "train_steps_per_s": timer.results["train_steps"] / timer.results["train_seconds"],
-            "eval_s_per_episode": (timer.results["test_seconds"] - choice) / test_episodes,
-            "whitening_choice_s": choice,
-            "val_acc_best": metrics.get("val/acc_best"),
-            "settings": list(results),  # test settings' names, e.g. 5way_1shot
-            **accuracy_fields(results),
-        }
-        if run_cfg.model.get("whitening") is not None:
-            with naming_the_run(f"(the test without whitening of backbone {backbone}'s run, seed "
-                                f"{cfg.seed}, in {out / f'{backbone}_unwhitened'})"):
-                rows[backbone]["unwhitened"] = unwhitened_results(metrics, out / backbone)
-        device = device_name(objects["trainer"])
+    try:
+        for backbone in args.backbones:
+            with naming_the_run(f"(the run of backbone {backbone}, seed {cfg.seed}, in {out / backbone})"):
+                run_overrides = [*base, f"model/backbone={backbone}"]
+                run_cfg = compose_train_config(run_overrides, out / backbone)
+                save_run_overrides(run_overrides, out / backbone)
+                metrics, objects = train(run_cfg)
+            timer = next(c for c in objects["trainer"].callbacks if isinstance(c, StageTimer))
+            test_episodes = sum(s.n_episodes for s in objects["datamodule"].test_settings)
+            results = objects["model"].test_results
+            choice = objects["model"].whitening_choice_seconds  # on validation episodes, before the test's
+            rows[backbone] = {
+                "train_steps_per_s": timer.results["train_steps"] / timer.results["train_seconds"],
+                "eval_s_per_episode": (timer.results["test_seconds"] - choice) / test_episodes,
+                "whitening_choice_s": choice,
+                "val_acc_best": metrics.get("val/acc_best"),
+                "settings": list(results),  # test settings' names, e.g. 5way_1shot
+                **accuracy_fields(results),
+            }
+            if run_cfg.model.get("whitening") is not None:
+                with naming_the_run(f"(the test without whitening of backbone {backbone}'s run, seed "
+                                    f"{cfg.seed}, in {out / f'{backbone}_unwhitened'})"):
+                    rows[backbone]["unwhitened"] = unwhitened_results(metrics, out / backbone)
+            device = device_name(objects["trainer"])
+    except SIGTERMException as stop:  # fewzero.cli.run_script says it stopped, and this
+        stop.rerun = ("Run it again" + (" with another --out" if args.out else "") + f": the runs start "
+                      f"over, as this benchmark neither reuses nor resumes those in {out}.")
+        raise
     episodes = cfg.dataset.episodes
     train_setting = episodes.train
     tests = "; ".join(f"{t.n_episodes} episodes of {t.n_way}-way {t.n_shot}-shot ({t.n_query} "

@@ -792,6 +792,34 @@ def test_benchmarks_refuse_an_out_that_is_a_file_before_any_work(script, tmp_pat
     assert taken.read_text() == "mine\n" and sorted(p.name for p in tmp_path.iterdir()) == ["results.md"]
 
 
+def test_few_shot_benchmark_stopped_by_sigterm_says_a_rerun_starts_over_in_another_out(
+        tmp_path, monkeypatch, capsys):
+    from conftest import load_script, tone_overrides
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+    from fewzero.cli import run_script
+
+    benchmark = load_script("benchmark_fsl")
+
+    def stopped(cfg):  # stands in for a fit that SIGTERM or Ctrl-C stopped
+        raise SIGTERMException
+
+    monkeypatch.setattr(benchmark, "train", stopped)
+    own = ("+trainer.enable_progress_bar", "~callbacks.progress_bar", "trainer.max_steps=")
+    tones = [o for o in tone_overrides(tmp_path) if not o.startswith(own)]
+    out = tmp_path / "bench"
+    monkeypatch.setattr("sys.argv", ["benchmark_fsl.py", "--max-steps", "1", "--data-episodes", "1",
+                                     "--tutorial-episodes", "1", "--out", str(out), *tones,
+                                     "--backbones", "timbre_cnn"])
+    with pytest.raises(SystemExit) as stop:
+        run_script(benchmark.main)
+    assert stop.value.code == 143
+    # was "Run the command again.", which the same --out refuses once a backbone has finished
+    assert ("benchmark_fsl.py: stopped by SIGTERM or Ctrl-C before it finished. Run it again with "
+            f"another --out: the runs start over, as this benchmark neither reuses nor resumes those "
+            f"in {out}.") in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("script, other", [("benchmark_fsl", "### Zero-shot benchmark, RenderedSOL"),
                                            ("benchmark_fsl", "### Few-shot benchmark, RenderedSOL"),
                                            ("benchmark_zsl", "### Few-shot benchmark, RenderedSOL")])
