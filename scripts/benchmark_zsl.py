@@ -283,7 +283,8 @@ def main() -> None:
                         help="also test each validation-selected checkpoint without the refit")
     parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch CPU threads (1 is much faster on a CPU shared with another job)")
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run (refused where they "
+                        "change what a recipe's row label names; the table lists them)")
     args = parser.parse_args()
     repeated = sorted({seed for seed in args.seeds if args.seeds.count(seed) > 1})
     if repeated:  # one run folder per seed: a repeat would count the same run twice
