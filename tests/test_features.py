@@ -334,3 +334,35 @@ def test_clips_shorter_than_clip_seconds_are_named_with_a_warning(tmp_path, sour
         "their cached features end in silence (the log floor), which excerpts reaching past their end "
         "read as if it were sound. Lower dataset.features.clip_seconds to the clips' length, or "
         "for rendered SOL raise dataset.source.clip_seconds to it."]
+
+
+def test_a_cache_folder_that_cannot_be_written_is_read_and_a_missing_cache_refused_first(
+        tmp_path, source, monkeypatch):
+    """A lab's data folder made read-only once prepared: a run that needs nothing new reads it
+    (before: the preparation lock's file could not be created, an OSError), and one that needs a
+    new cache is refused before decoding, naming the folder and paths.cache_dir (before: an
+    OSError, after minutes of computing when the lock file was there)."""
+    import errno
+
+    feats = MelFeatures(clip_seconds=0.5, n_mels=32)
+    cache = tmp_path / "cache"
+    first = prepare_and_load(source, feats, cache)
+    (cache / "list.prepare.lock").unlink()
+    monkeypatch.setattr(features_module, "write_error",
+                        lambda folder: PermissionError(errno.EACCES, "Permission denied", str(folder)))
+
+    def fail(*args, **kwargs):
+        raise AssertionError("features were computed for a cache that cannot be written")
+
+    monkeypatch.setattr(features_module, "compute_features", fail)
+    assert torch.equal(prepare_and_load(source, feats, cache).features, first.features)
+    assert not (cache / "list.prepare.lock").exists()
+    with pytest.raises(RuntimeError, match=rf"cannot write the cache folder {cache} \(Permission "
+                                           r"denied\).*paths\.cache_dir=<folder you can write>"):
+        prepare_and_load(source, MelFeatures(clip_seconds=0.5, n_mels=16), cache)
+    monkeypatch.undo()
+    (tmp_path / "file").write_text("not a folder")  # fails for root too, unlike a chmod
+    monkeypatch.setattr(features_module, "compute_features", fail)
+    with pytest.raises(RuntimeError, match=r"cannot write the cache folder .*file/cache "
+                                           r"\(Not a directory\).*paths\.cache_dir="):
+        prepare_and_load(source, feats, tmp_path / "file" / "cache")

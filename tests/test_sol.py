@@ -388,6 +388,16 @@ def test_soundfonts_given_as_one_string_or_listing_one_twice_are_refused(
                                                                  "soundfonts" / soundfont_file.name)])
 
 
+def test_a_render_into_a_folder_that_cannot_be_written_is_refused_naming_the_fix(
+        tmp_path: Path, soundfont_file: Path) -> None:
+    # Before: an OSError from mkdir, or with the folder there, a worker's error on its first note
+    (tmp_path / "data").write_text("a file where the folder should be")  # unwritable for root too
+    source = RenderedSOL(tmp_path / "data" / "rendered_sol", TABLE, [str(soundfont_file)], **TINY)
+    with pytest.raises(RuntimeError, match=r"not at .*data/rendered_sol/\w+, and this process cannot "
+                                           r"write there \(Not a directory\).*dataset\.source\.root="):
+        source.prepare()
+
+
 @pytest.mark.parametrize(("entry", "match"), [
     ({"name": "Oboe", "program": 68, "low": 58}, r"instruments\[1\].*missing keys \['high'\]"),
     ({"name": "Oboe", "program": 68, "low": 93, "high": 58}, r"instruments\[1\].*low <= high"),

@@ -6,6 +6,7 @@ import functools
 import hashlib
 import json
 import os
+import tempfile
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -102,6 +103,19 @@ def replace_atomically(path: str | Path, write: Callable[[Path], object]) -> Non
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_error(directory: str | Path) -> OSError | None:
+    """The error that keeps this process from writing files in `directory`, which it creates if
+    needed (a lab's shared data folder made read-only, another user's folder), or None when it
+    can: to refuse work whose result could not be saved before doing it, not after."""
+    try:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as err:
+        return err
+    return None
 
 
 def config_hash(obj: object, length: int = 12) -> str:

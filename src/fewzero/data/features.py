@@ -22,7 +22,7 @@ import torch
 import torchaudio
 from filelock import FileLock, Timeout
 
-from fewzero.data.clips import Clip, ClipSource, config_hash, file_md5, replace_atomically
+from fewzero.data.clips import Clip, ClipSource, config_hash, file_md5, replace_atomically, write_error
 from fewzero.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -324,11 +324,14 @@ def compute_features(clips: list[Clip], features: MelFeatures, batch_size: int =
     return table
 
 
-def ensure_cached(source: ClipSource, features: MelFeatures, cache_dir: str | Path) -> tuple[Path, str]:
+def ensure_cached(source: ClipSource, features: MelFeatures, cache_dir: str | Path,
+                  unwritable: OSError | None = None) -> tuple[Path, str]:
     """Compute and write the source's features unless the cache already holds them.
 
     The cache key combines the source's fingerprint and the feature settings, so a changed
     dataset or feature config gets a new file; an unchanged one is never recomputed.
+    `unwritable`: the error that showed `cache_dir` cannot be written (`preparing`); features
+    not cached there are then refused before any audio is decoded, not after.
 
     Returns:
         (path of the cache file, cache key).
@@ -343,6 +346,14 @@ def ensure_cached(source: ClipSource, features: MelFeatures, cache_dir: str | Pa
         raise RuntimeError(f"Source '{source.name}' has no clips: nothing to compute. Check the "
                            "dataset.source settings: its data folder, and the instruments or classes "
                            "it is given.")
+    if unwritable is not None:
+        raise RuntimeError(
+            f"The features of these {source.name} clips under this run's dataset.features settings "
+            f"are not cached yet ({path.name}), and this process cannot write the cache folder "
+            f"{Path(cache_dir)} ({unwritable.strerror or unwritable}): a shared data folder made read-only? "
+            f"Cache them in a folder of your own with paths.cache_dir=<folder you can write> (the "
+            f"audio is still read from where it is), or ask the folder's owner to run this config "
+            "once.")
     feats = compute_features(clips, features)
     blob = {
         "features": feats.half(),  # log-mel fits float16 comfortably; halves disk and load time
@@ -368,15 +379,25 @@ def _load_table(path: Path, key: str) -> FeatureTable:
 
 
 @contextmanager
-def preparing(source: ClipSource, cache_dir: str | Path) -> Iterator[None]:
+def preparing(source: ClipSource, cache_dir: str | Path) -> Iterator[OSError | None]:
     """Hold the source's preparation lock (a file next to its feature cache).
 
     Parallel jobs of a sweep (the joblib launcher, SLURM arrays on a shared disk) prepare the
     same source at the same moment; without the lock one of them rewrites or deletes clips
     another is decoding. With it the first renders and caches while the others wait, then find
     everything done.
+
+    Yields None, or the error that shows this process cannot write `cache_dir` (a lab's data
+    folder made read-only once everything was prepared): it then holds no lock, as reading what
+    is there needs none (a cache file or a render's manifest.json appears in one step, complete),
+    and `ensure_cached` refuses to compute what is missing.
     """
-    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    unwritable = write_error(cache_dir)
+    if unwritable is not None:
+        log.debug("Cannot write the feature cache folder %s (%s): reading source '%s' without "
+                  "its preparation lock", cache_dir, unwritable, source.name)
+        yield unwritable
+        return
     lock = FileLock(Path(cache_dir) / f"{source.name}.prepare.lock")
     try:
         lock.acquire(timeout=0)
@@ -385,7 +406,7 @@ def preparing(source: ClipSource, cache_dir: str | Path) -> Iterator[None]:
                  source.name, lock.lock_file)
         lock.acquire()
     try:
-        yield
+        yield None
     finally:
         lock.release()
 
@@ -402,11 +423,11 @@ def prepare_cache(source: ClipSource, features: MelFeatures, cache_dir: str | Pa
     Returns:
         (path of the cache file, cache key), as `ensure_cached`.
     """
-    with preparing(source, cache_dir):
+    with preparing(source, cache_dir) as unwritable:
         source.prepare()
         if check_classes is not None:
             check_classes(sorted({clip.instrument for clip in source.clips()}))
-        return ensure_cached(source, features, cache_dir)
+        return ensure_cached(source, features, cache_dir, unwritable)
 
 
 def prepare_and_load(source: ClipSource, features: MelFeatures, cache_dir: str | Path,

@@ -43,6 +43,7 @@ from fewzero.data.clips import (
     config_hash,
     file_digest,
     replace_atomically,
+    write_error,
 )
 from fewzero.progress import progress_bar
 
@@ -675,11 +676,18 @@ class RenderedSOL:
 
     def _render(self) -> None:
         """Render every note, then write metadata.csv and (last, atomically) manifest.json."""
+        directory = self.dataset_dir
+        unwritable = write_error(directory)
+        if unwritable is not None:  # say so before rendering, not from a worker's first note
+            raise RuntimeError(
+                f"Rendered SOL of this dataset.source config is not at {directory}, and this "
+                f"process cannot write there ({unwritable.strerror or unwritable}): a shared data "
+                "folder made read-only? Render it into a folder of your own with "
+                "dataset.source.root=<folder you can write>, or ask the folder's owner to run "
+                "this config once.")
         fluidsynth = _import_fluidsynth()
         start = time.perf_counter()
-        directory = self.dataset_dir
         shutil.rmtree(directory / "audio", ignore_errors=True)
-        directory.mkdir(parents=True, exist_ok=True)
         notes = self.notes()
         results = _render_all(notes, self._spec(), self.num_workers)
         kept = [(note, result) for note, result in zip(notes, results, strict=True) if result.md5]
