@@ -354,6 +354,16 @@ def test_deterministic_runs_with_the_same_seed_give_identical_results(tmp_path):
     assert torch.equal(results[0][2], results[1][2])
 
 
+def test_every_data_and_log_location_is_left_out_of_run_names_and_report_groups():
+    """paths.cache_dir (what a read-only shared data folder asks for) named the run directory and
+    made fewzero.report count runs of one setting as two configurations; like paths.data_dir, it
+    says where the data are, not what the run is."""
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", return_hydra_config=True)
+    excluded = set(cfg.hydra.job.config.override_dirname.exclude_keys)
+    assert {f"paths.{key}" for key in cfg.paths if key != "output_dir"} <= excluded
+
+
 def test_run_suffix_is_path_safe_and_short():
     from fewzero.train import MAX_RUN_SUFFIX, run_suffix
 
