@@ -366,3 +366,18 @@ def test_a_cache_folder_that_cannot_be_written_is_read_and_a_missing_cache_refus
     with pytest.raises(RuntimeError, match=r"cannot write the cache folder .*file/cache "
                                            r"\(Not a directory\).*paths\.cache_dir="):
         prepare_and_load(source, feats, tmp_path / "file" / "cache")
+
+
+@pytest.mark.parametrize("keep", [0, 100, 0.5])
+def test_a_truncated_feature_cache_is_refused_naming_it_and_the_fix(tmp_path, source, keep):
+    """A copy of the data folder cut short leaves a truncated cache (a killed run cannot: caches
+    are written in one step). Before: torch.load's "Ran out of input" or "failed finding central
+    directory", or pickle's "invalid load key"."""
+    feats = MelFeatures(clip_seconds=0.5, n_mels=32)
+    prepare_and_load(source, feats, tmp_path / "cache")
+    (path,) = (tmp_path / "cache").glob("list-*.pt")
+    data = path.read_bytes()
+    path.write_bytes(data[:int(keep * len(data)) if isinstance(keep, float) else keep])
+    with pytest.raises(RuntimeError, match=rf"The feature cache {path} cannot be read \(.+\): it is "
+                                           r"truncated or damaged .*Delete it: the next run computes"):
+        prepare_and_load(source, feats, tmp_path / "cache")

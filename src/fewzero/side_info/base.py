@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from fewzero.data.clips import config_hash, replace_atomically
+from fewzero.data.features import load_cache
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ class SideInformation:
         path = self.cache_path(class_names)
         cached = path is not None and path.exists()
         if cached:
-            members = torch.load(path, map_location="cpu", weights_only=True)
+            members = load_cache(path, f"{self.kind} side information")
         else:
             members = [m.float() for m in self.compute(class_names)]
         self._check_dim(members)  # on every load, and before caching: nothing invalid is written
