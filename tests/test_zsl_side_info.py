@@ -145,6 +145,18 @@ def test_vectors_are_cached_and_not_recomputed(tmp_path, monkeypatch):
     torch.testing.assert_close(source.vectors(["Violin"]).mean, first)
 
 
+def test_vectors_are_computed_uncached_where_the_cache_folder_cannot_be_written(tmp_path, caplog):
+    # Before: an OSError from mkdir once they were computed (a shared data folder made read-only)
+    (tmp_path / "data").write_text("a file where the folder should be")  # unwritable for root too
+    source = GloveVectors({"Violin": ["violin"]}, dim=4, path=str(_write_glove(tmp_path / "g.txt")),
+                          cache_dir=tmp_path / "data" / "cache")
+    with caplog.at_level("INFO"):
+        vectors = [source.vectors(["Violin"]).mean for _ in range(2)]
+    torch.testing.assert_close(vectors[0], vectors[1])
+    told = [r.getMessage() for r in caplog.records if "is not cached" in r.getMessage()]
+    assert len(told) == 1 and "data/cache/side_info cannot be written (Not a directory)" in told[0]
+
+
 def test_a_truncated_vectors_cache_is_refused_naming_it_and_the_fix(tmp_path):
     # Before: torch.load's "failed finding central directory" (a copy of the data folder cut short)
     source = GloveVectors({"Violin": ["violin"]}, dim=4, path=str(_write_glove(tmp_path / "g.txt")),

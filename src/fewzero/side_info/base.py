@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from fewzero.data.clips import config_hash, replace_atomically
+from fewzero.data.clips import config_hash, replace_atomically, write_error
 from fewzero.data.features import load_cache
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,9 @@ class ClassVectors:
         """(n_classes, dim): one randomly chosen member vector per class."""
         picks = [int(torch.randint(len(m), (1,), generator=generator)) for m in self.members]
         return torch.stack([m[i] for m, i in zip(self.members, picks, strict=True)])
+
+
+_NOT_CACHED: set[Path] = set()  # caches this process could not write, and said so
 
 
 class SideInformation:
@@ -98,8 +101,14 @@ class SideInformation:
         else:
             members = [m.float() for m in self.compute(class_names)]
         self._check_dim(members)  # on every load, and before caching: nothing invalid is written
-        if path is not None and not cached:
-            path.parent.mkdir(parents=True, exist_ok=True)
+        unwritable = write_error(path.parent) if path is not None and not cached else None
+        if unwritable is not None:  # a shared data folder made read-only: the vectors are cheap
+            if path not in _NOT_CACHED:
+                log.info("%s side information of %d classes is not cached, as %s cannot be "
+                         "written (%s): each run computes it", self.kind, len(class_names),
+                         path.parent, unwritable.strerror or unwritable)
+            _NOT_CACHED.add(path)
+        elif path is not None and not cached:
             replace_atomically(path, lambda tmp: torch.save(members, tmp))
             log.info("Cached %s side information of %d classes to %s", self.kind,
                      len(class_names), path)
