@@ -354,6 +354,20 @@ def test_deterministic_runs_with_the_same_seed_give_identical_results(tmp_path):
     assert torch.equal(results[0][2], results[1][2])
 
 
+def test_a_data_folder_given_with_a_tilde_is_the_home_folder_for_every_source_and_cache(
+        tmp_path, monkeypatch):
+    """FEWZERO_DATA="~/lab data" (quoted, so no shell expands it): rendered SOL (which expanded
+    "~" itself) went to the home folder, and tones and every feature cache to a folder named "~"
+    under the working directory."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("FEWZERO_DATA", "~/lab data")
+    for source in ("tones", "sol"):
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            cfg = compose("train", overrides=[f"dataset/source={source}"])
+        assert cfg.dataset.cache_dir == str(tmp_path / "lab data" / "cache")
+        assert cfg.dataset.source.root.startswith(str(tmp_path / "lab data") + "/")
+
+
 def test_every_data_and_log_location_is_left_out_of_run_names_and_report_groups():
     """paths.cache_dir (what a read-only shared data folder asks for) named the run directory and
     made fewzero.report count runs of one setting as two configurations; like paths.data_dir, it

@@ -122,6 +122,10 @@ def run_suffix(override_dirname: str) -> str:
 
 
 OmegaConf.register_new_resolver("run_suffix", run_suffix, replace=True)
+# paths.root_dir and paths.data_dir: FEWZERO_DATA="~/data" (quoted, or set outside a shell) put
+# rendered SOL in the home folder (its source expands "~") and the feature caches in a folder
+# named "~" under the working directory
+OmegaConf.register_new_resolver("expanduser", os.path.expanduser, replace=True)
 OmegaConf.register_new_resolver("music_fsl_dim", MusicFslCNN.output_dim, replace=True)
 OmegaConf.register_new_resolver("xlsa17_dim", attribute_dim, replace=True)
 register_resolvers()  # ${optuna_storage:...}, ${optuna_seed:...} (hparams_search=optuna)
