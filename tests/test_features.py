@@ -381,3 +381,28 @@ def test_a_truncated_feature_cache_is_refused_naming_it_and_the_fix(tmp_path, so
     with pytest.raises(RuntimeError, match=rf"The feature cache {path} cannot be read \(.+\): it is "
                                            r"truncated or damaged .*Delete it: the next run computes"):
         prepare_and_load(source, feats, tmp_path / "cache")
+
+
+def test_the_preparation_lock_is_writable_for_every_user_of_a_shared_data_folder(
+        tmp_path, source, monkeypatch):
+    """With a umask of 022 the first user's lock was theirs alone: every other user's run, even
+    one that only read, then failed with a PermissionError from the lock. Locks made before
+    are refused naming the file and the chmod that fixes them."""
+    import errno
+
+    old = os.umask(0o022)
+    try:
+        prepare_and_load(source, MelFeatures(clip_seconds=0.5, n_mels=32), tmp_path / "cache")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "cache" / "list.prepare.lock").stat().st_mode & 0o777 == 0o666
+
+    class TheirLock(features_module.FileLock):
+        def acquire(self, *args, **kwargs):
+            raise PermissionError(errno.EACCES, "Permission denied", self.lock_file)
+
+    monkeypatch.setattr(features_module, "FileLock", TheirLock)
+    lock = tmp_path / "cache" / "list.prepare.lock"
+    with pytest.raises(RuntimeError, match=rf"cannot open the preparation lock {lock} \(Permission "
+                                           rf"denied\).*chmod a\+w '{lock}'.*paths\.cache_dir="):
+        prepare_and_load(source, MelFeatures(clip_seconds=0.5, n_mels=32), tmp_path / "cache")

@@ -416,13 +416,23 @@ def preparing(source: ClipSource, cache_dir: str | Path) -> Iterator[OSError | N
                   "its preparation lock", cache_dir, unwritable, source.name)
         yield unwritable
         return
-    lock = FileLock(Path(cache_dir) / f"{source.name}.prepare.lock")
+    # writable for every user of a shared data folder, not only its creator (as a umask of 022
+    # would leave it): the others open it to wait their turn, even when they only read
+    lock = FileLock(Path(cache_dir) / f"{source.name}.prepare.lock", mode=0o666)
     try:
         lock.acquire(timeout=0)
     except Timeout:
         log.info("Another process is preparing source '%s' (lock %s); waiting for it",
                  source.name, lock.lock_file)
         lock.acquire()
+    except PermissionError as err:
+        raise RuntimeError(
+            f"This process cannot open the preparation lock {lock.lock_file} ({err.strerror}): "
+            "another user of this data folder made it, before fewzero made it writable for "
+            f"everyone. Ask them or the folder's owner to run `chmod a+w '{lock.lock_file}'` "
+            "(the file is empty: it only makes jobs that prepare the source wait for each "
+            "other), or use a cache folder of your own, paths.cache_dir=<folder you can write>."
+        ) from None
     try:
         yield None
     finally:
