@@ -943,3 +943,25 @@ def test_a_preempted_submitit_job_is_told_whether_its_requeue_resumes(tmp_path, 
         say_how_to_resume(tmp_path, ["seed=1"], None, requeued=True)  # would train from step 0
     assert ("Preempted, and the requeued job starts afresh without ckpt_path=auto in the sweep's "
             "command." in caplog.text and "holds step 7; resume with:" in caplog.text)
+
+
+def test_a_resume_command_names_the_data_folder_the_environment_gave_the_run(tmp_path, caplog,
+                                                                            monkeypatch):
+    """Before, the command left FEWZERO_DATA out: resumed in another shell (a requeued job), the
+    run read its data from ./data, rendering rendered SOL anew there with whatever FluidSynth
+    that host has."""
+    from fewzero.train import say_how_to_resume
+
+    (tmp_path / "checkpoints").mkdir()
+    torch.save({"global_step": 7}, tmp_path / "checkpoints" / "last.ckpt")
+    monkeypatch.delenv("FEWZERO_ROOT", raising=False)
+    monkeypatch.setenv("FEWZERO_DATA", "/lab/fewzero data")
+    with caplog.at_level(logging.WARNING, logger="fewzero.train"):
+        say_how_to_resume(tmp_path, ["seed=1"], None)
+    assert ("ckpt_path=last " in caplog.text and "\n(with FEWZERO_DATA='/lab/fewzero "
+            "data' set again: this run found its data through it)" in caplog.text)
+    caplog.clear()
+    monkeypatch.delenv("FEWZERO_DATA")
+    with caplog.at_level(logging.WARNING, logger="fewzero.train"):
+        say_how_to_resume(tmp_path, ["seed=1"], None)
+    assert "holds step 7; resume with:" in caplog.text and "FEWZERO_DATA" not in caplog.text

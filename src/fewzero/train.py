@@ -307,6 +307,17 @@ def pythonpath_hint() -> str:
             f"{', '.join(found)} from there)")
 
 
+def data_folder_hint() -> str:
+    """A line to give with a resume command when the environment placed this run's data
+    (`FEWZERO_DATA`, or `FEWZERO_ROOT`, configs/paths/default.yaml): a resume in a shell without
+    it reads them elsewhere, rendering rendered SOL anew under ./data (with whatever FluidSynth
+    is there) or failing to find TinySOL. "" otherwise."""
+    given = [f"{name}={shlex.quote(os.environ[name])}" for name in ("FEWZERO_DATA", "FEWZERO_ROOT")
+             if os.environ.get(name)]
+    return (f"\n(with {' '.join(given)} set again: this run found its data through "
+            f"{'it' if len(given) == 1 else 'them'})" if given else "")
+
+
 def resume_command(overrides: list[str] | None, output_dir: Path, ckpt_path: str = "last",
                    options: Sequence[str] = ()) -> str:
     """The shell command that resumes the run in `output_dir` from `ckpt_path`: its overrides
@@ -1313,7 +1324,8 @@ def say_how_to_resume(output_dir: Path, overrides: list[str], during: str | None
     a multirun in `sweep_dir` also gets the command that finishes the whole sweep. `requeued`:
     a submitit job that its launcher requeues, which resumes by itself with ckpt_path=auto.
     `options`: those the run's config was composed with besides its overrides
-    (`composing_options`). Each command comes with the PYTHONPATH it needs (`pythonpath_hint`)."""
+    (`composing_options`). Each command comes with the PYTHONPATH it needs (`pythonpath_hint`)
+    and the data folder it read (`data_folder_hint`)."""
     last = output_dir / "checkpoints" / "last.ckpt"
     if not last.is_file():
         log.warning("Stopped before any checkpoint was written to %s: start the run again.",
@@ -1332,11 +1344,12 @@ def say_how_to_resume(output_dir: Path, overrides: list[str], during: str | None
                     "job starts afresh without ckpt_path=auto in the sweep's command" if requeued
                     else "Stopped", last, step,
                     resume_command(run_overrides(output_dir, overrides), output_dir, options=options),
-                    pythonpath_hint())
+                    pythonpath_hint() + data_folder_hint())
     whole_sweep = sweep_resume_command(sweep_dir) if sweep_dir is not None and not requeued else None
     if whole_sweep:
         log.warning("The multirun stops here. Finish it (stopped jobs resume, finished ones keep "
-                    "their results, the rest start) with:\n  %s%s", whole_sweep, pythonpath_hint())
+                    "their results, the rest start) with:\n  %s%s", whole_sweep,
+                    pythonpath_hint() + data_folder_hint())
 
 
 @hydra.main(version_base="1.3", config_path="../../configs", config_name=CONFIG_NAME)
