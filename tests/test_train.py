@@ -368,6 +368,16 @@ def test_a_data_folder_given_with_a_tilde_is_the_home_folder_for_every_source_an
         assert cfg.dataset.source.root.startswith(str(tmp_path / "lab data") + "/")
 
 
+def test_a_data_folder_variable_set_empty_counts_as_unset(monkeypatch):
+    """FEWZERO_DATA= (`export FEWZERO_DATA=$DATA` with DATA unset) put the data at the
+    file-system root: /cache, /tones, /rendered_sol."""
+    monkeypatch.setenv("FEWZERO_DATA", "")
+    monkeypatch.setenv("FEWZERO_ROOT", "")
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=["dataset/source=tones"])
+    assert (cfg.paths.data_dir, cfg.dataset.cache_dir) == ("./data", "./data/cache")
+
+
 def test_every_data_and_log_location_is_left_out_of_run_names_and_report_groups():
     """paths.cache_dir (what a read-only shared data folder asks for) named the run directory and
     made fewzero.report count runs of one setting as two configurations; like paths.data_dir, it

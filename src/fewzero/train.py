@@ -122,10 +122,18 @@ def run_suffix(override_dirname: str) -> str:
 
 
 OmegaConf.register_new_resolver("run_suffix", run_suffix, replace=True)
-# paths.root_dir and paths.data_dir: FEWZERO_DATA="~/data" (quoted, or set outside a shell) put
-# rendered SOL in the home folder (its source expands "~") and the feature caches in a folder
-# named "~" under the working directory
-OmegaConf.register_new_resolver("expanduser", os.path.expanduser, replace=True)
+
+
+def env_path(name: str, default: str) -> str:
+    """paths.root_dir and paths.data_dir: the folder the environment variable `name` gives, else
+    `default`, also where it is set but empty, as the shell's ${name:-default} (FEWZERO_DATA=
+    put the data at the file-system root: /cache, /rendered_sol); a leading "~" is the home
+    folder (FEWZERO_DATA="~/data", quoted or set outside a shell, put rendered SOL there, as its
+    source expands "~", and the feature caches in a folder named "~" under the working one)."""
+    return os.path.expanduser(os.environ.get(name) or default)
+
+
+OmegaConf.register_new_resolver("env_path", env_path, replace=True)
 OmegaConf.register_new_resolver("music_fsl_dim", MusicFslCNN.output_dim, replace=True)
 OmegaConf.register_new_resolver("xlsa17_dim", attribute_dim, replace=True)
 register_resolvers()  # ${optuna_storage:...}, ${optuna_seed:...} (hparams_search=optuna)
