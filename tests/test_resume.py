@@ -612,6 +612,21 @@ def test_the_resume_command_parses_back_to_the_run_in_hydra(tmp_path):
     assert parsed == {"seed": 1, "model.x": "a  b", "ckpt_path": "last", "hydra.run.dir": str(run)}
 
 
+def test_a_resume_may_read_its_data_where_they_moved_but_not_other_data(tmp_path):
+    """A run given its data folder (dataset.source.root=/lab/...) could not be resumed once the
+    folder moved: the new place was refused as another training setting."""
+    from fewzero.train import check_resume
+
+    ckpt = tmp_path / "last.ckpt"
+    where = ["dataset.source.root=/lab/tones", "dataset.cache_dir=/lab/cache"]
+    run = compose_train_cfg(tmp_path, where)
+    torch.save({"fewzero_run": {"config": OmegaConf.to_container(run), "overrides": where}}, ckpt)
+    check_resume(compose_train_cfg(tmp_path, ["dataset.source.root=/moved/tones",
+                                              "dataset.cache_dir=/moved/cache"]), str(ckpt), tmp_path)
+    with pytest.raises(ValueError, match="dataset.source.clips_per_class: 12 in the run, 13 now"):
+        check_resume(compose_train_cfg(tmp_path, where, clips_per_class=13), str(ckpt), tmp_path)
+
+
 def test_where_a_run_trains_may_change_on_resume_but_not_what_it_trains(tmp_path):
     from fewzero.train import check_resume
 

@@ -72,7 +72,12 @@ MAX_RUN_SUFFIX = 120
 TRAINING_KEYS = ("model", "dataset", "loss", "side_info", "physical_facts", "trainer", "seed")
 RESUME_MAY_CHANGE = ("trainer.accelerator", "trainer.devices", "trainer.num_nodes", "trainer.strategy",
                      "trainer.sync_batchnorm", "trainer.enable_progress_bar", "trainer.log_every_n_steps",
-                     "dataset.num_workers")
+                     "dataset.num_workers",
+                     # where the data are, moved since: a render's folder (rendered SOL, tones)
+                     # and every cache are named by what they hold, so another place holds the
+                     # same data or none (not so TinySOL's or xlsa17's folders)
+                     "dataset.source.root", "dataset.source.num_workers", "dataset.cache_dir",
+                     "side_info.cache_dir")
 # metrics.json's and the summary's word on a trainer.fast_dev_run (Lightning's limits: one batch
 # of every stage)
 FAST_DEV_RUN_NOTE = ("one batch per stage: validation and test scored only the clips of their "
