@@ -368,6 +368,22 @@ def test_a_data_folder_given_with_a_tilde_is_the_home_folder_for_every_source_an
         assert cfg.dataset.source.root.startswith(str(tmp_path / "lab data") + "/")
 
 
+def test_a_cache_folder_given_with_a_tilde_is_under_the_home_folder(tmp_path, monkeypatch):
+    """'paths.cache_dir="~/cache"' (Hydra takes no unquoted "~"): the feature cache went to a
+    folder named "~" under the working directory, as did tones' dataset.source.root (rendered
+    SOL's and TinySOL's folders expanded "~")."""
+    from fewzero.side_info.base import SideInformation
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = compose_train_cfg(tmp_path, ["paths.cache_dir='~/my cache'", "dataset.source.root='~/tones'"])
+    datamodule = hydra.utils.instantiate(cfg.dataset)
+    assert datamodule.cache_dir == tmp_path / "my cache"
+    assert datamodule.source.root == tmp_path / "tones"
+    assert SideInformation(dim=4, cache_dir="~/my cache").cache_dir == tmp_path / "my cache"
+    zero_shot = compose_train_cfg(tmp_path, ["experiment=zsl_word_audio", "paths.cache_dir='~/my cache'"])
+    assert hydra.utils.instantiate(zero_shot.dataset).cache_dir == tmp_path / "my cache"
+
+
 def test_a_data_folder_variable_set_empty_counts_as_unset(monkeypatch):
     """FEWZERO_DATA= (`export FEWZERO_DATA=$DATA` with DATA unset) put the data at the
     file-system root: /cache, /tones, /rendered_sol."""

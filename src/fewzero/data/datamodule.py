@@ -262,7 +262,7 @@ class FewShotDataModule(StreamPosition, pl.LightningDataModule):
         self.train_settings = _settings(episodes["train"], "dataset.episodes.train")
         self.val_settings = _settings(episodes["val"], "dataset.episodes.val")
         self.test_settings = _test_settings(episodes["test"])
-        self.cache_dir = Path(cache_dir)
+        self.cache_dir = Path(cache_dir).expanduser()
         self.excerpt_seconds = excerpt_seconds
         self.excerpt_frames, self.eval_offset, self.train_max_start = excerpt_frames(
             features, excerpt_seconds, eval_offset_seconds, train_max_offset_seconds)

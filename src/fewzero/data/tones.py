@@ -24,7 +24,7 @@ class SyntheticTones:
 
     def __init__(self, root: str | Path, instruments: list[str], clips_per_class: int = 20,
                  sample_rate: int = 16000, seconds: float = 1.5, n_folds: int = 5, seed: int = 0):
-        self.root = Path(root)
+        self.root = Path(root).expanduser()
         self.instruments = list(instruments)
         self.clips_per_class, self.sample_rate, self.seconds = clips_per_class, sample_rate, seconds
         self.n_folds, self.seed = n_folds, seed

@@ -126,7 +126,7 @@ class ZeroShotDataModule(StreamPosition, pl.LightningDataModule):
         self.pseudo_unseen_folds = [list(fold) for fold in split.get("pseudo_unseen_folds") or []]
         self._check_split()
         self.class_names = self.seen + self.unseen
-        self.cache_dir = Path(cache_dir)
+        self.cache_dir = Path(cache_dir).expanduser()
         self.excerpt_frames, self.eval_offset, self.train_max_start = excerpt_frames(
             features, excerpt_seconds, eval_offset_seconds, train_max_offset_seconds)
         self.test_fold = check_fold(source, "dataset.test_fold", test_fold)

@@ -75,7 +75,7 @@ class SideInformation:
                  normalize: bool = True, sample_per_step: bool = False):
         self.dim, self.center, self.normalize = int(dim), center, normalize
         self.sample_per_step = sample_per_step
-        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else None
 
     def compute(self, class_names: Sequence[str]) -> list[torch.Tensor]:
         """Per class a (n_i, dim) float tensor. Raise a ValueError naming any unknown class."""
