@@ -351,10 +351,10 @@ def ensure_cached(source: ClipSource, features: MelFeatures, cache_dir: str | Pa
         raise RuntimeError(
             f"The features of these {source.name} clips under this run's dataset.features settings "
             f"are not cached yet ({path.name}), and this process cannot write the cache folder "
-            f"{Path(cache_dir)} ({unwritable.strerror or unwritable}): a shared data folder made read-only? "
-            f"Cache them in a folder of your own with paths.cache_dir=<folder you can write> (the "
-            f"audio is still read from where it is), or ask the folder's owner to run this config "
-            "once.")
+            f"{Path(cache_dir)} ({unwritable.strerror or unwritable}): a shared data folder made "
+            "read-only? Cache them in a folder of your own with paths.cache_dir=<folder you can "
+            "write> (the audio is still read from where it is), or ask the folder's owner to run "
+            "this config once.")
     feats = compute_features(clips, features)
     blob = {
         "features": feats.half(),  # log-mel fits float16 comfortably; halves disk and load time
