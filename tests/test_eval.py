@@ -632,3 +632,39 @@ def test_eval_refuses_log_mel_settings_other_than_the_runs_before_building_anyth
         with pytest.raises(ValueError, match=refused + r": the checkpoint learned log-mel features of "
                                                        r"the run's settings.*only clip_seconds may change"):
             evaluate(ckpt, [override], tmp_path / "eval")
+
+
+def test_an_eval_or_resume_reading_other_data_folders_than_the_run_says_so_once(
+        tmp_path, monkeypatch, caplog):
+    """Before, a run trained with FEWZERO_DATA=<folder> and tested or resumed in a shell without
+    it read (and for rendered SOL rendered anew) its data under ./data without a word: its saved
+    config leaves paths.data_dir unresolved. Its checkpoints now record the folders it read."""
+    import logging
+
+    monkeypatch.delenv("FEWZERO_ROOT", raising=False)
+    monkeypatch.setenv("FEWZERO_DATA", str(tmp_path / "dataA"))
+    cfg = compose_train_cfg(tmp_path, ["trainer.max_steps=2", "test=false"])
+    train(cfg)
+    ckpt = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    said = "read its data from other folders than this command reads"
+    with caplog.at_level(logging.WARNING, logger="fewzero.train"):
+        evaluate(ckpt, [], tmp_path / "eval_same")  # the run's folder: nothing to say
+        assert said not in caplog.text
+        monkeypatch.delenv("FEWZERO_DATA")
+        evaluate(ckpt, [], tmp_path / "eval_unset")
+    assert caplog.text.count(said) == 1
+    assert (f"paths.data_dir: {tmp_path / 'dataA'} in the run, {tmp_path / 'data'} now" in caplog.text
+            and f"set FEWZERO_DATA={tmp_path / 'dataA'}, or add paths.data_dir={tmp_path / 'dataA'} "
+                f"paths.cache_dir={tmp_path / 'dataA' / 'cache'}." in caplog.text)
+    caplog.clear()
+    monkeypatch.setenv("FEWZERO_DATA", str(tmp_path / "dataB"))  # a resume in another shell
+    with caplog.at_level(logging.WARNING, logger="fewzero.train"):
+        train(compose_train_cfg(tmp_path, ["trainer.max_steps=2", "test=false", "ckpt_path=last"]))
+    assert caplog.text.count(said) == 1 and f"{tmp_path / 'dataB'} now" in caplog.text
+    caplog.clear()
+    saved = torch.load(ckpt, weights_only=False)
+    del saved["fewzero_run"]["data_folders"]  # written before checkpoints recorded them
+    torch.save(saved, ckpt)
+    with caplog.at_level(logging.WARNING, logger="fewzero.train"):
+        metrics, _ = evaluate(ckpt, [], tmp_path / "eval_old")
+    assert said not in caplog.text and 0.0 <= metrics["test/5way_5shot_acc"] <= 1.0

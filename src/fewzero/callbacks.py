@@ -459,24 +459,32 @@ class RngAtFirstBatch(pl.Callback):
 class RunRecord(pl.Callback):
     """Writes the run's config and command-line overrides into every checkpoint it saves
     (`checkpoint["fewzero_run"]`), so that a resume can check that it continues the same run
-    (`fewzero.train.check_resume`).
+    (`fewzero.train.check_resume`), and the data folders it read, so that a resume or
+    `fewzero.eval` reading others says so (`fewzero.train.warn_of_other_data_folders`).
 
     Args:
         config: the composed config as a plain container, interpolations unresolved.
         overrides: the command line's overrides without `ckpt_path`; None when unknown.
+        data_folders: `fewzero.train.data_folders` of the run: its config's folders resolved,
+            which the unresolved config cannot tell (they follow FEWZERO_DATA and the working
+            directory).
     """
 
-    def __init__(self, config: dict[str, Any], overrides: list[str] | None) -> None:
+    def __init__(self, config: dict[str, Any], overrides: list[str] | None,
+                 data_folders: dict[str, str] | None = None) -> None:
         self.config = config
         self.overrides = overrides
+        self.data_folders = data_folders
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
-        checkpoint["fewzero_run"] = {"config": self.config, "overrides": self.overrides}
+        checkpoint["fewzero_run"] = {"config": self.config, "overrides": self.overrides,
+                                     "data_folders": self.data_folders}
 
     @staticmethod
     def read(ckpt_path: str | Path) -> dict[str, Any] | None:
-        """{"config", "overrides"} recorded in a checkpoint; None for one written before."""
+        """{"config", "overrides", "data_folders"} recorded in a checkpoint (no "data_folders"
+        before 2026-12-06); None for one written before 2026-12-05."""
         return torch.load(ckpt_path, map_location="cpu", weights_only=False).get("fewzero_run")
 
 

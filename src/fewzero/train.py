@@ -331,6 +331,47 @@ def data_folder_hint() -> str:
             f"{'it' if len(given) == 1 else 'them'})" if given else "")
 
 
+# the folders a run's data are read from, which its saved config leaves unresolved
+# (configs/paths/default.yaml): they follow FEWZERO_DATA, FEWZERO_ROOT and the working directory
+DATA_FOLDER_KEYS = ("paths.data_dir", "paths.cache_dir")
+
+
+def data_folders(cfg: DictConfig) -> dict[str, str]:
+    """DATA_FOLDER_KEYS resolved as this process resolves them, as absolute paths (`RunRecord`
+    records a run's in its checkpoints)."""
+    values = {key: OmegaConf.select(cfg, key, default=None) for key in DATA_FOLDER_KEYS}
+    return {key: os.path.abspath(os.path.expanduser(str(value)))
+            for key, value in values.items() if value is not None}
+
+
+def warn_of_other_data_folders(cfg: DictConfig, ckpt_path: str) -> None:
+    """Warn when this command (a resume, or a test of a checkpoint: `fewzero.eval`) reads its
+    data from other folders than the run of `ckpt_path` read, as its `RunRecord` says (nothing
+    to compare for a checkpoint written before 2026-12-06): a shell without the run's
+    FEWZERO_DATA, or another working directory. Not refused: the data are found by what they
+    hold (a render's folder and every cache are named by their settings), so a folder they
+    were moved to holds the same; any other is rendered or cached anew, or lacks them."""
+    try:
+        then = (RunRecord.read(ckpt_path) or {}).get("data_folders") or {}
+    except Exception:  # a file cut short: loading the checkpoint says so
+        return
+    now = data_folders(cfg)
+    moved = [key for key in now if key in then and Path(then[key]).resolve() != Path(now[key]).resolve()]
+    if not moved:
+        return
+    unresolved = OmegaConf.to_container(cfg.paths).get("data_dir") if "paths" in cfg else None
+    by_variable = "paths.data_dir" in moved and "env_path:FEWZERO_DATA" in str(unresolved)
+    log.warning(
+        "The run of %s read its data from other folders than this command reads:\n%s\n"
+        "They are found by what they hold, so a folder they were moved to gives the same "
+        "figures; any other has them rendered or cached anew (rendered SOL: by this machine's "
+        "FluidSynth, whose audio may differ from the run's render) or lacks them (TinySOL). To "
+        "read the run's own folders, %s.", ckpt_path,
+        "\n".join(f"  {key}: {then[key]} in the run, {now[key]} now" for key in moved),
+        (f"set FEWZERO_DATA={shlex.quote(then['paths.data_dir'])}, or add " if by_variable
+         else "add ") + " ".join(shlex.quote(f"{key}={hydra_quoted(then[key])}") for key in moved))
+
+
 def resume_command(overrides: list[str] | None, output_dir: Path, ckpt_path: str = "last",
                    options: Sequence[str] = ()) -> str:
     """The shell command that resumes the run in `output_dir` from `ckpt_path`: its overrides
@@ -1154,7 +1195,8 @@ def train(cfg: DictConfig, overrides: list[str] | None = None, report_extra: dic
     quiet_lightning()
     output_dir = Path(cfg.paths.output_dir)
     # as composed: instantiating a node resolves interpolations it reads in place (${side_info})
-    record = RunRecord(OmegaConf.to_container(cfg), run_overrides(output_dir, overrides))
+    record = RunRecord(OmegaConf.to_container(cfg), run_overrides(output_dir, overrides),
+                       data_folders(cfg))
     try:
         resumed = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir) if cfg.get("train", True) else None
         finished = (finished_report(cfg, resumed, output_dir)
@@ -1172,6 +1214,10 @@ def train(cfg: DictConfig, overrides: list[str] | None = None, report_extra: dic
     except Exception:  # e.g. a mistyped resume of an existing run: leave its files as they were
         restore_run_files(output_dir)
         raise
+    # a resume, or a test alone of a run's checkpoint (fewzero.eval): before any data are read
+    continued = resumed if cfg.get("train", True) else resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
+    if continued and finished is None and rank_zero_only.rank == 0:
+        warn_of_other_data_folders(cfg, continued)
     if finished is not None:  # e.g. a job of a sweep that a stop interrupted, finished before
         log.info("%s finished with these settings already: its results stand, neither trained nor "
                  "tested again (to test it again: ckpt_path=last, or remove its metrics.json).",
