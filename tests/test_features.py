@@ -82,47 +82,6 @@ def test_an_atomic_write_that_fails_keeps_the_old_file_and_leaves_no_temporary_f
     assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["cache.pt"]
 
 
-def test_preparing_removes_the_temporary_files_of_killed_cache_writes_and_no_others(tmp_path, source):
-    """A kill -9 during a cache write left its `<name>.<pid>.tmp` (tens of MB for rendered SOL)
-    for good. A temporary file of this host's dead process goes; a live process's, another
-    host's (its pid says nothing here) and one just written stay, until untouched for a day."""
-    import signal
-    import socket
-    import subprocess
-    import sys
-    import time
-
-    cache = tmp_path / "cache"
-    cache.mkdir()
-    writer = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from fewzero.data.clips import replace_atomically; "
-        "replace_atomically(sys.argv[1], lambda tmp: (tmp.write_bytes(b'x' * 1000), time.sleep(60)))"),
-        str(cache / "list-killed.pt")],  # this fewzero, wherever the interpreter's is
-        env={**os.environ, "PYTHONPATH": str(Path(features_module.__file__).parents[2])})
-    deadline = time.time() + 60
-    while not list(cache.glob("*.tmp")) and time.time() < deadline:
-        time.sleep(0.05)
-    os.kill(writer.pid, signal.SIGKILL)
-    writer.wait()
-    [killed] = cache.glob("*.tmp")
-    host, dead = socket.gethostname(), writer.pid
-    assert killed.name == f"list-killed.pt.{dead}@{host}.tmp"
-    minutes, days = time.time() - 120, time.time() - 2 * 86400
-    kept = {f"list-a.pt.{os.getpid()}@{host}.tmp": minutes,  # a live writer's
-            f"list-a.pt.{dead}@other-host.tmp": minutes,  # another host's: its pid says nothing
-            f"list-a.pt.{dead}.tmp": minutes,  # named before the host was
-            f"list-b.pt.{dead}@{host}.tmp": None,  # just written: a container's of the same name?
-            "notes.tmp": days}  # not a temporary file of a cache write
-    gone = {killed.name: minutes, f"list-c.pt.{dead}@other-host.tmp": days, f"list-c.pt.{dead}.tmp": days}
-    for name, when in {**kept, **gone}.items():
-        (cache / name).write_bytes(b"x")
-        if when is not None:
-            os.utime(cache / name, (when, when))
-    prepare_and_load(source, MelFeatures(clip_seconds=0.5, n_mels=32), cache)
-    left = {p.name for p in cache.glob("*.tmp")}
-    assert left == set(kept)
-
-
 def test_a_source_without_clips_says_which_settings_to_check(tmp_path):
     with pytest.raises(RuntimeError, match="Source 'list' has no clips: nothing to compute. Check the "
                                            "dataset.source settings"):

@@ -6,10 +6,7 @@ import functools
 import hashlib
 import json
 import os
-import re
-import socket
 import tempfile
-import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -96,62 +93,16 @@ def file_digest(path: str | Path) -> str:
 def replace_atomically(path: str | Path, write: Callable[[Path], object]) -> None:
     """Write `path` through `write(tmp)` on a temporary file beside it, then move that file onto
     `path` in one step (`os.replace`): a killed run never leaves a half-written file, and readers
-    see the old file or the new one. The temporary name holds the process id and host
-    (`<name>.<pid>@<host>.tmp`), so processes that write the same file at once do not write into
-    each other's; it is removed if `write` fails, and one that a kill -9 left is removed by
-    `remove_stale_temporaries`."""
+    see the old file or the new one. The temporary name holds the process id, so processes that
+    write the same file at once do not write into each other's; it is removed if `write` fails."""
     path = Path(path)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}@{socket.gethostname()}.tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         write(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-
-
-# replace_atomically's temporary files: <name>.<pid>@<host>.tmp (<name>.<pid>.tmp before 2026-12-06)
-_TEMPORARY = re.compile(r".+\.(\d+)(?:@([^@/]*))?\.tmp")
-STALE_AFTER_S = 24 * 3600  # no write leaves its file untouched this long
-
-
-def _process_runs(pid: int) -> bool:
-    """Whether a process `pid` runs on this host (True where that cannot be asked)."""
-    if os.name != "posix":  # os.kill(pid, 0) would end it on Windows
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # another user's: it runs
-        return True
-    return True
-
-
-def remove_stale_temporaries(folder: str | Path) -> list[Path]:
-    """Remove the temporary files of `replace_atomically` in `folder` whose writer is gone,
-    killed before it moved its file into place (kill -9, a lost node): those written on this
-    host by a process that no longer runs, and any untouched for STALE_AFTER_S (another
-    host's on a shared disk, whose process id says nothing here, or one named before the host
-    was). A file touched in the last minute is left (a writer in a container of the same
-    host name but with process ids of its own). Returns the files removed."""
-    host, now, removed = socket.gethostname(), time.time(), []
-    for path in Path(folder).glob("*.tmp"):
-        match = _TEMPORARY.fullmatch(path.name)
-        if match is None:
-            continue
-        try:
-            age = now - path.stat().st_mtime
-        except FileNotFoundError:  # moved into place or removed meanwhile
-            continue
-        killed_here = match[2] == host and age > 60 and not _process_runs(int(match[1]))
-        if killed_here or age > STALE_AFTER_S:
-            try:
-                path.unlink()
-            except OSError:  # removed meanwhile, or another user's under a sticky bit: left
-                continue
-            removed.append(path)
-    return removed
 
 
 def write_error(directory: str | Path) -> OSError | None:

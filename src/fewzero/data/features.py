@@ -23,15 +23,7 @@ import torch
 import torchaudio
 from filelock import FileLock, Timeout
 
-from fewzero.data.clips import (
-    Clip,
-    ClipSource,
-    config_hash,
-    file_md5,
-    remove_stale_temporaries,
-    replace_atomically,
-    write_error,
-)
+from fewzero.data.clips import Clip, ClipSource, config_hash, file_md5, replace_atomically, write_error
 from fewzero.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -442,10 +434,6 @@ def preparing(source: ClipSource, cache_dir: str | Path) -> Iterator[OSError | N
             "other), or use a cache folder of your own, paths.cache_dir=<folder you can write>."
         ) from None
     try:
-        left = remove_stale_temporaries(cache_dir)
-        if left:
-            log.info("Removed %d temporary file(s) of cache writes that were killed before they "
-                     "finished: %s", len(left), ", ".join(p.name for p in left))
         yield None
     finally:
         lock.release()
