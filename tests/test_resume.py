@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +23,7 @@ from conftest import FSL_OVERRIDES, compose_train_cfg
 from omegaconf import OmegaConf, open_dict
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from fewzero.callbacks import LastCheckpoint, RngAtFirstBatch, StopOnInterrupt
+from fewzero.callbacks import AtomicCheckpointIO, LastCheckpoint, RngAtFirstBatch, StopOnInterrupt
 from fewzero.data.clips import TINYSOL_INSTRUMENTS
 from fewzero.models.resumable import ResumableModule
 from fewzero.train import interpreter, train
@@ -851,6 +852,39 @@ def test_a_resumed_run_does_not_write_its_checkpoints_step_again(tmp_path):
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=False)["global_step"] == 3
     assert run(["ckpt_path=last"]) == [4, 6, 7]  # Lightning replays step 3's epoch end: not saved
+
+
+def test_checkpoints_are_written_beside_themselves_not_in_the_system_temporary_folder(
+        tmp_path, monkeypatch):
+    # A cluster node's /tmp on another disk than the outputs made Lightning's move of its temporary
+    # file a copy into last.ckpt itself (a kill then truncates it); a full or missing one failed
+    # every save. Here it is missing: the main fit's checkpoints and the zero-shot refit's are saved.
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "no_such_folder"))
+    train(compose_train_cfg(tmp_path, ["experiment=zsl_attribute_audio", "model.pitch_prior.class_cv=false",
+                                       "trainer.max_steps=2", "test=false", "~logger",
+                                       "~callbacks.learning_rate_monitor", "model.plot_dir=null"]))
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert {"last.ckpt", "refit_trainval.ckpt"} <= {p.name for p in checkpoints.iterdir()}
+    assert not list(checkpoints.glob("*.tmp")) and not (tmp_path / "no_such_folder").exists()
+
+
+def test_a_checkpoint_write_replaces_the_file_and_a_failed_one_keeps_the_previous(tmp_path, monkeypatch):
+    path, io = tmp_path / "checkpoints" / "last.ckpt", AtomicCheckpointIO()
+    io.save_checkpoint({"global_step": 1}, path)
+    before = path.stat().st_ino
+    io.save_checkpoint({"global_step": 2}, path)
+    assert path.stat().st_ino != before  # a new file moved into place, never rewritten in place
+
+    def cut_short(obj, f):
+        Path(f).write_bytes(b"PK half a checkpoint")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", cut_short)
+    with pytest.raises(OSError, match="No space"):
+        io.save_checkpoint({"global_step": 3}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=False) == {"global_step": 2}
+    assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]
 
 
 def test_a_checkpoint_that_records_no_config_is_resumed_with_a_warning(tmp_path, caplog):

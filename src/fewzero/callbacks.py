@@ -18,6 +18,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint, RichModelSummary, RichProgressBar
+from pytorch_lightning.plugins import TorchCheckpointIO
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from pytorch_lightning.utilities.model_summary.model_summary import LayerSummary
 from pytorch_lightning.utilities.model_summary.model_summary import ModelSummary as Summary
@@ -315,6 +316,34 @@ class LastCheckpoint(ModelCheckpoint):
         if (isinstance(exception, SIGTERMException) and together
                 and not self._should_skip_saving_checkpoint(trainer)):
             self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer with its temporary file beside the checkpoint
+    (`replace_atomically`), not in the system's temporary folder.
+
+    Lightning writes into `tempfile.mkstemp()` and moves that onto the checkpoint. Where the
+    temporary folder is on another file system than the run directory (a cluster node's local
+    /tmp, outputs on a shared disk) the move is a copy into the checkpoint itself, so a kill
+    during it truncates last.ckpt, the file the run resumes from; a full or missing temporary
+    folder fails every save; and a kill mid-write leaves an anonymous `tmp*` file there. Here a
+    kill leaves `<checkpoint>.<pid>.tmp` at worst, and the checkpoint is always whole.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        if storage_options is not None or "://" in str(path):  # remote storage: Lightning's way
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        replace_atomically(path, lambda tmp: torch.save(checkpoint, tmp))
+
+
+def write_checkpoints_atomically(trainer: pl.Trainer) -> pl.Trainer:
+    """`trainer` with `AtomicCheckpointIO` as its checkpoint writer, unless its config chose
+    another writer than Lightning's default (`trainer.plugins`)."""
+    if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+        trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+    return trainer
 
 
 def submitit_preemption() -> tuple[int, Any] | None:

@@ -46,6 +46,7 @@ from fewzero.callbacks import (
     StageTimer,
     requeue,
     steps_per_epoch,
+    write_checkpoints_atomically,
 )
 from fewzero.console import (
     follow_up_trainer,
@@ -983,8 +984,9 @@ def resumable_fit(cfg: DictConfig, model: pl.LightningModule, datamodule: Any, o
     trainer_settings.setdefault("enable_model_summary", False)
     with follow_up_trainer():
         # without a checkpoint callback of ours, Lightning would add its own
-        trainer = hydra.utils.instantiate(cfg.trainer, callbacks=[*callbacks, *own], logger=False,
-                                          enable_checkpointing=keeps_progress, **trainer_settings)
+        trainer = write_checkpoints_atomically(hydra.utils.instantiate(
+            cfg.trainer, callbacks=[*callbacks, *own], logger=False,
+            enable_checkpointing=keeps_progress, **trainer_settings))
         with without_optimiser_notes(optimises_nothing(model)):
             trainer.fit(model, datamodule=datamodule, ckpt_path=resume)
     return trainer
@@ -1266,7 +1268,8 @@ def train(cfg: DictConfig, overrides: list[str] | None = None, report_extra: dic
     if cfg.get("train", True) and (cfg.get("model") or {}).get("scheduler"):
         callbacks.append(ScheduleLengthCheck(cfg))
     loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
-    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    trainer: pl.Trainer = write_checkpoints_atomically(
+        hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers))
 
     metrics: dict[str, float] = {}
     refit: dict[str, Any] = {}
