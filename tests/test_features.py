@@ -235,6 +235,19 @@ def test_a_second_process_waits_while_another_prepares_the_same_source(tmp_path)
     assert len(list((tmp_path / "cache").glob("tones-*.pt"))) == 1
 
 
+def test_preparing_a_source_removes_what_a_killed_cache_write_left_and_nothing_else(tmp_path, source):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    # a kill during `replace_atomically(<cache>.pt)` leaves its temporary file, as large as the cache
+    killed = cache / f"{source.name}-0123456789ab.pt.4242.tmp"
+    others = [cache / f"tiny{source.name}-0123456789ab.pt.4242.tmp",  # another source's: its own lock
+              cache / f"{source.name}-0123456789ab.pt"]
+    for path in [killed, *others]:
+        path.write_bytes(b"x" * 100)
+    prepare_and_load(source, MelFeatures(clip_seconds=0.5, n_mels=32), cache)
+    assert not killed.exists() and all(path.exists() for path in others)
+
+
 def test_mel_centres_are_the_peaks_of_the_filterbank_the_features_use():
     import torchaudio
 

@@ -403,7 +403,8 @@ def preparing(source: ClipSource, cache_dir: str | Path) -> Iterator[OSError | N
     Parallel jobs of a sweep (the joblib launcher, SLURM arrays on a shared disk) prepare the
     same source at the same moment; without the lock one of them rewrites or deletes clips
     another is decoding. With it the first renders and caches while the others wait, then find
-    everything done.
+    everything done. Holding it, it removes the temporary files of this source's caches that
+    a process killed while writing one left behind.
 
     Yields None, or the error that shows this process cannot write `cache_dir` (a lab's data
     folder made read-only once everything was prepared): it then holds no lock, as reading what
@@ -434,6 +435,11 @@ def preparing(source: ClipSource, cache_dir: str | Path) -> Iterator[OSError | N
             "other), or use a cache folder of your own, paths.cache_dir=<folder you can write>."
         ) from None
     try:
+        # every write of this source's caches holds this lock, so a temporary file of one still
+        # here (`replace_atomically`'s) is a killed writer's, as large as the cache it was writing
+        for stale in Path(cache_dir).glob(f"{source.name}-*.pt.*.tmp"):
+            log.info("Removing %s, left by a process killed while it wrote a feature cache", stale)
+            stale.unlink(missing_ok=True)
         yield None
     finally:
         lock.release()
