@@ -887,6 +887,16 @@ def test_a_checkpoint_write_replaces_the_file_and_a_failed_one_keeps_the_previou
     assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]
 
 
+def test_a_fit_removes_the_temporary_files_of_checkpoint_writes_a_kill_cut_short(tmp_path):
+    checkpoints = tmp_path / "run" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    left = [checkpoints / "last.ckpt.4242.tmp", checkpoints / "step000002-val_acc0.5000.ckpt.4242.tmp"]
+    for path in left:
+        path.write_bytes(b"PK half a checkpoint")
+    train(compose_train_cfg(tmp_path, ["test=false", "trainer.max_steps=2"]))
+    assert not any(path.exists() for path in left) and (checkpoints / "last.ckpt").is_file()
+
+
 def test_a_checkpoint_that_records_no_config_is_resumed_with_a_warning(tmp_path, caplog):
     from fewzero.train import check_resume
 

@@ -195,6 +195,9 @@ class LastCheckpoint(ModelCheckpoint):
     checkpoint before that validation would have the resumed run skip it. A signal during a
     validation is acted on after the next step, or, after the fit's last validation, when the
     fit ends (before the test, class cross-validation or the refit that would follow).
+
+    As a fit starts, the temporary files that a process killed while writing a checkpoint of
+    `dirpath` left there are removed.
     """
 
     def __init__(self, dirpath: str, every_n_train_steps: int = 0, filename: str = "last"):
@@ -209,6 +212,10 @@ class LastCheckpoint(ModelCheckpoint):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
+        if trainer.is_global_zero:  # no save is under way: these are a killed write's leftovers
+            for stale in Path(self.dirpath).glob("*.ckpt.*.tmp"):  # (`AtomicCheckpointIO`'s)
+                log.info("Removing %s, left by a process killed while it wrote a checkpoint", stale)
+                stale.unlink(missing_ok=True)
         # A resumed run starts at its checkpoint's step: do not write that step again (Lightning
         # replays the end of an epoch that was checkpointed there).
         self._last_global_step_saved = trainer.global_step
