@@ -35,6 +35,18 @@ def test_checkpoint_is_re_evaluated_with_other_episode_settings(tmp_path):
     assert report["checkpoint"] == str(ckpt.resolve())
 
 
+def test_cli_reads_paths_quoted_as_fewzero_train_takes_them(tmp_path):
+    # README quotes a run's paths for fewzero.train ('ckpt_path="<run>/checkpoints/last.ckpt"', as
+    # run directory names hold '=' and ','): the same words given to fewzero.eval were refused as a
+    # checkpoint named with its quotes that "does not exist"
+    cfg = compose_train_cfg(tmp_path, ["test=false", "trainer.max_steps=2"])
+    train(cfg)
+    ckpt = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    out = tmp_path / "eval" / "0_seed=1,lr=0.1"
+    main([f'ckpt_path="{ckpt}"', f"hydra.run.dir='{out}'"])
+    assert json.loads((out / "metrics.json").read_text())["checkpoint"] == str(ckpt.resolve())
+
+
 def test_evaluations_of_other_test_classes_or_runs_are_reported_as_other_configurations(tmp_path):
     """Each evaluation records the run's overrides with its own (those of one key replaced), so
     fewzero.report pools evaluations over seeds as it pools runs, and never averages evaluations

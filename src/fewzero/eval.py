@@ -443,6 +443,14 @@ def remove_unfinished_output_dir(output_dir: Path) -> bool:
     return True
 
 
+def unquoted(value: str) -> str:
+    """`value` without the pair of quotes around it that Hydra's override syntax takes
+    (`"..."` or `'...'`), as fewzero.train reads a quoted path; other values unchanged."""
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+        return value[1:-1]
+    return value
+
+
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     if any(a in ("--config-dir", "-cd") or a.startswith("--config-dir=") for a in args):
@@ -455,7 +463,10 @@ def main(argv: list[str] | None = None) -> None:
     if asked or not args or any("=" not in a for a in args):
         print(USAGE + "\n\n" + __doc__)
         raise SystemExit(0 if asked else 2)  # usage asked for, or a command line it cannot read
-    options = dict(a.split("=", 1) for a in args if a.split("=", 1)[0] in OPTIONS)
+    # quoted as fewzero.train's paths are ('ckpt_path="<run>/checkpoints/last.ckpt"', run directory
+    # names holding '=' and ','), or not: read the same
+    options = {key: unquoted(value) for key, value in (a.split("=", 1) for a in args)
+               if key in OPTIONS}
     overrides = [a for a in args if a.split("=", 1)[0] not in OPTIONS]
     if "ckpt_path" not in options:
         raise SystemExit(USAGE)
