@@ -1278,3 +1278,20 @@ def test_a_learning_rate_that_trains_or_goes_unused_is_not_warned_of(tmp_path, c
     caplog.set_level("WARNING")
     warn_of_a_learning_rate_of_zero(hydra.utils.instantiate(cfg.model), cfg)
     assert "the learning rate is 0" not in caplog.text
+
+
+def test_a_full_disk_while_metrics_json_is_written_leaves_none_half_written(tmp_path, monkeypatch):
+    # a sweep that reaches its disk quota: a truncated metrics.json stopped fewzero.report on the
+    # whole sweep (JSONDecodeError); none at all lists the run as unfinished, to resume
+    write_text = Path.write_text
+
+    def disk_full(self, data, *args, **kwargs):
+        if self.name.startswith("metrics.json"):
+            write_text(self, data[:100], *args, **kwargs)
+            raise OSError(28, "No space left on device")
+        return write_text(self, data, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        train(compose_train_cfg(tmp_path, ["trainer.max_steps=2", "model.plot_episodes=0"]))
+    assert not [p.name for p in (tmp_path / "run").iterdir() if p.name.startswith("metrics.json")]

@@ -55,7 +55,7 @@ from fewzero.console import (
     stopped_by_another_process,
     without_optimiser_notes,
 )
-from fewzero.data.clips import config_hash
+from fewzero.data.clips import config_hash, replace_atomically
 from fewzero.models.backbones import MusicFslCNN
 from fewzero.models.pitch_prior import ZSL_SCORES, all_tied
 from fewzero.models.resumable import ResumableModule
@@ -1359,7 +1359,10 @@ def train(cfg: DictConfig, overrides: list[str] | None = None, report_extra: dic
             report.update(model.test_report())
         report.update(report_extra or {})
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "metrics.json").write_text(json.dumps(report, indent=2))
+        # in one step: a kill or a full disk (a sweep at its quota) leaves no half a file, which
+        # fewzero.report and ckpt_path=auto would fail to read, but the run unfinished
+        text = json.dumps(report, indent=2)
+        replace_atomically(output_dir / "metrics.json", lambda tmp: tmp.write_text(text))
         numeric = {k: v for k, v in metrics.items()
                    if isinstance(v, float) and math.isfinite(v) and not k.startswith("train/")}
         for pl_logger in trainer.loggers:
