@@ -387,3 +387,23 @@ def test_a_setting_without_test_clips_draws_no_confusion_matrix(tmp_path):
     drawn = {key: (plots / f"test_confusion_{key}.png").is_file() for key in ("zsl", "gzsl_cs")}
     assert drawn == {key: bool(confusions[key].any()) for key in drawn}
     assert drawn["gzsl_cs"] and not drawn["zsl"]  # the one test clip is a seen one
+
+
+def test_a_class_cv_fold_whose_scores_could_not_be_saved_leaves_no_half_file_to_resume_from(
+        tmp_path, monkeypatch):
+    # a kill or a full disk while class_cv_fold1.pt was written left half of it, and the resume,
+    # which reads it first, stopped on it ("PytorchStreamReader failed reading zip archive")
+    save = torch.save
+
+    def disk_full(obj, f, *args, **kwargs):
+        if Path(str(f)).name.startswith("class_cv_fold1.pt"):
+            Path(f).write_bytes(b"PK half a file")
+            raise OSError(28, "No space left on device")
+        return save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    cfg = compose_train_cfg(tmp_path, WORD + [*SELECT_FIRST_EPOCH, "model.pitch_prior.class_cv=true"])
+    with pytest.raises(OSError, match="No space"):
+        train(cfg)
+    checkpoints = Path(cfg.paths.output_dir) / "checkpoints"
+    assert not [p.name for p in checkpoints.iterdir() if p.name.startswith("class_cv_fold1.pt")]

@@ -1052,8 +1052,10 @@ def class_cross_validation(cfg: DictConfig, datamodule: Any, trainer: pl.Trainer
         scores = model.class_cv_scores(model.state_dict()).cpu()
         if fit.is_global_zero:  # scores are gathered: equal on every rank
             path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"pseudo_unseen": names, "steps": steps, "score": module.pitch_prior.zsl_score,
-                        "config": trained_by, "scores": scores}, path)
+            fold = {"pseudo_unseen": names, "steps": steps, "score": module.pitch_prior.zsl_score,
+                    "config": trained_by, "scores": scores}
+            # in one step: half a file (a kill, a full disk) would stop the resume that reads it
+            replace_atomically(path, lambda tmp, fold=fold: torch.save(fold, tmp))
             (path.parent / f"class_cv_fold{k}_progress.ckpt").unlink(missing_ok=True)  # done
         fold_scores.append(scores)
     all_scores = torch.stack(fold_scores)  # (n_folds, n_candidates)
