@@ -345,17 +345,14 @@ def data_folders(cfg: DictConfig) -> dict[str, str]:
             for key, value in values.items() if value is not None}
 
 
-def warn_of_other_data_folders(cfg: DictConfig, ckpt_path: str) -> None:
+def warn_of_other_data_folders(cfg: DictConfig, ckpt_path: str, recorded: dict[str, Any] | None) -> None:
     """Warn when this command (a resume, or a test of a checkpoint: `fewzero.eval`) reads its
-    data from other folders than the run of `ckpt_path` read, as its `RunRecord` says (nothing
-    to compare for a checkpoint written before 2026-12-06): a shell without the run's
-    FEWZERO_DATA, or another working directory. Not refused: the data are found by what they
-    hold (a render's folder and every cache are named by their settings), so a folder they
+    data from other folders than the run of `ckpt_path` read, as its `RunRecord`, `recorded`,
+    says (nothing to compare for a checkpoint written before 2026-12-06): a shell without the
+    run's FEWZERO_DATA, or another working directory. Not refused: the data are found by what
+    they hold (a render's folder and every cache are named by their settings), so a folder they
     were moved to holds the same; any other is rendered or cached anew, or lacks them."""
-    try:
-        then = (RunRecord.read(ckpt_path) or {}).get("data_folders") or {}
-    except Exception:  # a file cut short: loading the checkpoint says so
-        return
+    then = (recorded or {}).get("data_folders") or {}
     now = data_folders(cfg)
     moved = [key for key in now if key in then and Path(then[key]).resolve() != Path(now[key]).resolve()]
     if not moved:
@@ -414,15 +411,16 @@ def sweep_resume_command(sweep_dir: Path) -> str | None:
     return " ".join(words)
 
 
-def check_resume(cfg: DictConfig, ckpt_path: str, output_dir: Path) -> None:
+def check_resume(cfg: DictConfig, ckpt_path: str, output_dir: Path) -> dict[str, Any] | None:
     """Refuse to resume `ckpt_path` with training settings (TRAINING_KEYS) other than those it
     was trained with, as recorded in it by `fewzero.callbacks.RunRecord`. (`train` then puts
-    the run's own config and overrides back: `restore_run_files`.)"""
+    the run's own config and overrides back: `restore_run_files`.) Returns that record (None
+    for a checkpoint written before fewzero recorded it), so that it is read once."""
     record = RunRecord.read(ckpt_path)
     if record is None:
         log.warning("%s records no config (written before fewzero recorded it): resuming without "
                     "checking that these are the run's own settings.", ckpt_path)
-        return
+        return None
     options = composing_options(HydraConfig.get() if HydraConfig.initialized() else None)
     then = flatten_config(training_settings(record["config"]))
     now = flatten_config(training_settings(cfg))
@@ -430,7 +428,7 @@ def check_resume(cfg: DictConfig, ckpt_path: str, output_dir: Path) -> None:
                      if then.get(key, "(not set)") != now.get(key, "(not set)")
                      and not key.startswith(RESUME_MAY_CHANGE))
     if not changed:
-        return
+        return record
     differences = "\n".join(f"  {key}: {then.get(key, '(not set)')!r} in the run, "
                             f"{now.get(key, '(not set)')!r} now" for key in changed)
     raise ValueError(
@@ -1205,8 +1203,8 @@ def train(cfg: DictConfig, overrides: list[str] | None = None, report_extra: dic
         resumed = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir) if cfg.get("train", True) else None
         finished = (finished_report(cfg, resumed, output_dir)
                     if resumed and cfg.get("ckpt_path") == "auto" else None)
-        if resumed and finished is None:
-            check_resume(cfg, resumed, output_dir)
+        # the resumed checkpoint's RunRecord, read once: for this check and the data folders'
+        recorded = check_resume(cfg, resumed, output_dir) if resumed and finished is None else None
         check_accelerator(cfg)
         check_trainer_settings(cfg)
         check_seed(cfg)
@@ -1219,9 +1217,15 @@ def train(cfg: DictConfig, overrides: list[str] | None = None, report_extra: dic
         restore_run_files(output_dir)
         raise
     # a resume, or a test alone of a run's checkpoint (fewzero.eval): before any data are read
-    continued = resumed if cfg.get("train", True) else resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
+    tested = None if cfg.get("train", True) else resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
+    if tested and rank_zero_only.rank == 0:
+        try:
+            recorded = RunRecord.read(tested)
+        except Exception:  # a file cut short: loading the checkpoint for the test says so
+            recorded = None
+    continued = resumed or tested
     if continued and finished is None and rank_zero_only.rank == 0:
-        warn_of_other_data_folders(cfg, continued)
+        warn_of_other_data_folders(cfg, continued, recorded)
     if finished is not None:  # e.g. a job of a sweep that a stop interrupted, finished before
         log.info("%s finished with these settings already: its results stand, neither trained nor "
                  "tested again (to test it again: ckpt_path=last, or remove its metrics.json).",
