@@ -544,6 +544,30 @@ def test_eval_refuses_an_attribute_value_the_runs_table_never_used(tmp_path, dim
         evaluate(ckpt, overrides + ([f"side_info.dim={dim}"] if dim else []), tmp_path / "eval", config)
 
 
+def test_eval_standardises_attribute_numbers_over_the_rows_the_run_standardised_on(tmp_path):
+    """The config standardises over `${dataset.split.seen}`: an evaluation on fewer seen classes,
+    or of a run from before that default (over every row) with a row added, keeps the run's rows;
+    an evaluation that sets side_info.standardize_on itself keeps its own."""
+    from fewzero.eval import keep_attribute_scaling
+
+    trained = compose_train_cfg(tmp_path, ["experiment=zsl_attribute_audio"])
+    seen = list(trained.dataset.split.seen)
+    fewer = [f"dataset.split.seen=[{seen[0]},{seen[1]}]"]
+    tested = apply_overrides(trained, fewer)
+    assert list(tested.side_info.standardize_on) == seen[:2]  # the interpolation follows the split
+    keep_attribute_scaling(trained, tested, fewer)
+    assert list(tested.side_info.standardize_on) == seen
+    own = [*fewer, f"side_info.standardize_on=[{seen[0]},{seen[1]}]"]
+    tested = apply_overrides(trained, own)
+    keep_attribute_scaling(trained, tested, own)
+    assert list(tested.side_info.standardize_on) == seen[:2]
+    older = apply_overrides(trained, ["side_info.standardize_on=null"])
+    added = ["+side_info.table={Piccolo: {range_low: 74}}"]
+    tested = apply_overrides(older, added)
+    keep_attribute_scaling(older, tested, added)
+    assert list(tested.side_info.standardize_on) == list(older.side_info.table)
+
+
 def test_cli_evaluates_an_older_checkpoint_into_a_new_directory_named_after_the_overrides_each_time(
         tmp_path, monkeypatch):
     from fewzero.eval import EVAL_DIR_VARIABLE

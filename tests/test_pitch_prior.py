@@ -207,14 +207,25 @@ def test_formant_density_is_centred_on_the_harmonic_nearest_the_band():
                           - math.log(1 + width), atol=1e-6)
 
 
-def test_a_class_without_a_formant_gets_the_mean_density_of_the_documented_ones():
+def test_a_class_without_a_formant_gets_the_mean_density_of_the_training_classes_documented_ones():
     formants = FormantLikelihood(BANDS, MEL, scale=0.3)
     peaks, pitches = torch.tensor([150.0, 440.0, 1200.0]), torch.tensor([40, 57, 70])
-    dens = formants.log_density(peaks, pitches, ["narrow", "low", "band", "undocumented"])
+    names = ["narrow", "low", "band", "undocumented"]
+    with pytest.raises(RuntimeError, match=r"\['undocumented'\] have no documented formant.*call it"):
+        formants.log_density(peaks, pitches, names)
+    # "band" is no training class (an unseen one, say): its formant must not reach the mean
+    formants.fit_scale(peaks, pitches, ["narrow", "low", "undocumented"])
+    dens = formants.log_density(peaks, pitches, names)
     assert dens.shape == (3, 3, 4)
-    mean = dens[..., :3].exp().mean(dim=-1).log()
+    mean = dens[..., :2].exp().mean(dim=-1).log()
     assert torch.allclose(dens[..., 3], mean)
     assert not torch.allclose(dens[..., 0], dens[..., 1])
+    moved = FormantLikelihood({**BANDS, "band": {"formant_low": 900, "formant_high": 1500}}, MEL, scale=0.3)
+    moved.fit_scale(peaks, pitches, ["narrow", "low", "undocumented"])
+    assert torch.equal(moved.log_density(peaks, pitches, names)[..., 3], dens[..., 3])
+    formants.fit_scale(peaks, pitches, ["undocumented"] * 3)  # no documented training class
+    with pytest.raises(ValueError, match=r"no training class has one to stand for them"):
+        formants.log_density(peaks, pitches, names)
 
 
 def test_spectral_peak_is_the_centre_of_the_loudest_mel_band():
@@ -260,6 +271,7 @@ def test_formant_likelihood_errors_name_the_fix():
 def test_joint_log_likelihood_of_a_certain_pitch_adds_range_and_formant_densities():
     table = {name: {**TABLE.get(name, TABLE["wide"]), **row} for name, row in BANDS.items()}
     formants = FormantLikelihood(table, MEL, scale=0.4)
+    formants.fit_scale(torch.tensor([440.0]), torch.tensor([57]), ["narrow"])  # names the training class
     prior = PitchRangePrior(audio_dim=2, table=table, low_pitch=30, high_pitch=49, formants=formants)
     with torch.no_grad():  # the head is sure of pitch 35 (index 5) for any input
         prior.pitch_head.weight.zero_()

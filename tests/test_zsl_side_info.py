@@ -229,6 +229,21 @@ def test_numeric_attributes_can_be_standardised_over_some_rows_only():
         encode_attribute_table(grown, [], ["low"], standardize_on=[])
 
 
+def test_the_attribute_experiment_standardises_its_numbers_over_the_seen_classes_only(tmp_path):
+    """An unseen (test) class's playing range must not move the vectors training reads: over
+    every row, the seen classes' range columns moved with it."""
+    cfg = compose_train_cfg(tmp_path, ["experiment=zsl_attribute_audio"])
+    seen, unseen = list(cfg.dataset.split.seen), list(cfg.dataset.split.unseen)
+    assert list(cfg.side_info.standardize_on) == seen
+    before = hydra.utils.instantiate(cfg.side_info, cache_dir=None).vectors(seen).mean  # (n_seen, dim)
+    cfg.side_info.table[unseen[0]].range_low = 10
+    after = hydra.utils.instantiate(cfg.side_info, cache_dir=None).vectors(seen).mean
+    assert torch.equal(after, before)
+    cfg.side_info.standardize_on = None  # over every row, as before
+    assert not torch.equal(hydra.utils.instantiate(cfg.side_info, cache_dir=None).vectors(seen).mean,
+                           before)
+
+
 def test_a_value_that_only_follows_another_in_a_list_gets_its_own_column():
     table = {"A": {"register": ["bass", "tenor"]}, "B": {"register": "bass"}}
     vectors, columns = encode_attribute_table(table, ["register"], [])

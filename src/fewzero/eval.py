@@ -333,26 +333,29 @@ def check_attribute_columns_kept(trained: DictConfig, tested: DictConfig) -> Non
             "out of dataset.split until the test).")
 
 
-def keep_attribute_scaling(trained: DictConfig, tested: DictConfig) -> None:
-    """Standardise an attribute table's numeric columns over the run's own rows when the eval
-    overrides add rows (new classes to test): over every row, as training does, an added row
-    would move every class's vector, the seen classes' too, away from those the checkpoint
-    trained with. `trained`: the run's config; `tested`: it with the overrides, changed in place
-    (`side_info.standardize_on`, unless the overrides set it)."""
+def keep_attribute_scaling(trained: DictConfig, tested: DictConfig, overrides: list[str]) -> None:
+    """Standardise an attribute table's numeric columns over the rows the run standardised them
+    on (its seen classes; every row of its table for a run whose config named none) when the
+    eval overrides would change them: rows added for new classes to test, or another
+    `dataset.split.seen` (which the config's `standardize_on` follows), would move every class's
+    vector, the seen classes' too, away from those the checkpoint trained with. `trained`: the
+    run's config; `tested`: it with the `overrides`, changed in place (`side_info.standardize_on`,
+    unless the overrides set it)."""
     side_info = tested.get("side_info") or {}
     if (side_info.get("_target_") != "fewzero.side_info.attributes.AttributeTable"
-            or not side_info.get("numeric") or side_info.get("standardize_on") is not None):
+            or not side_info.get("numeric")
+            or any(override_key(o) == "side_info.standardize_on" for o in overrides)):
         return
     before = trained.get("side_info") or {}
     rows = list(before.get("standardize_on") or before.get("table") or {})
     table = side_info.get("table") or {}
-    added = [name for name in table if name not in rows]
-    if rows and added and all(name in table for name in rows):
+    now = list(side_info.get("standardize_on") or table)
+    if rows and now != rows and all(name in table for name in rows):
         with open_dict(tested):
             tested.side_info.standardize_on = rows
-        log.info("side_info.table rows %s are new to the run: its numeric columns %s are "
-                 "standardised over the run's rows, as in training.", added,
-                 list(side_info.numeric))
+        log.info("The numeric columns %s of side_info.table are standardised over the run's rows %s, "
+                 "as in training (the overrides would standardise them over %s).",
+                 list(side_info.numeric), rows, now)
 
 
 def check_output_dir(ckpt: Path, output_dir: Path) -> None:
@@ -406,7 +409,7 @@ def evaluate(ckpt_path: str | Path, overrides: list[str], output_dir: str | Path
     check_features_kept(trained, cfg)
     check_seen_classes_trained(trained, cfg)
     check_attribute_columns_kept(trained, cfg)
-    keep_attribute_scaling(trained, cfg)
+    keep_attribute_scaling(trained, cfg, overrides)
     with open_dict(cfg):
         cfg.train, cfg.test, cfg.ckpt_path = False, True, str(ckpt.resolve())
         cfg.paths.output_dir = str(output_dir)

@@ -43,7 +43,9 @@ class FormantLikelihood(nn.Module):
         log g = -d / scale - log(2 * scale + width),   d = distance of log(peak) to that interval
 
     Classes whose table row has no formant (`formant_low` / `formant_high`) get the mean of the
-    densities of every documented band in the table: their formant is taken to be any of those.
+    densities of the training classes' documented bands (`fit_scale` names them): their formant
+    is taken to be any of those. Never an unseen class's band: its table row is test-time side
+    information, which must not move the scores validation and class cross-validation read.
 
     Args:
         table: class name -> row; rows with `formant_low` and `formant_high` (Hz) are documented.
@@ -73,6 +75,8 @@ class FormantLikelihood(nn.Module):
             raise ValueError(f"pitch_prior.formants.scale must be positive or null; got {scale}.")
         self.fixed_scale = scale is not None
         self.max_harmonic = max_harmonic
+        # documented training classes, whose bands stand for an undocumented class (`fit_scale`)
+        self.fallback: list[str] | None = None
         self.register_buffer("scale", torch.tensor(float(scale) if scale is not None else float("nan")))
         self.register_buffer("mel_centres_hz", features.mel_centres_hz().float(), persistent=False)
 
@@ -117,19 +121,34 @@ class FormantLikelihood(nn.Module):
         if bool(torch.isnan(scale)):
             raise RuntimeError("The formant likelihood's scale is not fitted yet: call fit_scale on "
                                "training clips or set model.pitch_prior.formants.scale.")
+        undocumented = [name for name in class_names if name not in self.bands]
+        if undocumented and self.fallback is None:
+            raise RuntimeError(f"{undocumented} have no documented formant: they get the mean density "
+                               "of the training classes' formants, which fit_scale names; call it "
+                               "on the training clips first.")
+        if undocumented and not self.fallback:
+            raise ValueError(f"{undocumented} have no documented formant (formant_low, formant_high) "
+                             "and no training class has one to stand for them: give them formants "
+                             "in the table, or train on a class that has one.")
         log_peaks, log_f0 = peaks.double().log(), midi_to_hz(pitches).log()
-        documented = {name: self._laplace(*self._band_distance(log_peaks, log_f0, band), scale)
-                      for name, band in self.bands.items()}
-        unknown = torch.stack(list(documented.values())).logsumexp(dim=0) - math.log(len(documented))
-        return torch.stack([documented.get(name, unknown) for name in class_names], dim=-1)
+        needed = dict.fromkeys([*class_names, *(self.fallback if undocumented else [])])
+        documented = {name: self._laplace(*self._band_distance(log_peaks, log_f0, self.bands[name]), scale)
+                      for name in needed if name in self.bands}
+        if undocumented:
+            documented[None] = (torch.stack([documented[name] for name in self.fallback]).logsumexp(dim=0)
+                                - math.log(len(self.fallback)))
+        return torch.stack([documented[name if name in self.bands else None] for name in class_names],
+                           dim=-1)
 
     @torch.no_grad()
     def fit_scale(self, peaks: torch.Tensor, pitches: torch.Tensor, classes: Sequence[str]) -> float:
         """Maximum-likelihood Laplace scale on training clips of documented classes and known pitch.
 
         Args: peaks (n,) Hz, pitches (n,) metadata MIDI numbers (-1 unknown), classes: n names.
-        Keeps a scale given in the config. Returns the scale used.
+        Keeps a scale given in the config. Returns the scale used. Records the documented classes
+        among `classes` as those whose bands stand for an undocumented class (`log_density`).
         """
+        self.fallback = sorted(set(classes) & self.bands.keys())
         if self.fixed_scale:
             return float(self.scale)
         keep = [i for i, (name, pitch) in enumerate(zip(classes, pitches.tolist(), strict=True))

@@ -2,9 +2,10 @@
 
 Categorical attributes become one-hot (multi-hot for lists) columns over the values that occur
 in the whole table, so a class's vector does not depend on which other classes are requested;
-numeric attributes (e.g. the written range in MIDI numbers) are standardised over the table, or
-over the rows `standardize_on` names (`fewzero.eval` names a run's own rows, so that rows added
-for new classes leave the vectors the checkpoint trained with as they were).
+numeric attributes (e.g. the written range in MIDI numbers) are standardised over the rows
+`standardize_on` names: the config names the seen classes, so that an unseen class's values never
+move the vectors training reads (`fewzero.eval` keeps the run's rows, so that rows added for new
+classes, or another seen list, leave the vectors the checkpoint trained with as they were).
 """
 
 from __future__ import annotations
@@ -100,8 +101,9 @@ class AttributeTable(SideInformation):
         numeric: attribute names used as standardised numbers.
         numeric_weight: scale of the numeric columns relative to a one-hot column.
         dim: number of encoded columns (checked).
-        standardize_on: the rows whose mean and spread standardise the numeric columns; None
-            (the configs' default): every row.
+        standardize_on: the rows whose mean and spread standardise the numeric columns; None:
+            every row. The config names the seen classes (`${dataset.split.seen}`): over every
+            row, an unseen (test) class's values would move the seen classes' vectors.
     """
 
     kind = "attributes"
