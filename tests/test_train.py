@@ -1295,3 +1295,30 @@ def test_a_full_disk_while_metrics_json_is_written_leaves_none_half_written(tmp_
     with pytest.raises(OSError, match="No space"):
         train(compose_train_cfg(tmp_path, ["trainer.max_steps=2", "model.plot_episodes=0"]))
     assert not [p.name for p in (tmp_path / "run").iterdir() if p.name.startswith("metrics.json")]
+
+
+def test_a_run_stopped_in_python_raises_with_where_its_progress_is_and_how_to_resume(tmp_path, monkeypatch):
+    """From a notebook or script, Ctrl-C or SIGTERM ended `train` with Lightning's bare
+    SIGTERMException: IPython showed "SystemExit", a script exited 0 as if it had finished, and
+    nothing said that last.ckpt held the step or how to resume from Python."""
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+    import fewzero.train as train_module
+
+    cfg = compose_train_cfg(tmp_path)
+    last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+
+    def stopped(cfg, overrides, report_extra):  # stands in for a fit that Ctrl-C stopped at step 3
+        last.parent.mkdir(parents=True)
+        torch.save({"global_step": 3}, last)
+        raise SIGTERMException
+
+    monkeypatch.setattr(train_module, "_train", stopped)
+    with pytest.raises(SIGTERMException) as stop:
+        train(cfg)
+    message = str(stop.value)
+    assert stop.value.code == message  # an uncaught one: a script prints it and exits 1, not 0
+    assert message.startswith(f"Stopped by SIGTERM or Ctrl-C: {last} holds step 3. Resume it from "
+                              'Python by calling train again with the same settings, output directory '
+                              'and ckpt_path=last (cfg.ckpt_path = "last"; train(cfg);')
+    assert f"ckpt_path=last hydra.run.dir={last.parent.parent}" in message

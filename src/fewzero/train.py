@@ -1176,9 +1176,36 @@ def as_trained(datamodule: Any, ckpt_path: str) -> Any:
     return datamodule.for_trainval()
 
 
+def stopped_message(cfg: DictConfig, overrides: list[str] | None, during: str | None) -> str:
+    """What `train` tells its Python caller (a notebook, a script) when SIGTERM or Ctrl-C stopped
+    it: where the progress is and how to resume, from Python and from the command line. (`main`
+    logs the command-line form itself: `say_how_to_resume`.) `during`: the phase after the main
+    fit it stopped in (class cross-validation, the refit), if any."""
+    output_dir = Path(cfg.paths.output_dir)
+    if not cfg.get("train", True):
+        return (f"Stopped by SIGTERM or Ctrl-C before the test of {cfg.get('ckpt_path')} finished, "
+                "so it has no results: run the same evaluation again.")
+    last = output_dir / "checkpoints" / "last.ckpt"
+    if not last.is_file():
+        return (f"Stopped by SIGTERM or Ctrl-C before any checkpoint was written to {last.parent}: "
+                "start the run again.")
+    try:
+        held = f" holds step {torch.load(last, map_location='cpu', weights_only=False)['global_step']}"
+    except Exception:  # unreadable: the resume says why; the stop must still be told
+        held = " holds the progress"
+    return (f"Stopped by SIGTERM or Ctrl-C{f' during {during}' if during else ''}: {last}{held}. "
+            "Resume it from Python by calling train again with the same settings, output directory "
+            "and ckpt_path=last (cfg.ckpt_path = \"last\"; train(cfg); or \"ckpt_path=last\" among "
+            "compose_train_config's overrides); from the command line with:\n  "
+            + resume_command(run_overrides(output_dir, overrides), output_dir)
+            + pythonpath_hint() + data_folder_hint())
+
+
 def train(cfg: DictConfig, overrides: list[str] | None = None, report_extra: dict[str, Any] | None = None
           ) -> tuple[dict[str, float], dict[str, Any]]:
-    """Fit (optionally resuming), test the best checkpoint, write metrics.json and hparams.
+    """Fit (optionally resuming), test the best checkpoint, write metrics.json and hparams: what
+    `python -m fewzero.train` runs, callable from Python (a notebook, a script) with a config
+    from `compose_train_config`.
 
     `overrides`: the command line's (`main` passes Hydra's); None reads those a script saved
     with `save_run_overrides`. They are recorded in the checkpoints and named by the message
@@ -1189,10 +1216,29 @@ def train(cfg: DictConfig, overrides: list[str] | None = None, report_extra: dic
     With `ckpt_path=auto`, a run directory whose run already finished with these settings
     (`finished_report`) is left as it is: its metrics.json is read back, nothing is built.
 
+    Bad settings raise the exception that names the problem and the fix (mostly ValueError;
+    the command line prints its message alone). SIGTERM or Ctrl-C (a notebook's "interrupt
+    kernel") stops after the current step, saved to `checkpoints/last.ckpt`, and raises
+    Lightning's SIGTERMException (a SystemExit) whose message says how to resume
+    (`stopped_message`): the process stays usable.
+
     Returns:
         (metrics, objects): final metrics by key (`val/acc_best`, `test/5way_5shot_acc`, ...)
         and the built cfg, datamodule, model, trainer (the cfg alone for a finished run).
     """
+    try:
+        return _train(cfg, overrides, report_extra)
+    except SIGTERMException as stop:
+        # Lightning's has no message, so a Python caller read a bare "SystemExit" and a script
+        # exited with status 0 as if it had finished; main and fewzero.eval print their own
+        message = stopped_message(cfg, overrides, getattr(stop, "stopped_during", None))
+        stop.args, stop.code = (message,), message
+        raise
+
+
+def _train(cfg: DictConfig, overrides: list[str] | None, report_extra: dict[str, Any] | None
+           ) -> tuple[dict[str, float], dict[str, Any]]:
+    """`train`'s work."""
     log_from_the_first_process_only()
     quiet_lightning()
     output_dir = Path(cfg.paths.output_dir)
