@@ -1322,3 +1322,28 @@ def test_a_run_stopped_in_python_raises_with_where_its_progress_is_and_how_to_re
                               'Python by calling train again with the same settings, output directory '
                               'and ckpt_path=last (cfg.ckpt_path = "last"; train(cfg);')
     assert f"ckpt_path=last hydra.run.dir={last.parent.parent}" in message
+
+
+def test_a_run_stopped_at_once_by_a_second_ctrl_c_in_python_says_what_last_ckpt_holds(tmp_path,
+                                                                                      monkeypatch):
+    """Lightning ends a fit that a KeyboardInterrupt reaches (a second Ctrl-C) with exit(1): a
+    notebook showed "SystemExit: 1" alone. Its code stays 1 (a command exits 1, silently)."""
+    import fewzero.train as train_module
+
+    cfg = compose_train_cfg(tmp_path)
+    last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+
+    def stopped(cfg, overrides, report_extra):  # Lightning's _call_and_handle_interrupt
+        last.parent.mkdir(parents=True)
+        torch.save({"global_step": 50}, last)
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            sys.exit(1)
+
+    monkeypatch.setattr(train_module, "_train", stopped)
+    with pytest.raises(SystemExit) as stop:
+        train(cfg)
+    assert stop.value.code == 1
+    assert str(stop.value).startswith(f"Stopped at once by Ctrl-C: {last} holds step 50. Resume it "
+                                      "from Python")

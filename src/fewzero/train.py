@@ -1176,24 +1176,24 @@ def as_trained(datamodule: Any, ckpt_path: str) -> Any:
     return datamodule.for_trainval()
 
 
-def stopped_message(cfg: DictConfig, overrides: list[str] | None, during: str | None) -> str:
+def stopped_message(cfg: DictConfig, overrides: list[str] | None, during: str | None,
+                    how: str = "by SIGTERM or Ctrl-C") -> str:
     """What `train` tells its Python caller (a notebook, a script) when SIGTERM or Ctrl-C stopped
     it: where the progress is and how to resume, from Python and from the command line. (`main`
     logs the command-line form itself: `say_how_to_resume`.) `during`: the phase after the main
-    fit it stopped in (class cross-validation, the refit), if any."""
+    fit it stopped in (class cross-validation, the refit), if any; `how`: what stopped it."""
     output_dir = Path(cfg.paths.output_dir)
     if not cfg.get("train", True):
-        return (f"Stopped by SIGTERM or Ctrl-C before the test of {cfg.get('ckpt_path')} finished, "
-                "so it has no results: run the same evaluation again.")
+        return (f"Stopped {how} before the test of {cfg.get('ckpt_path')} finished, so it has no "
+                "results: run the same evaluation again.")
     last = output_dir / "checkpoints" / "last.ckpt"
     if not last.is_file():
-        return (f"Stopped by SIGTERM or Ctrl-C before any checkpoint was written to {last.parent}: "
-                "start the run again.")
+        return f"Stopped {how} before any checkpoint was written to {last.parent}: start the run again."
     try:
         held = f" holds step {torch.load(last, map_location='cpu', weights_only=False)['global_step']}"
     except Exception:  # unreadable: the resume says why; the stop must still be told
         held = " holds the progress"
-    return (f"Stopped by SIGTERM or Ctrl-C{f' during {during}' if during else ''}: {last}{held}. "
+    return (f"Stopped {how}{f' during {during}' if during else ''}: {last}{held}. "
             "Resume it from Python by calling train again with the same settings, output directory "
             "and ckpt_path=last (cfg.ckpt_path = \"last\"; train(cfg); or \"ckpt_path=last\" among "
             "compose_train_config's overrides); from the command line with:\n  "
@@ -1220,7 +1220,8 @@ def train(cfg: DictConfig, overrides: list[str] | None = None, report_extra: dic
     the command line prints its message alone). SIGTERM or Ctrl-C (a notebook's "interrupt
     kernel") stops after the current step, saved to `checkpoints/last.ckpt`, and raises
     Lightning's SIGTERMException (a SystemExit) whose message says how to resume
-    (`stopped_message`): the process stays usable.
+    (`stopped_message`): the process stays usable. A second Ctrl-C stops at once: Lightning's
+    SystemExit(1), its message saying what `last.ckpt` holds (the last periodic save).
 
     Returns:
         (metrics, objects): final metrics by key (`val/acc_best`, `test/5way_5shot_acc`, ...)
@@ -1233,6 +1234,12 @@ def train(cfg: DictConfig, overrides: list[str] | None = None, report_extra: dic
         # exited with status 0 as if it had finished; main and fewzero.eval print their own
         message = stopped_message(cfg, overrides, getattr(stop, "stopped_during", None))
         stop.args, stop.code = (message,), message
+        raise
+    except SystemExit as stop:
+        if isinstance(stop.__context__, KeyboardInterrupt):
+            # Lightning's exit(1) after a Ctrl-C it did not stop gracefully (a second one): a
+            # Python caller read "SystemExit: 1". The code stays: a command still exits 1, silently
+            stop.args = (stopped_message(cfg, overrides, None, "at once by Ctrl-C"),)
         raise
 
 
