@@ -1347,3 +1347,14 @@ def test_a_run_stopped_at_once_by_a_second_ctrl_c_in_python_says_what_last_ckpt_
     assert stop.value.code == 1
     assert str(stop.value).startswith(f"Stopped at once by Ctrl-C: {last} holds step 50. Resume it "
                                       "from Python")
+
+
+def test_a_refusal_met_while_hydra_builds_a_part_reaches_a_python_caller_as_itself(tmp_path):
+    """The datamodule's split check raised inside Hydra's InstantiationException: a notebook's
+    `except ValueError` missed it and its message came as a repr."""
+    cfg = compose_train_cfg(tmp_path, ["dataset.split.val=[Oboe,Viola]"])
+    with pytest.raises(ValueError) as refusal:
+        train(cfg)
+    assert type(refusal.value) is ValueError
+    assert str(refusal.value) == ("Instrument(s) ['Viola'] are in both the val and test splits. "
+                                  "Few-shot splits must be class-disjoint: edit dataset.split.")

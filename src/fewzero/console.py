@@ -48,6 +48,16 @@ def stopped_by_another_process(error: BaseException, rank: int) -> bool:
     return rank > 0 and isinstance(error, RuntimeError) and any(s in str(error) for s in PEER_GONE)
 
 
+def unwrapped(error: BaseException) -> BaseException:
+    """The error that OmegaConf or Hydra met while resolving or building the config (a
+    resolver's, a class's refusal), which they raise inside their own; `error` itself when it
+    is none of theirs."""
+    while type(error).__module__.startswith(("omegaconf.", "hydra.")) and (
+            error.__cause__ or error.__context__):
+        error = error.__cause__ or error.__context__
+    return error
+
+
 def refusal_message(error: BaseException, own_code: Sequence[Path] = ()) -> str | None:
     """The message of `error` when it is one of fewzero's refusals of bad input: a REFUSALS
     exception raised by a `raise` statement in fewzero's own code (its innermost frame), also
@@ -57,10 +67,7 @@ def refusal_message(error: BaseException, own_code: Sequence[Path] = ()) -> str 
     out, or one without a message): those keep their traceback. None too with HYDRA_FULL_ERROR=1, which asks
     for every traceback. `own_code`: further folders whose `raise` statements refuse bad input
     (a script's own, scripts/)."""
-    # one that OmegaConf or Hydra met while resolving or building the config comes wrapped
-    while type(error).__module__.startswith(("omegaconf.", "hydra.")) and (
-            error.__cause__ or error.__context__):
-        error = error.__cause__ or error.__context__
+    error = unwrapped(error)
     if (os.environ.get("HYDRA_FULL_ERROR") == "1" or not isinstance(error, REFUSALS)
             or isinstance(error, NotImplementedError) or not str(error)):
         # NotImplementedError (a RuntimeError) is a method a subclass left out, not bad input,

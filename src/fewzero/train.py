@@ -53,6 +53,7 @@ from fewzero.console import (
     quiet_lightning,
     refusal_message,
     stopped_by_another_process,
+    unwrapped,
     without_optimiser_notes,
 )
 from fewzero.data.clips import config_hash, replace_atomically
@@ -1216,12 +1217,13 @@ def train(cfg: DictConfig, overrides: list[str] | None = None, report_extra: dic
     With `ckpt_path=auto`, a run directory whose run already finished with these settings
     (`finished_report`) is left as it is: its metrics.json is read back, nothing is built.
 
-    Bad settings raise the exception that names the problem and the fix (mostly ValueError;
-    the command line prints its message alone). SIGTERM or Ctrl-C (a notebook's "interrupt
-    kernel") stops after the current step, saved to `checkpoints/last.ckpt`, and raises
-    Lightning's SIGTERMException (a SystemExit) whose message says how to resume
-    (`stopped_message`): the process stays usable. A second Ctrl-C stops at once: Lightning's
-    SystemExit(1), its message saying what `last.ckpt` holds (the last periodic save).
+    Bad settings raise the exception that names the problem and the fix (mostly ValueError,
+    also where Hydra met it building a part; the command line prints its message alone).
+    SIGTERM or Ctrl-C (a notebook's "interrupt kernel") stops after the current step, saved to
+    `checkpoints/last.ckpt`, and raises Lightning's SIGTERMException (a SystemExit) whose
+    message says how to resume (`stopped_message`): the process stays usable. A second Ctrl-C
+    stops at once: Lightning's SystemExit(1), its message saying what `last.ckpt` holds (the
+    last periodic save).
 
     Returns:
         (metrics, objects): final metrics by key (`val/acc_best`, `test/5way_5shot_acc`, ...)
@@ -1240,6 +1242,14 @@ def train(cfg: DictConfig, overrides: list[str] | None = None, report_extra: dic
             # Lightning's exit(1) after a Ctrl-C it did not stop gracefully (a second one): a
             # Python caller read "SystemExit: 1". The code stays: a command still exits 1, silently
             stop.args = (stopped_message(cfg, overrides, None, "at once by Ctrl-C"),)
+        raise
+    except Exception as error:
+        refusal = unwrapped(error)
+        if refusal is not error and refusal_message(refusal) is not None:
+            # met while Hydra built a part (the datamodule's check of its split): a Python caller
+            # got Hydra's InstantiationException, the message as a repr (escaped quotes and
+            # newlines), and `except ValueError` missed it. The command line prints the same.
+            raise refusal from None
         raise
 
 
