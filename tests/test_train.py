@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import CONFIG_DIR, compose_train_cfg, skip_without_side_info_files, tone_overrides
 from hydra import compose, initialize_config_dir
-from omegaconf import open_dict
+from omegaconf import OmegaConf, open_dict
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from fewzero import plots
@@ -34,8 +34,12 @@ def test_every_experiment_composes_and_runs_a_fast_dev_run_step(tmp_path, experi
     cfg = compose_train_cfg(tmp_path, [f"experiment={experiment}", "dataset/source=tones",
                                        "+trainer.fast_dev_run=true"])
     skip_without_side_info_files(cfg)
+    given = OmegaConf.to_container(cfg)
     metrics, objects = train(cfg)
     assert objects["trainer"].global_step == 1
+    # unchanged, for a notebook that passes it again (a zero-shot run resolved its
+    # side_info.cache_dir in place, and ckpt_path=auto then tested a finished run again)
+    assert OmegaConf.to_container(cfg) == given
     key = "test/zsl_top1" if experiment.startswith("zsl") else "test/5way_5shot_acc"
     assert 0.0 <= metrics[key] <= 1.0
 

@@ -6,6 +6,7 @@ returns the optimised metric to sweepers.
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import ctypes.util
 import difflib
@@ -1225,10 +1226,17 @@ def train(cfg: DictConfig, overrides: list[str] | None = None, report_extra: dic
     stops at once: Lightning's SystemExit(1), its message saying what `last.ckpt` holds (the
     last periodic save).
 
+    `cfg` itself is left as it was given, so that it can be changed and passed again.
+
     Returns:
         (metrics, objects): final metrics by key (`val/acc_best`, `test/5way_5shot_acc`, ...)
-        and the built cfg, datamodule, model, trainer (the cfg alone for a finished run).
+        and the built cfg (a copy of `cfg`), datamodule, model, trainer (the cfg alone for a
+        finished run).
     """
+    # a copy: building the parts resolved some of its interpolations in place (a zero-shot run's
+    # side_info.cache_dir), so the caller's config, reused in a notebook for a resume
+    # (ckpt_path=auto) or another run, no longer read as the run's own settings
+    cfg = copy.deepcopy(cfg)
     try:
         return _train(cfg, overrides, report_extra)
     except SIGTERMException as stop:
