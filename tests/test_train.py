@@ -1362,3 +1362,14 @@ def test_a_refusal_met_while_hydra_builds_a_part_reaches_a_python_caller_as_itse
     assert type(refusal.value) is ValueError
     assert str(refusal.value) == ("Instrument(s) ['Viola'] are in both the val and test splits. "
                                   "Few-shot splits must be class-disjoint: edit dataset.split.")
+
+
+def test_train_called_as_a_spawned_worker_imports_a_script_names_the_main_guard(tmp_path, monkeypatch):
+    """A script calling train() without `if __name__ == "__main__":` hung: rendered SOL's
+    "spawn" workers ran the script again, and each waited forever ("Another process is preparing
+    source 'sol'") for the data its parent was preparing."""
+    import multiprocessing
+
+    monkeypatch.setattr(multiprocessing.current_process(), "_inheriting", True, raising=False)
+    with pytest.raises(RuntimeError, match='under if __name__ == "__main__": '):
+        train(compose_train_cfg(tmp_path))

@@ -15,6 +15,7 @@ import importlib
 import json
 import logging
 import math
+import multiprocessing
 import os
 import re
 import shlex
@@ -1233,6 +1234,13 @@ def train(cfg: DictConfig, overrides: list[str] | None = None, report_extra: dic
         and the built cfg (a copy of `cfg`), datamodule, model, trainer (the cfg alone for a
         finished run).
     """
+    if getattr(multiprocessing.current_process(), "_inheriting", False):  # as multiprocessing checks
+        raise RuntimeError(
+            "train() was called while a worker process imported your script: rendered SOL renders in "
+            "worker processes started with \"spawn\", which import the script that started them, so "
+            "its calls run again in each worker, which would wait there forever for the data the "
+            "first process is preparing. Put the script's calls under if __name__ == \"__main__\": (a "
+            "notebook needs nothing).")
     # a copy: building the parts resolved some of its interpolations in place (a zero-shot run's
     # side_info.cache_dir), so the caller's config, reused in a notebook for a resume
     # (ckpt_path=auto) or another run, no longer read as the run's own settings
