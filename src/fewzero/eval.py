@@ -394,7 +394,14 @@ def evaluation_overrides(ckpt: Path, overrides: list[str]) -> list[str]:
 
 def evaluate(ckpt_path: str | Path, overrides: list[str], output_dir: str | Path,
              run_config: str | Path | None = None) -> tuple[dict[str, float], dict[str, Any]]:
-    """Test `ckpt_path` with the run's config plus `overrides`; results go to `output_dir`."""
+    """Test `ckpt_path` with the run's config plus `overrides`; results go to `output_dir`.
+
+    What `python -m fewzero.eval` runs, callable from Python (a notebook): `overrides` as the
+    command line's (`key=value`, `+key=value`, `dataset/source=<name>`), `output_dir` a new
+    folder (the command line's hydra.run.dir; neither the checkpoint's run directory nor one
+    holding a metrics.json). Settings that would test what the checkpoint trained or validated
+    on raise ValueError naming them. Returns `train`'s (metrics, objects): test metrics by key
+    (`test/5way_5shot_acc`, ...), also in `<output_dir>/metrics.json`."""
     ckpt = Path(ckpt_path)
     if not ckpt.is_file():
         found = sorted(p.name for p in ckpt.parent.glob("*.ckpt")) if ckpt.parent.is_dir() else []
