@@ -169,7 +169,23 @@ def assert_same_decisions(real: dict[str, Any], swapped: dict[str, Any], tmp_pat
     assert [d for d in differences(real, swapped, roots) if not recorded.match(d)] == []
 
 
-@pytest.mark.slow  # 15 s (2 cores shared, load 3): two runs of four steps, each caching its features
+def assert_zero_shot_decisions_unmoved(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                       overrides: list[str]) -> dict[str, Any]:
+    """`run_twice` a zero-shot run with its unseen classes' and seen test fold's clips swapped and
+    OTHER_UNSEEN_SIDE_INFO: the same decisions, other test figures. Returns the real run's
+    `decided`."""
+    cfg = compose_train_cfg(tmp_path / "real", overrides)
+    unseen, test_fold = set(cfg.dataset.split.unseen), cfg.dataset.test_fold
+    real, swapped, real_test, swapped_test = run_twice(
+        tmp_path, monkeypatch, overrides, lambda name, fold: name in unseen or fold == test_fold,
+        other_unseen_side_info)
+    assert_same_decisions(real, swapped, tmp_path)
+    assert real_test.keys() == swapped_test.keys() and real_test != swapped_test  # the swap was tested
+    return real
+
+
+@pytest.mark.slow  # 5.5 s alone on one core (15 s at load 3): two runs of four steps, each caching
+# its features
 def test_few_shot_decisions_never_depend_on_the_test_instruments_clips(tmp_path, monkeypatch):
     cfg = compose_train_cfg(tmp_path / "real")
     test_classes = set(cfg.dataset.split.test)
@@ -184,37 +200,25 @@ def test_few_shot_decisions_never_depend_on_the_test_instruments_clips(tmp_path,
     assert real_test.keys() == swapped_test.keys() and real_test != swapped_test
 
 
-@pytest.mark.slow  # 37 s (2 cores shared, load 3): two runs, each of four fits (validation phase,
+@pytest.mark.slow  # 9 s alone on one core (37 s at load 3): two runs, each of four fits (validation phase,
 # two class-CV folds, the refit) and a test
 def test_zero_shot_decisions_never_depend_on_unseen_or_test_fold_clips_nor_unseen_side_info(
         tmp_path, monkeypatch):
     """experiment=zsl_attribute_audio: the range and formant prior (its formant scale fitted on
     training clips), its weights chosen on validation, class cross-validation over three folds
-    and the refit on trainval; the unseen classes' attribute vectors and playing ranges too."""
-    cfg = compose_train_cfg(tmp_path / "real", ZSL)
-    unseen, test_fold = set(cfg.dataset.split.unseen), cfg.dataset.test_fold
-    real, swapped, real_test, swapped_test = run_twice(
-        tmp_path, monkeypatch, ZSL, lambda name, fold: name in unseen or fold == test_fold,
-        other_unseen_side_info)
-    assert_same_decisions(real, swapped, tmp_path)
+    and the refit on trainval; the unseen classes' attribute vectors, ranges and formants too."""
+    real = assert_zero_shot_decisions_unmoved(tmp_path, monkeypatch, ZSL)
     assert len(real["class_cv"]["folds"]) == 3 and real["refit_on_trainval"]["steps"] == 2
     assert {"class_cv_fold1.pt", "class_cv_fold2.pt", "refit_trainval.ckpt"} <= set(real["checkpoints"])
     selected = real["checkpoints"][Path(real["refit_on_trainval"]["selected_checkpoint"]).name]
     assert {"calibration_gamma", "pitch_prior.weights", "pitch_prior.validation_scores",
             "pitch_prior.formants.scale"} <= selected["state_dict"].keys()
-    assert real_test.keys() == swapped_test.keys() and real_test != swapped_test
 
 
-@pytest.mark.slow  # 12 s (2 cores shared, load 3): two runs of a fit, a refit and a test
+@pytest.mark.slow  # 6.4 s alone on one core (12 s at load 3): two runs of a fit, a refit and a test
 def test_the_closed_form_eszsl_head_never_depends_on_unseen_or_test_fold_clips(tmp_path, monkeypatch):
-    overrides = [*ZSL, "model=eszsl", "model.pitch_prior=null"]
-    cfg = compose_train_cfg(tmp_path / "real", overrides)
-    unseen, test_fold = set(cfg.dataset.split.unseen), cfg.dataset.test_fold
-    real, swapped, real_test, swapped_test = run_twice(
-        tmp_path, monkeypatch, overrides, lambda name, fold: name in unseen or fold == test_fold,
-        other_unseen_side_info)
-    assert_same_decisions(real, swapped, tmp_path)
+    real = assert_zero_shot_decisions_unmoved(tmp_path, monkeypatch, [*ZSL, "model=eszsl",
+                                                                      "model.pitch_prior=null"])
     assert "closed_form_data" in real["checkpoints"]["refit_trainval.ckpt"]
-    assert real_test.keys() == swapped_test.keys() and real_test != swapped_test
 
 

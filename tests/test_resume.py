@@ -954,6 +954,9 @@ def test_ctrl_c_names_the_progress_file_of_the_fit_it_stops(tmp_path):
         return SimpleNamespace(callbacks=callbacks, world_size=world_size, is_global_zero=True)
 
     before = signal.signal(signal.SIGTERM, lambda *_: None)  # as Lightning's, during a fit
+    # Python's own Ctrl-C handling, whatever the test was started with (a shell's background job
+    # without job control inherits SIGINT ignored, which StopOnInterrupt rightly leaves alone)
+    before_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         for name in ("last", "refit_progress", "class_cv_fold1_progress"):
             keeper = LastCheckpoint(dirpath=str(tmp_path / "checkpoints"), filename=name)
@@ -969,7 +972,7 @@ def test_ctrl_c_names_the_progress_file_of_the_fit_it_stops(tmp_path):
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     finally:
         signal.signal(signal.SIGTERM, before)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGINT, before_int)
 
 
 def test_the_rng_state_of_a_checkpoint_is_set_again_only_before_a_mid_epoch_first_batch():

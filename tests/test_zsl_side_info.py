@@ -182,7 +182,8 @@ def test_packaged_glove_vectors_cover_every_class_of_the_config():
 
 def test_attribute_table_of_the_config_has_its_declared_dim_for_all_14_instruments():
     cfg = OmegaConf.load(SIDE_INFO / "attributes.yaml")
-    cfg.cache_dir = None
+    assert cfg._get_node("standardize_on")._value() == "${dataset.split.seen}"  # the train config's
+    cfg.cache_dir, cfg.standardize_on = None, list(TINYSOL_INSTRUMENTS)  # the file alone has no split
     source = hydra.utils.instantiate(cfg)
     vectors = source.vectors(list(TINYSOL_INSTRUMENTS)).mean
     assert vectors.shape == (14, cfg.dim) and len(source.columns()) == cfg.dim
