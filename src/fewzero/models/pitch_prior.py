@@ -134,11 +134,9 @@ class FormantLikelihood(nn.Module):
         needed = dict.fromkeys([*class_names, *(self.fallback if undocumented else [])])
         documented = {name: self._laplace(*self._band_distance(log_peaks, log_f0, self.bands[name]), scale)
                       for name in needed if name in self.bands}
-        if undocumented:
-            documented[None] = (torch.stack([documented[name] for name in self.fallback]).logsumexp(dim=0)
-                                - math.log(len(self.fallback)))
-        return torch.stack([documented[name if name in self.bands else None] for name in class_names],
-                           dim=-1)
+        unknown = (torch.stack([documented[name] for name in self.fallback]).logsumexp(dim=0)
+                   - math.log(len(self.fallback))) if undocumented else None
+        return torch.stack([documented.get(name, unknown) for name in class_names], dim=-1)
 
     @torch.no_grad()
     def fit_scale(self, peaks: torch.Tensor, pitches: torch.Tensor, classes: Sequence[str]) -> float:
