@@ -11,6 +11,7 @@ import torch
 from fewzero.data import features as features_module
 from fewzero.data.clips import Clip, config_hash, replace_atomically
 from fewzero.data.features import MelFeatures, prepare_and_load, read_audio
+from fewzero.data.tones import harmonic_tone
 
 
 class ListSource:
@@ -419,3 +420,17 @@ def test_the_preparation_lock_is_writable_for_every_user_of_a_shared_data_folder
     with pytest.raises(RuntimeError, match=rf"cannot open the preparation lock {lock} \(Permission "
                                            rf"denied\).*chmod a\+w '{lock}'.*paths\.cache_dir="):
         prepare_and_load(source, MelFeatures(clip_seconds=0.5, n_mels=32), tmp_path / "cache")
+
+
+@pytest.mark.parametrize("f0, sample_rate", [(220.0, 16000), (700.0, 8000)])
+def test_a_synthetic_tone_is_the_sum_of_its_harmonics_below_nyquist(f0, sample_rate):
+    """harmonic_tone sums sines through powers of one complex exponential: the same tone as a
+    sine per harmonic, the harmonics above Nyquist left out (7 of 12 at 700 Hz and 8 kHz)."""
+    t = np.arange(sample_rate) / sample_rate
+    amplitudes = np.linspace(1.0, 0.1, 12)
+    tone = harmonic_tone(f0, amplitudes, np.random.default_rng(3), t, sample_rate)
+    phases = np.random.default_rng(3).uniform(0, 6.28, size=12)
+    sines = sum(a * np.sin(2 * np.pi * f0 * (k + 1) * t + phase)
+                for k, (a, phase) in enumerate(zip(amplitudes, phases, strict=True))
+                if f0 * (k + 1) < sample_rate / 2)
+    np.testing.assert_allclose(tone, sines, rtol=0, atol=1e-10)

@@ -1,10 +1,13 @@
 """End-to-end: the real configs, composed and run on synthetic tones."""
 
+import io
 import json
 import sys
 from pathlib import Path
 
 import hydra
+import numpy as np
+import PIL.Image
 import pytest
 import torch
 from conftest import CONFIG_DIR, compose_train_cfg, skip_without_side_info_files, tone_overrides
@@ -108,6 +111,12 @@ def test_training_writes_metrics_plots_checkpoints_and_hparams(tmp_path, backbon
     scalars.Reload()
     validated = [e.step for e in scalars.Scalars("val/acc")]
     assert validated == sorted(validated) and 0 not in validated  # no final value at step 0
+    # each figure is in TensorBoard as the picture written to plots/
+    confusion = scalars.Images("test/confusion_5way_1shot")[-1]
+    with PIL.Image.open(run / "plots" / "test_confusion_5way_1shot.png") as png:
+        assert (confusion.width, confusion.height) == png.size
+        assert np.array_equal(np.asarray(PIL.Image.open(io.BytesIO(confusion.encoded_image_string))),
+                              np.asarray(png.convert("RGB")))
     assert "seed: " in (run / "tensorboard" / "hparams.yaml").read_text()  # not {}
 
 

@@ -3,11 +3,14 @@ validation sweeps."""
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import matplotlib
+import numpy as np
+import PIL.Image
 
 matplotlib.use("Agg")  # headless: never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
@@ -190,12 +193,20 @@ def weight_choice_figure(candidates: Sequence[float], fold_scores: torch.Tensor,
 
 def save_figure(figure: Figure, tag: str, plot_dir: Path | None, loggers: Sequence[Any],
                 step: int) -> None:
-    """Write `figure` as `<plot_dir>/<tag with / -> _>.png` and to every TensorBoard logger."""
-    if plot_dir is not None:
-        plot_dir.mkdir(parents=True, exist_ok=True)
-        figure.savefig(plot_dir / f"{tag.replace('/', '_')}.png", dpi=120)
-    for logger in loggers:
-        experiment = getattr(logger, "experiment", None)
-        if hasattr(experiment, "add_figure"):
-            experiment.add_figure(tag, figure, global_step=step, close=False)
+    """Write `figure` as `<plot_dir>/<tag with / -> _>.png` and to every TensorBoard logger.
+
+    The figure is drawn once, as that PNG (120 dpi); TensorBoard gets the same picture (drawing
+    it again for TensorBoard made plotting a large share of a short run's time)."""
+    writers = [experiment for experiment in (getattr(logger, "experiment", None) for logger in loggers)
+               if hasattr(experiment, "add_image")]
+    if plot_dir is not None or writers:
+        png = io.BytesIO()
+        figure.savefig(png, format="png", dpi=120)
+        if plot_dir is not None:
+            plot_dir.mkdir(parents=True, exist_ok=True)
+            (plot_dir / f"{tag.replace('/', '_')}.png").write_bytes(png.getvalue())
+        if writers:
+            image = np.asarray(PIL.Image.open(png).convert("RGB"))  # (height, width, 3) uint8
+            for writer in writers:
+                writer.add_image(tag, image, global_step=step, dataformats="HWC")
     plt.close(figure)

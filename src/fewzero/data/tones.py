@@ -17,6 +17,25 @@ from fewzero.data.clips import Clip, config_hash
 from fewzero.data.features import midi_to_hz
 
 
+def harmonic_tone(f0: float, amplitudes: np.ndarray, rng: np.random.Generator, t: np.ndarray,
+                  sample_rate: int) -> np.ndarray:
+    """(samples,) sum of the harmonics k f0 (k = 1, 2, ...) below Nyquist, harmonic k with
+    amplitude `amplitudes[k - 1]` and a phase drawn from `rng` (one per harmonic, in order), at
+    the (samples,) times `t` in seconds.
+
+    Harmonic k is the imaginary part of exp(i phase) z^k, z = exp(i 2 pi f0 t): one complex
+    exponential per clip instead of a sine per harmonic (which made generating the tests' tones
+    a large share of the test suite's time); the sum differs from the sines' by rounding only.
+    """
+    n_harmonics = sum(1 for k in range(len(amplitudes)) if f0 * (k + 1) < sample_rate / 2)
+    phases = rng.uniform(0, 6.28, size=n_harmonics)
+    powers = np.empty((n_harmonics, len(t)), dtype=np.complex128)  # z^1 .. z^K
+    powers[0] = np.exp(1j * (2 * np.pi * f0) * t)
+    for k in range(1, n_harmonics):
+        np.multiply(powers[k - 1], powers[0], out=powers[k])
+    return ((amplitudes[:n_harmonics] * np.exp(1j * phases)) @ powers).imag
+
+
 class SyntheticTones:
     """Writes `clips_per_class` WAV files per class name under `root/<fingerprint>/`."""
 
@@ -53,15 +72,15 @@ class SyntheticTones:
             return
         self.folder.mkdir(parents=True, exist_ok=True)
         t = np.arange(int(self.seconds * self.sample_rate)) / self.sample_rate
+        rows = self._rows()
         for c, name in enumerate(self.instruments):
             profile = np.random.default_rng([self.seed, c]).uniform(0.05, 1.0, size=12)
-            for row_name, _, pitch, path in self._rows():
+            for row_name, _, pitch, path in rows:
                 if row_name != name:
                     continue
                 rng = np.random.default_rng([self.seed, c, pitch, zlib.crc32(path.name.encode())])
                 f0 = float(midi_to_hz(torch.tensor(pitch)))
-                tone = sum(a * np.sin(2 * np.pi * f0 * (k + 1) * t + rng.uniform(0, 6.28))
-                           for k, a in enumerate(profile) if f0 * (k + 1) < self.sample_rate / 2)
+                tone = harmonic_tone(f0, profile, rng, t, self.sample_rate)
                 envelope = np.minimum(1.0, t / 0.02) * np.exp(-t * rng.uniform(0.5, 2.0))
                 audio = tone * envelope
                 audio = 0.5 * audio / np.abs(audio).max() * rng.uniform(0.3, 1.0)
