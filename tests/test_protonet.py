@@ -315,3 +315,21 @@ def test_episode_scoring_gives_back_the_callers_thread_count():
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)
+
+
+def test_the_whitening_fit_gives_back_the_callers_thread_count():
+    """The eigen-decomposition runs on one thread (fewzero.threads.one_thread); the caller's
+    count comes back, and the fit is the one a caller on one thread gets."""
+    embeddings, labels = torch.randn(40, 16, dtype=torch.float64), torch.arange(4).repeat_interleave(10)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = WithinClassWhitening(16)
+        alone.fit(embeddings, labels)
+        torch.set_num_threads(2)
+        whitening = WithinClassWhitening(16)
+        whitening.fit(embeddings, labels)
+        assert torch.get_num_threads() == 2
+        assert torch.equal(whitening.matrix, alone.matrix)
+    finally:
+        torch.set_num_threads(threads)

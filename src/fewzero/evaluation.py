@@ -8,8 +8,7 @@ and every episode reuses the embeddings.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import scipy.stats
@@ -17,6 +16,7 @@ import torch
 
 from fewzero.data.episodes import EpisodeIndices, EpisodeSampler
 from fewzero.models.protonet import Distance, WithinClassWhitening
+from fewzero.threads import one_thread
 from fewzero.zsl_evaluation import confusion_matrix
 
 
@@ -47,20 +47,6 @@ class EpisodeResults:
             return float("nan")
         t = float(scipy.stats.t.ppf(0.975, n - 1))
         return t * float(self.accuracies.std(unbiased=True)) / math.sqrt(n)
-
-
-@contextmanager
-def one_thread() -> Iterator[None]:
-    """torch's intra-op threads set to 1 inside (restored after). An episode's tensors are tiny
-    (tens of rows): waking a second thread for each op costs more than the op, and far more
-    when another process holds the other core. Scores are bit-identical to 2 threads' (every
-    op here is far below ATen's parallel grain size)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 @torch.no_grad()

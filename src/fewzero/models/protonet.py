@@ -7,6 +7,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from fewzero.threads import one_thread
+
 
 def class_prototypes(embeddings: torch.Tensor, labels: torch.Tensor, n_way: int) -> torch.Tensor:
     """Mean embedding per class by index_add, so unsorted or unbalanced supports work.
@@ -137,8 +139,9 @@ class WithinClassWhitening(nn.Module):
             raise ValueError("Whitening needs several clips of at least two training classes; got "
                              f"{len(labels)} clips of {n_classes} classes.")
         residuals = _within_class_residuals(embeddings.double(), labels)
-        eigenvalues, eigenvectors = torch.linalg.eigh(residuals.T @ residuals
-                                                      / (len(labels) - n_classes))
+        covariance = residuals.T @ residuals / (len(labels) - n_classes)
+        with one_thread():  # a 256 x 256 eigh: many times slower on 2 threads (fewzero.threads)
+            eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
         self._eigen = (eigenvalues.clamp(min=0), eigenvectors)
         self.shrinkage = self._shrinkage  # computes the matrix
 
