@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -99,6 +100,24 @@ def no_network(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     monkeypatch.setattr(socket, "create_connection", refuse)
     monkeypatch.setattr(socket, "getaddrinfo", refuse)
     return attempts
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_data_folder_per_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """FEWZERO_DATA for the whole session: one folder per pytest-xdist worker, shared by its
+    tests and the processes they start, so that tests on the same tones reuse their clips and
+    feature caches instead of writing them again (a third less CPU time for the tests that train
+    in-process). Per worker, not per run: no test waits on, or prints about, another worker's
+    preparation. Every test passes with its data already prepared as with none prepared.
+
+    A test that changes its data, or must see it prepared, gives `paths.data_dir` or sets
+    FEWZERO_DATA itself (monkeypatch), which wins. The tests never write to the user's own
+    FEWZERO_DATA.
+    """
+    folder = tmp_path_factory.mktemp("data", numbered=False)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FEWZERO_DATA", str(folder))
+        yield folder
 
 
 @pytest.fixture(autouse=True)
