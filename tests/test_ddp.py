@@ -1,10 +1,10 @@
 """Lightning DDP on CPU: two gloo processes launched by the real command line."""
 
 import json
-import subprocess
 import sys
 from types import SimpleNamespace
 
+import cli_processes
 import hydra
 import pytest
 import torch
@@ -100,7 +100,7 @@ def test_two_process_cpu_ddp_trains_and_tests(tmp_path):
         "dataset.episodes.val.n_query=5", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
         "~callbacks.progress_bar", f"hydra.run.dir={run}",
     ]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    done = cli_processes.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Starting with 2 processes" in done.stdout + done.stderr
     assert (done.stdout + done.stderr).count("Building datamodule") == 1  # the first process's
@@ -108,7 +108,7 @@ def test_two_process_cpu_ddp_trains_and_tests(tmp_path):
     assert report["test_episodes"]["5way_5shot"]["n_episodes"] == 5
     assert (run / "checkpoints" / "last.ckpt").is_file()
     # re-evaluated with the run's two processes, into the one directory the command chose
-    evaluated = subprocess.run([sys.executable, "-m", "fewzero.eval",
+    evaluated = cli_processes.run([sys.executable, "-m", "fewzero.eval",
                                 f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}"],
                                capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]

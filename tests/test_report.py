@@ -79,8 +79,9 @@ def test_runs_with_the_same_overrides_in_another_order_are_one_configuration(tmp
 
 @pytest.mark.slow
 def test_a_failing_multirun_job_is_reported_and_the_others_finish(tmp_path):
-    import subprocess
     import sys
+
+    import cli_processes
 
     from fewzero.data.clips import TINYSOL_INSTRUMENTS
 
@@ -92,7 +93,7 @@ def test_a_failing_multirun_job_is_reported_and_the_others_finish(tmp_path):
         "dataset.episodes.val.n_way=3,9",  # 9 > the 3 validation classes: the second job fails
         f"hydra.sweep.dir={sweep}",
     ]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    done = cli_processes.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 1, done.stderr[-3000:]  # both jobs ran; one failed
     configs, failed = collect(sweep)
     assert len(configs) == 1 and len(failed) == 1

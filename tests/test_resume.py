@@ -8,7 +8,6 @@ import os
 import shlex
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -16,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
+import cli_processes
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -180,7 +180,7 @@ def _command(root: Path, run: Path) -> list[str]:
             "~callbacks.progress_bar", *FSL_OVERRIDES, *SHORT_EPOCHS]
 
 
-def _wait_for_new(path: Path, process: subprocess.Popen, old: tuple | None, timeout: float = 300):
+def _wait_for_new(path: Path, process: cli_processes.Process, old: tuple | None, timeout: float = 300):
     """Wait until `path` is (re)written, i.e. its (inode, mtime) differs from `old`."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and process.poll() is None:
@@ -196,7 +196,7 @@ def _step(path: Path) -> int:
     return torch.load(path, map_location="cpu", weights_only=False)["global_step"]
 
 
-def _stop_once_saved(process: subprocess.Popen, last: Path, signum: int) -> int:
+def _stop_once_saved(process: cli_processes.Process, last: Path, signum: int) -> int:
     """Send `signum` once `process` has written `last`; it must stop as SIGTERM does (status
     143) between steps 0 and 12 of the 12-step run. Returns the step it saved."""
     _wait_for_new(last, process, None)
@@ -209,34 +209,34 @@ def _stop_once_saved(process: subprocess.Popen, last: Path, signum: int) -> int:
 
 @pytest.mark.slow
 def test_run_stopped_by_sigterm_then_killed_resumes_to_the_uninterrupted_metrics(tmp_path):
-    subprocess.run(_command(tmp_path, tmp_path / "full"), check=True, capture_output=True, timeout=600)
+    cli_processes.run(_command(tmp_path, tmp_path / "full"), check=True, capture_output=True, timeout=600)
     run = tmp_path / "interrupted"
     last = run / "checkpoints" / "last.ckpt"
     log = (tmp_path / "interrupted.log").open("w")
 
     # SIGTERM as soon as a checkpoint exists: Lightning finishes the batch, last.ckpt gets it
-    stopped_at = _stop_once_saved(subprocess.Popen(_command(tmp_path, run), stdout=log, stderr=log),
+    stopped_at = _stop_once_saved(cli_processes.start(_command(tmp_path, run), stdout=log, stderr=log),
                                   last, signal.SIGTERM)
 
     # resume, then SIGKILL (no clean-up at all) once the resumed run has written a checkpoint
     stat = last.stat()
-    second = subprocess.Popen(_command(tmp_path, run) + ["ckpt_path=last"], stdout=log, stderr=log)
+    second = cli_processes.start(_command(tmp_path, run) + ["ckpt_path=last"], stdout=log, stderr=log)
     _wait_for_new(last, second, (stat.st_ino, stat.st_mtime_ns))
     second.kill()
     assert second.wait(timeout=60) == -signal.SIGKILL
     killed_at = _step(last)
     assert stopped_at < killed_at < 12
 
-    subprocess.run(_command(tmp_path, run) + ["ckpt_path=last"], check=True, capture_output=True,
+    cli_processes.run(_command(tmp_path, run) + ["ckpt_path=last"], check=True, capture_output=True,
                    timeout=600)
     assert _report(run) == _report(tmp_path / "full")
 
 
 @contextlib.contextmanager
-def _process_group(command: list[str], log: IO[str]) -> Iterator[subprocess.Popen]:
+def _process_group(command: list[str], log: IO[str]) -> Iterator[cli_processes.Process]:
     """`command` started in a process group of its own (a DDP run's processes), which is
     killed on the way out: a test that fails on a hung run leaves no processes behind."""
-    process = subprocess.Popen(command, stdout=log, stderr=log, start_new_session=True)
+    process = cli_processes.start(command, stdout=log, stderr=log, start_new_session=True)
     try:
         yield process
     finally:
@@ -245,7 +245,7 @@ def _process_group(command: list[str], log: IO[str]) -> Iterator[subprocess.Pope
         process.wait(timeout=60)
 
 
-def _rank_process(main: subprocess.Popen, rank: int, timeout: float = 120) -> int:
+def _rank_process(main: cli_processes.Process, rank: int, timeout: float = 120) -> int:
     """The pid of DDP process `rank` (> 0), which Lightning starts as a child of `main`."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and main.poll() is None:
@@ -269,7 +269,7 @@ def test_a_ddp_run_stopped_by_sigterm_then_killed_resumes_to_the_uninterrupted_m
     step and save it together. Resumed, then killed outright (SIGKILL to both), resumed again:
     the run ends as the uninterrupted one does."""
     ddp = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
-    subprocess.run(_command(tmp_path, tmp_path / "full") + ddp, check=True, capture_output=True,
+    cli_processes.run(_command(tmp_path, tmp_path / "full") + ddp, check=True, capture_output=True,
                    timeout=600)
     run = tmp_path / "interrupted"
     last = run / "checkpoints" / "last.ckpt"
@@ -293,7 +293,7 @@ def test_a_ddp_run_stopped_by_sigterm_then_killed_resumes_to_the_uninterrupted_m
         _wait_for_new(last, second, (stat.st_ino, stat.st_mtime_ns))
     # killed outright on the way out of the block (SIGKILL to both processes)
     assert stopped_at < _step(last) < 12
-    subprocess.run(_command(tmp_path, run) + ddp + ["ckpt_path=last"], check=True,
+    cli_processes.run(_command(tmp_path, run) + ddp + ["ckpt_path=last"], check=True,
                    capture_output=True, timeout=600)
     assert _report(run) == _report(tmp_path / "full")
     # no validation skipped: a stop on an epoch's last step waits for that epoch's validation
@@ -310,7 +310,7 @@ def test_a_ddp_run_signalled_during_its_last_validation_stops_before_its_test(tm
                  "+callbacks.sigterm_in_validation.rank=1"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
-    stopped = subprocess.run(_command(tmp_path, run) + ddp + signal_it, capture_output=True,
+    stopped = cli_processes.run(_command(tmp_path, run) + ddp + signal_it, capture_output=True,
                              text=True, timeout=600, env=env)
     printed = stopped.stdout + stopped.stderr
     assert stopped.returncode == 128 + signal.SIGTERM, printed[-3000:]
@@ -319,7 +319,7 @@ def test_a_ddp_run_signalled_during_its_last_validation_stops_before_its_test(tm
     assert "last.ckpt holds step 12; resume with" in printed and "Traceback" not in printed
     assert not (run / "metrics.json").exists()  # not tested
     assert _step(run / "checkpoints" / "last.ckpt") == 12
-    subprocess.run(_command(tmp_path, run) + ddp + ["ckpt_path=last"], check=True,
+    cli_processes.run(_command(tmp_path, run) + ddp + ["ckpt_path=last"], check=True,
                    capture_output=True, timeout=600)
     assert _report(run)["test_episodes"]  # the resume trains no more, and tests
 
@@ -449,8 +449,8 @@ def test_ctrl_c_saves_the_current_step_and_prints_the_command_that_resumes(tmp_p
                "+callbacks.mine._target_=myplugin.Nothing", *_command(tmp_path, run)[3:]]
     with log_path.open("w") as log:
         # as from a terminal; the child must not inherit a SIGINT the test runner ignores
-        _stop_once_saved(subprocess.Popen(started, stdout=log, stderr=log, env=env,
-                                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)),
+        _stop_once_saved(cli_processes.start(started, stdout=log, stderr=log, env=env,
+                                             default_sigint=True),
                          last, signal.SIGINT)
     output = log_path.read_text()
     assert "Ctrl-C: saving this step" in output and "Traceback" not in output
@@ -461,7 +461,7 @@ def test_ctrl_c_saves_the_current_step_and_prints_the_command_that_resumes(tmp_p
     assert "local=mine" in command and f"hydra.run.dir={run}" in command
     assert printed[1].startswith(f"(with PYTHONPATH={shlex.quote(pythonpath)} set again: this run "
                                  "imported ") and "myplugin" in printed[1]
-    subprocess.run(command, check=True, capture_output=True, timeout=600, env=env)
+    cli_processes.run(command, check=True, capture_output=True, timeout=600, env=env)
     assert _step(last) == 12 and (run / "metrics.json").is_file()
 
 
@@ -489,7 +489,7 @@ def test_a_multirun_stopped_by_sigterm_prints_the_command_that_finishes_the_swee
     stopped = _step(next(sweep.glob("1_*/checkpoints/last.ckpt")))
     finished = next(sweep.glob("0_*/metrics.json"))
     written = finished.stat().st_mtime_ns
-    done = subprocess.run(finish, capture_output=True, text=True, timeout=600)
+    done = cli_processes.run(finish, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "All 3 jobs finished" in done.stdout + done.stderr
     jobs = sorted(sweep.glob("[0-9]_*"))
@@ -517,7 +517,7 @@ def test_a_submitit_job_preempted_mid_fit_is_requeued_and_ends_as_the_uninterrup
                 f"+callbacks.preempt.marker={tmp_path / 'preempted'}"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    done = cli_processes.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     (job,) = sweep.glob("0_*")
     log = "".join(path.read_text() for path in sweep.glob(".submitit/*/*_log.*"))
@@ -527,7 +527,7 @@ def test_a_submitit_job_preempted_mid_fit_is_requeued_and_ends_as_the_uninterrup
     assert "last.ckpt holds step 7; submitit requeues the job, which resumes from there" in log
     assert "The multirun stops here" not in log  # it does not: the job comes back
     full = tmp_path / "full"
-    subprocess.run(_command(tmp_path, full), check=True, capture_output=True, timeout=600)
+    cli_processes.run(_command(tmp_path, full), check=True, capture_output=True, timeout=600)
     assert _report(job) == _report(full)
 
 

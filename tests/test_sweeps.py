@@ -1,10 +1,10 @@
 """Experiment workflow: Optuna sweeps, the joblib launcher and SLURM through submitit."""
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
+import cli_processes
 import pytest
 from conftest import CONFIG_DIR
 from hydra import compose, initialize_config_dir
@@ -101,7 +101,7 @@ def test_optuna_sweep_on_two_joblib_workers_stores_its_study_and_a_second_run_re
     first = [sys.executable, "-m", "fewzero.train", "hparams_search=optuna", *_tiny(tmp_path),
              "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=2", "hydra/launcher=joblib",
              "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={sweep}"]
-    done = subprocess.run(first, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    done = cli_processes.run(first, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     storage = f"sqlite:///{tmp_path / 'outputs' / 'optuna' / 'fsl_protonet.db'}"
     trials = optuna.load_study(study_name="fsl_protonet", storage=storage).trials
@@ -116,7 +116,7 @@ def test_optuna_sweep_on_two_joblib_workers_stores_its_study_and_a_second_run_re
 
     second = [a for a in first if not a.startswith(("hydra.sweeper.n_", "hydra/launcher", "hydra.launcher",
                                                     "hydra.sweep.dir"))]
-    done = subprocess.run(second + ["hydra.sweeper.n_trials=1", f"hydra.sweep.dir={tmp_path / 'more'}"],
+    done = cli_processes.run(second + ["hydra.sweeper.n_trials=1", f"hydra.sweep.dir={tmp_path / 'more'}"],
                           capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     trials = optuna.load_study(study_name="fsl_protonet", storage=storage).trials

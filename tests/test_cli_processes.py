@@ -1,0 +1,39 @@
+"""The tests' forked `python -m fewzero.train` processes (tests/cli_processes.py) behave as the
+command does: its arguments, working directory, environment, output, session and exit status."""
+
+import os
+import signal
+import sys
+
+import cli_processes
+from conftest import tone_overrides
+
+
+def test_a_forked_command_gets_its_arguments_directory_environment_and_exit_status(tmp_path):
+    command = [sys.executable, "-m", "fewzero.train", "experiment=nope", "hydra.run.dir=run"]
+    quiet = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    for env, traceback in [(quiet, False), ({**quiet, "HYDRA_FULL_ERROR": "1"}, True)]:
+        done = cli_processes.run(command, capture_output=True, text=True, timeout=300,
+                                 cwd=tmp_path, env=env)
+        assert done.returncode == 1
+        assert "Could not find 'experiment/nope'" in done.stderr
+        assert ("Traceback" in done.stderr) == traceback  # the environment it was given
+    help_text = cli_processes.run([sys.executable, "-m", "fewzero.train", "--help"],
+                                  capture_output=True, text=True, timeout=300)
+    assert help_text.returncode == 0 and "== Config ==" in help_text.stdout
+
+
+def test_a_forked_run_is_a_process_of_its_own_session_that_a_signal_ends(tmp_path):
+    command = [sys.executable, "-m", "fewzero.train", *tone_overrides(tmp_path),
+               "trainer.max_steps=100000", f"hydra.run.dir={tmp_path / 'run'}"]
+    with (tmp_path / "log").open("w") as log:
+        run = cli_processes.start(command, stdout=log, stderr=log, start_new_session=True)
+    try:
+        assert isinstance(run, cli_processes.ForkedProcess) and run.pid != os.getpid()
+        assert run.poll() is None  # preparing its data, far from its 100000 steps
+        assert os.getsid(run.pid) == run.pid
+    finally:
+        run.kill()
+    assert run.wait(timeout=60) == -signal.SIGKILL
+    other = cli_processes.start([sys.executable, "-c", "pass"])  # not a preloaded module
+    assert not isinstance(other, cli_processes.ForkedProcess) and other.wait(timeout=60) == 0
