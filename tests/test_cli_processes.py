@@ -18,6 +18,11 @@ def test_a_forked_command_gets_its_arguments_directory_environment_and_exit_stat
         assert done.returncode == 1
         assert "Could not find 'experiment/nope'" in done.stderr
         assert ("Traceback" in done.stderr) == traceback  # the environment it was given
+    # refused after Hydra made its run directory: "run" is relative to the directory it was given
+    refused = cli_processes.run([*command[:3], f"ckpt_path={tmp_path / 'none.ckpt'}", "hydra.run.dir=run"],
+                                capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert refused.returncode == 1 and "none.ckpt does not exist" in refused.stdout + refused.stderr
+    assert (tmp_path / "run" / ".hydra" / "overrides.yaml").is_file()
     help_text = cli_processes.run([sys.executable, "-m", "fewzero.train", "--help"],
                                   capture_output=True, text=True, timeout=300)
     assert help_text.returncode == 0 and "== Config ==" in help_text.stdout
