@@ -209,8 +209,7 @@ def _become(request: dict[str, Any], fds: list[int], set_up: int) -> None:
         os.setsid()
     # SIGINT as `python` sets it at start-up: ignored if inherited so, else KeyboardInterrupt
     signal.signal(signal.SIGINT, signal.SIG_IGN if request["ignores_sigint"] else signal.default_int_handler)
-    os.close(0)  # the server's standard input, which the pytest process holds
-    for target, fd in enumerate(fds):
+    for target, fd in enumerate(fds):  # over the server's own streams
         os.dup2(fd, target)
         os.close(fd)
     os.chdir(request["cwd"])
