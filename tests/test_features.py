@@ -434,3 +434,17 @@ def test_a_synthetic_tone_is_the_sum_of_its_harmonics_below_nyquist(f0, sample_r
                 for k, (a, phase) in enumerate(zip(amplitudes, phases, strict=True))
                 if f0 * (k + 1) < sample_rate / 2)
     np.testing.assert_allclose(tone, sines, rtol=0, atol=1e-10)
+
+
+def test_tones_refuse_a_sample_rate_below_twice_their_highest_fundamental(tmp_path):
+    """The highest tone (MIDI 74, 587 Hz) needs a Nyquist frequency above it; a harmonic_tone
+    with no harmonic below Nyquist is silence, not an error."""
+    from fewzero.data.tones import SyntheticTones
+
+    with pytest.raises(ValueError, match=r"sample_rate=1000 Hz cannot hold the tones' fundamentals "
+                                         r"\(up to 587 Hz.*above 1175 Hz \(the default is 16000\)"):
+        SyntheticTones(tmp_path, ["a"], 2, sample_rate=1000)
+    SyntheticTones(tmp_path, ["a"], 2, sample_rate=1200)  # above 1175 Hz: accepted
+    t = np.arange(100) / 1000
+    silent = harmonic_tone(600.0, np.ones(12), np.random.default_rng(0), t, 1000)
+    assert silent.shape == (100,) and not silent.any()

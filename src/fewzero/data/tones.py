@@ -16,6 +16,8 @@ import torch
 from fewzero.data.clips import Clip, config_hash
 from fewzero.data.features import midi_to_hz
 
+LOWEST_PITCH, N_PITCHES = 45, 30  # clips' MIDI pitches: 45 (A2, 110 Hz) to 74 (D5, 587 Hz)
+
 
 def harmonic_tone(f0: float, amplitudes: np.ndarray, rng: np.random.Generator, t: np.ndarray,
                   sample_rate: int) -> np.ndarray:
@@ -29,6 +31,8 @@ def harmonic_tone(f0: float, amplitudes: np.ndarray, rng: np.random.Generator, t
     """
     n_harmonics = sum(1 for k in range(len(amplitudes)) if f0 * (k + 1) < sample_rate / 2)
     phases = rng.uniform(0, 6.28, size=n_harmonics)
+    if n_harmonics == 0:  # f0 at or above Nyquist: the empty sum
+        return np.zeros(len(t))
     powers = np.empty((n_harmonics, len(t)), dtype=np.complex128)  # z^1 .. z^K
     powers[0] = np.exp(1j * (2 * np.pi * f0) * t)
     for k in range(1, n_harmonics):
@@ -47,6 +51,13 @@ class SyntheticTones:
         self.instruments = list(instruments)
         self.clips_per_class, self.sample_rate, self.seconds = clips_per_class, sample_rate, seconds
         self.n_folds, self.seed = n_folds, seed
+        highest = float(midi_to_hz(torch.tensor(LOWEST_PITCH + N_PITCHES - 1)))
+        if sample_rate <= 2 * highest:
+            raise ValueError(
+                f"SyntheticTones: sample_rate={sample_rate} Hz cannot hold the tones' fundamentals "
+                f"(up to {highest:.0f} Hz, MIDI {LOWEST_PITCH + N_PITCHES - 1}): their Nyquist "
+                f"frequency must lie above it. Use a sample_rate above {2 * highest:.0f} Hz "
+                "(the default is 16000).")
 
     def fingerprint(self) -> str:
         return config_hash({"instruments": self.instruments, "n": self.clips_per_class,
@@ -61,7 +72,7 @@ class SyntheticTones:
         rows = []
         for c, name in enumerate(self.instruments):
             for i in range(self.clips_per_class):
-                pitch = 45 + (7 * i + 5 * c) % 30
+                pitch = LOWEST_PITCH + (7 * i + 5 * c) % N_PITCHES
                 path = self.folder / f"{c:02d}_{i:03d}.wav"
                 rows.append((name, i % self.n_folds, pitch, path))
         return rows
