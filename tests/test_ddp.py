@@ -8,7 +8,7 @@ import cli_processes
 import hydra
 import pytest
 import torch
-from conftest import compose_train_cfg
+from conftest import SMALL_FEATURES, compose_train_cfg
 from pytorch_lightning.trainer.states import TrainerFn
 
 from fewzero.data.clips import TINYSOL_INSTRUMENTS
@@ -98,7 +98,7 @@ def test_two_process_cpu_ddp_trains_and_tests(tmp_path):
         f"dataset.source.instruments=[{names}]",
         "debug=fast", f"paths.root_dir={tmp_path}",
         "dataset.episodes.val.n_query=5", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
-        "~callbacks.progress_bar", f"hydra.run.dir={run}",
+        "~callbacks.progress_bar", f"hydra.run.dir={run}", *SMALL_FEATURES,
     ]
     done = cli_processes.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -645,7 +645,7 @@ def test_an_eval_stopped_by_sigterm_exits_143_and_leaves_no_directory_of_its_own
 
 @pytest.mark.parametrize(("override", "refused"), [
     ("dataset.features.hop_length=160", r"dataset\.features\.hop_length=160 \(the checkpoint's run: 200\)"),
-    ("dataset.features.n_mels=64", r"dataset\.features\.n_mels=64 \(the checkpoint's run: 128\)"),
+    ("dataset.features.n_mels=64", r"dataset\.features\.n_mels=64 \(the checkpoint's run: 32\)"),
     ("dataset.features.sample_rate=22050", r"sample_rate=22050 \(the checkpoint's run: 16000\)"),
     ("dataset.features.clip_seconds=1.5", None),  # how much is cached, not what the model hears
     ("dataset.eval_offset_seconds=0.5", None),

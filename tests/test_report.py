@@ -82,6 +82,7 @@ def test_a_failing_multirun_job_is_reported_and_the_others_finish(tmp_path):
     import sys
 
     import cli_processes
+    from conftest import SMALL_FEATURES
 
     from fewzero.data.clips import TINYSOL_INSTRUMENTS
 
@@ -91,7 +92,7 @@ def test_a_failing_multirun_job_is_reported_and_the_others_finish(tmp_path):
         f"dataset.source.instruments=[{','.join(TINYSOL_INSTRUMENTS)}]", "debug=fast",
         f"paths.root_dir={tmp_path}", "dataset.episodes.val.n_query=5", "~callbacks.progress_bar",
         "dataset.episodes.val.n_way=3,9",  # 9 > the 3 validation classes: the second job fails
-        f"hydra.sweep.dir={sweep}",
+        f"hydra.sweep.dir={sweep}", *SMALL_FEATURES,
     ]
     done = cli_processes.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 1, done.stderr[-3000:]  # both jobs ran; one failed

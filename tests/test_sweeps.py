@@ -6,7 +6,7 @@ from pathlib import Path
 
 import cli_processes
 import pytest
-from conftest import CONFIG_DIR
+from conftest import CONFIG_DIR, SMALL_FEATURES
 from hydra import compose, initialize_config_dir
 from hydra.core.plugins import Plugins
 from hydra.plugins.launcher import Launcher
@@ -90,7 +90,7 @@ def _tiny(tmp_path: Path) -> list[str]:
     names = ",".join(TINYSOL_INSTRUMENTS)
     return ["dataset/source=tones", f"dataset.source.instruments=[{names}]", "debug=fast",
             f"paths.root_dir={tmp_path}", "dataset.episodes.val.n_query=5", "test=false",
-            "~callbacks.progress_bar", "+trainer.enable_progress_bar=false"]
+            "~callbacks.progress_bar", "+trainer.enable_progress_bar=false", *SMALL_FEATURES]
 
 
 @pytest.mark.slow

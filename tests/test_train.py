@@ -85,7 +85,9 @@ def test_a_callback_set_to_null_is_switched_off(tmp_path):
 
 @pytest.mark.parametrize("backbone", ["timbre_cnn", "music_fsl_cnn"])
 def test_training_writes_metrics_plots_checkpoints_and_hparams(tmp_path, backbone):
-    cfg = compose_train_cfg(tmp_path, [f"model/backbone={backbone}"])
+    # the tutorial's backbone needs 64 mel bins and 64 frames (0.8 s) at least
+    least = ["dataset.features.n_mels=64", "dataset.excerpt_seconds=0.8"] * (backbone == "music_fsl_cnn")
+    cfg = compose_train_cfg(tmp_path, [f"model/backbone={backbone}", *least])
     metrics, objects = train(cfg)
     run = Path(cfg.paths.output_dir)
     report = json.loads((run / "metrics.json").read_text())
@@ -1252,10 +1254,10 @@ def test_switching_the_trainers_progress_bar_off_leaves_the_runs_own_bar_out(tmp
 
 @pytest.mark.parametrize("experiment", ["fsl_protonet", "zsl_attribute_audio"])
 @pytest.mark.parametrize(("setting", "message"), [
-    ("model.augment.freq_mask_bins=128", r"model.augment.freq_mask_bins=128 would blank whole "
-                                         r"excerpts: they have 128 mel bins"),
-    ("model.augment.time_mask_frames=81", r"model.augment.time_mask_frames=81 would blank whole "
-                                          r"excerpts: they have 81 frames per excerpt"),
+    ("model.augment.freq_mask_bins=32", r"model.augment.freq_mask_bins=32 would blank whole "
+                                        r"excerpts: they have 32 mel bins"),
+    ("model.augment.time_mask_frames=41", r"model.augment.time_mask_frames=41 would blank whole "
+                                          r"excerpts: they have 41 frames per excerpt"),
 ])
 def test_an_augmentation_wider_than_the_excerpts_is_refused_before_the_data_are_prepared(
         tmp_path, monkeypatch, experiment, setting, message):

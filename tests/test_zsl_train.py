@@ -204,12 +204,12 @@ def test_training_excerpts_start_no_later_than_the_offset_nor_past_the_clip(tmp_
 
 @pytest.mark.parametrize("experiment", [[], WORD], ids=["few-shot", "zero-shot"])
 @pytest.mark.parametrize(("setting", "message"), [
-    ("dataset.excerpt_seconds=3.0", r"Excerpts of 241 frames are longer than the cached clips \(161 "
+    ("dataset.excerpt_seconds=3.0", r"Excerpts of 241 frames are longer than the cached clips \(81 "
                                     r"frames\): lower dataset.excerpt_seconds"),
     ("dataset.excerpt_seconds=0", r"dataset.excerpt_seconds must be positive; got 0"),
     ("dataset.eval_offset_seconds=1.5", r"dataset.eval_offset_seconds=1.5 puts validation and test "
-                                        r"excerpts of dataset.excerpt_seconds=1.0 outside the cached "
-                                        r"dataset.features.clip_seconds=2.0 .*between 0 and 1\."),
+                                        r"excerpts of dataset.excerpt_seconds=0.5 outside the cached "
+                                        r"dataset.features.clip_seconds=1.0 .*between 0 and 0\.5\."),
     ("dataset.eval_offset_seconds=-0.5", r"dataset.eval_offset_seconds=-0.5 puts"),
     ("dataset.train_max_offset_seconds=-0.5", r"dataset.train_max_offset_seconds=-0.5 must be at least 0"),
 ])
@@ -225,10 +225,10 @@ def test_excerpt_settings_outside_the_cached_clip_are_refused_before_any_audio_i
 @pytest.mark.parametrize("experiment", [[], WORD], ids=["few-shot", "zero-shot"])
 def test_evaluation_excerpts_may_end_exactly_at_the_end_of_the_cached_clip(tmp_path, experiment):
     dm = hydra.utils.instantiate(compose_train_cfg(tmp_path, experiment + [
-        "dataset.eval_offset_seconds=1.0"]).dataset)
+        "dataset.eval_offset_seconds=0.5"]).dataset)  # 0.5 s excerpts of 1 s clips
     dm.prepare_data()
     dm.setup("fit")
-    assert next(iter(dm.val_dataloader()))["x"].shape[-1] == dm.excerpt_frames == 81
+    assert next(iter(dm.val_dataloader()))["x"].shape[-1] == dm.excerpt_frames == 41
 
 
 def test_a_role_without_clips_is_refused_at_setup(tmp_path):
@@ -617,7 +617,7 @@ def test_zsl_benchmark_reports_the_runs_own_length_and_batch_and_refuses_mixed_s
     table = (out / "benchmark.md").read_text()
     # the runs' own source, device, excerpts and encoder, not rendered SOL's and timbre_cnn's
     assert table.startswith("### Zero-shot benchmark, SyntheticTones, CPU (")
-    assert "4 training steps of 8 excerpts of 1.0 s, TimbreCNN encoder" in table
+    assert "4 training steps of 8 excerpts of 0.5 s, TimbreCNN encoder" in table
     assert benchmark.RECIPES["attribute_plain"][0] in table
     assert f"Every run also had `{' '.join(tones)}`." in table  # what the row label leaves out
     assert "(1 seed)" in table and "±" not in table.split("| attribute", 1)[1]  # no spread of one
