@@ -113,12 +113,12 @@ def test_training_writes_metrics_plots_checkpoints_and_hparams(tmp_path, backbon
     scalars.Reload()
     validated = [e.step for e in scalars.Scalars("val/acc")]
     assert validated == sorted(validated) and 0 not in validated  # no final value at step 0
-    # each figure is in TensorBoard as the picture written to plots/
+    # each figure is in TensorBoard as the very picture written to plots/
     confusion = scalars.Images("test/confusion_5way_1shot")[-1]
-    with PIL.Image.open(run / "plots" / "test_confusion_5way_1shot.png") as png:
-        assert (confusion.width, confusion.height) == png.size
-        assert np.array_equal(np.asarray(PIL.Image.open(io.BytesIO(confusion.encoded_image_string))),
-                              np.asarray(png.convert("RGB")))
+    png = (run / "plots" / "test_confusion_5way_1shot.png").read_bytes()
+    assert confusion.encoded_image_string == png
+    with PIL.Image.open(io.BytesIO(png)) as image:
+        assert (confusion.width, confusion.height) == image.size and image.mode == "RGBA"
     assert "seed: " in (run / "tensorboard" / "hparams.yaml").read_text()  # not {}
 
 
@@ -653,6 +653,38 @@ def test_the_embedding_figures_draw_one_dimensional_embeddings():
     plots.plt.close(figure)
     figure = plots.zsl_embedding_figure(embeddings, labels, torch.randn(3, 1), ["a", "b", "c"], [2], "t")
     plots.plt.close(figure)
+
+
+def test_a_figure_reaches_tensorboard_as_its_png_and_other_writers_as_its_pixels(tmp_path):
+    """torch's SummaryWriter gets the PNG's bytes, which TensorBoard reads back; a writer with
+    an add_image only (another logger's) gets the picture decoded, (height, width, 3) uint8."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    class Logger:
+        def __init__(self, experiment):
+            self.experiment = experiment
+
+    class PixelsOnly:
+        def __init__(self):
+            self.added = []
+
+        def add_image(self, tag, pixels, global_step, dataformats):
+            self.added.append((tag, pixels, global_step, dataformats))
+
+    board, other = SummaryWriter(str(tmp_path / "tb")), PixelsOnly()
+    figure = plots.plt.figure(figsize=(2, 1))
+    figure.gca().plot([0, 1], [1, 0])
+    plots.save_figure(figure, "test/line", tmp_path / "plots", [Logger(board), Logger(other)], step=7)
+    board.close()
+    png = (tmp_path / "plots" / "test_line.png").read_bytes()
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    (image,) = events.Images("test/line")
+    assert image.step == 7 and image.encoded_image_string == png and (image.width, image.height) == (240, 120)
+    ((tag, pixels, step, dataformats),) = other.added
+    assert (tag, step, dataformats) == ("test/line", 7, "HWC")
+    assert pixels.shape == (120, 240, 3) and pixels.dtype == np.uint8
+    assert np.array_equal(pixels, np.asarray(PIL.Image.open(io.BytesIO(png)).convert("RGB")))
 
 
 def test_the_support_weight_alone_is_chosen_when_no_shrinkage_candidates_are_given(tmp_path):
