@@ -11,12 +11,18 @@ asked) that sets its standard streams, working directory, environment, `sys.argv
 its `__spec__`: Lightning's DDP launcher starts the other ranks from it, as real processes),
 and exits through the interpreter's own shutdown (atexit, exit status, death by SIGINT).
 
+A script (`[sys.executable, "path/to/script.py", ...]`) is forked too: it runs as `python
+script.py` runs it (`__main__`, its folder first on `sys.path`), its own imports beyond the
+preloaded modules made in the child.
+
 What it cannot give: anything a command does while importing (its warnings, environment
-variables read at import, such as OMP_NUM_THREADS) happens once, in the server. Tests about
-what a process prints as it starts (tests/test_console.py) start real processes.
+variables read at import, such as OMP_NUM_THREADS) happens once, in the server. The test of
+what a run prints besides its own messages (library noise, tests/test_console.py) starts a
+real process.
 
 `run` and `start` take the `subprocess.run` / `subprocess.Popen` arguments the tests use; a
-command that is not `[sys.executable, "-m", <a preloaded module>, ...]` gets a real process.
+command that is neither `[sys.executable, "-m", <a preloaded module>, ...]` nor
+`[sys.executable, <a .py file>, ...]` gets a real process.
 """
 
 from __future__ import annotations
@@ -119,12 +125,16 @@ def start(args: list[str], stdout: int | IO | None = None, stderr: int | IO | No
     if not all(s is None or isinstance(s, int) and s >= 0 or hasattr(s, "fileno")
                for s in (stdout, stderr)):
         raise ValueError("stdout and stderr: a file or a descriptor (no PIPE); run() captures")
-    if args[:2] != [sys.executable, "-m"] or args[2] not in PRELOADED:
+    module = args[:2] == [sys.executable, "-m"] and args[2] in PRELOADED
+    script = (len(args) > 1 and args[0] == sys.executable and args[1].endswith(".py")
+              and Path(cwd or ".", args[1]).is_file())
+    if not (module or script):
         default = (lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)) if default_sigint else None
         return subprocess.Popen(args, stdout=stdout, stderr=stderr, env=env, cwd=cwd,
                                 start_new_session=start_new_session, preexec_fn=default)
     ignores_sigint = signal.getsignal(signal.SIGINT) == signal.SIG_IGN and not default_sigint
-    request = {"module": args[2], "argv": args[3:], "cwd": str(cwd or os.getcwd()),
+    main = {"module": args[2], "argv": args[3:]} if module else {"script": args[1], "argv": args[2:]}
+    request = {**main, "cwd": str(cwd or os.getcwd()),
                "env": dict(os.environ if env is None else env), "new_session": start_new_session,
                "ignores_sigint": ignores_sigint}
     connection = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -204,7 +214,8 @@ def _python_path(environ: Any) -> list[str]:
 
 
 def _become(request: dict[str, Any], fds: list[int], set_up: int) -> None:
-    """Make this forked child what `python -m <module> <argv>` would be, but for its imports."""
+    """Make this forked child what `python -m <module> <argv>` (or `python <script> <argv>`)
+    would be, but for its imports."""
     if request["new_session"]:
         os.setsid()
     # SIGINT as `python` sets it at start-up: ignored if inherited so, else KeyboardInterrupt
@@ -213,13 +224,15 @@ def _become(request: dict[str, Any], fds: list[int], set_up: int) -> None:
         os.dup2(fd, target)
         os.close(fd)
     os.chdir(request["cwd"])
-    # sys.path as `python -m` starts it: the working directory, PYTHONPATH, then the rest
+    # sys.path as `python -m` starts it: the working directory (a script's folder for `python
+    # script.py`), PYTHONPATH, then the rest
     server_path = _python_path(os.environ)
     rest = [p for p in sys.path[1:] if p not in server_path]
     os.environ.clear()
     os.environ.update(request["env"])
-    sys.path[:] = [os.getcwd(), *_python_path(os.environ), *rest]
-    sys.argv = [request["module"], *request["argv"]]
+    first = os.path.dirname(os.path.abspath(request["script"])) if "script" in request else os.getcwd()
+    sys.path[:] = [first, *_python_path(os.environ), *rest]
+    sys.argv = [request.get("script") or request["module"], *request["argv"]]
     os.close(set_up)
 
 
@@ -228,5 +241,9 @@ if __name__ == "__main__":
 
     for module in PRELOADED:
         __import__(module)
-    _become(*_serve(sys.argv[1]))
-    runpy._run_module_as_main(sys.argv[0])  # what `python -m` calls
+    request = _serve(sys.argv[1])
+    _become(*request)
+    if "script" in request[0]:
+        runpy.run_path(sys.argv[0], run_name="__main__")  # as `python script.py` runs it
+    else:
+        runpy._run_module_as_main(sys.argv[0])  # what `python -m` calls

@@ -42,3 +42,14 @@ def test_a_forked_run_is_a_process_of_its_own_session_that_a_signal_ends(tmp_pat
     assert run.wait(timeout=60) == -signal.SIGKILL
     other = cli_processes.start([sys.executable, "-c", "pass"])  # not a preloaded module
     assert not isinstance(other, cli_processes.ForkedProcess) and other.wait(timeout=60) == 0
+
+
+def test_a_forked_script_runs_as_main_with_its_folder_first_on_the_path(tmp_path):
+    script = tmp_path / "tool" / "report_self.py"
+    script.parent.mkdir()
+    script.write_text("import sys\nprint(__name__, sys.argv, sys.path[0] == __import__('os').path.dirname("
+                      "__file__))\nimport fewzero.train\nraise SystemExit(3)\n")
+    with (tmp_path / "log").open("w") as log:
+        run = cli_processes.start([sys.executable, str(script), "a b", "c"], stdout=log, stderr=log)
+    assert isinstance(run, cli_processes.ForkedProcess) and run.wait(timeout=60) == 3
+    assert (tmp_path / "log").read_text() == f"__main__ {[str(script), 'a b', 'c']} True\n"

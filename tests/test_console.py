@@ -1,4 +1,7 @@
-"""What a run prints: Lightning's noise is dropped, everything else is left alone."""
+"""What a run prints: Lightning's noise is dropped, everything else is left alone.
+
+Commands run forked (tests/cli_processes.py), with the fewzero modules imported already, except
+the one whose test checks a whole run for library noise, import-time warnings included."""
 
 import logging
 import re
@@ -7,6 +10,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import cli_processes
 import pytest
 import torch
 from conftest import FSL_OVERRIDES, ZSL_OVERRIDES, compose_train_cfg
@@ -144,8 +148,8 @@ def test_a_run_that_validates_no_step_says_so_once_with_the_fix(tmp_path):
                "dataset.source.clips_per_class=12", f"paths.root_dir={tmp_path}",
                f"hydra.run.dir={tmp_path / 'run'}", "trainer.accelerator=cpu", "~callbacks.progress_bar",
                "trainer.max_steps=1", "dataset.episodes.train.n_episodes=3", *FSL_OVERRIDES[1:]]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600,
-                            cwd=Path(__file__).resolve().parents[1])
+    result = cli_processes.run(command, capture_output=True, text=True, timeout=600,
+                               cwd=Path(__file__).resolve().parents[1])
     assert result.returncode == 0, result.stderr[-3000:]
     printed = result.stdout + result.stderr
     assert printed.count("no step is ever validated") == 1
@@ -245,8 +249,8 @@ def test_a_script_run_from_the_shell_prints_its_refusal_without_a_traceback():
     for experiment, message in [("zsl_word_audio", "experiment=zsl_word_audio has no pitch prior: "
                                                    "add the override"),
                                 ("zsl_nope", "In 'train': Could not find 'experiment/zsl_nope'")]:
-        result = subprocess.run([sys.executable, str(script), "--experiment", experiment],
-                                capture_output=True, text=True, timeout=300)
+        result = cli_processes.run([sys.executable, str(script), "--experiment", experiment],
+                                   capture_output=True, text=True, timeout=300)
         assert result.returncode == 1
         assert f"\nzsl_prior_folds.py: {message}" in "\n" + result.stderr
         assert "Traceback" not in result.stdout + result.stderr
@@ -267,8 +271,8 @@ def test_a_refused_run_prints_its_message_without_a_traceback(tmp_path, ddp):
                "dataset.source.clips_per_class=12", f"paths.root_dir={tmp_path}",
                f"hydra.run.dir={tmp_path / 'run'}", "trainer.accelerator=cpu",
                "dataset.split.test=[Bassoon,Violaa,'Trumpet in C','Bass Tuba','Alto Saxophone']", *ddp]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600,
-                            cwd=Path(__file__).resolve().parents[1])
+    result = cli_processes.run(command, capture_output=True, text=True, timeout=600,
+                               cwd=Path(__file__).resolve().parents[1])
     printed = result.stdout + result.stderr
     assert result.returncode == 1
     assert "Unknown tones instrument name(s) ['Violaa']" in printed
