@@ -19,6 +19,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.legend_handler import HandlerTuple  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from tensorboard.compat.proto.summary_pb2 import Summary  # noqa: E402
+from torch.utils.tensorboard import SummaryWriter  # noqa: E402
 
 from fewzero.data.episodes import EpisodeSampler  # noqa: E402
 from fewzero.models.pitch_prior import all_tied  # noqa: E402
@@ -197,17 +198,17 @@ PNG_COLOURSPACES = {"L": 1, "LA": 2, "RGB": 3, "RGBA": 4}  # TensorBoard's Summa
 
 def add_png(writer: Any, tag: str, png: bytes, step: int) -> None:
     """Add the encoded picture `png` to a TensorBoard writer as an image at `step`: as it is,
-    through the writer's event file (torch's SummaryWriter and tensorboardX's have one), else
-    decoded for its `add_image`."""
+    into a torch SummaryWriter's event file, else (another logger's writer, Lightning's
+    DummyExperiment under fast_dev_run) decoded for the writer's `add_image`."""
     with PIL.Image.open(io.BytesIO(png)) as image:  # the header only, unless decoded below
-        get_file_writer = getattr(writer, "_get_file_writer", None)
-        if get_file_writer is None or image.mode not in PNG_COLOURSPACES:
+        if not isinstance(writer, SummaryWriter) or image.mode not in PNG_COLOURSPACES:
             pixels = np.asarray(image.convert("RGB"))  # (height, width, 3) uint8
             writer.add_image(tag, pixels, global_step=step, dataformats="HWC")
             return
         picture = Summary.Image(height=image.height, width=image.width,
                                 colorspace=PNG_COLOURSPACES[image.mode], encoded_image_string=png)
-    get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=picture)]), step)
+    # add_image's own route (its _get_file_writer), without its decoding and encoding
+    writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=picture)]), step)
 
 
 def save_figure(figure: Figure, tag: str, plot_dir: Path | None, loggers: Sequence[Any],
