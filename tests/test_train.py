@@ -10,7 +10,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import CONFIG_DIR, compose_train_cfg, skip_without_side_info_files, tone_overrides
+from conftest import CONFIG_DIR, compose_train_cfg, load_script, skip_without_side_info_files, tone_overrides
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -685,6 +685,18 @@ def test_a_figure_reaches_tensorboard_as_its_png_and_other_writers_as_its_pixels
     assert (tag, step, dataformats) == ("test/line", 7, "HWC")
     assert pixels.shape == (120, 240, 3) and pixels.dtype == np.uint8
     assert np.array_equal(pixels, np.asarray(PIL.Image.open(io.BytesIO(png)).convert("RGB")))
+
+
+def test_the_figure_benchmark_prints_a_row_per_confusion_size_and_refuses_no_repeats(monkeypatch, capsys):
+    benchmark = load_script("benchmark_figures")
+    monkeypatch.setattr("sys.argv", ["benchmark_figures.py", "--repeats", "1"])
+    benchmark.main()
+    rows = [line for line in capsys.readouterr().out.splitlines() if line[:4] in ("| 5 ", "| 9 ", "| 14")]
+    assert len(rows) == 3 and all(row.endswith(" kB |") for row in rows)
+    monkeypatch.setattr("sys.argv", ["benchmark_figures.py", "--repeats", "0"])
+    with pytest.raises(SystemExit):
+        benchmark.main()
+    assert "argument --repeats: 0 is not a count" in capsys.readouterr().err
 
 
 def test_the_support_weight_alone_is_chosen_when_no_shrinkage_candidates_are_given(tmp_path):
