@@ -215,6 +215,13 @@ def test_zero_shot_decisions_never_depend_on_unseen_or_test_fold_clips_nor_unsee
             "pitch_prior.formants.scale"} <= selected["state_dict"].keys()
 
 
+@pytest.mark.slow
+def test_centred_side_information_is_centred_on_the_training_classes_alone(tmp_path, monkeypatch):
+    """side_info.center=true subtracted the mean over every class, the unseen ones included,
+    from the vectors the model trains on."""
+    assert_zero_shot_decisions_unmoved(tmp_path, monkeypatch, [*ZSL, "side_info.center=true"])
+
+
 @pytest.mark.slow  # 6.4 s alone on one core (12 s at load 3): two runs of a fit, a refit and a test
 def test_the_closed_form_eszsl_head_never_depends_on_unseen_or_test_fold_clips(tmp_path, monkeypatch):
     real = assert_zero_shot_decisions_unmoved(tmp_path, monkeypatch, [*ZSL, "model=eszsl",

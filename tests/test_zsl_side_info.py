@@ -618,6 +618,16 @@ def test_centering_subtracts_the_mean_of_the_class_means_whatever_their_member_c
     torch.testing.assert_close(vectors.members[1], torch.tensor([[1.0, 0]]))
 
 
+def test_centering_on_the_training_classes_leaves_the_others_out_of_the_mean():
+    members = [torch.tensor([[2.0, 0]]), torch.tensor([[0.0, 2]]), torch.tensor([[9.0, 9]])]
+    vectors = _Members(members, center=True, normalize=False).vectors(["A", "B", "C"], center_on=["A", "B"])
+    # the mean of A and B, (1, 1), comes off every class, C included; C's vector moves no other
+    torch.testing.assert_close(vectors.mean, torch.tensor([[1.0, -1], [-1, 1], [8, 8]]))
+    with pytest.raises(ValueError, match=r"center_on names classes that are not among the requested "
+                                         r"ones: \['D'\]"):
+        _Members(members, center=True).vectors(["A", "B", "C"], center_on=["A", "D"])
+
+
 def test_a_drawn_vector_is_any_member_of_its_class():
     vectors = ClassVectors(["A", "B"], [torch.tensor([[1.0, 0], [0, 1], [1, 1]]), torch.tensor([[5.0, 5]])])
     generator = torch.Generator().manual_seed(0)

@@ -61,9 +61,11 @@ class SideInformation:
             checked against what the source produces.
         cache_dir: where vectors are cached (`<cache_dir>/side_info/<kind>-<hash>.pt`); None
             disables caching.
-        center: subtract the mean vector of the requested classes before normalising (all
-            candidates' side information is known a priori; no audio is involved). Spreads out
-            vectors that share a large common component, as GloVe vectors of instrument names do.
+        center: subtract the mean class vector of the training classes (`vectors`'
+            `center_on`) from every class's before normalising. Spreads out vectors that share
+            a large common component, as GloVe vectors of instrument names do. The mean is the
+            training classes' only, so that no test class's side information shapes the vectors
+            a model trains on.
         normalize: L2-normalise every vector (the usual ZSL practice; scale-free comparisons).
         sample_per_step: train on one randomly drawn member vector per class and step instead of
             the class mean (only matters for sources with several vectors per class).
@@ -92,8 +94,13 @@ class SideInformation:
                            "config": self.cache_config(), "version": 1})
         return self.cache_dir / "side_info" / f"{self.kind}-{key}.pt"
 
-    def vectors(self, class_names: Sequence[str]) -> ClassVectors:
-        """Side information of `class_names`, computed once and cached on disk."""
+    def vectors(self, class_names: Sequence[str], center_on: Sequence[str] | None = None) -> ClassVectors:
+        """Side information of `class_names`, computed once and cached on disk. With `center`,
+        centred on the mean of the classes `center_on` (a subset of `class_names`: the classes
+        a model trains on; None: all of `class_names`)."""
+        unknown = sorted(set(center_on or ()) - set(class_names))
+        if unknown:
+            raise ValueError(f"center_on names classes that are not among the requested ones: {unknown}")
         path = self.cache_path(class_names)
         cached = path is not None and path.exists()
         if cached:
@@ -113,7 +120,9 @@ class SideInformation:
             log.info("Cached %s side information of %d classes to %s", self.kind,
                      len(class_names), path)
         if self.center:
-            mean = torch.stack([m.mean(dim=0) for m in members]).mean(dim=0)
+            centres = set(class_names if center_on is None else center_on)
+            mean = torch.stack([m.mean(dim=0) for name, m in zip(class_names, members, strict=True)
+                                if name in centres]).mean(dim=0)
             members = [m - mean for m in members]
         if self.normalize:
             members = [torch.nn.functional.normalize(m, dim=1) for m in members]
