@@ -102,6 +102,10 @@ def test_eval_refuses_the_checkpoints_own_run_directory_even_without_a_metrics_j
     with pytest.raises(ValueError, match="is the run directory of the checkpoint"):
         check_output_dir(ckpt, tmp_path / "run" / "checkpoints" / "..")
     check_output_dir(ckpt, tmp_path / "eval")  # a new directory
+    # from Python the folder is evaluate's output_dir, which cannot be left out
+    with pytest.raises(ValueError, match=r"^output_dir=.* is the run directory of the checkpoint: .*"
+                                         r"Choose another output_dir \(a new folder\)\.$"):
+        evaluate(ckpt, [], tmp_path / "run")
 
 
 def test_overrides_must_name_keys_of_the_run_config_unless_added_with_a_plus():

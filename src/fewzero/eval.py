@@ -358,19 +358,22 @@ def keep_attribute_scaling(trained: DictConfig, tested: DictConfig, overrides: l
                  list(side_info.numeric), rows, now)
 
 
-def check_output_dir(ckpt: Path, output_dir: Path) -> None:
+def check_output_dir(ckpt: Path, output_dir: Path, setting: str = "output_dir") -> None:
     """Refuse an output directory that is the checkpoint's own run directory or already holds a
     metrics.json: the evaluation would overwrite that run's metrics.json, .hydra/config.yaml
-    (which `fewzero.eval` rebuilds the model from), figures and TensorBoard logs."""
+    (which `fewzero.eval` rebuilds the model from), figures and TensorBoard logs. `setting`:
+    what the caller named the directory with (`evaluate`'s output_dir; the command line's
+    hydra.run.dir, which may also be left out)."""
     own_run = output_dir.resolve() == ckpt.resolve().parent.parent
     if own_run or (output_dir / "metrics.json").exists():
         raise ValueError(
-            f"hydra.run.dir={output_dir} is "
+            f"{setting}={output_dir} is "
             + ("the run directory of the checkpoint" if own_run else "a run directory that holds a "
                "metrics.json already")
-            + ": the evaluation would overwrite its metrics.json, config, figures and TensorBoard "
-            "logs. Choose another hydra.run.dir, or leave it out (a new directory under "
-            "outputs/eval/runs/).")
+            + f": the evaluation would overwrite its metrics.json, config, figures and TensorBoard "
+            f"logs. Choose another {setting}"
+            + (", or leave it out (a new directory under outputs/eval/runs/)."
+               if setting == "hydra.run.dir" else " (a new folder)."))
 
 
 def evaluation_overrides(ckpt: Path, overrides: list[str]) -> list[str]:
@@ -393,7 +396,8 @@ def evaluation_overrides(ckpt: Path, overrides: list[str]) -> list[str]:
 
 
 def evaluate(ckpt_path: str | Path, overrides: list[str], output_dir: str | Path,
-             run_config: str | Path | None = None) -> tuple[dict[str, float], dict[str, Any]]:
+             run_config: str | Path | None = None, *, output_dir_setting: str = "output_dir"
+             ) -> tuple[dict[str, float], dict[str, Any]]:
     """Test `ckpt_path` with the run's config plus `overrides`; results go to `output_dir`.
 
     What `python -m fewzero.eval` runs, callable from Python (a notebook): `overrides` as the
@@ -401,7 +405,8 @@ def evaluate(ckpt_path: str | Path, overrides: list[str], output_dir: str | Path
     folder (the command line's hydra.run.dir; neither the checkpoint's run directory nor one
     holding a metrics.json). Settings that would test what the checkpoint trained or validated
     on raise ValueError naming them. Returns `train`'s (metrics, objects): test metrics by key
-    (`test/5way_5shot_acc`, ...), also in `<output_dir>/metrics.json`."""
+    (`test/5way_5shot_acc`, ...), also in `<output_dir>/metrics.json`. `output_dir_setting`: the
+    name refusals give the output directory (`main` passes "hydra.run.dir")."""
     ckpt = Path(ckpt_path)
     if not ckpt.is_file():
         found = sorted(p.name for p in ckpt.parent.glob("*.ckpt")) if ckpt.parent.is_dir() else []
@@ -409,7 +414,7 @@ def evaluate(ckpt_path: str | Path, overrides: list[str], output_dir: str | Path
             f"Checkpoint {ckpt} does not exist. Pass ckpt_path=<run>/checkpoints/<file>.ckpt"
             + (f"; {ckpt.parent} has {found}." if found else
                " (a run's checkpoints are in its checkpoints/ folder)."))
-    check_output_dir(ckpt, Path(output_dir))
+    check_output_dir(ckpt, Path(output_dir), output_dir_setting)
     trained = load_run_config(ckpt, Path(run_config) if run_config else None)
     cfg = apply_overrides(trained, overrides)
     check_tested_clips_unheard(trained, cfg)
@@ -495,7 +500,8 @@ def main(argv: list[str] | None = None) -> None:
     # a directory of its own (not a user's, or the first DDP process's for the others)
     created = not output_dir.exists()
     try:
-        evaluate(options["ckpt_path"], overrides, output_dir, options.get("run_config"))
+        evaluate(options["ckpt_path"], overrides, output_dir, options.get("run_config"),
+                 output_dir_setting="hydra.run.dir")
     except SIGTERMException:  # Lightning stopped the test after a batch: a SystemExit with no
         # code, which would exit 0 as if the evaluation had finished
         kept = not (created and output_dir.is_dir() and remove_unfinished_output_dir(output_dir))
