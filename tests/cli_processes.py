@@ -116,7 +116,8 @@ def _fileno(stream: int | IO | None, default: int) -> int:
 def start(args: list[str], stdout: int | IO | None = None, stderr: int | IO | None = None,
           env: dict[str, str] | None = None, cwd: str | Path | None = None,
           start_new_session: bool = False, default_sigint: bool = False) -> Process:
-    """`subprocess.Popen(args, ...)`, forked from the server where `args` runs a preloaded module.
+    """`subprocess.Popen(args, ...)`, forked from the server where `args` runs a preloaded module
+    or a script.
 
     The command ignores SIGINT where this process does, as a real child would (pytest-xdist's
     workers ignore it), unless `default_sigint`: then Ctrl-C raises KeyboardInterrupt in it, as
@@ -147,7 +148,8 @@ def start(args: list[str], stdout: int | IO | None = None, stderr: int | IO | No
 
 def run(args: list[str], capture_output: bool = False, text: bool = False, check: bool = False,
         timeout: float | None = None, **kwargs: Any) -> subprocess.CompletedProcess:
-    """`subprocess.run(args, ...)`, forked from the server where `args` runs a preloaded module."""
+    """`subprocess.run(args, ...)`, forked from the server where `args` runs a preloaded module
+    or a script."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         if capture_output:
             kwargs.update(stdout=out, stderr=err)

@@ -109,8 +109,8 @@ def test_two_process_cpu_ddp_trains_and_tests(tmp_path):
     assert (run / "checkpoints" / "last.ckpt").is_file()
     # re-evaluated with the run's two processes, into the one directory the command chose
     evaluated = cli_processes.run([sys.executable, "-m", "fewzero.eval",
-                                f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}"],
-                               capture_output=True, text=True, timeout=600, cwd=tmp_path)
+                                   f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}"],
+                                  capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     outputs = list((tmp_path / "outputs" / "eval" / "runs").iterdir())
     assert len(outputs) == 1 and (outputs[0] / "metrics.json").is_file()

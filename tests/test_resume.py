@@ -228,7 +228,7 @@ def test_run_stopped_by_sigterm_then_killed_resumes_to_the_uninterrupted_metrics
     assert stopped_at < killed_at < 12
 
     cli_processes.run(_command(tmp_path, run) + ["ckpt_path=last"], check=True, capture_output=True,
-                   timeout=600)
+                      timeout=600)
     assert _report(run) == _report(tmp_path / "full")
 
 
@@ -270,7 +270,7 @@ def test_a_ddp_run_stopped_by_sigterm_then_killed_resumes_to_the_uninterrupted_m
     the run ends as the uninterrupted one does."""
     ddp = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
     cli_processes.run(_command(tmp_path, tmp_path / "full") + ddp, check=True, capture_output=True,
-                   timeout=600)
+                      timeout=600)
     run = tmp_path / "interrupted"
     last = run / "checkpoints" / "last.ckpt"
     log_file = tmp_path / "interrupted.log"
@@ -294,7 +294,7 @@ def test_a_ddp_run_stopped_by_sigterm_then_killed_resumes_to_the_uninterrupted_m
     # killed outright on the way out of the block (SIGKILL to both processes)
     assert stopped_at < _step(last) < 12
     cli_processes.run(_command(tmp_path, run) + ddp + ["ckpt_path=last"], check=True,
-                   capture_output=True, timeout=600)
+                      capture_output=True, timeout=600)
     assert _report(run) == _report(tmp_path / "full")
     # no validation skipped: a stop on an epoch's last step waits for that epoch's validation
     assert _logged_steps(run, "val/acc") == _logged_steps(tmp_path / "full", "val/acc")
@@ -311,7 +311,7 @@ def test_a_ddp_run_signalled_during_its_last_validation_stops_before_its_test(tm
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
     stopped = cli_processes.run(_command(tmp_path, run) + ddp + signal_it, capture_output=True,
-                             text=True, timeout=600, env=env)
+                                text=True, timeout=600, env=env)
     printed = stopped.stdout + stopped.stderr
     assert stopped.returncode == 128 + signal.SIGTERM, printed[-3000:]
     assert ("A stop signal reached another process: every process stops after step 12, the end "
@@ -320,7 +320,7 @@ def test_a_ddp_run_signalled_during_its_last_validation_stops_before_its_test(tm
     assert not (run / "metrics.json").exists()  # not tested
     assert _step(run / "checkpoints" / "last.ckpt") == 12
     cli_processes.run(_command(tmp_path, run) + ddp + ["ckpt_path=last"], check=True,
-                   capture_output=True, timeout=600)
+                      capture_output=True, timeout=600)
     assert _report(run)["test_episodes"]  # the resume trains no more, and tests
 
 

@@ -117,7 +117,7 @@ def test_optuna_sweep_on_two_joblib_workers_stores_its_study_and_a_second_run_re
     second = [a for a in first if not a.startswith(("hydra.sweeper.n_", "hydra/launcher", "hydra.launcher",
                                                     "hydra.sweep.dir"))]
     done = cli_processes.run(second + ["hydra.sweeper.n_trials=1", f"hydra.sweep.dir={tmp_path / 'more'}"],
-                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+                             capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     trials = optuna.load_study(study_name="fsl_protonet", storage=storage).trials
     assert len(trials) == 3 and trials[2].state.name == "COMPLETE"

@@ -774,7 +774,6 @@ def test_whitening_can_be_switched_off(tmp_path):
 
 def test_few_shot_benchmark_describes_its_own_test_episodes_and_keeps_its_runs_re_evaluable(
         tmp_path, monkeypatch, capsys):
-    from conftest import load_script, tone_overrides
     from omegaconf import OmegaConf
 
     benchmark = load_script("benchmark_fsl")
@@ -808,8 +807,6 @@ def test_few_shot_benchmark_describes_its_own_test_episodes_and_keeps_its_runs_r
 
 def test_few_shot_benchmark_refuses_a_bad_seed_or_a_repeated_backbone_before_any_work(
         tmp_path, monkeypatch, capsys):
-    from conftest import load_script, tone_overrides
-
     benchmark = load_script("benchmark_fsl")
     # was Lightning's traceback as the first backbone started training, after the data pipeline
     monkeypatch.setattr("sys.argv", ["benchmark_fsl.py", "--seed", "-1", "--out", str(tmp_path / "b"),
@@ -833,8 +830,6 @@ def test_few_shot_benchmark_refuses_a_bad_seed_or_a_repeated_backbone_before_any
 @pytest.mark.parametrize("value", ["0", "-1"])
 def test_few_shot_benchmark_refuses_counts_below_one_before_any_work(option, value, tmp_path,
                                                                     monkeypatch, capsys):
-    from conftest import load_script, tone_overrides
-
     benchmark = load_script("benchmark_fsl")
     # --max-steps -1 trained without limit; 0 episodes divided by zero, or printed nonsense
     tones = [o for o in tone_overrides(tmp_path) if not o.startswith("trainer.max_steps=")]
@@ -847,8 +842,6 @@ def test_few_shot_benchmark_refuses_counts_below_one_before_any_work(option, val
 
 def test_few_shot_benchmark_refuses_an_out_folder_with_finished_runs_before_training(
         tmp_path, monkeypatch, capsys):
-    from conftest import load_script, tone_overrides
-
     benchmark = load_script("benchmark_fsl")
     finished = tmp_path / "bench" / "timbre_cnn_unwhitened" / "metrics.json"
     finished.parent.mkdir(parents=True)
@@ -864,8 +857,6 @@ def test_few_shot_benchmark_refuses_an_out_folder_with_finished_runs_before_trai
 
 
 def test_few_shot_benchmark_refusal_names_the_run_it_stopped_at(tmp_path, monkeypatch):
-    from conftest import load_script, tone_overrides
-
     from fewzero.cli import run_script
 
     benchmark = load_script("benchmark_fsl")
@@ -886,8 +877,6 @@ def test_few_shot_benchmark_refusal_names_the_run_it_stopped_at(tmp_path, monkey
 
 @pytest.mark.parametrize("script", ["benchmark_fsl", "benchmark_zsl"])
 def test_benchmarks_refuse_an_out_that_is_a_file_before_any_work(script, tmp_path, monkeypatch, capsys):
-    from conftest import load_script, tone_overrides
-
     benchmark = load_script(script)
     tones = [o for o in tone_overrides(tmp_path, zero_shot=script == "benchmark_zsl")
              if not o.startswith(("+trainer.enable_progress_bar", "~callbacks.progress_bar"))]
@@ -903,7 +892,6 @@ def test_benchmarks_refuse_an_out_that_is_a_file_before_any_work(script, tmp_pat
 
 def test_few_shot_benchmark_stopped_by_sigterm_says_a_rerun_starts_over_in_another_out(
         tmp_path, monkeypatch, capsys):
-    from conftest import load_script, tone_overrides
     from pytorch_lightning.utilities.exceptions import SIGTERMException
 
     from fewzero.cli import run_script
@@ -934,8 +922,6 @@ def test_few_shot_benchmark_stopped_by_sigterm_says_a_rerun_starts_over_in_anoth
                                            ("benchmark_zsl", "### Few-shot benchmark, RenderedSOL")])
 def test_benchmarks_refuse_an_out_holding_a_table_theirs_would_overwrite(script, other, tmp_path,
                                                                          monkeypatch, capsys):
-    from conftest import load_script, tone_overrides
-
     benchmark = load_script(script)
     monkeypatch.setattr(benchmark, "train", lambda *a: pytest.fail("stop before training"))
     tones = [o for o in tone_overrides(tmp_path, zero_shot=script == "benchmark_zsl")
@@ -952,8 +938,6 @@ def test_benchmarks_refuse_an_out_holding_a_table_theirs_would_overwrite(script,
 
 
 def test_zsl_benchmark_rerun_over_its_own_out_may_rewrite_its_own_table(tmp_path, monkeypatch):
-    from conftest import load_script, tone_overrides
-
     benchmark = load_script("benchmark_zsl")
     monkeypatch.setattr(benchmark, "run_once", lambda *a: pytest.fail("reached the runs"))
     out = tmp_path / "bench"
