@@ -3,7 +3,14 @@ import torch
 from torch.utils.data import DataLoader
 
 from fewzero.data.datamodule import ClipExcerpts
-from fewzero.data.episodes import EpisodeDataset, EpisodeSampler, check_episode_feasible
+from fewzero.data.episodes import (
+    CROP_STREAM,
+    EpisodeDataset,
+    EpisodeSampler,
+    check_episode_feasible,
+    stream_seed,
+)
+from fewzero.data.zsl_datamodule import BalancedExcerpts
 
 
 def _labels(counts):
@@ -75,6 +82,30 @@ def test_every_class_is_drawn_when_n_way_is_below_the_number_of_classes():
     sampler = EpisodeSampler(labels, range(6), list("abcdef"), 3, 1, 1, seed=0)
     drawn = {int(c) for i in range(50) for c in sampler.class_ids[sampler.episode(i).classes]}
     assert drawn == set(range(6))
+
+
+def test_neighbouring_seeds_do_not_train_on_the_same_items_shifted_by_one():
+    # with generators seeded `seed + index`, seed 1's item i was seed 0's item i + 1 (all 60 here)
+    labels = _labels([9, 8, 7, 12, 10, 11])
+    feats = torch.randn(len(labels), 4, 40)
+    episodes = [EpisodeDataset(feats, EpisodeSampler(labels, range(6), list("abcdef"), 3, 2, 3, seed=s),
+                               n_episodes=61, excerpt_frames=10) for s in (0, 1)]
+    shifted = [torch.equal(episodes[1][i]["query"], episodes[0][i + 1]["query"]) for i in range(60)]
+    assert sum(shifted) <= 3  # chance coincidences of 3-of-6 class draws and clips only
+    excerpts = [BalancedExcerpts(feats, labels, torch.arange(len(labels)), n_items=61, length=10,
+                                 max_start=30, seed=s) for s in (0, 1)]
+    shifted = [torch.equal(excerpts[1][i]["x"], excerpts[0][i + 1]["x"]) for i in range(60)]
+    assert sum(shifted) <= 3
+
+
+def test_seed_zero_keeps_its_streams_and_seeds_0_to_999_start_far_apart():
+    # seed 0's streams are those every earlier seed-0 figure was measured on
+    assert [stream_seed(0, i) for i in (0, 1, 1500)] == [0, 1, 1500]
+    assert stream_seed(0, 5, CROP_STREAM) == (7_919_000_000 + 5) % 2**32
+    starts = sorted(stream_seed(s, 0) for s in range(1000))
+    gaps = [b - a for a, b in zip(starts, starts[1:] + [starts[0] + 2**32], strict=True)]
+    assert min(gaps) > 1_900_000  # more items than any run draws
+    assert all(0 <= stream_seed(s, 10**6, CROP_STREAM) < 2**32 for s in (-3, 0, 2**32 - 1))
 
 
 def test_episode_dataset_shapes_labels_and_seeded_crops():

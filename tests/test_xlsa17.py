@@ -248,6 +248,9 @@ def test_training_batches_are_reshuffled_every_epoch_and_repeatable(tmp_path):
     first, second = order(0), order(1)
     assert not torch.equal(first, second) and torch.equal(first.sort().values, second.sort().values)
     assert torch.equal(order(0), first)
+    # another seed shuffles anew, not as this seed's next epoch
+    dm.seed = 1
+    assert not torch.equal(order(0), second)
 
 
 def test_missing_files_name_the_archive_and_the_expected_paths(tmp_path):

@@ -41,6 +41,8 @@ import scipy.io
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset
 
+from fewzero.data.episodes import stream_seed
+
 log = logging.getLogger(__name__)
 
 XLSA17_URL = "https://datasets.d2.mpi-inf.mpg.de/xian/xlsa17.zip"
@@ -252,7 +254,7 @@ class Xlsa17DataModule(pl.LightningDataModule):
         train_on: "train" (validation phase, see the module docstring) or "trainval".
         refit_on_trainval: after validation, retrain on all of trainval for the selected number of
             epochs before testing (Xian et al.'s protocol; done by `fewzero.train`).
-        batch_size, seed: training batches, reshuffled every epoch with `seed + epoch`.
+        batch_size, seed: training batches, reshuffled every epoch with `stream_seed(seed, epoch)`.
     Class ids index `class_names` = allclasses_names (id = label - 1).
     """
 
@@ -411,10 +413,11 @@ class Xlsa17DataModule(pl.LightningDataModule):
                           batch_size=None, num_workers=self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
-        """Every training image once per epoch, shuffled with `seed + epoch`."""
+        """Every training image once per epoch, shuffled with `stream_seed(seed, epoch)`."""
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
         train = self.indices["train"]
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.seed + epoch))
+        generator = torch.Generator().manual_seed(stream_seed(self.seed, epoch))
+        order = torch.randperm(len(train), generator=generator)
         return self._loader(train[order], self.batch_size)
 
     def val_dataloader(self) -> DataLoader:

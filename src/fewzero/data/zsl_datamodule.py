@@ -40,7 +40,7 @@ from fewzero.data.datamodule import (
     process_share,
     processes,
 )
-from fewzero.data.episodes import crop_frames, excerpt_room
+from fewzero.data.episodes import crop_frames, excerpt_room, stream_seed
 from fewzero.data.features import FeatureTable, MelFeatures, prepare_and_load, prepare_cache
 
 log = logging.getLogger(__name__)
@@ -49,8 +49,8 @@ log = logging.getLogger(__name__)
 class BalancedExcerpts(Dataset):
     """Seeded random excerpts of training clips, classes drawn uniformly.
 
-    Item `i` is drawn with its own generator seeded with `seed + first_item + i` (a class, then
-    a clip of that class, then a start frame in [0, max_start]), so the stream is the same
+    Item `i` is drawn with its own generator seeded with `stream_seed(seed, first_item + i)` (a
+    class, then a clip of that class, then a start frame in [0, max_start]), so the stream is the same
     whichever worker or resume produces it. Built from features (n_clips, n_mels, clip_frames)
     and labels (n_clips,) of every cached clip and the (n,) indices of the training clips.
     Items: {"x": (n_mels, length), "label": class id, "index": clip index}.
@@ -68,7 +68,7 @@ class BalancedExcerpts(Dataset):
         return self.n_items
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        generator = torch.Generator().manual_seed(self.seed + self.first_item + i)
+        generator = torch.Generator().manual_seed(stream_seed(self.seed, self.first_item + i))
         members = self.members[int(torch.randint(len(self.members), (1,), generator=generator))]
         index = members[torch.randint(len(members), (1,), generator=generator)]
         start = torch.randint(0, self.max_start + 1, (1,), generator=generator)
