@@ -166,7 +166,7 @@ def ceiling(checkpoint: Path, experiment: str, overrides: list[str], remove_pitc
     to_seen = {c: i for i, c in enumerate(seen)}
     y_train = torch.tensor([to_seen[int(c)] for c in dm.labels[train]])
     classifier = fit_logistic(audio[train], y_train, len(seen))
-    side = torch.nn.functional.normalize(model.side_info.vectors(dm.class_names, center_on=dm.seen).mean,
+    side = torch.nn.functional.normalize(model.side_info.vectors(dm.class_names, fit_on=dm.seen).mean,
                                          dim=1)
 
     with torch.no_grad():

@@ -549,26 +549,40 @@ def test_eval_refuses_an_attribute_value_the_runs_table_never_used(tmp_path, dim
 
 
 def test_eval_standardises_attribute_numbers_over_the_rows_the_run_standardised_on(tmp_path):
-    """The config standardises over `${dataset.split.seen}`: an evaluation on fewer seen classes,
-    or of a run from before that default (over every row) with a row added, keeps the run's rows;
-    an evaluation that sets side_info.standardize_on itself keeps its own."""
+    """The config standardises over each fit's training classes: an evaluation on fewer seen
+    classes keeps the rows the checkpoint's fit trained on (the refit's seen classes, or the
+    validation phase's, less the pseudo-unseen ones); so do runs whose config named the seen
+    classes, or nothing (every row), with a row added; an evaluation that sets
+    side_info.standardize_on itself keeps its own."""
     from fewzero.eval import keep_attribute_scaling
 
     trained = compose_train_cfg(tmp_path, ["experiment=zsl_attribute_audio"])
-    seen = list(trained.dataset.split.seen)
+    seen, pseudo_unseen = list(trained.dataset.split.seen), list(trained.dataset.split.pseudo_unseen)
+    refit, selected = tmp_path / "refit_trainval.ckpt", tmp_path / "step000700-val_acc0.8.ckpt"
+    torch.save({"datamodule_train_on": "trainval"}, refit)
+    torch.save({"datamodule_train_on": "train"}, selected)
     fewer = [f"dataset.split.seen=[{seen[0]},{seen[1]}]"]
-    tested = apply_overrides(trained, fewer)
-    assert list(tested.side_info.standardize_on) == seen[:2]  # the interpolation follows the split
-    keep_attribute_scaling(trained, tested, fewer)
-    assert list(tested.side_info.standardize_on) == seen
+    for ckpt, rows in ((refit, seen), (selected, [n for n in seen if n not in pseudo_unseen])):
+        tested = apply_overrides(trained, fewer)
+        assert tested.side_info.standardize_on == "train_classes"
+        keep_attribute_scaling(trained, tested, fewer, ckpt)
+        assert list(tested.side_info.standardize_on) == rows
+    unchanged = apply_overrides(trained, [])
+    keep_attribute_scaling(trained, unchanged, [], refit)  # the same classes: nothing to keep
+    assert unchanged.side_info.standardize_on == "train_classes"
     own = [*fewer, f"side_info.standardize_on=[{seen[0]},{seen[1]}]"]
     tested = apply_overrides(trained, own)
-    keep_attribute_scaling(trained, tested, own)
+    keep_attribute_scaling(trained, tested, own, refit)
     assert list(tested.side_info.standardize_on) == seen[:2]
+    sessions_36_to_39 = apply_overrides(trained, ["side_info.standardize_on=${dataset.split.seen}"])
+    tested = apply_overrides(sessions_36_to_39, fewer)
+    assert list(tested.side_info.standardize_on) == seen[:2]  # the interpolation follows the split
+    keep_attribute_scaling(sessions_36_to_39, tested, fewer, refit)
+    assert list(tested.side_info.standardize_on) == seen
     older = apply_overrides(trained, ["side_info.standardize_on=null"])
     added = ["+side_info.table={Piccolo: {range_low: 74}}"]
     tested = apply_overrides(older, added)
-    keep_attribute_scaling(older, tested, added)
+    keep_attribute_scaling(older, tested, added, refit)
     assert list(tested.side_info.standardize_on) == list(older.side_info.table)
 
 

@@ -182,10 +182,10 @@ def test_packaged_glove_vectors_cover_every_class_of_the_config():
 
 def test_attribute_table_of_the_config_has_its_declared_dim_for_all_14_instruments():
     cfg = OmegaConf.load(SIDE_INFO / "attributes.yaml")
-    assert cfg._get_node("standardize_on")._value() == "${dataset.split.seen}"  # the train config's
-    cfg.cache_dir, cfg.standardize_on = None, list(TINYSOL_INSTRUMENTS)  # the file alone has no split
+    assert cfg.standardize_on == "train_classes"
+    cfg.cache_dir = None
     source = hydra.utils.instantiate(cfg)
-    vectors = source.vectors(list(TINYSOL_INSTRUMENTS)).mean
+    vectors = source.vectors(list(TINYSOL_INSTRUMENTS), fit_on=list(TINYSOL_INSTRUMENTS[:9])).mean
     assert vectors.shape == (14, cfg.dim) and len(source.columns()) == cfg.dim
     assert torch.isfinite(vectors).all()
 
@@ -209,6 +209,38 @@ def test_numeric_attributes_are_standardised_over_the_table_and_weighted():
                                torch.tensor([[-2.0, 0.0], [0.0, 0.0], [2.0, 0.0]]))
 
 
+def test_a_numeric_column_the_reference_rows_share_is_zero_in_every_row():
+    table = {"A": {"low": 40, "high": 80}, "B": {"low": 40, "high": 90}, "C": {"low": 60, "high": 70}}
+    vectors, _ = encode_attribute_table(table, [], ["low", "high"], standardize_on=["A", "B"])
+    torch.testing.assert_close(torch.stack([vectors[n][0] for n in "ABC"]), torch.zeros(3))  # not 2e7
+    torch.testing.assert_close(vectors["C"][1], torch.tensor(-2.1213), atol=1e-4, rtol=0)  # (70-85)/7.07
+    alone, _ = encode_attribute_table(table, [], ["low", "high"], standardize_on=["C"])
+    assert all(torch.equal(v, torch.zeros(2)) for v in alone.values())
+
+
+def test_numeric_attributes_follow_the_classes_each_fit_trains_on():
+    """`standardize_on: train_classes` (the config's): the numbers are standardised over the
+    fit's training classes, so a held-out class's values (a pseudo-unseen class's in validation,
+    a test class's) move no other class's vector; a list of rows still decides when given."""
+    table = {name: {"low": low} for name, low in (("A", 30), ("B", 70), ("P", 20), ("U", 90))}
+
+    def fit(rows, fit_on, **changed):
+        source = AttributeTable({**table, **changed}, [], ["low"], dim=1, standardize_on=rows,
+                                normalize=False)
+        return source.vectors(list(table), fit_on=fit_on).mean[:, 0]
+
+    validation = fit("train_classes", ["A", "B"])
+    torch.testing.assert_close(validation, torch.tensor([-0.7071, 0.7071, -1.0607, 1.4142]), atol=1e-4,
+                               rtol=0)  # (low - 50) / 28.28
+    moved = fit("train_classes", ["A", "B"], P={"low": 60}, U={"low": 10})
+    torch.testing.assert_close(moved[:2], validation[:2])
+    refit = fit("train_classes", ["A", "B", "P"])  # the refit trains on P too: P now counts
+    assert not torch.allclose(refit[:2], validation[:2])
+    torch.testing.assert_close(fit(["A", "B", "P"], ["A", "B"]), refit)  # a list decides
+    with pytest.raises(ValueError, match=r"standardize_on='seen' is neither 'train_classes'"):
+        AttributeTable(table, [], ["low"], dim=1, standardize_on="seen")
+
+
 def test_numeric_attributes_can_be_standardised_over_some_rows_only():
     """A row added for a new class leaves the other rows' vectors as they were when the numbers
     are standardised over those rows (fewzero.eval does so with a run's own rows)."""
@@ -230,19 +262,27 @@ def test_numeric_attributes_can_be_standardised_over_some_rows_only():
         encode_attribute_table(grown, [], ["low"], standardize_on=[])
 
 
-def test_the_attribute_experiment_standardises_its_numbers_over_the_seen_classes_only(tmp_path):
-    """An unseen (test) class's playing range must not move the vectors training reads: over
-    every row, the seen classes' range columns moved with it."""
+def test_the_attribute_experiment_standardises_its_numbers_over_the_training_classes_only(tmp_path):
+    """Neither an unseen (test) class's playing range nor, in the validation phase, a
+    pseudo-unseen class's may move the vectors training reads: over every row, the training
+    classes' range columns moved with them."""
     cfg = compose_train_cfg(tmp_path, ["experiment=zsl_attribute_audio"])
-    seen, unseen = list(cfg.dataset.split.seen), list(cfg.dataset.split.unseen)
-    assert list(cfg.side_info.standardize_on) == seen
-    before = hydra.utils.instantiate(cfg.side_info, cache_dir=None).vectors(seen).mean  # (n_seen, dim)
-    cfg.side_info.table[unseen[0]].range_low = 10
-    after = hydra.utils.instantiate(cfg.side_info, cache_dir=None).vectors(seen).mean
-    assert torch.equal(after, before)
-    cfg.side_info.standardize_on = None  # over every row, as before
-    assert not torch.equal(hydra.utils.instantiate(cfg.side_info, cache_dir=None).vectors(seen).mean,
-                           before)
+    split = cfg.dataset.split
+    names = [*split.seen, *split.unseen]
+    training = [name for name in split.seen if name not in split.pseudo_unseen]
+    assert cfg.side_info.standardize_on == "train_classes"
+
+    def vectors():  # (n_classes, dim), as the validation phase's module asks for them
+        return hydra.utils.instantiate(cfg.side_info, cache_dir=None).vectors(names, fit_on=training).mean
+
+    before = vectors()
+    for held_out in (split.unseen[0], split.pseudo_unseen[0]):
+        cfg.side_info.table[held_out].range_low = 10
+    after = vectors()
+    kept = [names.index(name) for name in training]
+    assert torch.equal(after[kept], before[kept])
+    cfg.side_info.standardize_on = None  # over every row, as before session 36
+    assert not torch.equal(vectors()[kept], before[kept])
 
 
 def test_a_value_that_only_follows_another_in_a_list_gets_its_own_column():
@@ -620,12 +660,12 @@ def test_centering_subtracts_the_mean_of_the_class_means_whatever_their_member_c
 
 def test_centering_on_the_training_classes_leaves_the_others_out_of_the_mean():
     members = [torch.tensor([[2.0, 0]]), torch.tensor([[0.0, 2]]), torch.tensor([[9.0, 9]])]
-    vectors = _Members(members, center=True, normalize=False).vectors(["A", "B", "C"], center_on=["A", "B"])
+    vectors = _Members(members, center=True, normalize=False).vectors(["A", "B", "C"], fit_on=["A", "B"])
     # the mean of A and B, (1, 1), comes off every class, C included; C's vector moves no other
     torch.testing.assert_close(vectors.mean, torch.tensor([[1.0, -1], [-1, 1], [8, 8]]))
-    with pytest.raises(ValueError, match=r"center_on names classes that are not among the requested "
+    with pytest.raises(ValueError, match=r"fit_on names classes that are not among the requested "
                                          r"ones: \['D'\]"):
-        _Members(members, center=True).vectors(["A", "B", "C"], center_on=["A", "D"])
+        _Members(members, center=True).vectors(["A", "B", "C"], fit_on=["A", "D"])
 
 
 def test_a_drawn_vector_is_any_member_of_its_class():

@@ -40,8 +40,15 @@ from fewzero.data.clips import refolds
 from fewzero.data.features import feature_changes
 from fewzero.data.zsl_datamodule import one_sided_validation
 from fewzero.report import name_excluded, override_key
-from fewzero.side_info.attributes import new_values
-from fewzero.train import CONFIG_DIR, run_overrides, run_suffix, save_run_overrides, train
+from fewzero.side_info.attributes import TRAIN_CLASSES, new_values
+from fewzero.train import (
+    CONFIG_DIR,
+    run_overrides,
+    run_suffix,
+    save_run_overrides,
+    train,
+    trained_on_trainval,
+)
 
 log = logging.getLogger(__name__)
 USAGE = ("usage: python -m fewzero.eval ckpt_path=<file.ckpt> [run_config=<config.yaml>] "
@@ -333,23 +340,35 @@ def check_attribute_columns_kept(trained: DictConfig, tested: DictConfig) -> Non
             "out of dataset.split until the test).")
 
 
-def keep_attribute_scaling(trained: DictConfig, tested: DictConfig, overrides: list[str]) -> None:
-    """Standardise an attribute table's numeric columns over the rows the run standardised them
-    on (its seen classes; every row of its table for a run whose config named none) when the
-    eval overrides would change them: rows added for new classes to test, or another
-    `dataset.split.seen` (which the config's `standardize_on` follows), would move every class's
-    vector, the seen classes' too, away from those the checkpoint trained with. `trained`: the
-    run's config; `tested`: it with the `overrides`, changed in place (`side_info.standardize_on`,
-    unless the overrides set it)."""
+def keep_attribute_scaling(trained: DictConfig, tested: DictConfig, overrides: list[str],
+                           ckpt: Path) -> None:
+    """Standardise an attribute table's numeric columns over the rows the checkpoint's fit
+    standardised them on when the eval overrides would change them: rows added for new classes
+    to test, or another `dataset.split`, would move every class's vector, the trained classes'
+    too, away from those the checkpoint trained with. The run's rows: its fit's training classes
+    (`standardize_on: train_classes`, the config's: the seen classes for the refit, less the
+    pseudo-unseen ones for the validation phase's checkpoint), or the rows its config named
+    (runs of sessions 36-39: `${dataset.split.seen}`), or every row of its table (runs from before).
+    `trained`: the run's config; `tested`: it with the `overrides`, changed in place
+    (`side_info.standardize_on`, unless the overrides set it)."""
     side_info = tested.get("side_info") or {}
     if (side_info.get("_target_") != "fewzero.side_info.attributes.AttributeTable"
             or not side_info.get("numeric")
             or any(override_key(o) == "side_info.standardize_on" for o in overrides)):
         return
     before = trained.get("side_info") or {}
-    rows = list(before.get("standardize_on") or before.get("table") or {})
     table = side_info.get("table") or {}
-    now = list(side_info.get("standardize_on") or table)
+    if before.get("standardize_on") == TRAIN_CLASSES:
+        refit = trained_on_trainval(ckpt)
+
+        def fit_classes(cfg: DictConfig) -> list[str]:
+            held_out = [] if refit else list(cfg.dataset.split.get("pseudo_unseen") or [])
+            return [name for name in cfg.dataset.split.seen if name not in held_out]
+
+        rows, now = fit_classes(trained), fit_classes(tested)
+    else:
+        rows = list(before.get("standardize_on") or before.get("table") or {})
+        now = list(side_info.get("standardize_on") or table)
     if rows and now != rows and all(name in table for name in rows):
         with open_dict(tested):
             tested.side_info.standardize_on = rows
@@ -421,7 +440,7 @@ def evaluate(ckpt_path: str | Path, overrides: list[str], output_dir: str | Path
     check_features_kept(trained, cfg)
     check_seen_classes_trained(trained, cfg)
     check_attribute_columns_kept(trained, cfg)
-    keep_attribute_scaling(trained, cfg, overrides)
+    keep_attribute_scaling(trained, cfg, overrides, ckpt)
     with open_dict(cfg):
         cfg.train, cfg.test, cfg.ckpt_path = False, True, str(ckpt.resolve())
         cfg.paths.output_dir = str(output_dir)

@@ -1163,16 +1163,22 @@ def fit_metrics(trainer: pl.Trainer, resumed: str | None) -> dict[str, float]:
     return {**getattr(trainer.lightning_module, "resumed_fit_metrics", {}), **logged}
 
 
+def trained_on_trainval(ckpt_path: str | Path) -> bool:
+    """Whether a zero-shot checkpoint's model was trained on every seen class (the refit on
+    trainval) rather than in the validation phase. Checkpoints written before the role was saved
+    are told by the refit's file name."""
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    default = "trainval" if Path(ckpt_path).name == "refit_trainval.ckpt" else "train"
+    return checkpoint.get("datamodule_train_on", default) == "trainval"
+
+
 def as_trained(datamodule: Any, ckpt_path: str) -> Any:
     """The datamodule in the role the checkpoint's model was trained in: a zero-shot refit
     (`refit_on_trainval`) was trained against every seen class, and heads that score relative
-    to the training classes (ConSE) must see the same ones when it is tested again. Checkpoints
-    written before the role was saved are told by the refit's file name."""
+    to the training classes (ConSE) must see the same ones when it is tested again."""
     if not ckpt_path or not hasattr(datamodule, "for_trainval") or datamodule.train_on == "trainval":
         return datamodule
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    default = "trainval" if Path(ckpt_path).name == "refit_trainval.ckpt" else "train"
-    if checkpoint.get("datamodule_train_on", default) != "trainval":
+    if not trained_on_trainval(ckpt_path):
         return datamodule
     log.info("%s was trained on every seen class (the refit on trainval): testing it in that role.",
              ckpt_path)

@@ -362,7 +362,7 @@ class ZeroShotModule(ResumableModule):
             raise ValueError("model.transpose_semitones scales log-mel excerpts in frequency, and "
                              f"{type(dm).__name__} gives no log-mel features: set "
                              "model.transpose_semitones=0 for this dataset.")
-        self.vectors = self.side_info.vectors(dm.class_names, center_on=dm.train_classes)
+        self.vectors = self.side_info.vectors(dm.class_names, fit_on=dm.train_classes)
         self.ids = {"seen": dm.ids(dm.seen), "unseen": dm.ids(dm.unseen),
                     "train": dm.ids(dm.train_classes), "pseudo_unseen": dm.ids(dm.pseudo_unseen)}
         to_train = torch.full((len(dm.class_names),), -1, dtype=torch.long)

@@ -3,20 +3,25 @@
 Categorical attributes become one-hot (multi-hot for lists) columns over the values that occur
 in the whole table, so a class's vector does not depend on which other classes are requested;
 numeric attributes (e.g. the written range in MIDI numbers) are standardised over the rows
-`standardize_on` names: the config names the seen classes, so that an unseen class's values never
-move the vectors training reads (`fewzero.eval` keeps the run's rows, so that rows added for new
-classes, or another seen list, leave the vectors the checkpoint trained with as they were).
+`standardize_on` names. The config's `train_classes` takes the classes each fit trains on, so that
+no held-out class's values (a test class's, or a pseudo-unseen one's in validation) move the
+vectors training reads (`fewzero.eval` keeps the run's rows, so that rows added for new classes,
+or another seen list, leave the vectors the checkpoint trained with as they were).
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
 from fewzero.data.clips import check_covered
-from fewzero.side_info.base import SideInformation
+from fewzero.side_info.base import ClassVectors, SideInformation
+
+# `standardize_on`'s value for the classes each fit trains on
+TRAIN_CLASSES = "train_classes"
 
 
 def _values(value: Any) -> list[str]:
@@ -80,9 +85,11 @@ def encode_attribute_table(table: Mapping[str, Mapping[str, Any]], categorical: 
     numbers = torch.tensor([[float(row[a]) for a in numeric] for row in table.values()]).reshape(
         len(table), len(numeric))  # (n_rows, n_numeric)
     reference = numbers[[list(table).index(name) for name in names]]
-    # one row has no spread (std would be NaN): its numbers standardise to 0
-    spread = reference.std(dim=0) if len(reference) > 1 and numeric else torch.ones(len(numeric))
-    standardised = (numbers - reference.mean(dim=0)) / spread.clamp_min(1e-6)
+    # a column the reference rows do not vary in (one row, or one value) tells no class from
+    # another: 0 in every row, not the other rows' distance from that value divided by ~0
+    spread = reference.std(dim=0) if len(reference) > 1 else torch.zeros(len(numeric))
+    varies = spread > 1e-6
+    standardised = torch.where(varies, (numbers - reference.mean(dim=0)) / spread.where(varies, 1.0), 0.0)
     for i, (name, row) in enumerate(table.items()):
         hot = torch.zeros(len(columns))
         for attribute in categorical:
@@ -101,9 +108,12 @@ class AttributeTable(SideInformation):
         numeric: attribute names used as standardised numbers.
         numeric_weight: scale of the numeric columns relative to a one-hot column.
         dim: number of encoded columns (checked).
-        standardize_on: the rows whose mean and spread standardise the numeric columns; None:
-            every row. The config names the seen classes (`${dataset.split.seen}`): over every
-            row, an unseen (test) class's values would move the seen classes' vectors.
+        standardize_on: the rows whose mean and spread standardise the numeric columns:
+            `"train_classes"` (the config's), the classes the fit trains on (`vectors`' `fit_on`:
+            the validation phase's, each class cross-validation fold's, the refit's); a list of
+            rows; None: every row. Over every row, a test class's values would move the training
+            classes' vectors, and over the seen classes, a pseudo-unseen class's would in
+            validation.
     """
 
     kind = "attributes"
@@ -115,7 +125,20 @@ class AttributeTable(SideInformation):
         self.table = {name: dict(row) for name, row in dict(table).items()}
         self.categorical, self.numeric = list(categorical), list(numeric)
         self.numeric_weight = numeric_weight
-        self.standardize_on = None if standardize_on is None else list(standardize_on)
+        if isinstance(standardize_on, str) and standardize_on != TRAIN_CLASSES:
+            raise ValueError(f"side_info.standardize_on={standardize_on!r} is neither "
+                             f"{TRAIN_CLASSES!r} (the classes each fit trains on), a list of "
+                             "side_info.table rows, nor null (every row).")
+        self.standardize_on: str | list[str] | None = (
+            standardize_on if standardize_on is None or isinstance(standardize_on, str)
+            else list(standardize_on))
+
+    def vectors(self, class_names: Sequence[str], fit_on: Sequence[str] | None = None) -> ClassVectors:
+        if self.standardize_on != TRAIN_CLASSES:
+            return super().vectors(class_names, fit_on)
+        fitted = copy.copy(self)  # the same table, standardised over this fit's classes
+        fitted.standardize_on = list(class_names if fit_on is None else fit_on)
+        return fitted.vectors(class_names, fit_on)
 
     def cache_config(self) -> dict[str, Any]:
         config = {"table": self.table, "categorical": self.categorical, "numeric": self.numeric,
@@ -144,6 +167,7 @@ class AttributeTable(SideInformation):
                       hint="Add a row for each to side_info.table (a value for every "
                            "categorical and numeric attribute), or remove the class from "
                            "dataset.split.")
+        rows = list(class_names) if self.standardize_on == TRAIN_CLASSES else self.standardize_on
         vectors, _ = encode_attribute_table(self.table, self.categorical, self.numeric,
-                                            self.numeric_weight, self.standardize_on)
+                                            self.numeric_weight, rows)
         return [vectors[name][None] for name in class_names]

@@ -61,11 +61,11 @@ class SideInformation:
             checked against what the source produces.
         cache_dir: where vectors are cached (`<cache_dir>/side_info/<kind>-<hash>.pt`); None
             disables caching.
-        center: subtract the mean class vector of the training classes (`vectors`'
-            `center_on`) from every class's before normalising. Spreads out vectors that share
-            a large common component, as GloVe vectors of instrument names do. The mean is the
-            training classes' only, so that no test class's side information shapes the vectors
-            a model trains on.
+        center: subtract the mean class vector of the training classes (`vectors`' `fit_on`)
+            from every class's before normalising. Spreads out vectors that share a large common
+            component, as GloVe vectors of instrument names do. The mean is the training classes'
+            only, so that no held-out class's side information (a test class's, or a
+            pseudo-unseen one's in validation) shapes the vectors a model trains on.
         normalize: L2-normalise every vector (the usual ZSL practice; scale-free comparisons).
         sample_per_step: train on one randomly drawn member vector per class and step instead of
             the class mean (only matters for sources with several vectors per class).
@@ -94,13 +94,15 @@ class SideInformation:
                            "config": self.cache_config(), "version": 1})
         return self.cache_dir / "side_info" / f"{self.kind}-{key}.pt"
 
-    def vectors(self, class_names: Sequence[str], center_on: Sequence[str] | None = None) -> ClassVectors:
-        """Side information of `class_names`, computed once and cached on disk. With `center`,
-        centred on the mean of the classes `center_on` (a subset of `class_names`: the classes
-        a model trains on; None: all of `class_names`)."""
-        unknown = sorted(set(center_on or ()) - set(class_names))
+    def vectors(self, class_names: Sequence[str], fit_on: Sequence[str] | None = None) -> ClassVectors:
+        """Side information of `class_names`, computed once and cached on disk.
+
+        `fit_on`: the classes a model trains on (a subset of `class_names`; None: all of them).
+        Every statistic taken over classes comes from them alone: the mean that `center`
+        subtracts, and a source's own (the attribute table's standardisation)."""
+        unknown = sorted(set(fit_on or ()) - set(class_names))
         if unknown:
-            raise ValueError(f"center_on names classes that are not among the requested ones: {unknown}")
+            raise ValueError(f"fit_on names classes that are not among the requested ones: {unknown}")
         path = self.cache_path(class_names)
         cached = path is not None and path.exists()
         if cached:
@@ -120,7 +122,7 @@ class SideInformation:
             log.info("Cached %s side information of %d classes to %s", self.kind,
                      len(class_names), path)
         if self.center:
-            centres = set(class_names if center_on is None else center_on)
+            centres = set(class_names if fit_on is None else fit_on)
             mean = torch.stack([m.mean(dim=0) for name, m in zip(class_names, members, strict=True)
                                 if name in centres]).mean(dim=0)
             members = [m - mean for m in members]
