@@ -64,6 +64,15 @@ def test_multi_word_class_names_are_averaged(tmp_path):
     torch.testing.assert_close(vectors.mean, torch.tensor([[0.0, 0, 1, 0], [0.5, 0.5, 0, 2]]))
 
 
+def test_words_written_as_one_string_are_words_not_letters_and_an_empty_list_is_refused(tmp_path):
+    path = str(_write_glove(tmp_path / "g.txt"))
+    as_string = GloveVectors({"French Horn": "French horn"}, dim=4, path=path, normalize=False)
+    assert as_string.words == {"French Horn": ["french", "horn"]}
+    torch.testing.assert_close(as_string.vectors(["French Horn"]).mean, torch.tensor([[0.5, 0.5, 0, 2]]))
+    with pytest.raises(ValueError, match=r"gives no word for \[.Violin.\]: list at least one"):
+        GloveVectors({"French Horn": ["french", "horn"], "Violin": []}, dim=4, path=path)
+
+
 def test_a_missing_glove_file_names_the_key_and_the_packaged_default(tmp_path):
     source = GloveVectors({"Violin": ["violin"]}, dim=4, path=str(tmp_path / "absent.txt"))
     with pytest.raises(FileNotFoundError, match=r"side_info.path=.*absent.txt not found: give an "

@@ -77,7 +77,13 @@ class GloveVectors(SideInformation):
     def __init__(self, words: Mapping[str, Sequence[str]], dim: int = 50, path: str | None = None,
                  **kwargs: Any):
         super().__init__(dim, **kwargs)
-        self.words = {name: [w.lower() for w in ws] for name, ws in dict(words).items()}
+        # a string is a class's words, space-separated: "French Horn": french horn, not letters
+        self.words = {name: [w.lower() for w in (ws.split() if isinstance(ws, str) else ws)]
+                      for name, ws in dict(words).items()}
+        empty = sorted(name for name, ws in self.words.items() if not ws)
+        if empty:
+            raise ValueError(f"side_info.words gives no word for {empty}: list at least one, e.g. "
+                             "'French Horn': [french, horn].")
         self.path = path
 
     def cache_config(self) -> dict[str, Any]:
