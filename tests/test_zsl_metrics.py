@@ -143,6 +143,16 @@ def test_calibration_tie_between_negative_penalties_goes_to_the_smallest_magnitu
     assert gzsl_score(SCORES, LABELS, UNSEEN, SEEN, -0.3).h == pytest.approx(2 / 3)  # the tie
 
 
+def test_gzsl_score_at_the_calibrated_penalty_repeats_calibration_on_double_precision_scores():
+    # margins 0.1 (an unseen clip) and 0.1 + 1e-9 (a seen clip): the chosen penalty lies between,
+    # which float32 rounds to 0.1, where the seen clip went to the unseen class
+    scores = torch.tensor([[0.1, -5, 0.0], [0.1 + 1e-9, -5, 0.0]], dtype=torch.float64)
+    labels = torch.tensor([2, 0])
+    chosen = calibrate_stacking(scores, labels, [0, 1], [2])
+    assert chosen.h == 1.0
+    assert gzsl_score(scores, labels, [0, 1], [2], chosen.gamma) == chosen
+
+
 def test_seen_top1_ranks_seen_clips_among_the_seen_classes_only():
     scores = torch.tensor([[0.5, 0.0, 0.9, 0.0],    # seen class 0: above seen 1, below unseen 2
                            [0.0, 0.0, 0.9, 0.1]])   # unseen class 2

@@ -189,7 +189,7 @@ def gzsl_score(scores: torch.Tensor, labels: torch.Tensor, seen: Sequence[int],
         scores: (n, n_classes) for samples of seen and unseen classes.
         labels: (n,) true class ids, each in seen or unseen.
     """
-    u, s = _gzsl_for(torch.tensor([float(gamma)]), scores, labels, seen, unseen)
+    u, s = _gzsl_for(torch.tensor([float(gamma)], dtype=torch.float64), scores, labels, seen, unseen)
     u, s = float(u[0]), float(s[0])
     return GzslScore(u, s, harmonic_mean(u, s), float(gamma))
 
