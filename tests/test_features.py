@@ -305,6 +305,9 @@ def test_features_do_not_depend_on_the_batch_size(source):
                            r"hop_length at most 1024"),
     ({"n_mels": 64.5}, r"dataset\.features\.n_mels must be a positive whole number; got 64\.5"),
     ({"clip_seconds": 0.0}, r"dataset\.features\.clip_seconds must be positive"),
+    ({"clip_seconds": 0.03}, r"dataset\.features\.clip_seconds=0\.03 is 480 samples at sample_rate=16000, "
+                             r"too short for the FFT window \(n_fft=1024\): a clip needs more than 512\. "
+                             r"Set clip_seconds at least 0\.0321, or lower n_fft"),
 ])
 def test_feature_settings_that_make_empty_or_no_mel_bands_are_refused_naming_the_fix(settings, message):
     with pytest.raises(ValueError, match=message):
@@ -316,6 +319,12 @@ def test_feature_settings_that_make_empty_or_no_mel_bands_are_refused_naming_the
                                       {"hop_length": 512, "n_fft": 2048}])
 def test_feature_settings_whose_every_mel_band_holds_bins_are_accepted(settings):
     MelFeatures(**settings)  # torchaudio's filterbank of these has no all-zero filter
+
+
+def test_the_shortest_clip_accepted_makes_a_spectrogram():
+    features = MelFeatures(clip_seconds=0.0321)  # 514 samples, past the STFT's 512 of padding
+    samples = round(features.clip_seconds * features.sample_rate)
+    assert features.transform()(torch.zeros(samples)).shape == (64, 3)
 
 
 @pytest.mark.parametrize("key", ["sample_rate", "n_fft", "hop_length", "n_mels"])

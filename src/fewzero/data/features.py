@@ -78,6 +78,12 @@ class MelFeatures:
                              "n_fft.")
         if not self.clip_seconds > 0:
             raise ValueError(f"dataset.features.clip_seconds must be positive; got {self.clip_seconds!r}.")
+        samples = int(round(self.clip_seconds * self.sample_rate))
+        if samples <= self.n_fft // 2:  # the centred STFT pads n_fft // 2 by reflection
+            raise ValueError(f"dataset.features.clip_seconds={self.clip_seconds} is {samples} samples at "
+                             f"sample_rate={self.sample_rate}, too short for the FFT window (n_fft="
+                             f"{self.n_fft}): a clip needs more than {self.n_fft // 2}. Set clip_seconds "
+                             f"at least {(self.n_fft // 2 + 1) / self.sample_rate:.3g}, or lower n_fft.")
         nyquist = self.sample_rate / 2
         f_max = nyquist if self.f_max is None else self.f_max
         if f_max > nyquist:
