@@ -497,6 +497,22 @@ def test_runs_aggregate_with_the_report_tool(tmp_path):
     assert all(c.mean("test/zsl_top1") == 1.0 for c in configs)
 
 
+def test_cached_attributes_are_computed_again_when_att_splits_is_replaced(tmp_path):
+    write_toy(tmp_path)
+    path = tmp_path / "TOY" / "att_splits.mat"
+
+    def vectors():
+        source = Xlsa17Attributes(tmp_path, "TOY", dim=6, cache_dir=tmp_path / "cache")
+        return source.vectors(["class03"]).mean
+
+    before = vectors()
+    mat = scipy.io.loadmat(str(path))
+    kept = {key: value for key, value in mat.items() if not key.startswith("__")}
+    scipy.io.savemat(path, {**kept, "att": mat["att"][::-1]})  # the same file, other values
+    assert len(list((tmp_path / "cache").rglob("*.pt"))) == 1
+    assert not torch.equal(vectors(), before)
+
+
 def test_attributes_of_a_toy_dataset_come_from_att(tmp_path):
     write_toy(tmp_path)
     source = Xlsa17Attributes(tmp_path, "TOY", dim=6)

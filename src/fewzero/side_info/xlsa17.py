@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from fewzero.data.clips import file_digest
 from fewzero.data.xlsa17 import SPLIT_FILE, load_splits
 from fewzero.side_info.base import SideInformation
 
@@ -53,7 +54,10 @@ class Xlsa17Attributes(SideInformation):
                         "att; add side_info.normalize=false for the raw values.", attribute_key)
 
     def cache_config(self) -> dict[str, Any]:
-        return {"root": str(self.root.resolve()), "name": self.name, "key": self.attribute_key}
+        # the file's contents, not only its path: a file replaced in place must not be reused
+        path = self.root / self.name / SPLIT_FILE
+        return {"root": str(self.root.resolve()), "name": self.name, "key": self.attribute_key,
+                "md5": file_digest(path) if path.is_file() else None}
 
     def compute(self, class_names: Sequence[str]) -> list[torch.Tensor]:
         """Per class one (1, n_attributes) row of att_splits.mat's `attribute_key`."""
