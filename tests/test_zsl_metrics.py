@@ -153,6 +153,22 @@ def test_gzsl_score_at_the_calibrated_penalty_repeats_calibration_on_double_prec
     assert gzsl_score(scores, labels, [0, 1], [2], chosen.gamma) == chosen
 
 
+@pytest.mark.parametrize(("labels", "seen", "unseen", "message"), [
+    ([0, 1, 2, 3], [0, 1], [2], r"Labels \[3\] are neither seen \[0, 1\] nor unseen \[2\]"),
+    ([0, 1, 2], [0, 1, 2], [2], r"Class ids \[2\] are both seen and unseen"),
+    ([0, 1], [0, 1], [], r"GZSL needs seen and unseen classes; got seen=\[0, 1\], unseen=\[\]"),
+])
+def test_gzsl_metrics_refuse_class_lists_that_would_miscount(labels, seen, unseen, message):
+    scores, labels = torch.eye(4)[: len(labels)], torch.tensor(labels)
+    for metric in (lambda: gzsl_score(scores, labels, seen, unseen),
+                   lambda: calibrate_stacking(scores, labels, seen, unseen),
+                   lambda: evaluate_zsl(scores, labels, seen, unseen, 0.0, 4)):
+        with pytest.raises(ValueError, match=message):
+            metric()
+    with pytest.raises(ValueError, match="at least one candidate"):
+        topk_accuracy(scores, labels, [])
+
+
 def test_seen_top1_ranks_seen_clips_among_the_seen_classes_only():
     scores = torch.tensor([[0.5, 0.0, 0.9, 0.0],    # seen class 0: above seen 1, below unseen 2
                            [0.0, 0.0, 0.9, 0.1]])   # unseen class 2

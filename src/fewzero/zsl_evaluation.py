@@ -82,6 +82,8 @@ def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, candidates: Sequen
                   k: int = 1) -> float:
     """Per-class mean top-k accuracy among `candidates`: scores (n, n_classes), labels (n,)
     true class ids."""
+    if not len(candidates):
+        raise ValueError("topk_accuracy needs at least one candidate class.")
     hits = (predict(scores, candidates, k) == labels[:, None]).any(dim=1)
     return float(per_class_accuracy(hits, labels))
 
@@ -181,6 +183,20 @@ def _gzsl_for(gammas: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor,
     return mean_over_classes(is_unseen), mean_over_classes(~is_unseen)
 
 
+def check_gzsl_classes(labels: torch.Tensor, seen: Sequence[int], unseen: Sequence[int]) -> None:
+    """Raise a ValueError naming the fault where GZSL metrics would mean nothing: an empty seen
+    or unseen class list, a class in both, or a label (n,) in neither (it would count as seen)."""
+    if not len(seen) or not len(unseen):
+        raise ValueError(f"GZSL needs seen and unseen classes; got seen={list(seen)}, unseen={list(unseen)}.")
+    both = sorted(set(seen) & set(unseen))
+    if both:
+        raise ValueError(f"Class ids {both} are both seen and unseen: give each class one side.")
+    stray = labels[~torch.isin(labels, torch.as_tensor([*seen, *unseen], dtype=labels.dtype))]
+    if len(stray):
+        raise ValueError(f"Labels {sorted(set(stray.tolist()))} are neither seen {list(seen)} nor unseen "
+                         f"{list(unseen)}: score samples of those classes only.")
+
+
 def gzsl_score(scores: torch.Tensor, labels: torch.Tensor, seen: Sequence[int],
                unseen: Sequence[int], gamma: float = 0.0) -> GzslScore:
     """GZSL u, s, H with all of seen + unseen as candidates and seen scores lowered by gamma.
@@ -189,6 +205,7 @@ def gzsl_score(scores: torch.Tensor, labels: torch.Tensor, seen: Sequence[int],
         scores: (n, n_classes) for samples of seen and unseen classes.
         labels: (n,) true class ids, each in seen or unseen.
     """
+    check_gzsl_classes(labels, seen, unseen)
     u, s = _gzsl_for(torch.tensor([float(gamma)], dtype=torch.float64), scores, labels, seen, unseen)
     u, s = float(u[0]), float(s[0])
     return GzslScore(u, s, harmonic_mean(u, s), float(gamma))
@@ -208,6 +225,7 @@ def calibrate_stacking(scores: torch.Tensor, labels: torch.Tensor, seen: Sequenc
     Returns:
         the best penalty with its u, s and H (computed in float32).
     """
+    check_gzsl_classes(labels, seen, unseen)
     _, _, margin = _stacking_margins(scores, seen, unseen)
     points = margin.sort().values
     gammas = torch.cat([torch.zeros(1), (points[1:] + points[:-1]) / 2,
@@ -251,6 +269,7 @@ def evaluate_zsl(scores: torch.Tensor, labels: torch.Tensor, seen: Sequence[int]
     (`per_class_accuracy_ci95`, `harmonic_mean_ci95`) as <name>_ci95; and confusion matrices
     "zsl" and "gzsl_cs".
     """
+    check_gzsl_classes(labels, seen, unseen)
     setting_scores = setting_scores or {}
     is_unseen = torch.isin(labels, torch.as_tensor(list(unseen), dtype=torch.long))
     u_scores, u_labels = setting_scores.get("zsl", scores)[is_unseen], labels[is_unseen]
