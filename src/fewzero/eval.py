@@ -38,7 +38,7 @@ from fewzero.callbacks import RunRecord
 from fewzero.console import command_refusal
 from fewzero.data.clips import refolds
 from fewzero.data.features import feature_changes
-from fewzero.data.zsl_datamodule import one_sided_validation
+from fewzero.data.zsl_datamodule import fit_classes, one_sided_validation
 from fewzero.report import name_excluded, override_key
 from fewzero.side_info.attributes import TRAIN_CLASSES, new_values
 from fewzero.train import (
@@ -359,13 +359,9 @@ def keep_attribute_scaling(trained: DictConfig, tested: DictConfig, overrides: l
     before = trained.get("side_info") or {}
     table = side_info.get("table") or {}
     if before.get("standardize_on") == TRAIN_CLASSES:
-        refit = trained_on_trainval(ckpt)
-
-        def fit_classes(cfg: DictConfig) -> list[str]:
-            held_out = [] if refit else list(cfg.dataset.split.get("pseudo_unseen") or [])
-            return [name for name in cfg.dataset.split.seen if name not in held_out]
-
-        rows, now = fit_classes(trained), fit_classes(tested)
+        train_on = "trainval" if trained_on_trainval(ckpt) else "train"
+        rows, now = (fit_classes(cfg.dataset.split.seen, cfg.dataset.split.get("pseudo_unseen"), train_on)
+                     for cfg in (trained, tested))
     else:
         rows = list(before.get("standardize_on") or before.get("table") or {})
         now = list(side_info.get("standardize_on") or table)

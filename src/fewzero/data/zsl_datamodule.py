@@ -76,6 +76,13 @@ class BalancedExcerpts(Dataset):
         return {"x": x, "label": self.labels[index[0]], "index": index[0]}
 
 
+def fit_classes(seen: Sequence[str], pseudo_unseen: Sequence[str] | None, train_on: str) -> list[str]:
+    """The classes a fit trains against: every seen class in the "trainval" refit, the seen
+    classes less the pseudo-unseen ones in the validation phase ("train")."""
+    held_out = set(pseudo_unseen or ()) if train_on == "train" else set()
+    return [name for name in seen if name not in held_out]
+
+
 def one_sided_validation(pseudo_unseen: Sequence[str] | None, val_fold: int | None) -> str | None:
     """Why a zero-shot validation with these settings (`dataset.split.pseudo_unseen`,
     `dataset.val_fold`) scores one side only, and so chooses no GZSL calibration penalty: which
@@ -205,9 +212,7 @@ class ZeroShotDataModule(StreamPosition, pl.LightningDataModule):
     @property
     def train_classes(self) -> list[str]:
         """The classes training scores against: all seen ones in the "trainval" refit."""
-        if self.train_on == "trainval":
-            return list(self.seen)
-        return [n for n in self.seen if n not in self.pseudo_unseen]
+        return fit_classes(self.seen, self.pseudo_unseen, self.train_on)
 
     @property
     def class_cv_folds(self) -> list[list[str]]:
