@@ -22,7 +22,8 @@ real process.
 
 `run` and `start` take the `subprocess.run` / `subprocess.Popen` arguments the tests use; a
 command that is neither `[sys.executable, "-m", <a preloaded module>, ...]` nor
-`[sys.executable, <a .py file>, ...]` gets a real process.
+`[sys.executable, <a .py file>, ...]` gets a real process (`sys.executable` also as a path
+relative to the command's working directory, as `fewzero.train.interpreter` prints it).
 """
 
 from __future__ import annotations
@@ -126,8 +127,10 @@ def start(args: list[str], stdout: int | IO | None = None, stderr: int | IO | No
     if not all(s is None or isinstance(s, int) and s >= 0 or hasattr(s, "fileno")
                for s in (stdout, stderr)):
         raise ValueError("stdout and stderr: a file or a descriptor (no PIPE); run() captures")
-    module = args[:2] == [sys.executable, "-m"] and args[2] in PRELOADED
-    script = (len(args) > 1 and args[0] == sys.executable and args[1].endswith(".py")
+    # this interpreter, also as the commands a run prints name it (`.venv/bin/python`)
+    this_python = bool(args) and os.path.normpath(os.path.join(cwd or os.getcwd(), args[0])) == sys.executable
+    module = this_python and len(args) > 2 and args[1] == "-m" and args[2] in PRELOADED
+    script = (this_python and len(args) > 1 and args[1].endswith(".py")
               and Path(cwd or ".", args[1]).is_file())
     if not (module or script):
         default = (lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)) if default_sigint else None

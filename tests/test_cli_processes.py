@@ -6,6 +6,7 @@ import signal
 import sys
 
 import cli_processes
+import pytest
 from conftest import tone_overrides
 
 
@@ -53,3 +54,11 @@ def test_a_forked_script_runs_as_main_with_its_folder_first_on_the_path(tmp_path
         run = cli_processes.start([sys.executable, str(script), "a b", "c"], stdout=log, stderr=log)
     assert isinstance(run, cli_processes.ForkedProcess) and run.wait(timeout=60) == 3
     assert (tmp_path / "log").read_text() == f"__main__ {[str(script), 'a b', 'c']} True\n"
+    # this interpreter as a printed command names it, relative to the command's directory
+    relative = os.path.relpath(sys.executable, tmp_path)
+    with (tmp_path / "log").open("w") as log:
+        run = cli_processes.start([relative, str(script), "d"], stdout=log, stderr=log, cwd=tmp_path)
+    assert isinstance(run, cli_processes.ForkedProcess) and run.wait(timeout=60) == 3
+    assert (tmp_path / "log").read_text() == f"__main__ {[str(script), 'd']} True\n"
+    with pytest.raises(FileNotFoundError):  # a path from another directory: not this interpreter
+        cli_processes.start([relative, str(script)], cwd=tmp_path / "tool")
