@@ -1,17 +1,13 @@
-"""Lightning DDP on CPU: two gloo processes launched by the real command line."""
+"""How DDP processes share the training streams, and resume on another number of them. The
+two-process run started by the real command line is in test_resume.py."""
 
-import json
-import sys
 from types import SimpleNamespace
 
-import cli_processes
 import hydra
 import pytest
 import torch
-from conftest import SMALL_FEATURES, compose_train_cfg
+from conftest import compose_train_cfg
 from pytorch_lightning.trainer.states import TrainerFn
-
-from fewzero.data.clips import TINYSOL_INSTRUMENTS
 
 
 def _process(rank: int, steps_done: int, world: int = 2) -> SimpleNamespace:
@@ -87,30 +83,3 @@ def test_a_zero_shot_refit_reads_its_stream_from_the_start_after_the_main_fit_re
     refit = dm.for_trainval()
     refit.trainer = _process(0, steps_done=0, world=1)  # a new trainer, its steps from 0
     assert refit.stream_start() == 0 and dm.stream_start() == 30
-
-
-@pytest.mark.slow
-def test_two_process_cpu_ddp_trains_and_tests(tmp_path):
-    names = ",".join(TINYSOL_INSTRUMENTS)
-    run = tmp_path / "run"
-    command = [
-        sys.executable, "-m", "fewzero.train", "dataset/source=tones",
-        f"dataset.source.instruments=[{names}]",
-        "debug=fast", f"paths.root_dir={tmp_path}",
-        "dataset.episodes.val.n_query=5", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
-        "~callbacks.progress_bar", f"hydra.run.dir={run}", *SMALL_FEATURES,
-    ]
-    done = cli_processes.run(command, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "Starting with 2 processes" in done.stdout + done.stderr
-    assert (done.stdout + done.stderr).count("Building datamodule") == 1  # the first process's
-    report = json.loads((run / "metrics.json").read_text())
-    assert report["test_episodes"]["5way_5shot"]["n_episodes"] == 5
-    assert (run / "checkpoints" / "last.ckpt").is_file()
-    # re-evaluated with the run's two processes, into the one directory the command chose
-    evaluated = cli_processes.run([sys.executable, "-m", "fewzero.eval",
-                                   f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}"],
-                                  capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
-    outputs = list((tmp_path / "outputs" / "eval" / "runs").iterdir())
-    assert len(outputs) == 1 and (outputs[0] / "metrics.json").is_file()

@@ -11,7 +11,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
@@ -180,6 +180,15 @@ def _command(root: Path, run: Path) -> list[str]:
             "~callbacks.progress_bar", *FSL_OVERRIDES, *SHORT_EPOCHS]
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    """The run directory of `_command`'s run, uninterrupted: what each single-process run of
+    it that was stopped and resumed must end as (trained once per test process)."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    cli_processes.run(_command(root, root / "full"), check=True, capture_output=True, timeout=600)
+    return root / "full"
+
+
 def _wait_for_new(path: Path, process: cli_processes.Process, old: tuple | None, timeout: float = 300):
     """Wait until `path` is (re)written, i.e. its (inode, mtime) differs from `old`."""
     deadline = time.monotonic() + timeout
@@ -208,8 +217,7 @@ def _stop_once_saved(process: cli_processes.Process, last: Path, signum: int) ->
 
 
 @pytest.mark.slow
-def test_run_stopped_by_sigterm_then_killed_resumes_to_the_uninterrupted_metrics(tmp_path):
-    cli_processes.run(_command(tmp_path, tmp_path / "full"), check=True, capture_output=True, timeout=600)
+def test_run_stopped_by_sigterm_then_killed_resumes_to_the_uninterrupted_metrics(tmp_path, uninterrupted):
     run = tmp_path / "interrupted"
     last = run / "checkpoints" / "last.ckpt"
     log = (tmp_path / "interrupted.log").open("w")
@@ -229,7 +237,7 @@ def test_run_stopped_by_sigterm_then_killed_resumes_to_the_uninterrupted_metrics
 
     cli_processes.run(_command(tmp_path, run) + ["ckpt_path=last"], check=True, capture_output=True,
                       timeout=600)
-    assert _report(run) == _report(tmp_path / "full")
+    assert _report(run) == _report(uninterrupted)
 
 
 @contextlib.contextmanager
@@ -263,14 +271,32 @@ def _rank_process(main: cli_processes.Process, rank: int, timeout: float = 120) 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the DDP processes in /proc")
-def test_a_ddp_run_stopped_by_sigterm_then_killed_resumes_to_the_uninterrupted_metrics(tmp_path):
-    """Two gloo processes, each training on its share of the episodes. SIGTERM to the second
-    process alone (as when a node's tasks are signalled one by one): both stop after the same
-    step and save it together. Resumed, then killed outright (SIGKILL to both), resumed again:
-    the run ends as the uninterrupted one does."""
+def test_a_ddp_run_trains_tests_re_evaluates_and_resumes_from_each_stop_to_the_uninterrupted_metrics(
+        tmp_path):
+    """Two gloo processes started by the real command line, each training on its share of the
+    episodes. One test, as each DDP start spends 11-14 s importing in its second process:
+    1. uninterrupted: it trains and tests, and `fewzero.eval` re-evaluates its checkpoint with
+       the run's two processes into the one directory the command chose;
+    2. SIGTERM to the second process alone (as when a node's tasks are signalled one by one):
+       both stop after the same step and save it together;
+    3. resumed, then killed outright (SIGKILL to both);
+    4. resumed and signalled during the fit's last validation: the stop is agreed as the fit
+       ends, so the run does not go on to its test as if no signal had come;
+    5. resumed: it trains no more, tests, and ends as the uninterrupted run does."""
     ddp = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
-    cli_processes.run(_command(tmp_path, tmp_path / "full") + ddp, check=True, capture_output=True,
-                      timeout=600)
+    full = tmp_path / "full"
+    done = cli_processes.run(_command(tmp_path, full) + ddp, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Starting with 2 processes" in done.stdout + done.stderr
+    assert (done.stdout + done.stderr).count("Building datamodule") == 1  # the first process's
+    assert _report(full)["test_episodes"]["5way_5shot"]["n_episodes"] == 6
+    evaluated = cli_processes.run([sys.executable, "-m", "fewzero.eval",
+                                   f"ckpt_path={full / 'checkpoints' / 'last.ckpt'}"],
+                                  capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    outputs = list((tmp_path / "outputs" / "eval" / "runs").iterdir())
+    assert len(outputs) == 1 and (outputs[0] / "metrics.json").is_file()
+
     run = tmp_path / "interrupted"
     last = run / "checkpoints" / "last.ckpt"
     log_file = tmp_path / "interrupted.log"
@@ -293,35 +319,26 @@ def test_a_ddp_run_stopped_by_sigterm_then_killed_resumes_to_the_uninterrupted_m
         _wait_for_new(last, second, (stat.st_ino, stat.st_mtime_ns))
     # killed outright on the way out of the block (SIGKILL to both processes)
     assert stopped_at < _step(last) < 12
-    cli_processes.run(_command(tmp_path, run) + ddp + ["ckpt_path=last"], check=True,
-                      capture_output=True, timeout=600)
-    assert _report(run) == _report(tmp_path / "full")
-    # no validation skipped: a stop on an epoch's last step waits for that epoch's validation
-    assert _logged_steps(run, "val/acc") == _logged_steps(tmp_path / "full", "val/acc")
 
-
-@pytest.mark.slow
-def test_a_ddp_run_signalled_during_its_last_validation_stops_before_its_test(tmp_path):
-    """The fit's last validation, after the last step's agreement: the stop is agreed as the
-    fit ends, so the run does not go on to its test as if no signal had come; the resume tests."""
-    ddp = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
-    run = tmp_path / "run"
     signal_it = ["+callbacks.sigterm_in_validation._target_=test_resume._SigtermInLastValidation",
                  "+callbacks.sigterm_in_validation.rank=1"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
-    stopped = cli_processes.run(_command(tmp_path, run) + ddp + signal_it, capture_output=True,
-                                text=True, timeout=600, env=env)
+    stopped = cli_processes.run(_command(tmp_path, run) + ddp + ["ckpt_path=last"] + signal_it,
+                                capture_output=True, text=True, timeout=600, env=env)
     printed = stopped.stdout + stopped.stderr
     assert stopped.returncode == 128 + signal.SIGTERM, printed[-3000:]
     assert ("A stop signal reached another process: every process stops after step 12, the end "
             "of the fit." in printed)
     assert "last.ckpt holds step 12; resume with" in printed and "Traceback" not in printed
     assert not (run / "metrics.json").exists()  # not tested
-    assert _step(run / "checkpoints" / "last.ckpt") == 12
+    assert _step(last) == 12
+
     cli_processes.run(_command(tmp_path, run) + ddp + ["ckpt_path=last"], check=True,
                       capture_output=True, timeout=600)
-    assert _report(run)["test_episodes"]  # the resume trains no more, and tests
+    assert _report(run) == _report(full)
+    # no validation skipped: a stop on an epoch's last step waits for that epoch's validation
+    assert _logged_steps(run, "val/acc") == _logged_steps(full, "val/acc")
 
 
 def test_a_run_resumed_after_its_last_validation_reports_that_validation(tmp_path):
@@ -472,7 +489,7 @@ def test_a_multirun_stopped_by_sigterm_prints_the_command_that_finishes_the_swee
     sweep = tmp_path / "sweep"
     command = [a for a in _command(tmp_path, tmp_path / "unused") if not a.startswith("hydra.run.dir")]
     command[3:3] = ["-m"]
-    command += ["seed=0,1,2", f"hydra.sweep.dir={sweep}"]
+    command += ["seed=0,1,2", f"hydra.sweep.dir={sweep}", "test=false"]  # a job's end is its fit's
     log_path = tmp_path / "stopped.log"
     with log_path.open("w") as log, _process_group(command, log) as first:
         deadline = time.monotonic() + 300
@@ -503,7 +520,8 @@ def test_a_multirun_stopped_by_sigterm_prints_the_command_that_finishes_the_swee
 
 
 @pytest.mark.slow
-def test_a_submitit_job_preempted_mid_fit_is_requeued_and_ends_as_the_uninterrupted_run(tmp_path):
+def test_a_submitit_job_preempted_mid_fit_is_requeued_and_ends_as_the_uninterrupted_run(tmp_path,
+                                                                                       uninterrupted):
     """The SLURM path run on this machine (hydra/launcher=submitit_local): the preemption signal
     (USR2, also what comes before a time limit) mid-epoch, between periodic writes. The step it
     came at is saved, then submitit requeues the job, which resumes from that step with
@@ -526,9 +544,7 @@ def test_a_submitit_job_preempted_mid_fit_is_requeued_and_ends_as_the_uninterrup
     # step 7: after the periodic write at 6, before the epoch's end at 8
     assert "last.ckpt holds step 7; submitit requeues the job, which resumes from there" in log
     assert "The multirun stops here" not in log  # it does not: the job comes back
-    full = tmp_path / "full"
-    cli_processes.run(_command(tmp_path, full), check=True, capture_output=True, timeout=600)
-    assert _report(job) == _report(full)
+    assert _report(job) == _report(uninterrupted)
 
 
 def test_the_whole_sweep_command_is_given_for_hydras_basic_sweeper_only(tmp_path):
@@ -698,17 +714,33 @@ def test_ckpt_path_auto_leaves_a_run_that_finished_with_the_same_settings_as_it_
     assert retested == first  # resumed at its end and tested again, not retrained
 
 
+@pytest.fixture(scope="module")
+def trained_once(tmp_path_factory) -> Callable[[list[str]], Path]:
+    """The run directory of an uninterrupted in-process run with these overrides, trained once
+    per test process: what the stopped and resumed runs of several tests must end as."""
+    runs: dict[tuple[str, ...], Path] = {}
+
+    def run(overrides: list[str]) -> Path:
+        if tuple(overrides) not in runs:
+            cfg = compose_train_cfg(tmp_path_factory.mktemp("full"), overrides)
+            train(cfg)
+            runs[tuple(overrides)] = Path(cfg.paths.output_dir)
+        return runs[tuple(overrides)]
+
+    return run
+
+
 ZSL_SHORT = ["trainer.deterministic=true", "seed=5", "trainer.max_steps=8", "dataset.steps_per_epoch=4",
              "callbacks.last_checkpoint.every_n_train_steps=3"]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("model", ["devise", "eszsl"])  # devise: with the experiment's pitch prior
-def test_zero_shot_run_stopped_mid_epoch_resumes_to_the_uninterrupted_metrics(tmp_path, model):
-    closed_form = ["model.pitch_prior=null"] if model == "eszsl" else []
-    short = ["experiment=zsl_attribute_audio", f"model={model}", *closed_form, *ZSL_SHORT]
-    full = compose_train_cfg(tmp_path / "full", short)
-    train(full)
+def test_zero_shot_run_stopped_mid_epoch_resumes_to_the_uninterrupted_metrics(tmp_path, model,
+                                                                              trained_once):
+    closed_form = ["model=eszsl", "model.pitch_prior=null"] if model == "eszsl" else []  # else the
+    short = ["experiment=zsl_attribute_audio", *closed_form, *ZSL_SHORT]  # experiment's devise
+    full = trained_once(short)
     stopped = compose_train_cfg(tmp_path / "stopped", short)
     with open_dict(stopped):
         stopped.callbacks.sigterm = {"_target_": "test_resume._Sigterm", "at_step": 4}
@@ -722,7 +754,7 @@ def test_zero_shot_run_stopped_mid_epoch_resumes_to_the_uninterrupted_metrics(tm
         report = json.loads((path / "metrics.json").read_text())
         return {"metrics": report["metrics"], "zero_shot": report["zero_shot"]}
 
-    resumed, uninterrupted = zero_shot_report(run), zero_shot_report(Path(full.paths.output_dir))
+    resumed, uninterrupted = zero_shot_report(run), zero_shot_report(full)
     assert resumed == uninterrupted
     assert "val/acc_best" in resumed["metrics"] and "test/gzsl_cs_h" in resumed["metrics"]
 
@@ -746,15 +778,14 @@ class _CtrlCIn(StopOnInterrupt):
 @pytest.mark.parametrize(("fit", "phase"), [("refit_progress", "the refit on every seen class"),
                                             ("class_cv_fold1_progress", "class cross-validation")])
 def test_zero_shot_run_stopped_after_its_main_fit_goes_on_to_the_uninterrupted_metrics(
-        tmp_path, fit, phase):
+        tmp_path, fit, phase, trained_once):
     """Ctrl-C during a class-CV fold or the refit stops it as SIGTERM does, saving that fit's
     step to its own checkpoint and naming the phase. The resume starts from a last.ckpt at
     max_steps, whose fit logs nothing; the stopped fit goes on from its step, not from 0, and
     metrics.json ends as the uninterrupted run's, the fit's val/ and train/ keys included."""
     short = ["experiment=zsl_attribute_audio", *ZSL_SHORT]
-    full = compose_train_cfg(tmp_path / "full", short)
-    train(full)
-    before = json.loads((Path(full.paths.output_dir) / "metrics.json").read_text())
+    full = trained_once(short)
+    before = json.loads((full / "metrics.json").read_text())
     steps = before["refit_on_trainval"]["selected_steps"]  # class CV's and the refit's length
 
     stopped = compose_train_cfg(tmp_path / "stopped", short)
@@ -783,11 +814,11 @@ def test_zero_shot_run_stopped_after_its_main_fit_goes_on_to_the_uninterrupted_m
     assert "val/acc_best" in metrics and "val/prior_weight_zsl" in after["metrics"]
     assert after["metrics"] == before["metrics"] and after["zero_shot"] == before["zero_shot"]
     refitted = [torch.load(run / "checkpoints" / "refit_trainval.ckpt", weights_only=False)["state_dict"]
-                for run in (Path(full.paths.output_dir), checkpoints.parent)]
+                for run in (full, checkpoints.parent)]
     torch.testing.assert_close(refitted[1], refitted[0], rtol=0, atol=0, equal_nan=True)  # every bit
     for fold in ("class_cv_fold1.pt", "class_cv_fold2.pt"):
         scores = [torch.load(run / "checkpoints" / fold, weights_only=False)["scores"]
-                  for run in (Path(full.paths.output_dir), checkpoints.parent)]
+                  for run in (full, checkpoints.parent)]
         assert torch.equal(*scores), fold
     if fit == "refit_progress":  # killed during the test: the finished refit is not trained again
         again = compose_train_cfg(tmp_path / "stopped", short + ["ckpt_path=last"])
