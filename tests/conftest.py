@@ -39,6 +39,9 @@ def tone_overrides(tmp_path: Path, zero_shot: bool = False, clips_per_class: int
         "trainer.log_every_n_steps=1",
         "+trainer.enable_progress_bar=false",
         "~callbacks.progress_bar",
+        # no figures: drawing them was a fifth of a test run's time; the tests of figures and
+        # of what a run writes turn them on
+        "model.figures=false",
     ] + (ZSL_OVERRIDES if zero_shot else FSL_OVERRIDES)
 
 

@@ -18,7 +18,7 @@ from fewzero.train import save_run_overrides, train
 
 
 def test_checkpoint_is_re_evaluated_with_other_episode_settings(tmp_path):
-    cfg = compose_train_cfg(tmp_path, ["test=false"])
+    cfg = compose_train_cfg(tmp_path, ["test=false", "model.figures=true"])
     run = Path(cfg.paths.output_dir)
     (run / ".hydra").mkdir(parents=True)
     OmegaConf.save(cfg, run / ".hydra" / "config.yaml")  # what Hydra writes for a real run

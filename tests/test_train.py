@@ -87,7 +87,7 @@ def test_a_callback_set_to_null_is_switched_off(tmp_path):
 def test_training_writes_metrics_plots_checkpoints_and_hparams(tmp_path, backbone):
     # the tutorial's backbone needs 64 mel bins and 64 frames (0.8 s) at least
     least = ["dataset.features.n_mels=64", "dataset.excerpt_seconds=0.8"] * (backbone == "music_fsl_cnn")
-    cfg = compose_train_cfg(tmp_path, [f"model/backbone={backbone}", *least])
+    cfg = compose_train_cfg(tmp_path, [f"model/backbone={backbone}", *least, "model.figures=true"])
     metrics, objects = train(cfg)
     run = Path(cfg.paths.output_dir)
     report = json.loads((run / "metrics.json").read_text())
@@ -634,7 +634,8 @@ def test_the_embedding_figure_shows_only_episodes_the_test_scored(tmp_path, monk
         return plots.episode_embedding_figure(embeddings, sampler, class_names, episode_ids, title)
 
     monkeypatch.setattr(fewshot_module, "episode_embedding_figure", figure)
-    train(compose_train_cfg(tmp_path, ["model.plot_episodes=3", "dataset.episodes.test=["
+    train(compose_train_cfg(tmp_path, ["model.figures=true", "model.plot_episodes=3",
+                                       "dataset.episodes.test=["
                                        "{n_way: 5, n_shot: 1, n_query: 5, n_episodes: 6},"
                                        "{n_way: 3, n_shot: 2, n_query: 5, n_episodes: 2}]"]))
     assert shown == [[0, 1]]  # the setting with the most shots, of 2 episodes: not a third
@@ -731,6 +732,11 @@ def test_the_projector_lists_the_test_clips_with_their_instruments(tmp_path):
     assert len(names) == len(dm.stage_indices("test"))
     assert sorted(names) == sorted(dm.class_names[int(c)] for c in dm.labels[dm.stage_indices("test")])
     assert set(names) == set(cfg.dataset.split.test)
+    # model.figures=false (the tests' setting) draws no figure, and keeps the projector's
+    assert not cfg.model.figures and not Path(cfg.paths.output_dir, "plots").exists()
+    events = EventAccumulator(str(Path(cfg.paths.output_dir, "tensorboard")))
+    events.Reload()
+    assert events.Tags()["images"] == [] and "test/5way_5shot_acc" in events.Tags()["scalars"]
 
 
 def test_the_sanity_check_embeds_but_scores_no_validation_episode():

@@ -250,7 +250,8 @@ def test_class_cv_chooses_the_zsl_weight_by_the_mean_over_folds_and_the_refit_ke
     cfg = compose_train_cfg(tmp_path, WORD + [*SELECT_FIRST_EPOCH, "model.pitch_prior.class_cv=true",
                                               f"model.pitch_prior.weight_candidates={candidates}",
                                               "model.pitch_prior.zsl_score=top1",  # scores in [0, 1]
-                                              "model.plot_dir=${paths.output_dir}/plots"])
+                                              "model.plot_dir=${paths.output_dir}/plots",
+                                              "model.figures=true"])
     metrics, objects = train(cfg)
     run = Path(objects["cfg"].paths.output_dir)
     report = json.loads((run / "metrics.json").read_text())
@@ -380,7 +381,8 @@ def test_a_setting_without_test_clips_draws_no_confusion_matrix(tmp_path):
     GZSL setting may have none: an empty matrix is not drawn."""
     cfg = compose_train_cfg(tmp_path, WORD + ["~logger", "~callbacks.learning_rate_monitor",
                                               "+trainer.fast_dev_run=true", "dataset.eval_batch_size=1",
-                                              "model.plot_dir=${paths.output_dir}/plots"])
+                                              "model.plot_dir=${paths.output_dir}/plots",
+                                              "model.figures=true"])
     _, objects = train(cfg)
     confusions = objects["model"].results.confusions
     plots = Path(objects["cfg"].paths.output_dir) / "plots"

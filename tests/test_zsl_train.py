@@ -339,7 +339,7 @@ def test_unknown_instrument_in_the_split_is_a_clear_error(tmp_path):
 
 
 def test_zsl_run_reports_metrics_plots_and_the_validation_chosen_penalty(tmp_path):
-    cfg = compose_train_cfg(tmp_path, WORD)
+    cfg = compose_train_cfg(tmp_path, WORD + ["model.figures=true"])
     metrics, objects = train(cfg)
     run = Path(cfg.paths.output_dir)
     report = json.loads((run / "metrics.json").read_text())["zero_shot"]
@@ -989,7 +989,8 @@ class _AudioOnlyHead(_PairHead):
 
 def test_a_head_of_a_researchers_own_without_a_shared_space_trains_and_tests(tmp_path, caplog):
     # model=devise: its head config (audio_dim, side_dim) fits _PairHead's arguments
-    cfg = compose_train_cfg(tmp_path, WORD + ["model=devise", "model.head._target_=test_zsl_train._PairHead"])
+    cfg = compose_train_cfg(tmp_path, WORD + ["model=devise", "model.head._target_=test_zsl_train._PairHead",
+                                              "model.figures=true"])
     with caplog.at_level("INFO", logger="fewzero.models.zeroshot_module"):
         metrics, _ = train(cfg)  # was: AttributeError 'closed_form', then NotImplementedError
     assert 0.0 <= metrics["test/zsl_top1"] <= 1.0

@@ -77,6 +77,8 @@ TRAINING_KEYS = ("model", "dataset", "loss", "side_info", "physical_facts", "tra
 RESUME_MAY_CHANGE = ("trainer.accelerator", "trainer.devices", "trainer.num_nodes", "trainer.strategy",
                      "trainer.sync_batchnorm", "trainer.enable_progress_bar", "trainer.log_every_n_steps",
                      "dataset.num_workers",
+                     "model.figures",  # draws or not; no number depends on it (nor on its absence
+                                       # from the configs of runs older than it)
                      # where the data are, moved since: a render's folder (rendered SOL, tones)
                      # and every cache are named by what they hold, so another place holds the
                      # same data or none (not so TinySOL's or xlsa17's folders)

@@ -48,6 +48,9 @@ class FewShotModule(ResumableModule):
         plot_dir: where test figures are written as PNG (also sent to TensorBoard).
         plot_episodes: how many test episodes the embedding figure shows (the first ones, at
             most the setting's n_episodes).
+        figures: False draws no test figure (confusion matrices, embeddings) at all, for runs
+            whose numbers alone matter (each figure costs 0.1-0.5 s of CPU); the metrics and
+            the TensorBoard projector's embeddings are the same either way.
 
     After a test, `whitening_choice_seconds` is the wall time the test spent choosing the
     whitening on validation episodes (embedding the validation clips included; 0 without a
@@ -60,7 +63,7 @@ class FewShotModule(ResumableModule):
                  whitening: WithinClassWhitening | None = None,
                  test_shrinkages: Sequence[float] | None = None,
                  test_support_weights: Sequence[float] | None = None, selection_episodes: int = 500,
-                 plot_dir: str | None = None, plot_episodes: int = 3):
+                 plot_dir: str | None = None, plot_episodes: int = 3, figures: bool = True):
         super().__init__()
         self.net, self.loss = PrototypicalNetwork(backbone, distance, whitening), loss
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
@@ -75,6 +78,7 @@ class FewShotModule(ResumableModule):
         self.selection_episodes = selection_episodes
         self.plot_dir = Path(plot_dir) if plot_dir else None
         self.plot_episodes = plot_episodes
+        self.figures = bool(figures)
         self._embeddings: list[torch.Tensor] = []
         self._indices: list[torch.Tensor] = []
         self.test_results: dict[str, EpisodeResults] = {}
@@ -259,7 +263,7 @@ class FewShotModule(ResumableModule):
             self.test_results[settings.name] = results
             self.log(f"test/{settings.name}_acc", results.mean, sync_dist=True)
             self.log(f"test/{settings.name}_ci95", results.ci95, sync_dist=True)
-            if self.trainer.is_global_zero:
+            if self.trainer.is_global_zero and self.figures:
                 title = f"{settings.name}, {settings.n_episodes} test episodes"
                 self._save_figure(confusion_figure(results.confusion, dm.class_names, title),
                                   f"test/confusion_{settings.name}")
@@ -269,7 +273,7 @@ class FewShotModule(ResumableModule):
         # them apart from the per-episode support adaptation (one picture, one transform)
         settings = max(dm.test_settings, key=lambda s: s.n_shot)
         embeddings = by_setting[settings.name]
-        if self.trainer.is_global_zero and self.plot_episodes > 0:
+        if self.trainer.is_global_zero and self.figures and self.plot_episodes > 0:
             sampler = dm.sampler("test", settings, dm.eval_seed)
             title = f"Test episodes ({settings.name}), PCA of embeddings"
             if settings.name in unadapted:  # its stars are not quite the prototypes it scored with
