@@ -70,6 +70,10 @@ FSL_OVERRIDES = [
     "{n_way: 5, n_shot: 5, n_query: 5, n_episodes: 6}]",
     "model.plot_episodes=1",
     "model.selection_episodes=20",
+    # 6 (shrinkage, support weight) pairs to choose from, not the config's 32: the same choice
+    # on an eighth of the validation episodes
+    "model.test_shrinkages=[0.5,1.0,2.0]",
+    "model.test_support_weights=[0.0,0.2]",
     *SMALL_FEATURES,
 ]
 ZSL_OVERRIDES = ["dataset.batch_size=8", "dataset.steps_per_epoch=2", "dataset.eval_batch_size=32",
