@@ -49,8 +49,9 @@ class FewShotModule(ResumableModule):
         plot_episodes: how many test episodes the embedding figure shows (the first ones, at
             most the setting's n_episodes).
         figures: False draws no test figure (confusion matrices, embeddings) at all, for runs
-            whose numbers alone matter (each figure costs 0.1-0.5 s of CPU); the metrics and
-            the TensorBoard projector's embeddings are the same either way.
+            whose numbers alone matter (a confusion matrix costs 0.2-0.6 CPU-s:
+            scripts/benchmark_figures.py); the metrics and the TensorBoard projector's
+            embeddings are the same either way.
 
     After a test, `whitening_choice_seconds` is the wall time the test spent choosing the
     whitening on validation episodes (embedding the validation clips included; 0 without a

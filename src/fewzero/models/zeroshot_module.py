@@ -287,8 +287,9 @@ class ZeroShotModule(ResumableModule):
             (which fit on a frozen encoder, so False is refused for them), trained otherwise.
         plot_dir: where test figures are written as PNG (also sent to TensorBoard).
         figures: False draws no figure (test confusion matrices and embeddings, class
-            cross-validation's sweep) at all, for runs whose numbers alone matter (each figure
-            costs 0.1-0.5 s of CPU); the metrics are the same either way.
+            cross-validation's sweep) at all, for runs whose numbers alone matter (a confusion
+            matrix costs 0.2-0.6 CPU-s: scripts/benchmark_figures.py); the metrics are the same
+            either way.
         pitch_prior: optional `PitchRangePrior`: a pitch head trained alongside (on the seen
             training clips' pitches) whose range log-likelihood (with its formant likelihood,
             when it has one: scale fitted on the training clips in `setup`) is added to every
