@@ -716,11 +716,18 @@ def test_the_support_weight_alone_is_chosen_when_no_shrinkage_candidates_are_giv
 @pytest.mark.parametrize("key, values, message", [
     ("test_shrinkages", "[0.0,1.0]", "test_shrinkages must be positive"),
     ("test_support_weights", "[0.5,1.5]", r"test_support_weights must lie in \[0, 1\]"),
+    ("figures", "'no'", "model.figures='no': must be true or false"),  # bool("no") is True
 ])
 def test_test_candidates_outside_their_range_are_refused(tmp_path, key, values, message):
     cfg = compose_train_cfg(tmp_path, [f"model.{key}={values}"])
     with pytest.raises(Exception, match=message):
         hydra.utils.instantiate(cfg.model)
+
+
+def test_a_zero_shot_figures_switch_that_is_no_boolean_is_refused(tmp_path):
+    cfg = compose_train_cfg(tmp_path, ["experiment=zsl_word_audio", "model.figures=1"])
+    with pytest.raises(Exception, match="model.figures=1: must be true or false"):
+        hydra.utils.instantiate(cfg.model, side_info=hydra.utils.instantiate(cfg.side_info))
 
 
 def test_the_projector_lists_the_test_clips_with_their_instruments(tmp_path):

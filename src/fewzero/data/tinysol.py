@@ -32,6 +32,7 @@ from types import ModuleType
 from typing import Any
 
 from fewzero.data.clips import TINYSOL_INSTRUMENTS, Clip, check_instruments, config_hash, file_md5
+from fewzero.models.settings import flag
 
 log = logging.getLogger(__name__)
 
@@ -77,13 +78,6 @@ def _listed_md5(index: dict[str, Any], track_id: str) -> str:
     or "" when it lists none."""
     entry = (index.get("tracks") or {}).get(track_id, {}).get("audio") or []
     return str(entry[1]) if len(entry) > 1 and entry[1] else ""
-
-
-def _flag(value: object, key: str) -> bool:
-    """A true/false config value, else a ValueError naming the config `key` (bool("no") is True)."""
-    if not isinstance(value, bool):
-        raise ValueError(f"{key}={value!r}: must be true or false.")
-    return value
 
 
 def _metadata_fix(metadata_file: Path) -> str:
@@ -145,8 +139,8 @@ class TinySOL:
                  download: bool = False, allow_missing: bool = False) -> None:
         self.data_home = Path(data_home).expanduser().absolute()
         self.index_path = None if index_path is None else Path(index_path).expanduser().absolute()
-        self.download = _flag(download, "dataset.source.download")
-        self.allow_missing = _flag(allow_missing, "dataset.source.allow_missing")
+        self.download = flag(download, "dataset.source.download")
+        self.allow_missing = flag(allow_missing, "dataset.source.allow_missing")
         self._clips: list[Clip] | None = None
         self._identity: dict[str, Any] | None = None
         self._track_ids: list[str] = []

@@ -20,6 +20,7 @@ from fewzero.models.protonet import (
     class_prototypes,
 )
 from fewzero.models.resumable import ResumableModule
+from fewzero.models.settings import flag
 from fewzero.plots import confusion_figure, episode_embedding_figure, save_figure
 
 
@@ -79,7 +80,7 @@ class FewShotModule(ResumableModule):
         self.selection_episodes = selection_episodes
         self.plot_dir = Path(plot_dir) if plot_dir else None
         self.plot_episodes = plot_episodes
-        self.figures = bool(figures)
+        self.figures = flag(figures, "model.figures")
         self._embeddings: list[torch.Tensor] = []
         self._indices: list[torch.Tensor] = []
         self.test_results: dict[str, EpisodeResults] = {}

@@ -1,5 +1,5 @@
-"""Checks of numeric model settings, each refusing a bad value with a message that names its
-config key (`model.augment.gain_db`, `loss.margin`, ...)."""
+"""Checks of config settings (numbers, layer sizes, switches), each refusing a bad value with a
+message that names its config key (`model.augment.gain_db`, `loss.margin`, ...)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,13 @@ from collections.abc import Sequence
 
 def _is_number(value: object) -> bool:
     return not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
+
+
+def flag(value: object, key: str) -> bool:
+    """A true/false config value, else a ValueError naming the config `key` (bool("no") is True)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{key}={value!r}: must be true or false.")
+    return value
 
 
 def non_negative(value: object, key: str, whole: bool) -> float:

@@ -24,7 +24,7 @@ from fewzero.data.clips import refolding_keys
 from fewzero.data.features import MelFeatures, feature_changes
 from fewzero.models.pitch_prior import SETTINGS, ZSL_SCORES, PitchRangePrior
 from fewzero.models.resumable import ResumableModule
-from fewzero.models.settings import non_negative
+from fewzero.models.settings import flag, non_negative
 from fewzero.models.zsl_heads import CompatibilityHead
 from fewzero.plots import confusion_figure, save_figure, weight_choice_figure, zsl_embedding_figure
 from fewzero.side_info.base import ClassVectors, SideInformation
@@ -342,7 +342,7 @@ class ZeroShotModule(ResumableModule):
                             "model.init_checkpoint to a fewzero run's checkpoint to start from a "
                             "trained encoder.", type(self.backbone).__name__, type(head).__name__)
         self.plot_dir = Path(plot_dir) if plot_dir else None
-        self.figures = bool(figures)
+        self.figures = flag(figures, "model.figures")
         self.pitch_prior = pitch_prior
         if pitch_prior is not None and is_closed_form(head):
             raise ValueError("model.pitch_prior needs a trained head (siamese, devise, bilinear, "
