@@ -10,11 +10,13 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
-import torch
 from omegaconf import DictConfig
 
 from fewzero.data.clips import TINYSOL_INSTRUMENTS
-from fewzero.train import compose_train_config
+
+# torch and fewzero.train (11-14 s of imports: pytorch_lightning) are imported where used, not
+# here: pytest-xdist's controller loads this file too, before it starts the workers, and runs no
+# test.
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 # Real data for the tests that read it (TinySOL samples, xlsa17 splits; they skip without it):
@@ -52,6 +54,8 @@ def compose_train_cfg(tmp_path: Path, overrides: list[str] | None = None,
     Zero-shot experiments (`experiment=zsl_*` in `overrides`) get ZSL_OVERRIDES instead of the
     few-shot episode settings.
     """
+    from fewzero.train import compose_train_config
+
     zero_shot = any(o.startswith("experiment=zsl") for o in overrides or [])
     base = tone_overrides(tmp_path, zero_shot, clips_per_class)
     return compose_train_config(base + (overrides or []), tmp_path / "run")
@@ -137,6 +141,8 @@ def _one_data_folder_per_worker(tmp_path_factory: pytest.TempPathFactory) -> Ite
 def _few_threads():
     """Two torch threads per test, or each pytest-xdist worker's share of the cores (not
     more threads than cores: oversubscribed BLAS threads only wait for each other)."""
+    import torch
+
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // workers)))
     yield
