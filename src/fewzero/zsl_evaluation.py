@@ -206,9 +206,16 @@ def gzsl_score(scores: torch.Tensor, labels: torch.Tensor, seen: Sequence[int],
         labels: (n,) true class ids, each in seen or unseen.
     """
     check_gzsl_classes(labels, seen, unseen)
-    u, s = _gzsl_for(torch.tensor([float(gamma)], dtype=torch.float64), scores, labels, seen, unseen)
-    u, s = float(u[0]), float(s[0])
-    return GzslScore(u, s, harmonic_mean(u, s), float(gamma))
+    return _gzsl_scores(scores, labels, seen, unseen, [gamma])[0]
+
+
+def _gzsl_scores(scores: torch.Tensor, labels: torch.Tensor, seen: Sequence[int],
+                 unseen: Sequence[int], gammas: Sequence[float]) -> list[GzslScore]:
+    """`gzsl_score` at each penalty of `gammas`, in one pass, for classes already checked."""
+    us, ss = _gzsl_for(torch.tensor([float(g) for g in gammas], dtype=torch.float64), scores, labels,
+                       seen, unseen)
+    return [GzslScore(float(u), float(s), harmonic_mean(float(u), float(s)), float(g))
+            for u, s, g in zip(us, ss, gammas, strict=True)]
 
 
 def calibrate_stacking(scores: torch.Tensor, labels: torch.Tensor, seen: Sequence[int],
@@ -279,8 +286,7 @@ def evaluate_zsl(scores: torch.Tensor, labels: torch.Tensor, seen: Sequence[int]
     hits = {"zsl_top1": (u_labels, zsl_predicted == u_labels),
             "zsl_top3": (u_labels, (predict(u_scores, unseen, 3) == u_labels[:, None]).any(dim=1)),
             "seen_top1": (s_labels, predict(s_scores, seen)[:, 0] == s_labels)}
-    plain = gzsl_score(scores, labels, seen, unseen, 0.0)
-    calibrated = gzsl_score(scores, labels, seen, unseen, gamma)
+    plain, calibrated = _gzsl_scores(scores, labels, seen, unseen, [0.0, gamma])  # checked above
     metrics = {
         **{name: float(per_class_accuracy(correct, truth)) for name, (truth, correct) in hits.items()},
         "gzsl_u": plain.u, "gzsl_s": plain.s, "gzsl_h": plain.h,
