@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import gc
 import json
 import os
 import select
@@ -246,6 +247,10 @@ if __name__ == "__main__":
 
     for module in PRELOADED:
         __import__(module)
+    # the imports stay out of every child's garbage collections (as in conftest.py), and the
+    # collector writes none of their pages: the children share them with the server
+    gc.collect()
+    gc.freeze()
     request = _serve(sys.argv[1])
     _become(*request)
     if "script" in request[0]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import os
 import socket
@@ -24,6 +25,15 @@ CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 # elsewhere, such as a git worktree).
 SHARED_DATA = Path(os.environ.get("FEWZERO_SHARED_DATA")
                    or Path(__file__).resolve().parents[2] / "shared" / "data")
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Keep what the collected test modules imported (torch, pytorch_lightning, fewzero: half a
+    million objects) out of every later garbage collection. A full collection walks every live
+    object, so without this a Hydra compose took 0.32 s instead of 0.25 s (one process, the
+    zero-shot word-audio config), and the whole suite 8% more CPU time."""
+    gc.collect()
+    gc.freeze()
 
 
 def tone_overrides(tmp_path: Path, zero_shot: bool = False, clips_per_class: int = 12) -> list[str]:
