@@ -31,7 +31,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     """Keep what the collected test modules imported (torch, pytorch_lightning, fewzero: half a
     million objects) out of every later garbage collection. A full collection walks every live
     object, so without this a Hydra compose took 0.32 s instead of 0.25 s (one process, the
-    zero-shot word-audio config), and the whole suite 8% more CPU time."""
+    zero-shot word-audio config), and the whole suite 7% more CPU time."""
     gc.collect()
     gc.freeze()
 
