@@ -70,6 +70,24 @@ def test_changed_feature_config_or_source_invalidates_the_cache(tmp_path, source
     assert len(list(tmp_path.glob("list-*.pt"))) == 3
 
 
+def test_audio_rendered_again_under_the_same_fingerprint_is_not_read_from_the_old_cache(tmp_path):
+    """Rendered SOL's fingerprint is its render config: another FluidSynth renders that config
+    into other audio, listed with other md5s. The cache must follow the audio, not the config."""
+    paths = [_write_tone(tmp_path / f"{i}.wav", 300 + 100 * i) for i in range(2)]
+
+    def listed() -> ListSource:
+        return ListSource([Clip(path, f"c{i}", 0, md5=hashlib.md5(path.read_bytes()).hexdigest())
+                           for i, path in enumerate(paths)])
+
+    feats = MelFeatures(clip_seconds=0.5, n_mels=32)
+    old = prepare_and_load(listed(), feats, tmp_path / "cache")
+    _write_tone(paths[0], 1200)  # the same file name, other audio
+    new = prepare_and_load(listed(), feats, tmp_path / "cache")
+    assert new.key != old.key
+    assert not torch.allclose(new.features[0], old.features[0], atol=0.5)
+    assert torch.allclose(new.features[1], old.features[1], atol=2e-2)
+
+
 def test_an_atomic_write_that_fails_keeps_the_old_file_and_leaves_no_temporary_file(tmp_path):
     path = tmp_path / "cache.pt"
     replace_atomically(path, lambda tmp: tmp.write_text("old"))

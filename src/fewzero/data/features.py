@@ -335,20 +335,25 @@ def ensure_cached(source: ClipSource, features: MelFeatures, cache_dir: str | Pa
                   unwritable: OSError | None = None) -> tuple[Path, str]:
     """Compute and write the source's features unless the cache already holds them.
 
-    The cache key combines the source's fingerprint and the feature settings, so a changed
-    dataset or feature config gets a new file; an unchanged one is never recomputed.
+    The cache key combines the source's fingerprint, what its clips list (class, fold, pitch,
+    dynamics and the md5 their source gives) and the feature settings, so a changed dataset or
+    feature config gets a new file; an unchanged one is never recomputed. The clip list counts
+    because a fingerprint need not name the audio: rendered SOL's is its render config, which
+    another FluidSynth renders into other files (other md5s) in another folder, with the cache
+    folder shared.
     `unwritable`: the error that showed `cache_dir` cannot be written (`preparing`); features
     not cached there are then refused before any audio is decoded, not after.
 
     Returns:
         (path of the cache file, cache key).
     """
+    clips = source.clips()
+    listed = [[clip.instrument, clip.fold, clip.pitch, clip.dynamics, clip.md5] for clip in clips]
     key = config_hash({"source": source.name, "fingerprint": source.fingerprint(),
-                       "features": asdict(features), "version": 1})
+                       "clips": listed, "features": asdict(features), "version": 1})
     path = Path(cache_dir) / f"{source.name}-{key}.pt"
     if path.exists():
         return path, key
-    clips = source.clips()
     if not clips:
         raise RuntimeError(f"Source '{source.name}' has no clips: nothing to compute. Check the "
                            "dataset.source settings: its data folder, and the instruments or classes "
