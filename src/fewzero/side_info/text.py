@@ -114,6 +114,11 @@ def model_digests(folder: Path) -> dict[str, str]:
             if f.is_file() and f.suffix in MODEL_FILE_SUFFIXES}
 
 
+# how `SentenceEmbeddings.compute` encodes, in its cache key: vectors cached by a batched
+# encoding (before 2026-12-07) are not reused
+ENCODED = "each description alone"
+
+
 class SentenceEmbeddings(SideInformation):
     """Sentence embedding of each class's description.
 
@@ -141,9 +146,11 @@ class SentenceEmbeddings(SideInformation):
             # for the old one (none before the first download: computed again after it)
             snapshot = hub_snapshot(self.model)
             return {"descriptions": self.descriptions, "model": self.model,
-                    "files": model_digests(snapshot) if snapshot else "not cached locally"}
+                    "files": model_digests(snapshot) if snapshot else "not cached locally",
+                    "encoded": ENCODED}
         # what is in the folder, not only where: weights replaced in place must not be reused
-        return {"descriptions": self.descriptions, "model": model, "files": model_digests(folder)}
+        return {"descriptions": self.descriptions, "model": model, "files": model_digests(folder),
+                "encoded": ENCODED}
 
     def compute(self, class_names: Sequence[str]) -> list[torch.Tensor]:
         """Per class one (1, dim) row: the sentence embedding of its description."""
@@ -151,6 +158,8 @@ class SentenceEmbeddings(SideInformation):
                       hint="Add a description for each to side_info.descriptions (class name "
                            "-> sentence), or remove the class from dataset.split.")
         encoder = load_sentence_encoder(self.model, self.download)
-        sentences = [self.descriptions[name] for name in class_names]
-        embeddings = encoder.encode(sentences, convert_to_tensor=True, show_progress_bar=False)
-        return [row[None].cpu() for row in embeddings]
+        # one description per call: in a batch, the padding to its longest sentence moves every
+        # vector in the last bits, so a seen class's vector would depend on the unseen classes'
+        # descriptions, which training must not read
+        return [encoder.encode([self.descriptions[name]], convert_to_tensor=True,
+                               show_progress_bar=False).cpu() for name in class_names]
