@@ -142,6 +142,21 @@ def test_refit_can_be_switched_off(tmp_path):
     assert objects["datamodule"].train_on == "train" and Path(report["checkpoint"]).name.startswith("step")
 
 
+def test_with_no_checkpoint_kept_by_validation_the_refit_is_refused_and_the_test_says_last_weights(
+        tmp_path, caplog):
+    """With callbacks.model_checkpoint=null, Lightning's `trainer.checkpoint_callback` is
+    `LastCheckpoint`, whose "best" is last.ckpt: neither the refit nor the test may take that
+    for the checkpoint validation selected."""
+    base = WORD + ["model.pitch_prior.class_cv=false", "trainer.max_steps=2",
+                   "callbacks.model_checkpoint=null", *QUICK]
+    with pytest.raises(RuntimeError, match="callbacks.model_checkpoint, which keeps it, is off"):
+        train(compose_train_cfg(tmp_path / "refit", base))
+    caplog.set_level("WARNING")
+    metrics, _ = train(compose_train_cfg(tmp_path / "plain", [*base, "dataset.refit_on_trainval=false"]))
+    assert metrics["test/checkpoint"] == ""
+    assert "validation selects no checkpoint: testing the weights of the last training step" in caplog.text
+
+
 @pytest.mark.parametrize(("every_n_epochs", "steps", "first"), [(1, 1, 3), (2, 4, 6)])
 def test_a_run_that_stops_before_its_first_validation_says_how_long_to_train(tmp_path, every_n_epochs,
                                                                              steps, first):

@@ -923,17 +923,31 @@ def shows_progress_bar(cfg: DictConfig) -> bool:
     return (cfg.get("trainer") or {}).get("enable_progress_bar", True) is not False
 
 
+def selecting_callback(trainer: pl.Trainer) -> pl.callbacks.ModelCheckpoint | None:
+    """The callback that keeps the validation-selected checkpoint: the first `ModelCheckpoint`
+    that monitors a metric (`callbacks.model_checkpoint`), or None. Lightning's
+    `trainer.checkpoint_callback` is the first of any kind: with callbacks.model_checkpoint=null
+    that is `LastCheckpoint`, which monitors nothing and calls last.ckpt its best."""
+    return next((c for c in trainer.checkpoint_callbacks if c.monitor is not None), None)
+
+
+def selected_checkpoint_path(trainer: pl.Trainer) -> str:
+    """Path of the validation-selected checkpoint, "" when none was kept."""
+    selector = selecting_callback(trainer)
+    return selector.best_model_path if selector is not None else ""
+
+
 def _selected_checkpoint(trainer: pl.Trainer) -> tuple[str, int, int, dict[str, torch.Tensor]]:
     """(path, epochs, steps, state dict) of the validation-selected checkpoint. A `fast_dev_run`
     saves none: its current weights stand in for the selected ones (path "")."""
-    selected_path = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    selected_path = selected_checkpoint_path(trainer)
     if selected_path:
         selected = torch.load(selected_path, map_location="cpu", weights_only=False)
         return selected_path, int(selected["epoch"]) + 1, int(selected["global_step"]), selected["state_dict"]
     if trainer.fast_dev_run:
         return "", max(1, trainer.current_epoch), trainer.global_step, trainer.lightning_module.state_dict()
     first_validation = trainer.num_training_batches * (trainer.check_val_every_n_epoch or 1)
-    if trainer.checkpoint_callback and trainer.global_step < first_validation:
+    if selecting_callback(trainer) is not None and trainer.global_step < first_validation:
         raise RuntimeError(
             f"Refitting on trainval needs the validation-selected checkpoint, and no validation "
             f"ran: training stopped after {trainer.global_step} steps (trainer.max_steps="
@@ -941,8 +955,12 @@ def _selected_checkpoint(trainer: pl.Trainer) -> tuple[str, int, int, dict[str, 
             f"end of an epoch of {trainer.num_training_batches} batches). Set trainer.max_steps to "
             f"at least {first_validation}, or validate sooner with a shorter epoch "
             "(dataset.steps_per_epoch for zero-shot datasets).")
+    if selecting_callback(trainer) is None:
+        raise RuntimeError("Refitting on trainval needs the validation-selected checkpoint, and "
+                           "callbacks.model_checkpoint, which keeps it, is off. Leave it on, or set "
+                           "dataset.refit_on_trainval=false to test the trained weights themselves.")
     raise RuntimeError("Refitting on trainval needs the validation-selected checkpoint; none was "
-                       "saved (is callbacks.model_checkpoint enabled?).")
+                       "saved.")
 
 
 def resumable_fit(cfg: DictConfig, model: pl.LightningModule, datamodule: Any, output_dir: Path,
@@ -1398,15 +1416,18 @@ def _train(cfg: DictConfig, overrides: list[str] | None, report_extra: dict[str,
                 stop.stopped_during = phase  # type: ignore[attr-defined]
                 raise
     if cfg.get("test", True):
-        best = refit.get("checkpoint") or (
-            trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else "")
+        best = refit.get("checkpoint") or selected_checkpoint_path(trainer)
         if not cfg.get("train", True):
             best = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir) or ""
             datamodule = as_trained(datamodule, best)
         if not best:
-            monitor = getattr(trainer.checkpoint_callback, "monitor", None)
+            selector = selecting_callback(trainer)
+            monitor = getattr(selector, "monitor", None)
             unvalidated = cfg.get("train", True) and monitor and monitor not in trainer.callback_metrics
-            if unvalidated and getattr(trainer.checkpoint_callback, "no_step_validated", False):
+            if cfg.get("train", True) and selector is None:
+                log.warning("callbacks.model_checkpoint is off, so validation selects no "
+                            "checkpoint: testing the weights of the last training step.")
+            elif unvalidated and getattr(selector, "no_step_validated", False):
                 # said, with the fix, as the fit started (BestCheckpoint): not again here
                 log.warning("No best checkpoint found: no step was validated (see the warning on "
                             "trainer.max_steps as the fit started). Testing the current weights.")
