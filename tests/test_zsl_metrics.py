@@ -18,6 +18,8 @@ from fewzero.zsl_evaluation import (
     harmonic_mean_ci95,
     per_class_accuracy,
     per_class_accuracy_ci95,
+    predict,
+    stacking_predictions,
     topk_accuracy,
     true_class_log_likelihood,
 )
@@ -66,6 +68,18 @@ def test_topk_only_considers_the_candidate_classes():
     assert topk_accuracy(scores, labels, [2, 3], k=1) == pytest.approx(0.5)
     assert topk_accuracy(scores, labels, [2, 3], k=2) == pytest.approx(1.0)
     assert topk_accuracy(scores, labels, [0, 1, 2, 3], k=1) == pytest.approx(0.0)
+
+
+def test_tied_scores_go_to_the_first_candidate_alike_in_zsl_top_k_and_gzsl():
+    """`topk` orders ties as it likes (index 6 of 8 equal scores on CPU); every prediction takes
+    the first best in candidate order, as GZSL's `max` does."""
+    scores = torch.zeros(2, 20)
+    scores[1, [4, 9]] = 1.0
+    assert predict(scores, range(20), k=3).tolist() == [[0, 1, 2], [4, 9, 0]]
+    assert predict(scores, [9, 4, 7], k=2).tolist() == [[9, 4], [9, 4]]
+    assert stacking_predictions(scores, [5, 6], [3, 2], gamma=0.5).tolist() == [3, 3]
+    assert stacking_predictions(scores, [5, 6], [3, 2], gamma=-0.5).tolist() == [5, 5]
+    assert predict(scores[:, :8], range(8)).flatten().tolist() == [0, 4]
 
 
 def test_per_class_accuracy_interval_by_hand():

@@ -72,9 +72,11 @@ def harmonic_mean_ci95(u: float, u_ci95: float, s: float, s_ci95: float) -> floa
 
 
 def predict(scores: torch.Tensor, candidates: Sequence[int], k: int = 1) -> torch.Tensor:
-    """Top-k class ids among `candidates`: scores (n, n_classes) -> (n, k), best first."""
+    """Top-k class ids among `candidates`: scores (n, n_classes) -> (n, k), best first; tied
+    scores in the order of `candidates`, so that top-1 is the first best, as GZSL's `max` takes
+    it (`topk` orders ties as it likes, and not alike on every device)."""
     ids = torch.as_tensor(list(candidates), dtype=torch.long)
-    top = scores[:, ids].topk(min(k, len(ids)), dim=1).indices
+    top = scores[:, ids].sort(dim=1, descending=True, stable=True).indices[:, :k]
     return ids[top]
 
 
