@@ -717,6 +717,9 @@ def test_the_support_weight_alone_is_chosen_when_no_shrinkage_candidates_are_giv
     ("test_shrinkages", "[0.0,1.0]", "test_shrinkages must be positive"),
     ("test_support_weights", "[0.5,1.5]", r"test_support_weights must lie in \[0, 1\]"),
     ("figures", "'no'", "model.figures='no': must be true or false"),  # bool("no") is True
+    # no episode: NaN scores, and the first candidate would pass for validation's choice
+    ("selection_episodes", "0", r"model.selection_episodes=0: must be a whole number >= 1"),
+    ("selection_episodes", "2.5", r"model.selection_episodes=2.5: must be a whole number >= 1"),
 ])
 def test_test_candidates_outside_their_range_are_refused(tmp_path, key, values, message):
     cfg = compose_train_cfg(tmp_path, [f"model.{key}={values}"])

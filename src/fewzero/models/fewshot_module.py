@@ -20,7 +20,7 @@ from fewzero.models.protonet import (
     class_prototypes,
 )
 from fewzero.models.resumable import ResumableModule
-from fewzero.models.settings import flag
+from fewzero.models.settings import count, flag
 from fewzero.plots import confusion_figure, episode_embedding_figure, save_figure
 
 
@@ -77,7 +77,10 @@ class FewShotModule(ResumableModule):
         if any(not 0 <= w <= 1 for w in self.test_support_weights):
             raise ValueError("test_support_weights must lie in [0, 1]; got "
                              f"{self.test_support_weights}")
-        self.selection_episodes = selection_episodes
+        self.selection_episodes = count(
+            selection_episodes, "model.selection_episodes",
+            "Each whitening candidate is scored on that many validation episodes: with none, every "
+            "score would be NaN and the first candidate would pass for validation's choice.")
         self.plot_dir = Path(plot_dir) if plot_dir else None
         self.plot_episodes = plot_episodes
         self.figures = flag(figures, "model.figures")

@@ -36,6 +36,14 @@ def size(value: object, key: str) -> int:
     return int(value)
 
 
+def count(value: object, key: str, why: str) -> int:
+    """`value` of the config key `key`, checked to be a whole number >= 1; else a ValueError
+    naming the key and `why` (what a smaller value would do)."""
+    if not _is_number(value) or value < 1 or not float(value).is_integer():
+        raise ValueError(f"{key}={value!r}: must be a whole number >= 1. {why}")
+    return int(value)
+
+
 def sizes(values: object, key: str) -> list[int]:
     """`values` of the config key `key`, one layer's output size per layer (a CNN's channels),
     checked to name at least one layer and each to be a `size`; else a ValueError naming the key
