@@ -12,7 +12,14 @@ from tinysol_fixture import make_mini_tinysol
 
 from fewzero import eval as eval_module
 from fewzero.data.clips import TINYSOL_INSTRUMENTS
-from fewzero.eval import apply_overrides, check_output_dir, check_tested_clips_unheard, evaluate, main
+from fewzero.eval import (
+    apply_overrides,
+    check_output_dir,
+    check_tested_clips_unheard,
+    check_whitening_chosen_on_new_classes,
+    evaluate,
+    main,
+)
 from fewzero.report import collect
 from fewzero.train import save_run_overrides, train
 
@@ -192,12 +199,29 @@ FSL_RUN = {"dataset": {"split": {"train": ["A", "B"], "val": ["C"], "test": ["D"
 ])
 def test_eval_refuses_to_test_on_clips_the_checkpoint_learned_from(run, overrides, refused):
     trained = OmegaConf.create(run)
-    tested = apply_overrides(trained, overrides)
+    passes_or_refuses(check_tested_clips_unheard, trained, apply_overrides(trained, overrides),
+                      refused and f"learned from, not on new ones: .*{refused}")
+
+
+def passes_or_refuses(check, trained, tested, refused: str | None) -> None:
+    """`check(trained, tested)` passes when `refused` is None, else raises a ValueError matching it."""
     if refused is None:
-        check_tested_clips_unheard(trained, tested)
+        check(trained, tested)
     else:
-        with pytest.raises(ValueError, match=f"learned from, not on new ones: .*{refused}"):
-            check_tested_clips_unheard(trained, tested)
+        with pytest.raises(ValueError, match=refused):
+            check(trained, tested)
+
+
+@pytest.mark.parametrize("overrides, refused", [
+    (["dataset.split.val=[B]", "dataset.split.train=[A,C]"], r"val names \['B'\], which the run trained"),
+    (["dataset.split.val=[B]", "model.whitening=null"], None),  # nothing is chosen on them
+    (["dataset.split.val=[E]", "dataset.split.test=[D]"], None),  # new to the run, as the test
+    ([], None),
+])
+def test_eval_refuses_to_choose_the_test_whitening_on_classes_the_run_trained_on(overrides, refused):
+    trained = OmegaConf.create({**FSL_RUN, "model": {"whitening": {"_target_": "W"}}})
+    passes_or_refuses(check_whitening_chosen_on_new_classes, trained, apply_overrides(trained, overrides),
+                      refused and f"{refused}.*model.whitening=null")
 
 
 ZSL_TABLE_RUN = {"dataset": {"split": {"seen": ["A", "B"], "unseen": ["C"]}, "test_fold": 4, "source": {
@@ -456,6 +480,31 @@ def test_refit_conse_checkpoint_is_re_evaluated_against_the_classes_it_was_train
         assert len(objects["model"].head.anchors) == len(objects["datamodule"].seen)  # all 9
         for key in keys:
             assert metrics[key] == pytest.approx(trained[key], abs=1e-6), (name, key)
+
+
+def test_a_checkpoint_tested_on_fewer_seen_classes_keeps_what_it_took_from_those_it_trained_on(tmp_path):
+    """Seen classes left out of the test (a partial dataset on disk) must not rebuild the model
+    around the rest: ConSE's anchors and centred side information come from the classes the fit
+    trained against, so the unseen classes' ZSL figures stay the run's own."""
+    cfg = compose_train_cfg(tmp_path, ["experiment=zsl_word_audio", "side_info.center=true"])
+    trained, objects = train(cfg)
+    model = objects["model"]
+    assert len(model.head.anchors) == 9
+    seen, unseen = list(cfg.dataset.split.seen), list(cfg.dataset.split.unseen)
+    tested = seen[:4]
+    metrics, tested_objects = evaluate(
+        Path(trained["test/checkpoint"]),
+        [f"dataset.split.seen=[{','.join(tested)}]", "dataset.split.pseudo_unseen=[]",
+         "dataset.split.pseudo_unseen_folds=[]"], tmp_path / "eval")
+    again = tested_objects["model"]
+    assert again.trained_classes == seen and tested_objects["datamodule"].seen == tested
+    torch.testing.assert_close(again.head.anchors, model.head.anchors, rtol=0, atol=0)
+    rows = {name: row for name, row in zip(model.class_names, model.side_matrix, strict=True)}
+    torch.testing.assert_close(again.side_matrix, torch.stack([rows[n] for n in again.class_names]),
+                               rtol=0, atol=0)
+    for key in ("test/zsl_top1", "test/zsl_top3"):
+        assert metrics[key] == pytest.approx(trained[key], abs=1e-6), key
+    assert set(again.class_names) == {*tested, *unseen}
 
 
 def test_zero_shot_run_started_from_a_few_shot_checkpoint_is_re_evaluated_without_that_file(tmp_path):

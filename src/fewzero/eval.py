@@ -286,6 +286,24 @@ def check_tested_clips_unheard(trained: DictConfig, tested: DictConfig) -> None:
                          "a run whose split keeps them out.")
 
 
+def check_whitening_chosen_on_new_classes(trained: DictConfig, tested: DictConfig) -> None:
+    """Refuse a few-shot test whose validation instruments, on which the test-time whitening's
+    shrinkage and support weight are chosen, include ones the run trained on: the embedding
+    learned to separate those, so their episodes would choose for classes it already knows, not
+    for the new test classes. `trained`: the run's config; `tested`: it with the eval overrides."""
+    if run_kind(trained) != "few-shot" or (tested.get("model") or {}).get("whitening") is None:
+        return
+    train = list((trained.dataset.get("split") or {}).get("train", []))
+    known = [name for name in (tested.dataset.get("split") or {}).get("val", []) if name in train]
+    if known:
+        raise ValueError(f"dataset.split.val names {known}, which the run trained on (its "
+                         f"dataset.split.train was {train}): the test-time whitening would be chosen "
+                         "on episodes of classes the embedding learned to separate, not on classes "
+                         "as new to it as the test ones. List validation instruments the run never "
+                         "trained on (its own dataset.split.val, say), or test without the "
+                         "whitening: model.whitening=null.")
+
+
 def check_features_kept(trained: DictConfig, tested: DictConfig) -> None:
     """Refuse log-mel settings other than the run's: the checkpoint learned its own front end, and
     other settings would either fail to load it (another n_mels: other weight shapes) or score it,
@@ -340,6 +358,32 @@ def check_attribute_columns_kept(trained: DictConfig, tested: DictConfig) -> Non
             "out of dataset.split until the test).")
 
 
+def fitted_classes(trained: DictConfig, tested: DictConfig, ckpt: Path) -> tuple[list[str], list[str]]:
+    """(the classes the checkpoint's fit trained against, those the tested split's training role
+    names) of a zero-shot audio run: every seen class for the refit's checkpoint, the seen
+    classes less the pseudo-unseen ones for the validation phase's."""
+    train_on = "trainval" if trained_on_trainval(ckpt) else "train"
+    rows, now = (fit_classes(cfg.dataset.split.seen, cfg.dataset.split.get("pseudo_unseen"), train_on)
+                 for cfg in (trained, tested))
+    return rows, now
+
+
+def keep_training_classes(trained: DictConfig, tested: DictConfig, ckpt: Path) -> None:
+    """When the tested split's training role names other classes than the checkpoint's fit
+    trained against (seen classes left out to test on a partial dataset, say), set
+    `model.trained_classes` in `tested` to the fit's: the model then takes from them what
+    depends on them (ConSE's anchors, centred side information), and is the model that was
+    trained, not one rebuilt around the tested split."""
+    if run_kind(trained) != "zero-shot audio":
+        return
+    rows, now = fitted_classes(trained, tested, ckpt)
+    if now != rows:
+        with open_dict(tested):
+            tested.model.trained_classes = rows
+        log.info("The checkpoint's fit trained against %s; the tested split's training role would "
+                 "be %s: the model keeps what it took from the classes it trained against.", rows, now)
+
+
 def keep_attribute_scaling(trained: DictConfig, tested: DictConfig, overrides: list[str],
                            ckpt: Path) -> None:
     """Standardise an attribute table's numeric columns over the rows the checkpoint's fit
@@ -359,9 +403,7 @@ def keep_attribute_scaling(trained: DictConfig, tested: DictConfig, overrides: l
     before = trained.get("side_info") or {}
     table = side_info.get("table") or {}
     if before.get("standardize_on") == TRAIN_CLASSES:
-        train_on = "trainval" if trained_on_trainval(ckpt) else "train"
-        rows, now = (fit_classes(cfg.dataset.split.seen, cfg.dataset.split.get("pseudo_unseen"), train_on)
-                     for cfg in (trained, tested))
+        rows, now = fitted_classes(trained, tested, ckpt)
     else:
         rows = list(before.get("standardize_on") or before.get("table") or {})
         now = list(side_info.get("standardize_on") or table)
@@ -433,10 +475,12 @@ def evaluate(ckpt_path: str | Path, overrides: list[str], output_dir: str | Path
     trained = load_run_config(ckpt, Path(run_config) if run_config else None)
     cfg = apply_overrides(trained, overrides)
     check_tested_clips_unheard(trained, cfg)
+    check_whitening_chosen_on_new_classes(trained, cfg)
     check_features_kept(trained, cfg)
     check_seen_classes_trained(trained, cfg)
     check_attribute_columns_kept(trained, cfg)
     keep_attribute_scaling(trained, cfg, overrides, ckpt)
+    keep_training_classes(trained, cfg, ckpt)
     with open_dict(cfg):
         cfg.train, cfg.test, cfg.ckpt_path = False, True, str(ckpt.resolve())
         cfg.paths.output_dir = str(output_dir)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -302,6 +302,12 @@ class ZeroShotModule(ResumableModule):
             together, as a smaller or larger instrument of the same kind sounds), its class kept,
             its pitch label (for the pitch prior) moved by as much. The head then learns what is
             left of an instrument's sound when its size changes; the prior judges the register.
+        trained_classes: set by `fewzero.eval` when a checkpoint is tested on another split than
+            its run's: the classes its fit trained against. What depends on them is taken from
+            them, not from the tested split's training role: the side information's statistics
+            over classes (centring, the attribute table's standardisation), ConSE's anchors and
+            the formant likelihood's stand-in for undocumented classes. None: the datamodule's
+            training classes; refused in a fit, which trains against those.
     """
 
     def __init__(self, backbone: nn.Module, head: nn.Module, loss: nn.Module,
@@ -310,7 +316,7 @@ class ZeroShotModule(ResumableModule):
                  init_checkpoint: str | None = None, freeze_backbone: bool | None = None,
                  plot_dir: str | None = None, pitch_prior: PitchRangePrior | None = None,
                  transpose_semitones: int = 0, init_record: dict[str, Any] | None = None,
-                 figures: bool = True):
+                 figures: bool = True, trained_classes: Sequence[str] | None = None):
         super().__init__()
         # a whole number of semitones: 1.5 was taken as 1
         self.transpose_semitones = int(non_negative(transpose_semitones, "model.transpose_semitones",
@@ -355,6 +361,7 @@ class ZeroShotModule(ResumableModule):
         self._closed_form_fitted_on = 0  # batches the closed-form head was last fitted on
         self.vectors: ClassVectors | None = None
         self.results: ZslResults | None = None
+        self.trained_classes = list(trained_classes) if trained_classes is not None else None
 
     # ---- class side information -------------------------------------------------------
     def audio_encoder(self) -> nn.Module:
@@ -368,7 +375,16 @@ class ZeroShotModule(ResumableModule):
             raise ValueError("model.transpose_semitones scales log-mel excerpts in frequency, and "
                              f"{type(dm).__name__} gives no log-mel features: set "
                              "model.transpose_semitones=0 for this dataset.")
-        self.vectors = self.side_info.vectors(dm.class_names, fit_on=dm.train_classes)
+        if self.trained_classes is not None and stage == "fit":
+            raise ValueError("model.trained_classes is set by fewzero.eval for a checkpoint tested "
+                             "on another split; a fit trains against dataset.split's classes: "
+                             "remove model.trained_classes.")
+        fit_on = self.trained_classes if self.trained_classes is not None else list(dm.train_classes)
+        # the tested classes, then any trained class the tested split leaves out (for its anchor)
+        named = list(dict.fromkeys([*dm.class_names, *fit_on]))
+        vectors = self.side_info.vectors(named, fit_on=fit_on)
+        self.vectors = ClassVectors(vectors.names[:len(dm.class_names)],
+                                    vectors.members[:len(dm.class_names)], vectors.normalized)
         self.ids = {"seen": dm.ids(dm.seen), "unseen": dm.ids(dm.unseen),
                     "train": dm.ids(dm.train_classes), "pseudo_unseen": dm.ids(dm.pseudo_unseen)}
         to_train = torch.full((len(dm.class_names),), -1, dtype=torch.long)
@@ -381,8 +397,11 @@ class ZeroShotModule(ResumableModule):
                                  self.pitch_prior.range_likelihoods(dm.class_names), persistent=False)
             if self.pitch_prior.formants is not None:
                 self._fit_formant_scale(dm)
+                if self.trained_classes is not None:
+                    formants = self.pitch_prior.formants
+                    formants.fallback = sorted(set(self.trained_classes) & formants.bands.keys())
         if hasattr(self.head, "set_anchors"):  # heads that score relative to the training classes
-            self.head.set_anchors(self.side_matrix[self.ids["train"]])
+            self.head.set_anchors(vectors.mean[[named.index(name) for name in fit_on]])
 
     def _fit_formant_scale(self, dm: Any) -> None:
         """Fit the formant likelihood's scale on the training clips' evaluation excerpts and
