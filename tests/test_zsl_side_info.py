@@ -56,6 +56,22 @@ def test_glove_lines_with_bytes_not_utf8_or_trailing_spaces_are_read(tmp_path):
         read_glove_text(path, ["horn", "violin"])
 
 
+def test_glove_lines_split_by_tabs_after_a_byte_order_mark_are_read(tmp_path):
+    path = tmp_path / "glove.tabs.txt"
+    path.write_bytes(b"\xef\xbb\xbfhorn\t0 1 0 2\nviolin\t0\t0\t1\t0\n")  # an editor's BOM
+    table = read_glove_text(path, ["horn", "violin"])
+    np.testing.assert_array_equal(table["horn"], [0, 1, 0, 2])
+    np.testing.assert_array_equal(table["violin"], [0, 0, 1, 0])
+
+
+def test_a_glove_path_under_the_home_folder_may_start_with_a_tilde(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    _write_glove(tmp_path / "g.txt")
+    source = GloveVectors({"Violin": ["violin"]}, dim=4, path="~/g.txt", normalize=False,
+                          cache_dir=str(tmp_path / "cache"))
+    torch.testing.assert_close(source.vectors(["Violin"]).mean, torch.tensor([[0.0, 0, 1, 0]]))
+
+
 def test_multi_word_class_names_are_averaged(tmp_path):
     source = GloveVectors({"French Horn": ["French", "horn"], "Violin": ["violin"]}, dim=4,
                           path=str(_write_glove(tmp_path / "g.txt")), normalize=False)
@@ -323,6 +339,17 @@ def test_a_numeric_attribute_that_is_not_a_number_names_its_class_and_attribute(
     table["Oboe"]["range_low"] = True  # YAML's true is no number
     with pytest.raises(ValueError, match=r"\['side_info.table.Oboe.range_low=True'\]"):
         AttributeTable(table, ["reed"], ["range_low"], dim=3).vectors(["Oboe"])
+    table["Oboe"]["range_low"] = float("nan")  # YAML's .nan: its column would be 0 for every class
+    with pytest.raises(ValueError, match=r"\['side_info.table.Oboe.range_low=nan'\]"):
+        AttributeTable(table, ["reed"], ["range_low"], dim=3).vectors(["Oboe"])
+
+
+@pytest.mark.parametrize("attribute", ["reed", "range_low"])
+def test_an_attribute_left_empty_is_named_as_missing(attribute):
+    table = {"Oboe": {"reed": "double", "range_low": 58}, "Flute": {"reed": "none", "range_low": 60}}
+    table["Oboe"][attribute] = None  # `reed:` with nothing after it in YAML
+    with pytest.raises(ValueError, match=rf"missing: \['side_info.table.Oboe.{attribute}'\]"):
+        AttributeTable(table, ["reed"], ["range_low"], dim=3).vectors(["Oboe"])
 
 
 def test_sentence_embeddings_from_the_packaged_model(tmp_path):
@@ -531,7 +558,7 @@ def test_a_split_class_without_drawings_is_told_the_classes_that_have_some(tmp_p
         source.image_paths(["Violin", "Clarinet in Bb"])
 
 
-def test_a_class_listed_in_files_reads_those_and_the_others_their_folder(tmp_path):
+def test_a_class_listed_in_files_reads_those_and_the_others_their_folder(tmp_path, caplog):
     from fewzero.side_info.image import ImageEmbeddings
 
     for name in ("Violin", "Flute"):
@@ -540,8 +567,12 @@ def test_a_class_listed_in_files_reads_those_and_the_others_their_folder(tmp_pat
     drawing = tmp_path / "violin_drawing.png"  # a class the folder lacks, or a better picture
     _draw_instrument(drawing, "orange")
     source = ImageEmbeddings(encoder=None, root=str(tmp_path / "imgs"), files={"Violin": [str(drawing)]})
-    assert source.image_paths(["Violin", "Flute"]) == {"Violin": [drawing],
-                                                       "Flute": [tmp_path / "imgs" / "Flute" / "0.png"]}
+    for _ in range(2):
+        assert source.image_paths(["Violin", "Flute"]) == {
+            "Violin": [drawing], "Flute": [tmp_path / "imgs" / "Flute" / "0.png"]}
+    # the folder's Violin goes unread: said once, since the default drawings may be there by mistake
+    told = [r.getMessage() for r in caplog.records if "side_info.files lists images of" in r.getMessage()]
+    assert len(told) == 1 and "['Violin']" in told[0] and "side_info.files=null" in told[0]
 
 
 def test_image_folder_root_replaces_the_drawings_only_with_files_null(tmp_path):

@@ -12,6 +12,7 @@ or another seen list, leave the vectors the checkpoint trained with as they were
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -30,11 +31,13 @@ def _values(value: Any) -> list[str]:
 
 
 def _is_number(value: Any) -> bool:
+    """A finite number (a NaN would make its column's spread NaN, and that column 0 for every
+    class)."""
     try:
-        float(value)
+        number = float(value)
     except (TypeError, ValueError):
         return False
-    return not isinstance(value, bool)
+    return not isinstance(value, bool) and math.isfinite(number)
 
 
 def new_values(table: Mapping[str, Mapping[str, Any]], reference: Mapping[str, Mapping[str, Any]],
@@ -60,7 +63,7 @@ def encode_attribute_table(table: Mapping[str, Mapping[str, Any]], categorical: 
     one is not a number, or the rows of `standardize_on` the table lacks.
     """
     missing = [f"side_info.table.{name}.{a}" for name, row in table.items()
-               for a in (*categorical, *numeric) if a not in row]
+               for a in (*categorical, *numeric) if row.get(a) is None]  # absent, or left empty
     if missing:
         raise ValueError(f"These attribute values are missing: {missing}. Give every class of "
                          "side_info.table a value for each attribute of side_info.categorical and "
@@ -87,7 +90,8 @@ def encode_attribute_table(table: Mapping[str, Mapping[str, Any]], categorical: 
     reference = numbers[[list(table).index(name) for name in names]]
     # a column the reference rows do not vary in (one row, or one value) tells no class from
     # another: 0 in every row, not the other rows' distance from that value divided by ~0
-    spread = reference.std(dim=0) if len(reference) > 1 else torch.zeros(len(numeric))
+    spread = (reference.std(dim=0) if len(reference) > 1 and numeric  # std of no column warns
+              else torch.zeros(len(numeric)))
     varies = spread > 1e-6
     standardised = torch.where(varies, (numbers - reference.mean(dim=0)) / spread.where(varies, 1.0), 0.0)
     for i, (name, row) in enumerate(table.items()):

