@@ -145,6 +145,25 @@ class _SnapshotCheckpoints(pl.Callback):
             shutil.copytree(self.source, self.to)
 
 
+def test_a_kill_between_a_new_best_and_last_ckpt_tests_that_best_under_its_own_name(tmp_path):
+    """Killed after the step-4 best was saved but before last.ckpt was rewritten: the resume
+    (from step 3) saves that best again. Lightning's version counter made it a "-v1" copy,
+    which the test then named, with the first file left behind."""
+    short = [*SHORT_EPOCHS, "trainer.max_steps=8", "callbacks.model_checkpoint.mode=min"]
+    full = compose_train_cfg(tmp_path / "full", short)
+    killed = tmp_path / "killed" / "run" / "checkpoints"
+    with open_dict(full):
+        full.callbacks.snapshot = {"_target_": "test_resume._SnapshotCheckpoints", "at_step": 3,
+                                   "source": f"{full.paths.output_dir}/checkpoints", "to": str(killed)}
+    train(full)
+    best = Path(json.loads((tmp_path / "full" / "run" / "metrics.json").read_text())["checkpoint"])
+    assert best.name.startswith("step000004")  # mode=min keeps the first epoch's
+    shutil.copy2(best, killed)
+    train(compose_train_cfg(tmp_path / "killed", short + ["ckpt_path=last"]))
+    assert json.loads((killed.parent / "metrics.json").read_text())["checkpoint"] == str(killed / best.name)
+    assert sorted(p.name for p in killed.glob("step*.ckpt")) == [best.name]
+
+
 def _logged_steps(run: Path, tag: str) -> list[int]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -761,17 +780,19 @@ def test_zero_shot_run_stopped_mid_epoch_resumes_to_the_uninterrupted_metrics(tm
 
 
 class _CtrlCIn(StopOnInterrupt):
-    """The run's Ctrl-C handling, pressing Ctrl-C (SIGINT to this process) before step 2 of the
-    fit that saves to `<fit>.ckpt` (none: never), and counting the steps each fit trains."""
+    """The run's Ctrl-C handling, pressing Ctrl-C (SIGINT to this process) before step `at_step`
+    (None: the last step) of the fit that saves to `<fit>.ckpt` (none: never), and counting the
+    steps each fit trains."""
 
     steps: dict[str, int] = {}
 
-    def __init__(self, fit: str | None = None):
-        self.fit = fit
+    def __init__(self, fit: str | None = None, at_step: int | None = 2):
+        self.fit, self.at_step = fit, at_step
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         _CtrlCIn.steps[self.saves_to] = _CtrlCIn.steps.get(self.saves_to, 0) + 1
-        if self.saves_to == f"{self.fit}.ckpt" and trainer.global_step == 2:
+        at_step = trainer.max_steps - 1 if self.at_step is None else self.at_step
+        if self.saves_to == f"{self.fit}.ckpt" and trainer.global_step == at_step:
             signal.raise_signal(signal.SIGINT)
 
 
@@ -830,6 +851,37 @@ def test_zero_shot_run_stopped_after_its_main_fit_goes_on_to_the_uninterrupted_m
         assert _CtrlCIn.steps.get("refit_progress.ckpt", 0) == 0
         report = json.loads((checkpoints.parent / "metrics.json").read_text())
         assert report["zero_shot"] == before["zero_shot"]
+
+
+@pytest.mark.slow
+def test_a_closed_form_refit_stopped_in_its_last_step_fits_its_head_on_resume(tmp_path, trained_once):
+    """The stop saves every batch of the refit at its last step, before `on_train_end` fits the
+    head on them; the resumed fit has nothing left to train and ends at once. The head was then
+    tested all zeros (GZSL H 0)."""
+    short = ["experiment=zsl_attribute_audio", "model=eszsl", "model.pitch_prior=null", *ZSL_SHORT]
+    full = trained_once(short)
+    stopped = compose_train_cfg(tmp_path / "stopped", short)
+    with open_dict(stopped):
+        stopped.callbacks.stop_on_interrupt = {"_target_": "test_resume._CtrlCIn",
+                                               "fit": "refit_progress", "at_step": None}
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal
+    try:
+        with pytest.raises(SIGTERMException):
+            train(stopped)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    checkpoints = Path(stopped.paths.output_dir) / "checkpoints"
+    progress = torch.load(checkpoints / "refit_progress.ckpt", weights_only=False)
+    steps = json.loads((full / "metrics.json").read_text())["refit_on_trainval"]["steps"]
+    assert progress["global_step"] == steps  # saved at the refit's last step
+    assert not progress["state_dict"]["head.weight"].any()  # not fitted yet
+    train(compose_train_cfg(tmp_path / "stopped", short + ["ckpt_path=last"]))
+    heads = [torch.load(run / "checkpoints" / "refit_trainval.ckpt", weights_only=False)["state_dict"]
+             ["head.weight"] for run in (full, checkpoints.parent)]
+    assert heads[0].any()
+    torch.testing.assert_close(heads[1], heads[0], rtol=0, atol=0)
+    reports = [json.loads((run / "metrics.json").read_text()) for run in (full, checkpoints.parent)]
+    assert reports[1]["metrics"] == reports[0]["metrics"]
 
 
 def test_the_recorded_overrides_leave_out_ckpt_path_whether_given_or_saved_by_a_script(tmp_path):

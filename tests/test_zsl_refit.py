@@ -2,6 +2,7 @@
 training length and the calibration penalty, retrain on every seen class (pseudo-unseen
 included) on every fold but the test fold, and test that model."""
 
+import copy
 import inspect
 import json
 from pathlib import Path
@@ -10,6 +11,7 @@ import hydra
 import pytest
 import torch
 from conftest import compose_train_cfg, load_script
+from omegaconf import open_dict
 
 from fewzero.data.zsl_datamodule import ZeroShotDataModule
 from fewzero.models.zsl_heads import EszslHead
@@ -305,6 +307,13 @@ def test_class_cv_chooses_the_zsl_weight_by_the_mean_over_folds_and_the_refit_ke
     report = json.loads((run / "metrics.json").read_text())
     assert report["class_cv"]["fold_scores"][1:] == [[0.0, 0.0, 1.0]] * 2
     assert metrics["test/prior_weight_zsl"] == 5.0
+    # ... also after a resume that changes only what a resume may (RESUME_MAY_CHANGE)
+    elsewhere = copy.deepcopy(cfg)
+    with open_dict(elsewhere):
+        elsewhere.trainer.log_every_n_steps = 7
+    train(elsewhere)
+    assert json.loads((run / "metrics.json").read_text())["class_cv"]["fold_scores"][1:] == [
+        [0.0, 0.0, 1.0]] * 2
     # ... but not scores of another zsl_score: fold 1 is validated again (log-likelihoods, <= 0)
     path = run / "checkpoints" / "class_cv_fold1.pt"
     torch.save({**torch.load(path, weights_only=False), "score": "log_likelihood"}, path)

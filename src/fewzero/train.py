@@ -234,6 +234,14 @@ def training_settings(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     return {key: container[key] for key in TRAINING_KEYS if key in container}
 
 
+def course_settings(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
+    """The flattened TRAINING_KEYS settings that set a run's course: those a resume may change
+    (RESUME_MAY_CHANGE: where it trains, how it shows progress) left out. What a resume must
+    keep, and what a finished class-CV fold or refit is reused under."""
+    return {key: value for key, value in flatten_config(training_settings(cfg)).items()
+            if not key.startswith(RESUME_MAY_CHANGE)}
+
+
 def run_overrides(output_dir: Path, overrides: list[str] | None = None) -> list[str] | None:
     """A run's command-line overrides without `ckpt_path`: `overrides` (Hydra's, passed by
     `main`), else those a script saved (`save_run_overrides`), else None (unknown)."""
@@ -427,11 +435,9 @@ def check_resume(cfg: DictConfig, ckpt_path: str, output_dir: Path) -> dict[str,
                     "checking that these are the run's own settings.", ckpt_path)
         return None
     options = composing_options(HydraConfig.get() if HydraConfig.initialized() else None)
-    then = flatten_config(training_settings(record["config"]))
-    now = flatten_config(training_settings(cfg))
+    then, now = course_settings(record["config"]), course_settings(cfg)
     changed = sorted(key for key in then.keys() | now.keys()
-                     if then.get(key, "(not set)") != now.get(key, "(not set)")
-                     and not key.startswith(RESUME_MAY_CHANGE))
+                     if then.get(key, "(not set)") != now.get(key, "(not set)"))
     if not changed:
         return record
     differences = "\n".join(f"  {key}: {then.get(key, '(not set)')!r} in the run, "
@@ -1048,7 +1054,7 @@ def class_cross_validation(cfg: DictConfig, datamodule: Any, trainer: pl.Trainer
     fold_scores = [module.class_cv_scores(chosen)]
     # what a fold's training depends on: a fold file of another config in the same run
     # directory (a resume with changed overrides) is trained again, not reused
-    trained_by = config_hash(training_settings(cfg))
+    trained_by = config_hash(course_settings(cfg))
     for k, names in enumerate(folds[1:], start=1):
         path = output_dir / "checkpoints" / f"class_cv_fold{k}.pt"
         saved = torch.load(path, weights_only=False) if path.exists() else None
@@ -1139,11 +1145,13 @@ def refit_on_trainval(cfg: DictConfig, datamodule: Any, trainer: pl.Trainer, out
              epochs if unit == "epochs" else steps, unit, selected_path)
     path = output_dir / "checkpoints" / "refit_trainval.ckpt"
     key = {"selected": selected_path, "epochs": epochs, "steps": steps, "unit": unit,
-           "config": config_hash(training_settings(cfg)),
+           "config": config_hash(course_settings(cfg)),
            "chosen_elsewhere": {k: v.tolist() for k, v in (chosen_elsewhere or {}).items()}}
     refit = resumable_fit(cfg, model, final_dm, output_dir, "refit_progress", key,
                           callbacks=[record] if record else [], done=path,
                           limit_val_batches=0, num_sanity_val_steps=0, **length)
+    if hasattr(model, "fit_closed_form"):  # a no-op unless a resume skipped the fit's end
+        model.fit_closed_form()
     refit.save_checkpoint(path, weights_only=False)  # all of it: a resume reads its loops
     if refit.is_global_zero:
         (path.parent / "refit_progress.ckpt").unlink(missing_ok=True)

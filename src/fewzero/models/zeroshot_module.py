@@ -494,7 +494,8 @@ class ZeroShotModule(ResumableModule):
             audio, targets = zip(*self._closed_form_data, strict=True)
             checkpoint["closed_form_data"] = {"audio": torch.cat(audio).cpu(),
                                               "targets": torch.cat(targets).cpu(),
-                                              "batch_sizes": [len(t) for t in targets]}
+                                              "batch_sizes": [len(t) for t in targets],
+                                              "fitted_on": self._closed_form_fitted_on}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
@@ -506,7 +507,10 @@ class ZeroShotModule(ResumableModule):
         if data is not None:  # batch by batch, as collected; the head's fit is in the state dict
             self._closed_form_data = list(zip(data["audio"].split(data["batch_sizes"]),
                                               data["targets"].split(data["batch_sizes"]), strict=True))
-            self._closed_form_fitted_on = len(self._closed_form_data)
+            # on how many of them the saved head was fitted: a stop in a refit's last step saves
+            # all its batches before on_train_end fits the head on them (0 where not recorded:
+            # fitted again, on the same data, at the next chance)
+            self._closed_form_fitted_on = int(data.get("fitted_on", 0))
 
     def train_side(self) -> torch.Tensor:
         """(n_train_classes, side_dim): the class means, or one drawn member per class."""
@@ -566,15 +570,17 @@ class ZeroShotModule(ResumableModule):
         factors = 2.0 ** (semitones.double() / 12)
         return self.trainer.datamodule.features.scale_frequency(x, factors), semitones
 
-    def _fit_closed_form(self) -> None:
-        """Fit a closed-form head on every training batch embedded so far (once per new data)."""
+    def fit_closed_form(self) -> None:
+        """Fit a closed-form head on every training batch embedded so far (once per new data).
+        Also called after a refit: resumed from a stop in its last step, the fit ends at once,
+        without the `on_train_end` that would fit the head."""
         if is_closed_form(self.head) and len(self._closed_form_data) > self._closed_form_fitted_on:
             audio, targets = (torch.cat(t) for t in zip(*self._closed_form_data, strict=True))
             self.head.fit(audio, targets, self.side_matrix[self.ids["train"]])
             self._closed_form_fitted_on = len(self._closed_form_data)
 
     def on_train_end(self) -> None:
-        self._fit_closed_form()  # runs without validation too (e.g. a refit on all training data)
+        self.fit_closed_form()  # runs without validation too (e.g. a refit on all training data)
 
     def optimised_parameters(self) -> list[nn.Parameter]:
         """The trainable parameters only: none for a closed-form head on a frozen encoder (then
@@ -635,7 +641,7 @@ class ZeroShotModule(ResumableModule):
         return audio, scores, labels, indices
 
     def on_validation_epoch_start(self) -> None:
-        self._fit_closed_form()
+        self.fit_closed_form()
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         """A batch of `ClipExcerpts`: x (batch, n_mels, frames) fixed excerpts, label (batch,) class
