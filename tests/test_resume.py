@@ -5,6 +5,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -681,6 +682,30 @@ def test_where_a_run_trains_may_change_on_resume_but_not_what_it_trains(tmp_path
     with pytest.raises(ValueError, match="physical_facts.table.Cello.range_low: 36 in the run, 20 now"):
         check_resume(compose_train_cfg(tmp_path, [*borrowed, "physical_facts.table.Cello.range_low=20"]),
                      str(ckpt), tmp_path)
+
+
+@pytest.mark.parametrize(("override", "refused"), [
+    ("flush_denormal=false", "flush_denormal: True in the run, False now"),  # other numbers
+    ("callbacks.model_checkpoint.mode=min", "callbacks.model_checkpoint.mode: 'max' in the run, 'min'"),
+    ("callbacks.step_seed=null", "callbacks.step_seed._target_: 'fewzero.callbacks.StepSeed' in the run"),
+    ("callbacks.stage_timer=null", None),  # times the stages otherwise, trains the same
+])
+def test_a_resume_may_not_change_the_numbers_nor_how_the_best_checkpoint_is_kept(tmp_path, override,
+                                                                                refused):
+    """A changed monitor or mode would also make Lightning forget the best so far: its state is
+    keyed by them."""
+    from fewzero.train import check_resume
+
+    ckpt = tmp_path / "last.ckpt"
+    run = OmegaConf.to_container(compose_train_cfg(tmp_path, []))
+    del run["callbacks"]["model_checkpoint"]["enable_version_counter"]  # as in runs before it
+    torch.save({"fewzero_run": {"config": run, "overrides": []}}, ckpt)
+    check_resume(compose_train_cfg(tmp_path, []), str(ckpt), tmp_path)
+    if refused is None:
+        check_resume(compose_train_cfg(tmp_path, [override]), str(ckpt), tmp_path)
+    else:
+        with pytest.raises(ValueError, match=re.escape(refused)):
+            check_resume(compose_train_cfg(tmp_path, [override]), str(ckpt), tmp_path)
 
 
 def test_a_training_setting_added_on_resume_is_refused_as_not_set_in_the_run(tmp_path):

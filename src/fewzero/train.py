@@ -73,7 +73,10 @@ MAX_RUN_SUFFIX = 120
 # reused only when they are unchanged. Where it trains may change on resume (RESUME_MAY_CHANGE).
 # physical_facts: the attribute table beside other side information, which lends the pitch
 # prior its ranges and formants (model/pitch_prior=range_formant_attributes).
-TRAINING_KEYS = ("model", "dataset", "loss", "side_info", "physical_facts", "trainer", "seed")
+TRAINING_KEYS = ("model", "dataset", "loss", "side_info", "physical_facts", "trainer", "seed",
+                 "flush_denormal")
+# the callbacks that shape what trains and what is selected: per-step seeds, the best checkpoint
+TRAINING_CALLBACKS = ("step_seed", "model_checkpoint")
 RESUME_MAY_CHANGE = ("trainer.accelerator", "trainer.devices", "trainer.num_nodes", "trainer.strategy",
                      "trainer.sync_batchnorm", "trainer.enable_progress_bar", "trainer.log_every_n_steps",
                      "dataset.num_workers",
@@ -83,7 +86,9 @@ RESUME_MAY_CHANGE = ("trainer.accelerator", "trainer.devices", "trainer.num_node
                      # and every cache are named by what they hold, so another place holds the
                      # same data or none (not so TinySOL's or xlsa17's folders)
                      "dataset.source.root", "dataset.source.num_workers", "dataset.cache_dir",
-                     "side_info.cache_dir")
+                     "side_info.cache_dir",
+                     # no run's course depends on it, and runs recorded before it lack it
+                     "callbacks.model_checkpoint.enable_version_counter")
 # metrics.json's and the summary's word on a trainer.fast_dev_run (Lightning's limits: one batch
 # of every stage)
 FAST_DEV_RUN_NOTE = ("one batch per stage: validation and test scored only the clips of their "
@@ -229,9 +234,13 @@ def flatten_config(node: Any, prefix: str = "", sep: str = ".") -> dict[str, Any
 
 
 def training_settings(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
-    """The TRAINING_KEYS entries of a config, as plain containers (interpolations unresolved)."""
+    """The TRAINING_KEYS entries of a config and its TRAINING_CALLBACKS (under "callbacks"), as
+    plain containers (interpolations unresolved)."""
     container = OmegaConf.to_container(cfg) if isinstance(cfg, DictConfig) else cfg
-    return {key: container[key] for key in TRAINING_KEYS if key in container}
+    settings = {key: container[key] for key in TRAINING_KEYS if key in container}
+    callbacks = container.get("callbacks") or {}
+    kept = {name: callbacks[name] for name in TRAINING_CALLBACKS if name in callbacks}
+    return {**settings, "callbacks": kept} if kept else settings
 
 
 def course_settings(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
