@@ -48,7 +48,18 @@ class _Sigterm(pl.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if trainer.global_step == self.at_step:
-            os.kill(os.getpid(), signal.SIGTERM)  # Lightning's handler takes it
+            os.kill(os.getpid(), signal.SIGTERM)  # LastCheckpoint's handler takes it
+
+
+class _SigtermInValidation(pl.Callback):
+    """Sends this process a real SIGTERM as the validation after optimiser step `at_step` starts."""
+
+    def __init__(self, at_step: int):
+        self.at_step = at_step
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        if batch_idx == 0 and not trainer.sanity_checking and trainer.global_step == self.at_step:
+            os.kill(os.getpid(), signal.SIGTERM)
 
 
 class _SigtermInLastValidation(pl.Callback):
@@ -144,6 +155,29 @@ class _SnapshotCheckpoints(pl.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if trainer.global_step == self.at_step:
             shutil.copytree(self.source, self.to)
+
+
+def test_a_sigterm_during_a_validation_of_several_batches_lets_it_end_before_the_run_stops(tmp_path):
+    """Lightning's handler raised within the validation after step 4 (of 8-clip batches), and
+    the epoch-end save that followed held step 4 without that validation: the resumed run never
+    validated step 4, and tested another checkpoint."""
+    short = [*SHORT_EPOCHS, "trainer.max_steps=8", "callbacks.model_checkpoint.mode=min",
+             "dataset.eval_batch_size=8"]
+    full = compose_train_cfg(tmp_path / "full", short)
+    train(full)
+    stopped = compose_train_cfg(tmp_path / "stopped", short)
+    with open_dict(stopped):
+        stopped.callbacks.sigterm = {"_target_": "test_resume._SigtermInValidation", "at_step": 4}
+    with pytest.raises(SystemExit):
+        train(stopped)
+    run = Path(stopped.paths.output_dir)
+    assert _step(run / "checkpoints" / "last.ckpt") == 5  # after the validation, and the next step
+    train(compose_train_cfg(tmp_path / "stopped", short + ["ckpt_path=last"]))
+    reports = [json.loads((path / "metrics.json").read_text()) for path in (Path(full.paths.output_dir), run)]
+    assert Path(reports[1]["checkpoint"]).name == Path(reports[0]["checkpoint"]).name
+    assert Path(reports[0]["checkpoint"]).name.startswith("step000004")  # mode=min: the first
+    assert reports[1]["metrics"] == reports[0]["metrics"]
+    assert _logged_steps(run, "val/acc") == _logged_steps(Path(full.paths.output_dir), "val/acc") == [3, 7]
 
 
 def test_a_kill_between_a_new_best_and_last_ckpt_tests_that_best_under_its_own_name(tmp_path):

@@ -186,11 +186,12 @@ class LastCheckpoint(ModelCheckpoint):
     that batch is left to the epoch-end save. Writes are atomic (temporary file, then moved).
 
     SIGTERM (a cluster's preemption or time limit, `kill`; Ctrl-C with `StopOnInterrupt`) saves
-    the step it arrived at. Under DDP, Lightning's own handling raises on each process when that
-    process sees the signal, so processes stop at different steps and the save cannot be made
-    together (Lightning issue #20806). Here, under DDP, the signal is only noted; after every
-    optimiser step the processes agree (a one-element all-reduce) and, where any was signalled,
-    all stop after that same step and save it together. On an epoch's last step they stop once
+    the step it arrived at. Lightning's own handling raises where the signal finds a process: in
+    a validation, whose epoch-end save then comes before that validation ended (the resumed run
+    skips it); under DDP on each process at another step, so the save cannot be made together
+    (Lightning issue #20806). Here the signal is only noted; after every optimiser step the
+    processes agree (under DDP, a one-element all-reduce) and, where any was signalled, all stop
+    after that same step and save it together. On an epoch's last step they stop once
     the epoch has ended instead (its validation, its saves), when the next epoch would start: a
     checkpoint before that validation would have the resumed run skip it. A signal during a
     validation is acted on after the next step, or, after the fit's last validation, when the
@@ -209,6 +210,7 @@ class LastCheckpoint(ModelCheckpoint):
         self._stop_after_epoch = False
         self._preemption: tuple[int, Any] | None = None  # (signal, submitit's handler of it)
         self._preempted = False
+        self._notes_sigterm = False  # SIGTERM's handler is ours during the fit
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
@@ -222,9 +224,10 @@ class LastCheckpoint(ModelCheckpoint):
         self._resumed = trainer.ckpt_path is not None
         self._stop_noted = self._stop_after_epoch = False
         # Lightning put its SIGTERM handler in place for this fit, and puts back the one before
-        # it when the fit ends; under DDP ours replaces it for the same span
-        if (trainer.world_size > 1 and threading.current_thread() is threading.main_thread()
-                and callable(signal.getsignal(signal.SIGTERM))):  # not on Windows
+        # it when the fit ends; ours replaces it for the same span
+        self._notes_sigterm = (threading.current_thread() is threading.main_thread()
+                               and callable(signal.getsignal(signal.SIGTERM)))  # not on Windows
+        if self._notes_sigterm:
             signal.signal(signal.SIGTERM, self._note_stop)
         # A submitit job (hydra/launcher=slurm): submitit's handler of the preemption and
         # time-limit signal requeues the job and ends it at once, losing the steps since the
@@ -249,9 +252,12 @@ class LastCheckpoint(ModelCheckpoint):
         self._stop_noted = self._preempted = True
 
     def _agrees_on_stops(self, trainer: pl.Trainer) -> bool:
-        """Whether the stop signals noted here decide when this fit stops: under DDP, and for
-        submitit's preemption signal (a single process leaves SIGTERM to Lightning)."""
-        return trainer.world_size > 1 or self._preemption is not None
+        """Whether the stop signals noted here decide when this fit stops: under DDP, where the
+        handler of SIGTERM is ours (always but off the main thread or on Windows), and for
+        submitit's preemption signal. Lightning's own handling would stop a single process within a
+        validation too, and the epoch-end save would then come before that validation ended,
+        which the resumed run would skip."""
+        return trainer.world_size > 1 or self._notes_sigterm or self._preemption is not None
 
     def _stop_agreed(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
         """Whether any process noted a stop signal (under DDP every process calls this at each
