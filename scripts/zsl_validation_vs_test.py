@@ -49,7 +49,12 @@ def recipe_runs(folder: Path) -> list[dict[str, float]]:
                      **{f"fold{k}": scores[chosen] for k, scores in enumerate(cv["fold_scores"])}})
     if not runs:
         raise SystemExit(f"No seed*/metrics.json under {folder}: run scripts/benchmark_zsl.py first.")
-    settings = [c.name for c in collect(folder)[0]]  # the runs' overrides but the seed
+    configs, unfinished = collect(folder)
+    if unfinished:  # a correlation over the seeds that finished would pass for one over all
+        raise SystemExit(f"Runs in {folder} have no results of their present settings (failed, or "
+                         f"unfinished): {', '.join(map(str, unfinished))}. Finish them (run "
+                         "scripts/benchmark_zsl.py again with the same --out) or move them out.")
+    settings = [c.label for c in configs]  # the runs' overrides but the seed (and data, checkpoint)
     if len(settings) > 1:  # e.g. seeds added to an --out later, with another --max-steps
         raise SystemExit(f"The runs in {folder} differ in more than the seed ({' | '.join(settings)}): "
                          "a recipe's mean is over seeds of one setting; pass folders whose runs share it.")

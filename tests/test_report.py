@@ -39,6 +39,24 @@ def test_runs_are_grouped_over_seeds_sorted_and_failures_listed(tmp_path, capsys
     assert "written:" in capsys.readouterr().out
 
 
+def test_a_run_that_failed_after_its_metrics_were_written_is_reported_failed(tmp_path):
+    """A finished run resumed under other overrides (ckpt_path=auto), which then failed, keeps
+    the old metrics.json: not figures of the overrides Hydra now records for it."""
+    import os
+
+    _run(tmp_path, "0", ["seed=0"], {"val/acc": 0.7})
+    _run(tmp_path, "1", ["seed=1"], {"val/acc": 0.9})
+    for name, offset in (("0", 10), ("1", -10)):  # run 0 failed after; run 1 failed before
+        (tmp_path / name / "failed.txt").write_text("Traceback ...\nValueError: bad override\n")
+        written = (tmp_path / name / "metrics.json").stat().st_mtime
+        os.utime(tmp_path / name / "failed.txt", (written + offset, written + offset))
+    configs, failed = collect(tmp_path)
+    assert [p.name for p in failed] == ["0"] and configs[0].runs == [tmp_path / "1"]
+    main([str(tmp_path), "--metric", "val/acc"])
+    assert (f"- {tmp_path / '0'}: failed: ValueError: bad override (failed.txt) (its metrics.json "
+            "is from an attempt before)") in (tmp_path / "report.md").read_text()
+
+
 def test_the_sort_metric_is_one_the_runs_have_the_validation_score_first(tmp_path, capsys):
     _run(tmp_path, "0", ["seed=0"], {"test/zsl_top1": 0.4, "val/acc_best": 0.8})
     _run(tmp_path, "1", ["model=conse", "seed=0"], {"test/zsl_top1": 0.6, "val/acc_best": 0.7})
@@ -318,11 +336,48 @@ def test_runs_whose_rendered_data_came_from_two_fluidsynth_versions_are_named(tm
     assert f"- FluidSynth 2.2.5: {tmp_path / '1'}\n" in markdown
     assert f"- FluidSynth 2.3.1: {tmp_path / '0'}, {tmp_path / '2'}\n" in markdown
     assert "def" not in markdown.split("Rendered data", 1)[1]
+    # nor are they averaged: a row per render, and one for the run without rendered data
+    assert "| (defaults) [data abc, FluidSynth 2.3.1; tested the last weights] | 2 | 0.7500" in markdown
+    assert "| (defaults) [data abc, FluidSynth 2.2.5; tested the last weights] | 1 | 0.8000" in markdown
+    assert "| (defaults) [tested the last weights] | 1 | 0.6000" in markdown
 
     (tmp_path / "1" / "metrics.json").write_text(json.dumps(  # all from one version: no note
         {"metrics": {"val/acc_best": 0.8}, "data": rendered("abc", "2.3.1")}))
-    main([str(tmp_path)])
-    assert "FluidSynth" not in (tmp_path / "report.md").read_text()
+    (tmp_path / "4" / "metrics.json").unlink()
+    main([str(tmp_path), "--metric", "val/acc_best"])
+    markdown = (tmp_path / "report.md").read_text()
+    assert "FluidSynth" not in markdown and "| (defaults) | 3 | 0.7667 ± 0.0577 |" in markdown
+
+
+def test_runs_of_one_configuration_on_other_renders_or_checkpoints_are_not_averaged(tmp_path):
+    """Same overrides, another render config (a SoundFont of another package version), or
+    evaluations of last.ckpt beside those of the selected checkpoint: rows of their own. One
+    checkpoint evaluated twice alike counts twice: said."""
+    data = {"fingerprint": "aaa", "fluidsynth": {"libfluidsynth": "2.3.1"}}
+    _run(tmp_path, "0", ["seed=0"], {"val/acc_best": 0.6}, data)
+    _run(tmp_path, "1", ["seed=1"], {"val/acc_best": 0.8}, {**data, "fingerprint": "bbb"})
+    configs, _ = collect(tmp_path)
+    assert sorted(c.label for c in configs) == [
+        "(defaults) [data aaa, FluidSynth 2.3.1; tested the last weights]",
+        "(defaults) [data bbb, FluidSynth 2.3.1; tested the last weights]"]
+
+    evaluations = tmp_path / "evals"
+    for name, checkpoint in (("a", "/r/seed0/checkpoints/last.ckpt"),
+                             ("b", "/r/seed0/checkpoints/step000250-val_acc0.8000.ckpt"),
+                             ("c", "/r/seed1/checkpoints/step000500-val_acc0.7000.ckpt"),
+                             ("d", "/r/seed1/checkpoints/step000500-val_acc0.7000.ckpt")):
+        _run(evaluations, name, ["dataset.split.test=[X]"], {"test/acc": 0.5})
+        report = json.loads((evaluations / name / "metrics.json").read_text())
+        (evaluations / name / "metrics.json").write_text(json.dumps({**report, "checkpoint": checkpoint}))
+    configs, _ = collect(evaluations)
+    runs = {c.label: [run.name for run in c.runs] for c in configs}
+    assert runs == {"dataset.split.test=[X] [tested last.ckpt]": ["a"],
+                    "dataset.split.test=[X] [tested the validation-selected checkpoint]": ["b", "c", "d"]}
+    main([str(evaluations), "--metric", "test/acc"])
+    assert (f"/r/seed1/checkpoints/step000500-val_acc0.7000.ckpt was tested by 2 runs of "
+            "dataset.split.test=[X] [tested the validation-selected checkpoint], each counted in its "
+            f"mean and spread: {evaluations / 'c'}, {evaluations / 'd'}"
+            ) in (evaluations / "report.md").read_text()
 
 
 def test_keys_a_run_directory_name_leaves_out_make_no_other_configuration(tmp_path):

@@ -891,6 +891,12 @@ def test_validation_vs_test_script_ranks_recipes_and_correlates_them(tmp_path, m
                                          r"than the seed \(experiment=zsl_attribute_audio \| "
                                          r"experiment=zsl_attribute_audio,trainer.max_steps=200\)"):
         script.main()
+    # a seed that failed (or never finished): no correlation over the others passes for all
+    save_run_overrides(["experiment=zsl_attribute_audio", "seed=1"], folders[0] / "seed1")
+    (folders[2] / "seed1" / "metrics.json").rename(folders[2] / "seed1" / "metrics.json.aside")
+    with pytest.raises(SystemExit, match=rf"no results of their present settings \(failed, or "
+                                         rf"unfinished\): {re.escape(str(folders[2] / 'seed1'))}\."):
+        script.main()
 
 
 def test_direct_attribute_prediction_recognises_unseen_attribute_combinations():

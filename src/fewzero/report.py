@@ -11,9 +11,12 @@ configuration, reported as mean +- std over its runs, with the count of runs whe
 value. Writes report.md, report.csv and report.png (the chosen metric per configuration with
 std error bars), sorted best first, by default by the validation score:
 a table sorted by a test metric is for reading, not for choosing. Runs without metrics.json
-(failed or unfinished jobs) are listed by name, so a crashed job never hides silently. Runs on
-one rendered-data config whose audio another FluidSynth version rendered (runs gathered from two
-hosts) are named too: their figures differ by the data as well.
+(failed or unfinished jobs), or whose last attempt failed after it was written, are listed by
+name, so a crashed job never hides silently. Runs of the same overrides on other rendered data
+(another render config's fingerprint, or audio another FluidSynth version rendered: runs gathered
+from two hosts), or whose tests scored another kind of checkpoint (evaluations of last.ckpt beside
+those of the selected one), are rows of their own, labelled with what differs; a checkpoint that
+several evaluations of one row tested is named, as each counts as a run.
 """
 
 from __future__ import annotations
@@ -47,10 +50,19 @@ class Configuration:
     """Runs that share every override but the ignored ones."""
 
     name: str
+    # what tells it from configurations of the same overrides, where they differ: the rendered
+    # data and the tested checkpoint (`what_was_tested`); "" where none does
+    setting: str = ""
     runs: list[Path] = field(default_factory=list)
     metrics: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
     # per run with rendered data (metrics.json's `data`): (render fingerprint, FluidSynth version)
     renders: dict[Path, tuple[str, str]] = field(default_factory=dict)
+    # per run, the checkpoint its test scored (metrics.json's `checkpoint`), where it names one
+    tested: dict[Path, str] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} [{self.setting}]" if self.setting else self.name
 
     def mean(self, key: str) -> float:
         values = self.metrics.get(key, [])
@@ -95,38 +107,92 @@ def name_excluded(run: Path) -> tuple[str, ...]:
     return (*ALWAYS_IGNORED, *map(str, excluded))
 
 
+def failed_since(run: Path) -> bool:
+    """Whether the run's last attempt failed after its metrics.json was written: a finished run
+    resumed (`ckpt_path=auto` after a test setting changed) that then failed keeps the old
+    metrics.json, which are no figures of its present overrides."""
+    traceback, metrics = run / "failed.txt", run / "metrics.json"
+    return (traceback.is_file() and metrics.is_file()
+            and traceback.stat().st_mtime >= metrics.stat().st_mtime)
+
+
 def why_no_metrics(run: Path) -> str:
-    """A run without metrics.json: failed (the last line of its failed.txt, the error) or unfinished."""
+    """A run without metrics.json, or whose last attempt failed after it was written: failed
+    (the last line of its failed.txt, the error) or unfinished."""
     traceback = run / "failed.txt"
     if traceback.is_file():
         last = next((line for line in reversed(traceback.read_text().splitlines()) if line.strip()), "")
-        return f"failed: {last.strip()} (failed.txt)"
+        stale = " (its metrics.json is from an attempt before)" if (run / "metrics.json").is_file() else ""
+        return f"failed: {last.strip()} (failed.txt){stale}"
     return "unfinished: still running, or killed (resume it with ckpt_path=last)"
 
 
+def checkpoint_role(path: str | None) -> str:
+    """What a run's test scored, by the checkpoint's file name: the refit, the validation-selected
+    checkpoint (`step...`), last.ckpt, another file, or the weights as training left them."""
+    if not path:
+        return "the last weights"
+    name = Path(path).name
+    return "the validation-selected checkpoint" if name.startswith("step") else name
+
+
+def what_was_tested(report: dict) -> str:
+    """The rendered data (fingerprint, FluidSynth version) and the checkpoint role of a run's
+    metrics.json: runs of one configuration must agree on them to be averaged."""
+    data = report.get("data")
+    render = f"data {data['fingerprint']}, FluidSynth {fluidsynth_version(data)}; " if data else ""
+    return f"{render}tested {checkpoint_role(report.get('checkpoint'))}"
+
+
 def collect(root: Path, ignore: tuple[str, ...] = ("seed",)) -> tuple[list[Configuration], list[Path]]:
-    """Group every run under `root` into configurations; also return runs with no metrics."""
-    groups: dict[str, Configuration] = {}
+    """Group every run under `root` into configurations; also return runs with no metrics.
+
+    Runs of the same overrides on other rendered data, or whose tests scored checkpoints of
+    another role (evaluations of last.ckpt beside those of the selected one), are configurations
+    of their own, told apart by their `setting`."""
+    entries: list[tuple[str, Path, dict]] = []
     failed: list[Path] = []
     for hydra_dir in sorted(root.rglob(".hydra")):
         run = hydra_dir.parent
         metrics_file = run / "metrics.json"
-        if not metrics_file.is_file():
+        if not metrics_file.is_file() or failed_since(run):
             failed.append(run)
             continue
         kept = [o for o in _overrides(run)
                 if override_key(o) not in (*ignore, *name_excluded(run))]
-        name = ",".join(sorted(kept)) or "(defaults)"
-        group = groups.setdefault(name, Configuration(name))
+        entries.append((",".join(sorted(kept)) or "(defaults)", run, json.loads(metrics_file.read_text())))
+    settings: dict[str, set[str]] = defaultdict(set)
+    for name, _, report in entries:
+        settings[name].add(what_was_tested(report))
+    groups: dict[tuple[str, str], Configuration] = {}
+    for name, run, report in entries:
+        setting = what_was_tested(report) if len(settings[name]) > 1 else ""
+        group = groups.setdefault((name, setting), Configuration(name, setting))
         group.runs.append(run)
-        report = json.loads(metrics_file.read_text())
         for key, value in report.get("metrics", {}).items():
             if isinstance(value, int | float) and math.isfinite(value):
                 group.metrics[key].append(float(value))
         data = report.get("data")
         if data:
             group.renders[run] = (data["fingerprint"], fluidsynth_version(data))
+        if report.get("checkpoint"):
+            group.tested[run] = str(report["checkpoint"])
     return list(groups.values()), failed
+
+
+def tested_twice(configs: list[Configuration]) -> list[str]:
+    """Report lines for each checkpoint that several runs of one configuration tested (one run
+    evaluated twice alike): each counts as a run in its mean and spread."""
+    lines = []
+    for config in configs:
+        by_checkpoint: dict[str, list[Path]] = defaultdict(list)
+        for run, checkpoint in config.tested.items():
+            by_checkpoint[checkpoint].append(run)
+        for checkpoint, runs in sorted(by_checkpoint.items()):
+            if len(runs) > 1:
+                lines += ["", f"{checkpoint} was tested by {len(runs)} runs of {config.label}, "
+                          "each counted in its mean and spread: " + ", ".join(map(str, sorted(runs)))]
+    return lines
 
 
 def mixed_renders(configs: list[Configuration]) -> list[str]:
@@ -174,6 +240,7 @@ def bar_labels(configs: list[Configuration], metric: str, width: int = 60) -> li
     labels = []
     for config, names in zip(configs, overrides, strict=True):
         label = ",".join(o for o in names if o not in shared) or config.name
+        label += f" [{config.setting}]" if config.setting else ""
         if len(label) > width:
             label = f"{label[:width // 2 - 1]}…{label[-(width - width // 2):]}"
         labels.append(label + (" (1 run)" if len(config.metrics[metric]) == 1 else ""))
@@ -193,15 +260,16 @@ def write_report(configs: list[Configuration], failed: list[Path], metric: str,
     rows = []
     for c in configs:
         cells = [c.cell(k) for k in keys]
-        lines.append("| " + " | ".join([c.name, str(len(c.runs)), *cells]) + " |")
-        rows.append([c.name, len(c.runs)]
+        lines.append("| " + " | ".join([c.label, str(len(c.runs)), *cells]) + " |")
+        rows.append([c.label, len(c.runs)]
                     + [x for k in keys for x in (c.mean(k), c.std(k), len(c.metrics.get(k, [])))])
     if configs and math.isfinite(configs[0].mean(metric)):  # e.g. the trial to test, for a search
         caveat = (" (a test metric: for reading, not for choosing; choose by a val/ metric)"
                   if metric.startswith("test/") else "")
-        lines += ["", f"First by {metric}{caveat}: {configs[0].name}, run(s) "
+        lines += ["", f"First by {metric}{caveat}: {configs[0].label}, run(s) "
                   + ", ".join(str(run) for run in configs[0].runs)]
     lines += mixed_renders(configs)
+    lines += tested_twice(configs)
     if failed:
         lines += ["", f"{len(failed)} run(s) without metrics.json (failed or unfinished):"]
         lines += [f"- {run}: {why_no_metrics(run)}" for run in failed]
