@@ -41,7 +41,7 @@ from fewzero.cli import (
     table_in_the_way,
     training_seed,
 )
-from fewzero.train import compose_train_config, save_run_overrides, train
+from fewzero.train import compose_train_config, course_settings, save_run_overrides, train
 
 ROOT = Path(__file__).resolve().parents[1]
 # name -> (row label, overrides). "tutorial" = siamese network + triplet loss, as the tutorial.
@@ -192,6 +192,8 @@ def run_once(overrides: list[str], run_dir: Path, also_selected: bool = False) -
         finally:  # stopped or not: a resume adds its own part
             timing.write_text("".join(f"{p}\n" for p in [*parts, f"{time.perf_counter() - start:.1f}"]))
         device.write_text(device_name(objects["trainer"]) + "\n")
+    else:
+        cfg = finished_config(cfg, run_dir)
     report = json.loads(done.read_text())
     metrics, refit = report["metrics"], report.get("refit_on_trainval", {})
     return {**{k: v for k, v in report["zero_shot"].items() if isinstance(v, float)},
@@ -208,6 +210,27 @@ def run_once(overrides: list[str], run_dir: Path, also_selected: bool = False) -
             "device": device.read_text().strip() if device.exists() else "device not recorded",
             **(score_selected(overrides, run_dir, refit["selected_checkpoint"])
                if also_selected and refit else {})}
+
+
+def finished_config(cfg: DictConfig, run_dir: Path) -> DictConfig:
+    """The config a finished run in `run_dir` trained with (its `.hydra/config.yaml`; `cfg`, the
+    one these overrides compose now, for runs from before it was saved). Exits where the two
+    differ in a training setting: the same overrides compose another config once the
+    experiment's defaults changed, and the row would average runs of both under one header."""
+    saved = run_dir / ".hydra" / "config.yaml"
+    if not saved.is_file():
+        return cfg
+    then, now = course_settings(OmegaConf.load(saved)), course_settings(cfg)
+    changed = sorted(key for key in then.keys() | now.keys()
+                     if then.get(key, "(not set)") != now.get(key, "(not set)"))
+    if changed:
+        differences = "; ".join(f"{key}: {then.get(key, '(not set)')!r} in the run, "
+                                f"{now.get(key, '(not set)')!r} now" for key in changed[:8])
+        more = f" (and {len(changed) - 8} more)" if len(changed) > 8 else ""
+        raise SystemExit(f"{run_dir} holds a finished run whose config the same overrides no longer "
+                         f"compose ({differences}{more}): the configs' defaults changed since. Pass "
+                         "another --out to measure them anew, or move that run aside.")
+    return OmegaConf.load(saved)
 
 
 def by_key(overrides: list[str]) -> dict[str, list[str]]:

@@ -633,6 +633,16 @@ def test_zsl_benchmark_reports_the_runs_own_length_and_batch_and_refuses_mixed_s
     monkeypatch.setattr("sys.argv", [*argv[:1], "--max-steps", "6", *argv[1:]])
     with pytest.raises(SystemExit, match=r"trainer.max_steps=4 in the run, trainer.max_steps=6"):
         benchmark.main()  # the folder's run trained 4 steps: not reused under another setting
+    # the same overrides, but the experiment's defaults changed since the run: not reused either
+    saved = OmegaConf.load(run / ".hydra" / "config.yaml")
+    lr = saved.model.optimizer.lr
+    saved.model.optimizer.lr = lr * 5
+    OmegaConf.save(saved, run / ".hydra" / "config.yaml")
+    monkeypatch.setattr("sys.argv", argv)
+    with pytest.raises(SystemExit, match=rf"holds a finished run whose config the same overrides no "
+                                         rf"longer compose \(model.optimizer.lr: {lr * 5} in the run, "
+                                         rf"{lr} now\)"):
+        benchmark.main()
 
 
 def test_zsl_benchmark_compares_overrides_in_any_order_and_records_them_once_they_compose(tmp_path):
