@@ -16,6 +16,7 @@ import scipy.io
 import scipy.linalg
 import torch
 from conftest import CONFIG_DIR, SHARED_DATA
+from omegaconf import open_dict
 
 from fewzero.data.xlsa17 import XLSA17_URL, Xlsa17DataModule, load_features, load_splits
 from fewzero.models.zeroshot_module import ZeroShotModule
@@ -242,7 +243,7 @@ def test_training_batches_are_reshuffled_every_epoch_and_repeatable(tmp_path):
     dm = _datamodule(tmp_path, "TOY", 16, batch_size=1000)
 
     def order(epoch):
-        dm.trainer = SimpleNamespace(current_epoch=epoch)
+        dm.trainer = SimpleNamespace(current_epoch=epoch, global_step=epoch)  # one batch an epoch
         return torch.cat([b["index"] for b in dm.train_dataloader()])
 
     first, second = order(0), order(1)
@@ -637,3 +638,26 @@ def test_a_schedule_shorter_than_the_epochs_of_the_fit_or_its_refit_is_refused_a
     fit, refit = rates[:12], rates[12:]
     assert len(refit) == objects["trainer"].global_step > 12  # the refit's epochs are longer
     assert all(part == sorted(part, reverse=True) for part in (fit, refit))  # never climbs back
+
+
+@pytest.mark.slow
+def test_a_run_stopped_mid_epoch_resumes_on_the_epochs_next_batch_to_the_uninterrupted_metrics(tmp_path):
+    """Lightning reads a resumed epoch's loader from its start while counting batches on: the
+    shuffled epoch started over, and the resumed run trained its first batches twice."""
+    settings = ["experiment=xlsa17_devise", "trainer.max_epochs=3", "dataset.batch_size=32",
+                "model.optimizer.lr=0.01", "seed=3", "trainer.deterministic=true",
+                "callbacks.last_checkpoint.every_n_train_steps=100", *NO_LOGGER]
+    for name in ("full", "stopped"):
+        write_toy(tmp_path / name)
+    uninterrupted, objects = train(_toy_cfg(tmp_path / "full", settings))
+    assert objects["trainer"].num_training_batches == 7  # step 3 is in the middle of epoch 0
+    stopped = _toy_cfg(tmp_path / "stopped", settings)
+    with open_dict(stopped):
+        stopped.callbacks.sigterm = {"_target_": "test_resume._Sigterm", "at_step": 2}
+    with pytest.raises(SystemExit):
+        train(stopped)
+    last = tmp_path / "stopped" / "run" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=False)["global_step"] == 3
+    resumed, _ = train(_toy_cfg(tmp_path / "stopped", [*settings, "ckpt_path=last"]))
+    assert {k: v for k, v in resumed.items() if k != "test/checkpoint"} == {
+        k: v for k, v in uninterrupted.items() if k != "test/checkpoint"}

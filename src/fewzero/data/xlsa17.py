@@ -41,6 +41,7 @@ import scipy.io
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset
 
+from fewzero.data.datamodule import StepResumedLoader
 from fewzero.data.episodes import stream_seed
 
 log = logging.getLogger(__name__)
@@ -407,18 +408,25 @@ class Xlsa17DataModule(pl.LightningDataModule):
                                      "of the validation phase.")
 
     # ---- loaders ----------------------------------------------------------------------
-    def _loader(self, indices: torch.Tensor, batch_size: int) -> DataLoader:
-        batches = BatchSampler(indices.tolist(), batch_size, drop_last=False)
-        return DataLoader(FeatureBatches(self.features, self.labels), sampler=batches,
-                          batch_size=None, num_workers=self.num_workers)
+    def _loader(self, indices: torch.Tensor, batch_size: int, first_batch: int = 0) -> DataLoader:
+        """Batches of `indices` in order; from batch `first_batch` on, those before it after them
+        (as many batches as ever: Lightning counts an epoch's batches by the loader's length)."""
+        batches = list(BatchSampler(indices.tolist(), batch_size, drop_last=False))
+        return StepResumedLoader(FeatureBatches(self.features, self.labels),
+                                 sampler=batches[first_batch:] + batches[:first_batch],
+                                 batch_size=None, num_workers=self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
-        """Every training image once per epoch, shuffled with `stream_seed(seed, epoch)`."""
+        """Every training image once per epoch, shuffled with `stream_seed(seed, epoch)`. Resumed
+        from a checkpoint in the middle of an epoch, it starts at the epoch's next batch, which
+        Lightning counts on from (it reads a loader from its start)."""
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
         train = self.indices["train"]
         generator = torch.Generator().manual_seed(stream_seed(self.seed, epoch))
         order = torch.randperm(len(train), generator=generator)
-        return self._loader(train[order], self.batch_size)
+        per_epoch = math.ceil(len(train) / self.batch_size)
+        done = self.trainer.global_step - epoch * per_epoch if self.trainer is not None else 0
+        return self._loader(train[order], self.batch_size, first_batch=done if 0 < done < per_epoch else 0)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(torch.cat([self.indices["val_seen"], self.indices["val_unseen"]]),
