@@ -607,6 +607,24 @@ def test_svg_images_are_rendered_on_white_at_the_encoder_size(tmp_path):
     assert image[0, 0].tolist() == [255, 255, 255] and image[32, 32].tolist() == [0, 0, 0]
 
 
+def test_a_small_or_rotated_picture_fills_the_encoders_square_upright(tmp_path):
+    """A 95 x 150 drawing (tuxpaint's violin) sat small in the middle of 224 x 224: pictures are
+    scaled up as well as down, and a photo's EXIF orientation is applied."""
+    from fewzero.side_info.image import load_image
+
+    Image.new("RGB", (40, 20), (0, 0, 0)).save(tmp_path / "wide.png")
+    image = np.asarray(load_image(tmp_path / "wide.png", 64))  # 64 x 32, rows 16-47
+    assert image.shape == (64, 64, 3)
+    assert image[32, 1].max() < 10 and image[32, 62].max() < 10  # edge to edge
+    assert image[4, 32].min() == 255 and image[59, 32].min() == 255  # white above and below
+    exif = Image.Exif()
+    exif[0x0112] = 6  # the camera was turned: the picture is 20 wide and 40 high
+    Image.new("RGB", (40, 20), (0, 0, 0)).save(tmp_path / "turned.jpg", exif=exif)
+    image = np.asarray(load_image(tmp_path / "turned.jpg", 64))
+    assert image[1, 32].max() < 30 and image[62, 32].max() < 30  # top to bottom
+    assert image[32, 4].min() > 225 and image[32, 59].min() > 225
+
+
 def test_a_16_bit_grayscale_png_loads_as_the_same_picture_as_its_8_bit_version(tmp_path):
     from fewzero.side_info.image import load_image
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch import nn
 
 from fewzero.data.clips import config_hash, file_digest
@@ -60,11 +60,19 @@ def to_8bit(image: Image.Image) -> Image.Image:
     return Image.fromarray(np.round(scaled).astype(np.uint8))  # (H, W) uint8: mode L
 
 
+# how `load_image` fits a picture to the encoder's size, in the image cache key: vectors of
+# pictures shrunk but never enlarged (before 2026-12-08) are not reused
+FITTED = "scaled up or down to the longer side, upright by its EXIF orientation"
+
+
 def load_image(path: Path, size: int) -> Image.Image:
-    """Any supported file as an RGB image of size x size: transparency on white, padded square."""
-    image = render_svg(path, size) if path.suffix.lower() == ".svg" else Image.open(path)
-    image = to_8bit(image).convert("RGBA")
-    image.thumbnail((size, size))
+    """Any supported file as an RGB image of size x size: upright (a photo's EXIF orientation),
+    scaled up or down until its longer side is `size` (a small drawing would otherwise sit in
+    the middle of a white square, smaller than anything the encoder learnt from), transparency
+    on white, padded square."""
+    image = render_svg(path, size) if path.suffix.lower() == ".svg" else ImageOps.exif_transpose(
+        Image.open(path))
+    image = ImageOps.contain(to_8bit(image).convert("RGBA"), (size, size), Image.Resampling.BICUBIC)
     canvas = Image.new("RGBA", (size, size), (255, 255, 255, 255))
     canvas.alpha_composite(image, ((size - image.width) // 2, (size - image.height) // 2))
     return canvas.convert("RGB")
@@ -248,7 +256,8 @@ class ImageEmbeddings(SideInformation):
         # the weights' contents, not only their path: a file replaced in place must not be reused
         digest = file_digest(weights) if weights and Path(weights).is_file() else None
         return {"encoder": type(self.encoder).__name__, "weights": weights, "weights_md5": digest,
-                "files": self.files, "root": str(self.root), "folders": self.folders}
+                "files": self.files, "root": str(self.root), "folders": self.folders,
+                "fitted": FITTED}
 
     def cache_path(self, class_names: Sequence[str]) -> Path | None:
         path = super().cache_path(class_names)
