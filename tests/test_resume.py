@@ -157,6 +157,20 @@ class _SnapshotCheckpoints(pl.Callback):
             shutil.copytree(self.source, self.to)
 
 
+def _stopped_at_step_5_and_resumed(tmp_path: Path, overrides: list[str], callback: str) -> Path:
+    """Train `overrides` in `tmp_path/stopped` with this module's `callback` sending SIGTERM at
+    step 4; check that the stop saved step 5, resume from it, and return the run directory."""
+    stopped = compose_train_cfg(tmp_path / "stopped", overrides)
+    with open_dict(stopped):
+        stopped.callbacks.sigterm = {"_target_": f"test_resume.{callback}", "at_step": 4}
+    with pytest.raises(SystemExit):
+        train(stopped)
+    run = Path(stopped.paths.output_dir)
+    assert _step(run / "checkpoints" / "last.ckpt") == 5
+    train(compose_train_cfg(tmp_path / "stopped", [*overrides, "ckpt_path=last"]))
+    return run
+
+
 def test_a_sigterm_during_a_validation_of_several_batches_lets_it_end_before_the_run_stops(tmp_path):
     """Lightning's handler raised within the validation after step 4 (of 8-clip batches), and
     the epoch-end save that followed held step 4 without that validation: the resumed run never
@@ -165,14 +179,8 @@ def test_a_sigterm_during_a_validation_of_several_batches_lets_it_end_before_the
              "dataset.eval_batch_size=8"]
     full = compose_train_cfg(tmp_path / "full", short)
     train(full)
-    stopped = compose_train_cfg(tmp_path / "stopped", short)
-    with open_dict(stopped):
-        stopped.callbacks.sigterm = {"_target_": "test_resume._SigtermInValidation", "at_step": 4}
-    with pytest.raises(SystemExit):
-        train(stopped)
-    run = Path(stopped.paths.output_dir)
-    assert _step(run / "checkpoints" / "last.ckpt") == 5  # after the validation, and the next step
-    train(compose_train_cfg(tmp_path / "stopped", short + ["ckpt_path=last"]))
+    # the stop waits for the validation to end, then for step 5
+    run = _stopped_at_step_5_and_resumed(tmp_path, short, "_SigtermInValidation")
     reports = [json.loads((path / "metrics.json").read_text()) for path in (Path(full.paths.output_dir), run)]
     assert Path(reports[1]["checkpoint"]).name == Path(reports[0]["checkpoint"]).name
     assert Path(reports[0]["checkpoint"]).name.startswith("step000004")  # mode=min: the first
@@ -820,14 +828,7 @@ def test_zero_shot_run_stopped_mid_epoch_resumes_to_the_uninterrupted_metrics(tm
     closed_form = ["model=eszsl", "model.pitch_prior=null"] if model == "eszsl" else []  # else the
     short = ["experiment=zsl_attribute_audio", *closed_form, *ZSL_SHORT]  # experiment's devise
     full = trained_once(short)
-    stopped = compose_train_cfg(tmp_path / "stopped", short)
-    with open_dict(stopped):
-        stopped.callbacks.sigterm = {"_target_": "test_resume._Sigterm", "at_step": 4}
-    with pytest.raises(SystemExit):
-        train(stopped)
-    run = Path(stopped.paths.output_dir)
-    assert _step(run / "checkpoints" / "last.ckpt") == 5  # mid-epoch (epochs of 4 steps)
-    train(compose_train_cfg(tmp_path / "stopped", short + ["ckpt_path=last"]))
+    run = _stopped_at_step_5_and_resumed(tmp_path, short, "_Sigterm")  # mid-epoch (epochs of 4 steps)
 
     def zero_shot_report(path: Path) -> dict:
         report = json.loads((path / "metrics.json").read_text())
