@@ -244,7 +244,7 @@ def training_settings(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
 
 
 def course_settings(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
-    """The flattened TRAINING_KEYS settings that set a run's course: those a resume may change
+    """The flattened `training_settings` that set a run's course: those a resume may change
     (RESUME_MAY_CHANGE: where it trains, how it shows progress) left out. What a resume must
     keep, and what a finished class-CV fold or refit is reused under."""
     return {key: value for key, value in flatten_config(training_settings(cfg)).items()
