@@ -41,7 +41,7 @@ from fewzero.cli import (
     table_in_the_way,
     training_seed,
 )
-from fewzero.train import compose_train_config, course_settings, save_run_overrides, train
+from fewzero.train import compose_train_config, course_changes, save_run_overrides, train
 
 ROOT = Path(__file__).resolve().parents[1]
 # name -> (row label, overrides). "tutorial" = siamese network + triplet loss, as the tutorial.
@@ -220,17 +220,14 @@ def finished_config(cfg: DictConfig, run_dir: Path) -> DictConfig:
     saved = run_dir / ".hydra" / "config.yaml"
     if not saved.is_file():
         return cfg
-    then, now = course_settings(OmegaConf.load(saved)), course_settings(cfg)
-    changed = sorted(key for key in then.keys() | now.keys()
-                     if then.get(key, "(not set)") != now.get(key, "(not set)"))
+    trained = OmegaConf.load(saved)
+    changed = course_changes(trained, cfg)
     if changed:
-        differences = "; ".join(f"{key}: {then.get(key, '(not set)')!r} in the run, "
-                                f"{now.get(key, '(not set)')!r} now" for key in changed[:8])
         more = f" (and {len(changed) - 8} more)" if len(changed) > 8 else ""
         raise SystemExit(f"{run_dir} holds a finished run whose config the same overrides no longer "
-                         f"compose ({differences}{more}): the configs' defaults changed since. Pass "
-                         "another --out to measure them anew, or move that run aside.")
-    return OmegaConf.load(saved)
+                         f"compose ({'; '.join(changed[:8])}{more}): the configs' defaults changed "
+                         "since. Pass another --out to measure them anew, or move that run aside.")
+    return trained
 
 
 def by_key(overrides: list[str]) -> dict[str, list[str]]:

@@ -150,7 +150,7 @@ def collect(root: Path, ignore: tuple[str, ...] = ("seed",)) -> tuple[list[Confi
     Runs of the same overrides on other rendered data, or whose tests scored checkpoints of
     another role (evaluations of last.ckpt beside those of the selected one), are configurations
     of their own, told apart by their `setting`."""
-    entries: list[tuple[str, Path, dict]] = []
+    entries: list[tuple[str, Path, dict, str]] = []  # (overrides' name, run, metrics.json, what was tested)
     failed: list[Path] = []
     for hydra_dir in sorted(root.rglob(".hydra")):
         run = hydra_dir.parent
@@ -160,13 +160,14 @@ def collect(root: Path, ignore: tuple[str, ...] = ("seed",)) -> tuple[list[Confi
             continue
         kept = [o for o in _overrides(run)
                 if override_key(o) not in (*ignore, *name_excluded(run))]
-        entries.append((",".join(sorted(kept)) or "(defaults)", run, json.loads(metrics_file.read_text())))
+        report = json.loads(metrics_file.read_text())
+        entries.append((",".join(sorted(kept)) or "(defaults)", run, report, what_was_tested(report)))
     settings: dict[str, set[str]] = defaultdict(set)
-    for name, _, report in entries:
-        settings[name].add(what_was_tested(report))
+    for name, _, _, tested in entries:
+        settings[name].add(tested)
     groups: dict[tuple[str, str], Configuration] = {}
-    for name, run, report in entries:
-        setting = what_was_tested(report) if len(settings[name]) > 1 else ""
+    for name, run, report, tested in entries:
+        setting = tested if len(settings[name]) > 1 else ""
         group = groups.setdefault((name, setting), Configuration(name, setting))
         group.runs.append(run)
         for key, value in report.get("metrics", {}).items():

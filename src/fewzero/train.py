@@ -251,6 +251,15 @@ def course_settings(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
             if not key.startswith(RESUME_MAY_CHANGE)}
 
 
+def course_changes(then: DictConfig | dict[str, Any], now: DictConfig | dict[str, Any]) -> list[str]:
+    """"<key>: <value in the run> in the run, <value now> now" for each `course_settings` key on
+    which the run's config `then` and the config `now` differ, sorted by key."""
+    before, after = course_settings(then), course_settings(now)
+    return [f"{key}: {before.get(key, '(not set)')!r} in the run, {after.get(key, '(not set)')!r} now"
+            for key in sorted(before.keys() | after.keys())
+            if before.get(key, "(not set)") != after.get(key, "(not set)")]
+
+
 def run_overrides(output_dir: Path, overrides: list[str] | None = None) -> list[str] | None:
     """A run's command-line overrides without `ckpt_path`: `overrides` (Hydra's, passed by
     `main`), else those a script saved (`save_run_overrides`), else None (unknown)."""
@@ -444,13 +453,10 @@ def check_resume(cfg: DictConfig, ckpt_path: str, output_dir: Path) -> dict[str,
                     "checking that these are the run's own settings.", ckpt_path)
         return None
     options = composing_options(HydraConfig.get() if HydraConfig.initialized() else None)
-    then, now = course_settings(record["config"]), course_settings(cfg)
-    changed = sorted(key for key in then.keys() | now.keys()
-                     if then.get(key, "(not set)") != now.get(key, "(not set)"))
+    changed = course_changes(record["config"], cfg)
     if not changed:
         return record
-    differences = "\n".join(f"  {key}: {then.get(key, '(not set)')!r} in the run, "
-                            f"{now.get(key, '(not set)')!r} now" for key in changed)
+    differences = "\n".join(f"  {change}" for change in changed)
     raise ValueError(
         f"ckpt_path={ckpt_path} was trained with other settings than this command gives:\n"
         f"{differences}\nA resume continues the same run, so it needs the run's own settings:\n"
