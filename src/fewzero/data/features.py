@@ -332,7 +332,8 @@ def compute_features(clips: list[Clip], features: MelFeatures, batch_size: int =
 
 
 def ensure_cached(source: ClipSource, features: MelFeatures, cache_dir: str | Path,
-                  unwritable: OSError | None = None) -> tuple[Path, str]:
+                  unwritable: OSError | None = None, clips: list[Clip] | None = None
+                  ) -> tuple[Path, str]:
     """Compute and write the source's features unless the cache already holds them.
 
     The cache key combines the source's fingerprint, what its clips list (class, fold, pitch,
@@ -342,12 +343,14 @@ def ensure_cached(source: ClipSource, features: MelFeatures, cache_dir: str | Pa
     another FluidSynth renders into other files (other md5s) in another folder, with the cache
     folder shared.
     `unwritable`: the error that showed `cache_dir` cannot be written (`preparing`); features
-    not cached there are then refused before any audio is decoded, not after.
+    not cached there are then refused before any audio is decoded, not after. `clips`: the
+    source's `clips()` where the caller has them already (listing rendered SOL's takes most of
+    a second).
 
     Returns:
         (path of the cache file, cache key).
     """
-    clips = source.clips()
+    clips = source.clips() if clips is None else clips
     listed = [[clip.instrument, clip.fold, clip.pitch, clip.dynamics, clip.md5] for clip in clips]
     key = config_hash({"source": source.name, "fingerprint": source.fingerprint(),
                        "clips": listed, "features": asdict(features), "version": 1})
@@ -470,9 +473,10 @@ def prepare_cache(source: ClipSource, features: MelFeatures, cache_dir: str | Pa
     """
     with preparing(source, cache_dir) as unwritable:
         source.prepare()
+        clips = source.clips()
         if check_classes is not None:
-            check_classes(sorted({clip.instrument for clip in source.clips()}))
-        return ensure_cached(source, features, cache_dir, unwritable)
+            check_classes(sorted({clip.instrument for clip in clips}))
+        return ensure_cached(source, features, cache_dir, unwritable, clips)
 
 
 def prepare_and_load(source: ClipSource, features: MelFeatures, cache_dir: str | Path,
